@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one: installs what is missing (Debian and
+# PyPI packages), checks formatting and lints, validates the compose file, then runs every
+# Rust test (unit, integration against the embedded Kafka broker + IB simulator, and the
+# independent DuckDB / deltalake readers). This is what `.ci/run` calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s (%s)\n' "$*" "$(date +%T)"; }
+SECONDS=0
+
+# Build artifacts outside the clone so CI and later runs reuse them (never relied upon).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/possync-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step "system packages"
+need=()
+command -v make >/dev/null || need+=(make)
+command -v cc >/dev/null || need+=(gcc)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
+command -v python3 >/dev/null || need+=(python3 python3-pip)
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+step "python readers (duckdb + delta extension, deltalake, fastavro, confluent-kafka)"
+python3 -m pip install -q --disable-pip-version-check -r tests/py/requirements.txt 2>&1 | grep -v "Running pip as the 'root' user" || true
+python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext" 
+
+step "docker-compose config"
+tmp=$(mktemp -d)
+cp docker-compose.yml Dockerfile "$tmp/"
+cp .env.example "$tmp/.env"
+docker-compose -f "$tmp/docker-compose.yml" --project-directory "$tmp" config -q
+rm -rf "$tmp"
+echo "docker-compose.yml is valid"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (release profile, all targets, warnings are errors)"
+cargo clippy --release --all-targets --locked -- -D warnings
+
+step "cargo test (release profile)"
+# Integration tests start brokers, simulators and subprocesses; two at a time fits 2 cores.
+cargo test --release --locked -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
+
+step "done in ${SECONDS}s"

@@ -1,0 +1,121 @@
+//! Command-line surface: one binary, one subcommand per process of the design.
+//!
+//! Every flag has an environment variable (`POSSYNC_…`); `possync <subcommand> --help` explains
+//! each knob. This module only maps parsed flags to plain config structs and calls the
+//! library; the work happens in the subcommand's own module.
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// possync: keep Interactive Brokers positions in sync, IB → Kafka (Avro) → Delta Lake.
+///
+/// Active contracts (held by a running strategy, per the strategy registry) are streamed in
+/// real time under a hard streaming-slot budget; everything else goes through a durable
+/// position queue drained by snapshot polls that cost no IB streaming slot.
+#[derive(Parser, Debug)]
+#[command(name = "possync", version, about, long_about)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `possync=debug,rdkafka=warn`.
+    #[arg(long, global = true, env = "POSSYNC_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The processes of possync.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// IB Gateway simulator speaking the TWS socket protocol (server version ≥ 213).
+    Sim(crate::sim::SimArgs),
+    /// Kafka topics → Delta tables, exactly once (a consumer group; run several for more).
+    Materialize(crate::materialize::MaterializeArgs),
+    /// Compact small files of the append-only tables and vacuum all tables (safe while
+    /// materialize runs).
+    Maintain(crate::materialize::MaintainArgs),
+    /// IB positions → routed Avro events on Kafka (active: real time within the slot budget;
+    /// queued: enqueue events for the queue worker).
+    Ingest(crate::ingest::IngestArgs),
+    /// Write or read the strategy registry (which strategies hold which contracts).
+    Registry(crate::registry::RegistryArgs),
+    /// Benchmarks (not tests): print throughput, CPU efficiency and latency figures.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+/// The benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Materializer: events/s, events per CPU-second, MB/s, produce → visible latency.
+    Materialize(crate::materialize::bench::BenchMaterializeArgs),
+}
+
+/// Sets up `tracing` to stderr with the given filter.
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("possync: bad --log filter {filter:?} ({e}); using \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// SIGINT and SIGTERM both cancel `shutdown`; a second signal exits at once.
+pub fn install_signal_handlers(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install SIGTERM handler; Ctrl-C still works");
+                let _ = tokio::signal::ctrl_c().await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!("shutdown requested; finishing in-flight work (signal again to exit at once)");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Runs the chosen subcommand until it ends or `shutdown` is cancelled.
+///
+/// # Errors
+/// Whatever the subcommand fails with, with context for the user.
+pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
+        Command::Materialize(args) => {
+            let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            crate::materialize::run((&args).into(), kafka, shutdown).await?
+        }
+        Command::Maintain(args) => {
+            let report = crate::materialize::maintain::run(&(&args).into()).await?;
+            for (table, r) in report {
+                println!(
+                    "{table}: compacted {} files into {}, vacuumed {}",
+                    r.files_compacted, r.files_written, r.files_vacuumed
+                );
+            }
+        }
+        Command::Ingest(args) => {
+            let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            crate::ingest::run((&args).into(), kafka, shutdown).await?
+        }
+        Command::Registry(args) => crate::registry::commands::run(args).await?,
+        Command::Bench { which: BenchCommand::Materialize(args) } => {
+            println!("{}", crate::materialize::bench::run(args).await?);
+        }
+    }
+    Ok(())
+}

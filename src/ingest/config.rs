@@ -1,0 +1,144 @@
+//! Ingest configuration: the `possync ingest` flags ([`IngestArgs`]) and the plain
+//! [`IngestConfig`] that tests and `possync run` build without clap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::kafka::KafkaArgs;
+
+/// Flags of `possync ingest`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// IB Gateway / TWS host.
+    #[arg(long, env = "POSSYNC_IB_HOST", default_value = "127.0.0.1")]
+    pub ib_host: String,
+    /// IB Gateway / TWS API port (4002 = Gateway paper trading, 4001 live, 7497/7496 TWS).
+    #[arg(long, env = "POSSYNC_IB_PORT", default_value_t = 4002)]
+    pub ib_port: u16,
+    /// API client id of the ingest session; must differ from every other client of the
+    /// gateway (the queue worker's included), or IB refuses it with error 326.
+    #[arg(long, env = "POSSYNC_IB_CLIENT_ID", default_value_t = 1)]
+    pub client_id: i32,
+    /// Hard cap on real-time PnL streams (streaming slots) ingest holds at once.
+    #[arg(long, env = "POSSYNC_SLOT_BUDGET", default_value_t = 10)]
+    pub slot_budget: usize,
+    /// Registry bootstrap file (JSON array or `strategy account|* conId [priority]` lines)
+    /// whose entries are activated at start when missing; unset = none.
+    #[arg(long, env = "POSSYNC_REGISTRY_BOOTSTRAP")]
+    pub registry_bootstrap: Option<PathBuf>,
+    /// First delay before reconnecting to IB after a lost connection; doubles per failed
+    /// attempt up to --reconnect-max.
+    #[arg(long, env = "POSSYNC_RECONNECT_INITIAL", value_parser = humantime::parse_duration, default_value = "500ms")]
+    pub reconnect_initial: Duration,
+    /// Longest delay between reconnection attempts (attempts never stop).
+    #[arg(long, env = "POSSYNC_RECONNECT_MAX", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub reconnect_max: Duration,
+    /// Events sent to Kafka but not yet acknowledged, at most. When reached, ingest stops
+    /// reading IB until acknowledgements free room (backpressure, bounded memory).
+    #[arg(long, env = "POSSYNC_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// IB frames buffered per subscription while ingest waits on Kafka. If the buffer
+    /// overflows, ingest re-requests the position list and reconciles, so no change is lost.
+    #[arg(long, env = "POSSYNC_IB_BUFFER", default_value_t = 16_384)]
+    pub ib_buffer: usize,
+    /// Messages per second ingest may send to IB (IB allows 50 per client; error 100 beyond).
+    #[arg(long, env = "POSSYNC_IB_PACING", default_value_t = 40)]
+    pub ib_pacing: u32,
+    /// How long to wait for Kafka while reading the registry topic at start.
+    #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub kafka_timeout: Duration,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// Plain ingest settings; see [`IngestArgs`] for what each one means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestConfig {
+    /// IB host.
+    pub ib_host: String,
+    /// IB API port.
+    pub ib_port: u16,
+    /// IB API client id.
+    pub client_id: i32,
+    /// Streaming-slot budget.
+    pub slot_budget: usize,
+    /// Registry bootstrap file.
+    pub registry_bootstrap: Option<PathBuf>,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Unacknowledged events at most.
+    pub max_in_flight: usize,
+    /// IB frames buffered per subscription.
+    pub ib_buffer: usize,
+    /// Messages per second to IB.
+    pub ib_pacing: u32,
+    /// Kafka timeout for the registry replay.
+    pub kafka_timeout: Duration,
+    /// Record the active route's IB-to-ack latency (for `possync bench ingest`).
+    pub record_latency: bool,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            ib_host: "127.0.0.1".into(),
+            ib_port: 4002,
+            client_id: 1,
+            slot_budget: 10,
+            registry_bootstrap: None,
+            reconnect_initial: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            ib_buffer: 16_384,
+            ib_pacing: 40,
+            kafka_timeout: Duration::from_secs(30),
+            record_latency: false,
+        }
+    }
+}
+
+impl IngestConfig {
+    /// `host:port` of the gateway.
+    pub fn ib_address(&self) -> String {
+        format!("{}:{}", self.ib_host, self.ib_port)
+    }
+}
+
+impl From<&IngestArgs> for IngestConfig {
+    fn from(a: &IngestArgs) -> Self {
+        Self {
+            ib_host: a.ib_host.clone(),
+            ib_port: a.ib_port,
+            client_id: a.client_id,
+            slot_budget: a.slot_budget,
+            registry_bootstrap: a.registry_bootstrap.clone(),
+            reconnect_initial: a.reconnect_initial,
+            reconnect_max: a.reconnect_max,
+            max_in_flight: a.max_in_flight,
+            ib_buffer: a.ib_buffer,
+            ib_pacing: a.ib_pacing,
+            kafka_timeout: a.kafka_timeout,
+            record_latency: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: IngestArgs,
+    }
+
+    #[test]
+    fn flag_defaults_match_config_default() {
+        let cli = Cli::try_parse_from(["ingest"]).unwrap();
+        assert_eq!(IngestConfig::from(&cli.args), IngestConfig::default());
+    }
+}

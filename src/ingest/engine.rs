@@ -1,0 +1,341 @@
+//! The ingest state machine: the book, coverage, the slot plan, and what each input (position
+//! update, reconciliation, registry change, PnL tick, failed delivery) publishes.
+//!
+//! Invariants:
+//! - the last route published for an open position is remembered (`active_routes`); when the
+//!   plan moves a position between routes, a SNAPSHOT event announces it on the new route, so
+//!   a contract appears on `positions.active` the moment it is activated and returns to the
+//!   queue (an enqueue event) when it is deactivated;
+//! - streams are stopped before others are started, and a slot counts as used until its
+//!   cancel is written ([`super::slots`]), so the budget holds at every instant.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ibapi::accounts::Position;
+use ibapi::Client;
+
+use super::book::{self, Book, Held, PosKey};
+use super::publisher::{Failure, Publisher};
+use super::reconcile::{reconcile, Change};
+use super::router::{self, Candidate, Plan};
+use super::slots::{SlotEvent, Slots};
+use super::IngestError;
+use crate::events::{now_micros, RegistryEvent, Route, Source};
+use crate::metrics;
+use crate::registry::{Coverage, Registry};
+
+/// Ingest's state, independent of the IB connection that feeds it.
+pub(crate) struct Engine {
+    pub(crate) registry: Registry,
+    pub(crate) book: Book,
+    /// Coverage of the open positions the registry names.
+    covered: BTreeMap<PosKey, Coverage>,
+    /// Open positions whose last published route is ACTIVE.
+    active_routes: BTreeSet<PosKey>,
+    /// Covered positions currently flagged as overflow.
+    overflow: BTreeSet<PosKey>,
+    /// Positions IB refused a stream for; not offered a slot again until the next sync.
+    refused: HashSet<PosKey>,
+    plan: Plan,
+    pub(crate) slots: Slots,
+    pub(crate) publisher: Publisher,
+    /// The book reflects IB (a PositionEnd was seen on the current connection).
+    pub(crate) synced: bool,
+    /// A resync (re-request the position list and reconcile) is needed.
+    pub(crate) resync_wanted: bool,
+}
+
+impl Engine {
+    pub(crate) fn new(registry: Registry, slots: Slots, publisher: Publisher) -> Self {
+        Self {
+            registry,
+            book: Book::new(),
+            covered: BTreeMap::new(),
+            active_routes: BTreeSet::new(),
+            overflow: BTreeSet::new(),
+            refused: HashSet::new(),
+            plan: Plan::default(),
+            slots,
+            publisher,
+            synced: false,
+            resync_wanted: false,
+        }
+    }
+
+    fn last_route(&self, key: &PosKey) -> Route {
+        if self.active_routes.contains(key) {
+            Route::Active
+        } else {
+            Route::Queued
+        }
+    }
+
+    fn set_route(&mut self, key: &PosKey, route: Route) {
+        match route {
+            Route::Active => self.active_routes.insert(key.clone()),
+            Route::Queued => self.active_routes.remove(key),
+        };
+    }
+
+    fn update_coverage(&mut self, key: &PosKey) {
+        let open = self.book.get(key).is_some_and(Held::is_open);
+        match self.registry.coverage(&key.account, key.con_id).filter(|_| open) {
+            Some(c) => self.covered.insert(key.clone(), c),
+            None => self.covered.remove(key),
+        };
+    }
+
+    fn rebuild_coverage(&mut self) {
+        self.covered = self
+            .book
+            .iter()
+            .filter(|(_, h)| h.is_open())
+            .filter_map(|(k, _)| self.registry.coverage(&k.account, k.con_id).map(|c| (k.clone(), c)))
+            .collect();
+    }
+
+    fn compute_plan(&mut self) {
+        let candidates = self
+            .covered
+            .iter()
+            .filter(|(k, _)| !self.refused.contains(*k))
+            .map(|(k, c)| Candidate { key: k.clone(), priority: c.priority, holding: self.slots.holding(k) })
+            .collect();
+        self.plan = router::plan(self.slots.budget(), candidates);
+    }
+
+    async fn emit(&mut self, key: &PosKey, held: &Held, route: Route, source: Source, observed: Option<Instant>) -> Result<(), IngestError> {
+        let strategies = self.registry.coverage(&key.account, key.con_id).map(|c| c.strategies).unwrap_or_default();
+        let ib_time = now_micros();
+        self.publisher.publish(book::event(key, held, route, source, strategies, ib_time), observed).await?;
+        Ok(())
+    }
+
+    /// Applies the current plan: overflow flags, route transitions (except for `skip`, whose
+    /// events the caller published), then slot moves (stops first, then starts while there is
+    /// room).
+    async fn apply_plan(&mut self, client: Option<&Arc<Client>>, skip: &HashSet<PosKey>) -> Result<(), IngestError> {
+        for key in self.plan.overflow.difference(&self.overflow) {
+            metrics::global().slot_overflow.fetch_add(1, Relaxed);
+            tracing::warn!(%key, budget = self.slots.budget(), "active position without a streaming slot: routed queued until a slot frees");
+        }
+        self.overflow.clone_from(&self.plan.overflow);
+
+        let check: BTreeSet<PosKey> = self.covered.keys().chain(self.active_routes.iter()).cloned().collect();
+        for key in check {
+            if skip.contains(&key) {
+                continue;
+            }
+            let Some(held) = self.book.get(&key).filter(|h| h.is_open()).cloned() else {
+                self.active_routes.remove(&key);
+                continue;
+            };
+            let route = self.plan.route(&key);
+            if route != self.last_route(&key) {
+                tracing::info!(%key, ?route, "position changes route");
+                self.emit(&key, &held, route, Source::Snapshot, None).await?;
+                self.set_route(&key, route);
+            }
+        }
+
+        let moves = router::moves(&self.plan, self.slots.holders());
+        for key in &moves.revoke {
+            tracing::debug!(%key, "stopping PnL stream");
+            self.slots.stop(key);
+        }
+        if let Some(client) = client.filter(|_| self.synced) {
+            for key in moves.grant {
+                if self.slots.in_use() >= self.slots.budget() {
+                    break;
+                }
+                if self.slots.start(client, key.clone()) {
+                    tracing::debug!(%key, in_use = self.slots.in_use(), "started PnL stream");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A live update of the positions subscription.
+    pub(crate) async fn on_stream(&mut self, client: &Arc<Client>, p: Position, observed: Instant) -> Result<(), IngestError> {
+        let key = PosKey::new(p.account.clone(), i64::from(p.contract.contract_id));
+        let mut held = Held::from_ib(&p.contract, p.position, p.average_cost);
+        match self.book.get(&key) {
+            None if !held.is_open() => return Ok(()),
+            Some(old) if !old.dirty && old.same_figures(&held) => return Ok(()),
+            Some(old) => held.pnl = old.pnl.filter(|_| held.is_open()),
+            None => {}
+        }
+        if held.is_open() {
+            self.book.insert(key.clone(), held.clone());
+            self.update_coverage(&key);
+            self.compute_plan();
+            let route = self.plan.route(&key);
+            self.emit(&key, &held, route, Source::Stream, Some(observed)).await?;
+            self.set_route(&key, route);
+        } else {
+            let route = self.last_route(&key);
+            self.emit(&key, &held, route, Source::Stream, Some(observed)).await?;
+            self.book.remove(&key);
+            self.covered.remove(&key);
+            self.active_routes.remove(&key);
+            self.compute_plan();
+        }
+        self.apply_plan(Some(client), &HashSet::from([key])).await
+    }
+
+    /// IB's full position list (everything up to PositionEnd): reconcile, then re-plan.
+    pub(crate) async fn sync(&mut self, client: &Arc<Client>, after: Book) -> Result<(), IngestError> {
+        let changes = reconcile(&self.book, &after);
+        let mut book: Book = after.into_iter().filter(|(_, h)| h.is_open()).collect();
+        for (k, h) in &mut book {
+            h.pnl = self.book.get(k).and_then(|old| old.pnl);
+        }
+        let before = std::mem::replace(&mut self.book, book);
+        self.refused.clear();
+        self.rebuild_coverage();
+        self.compute_plan();
+        self.synced = true;
+        let (mut snapshots, mut closes) = (0usize, 0usize);
+        let mut touched = HashSet::new();
+        for change in changes {
+            match change {
+                Change::Snapshot(key, held) => {
+                    let route = if held.is_open() { self.plan.route(&key) } else { self.last_route(&key) };
+                    self.emit(&key, &held, route, Source::Snapshot, None).await?;
+                    if held.is_open() {
+                        self.set_route(&key, route);
+                    } else {
+                        self.active_routes.remove(&key);
+                    }
+                    snapshots += 1;
+                    touched.insert(key);
+                }
+                Change::Close(key, held) => {
+                    let route = self.last_route(&key);
+                    self.emit(&key, &held, route, Source::Reconcile, None).await?;
+                    metrics::global().reconcile_closes.fetch_add(1, Relaxed);
+                    tracing::info!(%key, was = before.get(&key).map(|h| h.position), "position vanished while disconnected: RECONCILE close");
+                    self.active_routes.remove(&key);
+                    closes += 1;
+                    touched.insert(key);
+                }
+            }
+        }
+        tracing::info!(open = self.book.len(), snapshots, closes, covered = self.covered.len(), "positions reconciled with IB");
+        self.apply_plan(Some(client), &touched).await
+    }
+
+    /// A registry change (applied at once; routes and slots follow when synced).
+    pub(crate) async fn on_registry(&mut self, client: Option<&Arc<Client>>, event: RegistryEvent) -> Result<(), IngestError> {
+        if !self.registry.apply(&event) {
+            return Ok(());
+        }
+        tracing::info!(strategy = %event.strategy, account = ?event.account, con_id = event.con_id, action = ?event.action, priority = event.priority, "registry change");
+        let keys: Vec<PosKey> = self.book.keys().filter(|k| k.con_id == event.con_id).cloned().collect();
+        for key in &keys {
+            self.update_coverage(key);
+        }
+        if self.synced {
+            self.compute_plan();
+            self.apply_plan(client, &HashSet::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// A report of a PnL stream task.
+    pub(crate) async fn on_slot_event(&mut self, client: &Arc<Client>, event: SlotEvent) -> Result<(), IngestError> {
+        match event {
+            SlotEvent::Tick { key, pnl, observed, .. } => {
+                if !self.active_routes.contains(&key) {
+                    return Ok(());
+                }
+                let Some(held) = self.book.get_mut(&key).filter(|h| h.is_open()) else { return Ok(()) };
+                if held.pnl == Some(pnl) {
+                    return Ok(());
+                }
+                held.pnl = Some(pnl);
+                let held = held.clone();
+                self.emit(&key, &held, Route::Active, Source::Pnl, Some(observed)).await?;
+                Ok(())
+            }
+            SlotEvent::Released { key, .. } => {
+                tracing::debug!(%key, "PnL stream cancelled; slot free");
+                if let Some(h) = self.book.get_mut(&key) {
+                    h.pnl = None;
+                }
+                self.compute_plan();
+                self.apply_plan(Some(client), &HashSet::new()).await
+            }
+            SlotEvent::Ended { key, error, connection_lost, .. } => {
+                if connection_lost {
+                    tracing::debug!(%key, %error, "PnL stream ended with the connection");
+                    return Ok(());
+                }
+                tracing::warn!(%key, %error, "IB refused or ended a PnL stream; the position stays queued until the next resync");
+                self.refused.insert(key);
+                self.compute_plan();
+                self.apply_plan(Some(client), &HashSet::new()).await
+            }
+        }
+    }
+
+    /// A delivery failed for good: mark the position dirty and resync, which republishes it.
+    pub(crate) fn on_failure(&mut self, failure: Failure) {
+        match self.book.get_mut(&failure.key) {
+            Some(h) => h.dirty = true,
+            None => {
+                let e = &failure.event;
+                let contract = book::ContractInfo {
+                    symbol: e.symbol.clone(),
+                    sec_type: e.sec_type.clone(),
+                    expiry: e.expiry.clone(),
+                    strike: e.strike,
+                    right: e.right.clone(),
+                    multiplier: e.multiplier.clone(),
+                    exchange: e.exchange.clone(),
+                    currency: e.currency.clone(),
+                    local_symbol: e.local_symbol.clone(),
+                    trading_class: e.trading_class.clone(),
+                };
+                self.book.insert(failure.key, Held { contract, position: 0.0, avg_cost: e.avg_cost, pnl: None, dirty: true });
+            }
+        }
+        self.resync_wanted = true;
+    }
+
+    /// Stops every stream (IB lost market data: 1101); they restart as their slots free.
+    pub(crate) fn restart_streams(&mut self) {
+        let holders: Vec<PosKey> = self.slots.holders().cloned().collect();
+        for key in &holders {
+            self.slots.stop(key);
+        }
+    }
+
+    /// The connection is gone: streams with it; the book stays as the "before" of the next sync.
+    pub(crate) fn disconnected(&mut self) {
+        self.slots.reset();
+        self.synced = false;
+        self.resync_wanted = false;
+    }
+
+    /// One line of counts for the logs.
+    pub(crate) fn log_stats(&self) {
+        let m = metrics::global();
+        tracing::info!(
+            open = self.book.len(),
+            covered = self.covered.len(),
+            active = self.active_routes.len(),
+            overflow = self.overflow.len(),
+            slots_in_use = self.slots.in_use(),
+            slot_budget = self.slots.budget(),
+            published_active = m.published_active.load(Relaxed),
+            published_queued = m.published_queued.load(Relaxed),
+            in_flight = self.publisher.in_flight(),
+            "ingest stats"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! `possync ingest`: IB positions → routed Avro events on Kafka.
+//!
+//! One positions subscription covers every account. Each update is routed per (account,
+//! conId) by the strategy registry ([`crate::registry`], followed live from its topic):
+//! - **active** (a registry entry covers it and it won a streaming slot): published to
+//!   `positions.active` at once, and a real-time PnL stream is held for it, whose ticks become
+//!   PNL events on the same route;
+//! - **queued** (everything else, including covered positions that found no free slot —
+//!   flagged with a warning and the `slot_overflow` counter): an enqueue event on
+//!   `positions.queued`, refreshed later by the queue worker.
+//!
+//! Reconnects (socket drop, gateway restart, 326 while the old session lingers) back off and
+//! resubscribe; after the new PositionEnd the book is reconciled: positions that vanished get
+//! a RECONCILE close, changed ones a SNAPSHOT, unchanged ones nothing. 1101/1102 trigger the
+//! same reconciliation on the live connection.
+//!
+//! Files: [`config`] (flags), [`book`] (position state → events), [`router`] (pure slot
+//! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
+//! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
+//! connection and event loop).
+
+pub mod book;
+pub mod config;
+mod engine;
+pub mod publisher;
+pub mod reconcile;
+pub mod router;
+mod session;
+pub mod slots;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use ibapi::RateLimiter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{IngestArgs, IngestConfig};
+pub use publisher::{LatencyLog, PublishError, Publisher};
+
+use crate::events::RegistryEvent;
+use crate::kafka::KafkaConfig;
+use crate::metrics;
+use crate::registry::{self, RegistryError};
+
+/// Errors that stop ingest.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The registry could not be read or seeded.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// Publishing to Kafka failed in a way retrying cannot fix.
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+    /// Bad Kafka settings.
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+}
+
+/// A prepared ingest: registry loaded, producer ready, not yet connected to IB.
+pub struct Ingest {
+    cfg: IngestConfig,
+    engine: engine::Engine,
+    registry_rx: mpsc::Receiver<RegistryEvent>,
+    shutdown: CancellationToken,
+}
+
+impl Ingest {
+    /// Seeds the registry from the bootstrap file (if any), replays the registry topic, and
+    /// creates the producer.
+    ///
+    /// # Errors
+    /// [`IngestError::Registry`] when the registry topic cannot be read (is Kafka up, are the
+    /// topics created?), [`IngestError::Publish`] when the producer cannot be created.
+    pub async fn start(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<Self, IngestError> {
+        if let Some(path) = &cfg.registry_bootstrap {
+            let n = registry::seed_from_file(&kafka, path, "ingest-bootstrap", cfg.kafka_timeout).await?;
+            tracing::info!(file = %path.display(), seeded = n, "registry bootstrap file applied");
+        }
+        let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
+        tracing::info!(entries = registry.len(), "registry loaded");
+        let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?;
+        let slots = slots::Slots::new(cfg.slot_budget);
+        let engine = engine::Engine::new(registry, slots, publisher);
+        Ok(Self { cfg, engine, registry_rx, shutdown })
+    }
+
+    /// The session id stamped on every event of this run.
+    pub fn session_id(&self) -> &str {
+        self.engine.publisher.session_id()
+    }
+
+    /// The active route's latency samples (when `record_latency` is set).
+    pub fn latency_log(&self) -> Option<LatencyLog> {
+        self.engine.publisher.latency_log()
+    }
+
+    /// Runs until `shutdown`: connect, stream, reconnect; then waits (up to 30 s) for every
+    /// event to be acknowledged.
+    ///
+    /// # Errors
+    /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
+    pub async fn run(mut self) -> Result<(), IngestError> {
+        let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
+        let mut first = true;
+        let result = loop {
+            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &self.shutdown).await else { break Ok(()) };
+            if !first {
+                metrics::global().ib_reconnects.fetch_add(1, Relaxed);
+            }
+            first = false;
+            let end = session::run_session(&mut self.engine, &client, notices, &mut self.registry_rx, &self.shutdown).await;
+            self.engine.disconnected();
+            client.disconnect().await;
+            match end {
+                Ok(session::SessionEnd::Shutdown) => break Ok(()),
+                Ok(session::SessionEnd::Disconnected(why)) => {
+                    tracing::warn!(reason = %why, "IB connection lost; reconnecting");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(self.cfg.reconnect_initial) => {}
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let flushed = self.engine.publisher.flush(Duration::from_secs(30)).await;
+        self.engine.log_stats();
+        result?;
+        flushed?;
+        Ok(())
+    }
+}
+
+/// Runs ingest until `shutdown` (see [`Ingest::start`] and [`Ingest::run`]).
+///
+/// # Errors
+/// As [`Ingest::start`] and [`Ingest::run`].
+pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
+    Ingest::start(cfg, kafka, shutdown).await?.run().await
+}

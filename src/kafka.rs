@@ -1,0 +1,353 @@
+//! Kafka plumbing shared by every process: broker flags, topic names, producer and consumer
+//! settings (with a librdkafka passthrough), topic creation, and the embedded broker.
+//!
+//! The embedded broker is librdkafka's mock cluster, reached over TCP like any broker, so
+//! tests and `possync run` exercise the same client code as production.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Errors of the Kafka plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// A `-K key=value` passthrough is malformed.
+    #[error("librdkafka setting {0:?} is not of the form key=value")]
+    BadSetting(String),
+    /// A `-K` passthrough tries to change a setting possync relies on.
+    #[error("librdkafka setting {key:?} is set by possync ({why}); use the dedicated flag or remove -K {key}=…")]
+    ReservedSetting { key: String, why: &'static str },
+    /// librdkafka refused something.
+    #[error("kafka: {context}: {source}")]
+    Client {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The embedded broker thread is gone.
+    #[error("the embedded Kafka broker has stopped")]
+    EmbeddedGone,
+    /// The cluster did not answer.
+    #[error("no answer from Kafka at {0} within the timeout; is the broker up and the address right?")]
+    Unreachable(String),
+}
+
+impl KafkaError {
+    /// Wraps a librdkafka error with what was being done.
+    pub fn client(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
+        let context = context.into();
+        move |source| KafkaError::Client { context, source }
+    }
+}
+
+/// Broker and topic flags shared by every subcommand that talks to Kafka.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (comma-separated host:port).
+    #[arg(long, env = "POSSYNC_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Prefix of every topic possync uses (`<prefix>positions.active`, …).
+    #[arg(long, env = "POSSYNC_TOPIC_PREFIX", default_value = "possync.")]
+    pub topic_prefix: String,
+    /// Extra librdkafka setting, `key=value`; repeatable (env: comma-separated). Settings that
+    /// possync relies on (idempotence, acks, auto-commit, group id, bootstrap) are refused.
+    #[arg(short = 'K', long = "kafka-config", env = "POSSYNC_KAFKA_CONFIG", value_delimiter = ',')]
+    pub kafka_config: Vec<String>,
+}
+
+/// Plain Kafka settings, built from [`KafkaArgs`] or directly by tests.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic names.
+    pub topics: Topics,
+    /// librdkafka passthrough settings (already validated).
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// A config for `brokers` with the default topic prefix and no overrides.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self { brokers: brokers.into(), topics: Topics::new("possync."), overrides: BTreeMap::new() }
+    }
+
+    /// Validates the passthrough settings.
+    ///
+    /// # Errors
+    /// [`KafkaError::BadSetting`] or [`KafkaError::ReservedSetting`].
+    pub fn from_args(args: &KafkaArgs) -> Result<Self, KafkaError> {
+        let mut overrides = BTreeMap::new();
+        for kv in args.kafka_config.iter().filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting(kv.clone()))?;
+            let k = k.trim();
+            if let Some(why) = reserved(k) {
+                return Err(KafkaError::ReservedSetting { key: k.to_string(), why });
+            }
+            overrides.insert(k.to_string(), v.trim().to_string());
+        }
+        Ok(Self { brokers: args.brokers.clone(), topics: Topics::new(&args.topic_prefix), overrides })
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    fn with_overrides(&self, mut c: ClientConfig) -> ClientConfig {
+        for (k, v) in &self.overrides {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Producer settings: idempotent, `acks=all`, bounded local queue (backpressure instead
+    /// of unbounded memory while the broker is slow or down), infinite delivery timeout is NOT
+    /// used: a message not acknowledged within `message.timeout.ms` fails loudly.
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "100000")
+            .set("queue.buffering.max.kbytes", "65536")
+            .set("message.timeout.ms", "300000");
+        self.with_overrides(c)
+    }
+
+    /// Consumer settings: manual offsets (auto-commit off), earliest reset, short session so a
+    /// crashed member's partitions move quickly.
+    pub fn consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("enable.partition.eof", "false");
+        self.with_overrides(c)
+    }
+
+    /// Asks the cluster for its id (stable for a real cluster, new for each embedded broker).
+    ///
+    /// # Errors
+    /// [`KafkaError::Unreachable`] when no broker answers within `timeout`.
+    pub fn cluster_id(&self, timeout: Duration) -> Result<String, KafkaError> {
+        let consumer: BaseConsumer = self.base().create().map_err(KafkaError::client("create metadata client"))?;
+        consumer
+            .client()
+            .fetch_cluster_id(timeout)
+            .ok_or_else(|| KafkaError::Unreachable(self.brokers.clone()))
+    }
+
+    /// Creates the possync topics on a real cluster (the registry topic compacted); topics that
+    /// exist already are left alone.
+    ///
+    /// # Errors
+    /// [`KafkaError::Client`] when the admin request fails for another reason.
+    pub async fn ensure_topics(&self, partitions: i32, replication: i32) -> Result<(), KafkaError> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.with_overrides(self.base()).create().map_err(KafkaError::client("create admin client"))?;
+        let t = &self.topics;
+        let new = [
+            NewTopic::new(&t.active, partitions, TopicReplication::Fixed(replication)),
+            NewTopic::new(&t.queued, partitions, TopicReplication::Fixed(replication)),
+            NewTopic::new(&t.registry, partitions, TopicReplication::Fixed(replication)).set("cleanup.policy", "compact"),
+            NewTopic::new(&t.deadletter, partitions, TopicReplication::Fixed(replication)),
+        ];
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin.create_topics(new.iter(), &opts).await.map_err(KafkaError::client("create topics"))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(KafkaError::Client {
+                        context: format!("create topic {topic}"),
+                        source: rdkafka::error::KafkaError::AdminOp(code),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reserved(key: &str) -> Option<&'static str> {
+    match key {
+        "bootstrap.servers" | "metadata.broker.list" => Some("use --brokers"),
+        "enable.idempotence" | "acks" | "request.required.acks" => Some("producers are idempotent with acks=all"),
+        "enable.auto.commit" | "enable.auto.offset.store" => Some("offsets live in the Delta commit"),
+        "group.id" => Some("use the subcommand's --group flag"),
+        "transactional.id" => Some("possync does not use Kafka transactions"),
+        _ => None,
+    }
+}
+
+/// The topic names, from a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Real-time route: `PositionEvent`s with route ACTIVE.
+    pub active: String,
+    /// Queued route: enqueue and refresh `PositionEvent`s.
+    pub queued: String,
+    /// Compacted `RegistryEvent`s.
+    pub registry: String,
+    /// Undecodable or invalid input, original bytes plus error headers.
+    pub deadletter: String,
+}
+
+impl Topics {
+    /// `<prefix>positions.active`, `<prefix>positions.queued`, `<prefix>registry`, `<prefix>deadletter`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            active: format!("{prefix}positions.active"),
+            queued: format!("{prefix}positions.queued"),
+            registry: format!("{prefix}registry"),
+            deadletter: format!("{prefix}deadletter"),
+        }
+    }
+
+    /// The two position topics.
+    pub fn positions(&self) -> [&str; 2] {
+        [&self.active, &self.queued]
+    }
+
+    /// All four topics.
+    pub fn all(&self) -> [&str; 4] {
+        [&self.active, &self.queued, &self.registry, &self.deadletter]
+    }
+}
+
+enum BrokerCmd {
+    CreateTopic(String, i32, mpsc::Sender<Result<(), KafkaError>>),
+    BrokerDown(i32, mpsc::Sender<Result<(), KafkaError>>),
+    BrokerUp(i32, mpsc::Sender<Result<(), KafkaError>>),
+}
+
+/// An embedded Kafka-protocol broker (librdkafka's mock cluster) on loopback TCP.
+///
+/// The cluster lives on a dedicated thread (librdkafka's mock handle is not `Send`); this
+/// handle is. It starts empty every time; dropping the handle stops the cluster.
+/// Note: the mock cluster keeps only about 5 MiB per partition log.
+pub struct EmbeddedBroker {
+    bootstrap: String,
+    tx: Option<mpsc::Sender<BrokerCmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    /// Starts a mock cluster with `brokers` brokers.
+    ///
+    /// # Errors
+    /// [`KafkaError::Client`] when librdkafka cannot create it.
+    pub fn start(brokers: i32) -> Result<Self, KafkaError> {
+        let (tx, rx) = mpsc::channel::<BrokerCmd>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("embedded-kafka".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(KafkaError::client("start embedded broker")(e)));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                for cmd in rx {
+                    match cmd {
+                        BrokerCmd::CreateTopic(t, p, r) => {
+                            let _ = r.send(cluster.create_topic(&t, p, 1.min(brokers)).map_err(KafkaError::client(format!("create topic {t}"))));
+                        }
+                        BrokerCmd::BrokerDown(id, r) => {
+                            let _ = r.send(cluster.broker_down(id).map_err(KafkaError::client(format!("broker {id} down"))));
+                        }
+                        BrokerCmd::BrokerUp(id, r) => {
+                            let _ = r.send(cluster.broker_up(id).map_err(KafkaError::client(format!("broker {id} up"))));
+                        }
+                    }
+                }
+            })
+            .map_err(|_| KafkaError::EmbeddedGone)?;
+        let bootstrap = ready_rx.recv().map_err(|_| KafkaError::EmbeddedGone)??;
+        Ok(Self { bootstrap, tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// The `bootstrap.servers` string any Kafka client can use.
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    fn call(&self, make: impl FnOnce(mpsc::Sender<Result<(), KafkaError>>) -> BrokerCmd) -> Result<(), KafkaError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.as_ref().ok_or(KafkaError::EmbeddedGone)?.send(make(tx)).map_err(|_| KafkaError::EmbeddedGone)?;
+        rx.recv().map_err(|_| KafkaError::EmbeddedGone)?
+    }
+
+    /// Creates a topic (the mock cluster has no CreateTopics API).
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+        self.call(|r| BrokerCmd::CreateTopic(topic.to_string(), partitions, r))
+    }
+
+    /// Creates all possync topics with `partitions` partitions each.
+    pub fn create_topics(&self, topics: &Topics, partitions: i32) -> Result<(), KafkaError> {
+        topics.all().iter().try_for_each(|t| self.create_topic(t, partitions))
+    }
+
+    /// Takes broker `id` (1-based) down: a broker outage for fault tests.
+    pub fn broker_down(&self, id: i32) -> Result<(), KafkaError> {
+        self.call(|r| BrokerCmd::BrokerDown(id, r))
+    }
+
+    /// Brings broker `id` back.
+    pub fn broker_up(&self, id: i32) -> Result<(), KafkaError> {
+        self.call(|r| BrokerCmd::BrokerUp(id, r))
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(kv: &[&str]) -> KafkaArgs {
+        KafkaArgs { brokers: "b:1".into(), topic_prefix: "x.".into(), kafka_config: kv.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn passthrough_is_applied_and_reserved_keys_refused() {
+        let c = KafkaConfig::from_args(&args(&["linger.ms=50", "compression.type = none"])).unwrap();
+        assert_eq!(c.producer().get("linger.ms"), Some("50"));
+        assert_eq!(c.producer().get("compression.type"), Some("none"));
+        assert_eq!(c.topics.active, "x.positions.active");
+        assert!(matches!(KafkaConfig::from_args(&args(&["acks=1"])), Err(KafkaError::ReservedSetting { .. })));
+        assert!(matches!(KafkaConfig::from_args(&args(&["nonsense"])), Err(KafkaError::BadSetting(_))));
+    }
+
+    #[test]
+    fn embedded_broker_starts_and_creates_topics() {
+        let b = EmbeddedBroker::start(1).unwrap();
+        assert!(b.bootstrap().contains(':'));
+        b.create_topics(&Topics::new("t."), 2).unwrap();
+        let c = KafkaConfig::new(b.bootstrap());
+        let id = c.cluster_id(Duration::from_secs(10)).unwrap();
+        assert!(!id.is_empty());
+    }
+}

@@ -1,0 +1,28 @@
+//! possync: keeps Interactive Brokers positions in sync, event-sourced.
+//!
+//! IB positions flow `ingest` → Kafka (Avro) → `materialize` → Delta Lake tables. Contracts a
+//! running strategy holds (the *strategy registry*) are streamed in real time under a hard
+//! streaming-slot budget; the rest go through a durable *position queue* drained by the
+//! `queue-worker` with snapshot polls that cost no slot.
+//!
+//! Modules, one job each:
+//! - [`cli`]: flags and subcommands (`possync --help`), signal handling.
+//! - [`schema`]: the Avro schemas of `schemas/`, embedded at build time.
+//! - [`events`]: `PositionEvent` / `RegistryEvent`, keys, Confluent wire encoding.
+//! - [`kafka`]: broker flags, topics, producer/consumer settings, embedded broker.
+//! - [`metrics`]: counters, gauges, `/metrics` endpoint, progress line.
+//! - [`sim`]: the IB Gateway simulator (TWS protocol, protobuf era).
+//! - [`registry`]: the strategy registry, event-sourced from its compacted topic.
+//! - [`ingest`]: IB positions → routed events on Kafka, within the streaming-slot budget.
+//! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
+//!   dead letters), exactly once; table maintenance and the materialize benchmark.
+
+pub mod cli;
+pub mod events;
+pub mod ingest;
+pub mod kafka;
+pub mod materialize;
+pub mod metrics;
+pub mod registry;
+pub mod schema;
+pub mod sim;

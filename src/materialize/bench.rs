@@ -1,0 +1,347 @@
+//! `possync bench materialize`: throughput, CPU efficiency and latency of the materializer.
+//!
+//! 1. Starts an embedded broker in this process and pre-fills `positions.active` and
+//!    `positions.queued` with N synthetic events (partitions sized under the mock cluster's
+//!    ~5 MiB per partition).
+//! 2. Spawns `possync materialize` as a child process (so its CPU time is its own, read from
+//!    `/proc/<pid>/stat`) and polls the Delta txn versions until it has caught up. Reported:
+//!    events/s and events per CPU-second over the steady phase (first data commit → caught
+//!    up), plus totals including start-up and the consumer group join.
+//! 3. Produces at a steady rate for a few seconds and measures produce → visible latency:
+//!    an event is visible at the timestamp of the first `position_events` commit whose txn
+//!    version for its partition reaches its offset.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::offsets::app_id;
+use super::tables::{Table, TableKind};
+use super::MaterializeError;
+use crate::events::{new_id, now_micros, PositionEvent, Route, Source};
+use crate::kafka::{EmbeddedBroker, KafkaConfig, KafkaError};
+
+/// Flags of `possync bench materialize`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchMaterializeArgs {
+    /// Events to pre-fill (split over the active and queued topics).
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// Minimum partitions per topic (raised to keep each under ~4 MiB).
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
+    /// Distinct (account, con_id) keys.
+    #[arg(long, default_value_t = 5_000)]
+    pub keys: u64,
+    /// Events per second during the latency phase.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+    /// Length of the latency phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub latency_phase: Duration,
+    /// Flush latency of the materializer under test.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub flush_latency: Duration,
+    /// Where to put the tables (default: a fresh temporary directory).
+    #[arg(long)]
+    pub table_uri: Option<String>,
+}
+
+/// The figures.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub events: u64,
+    pub bytes: u64,
+    pub steady_events_per_s: f64,
+    pub steady_events_per_cpu_s: f64,
+    pub steady_mb_per_s: f64,
+    pub total_s: f64,
+    pub total_cpu_s: f64,
+    pub latency_events: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "materialize benchmark: {} events, {:.1} MB of Kafka values", self.events, self.bytes as f64 / 1e6)?;
+        writeln!(f, "  steady:  {:.0} events/s, {:.0} events per CPU-second, {:.1} MB/s", self.steady_events_per_s, self.steady_events_per_cpu_s, self.steady_mb_per_s)?;
+        writeln!(
+            f,
+            "  overall: {:.1} s wall, {:.2} CPU-s (incl. start-up and group join): {:.0} events per CPU-second",
+            self.total_s,
+            self.total_cpu_s,
+            self.events as f64 / self.total_cpu_s.max(1e-9)
+        )?;
+        write!(
+            f,
+            "  latency produce -> visible in position_events ({} events): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            self.latency_events, self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms
+        )
+    }
+}
+
+/// A synthetic event for key `k` of `keys` (`i` makes it unique).
+pub fn synthetic_event(i: u64, k: u64, route: Route, session: &str) -> PositionEvent {
+    let now = now_micros();
+    PositionEvent {
+        event_id: new_id(),
+        session_id: session.to_string(),
+        sequence: i as i64 + 1,
+        account: format!("DU{:07}", k % 7),
+        con_id: 100_000 + k as i64,
+        symbol: ["SPY", "QQQ", "IWM", "AAPL"][(k % 4) as usize].to_string(),
+        sec_type: "OPT".into(),
+        expiry: Some("20261218".into()),
+        strike: Some(400.0 + (k % 50) as f64 * 5.0),
+        right: Some(if k % 2 == 0 { "C" } else { "P" }.into()),
+        multiplier: Some("100".into()),
+        exchange: "SMART".into(),
+        currency: "USD".into(),
+        local_symbol: format!("SPY   261218C{:08}", 400_000 + k),
+        trading_class: "SPY".into(),
+        position: (i % 11) as f64 - 5.0,
+        avg_cost: 1234.5 + k as f64,
+        daily_pnl: (route == Route::Active).then_some(12.5),
+        unrealized_pnl: (route == Route::Active).then_some(-3.25),
+        realized_pnl: None,
+        market_value: (route == Route::Active).then_some(1000.0),
+        route,
+        source: match (route, i % 3) {
+            (Route::Active, 0) => Source::Stream,
+            (Route::Active, _) => Source::Pnl,
+            (Route::Queued, 0) => Source::Snapshot,
+            (Route::Queued, _) => Source::Poll,
+        },
+        strategies: if route == Route::Active { vec!["wheel".into()] } else { vec![] },
+        ib_time: now - 1_000,
+        ingest_time: now,
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
+}
+
+struct Child2(Child);
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the benchmark.
+///
+/// # Errors
+/// Kafka, table or process errors.
+pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeError> {
+    let tmp = std::env::temp_dir().join(format!("possync-bench-{}", new_id()));
+    let table_uri = args.table_uri.clone().unwrap_or_else(|| tmp.to_string_lossy().into_owned());
+    let broker = EmbeddedBroker::start(1)?;
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let sample = synthetic_event(0, 0, Route::Active, "s").encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
+    let per_topic_bytes = args.events / 2 * (sample.len() as u64 + 80);
+    let partitions = args.partitions.max((per_topic_bytes / (4 << 20)) as i32 + 1);
+    broker.create_topics(&kafka.topics, partitions)?;
+    let producer: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create producer"))?;
+    let session = new_id();
+
+    eprintln!("pre-filling {} events over 2 x {partitions} partitions ...", args.events);
+    let mut bytes = 0u64;
+    let mut pending = Vec::new();
+    for i in 0..args.events {
+        let route = if i % 2 == 0 { Route::Active } else { Route::Queued };
+        let topic = if route == Route::Active { &kafka.topics.active } else { &kafka.topics.queued };
+        let e = synthetic_event(i, i % args.keys.max(1), route, &session);
+        let v = e.encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
+        bytes += v.len() as u64;
+        pending.push(send(&producer, topic, e.key(), v));
+        if pending.len() >= 20_000 {
+            for r in futures::future::join_all(pending.drain(..)).await {
+                r?;
+            }
+        }
+    }
+    for r in futures::future::join_all(pending).await {
+        r?;
+    }
+
+    let exe = std::env::current_exe().map_err(|e| MaterializeError::Task(format!("own executable: {e}")))?;
+    let started = Instant::now();
+    let child = Command::new(exe)
+        .args(["materialize", "--brokers", broker.bootstrap(), "--table-uri", &table_uri, "--group", "bench"])
+        .arg("--flush-latency")
+        .arg(humantime::format_duration(args.flush_latency).to_string())
+        .env("POSSYNC_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| MaterializeError::Task(format!("spawn materialize: {e}")))?;
+    let child = Child2(child);
+    let pid = child.0.id();
+    let ns = super::offsets::namespace(&kafka, None).await?;
+    let parts: Vec<(String, i32)> =
+        [&kafka.topics.active, &kafka.topics.queued].iter().flat_map(|t| (0..partitions).map(|p| (t.to_string(), p))).collect();
+    let mut events_table = loop {
+        match Table::open(&table_uri, TableKind::PositionEvents).await {
+            Ok(t) => break t,
+            Err(_) if started.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut first: Option<(Instant, f64, u64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (done_at, done_cpu) = loop {
+        events_table.refresh().await?;
+        let mut committed = 0u64;
+        for (t, p) in &parts {
+            committed += events_table.txn_version(&app_id(&ns, t, *p)).await?.map_or(0, |v| v as u64 + 1);
+        }
+        let cpu = process_cpu_seconds(pid).unwrap_or_default();
+        if first.is_none() && committed > 0 {
+            first = Some((Instant::now(), cpu, committed));
+        }
+        if committed >= args.events {
+            break (Instant::now(), cpu);
+        }
+        if Instant::now() > deadline {
+            return Err(MaterializeError::Timeout(format!("materialized {committed} of {} events", args.events)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (t0, cpu0, n0) = first.unwrap_or((started, 0.0, 0));
+    let steady_s = (done_at - t0).as_secs_f64().max(1e-9);
+    let steady_n = (args.events - n0) as f64;
+    let mut report = BenchReport {
+        events: args.events,
+        bytes,
+        steady_events_per_s: steady_n / steady_s,
+        steady_events_per_cpu_s: steady_n / (done_cpu - cpu0).max(1e-9),
+        steady_mb_per_s: steady_n / args.events as f64 * bytes as f64 / 1e6 / steady_s,
+        total_s: (done_at - started).as_secs_f64(),
+        total_cpu_s: done_cpu,
+        ..Default::default()
+    };
+
+    // Latency phase.
+    let first_version = events_table.version() + 1;
+    let n = args.rate * args.latency_phase.as_secs().max(1);
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let mut sent: Vec<(String, i32, i64, i64)> = Vec::with_capacity(n as usize);
+    let phase_start = tokio::time::Instant::now();
+    let mut acks = Vec::new();
+    for i in 0..n {
+        tokio::time::sleep_until(phase_start + interval.mul_f64(i as f64)).await;
+        let route = if i % 2 == 0 { Route::Active } else { Route::Queued };
+        let topic = if route == Route::Active { kafka.topics.active.clone() } else { kafka.topics.queued.clone() };
+        let e = synthetic_event(args.events + i, i % args.keys.max(1), route, &session);
+        let at = e.ingest_time;
+        let v = e.encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
+        let p = producer.clone();
+        let key = e.key();
+        acks.push(tokio::spawn(async move {
+            let r = p.send(FutureRecord::to(&topic).key(&key).payload(&v), Duration::from_secs(30)).await;
+            r.map(|d| (topic, d.partition, d.offset, at)).map_err(|(e, _)| e.to_string())
+        }));
+    }
+    for a in acks {
+        let r = a.await.map_err(|e| MaterializeError::Task(e.to_string()))?;
+        sent.push(r.map_err(MaterializeError::Task)?);
+    }
+    let total = args.events + n;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        events_table.refresh().await?;
+        let mut committed = 0u64;
+        for (t, p) in &parts {
+            committed += events_table.txn_version(&app_id(&ns, t, *p)).await?.map_or(0, |v| v as u64 + 1);
+        }
+        if committed >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let visible = commit_times(&events_table, first_version, &ns).await?;
+    let mut lat: Vec<f64> = sent
+        .iter()
+        .filter_map(|(t, p, off, at)| {
+            let id = app_id(&ns, t, *p);
+            visible.iter().find(|(_, txns)| txns.get(&id).is_some_and(|v| v >= off)).map(|(ts, _)| (*ts * 1000 - at) as f64 / 1000.0)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    if !lat.is_empty() {
+        let q = |x: f64| lat[((lat.len() - 1) as f64 * x) as usize];
+        report.latency_events = lat.len();
+        report.latency_p50_ms = q(0.5);
+        report.latency_p99_ms = q(0.99);
+        report.latency_max_ms = q(1.0);
+    }
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    drop(child);
+    if args.table_uri.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(report)
+}
+
+async fn send(p: &FutureProducer, topic: &str, key: String, value: Vec<u8>) -> Result<(), MaterializeError> {
+    p.send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(60))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| KafkaError::Client { context: format!("produce to {topic}"), source: e }.into())
+}
+
+/// (commit timestamp ms, txn versions) of every commit from `from` on, in order.
+async fn commit_times(t: &Table, from: i64, _ns: &str) -> Result<Vec<(i64, HashMap<String, i64>)>, MaterializeError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Line {
+        commit_info: Option<serde_json::Value>,
+        txn: Option<Txn>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Txn {
+        app_id: String,
+        version: i64,
+    }
+    let store = t.delta.log_store();
+    let mut out = Vec::new();
+    for v in from..=t.version() {
+        let Some(bytes) = store.read_commit_entry(v as u64).await.map_err(|source| super::tables::TableError::Delta { table: "position_events", source })? else {
+            continue;
+        };
+        let mut ts = 0;
+        let mut txns = HashMap::new();
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(l) = serde_json::from_slice::<Line>(line) {
+                if let Some(ci) = l.commit_info {
+                    ts = ci.get("timestamp").and_then(serde_json::Value::as_i64).unwrap_or_default();
+                }
+                if let Some(x) = l.txn {
+                    txns.insert(x.app_id, x.version);
+                }
+            }
+        }
+        out.push((ts, txns));
+    }
+    Ok(out)
+}

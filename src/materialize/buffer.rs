@@ -1,0 +1,276 @@
+//! Per-partition buffers: decoded rows and dead letters waiting for the next flush.
+//!
+//! A flush happens when the buffered messages (all partitions together) reach a count or a
+//! byte size, or when the oldest has waited the flush latency, whichever comes first. Each
+//! buffer remembers the offset range it covers (dead letters included: they count as
+//! consumed), which becomes the txn version of its partition. Revoked partitions' buffers are
+//! simply dropped: nothing of them is committed, so their next owner starts where Delta says.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::error::ArrowError;
+
+use super::deadletter::DeadLetter;
+use super::decode::{ArrowRows, DecodeError, Decoded, Layout, Scratch};
+use super::tables::{position_events_layout, registry_layout};
+
+/// What a topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// `positions.active`: `PositionEvent`s with route ACTIVE.
+    Active,
+    /// `positions.queued`: `PositionEvent`s with route QUEUED.
+    Queued,
+    /// `registry`: `RegistryEvent`s.
+    Registry,
+}
+
+impl Role {
+    fn layout(self) -> &'static Arc<Layout> {
+        match self {
+            Role::Active | Role::Queued => position_events_layout(),
+            Role::Registry => registry_layout(),
+        }
+    }
+}
+
+/// Buffered messages of one partition.
+pub struct PartitionBuffer {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+    /// What the topic carries.
+    pub role: Role,
+    rows: ArrowRows,
+    dead: Vec<DeadLetter>,
+    first_offset: Option<i64>,
+    last_offset: i64,
+}
+
+/// The frozen content of one partition buffer, ready to commit.
+pub struct FrozenPartition {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+    /// What the topic carries.
+    pub role: Role,
+    /// Decoded rows in offset order.
+    pub rows: RecordBatch,
+    /// Dead letters in offset order.
+    pub dead: Vec<DeadLetter>,
+    /// First offset covered.
+    pub first_offset: i64,
+    /// Last offset covered (the txn version to store).
+    pub last_offset: i64,
+}
+
+/// The buffers of every assigned partition.
+pub struct Buffers {
+    parts: HashMap<(Role, i32), PartitionBuffer>,
+    scratch: Scratch,
+    messages: usize,
+    bytes: usize,
+    oldest: Option<Instant>,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Self { parts: HashMap::new(), scratch: Scratch::default(), messages: 0, bytes: 0, oldest: None }
+    }
+}
+
+/// One consumed message, borrowed from the consumer.
+pub struct Incoming<'a> {
+    pub role: Role,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Message timestamp in µs.
+    pub timestamp: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+impl Buffers {
+    /// Messages buffered.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    /// Bytes buffered (message keys + values).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// When the buffers must be flushed at the latest.
+    pub fn deadline(&self, latency: Duration) -> Option<Instant> {
+        self.oldest.map(|t| t + latency)
+    }
+
+    /// Decodes and buffers one message; an undecodable or invalid one becomes a dead letter.
+    /// Returns the dead-letter reason, if any.
+    pub fn push(&mut self, m: &Incoming<'_>) -> Option<String> {
+        let layout = m.role.layout();
+        let buf = self.parts.entry((m.role, m.partition)).or_insert_with(|| PartitionBuffer {
+            topic: m.topic.into(),
+            partition: m.partition,
+            role: m.role,
+            rows: ArrowRows::new(layout.clone(), 1024),
+            dead: Vec::new(),
+            first_offset: None,
+            last_offset: -1,
+        });
+        let size = m.value.map_or(0, <[u8]>::len) + m.key.map_or(0, <[u8]>::len);
+        self.messages += 1;
+        self.bytes += size;
+        self.oldest.get_or_insert_with(Instant::now);
+        buf.first_offset.get_or_insert(m.offset);
+        buf.last_offset = m.offset;
+        let result = match m.value {
+            None => Err(DecodeError::NoValue),
+            Some(v) => layout.plan.decode(v, &mut self.scratch).and_then(|payload| {
+                let d = Decoded { plan: &layout.plan, payload, scratch: &self.scratch };
+                validate(m, &d).map_err(DecodeError::Invalid)?;
+                Ok(payload)
+            }),
+        };
+        match result {
+            Ok(payload) => {
+                let d = Decoded { plan: &layout.plan, payload, scratch: &self.scratch };
+                buf.rows.append(&d, m.offset, m.timestamp);
+                None
+            }
+            Err(e) => {
+                let error = e.to_string();
+                buf.dead.push(DeadLetter {
+                    topic: buf.topic.clone(),
+                    partition: m.partition,
+                    offset: m.offset,
+                    timestamp: m.timestamp,
+                    key: m.key.map(<[u8]>::to_vec),
+                    value: m.value.map(<[u8]>::to_vec),
+                    error: error.clone(),
+                });
+                Some(error)
+            }
+        }
+    }
+
+    /// Drops what is buffered for a partition (it was revoked).
+    pub fn drop_partition(&mut self, role: Role, partition: i32) {
+        if let Some(mut b) = self.parts.remove(&(role, partition)) {
+            let n = b.rows.len() + b.dead.len();
+            self.messages = self.messages.saturating_sub(n);
+            // Byte accounting is approximate after a drop; it resets at the next flush.
+            let _ = b.rows.finish("", 0);
+        }
+        if self.parts.values().all(|b| b.first_offset.is_none()) {
+            self.messages = 0;
+            self.bytes = 0;
+            self.oldest = None;
+        }
+    }
+
+    /// Takes everything buffered, leaving empty buffers.
+    ///
+    /// # Errors
+    /// Arrow errors (a bug).
+    pub fn freeze(&mut self) -> Result<Vec<FrozenPartition>, ArrowError> {
+        let mut out = Vec::new();
+        for b in self.parts.values_mut() {
+            let Some(first_offset) = b.first_offset.take() else { continue };
+            out.push(FrozenPartition {
+                topic: b.topic.clone(),
+                partition: b.partition,
+                role: b.role,
+                rows: b.rows.finish(&b.topic, b.partition)?,
+                dead: std::mem::take(&mut b.dead),
+                first_offset,
+                last_offset: b.last_offset,
+            });
+        }
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        self.messages = 0;
+        self.bytes = 0;
+        self.oldest = None;
+        Ok(out)
+    }
+}
+
+/// Contract rules beyond the schema; a breach sends the message to the dead letters.
+fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
+    let plan = d.plan;
+    let s = |n: &str| plan.index(n).and_then(|i| d.str(i)).unwrap_or_default();
+    let l = |n: &str| plan.index(n).and_then(|i| d.long(i)).unwrap_or_default();
+    let f = |n: &str| plan.index(n).and_then(|i| d.double(i)).unwrap_or(f64::NAN);
+    match m.role {
+        Role::Active | Role::Queued => {
+            let want = if m.role == Role::Active { "ACTIVE" } else { "QUEUED" };
+            let route = s("route");
+            if route != want {
+                return Err(format!("route {route} on the {want} topic {}", m.topic));
+            }
+            let (account, con_id) = (s("account"), l("con_id"));
+            if account.is_empty() || con_id <= 0 {
+                return Err(format!("bad key fields account={account:?} con_id={con_id}"));
+            }
+            if s("event_id").is_empty() {
+                return Err("empty event_id".into());
+            }
+            for n in ["position", "avg_cost"] {
+                if !f(n).is_finite() {
+                    return Err(format!("{n} is not a finite number"));
+                }
+            }
+            if let Some(key) = m.key {
+                if !key_matches(key, account, con_id) {
+                    return Err(format!("key {:?} is not {account}:{con_id}", String::from_utf8_lossy(key)));
+                }
+            }
+        }
+        Role::Registry => {
+            if s("strategy").is_empty() || l("con_id") <= 0 {
+                return Err(format!("bad key fields strategy={:?} con_id={}", s("strategy"), l("con_id")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_matches(key: &[u8], account: &str, con_id: i64) -> bool {
+    let Some(colon) = key.iter().rposition(|b| *b == b':') else { return false };
+    &key[..colon] == account.as_bytes()
+        && std::str::from_utf8(&key[colon + 1..]).ok().and_then(|s| s.parse::<i64>().ok()) == Some(con_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Route;
+
+    fn msg<'a>(role: Role, offset: i64, key: &'a [u8], value: &'a [u8]) -> Incoming<'a> {
+        Incoming { role, topic: "t", partition: 0, offset, timestamp: None, key: Some(key), value: Some(value) }
+    }
+
+    #[test]
+    fn poison_becomes_dead_letter_and_offsets_cover_it() {
+        let mut b = Buffers::default();
+        let mut e = crate::materialize::decode::tests_support::sample(1);
+        e.route = Route::Queued;
+        let good = e.encode().unwrap();
+        let key = e.key();
+        assert!(b.push(&msg(Role::Queued, 10, key.as_bytes(), &good)).is_none());
+        assert!(b.push(&msg(Role::Queued, 11, key.as_bytes(), b"garbage")).is_some());
+        assert!(b.push(&msg(Role::Active, 12, key.as_bytes(), &good)).unwrap().contains("route QUEUED"));
+        assert!(b.push(&msg(Role::Queued, 13, b"DU1:999", &good)).unwrap().contains("key"));
+        let frozen = b.freeze().unwrap();
+        let q = frozen.iter().find(|f| f.role == Role::Queued).unwrap();
+        assert_eq!((q.first_offset, q.last_offset, q.rows.num_rows(), q.dead.len()), (10, 13, 1, 2));
+        assert_eq!(b.messages(), 0);
+    }
+}

@@ -1,0 +1,172 @@
+//! Flags of `possync materialize` / `possync maintain` and the plain config structs they become.
+//!
+//! Tests build [`MaterializeConfig`] directly (it has a `Default`); the binary builds it from
+//! [`MaterializeArgs`] so that every knob has a flag and a `POSSYNC_…` environment variable.
+
+use std::time::Duration;
+
+use crate::kafka::KafkaArgs;
+
+/// Default location of the Delta tables (one directory per table below it).
+pub const DEFAULT_TABLE_URI: &str = "./possync-data";
+/// Default consumer group of the materializer.
+pub const DEFAULT_GROUP: &str = "possync-materialize";
+
+/// Flags of `possync materialize`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaterializeArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Kafka consumer group; members of one group share the partitions and stay exact.
+    #[arg(long, env = "POSSYNC_MATERIALIZE_GROUP", default_value = DEFAULT_GROUP)]
+    pub group: String,
+    /// Longest time an event waits in memory before it is committed to Delta (idle topics
+    /// still flush): the floor of produce-to-visible latency.
+    #[arg(long, env = "POSSYNC_FLUSH_LATENCY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub flush_latency: Duration,
+    /// Flush as soon as this many messages are buffered (all partitions together).
+    #[arg(long, env = "POSSYNC_FLUSH_EVENTS", default_value_t = 200_000)]
+    pub flush_events: usize,
+    /// Flush as soon as this many message bytes are buffered (all partitions together).
+    #[arg(long, env = "POSSYNC_FLUSH_BYTES", default_value_t = 64 << 20)]
+    pub flush_bytes: usize,
+    /// Write a Delta checkpoint every N commits of a table (keeps table loading fast).
+    #[arg(long, env = "POSSYNC_CHECKPOINT_EVERY", default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Name of the offset namespace in the Delta txn app ids, instead of the Kafka cluster id.
+    /// Only needed when a cluster's id is not stable or not unique (see the module docs).
+    #[arg(long, env = "POSSYNC_OFFSETS_NAMESPACE")]
+    pub offsets_namespace: Option<String>,
+    /// Re-read the topics from the start of their logs instead of the offsets stored in Delta
+    /// (an audit: each table still drops what it already holds, so nothing changes).
+    #[arg(long, env = "POSSYNC_REPLAY_FROM_BEGINNING")]
+    pub replay_from_beginning: bool,
+}
+
+/// Where the tables live; shared by `materialize`, `maintain` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TableArgs {
+    /// Base URI of the Delta tables: a local path or `s3://bucket/prefix` (S3 needs the `s3`
+    /// build feature; credentials come from the usual `AWS_*` environment variables).
+    #[arg(long = "table-uri", env = "POSSYNC_TABLE_URI", default_value = DEFAULT_TABLE_URI)]
+    pub table_uri: String,
+}
+
+/// Plain settings of the materializer.
+#[derive(Debug, Clone)]
+pub struct MaterializeConfig {
+    /// Base URI of the tables (see [`TableArgs::table_uri`]).
+    pub table_uri: String,
+    /// Kafka consumer group.
+    pub group: String,
+    /// Flush at the latest this long after the oldest buffered message arrived.
+    pub flush_latency: Duration,
+    /// Flush when this many messages are buffered.
+    pub flush_events: usize,
+    /// Flush when this many bytes are buffered.
+    pub flush_bytes: usize,
+    /// Checkpoint each table every N of its commits (0 = never).
+    pub checkpoint_every: u64,
+    /// Overrides the Kafka cluster id in txn app ids (see [`crate::materialize`] docs).
+    pub offsets_namespace: Option<String>,
+    /// Start every partition at its log start (tables still drop what they hold).
+    pub replay_from_beginning: bool,
+}
+
+impl Default for MaterializeConfig {
+    fn default() -> Self {
+        Self {
+            table_uri: DEFAULT_TABLE_URI.to_string(),
+            group: DEFAULT_GROUP.to_string(),
+            flush_latency: Duration::from_secs(1),
+            flush_events: 200_000,
+            flush_bytes: 64 << 20,
+            checkpoint_every: 100,
+            offsets_namespace: None,
+            replay_from_beginning: false,
+        }
+    }
+}
+
+impl From<&MaterializeArgs> for MaterializeConfig {
+    fn from(a: &MaterializeArgs) -> Self {
+        Self {
+            table_uri: a.tables.table_uri.clone(),
+            group: a.group.clone(),
+            flush_latency: a.flush_latency,
+            flush_events: a.flush_events.max(1),
+            flush_bytes: a.flush_bytes.max(1),
+            checkpoint_every: a.checkpoint_every,
+            offsets_namespace: a.offsets_namespace.clone(),
+            replay_from_beginning: a.replay_from_beginning,
+        }
+    }
+}
+
+/// Flags of `possync maintain`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MaintainArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Files smaller than this are compacted together (append-only tables).
+    #[arg(long, env = "POSSYNC_COMPACT_BELOW", default_value_t = 16 << 20)]
+    pub compact_below: u64,
+    /// Target size of a compacted file.
+    #[arg(long, env = "POSSYNC_COMPACT_TARGET", default_value_t = 128 << 20)]
+    pub compact_target: u64,
+    /// Delete unreferenced files older than this (default: each table's
+    /// `delta.deletedFileRetentionDuration`). Shorter than a reader's query may break it.
+    #[arg(long, env = "POSSYNC_VACUUM_RETENTION", value_parser = humantime::parse_duration)]
+    pub vacuum_retention: Option<Duration>,
+    /// Skip compaction.
+    #[arg(long)]
+    pub no_compact: bool,
+    /// Skip vacuum.
+    #[arg(long)]
+    pub no_vacuum: bool,
+}
+
+/// Plain settings of `possync maintain`.
+#[derive(Debug, Clone)]
+pub struct MaintainConfig {
+    /// Base URI of the tables.
+    pub table_uri: String,
+    /// Compact files below this size.
+    pub compact_below: u64,
+    /// Target size of a compacted file.
+    pub compact_target: u64,
+    /// Vacuum retention override.
+    pub vacuum_retention: Option<Duration>,
+    /// Run compaction.
+    pub compact: bool,
+    /// Run vacuum.
+    pub vacuum: bool,
+}
+
+impl Default for MaintainConfig {
+    fn default() -> Self {
+        Self {
+            table_uri: DEFAULT_TABLE_URI.to_string(),
+            compact_below: 16 << 20,
+            compact_target: 128 << 20,
+            vacuum_retention: None,
+            compact: true,
+            vacuum: true,
+        }
+    }
+}
+
+impl From<&MaintainArgs> for MaintainConfig {
+    fn from(a: &MaintainArgs) -> Self {
+        Self {
+            table_uri: a.tables.table_uri.clone(),
+            compact_below: a.compact_below,
+            compact_target: a.compact_target.max(1 << 20),
+            vacuum_retention: a.vacuum_retention,
+            compact: !a.no_compact,
+            vacuum: !a.no_vacuum,
+        }
+    }
+}

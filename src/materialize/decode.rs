@@ -1,0 +1,718 @@
+//! Avro binary straight into Arrow builders: the materializer's hot path.
+//!
+//! A [`RecordPlan`] is derived once from the parsed `.avsc` (flat records: primitives,
+//! `["null", T]` unions, enums, arrays of strings, `timestamp-micros`). [`RecordPlan::decode`]
+//! walks one Confluent-framed value into a reusable [`Scratch`] (numbers, and byte spans into
+//! the payload for strings), so a malformed or invalid value is rejected before anything is
+//! appended; [`ArrowRows::append`] then copies the scratch into the column builders. No
+//! `apache_avro::Value`, no JSON, no per-field allocation.
+
+use std::sync::Arc;
+
+use apache_avro::Schema;
+use deltalake::arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int32Array, Int32Builder,
+    Int64Builder, ListBuilder, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+
+use crate::events::{split_confluent, EventError};
+
+/// Time zone of every timestamp column (naive timestamps would force Delta reader 3 / writer 7).
+pub const UTC: &str = "UTC";
+
+/// Why a Kafka value could not be turned into a row; the text lands in the dead letters.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The Confluent frame is missing or names another schema.
+    #[error(transparent)]
+    Frame(#[from] EventError),
+    /// The Avro payload is cut short or malformed.
+    #[error("malformed Avro in field {field:?}: {what}")]
+    Malformed { field: &'static str, what: &'static str },
+    /// Bytes remained after the record.
+    #[error("{0} trailing bytes after the Avro record")]
+    Trailing(usize),
+    /// The record decoded but breaks a rule of the contract (see `buffer.rs`).
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    /// A message without a value (a tombstone).
+    #[error("message has no value")]
+    NoValue,
+}
+
+/// Why a schema cannot drive the decoder.
+#[derive(Debug, thiserror::Error)]
+#[error("schema field {field:?} has a type the flat decoder does not support: {what}")]
+pub struct UnsupportedSchema {
+    field: String,
+    what: String,
+}
+
+/// What one Avro field decodes as.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldKind {
+    Bool,
+    Int,
+    Long,
+    Float,
+    Double,
+    Str,
+    Bytes,
+    /// `long` with logical type `timestamp-micros`: Arrow `Timestamp(µs, "UTC")`.
+    TimestampMicros,
+    /// Avro enum, stored as its symbol (Utf8).
+    Enum(Arc<[String]>),
+    /// `array<string>`.
+    StrArray,
+}
+
+impl FieldKind {
+    fn arrow_type(&self) -> DataType {
+        match self {
+            FieldKind::Bool => DataType::Boolean,
+            FieldKind::Int => DataType::Int32,
+            FieldKind::Long => DataType::Int64,
+            FieldKind::Float => DataType::Float32,
+            FieldKind::Double => DataType::Float64,
+            FieldKind::Str | FieldKind::Enum(_) => DataType::Utf8,
+            FieldKind::Bytes => DataType::Binary,
+            FieldKind::TimestampMicros => timestamp_type(),
+            FieldKind::StrArray => DataType::List(list_item()),
+        }
+    }
+}
+
+/// Arrow type of every timestamp column.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+}
+
+/// Item field of string lists, named as Delta's Arrow conversion names it (`element`).
+pub fn list_item() -> Arc<Field> {
+    Arc::new(Field::new("element", DataType::Utf8, false))
+}
+
+/// One field of a flat record.
+#[derive(Debug, Clone)]
+pub struct FieldPlan {
+    /// Field (and column) name.
+    pub name: &'static str,
+    /// Value type.
+    pub kind: FieldKind,
+    /// For `["null", T]` / `[T, "null"]` unions: the branch index of `null`.
+    pub null_branch: Option<u8>,
+}
+
+/// How to decode one flat Avro record type; derived from the parsed schema.
+#[derive(Debug, Clone)]
+pub struct RecordPlan {
+    /// Record name (for messages).
+    pub name: String,
+    /// Fields in schema order.
+    pub fields: Vec<FieldPlan>,
+    /// Confluent schema id values must carry.
+    pub schema_id: u32,
+}
+
+fn kind_of(field: &str, s: &Schema) -> Result<FieldKind, UnsupportedSchema> {
+    Ok(match s {
+        Schema::Boolean => FieldKind::Bool,
+        Schema::Int => FieldKind::Int,
+        Schema::Long => FieldKind::Long,
+        Schema::Float => FieldKind::Float,
+        Schema::Double => FieldKind::Double,
+        Schema::String => FieldKind::Str,
+        Schema::Bytes => FieldKind::Bytes,
+        Schema::TimestampMicros => FieldKind::TimestampMicros,
+        Schema::Enum(e) => FieldKind::Enum(e.symbols.clone().into()),
+        Schema::Array(a) if matches!(*a.items, Schema::String) => FieldKind::StrArray,
+        other => return Err(UnsupportedSchema { field: field.to_string(), what: format!("{other:?}") }),
+    })
+}
+
+impl RecordPlan {
+    /// Derives the plan from a parsed record schema.
+    ///
+    /// # Errors
+    /// [`UnsupportedSchema`] for nested records, maps, non-string arrays, other unions.
+    pub fn from_schema(schema: &Schema, schema_id: u32) -> Result<Self, UnsupportedSchema> {
+        let Schema::Record(rec) = schema else {
+            return Err(UnsupportedSchema { field: "<root>".into(), what: "not a record".into() });
+        };
+        let mut fields = Vec::with_capacity(rec.fields.len());
+        for f in &rec.fields {
+            // Field names live as long as the process (plans are built once, at startup).
+            let name: &'static str = Box::leak(f.name.clone().into_boxed_str());
+            let (kind, null_branch) = match &f.schema {
+                Schema::Union(u) => {
+                    let v = u.variants();
+                    match v {
+                        [Schema::Null, t] => (kind_of(name, t)?, Some(0)),
+                        [t, Schema::Null] => (kind_of(name, t)?, Some(1)),
+                        _ => return Err(UnsupportedSchema { field: f.name.clone(), what: "union other than [null, T]".into() }),
+                    }
+                }
+                s => (kind_of(name, s)?, None),
+            };
+            fields.push(FieldPlan { name, kind, null_branch });
+        }
+        Ok(Self { name: rec.name.name.clone(), fields, schema_id })
+    }
+
+    /// Index of a field by name.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|f| f.name == name)
+    }
+
+    /// Arrow fields of the record, in schema order.
+    pub fn arrow_fields(&self) -> Vec<Field> {
+        self.fields.iter().map(|f| Field::new(f.name, f.kind.arrow_type(), f.null_branch.is_some())).collect()
+    }
+
+    /// Decodes one Confluent-framed value into `scratch` (cleared first).
+    ///
+    /// # Errors
+    /// [`DecodeError`] when the frame, the payload or a UTF-8 string is bad.
+    pub fn decode<'a>(&self, value: &'a [u8], scratch: &mut Scratch) -> Result<&'a [u8], DecodeError> {
+        let (id, payload) = split_confluent(value)?;
+        if id != self.schema_id {
+            return Err(EventError::UnknownSchemaId { found: id, expected: self.schema_id }.into());
+        }
+        scratch.vals.clear();
+        scratch.items.clear();
+        let mut c = Cursor { buf: payload, pos: 0 };
+        for f in &self.fields {
+            let field = f.name;
+            if let Some(nb) = f.null_branch {
+                let branch = c.long(field)?;
+                if branch == i64::from(nb) {
+                    scratch.vals.push(Val::Null);
+                    continue;
+                }
+                if branch != i64::from(1 - nb) {
+                    return Err(DecodeError::Malformed { field, what: "union branch out of range" });
+                }
+            }
+            let v = match &f.kind {
+                FieldKind::Bool => match c.byte(field)? {
+                    0 => Val::Bool(false),
+                    1 => Val::Bool(true),
+                    _ => return Err(DecodeError::Malformed { field, what: "boolean is not 0 or 1" }),
+                },
+                FieldKind::Int => {
+                    let v = c.long(field)?;
+                    if i32::try_from(v).is_err() {
+                        return Err(DecodeError::Malformed { field, what: "int out of range" });
+                    }
+                    Val::Long(v)
+                }
+                FieldKind::Long | FieldKind::TimestampMicros => Val::Long(c.long(field)?),
+                FieldKind::Float => Val::Double(f64::from(f32::from_le_bytes(c.array::<4>(field)?))),
+                FieldKind::Double => Val::Double(f64::from_le_bytes(c.array::<8>(field)?)),
+                FieldKind::Str => {
+                    let (s, e) = c.span(field)?;
+                    utf8(&payload[s..e], field)?;
+                    Val::Span(s as u32, e as u32)
+                }
+                FieldKind::Bytes => {
+                    let (s, e) = c.span(field)?;
+                    Val::Span(s as u32, e as u32)
+                }
+                FieldKind::Enum(symbols) => {
+                    let i = c.long(field)?;
+                    if i < 0 || i as usize >= symbols.len() {
+                        return Err(DecodeError::Malformed { field, what: "enum index out of range" });
+                    }
+                    Val::Enum(i as u32)
+                }
+                FieldKind::StrArray => {
+                    let first = scratch.items.len() as u32;
+                    loop {
+                        let mut n = c.long(field)?;
+                        if n == 0 {
+                            break;
+                        }
+                        if n < 0 {
+                            n = n.checked_neg().ok_or(DecodeError::Malformed { field, what: "bad block count" })?;
+                            c.long(field)?; // block size in bytes, not needed
+                        }
+                        if n as usize > payload.len() {
+                            return Err(DecodeError::Malformed { field, what: "array block longer than the payload" });
+                        }
+                        for _ in 0..n {
+                            let (s, e) = c.span(field)?;
+                            utf8(&payload[s..e], field)?;
+                            scratch.items.push((s as u32, e as u32));
+                        }
+                    }
+                    Val::List(first, scratch.items.len() as u32 - first)
+                }
+            };
+            scratch.vals.push(v);
+        }
+        if c.pos != payload.len() {
+            return Err(DecodeError::Trailing(payload.len() - c.pos));
+        }
+        Ok(payload)
+    }
+}
+
+fn utf8<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
+    std::str::from_utf8(b).map_err(|_| DecodeError::Malformed { field, what: "string is not UTF-8" })
+}
+
+/// A cursor over an Avro payload.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    #[inline]
+    fn byte(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.pos).ok_or(DecodeError::Malformed { field, what: "payload ends early" })?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// Zig-zag varint (Avro `int` and `long`).
+    #[inline]
+    fn long(&mut self, field: &'static str) -> Result<i64, DecodeError> {
+        let mut v: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let b = self.byte(field)?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(DecodeError::Malformed { field, what: "varint longer than 10 bytes" });
+            }
+        }
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+
+    #[inline]
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let end = self.pos + N;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Malformed { field, what: "payload ends early" })?;
+        self.pos = end;
+        Ok(s.try_into().expect("slice of length N"))
+    }
+
+    /// A length-prefixed byte span: (start, end) into the payload.
+    #[inline]
+    fn span(&mut self, field: &'static str) -> Result<(usize, usize), DecodeError> {
+        let n = self.long(field)?;
+        if n < 0 || (n as usize) > self.buf.len() - self.pos {
+            return Err(DecodeError::Malformed { field, what: "length out of range" });
+        }
+        let s = self.pos;
+        self.pos += n as usize;
+        Ok((s, self.pos))
+    }
+}
+
+/// One decoded field value; strings and bytes are spans into the payload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Val {
+    Null,
+    Bool(bool),
+    Long(i64),
+    Double(f64),
+    Span(u32, u32),
+    Enum(u32),
+    /// (first item index, item count) into [`Scratch::items`].
+    List(u32, u32),
+}
+
+/// Reusable decode output: one [`Val`] per field (no allocation per message once warm).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    vals: Vec<Val>,
+    items: Vec<(u32, u32)>,
+}
+
+/// A decoded record: the scratch plus the payload its spans point into.
+#[derive(Clone, Copy)]
+pub struct Decoded<'a> {
+    /// The plan it was decoded with.
+    pub plan: &'a RecordPlan,
+    /// The Avro payload (without the Confluent header).
+    pub payload: &'a [u8],
+    /// The decoded values.
+    pub scratch: &'a Scratch,
+}
+
+impl<'a> Decoded<'a> {
+    /// The value of field `i`.
+    pub fn val(&self, i: usize) -> Val {
+        self.scratch.vals[i]
+    }
+
+    /// Field `i` as text (strings and enum symbols); `None` when null.
+    pub fn str(&self, i: usize) -> Option<&'a str> {
+        match self.scratch.vals[i] {
+            Val::Span(s, e) => std::str::from_utf8(&self.payload[s as usize..e as usize]).ok(),
+            Val::Enum(k) => match &self.plan.fields[i].kind {
+                FieldKind::Enum(sym) => Some(sym[k as usize].as_str()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Field `i` as a long; `None` when null.
+    pub fn long(&self, i: usize) -> Option<i64> {
+        match self.scratch.vals[i] {
+            Val::Long(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Field `i` as a double; `None` when null.
+    pub fn double(&self, i: usize) -> Option<f64> {
+        match self.scratch.vals[i] {
+            Val::Double(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Items of a string-array field.
+    pub fn items(&self, i: usize) -> impl Iterator<Item = &'a str> + 'a {
+        let (first, n) = match self.scratch.vals[i] {
+            Val::List(f, n) => (f as usize, n as usize),
+            _ => (0, 0),
+        };
+        let payload = self.payload;
+        self.scratch.items[first..first + n]
+            .iter()
+            .map(move |&(s, e)| std::str::from_utf8(&payload[s as usize..e as usize]).unwrap_or_default())
+    }
+}
+
+/// A column builder for one [`FieldKind`].
+enum Col {
+    Bool(BooleanBuilder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Str(StringBuilder),
+    Bin(BinaryBuilder),
+    Ts(TimestampMicrosecondBuilder),
+    List(ListBuilder<StringBuilder>),
+}
+
+impl Col {
+    fn new(kind: &FieldKind, cap: usize) -> Self {
+        match kind {
+            FieldKind::Bool => Col::Bool(BooleanBuilder::with_capacity(cap)),
+            FieldKind::Int => Col::I32(Int32Builder::with_capacity(cap)),
+            FieldKind::Long => Col::I64(Int64Builder::with_capacity(cap)),
+            FieldKind::Float => Col::F32(Float32Builder::with_capacity(cap)),
+            FieldKind::Double => Col::F64(Float64Builder::with_capacity(cap)),
+            FieldKind::Str | FieldKind::Enum(_) => Col::Str(StringBuilder::with_capacity(cap, cap * 16)),
+            FieldKind::Bytes => Col::Bin(BinaryBuilder::with_capacity(cap, cap * 16)),
+            FieldKind::TimestampMicros => Col::Ts(TimestampMicrosecondBuilder::with_capacity(cap).with_timezone(UTC)),
+            FieldKind::StrArray => Col::List(ListBuilder::with_capacity(StringBuilder::new(), cap).with_field(list_item())),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Col::Bool(b) => Arc::new(b.finish()),
+            Col::I32(b) => Arc::new(b.finish()),
+            Col::I64(b) => Arc::new(b.finish()),
+            Col::F32(b) => Arc::new(b.finish()),
+            Col::F64(b) => Arc::new(b.finish()),
+            Col::Str(b) => Arc::new(b.finish()),
+            Col::Bin(b) => Arc::new(b.finish()),
+            Col::Ts(b) => Arc::new(b.finish()),
+            Col::List(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// The table layout rows are built for: the record's fields, then Kafka coordinates, then
+/// (optionally) an `event_date` partition column derived from a timestamp field.
+#[derive(Debug)]
+pub struct Layout {
+    /// The record plan.
+    pub plan: RecordPlan,
+    /// Field index of the timestamp the `event_date` column is derived from, if any.
+    pub date_from: Option<usize>,
+    /// The Arrow schema of the rows.
+    pub schema: SchemaRef,
+}
+
+/// Names of the Kafka coordinate columns that follow the record's fields.
+pub const KAFKA_COLUMNS: [&str; 4] = ["kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp"];
+/// Name of the date partition column.
+pub const EVENT_DATE: &str = "event_date";
+
+impl Layout {
+    /// Record fields + Kafka coordinates (+ `event_date` from field `date_from`).
+    pub fn new(plan: RecordPlan, date_from: Option<&str>) -> Self {
+        let date_from = date_from.map(|n| plan.index(n).expect("date source field exists in the schema"));
+        let mut fields = plan.arrow_fields();
+        fields.extend(kafka_fields());
+        if date_from.is_some() {
+            fields.push(Field::new(EVENT_DATE, DataType::Date32, false));
+        }
+        let schema = Arc::new(ArrowSchema::new(fields));
+        Self { plan, date_from, schema }
+    }
+}
+
+/// The Kafka coordinate fields (topic, partition, offset, message timestamp).
+pub fn kafka_fields() -> [Field; 4] {
+    [
+        Field::new(KAFKA_COLUMNS[0], DataType::Utf8, false),
+        Field::new(KAFKA_COLUMNS[1], DataType::Int32, false),
+        Field::new(KAFKA_COLUMNS[2], DataType::Int64, false),
+        Field::new(KAFKA_COLUMNS[3], timestamp_type(), true),
+    ]
+}
+
+/// Days since the Unix epoch of a UTC microsecond timestamp.
+pub fn epoch_day(micros: i64) -> i32 {
+    micros.div_euclid(86_400_000_000) as i32
+}
+
+/// Arrow builders for the rows of one Kafka partition.
+pub struct ArrowRows {
+    layout: Arc<Layout>,
+    cols: Vec<Col>,
+    offsets: Int64Builder,
+    timestamps: TimestampMicrosecondBuilder,
+    dates: Date32Builder,
+    len: usize,
+}
+
+impl ArrowRows {
+    /// Empty builders with room for `cap` rows.
+    pub fn new(layout: Arc<Layout>, cap: usize) -> Self {
+        let cols = layout.plan.fields.iter().map(|f| Col::new(&f.kind, cap)).collect();
+        Self {
+            layout,
+            cols,
+            offsets: Int64Builder::with_capacity(cap),
+            timestamps: TimestampMicrosecondBuilder::with_capacity(cap).with_timezone(UTC),
+            dates: Date32Builder::with_capacity(cap),
+            len: 0,
+        }
+    }
+
+    /// Rows appended so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No rows yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a decoded record with its Kafka offset and message timestamp (µs).
+    pub fn append(&mut self, d: &Decoded<'_>, offset: i64, timestamp: Option<i64>) {
+        for (i, col) in self.cols.iter_mut().enumerate() {
+            let v = d.val(i);
+            match (col, v) {
+                (Col::Bool(b), Val::Bool(x)) => b.append_value(x),
+                (Col::I32(b), Val::Long(x)) => b.append_value(x as i32),
+                (Col::I64(b), Val::Long(x)) => b.append_value(x),
+                (Col::Ts(b), Val::Long(x)) => b.append_value(x),
+                (Col::F32(b), Val::Double(x)) => b.append_value(x as f32),
+                (Col::F64(b), Val::Double(x)) => b.append_value(x),
+                (Col::Str(b), Val::Span(..) | Val::Enum(_)) => b.append_value(d.str(i).unwrap_or_default()),
+                (Col::Bin(b), Val::Span(s, e)) => b.append_value(&d.payload[s as usize..e as usize]),
+                (Col::List(b), Val::List(..)) => {
+                    for item in d.items(i) {
+                        b.values().append_value(item);
+                    }
+                    b.append(true);
+                }
+                (Col::Bool(b), _) => b.append_null(),
+                (Col::I32(b), _) => b.append_null(),
+                (Col::I64(b), _) => b.append_null(),
+                (Col::Ts(b), _) => b.append_null(),
+                (Col::F32(b), _) => b.append_null(),
+                (Col::F64(b), _) => b.append_null(),
+                (Col::Str(b), _) => b.append_null(),
+                (Col::Bin(b), _) => b.append_null(),
+                (Col::List(b), _) => b.append(false),
+            }
+        }
+        self.offsets.append_value(offset);
+        self.timestamps.append_option(timestamp);
+        if let Some(i) = self.layout.date_from {
+            self.dates.append_value(epoch_day(d.long(i).unwrap_or_default()));
+        }
+        self.len += 1;
+    }
+
+    /// Finishes the rows of `topic`/`partition` into a batch (the builders are left empty).
+    ///
+    /// # Errors
+    /// Only if the layout and builders disagree (a bug).
+    pub fn finish(&mut self, topic: &str, partition: i32) -> Result<RecordBatch, ArrowError> {
+        let n = self.len;
+        let mut arrays: Vec<ArrayRef> = self.cols.iter_mut().map(Col::finish).collect();
+        arrays.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(topic, n))));
+        arrays.push(Arc::new(Int32Array::from(vec![partition; n])));
+        arrays.push(Arc::new(self.offsets.finish()));
+        arrays.push(Arc::new(self.timestamps.finish()));
+        if self.layout.date_from.is_some() {
+            arrays.push(Arc::new(self.dates.finish()));
+        }
+        self.len = 0;
+        RecordBatch::try_new(self.layout.schema.clone(), arrays)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use crate::events::{PositionEvent, Route, Source};
+
+    pub(crate) fn sample(i: i64) -> PositionEvent {
+        PositionEvent {
+            event_id: format!("e{i}"),
+            session_id: "s".into(),
+            sequence: i,
+            account: "DU1".into(),
+            con_id: 1000 + i,
+            symbol: "SPY".into(),
+            sec_type: "OPT".into(),
+            expiry: if i % 2 == 0 { Some("20261218".into()) } else { None },
+            strike: Some(600.5),
+            right: Some("C".into()),
+            multiplier: Some("100".into()),
+            exchange: "SMART".into(),
+            currency: "USD".into(),
+            local_symbol: "SPY 261218C600".into(),
+            trading_class: "SPY".into(),
+            position: -2.5 * i as f64,
+            avg_cost: 123.25,
+            daily_pnl: None,
+            unrealized_pnl: Some(-1.0),
+            realized_pnl: None,
+            market_value: Some(7.0),
+            route: Route::Queued,
+            source: Source::Poll,
+            strategies: (0..i % 3).map(|k| format!("st{k}")).collect(),
+            ib_time: 1_764_111_111_000_000 + i,
+            ingest_time: 1_764_111_111_000_100 + i,
+        }
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::sample;
+    use super::*;
+    use crate::events::{RegistryAction, RegistryEvent};
+    use crate::schema;
+    use deltalake::arrow::array::{Array, AsArray};
+    use deltalake::arrow::datatypes::{Float64Type, Int64Type};
+
+    fn position_layout() -> Arc<Layout> {
+        let plan = RecordPlan::from_schema(schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID).unwrap();
+        Arc::new(Layout::new(plan, Some("ingest_time")))
+    }
+
+    #[test]
+    fn decodes_what_apache_avro_encodes() {
+        let layout = position_layout();
+        let mut rows = ArrowRows::new(layout.clone(), 4);
+        let mut scratch = Scratch::default();
+        let events: Vec<_> = (0..5).map(sample).collect();
+        for (k, e) in events.iter().enumerate() {
+            let bytes = e.encode().unwrap();
+            let payload = layout.plan.decode(&bytes, &mut scratch).unwrap();
+            let d = Decoded { plan: &layout.plan, payload, scratch: &scratch };
+            rows.append(&d, 100 + k as i64, Some(5));
+        }
+        let b = rows.finish("t", 3).unwrap();
+        assert_eq!(b.num_rows(), 5);
+        let col = |n: &str| b.column(b.schema().index_of(n).unwrap()).clone();
+        assert_eq!(col("con_id").as_primitive::<Int64Type>().value(4), 1004);
+        assert_eq!(col("position").as_primitive::<Float64Type>().value(2), -5.0);
+        assert!(col("expiry").is_null(1));
+        assert_eq!(col("expiry").as_string::<i32>().value(0), "20261218");
+        assert_eq!(col("route").as_string::<i32>().value(0), "QUEUED");
+        assert_eq!(col("source").as_string::<i32>().value(0), "POLL");
+        let st = col("strategies");
+        let st = st.as_list::<i32>();
+        assert_eq!(st.value(2).len(), 2);
+        assert_eq!(st.value(2).as_string::<i32>().value(1), "st1");
+        assert_eq!(col("kafka_offset").as_primitive::<Int64Type>().value(4), 104);
+        assert_eq!(col("kafka_topic").as_string::<i32>().value(4), "t");
+        assert_eq!(col(EVENT_DATE).as_primitive::<deltalake::arrow::datatypes::Date32Type>().value(0), 20417);
+    }
+
+    #[test]
+    fn rejects_garbage_without_appending() {
+        let layout = position_layout();
+        let mut scratch = Scratch::default();
+        let good = sample(1).encode().unwrap();
+        assert!(layout.plan.decode(b"", &mut scratch).is_err());
+        assert!(layout.plan.decode(b"{\"a\":1}", &mut scratch).is_err());
+        for cut in [6, 20, good.len() - 1] {
+            assert!(layout.plan.decode(&good[..cut], &mut scratch).is_err(), "cut at {cut}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(matches!(layout.plan.decode(&long, &mut scratch), Err(DecodeError::Trailing(1))));
+        let reg = RegistryEvent {
+            event_id: "r".into(),
+            strategy: "s".into(),
+            account: None,
+            con_id: 1,
+            action: RegistryAction::Activate,
+            priority: 1,
+            time: 1,
+            actor: "a".into(),
+        };
+        assert!(matches!(layout.plan.decode(&reg.encode().unwrap(), &mut scratch), Err(DecodeError::Frame(_))));
+        // random bytes with a valid header never panic
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..2000 {
+            let mut v = vec![0u8, 0, 0, 0, 1];
+            for _ in 0..(x % 300) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.push(x as u8);
+            }
+            let _ = layout.plan.decode(&v, &mut scratch);
+        }
+    }
+
+    #[test]
+    fn registry_plan_handles_nullable_account() {
+        let plan = RecordPlan::from_schema(schema::registry_event(), schema::REGISTRY_EVENT_SCHEMA_ID).unwrap();
+        let mut scratch = Scratch::default();
+        let e = RegistryEvent {
+            event_id: "r".into(),
+            strategy: "wheel".into(),
+            account: None,
+            con_id: 9,
+            action: RegistryAction::Deactivate,
+            priority: -3,
+            time: 77,
+            actor: "me".into(),
+        };
+        let bytes = e.encode().unwrap();
+        let payload = plan.decode(&bytes, &mut scratch).unwrap();
+        let d = Decoded { plan: &plan, payload, scratch: &scratch };
+        assert_eq!(d.str(plan.index("account").unwrap()), None);
+        assert_eq!(d.str(plan.index("action").unwrap()), Some("DEACTIVATE"));
+        assert_eq!(d.long(plan.index("priority").unwrap()), Some(-3));
+    }
+}

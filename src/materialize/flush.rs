@@ -1,0 +1,306 @@
+//! One flush: the frozen buffers become Delta commits, table by table, exactly once.
+//!
+//! Order per flush: dead letters (topic, then table), `position_events`, `positions_current`,
+//! `position_queue`, `strategy_registry`. Each commit holds, for every Kafka partition in the
+//! flush that the table has not seen up to the flush's last offset, the rows above the
+//! table's stored version and a txn action with that last offset. Dead letters go first so that
+//! any offset the position tables hold has had its dead letters written (the restart position
+//! ignores `dead_letters`; replayed poison is then dropped by its own txn version).
+//!
+//! A commit conflict (another member, or `possync maintain`) reloads the table, merges its
+//! rows (upsert tables), re-filters by the new txn versions and tries again.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+use deltalake::arrow::array::{AsArray, RecordBatch};
+use deltalake::arrow::datatypes::Int64Type;
+use deltalake::kernel::Action;
+use rdkafka::producer::FutureProducer;
+
+use super::buffer::{FrozenPartition, Role};
+use super::deadletter::{self, DeadLetter};
+use super::offsets::{app_id, tables_of};
+use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
+use super::upsert::{self, CurrentState, QueueState, RegistryState};
+use super::MaterializeError;
+use crate::kafka::Topics;
+
+/// Attempts per table and flush before giving up (each attempt follows a concurrent commit).
+const MAX_ATTEMPTS: usize = 100;
+
+/// Open tables plus the in-memory state of the upsert tables.
+pub struct Pipeline {
+    /// Every table, open.
+    pub tables: HashMap<TableKind, Table>,
+    /// Offset namespace (cluster id) of the txn app ids.
+    pub namespace: String,
+    /// Topic names.
+    pub topics: Topics,
+    /// Checkpoint every N commits.
+    pub checkpoint_every: u64,
+    current: CurrentState,
+    queue: QueueState,
+    registry: RegistryState,
+    dlq: FutureProducer,
+}
+
+/// What a flush committed: restart position per (topic, partition) it touched.
+pub type Positions = Vec<(String, i32, i64)>;
+
+impl Pipeline {
+    /// Opens (creating if needed) every table under `base` and loads the upsert states.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub async fn open(base: &str, namespace: String, topics: Topics, checkpoint_every: u64, dlq: FutureProducer) -> Result<Self, MaterializeError> {
+        let mut tables = HashMap::new();
+        for kind in TableKind::ALL {
+            tables.insert(kind, Table::open(base, kind).await?);
+        }
+        let mut p = Self {
+            tables,
+            namespace,
+            topics,
+            checkpoint_every,
+            current: CurrentState::default(),
+            queue: QueueState::new(),
+            registry: RegistryState::new(),
+            dlq,
+        };
+        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue, TableKind::StrategyRegistry] {
+            p.absorb(kind).await?;
+        }
+        Ok(p)
+    }
+
+    fn table(&mut self, kind: TableKind) -> &mut Table {
+        self.tables.get_mut(&kind).expect("every table is open")
+    }
+
+    /// Merges the rows of an upsert table (as of its loaded snapshot) into our state.
+    async fn absorb(&mut self, kind: TableKind) -> Result<(), MaterializeError> {
+        let rows = self.table(kind).read_all().await?;
+        match kind {
+            TableKind::PositionsCurrent => {
+                if let Some(s) = self.current.merge(&rows).map_err(arrow(kind))? {
+                    self.current = s;
+                }
+            }
+            TableKind::PositionQueue => {
+                let other = upsert::queue_from_batches(&rows).map_err(arrow(kind))?;
+                upsert::join_queue(&mut self.queue, other);
+            }
+            TableKind::StrategyRegistry => {
+                let other = upsert::registry_from_batches(&rows).map_err(arrow(kind))?;
+                upsert::join_registry(&mut self.registry, other);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Rows of `part` the table does not hold yet, and the txn to record (`None`: all held).
+    async fn unseen(&mut self, kind: TableKind, part: &FrozenPartition) -> Result<Option<(RecordBatch, (String, i64))>, MaterializeError> {
+        let id = app_id(&self.namespace, &part.topic, part.partition);
+        let stored = self.table(kind).txn_version(&id).await?.unwrap_or(-1);
+        if stored >= part.last_offset {
+            return Ok(None);
+        }
+        let offsets = part.rows.column_by_name("kafka_offset").expect("kafka_offset column").as_primitive::<Int64Type>();
+        let start = offsets.values().partition_point(|o| *o <= stored);
+        Ok(Some((part.rows.slice(start, part.rows.num_rows() - start), (id, part.last_offset))))
+    }
+
+    /// Commits a flush; returns the restart positions of its partitions.
+    ///
+    /// # Errors
+    /// Table, Kafka (dead-letter topic) errors; [`MaterializeError::Contention`] after
+    /// [`MAX_ATTEMPTS`] conflicts in a row.
+    pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<Positions, MaterializeError> {
+        self.commit_dead_letters(parts).await?;
+        let positions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role != Role::Registry).collect();
+        let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
+        if !positions.is_empty() {
+            self.commit_events(&positions).await?;
+            for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+                self.commit_upsert(kind, &positions).await?;
+            }
+        }
+        if !registry.is_empty() {
+            self.commit_upsert(TableKind::StrategyRegistry, &registry).await?;
+        }
+        let mut out = Vec::with_capacity(parts.len());
+        for p in parts {
+            out.push((p.topic.to_string(), p.partition, self.restart_position(&p.topic, p.partition).await?));
+        }
+        Ok(out)
+    }
+
+    /// Min over the topic's tables of (stored version + 1).
+    pub async fn restart_position(&mut self, topic: &str, partition: i32) -> Result<i64, MaterializeError> {
+        let id = app_id(&self.namespace, topic, partition);
+        let mut next = i64::MAX;
+        for kind in tables_of(&self.topics, topic) {
+            let v = self.table(*kind).txn_version(&id).await?;
+            next = next.min(v.map_or(0, |v| v + 1));
+        }
+        Ok(next)
+    }
+
+    async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
+        if attempt + 1 >= MAX_ATTEMPTS {
+            return Err(MaterializeError::Contention { table: kind.name(), attempts: MAX_ATTEMPTS });
+        }
+        tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
+        self.table(kind).refresh().await?;
+        if !kind.append_only() {
+            self.absorb(kind).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_dead_letters(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::DeadLetters;
+        let mut produced: std::collections::HashSet<(String, i32, i64)> = Default::default();
+        for attempt in 0.. {
+            let mut letters: Vec<&DeadLetter> = Vec::new();
+            let mut txns = Vec::new();
+            for p in parts.iter().filter(|p| !p.dead.is_empty()) {
+                let id = app_id(&self.namespace, &p.topic, p.partition);
+                let stored = self.table(kind).txn_version(&id).await?.unwrap_or(-1);
+                let fresh: Vec<&DeadLetter> = p.dead.iter().filter(|d| d.offset > stored).collect();
+                if !fresh.is_empty() {
+                    letters.extend(fresh);
+                    txns.push((id, p.last_offset));
+                }
+            }
+            if letters.is_empty() {
+                return Ok(());
+            }
+            let to_send: Vec<&DeadLetter> =
+                letters.iter().copied().filter(|d| !produced.contains(&(d.topic.to_string(), d.partition, d.offset))).collect();
+            deadletter::produce(&self.dlq, &self.topics.deadletter, &to_send).await?;
+            produced.extend(to_send.iter().map(|d| (d.topic.to_string(), d.partition, d.offset)));
+            let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
+            let adds = self.table(kind).write_files(&[batch]).await?;
+            let actions = adds.into_iter().map(Action::Add).collect();
+            let every = self.checkpoint_every;
+            match self.table(kind).commit(actions, &txns, append_operation(kind), every).await {
+                Ok(_) => {
+                    crate::metrics::global().dead_letters.fetch_add(letters.len() as u64, Relaxed);
+                    return Ok(());
+                }
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    async fn commit_events(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::PositionEvents;
+        // Files already written for a given filtering, reused when a retry filters the same.
+        let mut written: Option<(Vec<usize>, Vec<deltalake::kernel::Add>)> = None;
+        for attempt in 0.. {
+            let mut batches = Vec::new();
+            let mut txns = Vec::new();
+            let mut shape = Vec::new();
+            let (mut active, mut queued) = (0u64, 0u64);
+            for p in parts {
+                if let Some((rows, txn)) = self.unseen(kind, p).await? {
+                    shape.push(rows.num_rows());
+                    match p.role {
+                        Role::Active => active += rows.num_rows() as u64,
+                        _ => queued += rows.num_rows() as u64,
+                    }
+                    batches.push(rows);
+                    txns.push(txn);
+                } else {
+                    shape.push(usize::MAX);
+                }
+            }
+            if txns.is_empty() {
+                return Ok(());
+            }
+            let adds = match &written {
+                Some((s, adds)) if *s == shape => adds.clone(),
+                _ => {
+                    let adds = self.table(kind).write_files(&batches).await?;
+                    written = Some((shape, adds.clone()));
+                    adds
+                }
+            };
+            let actions = adds.into_iter().map(Action::Add).collect();
+            let every = self.checkpoint_every;
+            match self.table(kind).commit(actions, &txns, append_operation(kind), every).await {
+                Ok(_) => {
+                    let m = crate::metrics::global();
+                    m.materialized_active.fetch_add(active, Relaxed);
+                    m.materialized_queued.fetch_add(queued, Relaxed);
+                    return Ok(());
+                }
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    async fn commit_upsert(&mut self, kind: TableKind, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        for attempt in 0.. {
+            let mut batches = Vec::new();
+            let mut txns = Vec::new();
+            for p in parts {
+                if let Some((rows, txn)) = self.unseen(kind, p).await? {
+                    batches.push(rows);
+                    txns.push(txn);
+                }
+            }
+            if txns.is_empty() {
+                return Ok(());
+            }
+            // The new state, as a batch, when the rows change anything.
+            enum Next {
+                Current(CurrentState),
+                Queue(QueueState),
+                Registry(RegistryState),
+            }
+            let next = match kind {
+                TableKind::PositionsCurrent => self.current.merge(&batches).map_err(arrow(kind))?.map(Next::Current),
+                TableKind::PositionQueue => upsert::fold_queue(&self.queue, &batches).map_err(arrow(kind))?.map(Next::Queue),
+                _ => upsert::fold_registry(&self.registry, &batches).map_err(arrow(kind))?.map(Next::Registry),
+            };
+            let mut actions = Vec::new();
+            if let Some(n) = &next {
+                let batch = match n {
+                    Next::Current(s) => s.batch().clone(),
+                    Next::Queue(s) => upsert::queue_batch(s).map_err(arrow(kind))?,
+                    Next::Registry(s) => upsert::registry_batch(s).map_err(arrow(kind))?,
+                };
+                let t = self.table(kind);
+                actions.extend(t.files()?.into_iter().map(|f| Action::Remove(f.remove)));
+                actions.extend(t.write_files(&[batch]).await?.into_iter().map(Action::Add));
+            }
+            let every = self.checkpoint_every;
+            match self.table(kind).commit(actions, &txns, rewrite_operation(), every).await {
+                Ok(_) => {
+                    match next {
+                        Some(Next::Current(s)) => self.current = s,
+                        Some(Next::Queue(s)) => self.queue = s,
+                        Some(Next::Registry(s)) => self.registry = s,
+                        None => {}
+                    }
+                    return Ok(());
+                }
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+}
+
+fn arrow(kind: TableKind) -> impl Fn(deltalake::arrow::error::ArrowError) -> MaterializeError {
+    move |source| MaterializeError::Table(TableError::Arrow { table: kind.name(), source })
+}

@@ -1,0 +1,134 @@
+//! Table maintenance: checkpoints (from the materializer, every N commits) and
+//! `possync maintain` (compact small files of the append-only tables, then vacuum).
+//!
+//! Safe while materialize runs: compaction reads small files itself and commits remove + add
+//! with `dataChange = false` (an `OPTIMIZE` commit) through delta-rs' conflict checker, which
+//! lets it pass concurrent appends; the materializer sees a concurrent commit, reloads and
+//! retries. The upsert tables are one file each (rewritten on every commit) and only need
+//! vacuum. Vacuum deletes only files unreferenced for longer than the retention (the tables set
+//! `delta.deletedFileRetentionDuration`: 1 day for append-only tables, 1 hour for upserts),
+//! including orphans of crashed writers, never a file a running writer is about to commit.
+
+use std::collections::BTreeMap;
+
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::Action;
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::protocol::DeltaOperation;
+
+use super::config::MaintainConfig;
+use super::tables::{FileRef, Table, TableError, TableKind};
+
+/// Writes a checkpoint at the table's version and drops log files past their retention.
+///
+/// # Errors
+/// Storage errors.
+pub async fn checkpoint(t: &Table) -> Result<(), TableError> {
+    let table = t.kind.name();
+    let err = move |source| TableError::Delta { table, source };
+    deltalake::checkpoints::create_checkpoint(&t.delta, None).await.map_err(err)?;
+    deltalake::checkpoints::cleanup_metadata(&t.delta, None).await.map_err(err)?;
+    tracing::debug!(table, version = t.version(), "checkpoint written");
+    Ok(())
+}
+
+/// What `maintain` did to one table.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MaintainReport {
+    /// Small files replaced by compaction.
+    pub files_compacted: usize,
+    /// Files written by compaction.
+    pub files_written: usize,
+    /// Files deleted by vacuum.
+    pub files_vacuumed: usize,
+}
+
+/// Compacts and vacuums every table under `cfg.table_uri`.
+///
+/// # Errors
+/// Table errors; a compaction that loses a race with another compaction is skipped, not an error.
+pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, MaintainReport>, TableError> {
+    let mut out = BTreeMap::new();
+    for kind in TableKind::ALL {
+        let mut t = Table::open(&cfg.table_uri, kind).await?;
+        let mut report = MaintainReport::default();
+        if cfg.compact && kind.append_only() {
+            let (removed, written) = compact(&mut t, cfg.compact_below, cfg.compact_target).await?;
+            report.files_compacted = removed;
+            report.files_written = written;
+        }
+        if cfg.vacuum {
+            t.refresh().await?;
+            let mut v = t.delta.clone().vacuum().with_mode(VacuumMode::Full);
+            if let Some(r) = cfg.vacuum_retention {
+                let r = chrono::Duration::from_std(r).unwrap_or(chrono::Duration::MAX);
+                v = v.with_retention_period(r).with_enforce_retention_duration(false);
+            }
+            let table = kind.name();
+            let (_, metrics) = v.await.map_err(|source| TableError::Delta { table, source })?;
+            report.files_vacuumed = metrics.files_deleted.len();
+        }
+        tracing::info!(table = kind.name(), ?report, "maintained");
+        out.insert(kind.name(), report);
+    }
+    Ok(out)
+}
+
+/// Rewrites the small files of each partition into files of about `target` bytes.
+/// Returns (files removed, files written).
+async fn compact(t: &mut Table, below: u64, target: u64) -> Result<(usize, usize), TableError> {
+    let mut groups: BTreeMap<Vec<(String, Option<String>)>, Vec<FileRef>> = BTreeMap::new();
+    for f in t.files()? {
+        if (f.size as u64) < below {
+            let mut key: Vec<_> = f.partition_values.clone().into_iter().collect();
+            key.sort();
+            groups.entry(key).or_default().push(f);
+        }
+    }
+    let (mut removed, mut written) = (0, 0);
+    for (_, files) in groups {
+        // Bins of about `target` bytes (input sizes are compressed, like the output).
+        let mut bins: Vec<Vec<FileRef>> = vec![vec![]];
+        let mut size = 0u64;
+        for f in files {
+            if size + f.size as u64 > target && !bins.last().expect("one bin").is_empty() {
+                bins.push(vec![]);
+                size = 0;
+            }
+            size += f.size as u64;
+            bins.last_mut().expect("one bin").push(f);
+        }
+        for bin in bins.into_iter().filter(|b| b.len() > 1) {
+            let batches = t.read(&bin).await?;
+            let adds = t.write_files(&batches).await?;
+            let n_adds = adds.len();
+            let mut actions: Vec<Action> = bin
+                .iter()
+                .map(|f| {
+                    let mut r = f.remove.clone();
+                    r.data_change = false;
+                    Action::Remove(r)
+                })
+                .collect();
+            actions.extend(adds.into_iter().map(|mut a| {
+                a.data_change = false;
+                Action::Add(a)
+            }));
+            let op = DeltaOperation::Optimize { predicate: None, target_size: target as i64 };
+            let snapshot = t.delta.snapshot().map_err(|source| TableError::Delta { table: t.kind.name(), source })?;
+            let result = CommitBuilder::from(CommitProperties::default().with_max_retries(50).with_create_checkpoint(false))
+                .with_actions(actions)
+                .build(Some(snapshot), t.delta.log_store(), op)
+                .await;
+            match result {
+                Ok(_) => {
+                    removed += bin.len();
+                    written += n_adds;
+                }
+                Err(e) => tracing::warn!(table = t.kind.name(), error = %e, "compaction commit lost a race; skipped"),
+            }
+            t.refresh().await?;
+        }
+    }
+    Ok((removed, written))
+}

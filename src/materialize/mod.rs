@@ -1,0 +1,267 @@
+//! `possync materialize`: Kafka topics into Delta tables, exactly once.
+//!
+//! A consumer group reads `positions.active`, `positions.queued` and `registry`, decodes Avro
+//! straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and flushes on count,
+//! bytes or latency (1 s by default; idle topics flush too) into five tables ([`tables`]):
+//! `position_events` (append-only, partitioned by `event_date`), `positions_current`,
+//! `position_queue`, `strategy_registry` (upserts, [`upsert`]) and `dead_letters`
+//! ([`deadletter`]).
+//!
+//! Exactly once, the kafka-delta-ingest way: auto-commit is off; every Delta commit carries a
+//! txn action per Kafka partition it contains (version = last offset) in the same commit as
+//! the data ([`offsets`]); on assignment the consumer starts at the stored version + 1
+//! ([`consumer`]); before every commit the rows a table already holds are dropped, and a
+//! concurrent commit (another member, `possync maintain`) means reload and retry ([`flush`]).
+//! Kafka's own committed offsets are written after each flush for lag monitoring only.
+//! An offset the broker no longer has is a loud error ([`MaterializeError::OffsetOutOfRange`]),
+//! never a silent skip.
+//!
+//! Rebalances: revoked partitions' buffers are dropped (nothing of them was committed);
+//! shutdown (the token) flushes and commits what is buffered. Maintenance: a checkpoint every
+//! N commits per table, and `possync maintain` ([`maintain`]) for compaction and vacuum.
+
+pub mod bench;
+pub mod buffer;
+pub mod config;
+pub mod consumer;
+pub mod deadletter;
+pub mod decode;
+pub mod flush;
+pub mod maintain;
+pub mod offsets;
+pub mod tables;
+pub mod upsert;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{MaintainArgs, MaintainConfig, MaterializeArgs, MaterializeConfig, TableArgs};
+pub use offsets::{lag, namespace, wait_caught_up};
+pub use tables::{read_table, TableKind};
+
+use buffer::{Buffers, Incoming, Role};
+use consumer::{Check, Ctx, Cursor, RebalanceEvent};
+use flush::Pipeline;
+
+use crate::kafka::{KafkaConfig, KafkaError};
+
+/// Errors of the materializer.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    /// Kafka client trouble.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// Delta table trouble.
+    #[error(transparent)]
+    Table(#[from] tables::TableError),
+    /// Offsets were lost before we read them: retention (or the embedded broker's ~5 MiB per
+    /// partition) removed them. The tables are consistent but miss those events.
+    #[error("offsets of {topic}/{partition} from {expected} are gone (log starts at {log_start}): events were lost before materialize read them; raise retention or keep materialize running")]
+    OffsetOutOfRange { topic: String, partition: i32, expected: i64, log_start: i64 },
+    /// The consumer reported that its position is out of range.
+    #[error("consumer position out of range ({0}): events were lost before materialize read them")]
+    OutOfRange(String),
+    /// Too many commit conflicts in a row.
+    #[error("table {table}: {attempts} commit conflicts in a row; too many writers?")]
+    Contention { table: &'static str, attempts: usize },
+    /// A deadline passed.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A background task failed.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the materializer until `shutdown` is cancelled, then flushes and commits what it holds.
+///
+/// # Errors
+/// [`MaterializeError`] on Kafka, Delta, lost offsets; the tables stay consistent (a restart
+/// resumes exactly).
+pub async fn run(cfg: MaterializeConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<(), MaterializeError> {
+    let ns = namespace(&kafka, cfg.offsets_namespace.as_deref()).await?;
+    tracing::info!(tables = %cfg.table_uri, group = %cfg.group, namespace = %ns, "materialize starting");
+    let mut m = Materializer::open(cfg, kafka, ns).await?;
+    let result = m.run(&shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "materialize stopped");
+    }
+    result
+}
+
+struct Materializer {
+    cfg: MaterializeConfig,
+    consumer: StreamConsumer<Ctx>,
+    pipeline: Pipeline,
+    buffers: Buffers,
+    cursors: HashMap<(Role, i32), Cursor>,
+    roles: [(String, Role); 3],
+}
+
+impl Materializer {
+    async fn open(cfg: MaterializeConfig, kafka: KafkaConfig, ns: String) -> Result<Self, MaterializeError> {
+        let t = kafka.topics.clone();
+        let dlq: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create dead-letter producer"))?;
+        let mut pipeline = Pipeline::open(&cfg.table_uri, ns, t.clone(), cfg.checkpoint_every, dlq).await?;
+        let mut cc = kafka.consumer(&cfg.group);
+        cc.set("auto.offset.reset", "error");
+        let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx::default()).map_err(KafkaError::client("create consumer"))?;
+        // Restart positions of every partition, so the rebalance callback can start exactly.
+        let parts = offsets::partitions_of(&consumer, &[&t.active, &t.queued, &t.registry], Duration::from_secs(30))?;
+        for (topic, p) in parts.iter().filter(|_| !cfg.replay_from_beginning) {
+            let next = pipeline.restart_position(topic, *p).await?;
+            consumer.context().set_position(topic, *p, next);
+        }
+        consumer
+            .subscribe(&[&t.active, &t.queued, &t.registry])
+            .map_err(KafkaError::client("subscribe"))?;
+        let roles = [(t.active.clone(), Role::Active), (t.queued.clone(), Role::Queued), (t.registry.clone(), Role::Registry)];
+        Ok(Self { cfg, consumer, pipeline, buffers: Buffers::default(), cursors: HashMap::new(), roles })
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), MaterializeError> {
+        loop {
+            let deadline = self.buffers.deadline(self.cfg.flush_latency).map(tokio::time::Instant::from_std);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = sleep_until(deadline) => self.flush().await?,
+                msg = self.consumer.recv() => {
+                    handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles);
+                    match msg {
+                        Ok(m) => take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?,
+                        Err(e) => consumer_error(e)?,
+                    }
+                    if self.buffers.messages() >= self.cfg.flush_events || self.buffers.bytes() >= self.cfg.flush_bytes {
+                        self.flush().await?;
+                    }
+                }
+            }
+        }
+        tracing::info!(buffered = self.buffers.messages(), "shutdown: committing what is buffered");
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), MaterializeError> {
+        handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles);
+        let parts = self.buffers.freeze().map_err(|source| tables::TableError::Arrow { table: "buffers", source })?;
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let positions = self.pipeline.commit(&parts).await?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p, next) in &positions {
+            if !self.cfg.replay_from_beginning {
+                self.consumer.context().set_position(topic, *p, *next);
+            }
+        }
+        for part in &parts {
+            let _ = tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(part.last_offset + 1));
+        }
+        // Kafka's committed offsets are for lag monitoring only; Delta is the truth.
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "committing offsets to Kafka (monitoring only) failed");
+        }
+        let rows: usize = parts.iter().map(|p| p.rows.num_rows()).sum();
+        tracing::debug!(rows, partitions = parts.len(), took_ms = started.elapsed().as_millis() as u64, "flushed");
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn role_of(roles: &[(String, Role); 3], topic: &str) -> Option<Role> {
+    roles.iter().find(|(t, _)| t == topic).map(|(_, r)| *r)
+}
+
+fn handle_rebalance(
+    consumer: &StreamConsumer<Ctx>,
+    cursors: &mut HashMap<(Role, i32), Cursor>,
+    buffers: &mut Buffers,
+    roles: &[(String, Role); 3],
+) {
+    for ev in consumer.context().take_events() {
+        match ev {
+            RebalanceEvent::Assigned(parts) => {
+                for (t, p, start) in parts {
+                    if let Some(r) = role_of(roles, &t) {
+                        buffers.drop_partition(r, p);
+                        cursors.insert((r, p), Cursor { next: start });
+                    }
+                }
+            }
+            RebalanceEvent::Revoked(parts) => {
+                for (t, p) in parts {
+                    if let Some(r) = role_of(roles, &t) {
+                        buffers.drop_partition(r, p);
+                        cursors.remove(&(r, p));
+                    }
+                }
+            }
+            RebalanceEvent::Failed(why) => {
+                tracing::warn!(%why, "rebalance failed; dropping all buffers");
+                for ((r, p), _) in cursors.drain() {
+                    buffers.drop_partition(r, p);
+                }
+            }
+        }
+    }
+}
+
+fn take(
+    consumer: &StreamConsumer<Ctx>,
+    buffers: &mut Buffers,
+    cursors: &mut HashMap<(Role, i32), Cursor>,
+    roles: &[(String, Role); 3],
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<(), MaterializeError> {
+    let Some(role) = role_of(roles, m.topic()) else { return Ok(()) };
+    let (partition, offset) = (m.partition(), m.offset());
+    let cursor = cursors.entry((role, partition)).or_insert(Cursor { next: None });
+    match cursor.check(offset) {
+        Check::Take => {}
+        Check::Skip => return Ok(()),
+        Check::Gap { expected } => {
+            let (low, _) = consumer
+                .fetch_watermarks(m.topic(), partition, Duration::from_secs(10))
+                .map_err(KafkaError::client(format!("watermarks of {}/{partition}", m.topic())))?;
+            if low > expected {
+                return Err(MaterializeError::OffsetOutOfRange { topic: m.topic().to_string(), partition, expected, log_start: low });
+            }
+            tracing::warn!(topic = m.topic(), partition, expected, got = offset, "offset gap (compaction or transaction markers)");
+        }
+    }
+    if cursor.next.is_none() && offset > 0 {
+        tracing::warn!(topic = m.topic(), partition, first = offset, "partition new to the tables starts at a non-zero offset");
+    }
+    cursor.next = Some(offset + 1);
+    let timestamp = m.timestamp().to_millis().map(|ms| ms * 1000);
+    let incoming = Incoming { role, topic: m.topic(), partition, offset, timestamp, key: m.key(), value: m.payload() };
+    if let Some(error) = buffers.push(&incoming) {
+        tracing::warn!(topic = m.topic(), partition, offset, %error, "dead letter");
+    }
+    Ok(())
+}
+
+fn consumer_error(e: RdKafkaError) -> Result<(), MaterializeError> {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => Err(MaterializeError::OutOfRange(e.to_string())),
+        _ => {
+            tracing::warn!(error = %e, "consumer error (librdkafka retries)");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Kafka offsets stored in Delta: txn app ids, the versions they hold, and catching up.
+//!
+//! Every commit carries one `txn` action per Kafka (topic, partition) it contains, with app id
+//! `possync-<namespace>-<topic>-<partition>` and version = the last offset consumed from it. The
+//! namespace is the Kafka cluster id: the embedded broker of `possync run` starts empty (offsets
+//! from 0 again) and reports a new id, so its offsets never collide with those a previous run
+//! stored in the same tables. librdkafka's mock cluster derives its id from a heap address,
+//! which is unique per process in practice but not guaranteed; `--offsets-namespace` overrides
+//! the id where that matters (or for a real cluster that was rebuilt under the same id).
+//!
+//! A table's [`TxnMap`] is exact as of the table's loaded version: entries come from the log
+//! (kernel replay, on first use of an app id), then from our own commits and from parsing the
+//! commits of others when the table is reloaded. A partition's restart position is the minimum
+//! over the tables fed by its topic of (version + 1); each table then drops what it already holds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deltalake::{DeltaResult, DeltaTable};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+
+use super::tables::{Table, TableKind};
+use super::MaterializeError;
+use crate::kafka::{KafkaConfig, KafkaError, Topics};
+
+/// The Delta txn app id of a Kafka partition.
+pub fn app_id(namespace: &str, topic: &str, partition: i32) -> String {
+    format!("possync-{namespace}-{topic}-{partition}")
+}
+
+/// The tables fed by a topic (the offsets of its partitions live in each of them).
+pub fn tables_of(topics: &Topics, topic: &str) -> &'static [TableKind] {
+    if topic == topics.registry {
+        &[TableKind::StrategyRegistry]
+    } else {
+        &[TableKind::PositionEvents, TableKind::PositionsCurrent, TableKind::PositionQueue]
+    }
+}
+
+/// Txn versions of one table, exact as of a table version.
+#[derive(Debug, Default)]
+pub struct TxnMap {
+    as_of: i64,
+    known: HashMap<String, Option<i64>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LogLine {
+    txn: Option<TxnLine>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TxnLine {
+    app_id: String,
+    version: i64,
+}
+
+impl TxnMap {
+    /// An empty map as of table version `as_of`.
+    pub fn new(as_of: i64) -> Self {
+        Self { as_of, known: HashMap::new() }
+    }
+
+    /// The version of `app_id` (`None` = never written), replaying the log on first use.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn get(&mut self, delta: &DeltaTable, app_id: &str) -> DeltaResult<Option<i64>> {
+        if let Some(v) = self.known.get(app_id) {
+            return Ok(*v);
+        }
+        let v = delta.snapshot()?.transaction_version(delta.log_store().as_ref(), app_id).await?;
+        self.known.insert(app_id.to_string(), v);
+        Ok(v)
+    }
+
+    /// Applies the txn actions of commits `as_of+1 ..= to` (made by others).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn advance(&mut self, delta: &DeltaTable, to: i64) -> DeltaResult<()> {
+        let store = delta.log_store();
+        for v in (self.as_of + 1)..=to {
+            let Some(bytes) = store.read_commit_entry(v as u64).await? else {
+                // Log cleaned up under us: forget everything; entries reload from the snapshot.
+                self.known.clear();
+                break;
+            };
+            for line in bytes.split(|b| *b == b'\n') {
+                if !line.windows(6).any(|w| w == b"\"txn\":") {
+                    continue;
+                }
+                if let Ok(LogLine { txn: Some(t) }) = serde_json::from_slice::<LogLine>(line) {
+                    self.known.insert(t.app_id, Some(t.version));
+                }
+            }
+        }
+        self.as_of = to;
+        Ok(())
+    }
+
+    /// Records our own commit `version` (made against `as_of`).
+    pub fn committed(&mut self, version: i64, txns: &[(String, i64)]) {
+        debug_assert_eq!(version, self.as_of + 1, "commits are made against the loaded snapshot");
+        for (id, v) in txns {
+            self.known.insert(id.clone(), Some(*v));
+        }
+        self.as_of = version;
+    }
+}
+
+/// Next offset to consume per (topic, partition): min over the topic's tables of version + 1
+/// (0 when a table never saw the partition).
+///
+/// # Errors
+/// Storage errors.
+pub async fn restart_positions(
+    tables: &mut HashMap<TableKind, Table>,
+    namespace: &str,
+    topics: &Topics,
+    partitions: &[(String, i32)],
+) -> Result<HashMap<(String, i32), i64>, MaterializeError> {
+    let mut out = HashMap::new();
+    for (topic, p) in partitions {
+        let id = app_id(namespace, topic, *p);
+        let mut next = i64::MAX;
+        for kind in tables_of(topics, topic) {
+            let t = tables.get_mut(kind).expect("all tables are open");
+            let v = t.txn_version(&id).await?;
+            next = next.min(v.map_or(0, |v| v + 1));
+        }
+        out.insert((topic.clone(), *p), next);
+    }
+    Ok(out)
+}
+
+/// The partitions of `topics` (from cluster metadata).
+///
+/// # Errors
+/// [`KafkaError`] when metadata cannot be fetched.
+pub fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<Vec<(String, i32)>, KafkaError> {
+    let mut out = Vec::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), timeout).map_err(KafkaError::client(format!("metadata of {t}")))?;
+        for mt in md.topics() {
+            for p in mt.partitions() {
+                out.push((mt.name().to_string(), p.id()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Offsets still to materialize: for each (topic, partition) of the input topics, the high
+/// watermark minus the committed restart position, as (total, per-partition detail).
+///
+/// # Errors
+/// Kafka or table errors.
+pub async fn lag(table_uri: &str, namespace: &str, kafka: &KafkaConfig) -> Result<(i64, Vec<(String, i32, i64)>), MaterializeError> {
+    let k = kafka.clone();
+    let watermarks = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, KafkaError> {
+        let c: BaseConsumer = k.consumer("possync-lag-probe").create().map_err(KafkaError::client("create lag probe"))?;
+        let t = &k.topics;
+        let parts = partitions_of(&c, &[&t.active, &t.queued, &t.registry], Duration::from_secs(10))?;
+        parts
+            .into_iter()
+            .map(|(topic, p)| {
+                let (_, high) = c
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .map_err(KafkaError::client(format!("watermarks of {topic}/{p}")))?;
+                Ok((topic, p, high))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| MaterializeError::Task(e.to_string()))??;
+    let mut tables = HashMap::new();
+    for kind in [TableKind::PositionEvents, TableKind::PositionsCurrent, TableKind::PositionQueue, TableKind::StrategyRegistry] {
+        tables.insert(kind, Table::open(table_uri, kind).await?);
+    }
+    let parts: Vec<(String, i32)> = watermarks.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+    let next = restart_positions(&mut tables, namespace, &kafka.topics, &parts).await?;
+    let mut total = 0;
+    let mut detail = Vec::new();
+    for (t, p, high) in watermarks {
+        let behind = (high - next[&(t.clone(), p)]).max(0);
+        total += behind;
+        detail.push((t, p, behind));
+    }
+    Ok((total, detail))
+}
+
+/// The offset namespace of `kafka` (its cluster id), unless overridden.
+///
+/// # Errors
+/// [`KafkaError::Unreachable`] when the cluster does not answer.
+pub async fn namespace(kafka: &KafkaConfig, overridden: Option<&str>) -> Result<String, KafkaError> {
+    if let Some(ns) = overridden {
+        return Ok(ns.to_string());
+    }
+    let k = kafka.clone();
+    tokio::task::spawn_blocking(move || k.cluster_id(Duration::from_secs(30)))
+        .await
+        .map_err(|_| KafkaError::Unreachable(kafka.brokers.clone()))?
+}
+
+/// Waits until every offset produced so far to the input topics is in the tables.
+///
+/// # Errors
+/// [`MaterializeError::Timeout`] with the remaining lag when `timeout` passes first.
+pub async fn wait_caught_up(table_uri: &str, namespace: &str, kafka: &KafkaConfig, timeout: Duration) -> Result<(), MaterializeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (total, detail) = lag(table_uri, namespace, kafka).await?;
+        if total == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MaterializeError::Timeout(format!("still {total} offsets behind: {detail:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,514 @@
+//! The five Delta tables: their Arrow schemas, creation on first use, reading, and commits.
+//!
+//! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates; all
+//! tables use protocol reader 1 / writer 2 and `Timestamp(µs, "UTC")` timestamps, so DuckDB's
+//! `delta_scan`, Python `deltalake` and Spark read them. Commits never retry blindly: the
+//! materializer commits against the snapshot it read (`max_retries = 0`), and a concurrent
+//! commit comes back as [`TableError::Conflict`] so the caller can reload, drop what is already
+//! written, and try again (see [`super::offsets`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use deltalake::arrow::array::{ArrayRef, Date32Array, RecordBatch};
+use deltalake::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::operations::create::CreateBuilder;
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::logstore::object_store::ObjectStoreExt;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+
+use super::decode::{kafka_fields, timestamp_type, Layout, RecordPlan, EVENT_DATE};
+use super::offsets::TxnMap;
+use crate::schema;
+
+/// Errors of table access.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// Somebody else committed since our snapshot; reload and retry.
+    #[error("table {0}: a concurrent commit won; reloading")]
+    Conflict(&'static str),
+    /// The table on disk has another schema than this build writes.
+    #[error("table {table} at {uri} has schema {found}, this build writes {expected}; migrate or use another --table-uri")]
+    SchemaChanged { table: &'static str, uri: String, found: String, expected: String },
+    /// The base URI cannot be turned into a table location.
+    #[error("bad table location {uri}: {source}")]
+    Location {
+        uri: String,
+        #[source]
+        source: DeltaTableError,
+    },
+    /// Delta (storage, log, parquet) failed.
+    #[error("table {table}: {source}")]
+    Delta {
+        table: &'static str,
+        #[source]
+        source: DeltaTableError,
+    },
+    /// Arrow refused a batch (a bug in this module).
+    #[error("table {table}: {source}")]
+    Arrow {
+        table: &'static str,
+        #[source]
+        source: deltalake::arrow::error::ArrowError,
+    },
+}
+
+/// The tables materialize writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TableKind {
+    /// Append-only audit log of every position event, partitioned by `event_date`.
+    PositionEvents,
+    /// Latest state per (account, con_id).
+    PositionsCurrent,
+    /// Queue state per (account, con_id).
+    PositionQueue,
+    /// Current registry per (strategy, account, con_id).
+    StrategyRegistry,
+    /// Append-only undecodable / invalid messages.
+    DeadLetters,
+}
+
+impl TableKind {
+    /// Every table.
+    pub const ALL: [TableKind; 5] = [
+        TableKind::PositionEvents,
+        TableKind::PositionsCurrent,
+        TableKind::PositionQueue,
+        TableKind::StrategyRegistry,
+        TableKind::DeadLetters,
+    ];
+
+    /// Directory name below the base URI.
+    pub fn name(self) -> &'static str {
+        match self {
+            TableKind::PositionEvents => "position_events",
+            TableKind::PositionsCurrent => "positions_current",
+            TableKind::PositionQueue => "position_queue",
+            TableKind::StrategyRegistry => "strategy_registry",
+            TableKind::DeadLetters => "dead_letters",
+        }
+    }
+
+    /// Append-only tables (compacted by `maintain`; others are rewritten on every commit).
+    pub fn append_only(self) -> bool {
+        matches!(self, TableKind::PositionEvents | TableKind::DeadLetters)
+    }
+
+    /// Partition columns.
+    pub fn partition_columns(self) -> Vec<String> {
+        match self {
+            TableKind::PositionEvents => vec![EVENT_DATE.to_string()],
+            _ => vec![],
+        }
+    }
+
+    /// The Arrow schema of the table.
+    pub fn schema(self) -> SchemaRef {
+        match self {
+            TableKind::PositionEvents => position_events_layout().schema.clone(),
+            TableKind::PositionsCurrent => positions_current_layout().schema.clone(),
+            TableKind::PositionQueue => queue_schema(),
+            TableKind::StrategyRegistry => registry_schema(),
+            TableKind::DeadLetters => dead_letter_schema(),
+        }
+    }
+
+    fn configuration(self) -> Vec<(&'static str, &'static str)> {
+        if self.append_only() {
+            vec![("delta.appendOnly", "true"), ("delta.deletedFileRetentionDuration", "interval 1 days")]
+        } else {
+            // Rewritten on every commit: keep tombstones (and checkpoints) small.
+            vec![("delta.deletedFileRetentionDuration", "interval 1 hours")]
+        }
+    }
+}
+
+/// Decoding layout of `PositionEvent` rows for `position_events` (with `event_date`).
+pub fn position_events_layout() -> &'static Arc<Layout> {
+    static L: OnceLock<Arc<Layout>> = OnceLock::new();
+    L.get_or_init(|| Arc::new(Layout::new(position_plan(), Some("ingest_time"))))
+}
+
+/// Layout of `positions_current` rows (a `position_events` row without `event_date`).
+pub fn positions_current_layout() -> &'static Arc<Layout> {
+    static L: OnceLock<Arc<Layout>> = OnceLock::new();
+    L.get_or_init(|| Arc::new(Layout::new(position_plan(), None)))
+}
+
+/// Decoding layout of `RegistryEvent` rows (kept in memory only; folded into the registry).
+pub fn registry_layout() -> &'static Arc<Layout> {
+    static L: OnceLock<Arc<Layout>> = OnceLock::new();
+    L.get_or_init(|| {
+        let plan = RecordPlan::from_schema(schema::registry_event(), schema::REGISTRY_EVENT_SCHEMA_ID)
+            .expect("schemas/registry_event.avsc is a flat record");
+        Arc::new(Layout::new(plan, None))
+    })
+}
+
+fn position_plan() -> RecordPlan {
+    RecordPlan::from_schema(schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID)
+        .expect("schemas/position_event.avsc is a flat record")
+}
+
+fn queue_schema() -> SchemaRef {
+    let ts = timestamp_type;
+    Arc::new(ArrowSchema::new(vec![
+        Field::new("account", DataType::Utf8, false),
+        Field::new("con_id", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("enqueued_at", ts(), true),
+        Field::new("last_refreshed_at", ts(), true),
+        Field::new("refresh_count", DataType::Int64, false),
+        Field::new("queued_events", DataType::Int64, false),
+        Field::new("last_event_id", DataType::Utf8, true),
+        Field::new("last_source", DataType::Utf8, true),
+        Field::new("last_event_at", ts(), true),
+        Field::new("last_session_id", DataType::Utf8, true),
+        Field::new("last_sequence", DataType::Int64, true),
+        Field::new("position", DataType::Float64, true),
+        Field::new("avg_cost", DataType::Float64, true),
+        Field::new("last_active_at", ts(), true),
+        Field::new("updated_at", ts(), false),
+    ]))
+}
+
+fn registry_schema() -> SchemaRef {
+    Arc::new(ArrowSchema::new(vec![
+        Field::new("strategy", DataType::Utf8, false),
+        Field::new("account", DataType::Utf8, true),
+        Field::new("con_id", DataType::Int64, false),
+        Field::new("active", DataType::Boolean, false),
+        Field::new("priority", DataType::Int32, false),
+        Field::new("updated_at", timestamp_type(), false),
+        Field::new("actor", DataType::Utf8, false),
+        Field::new("event_id", DataType::Utf8, false),
+    ]))
+}
+
+fn dead_letter_schema() -> SchemaRef {
+    let mut fields: Vec<Field> = kafka_fields().into();
+    fields.extend([
+        Field::new("kafka_key", DataType::Binary, true),
+        Field::new("value", DataType::Binary, true),
+        Field::new("error", DataType::Utf8, false),
+        Field::new("dead_lettered_at", timestamp_type(), false),
+    ]);
+    Arc::new(ArrowSchema::new(fields))
+}
+
+/// URI of one table below the base (a local directory is created if missing).
+///
+/// # Errors
+/// [`TableError::Location`] when the URI is invalid.
+pub fn table_url(base: &str, kind: TableKind) -> Result<url::Url, TableError> {
+    let uri = format!("{}/{}", base.trim_end_matches('/'), kind.name());
+    deltalake::ensure_table_uri(&uri).map_err(|source| TableError::Location { uri, source })
+}
+
+/// One open table: the Delta handle plus the txn versions as of its snapshot.
+pub struct Table {
+    /// Which table.
+    pub kind: TableKind,
+    /// The Delta handle (snapshot loaded).
+    pub delta: DeltaTable,
+    /// Txn app id → version, exact as of `delta`'s version.
+    pub txn: TxnMap,
+    /// Commits made by this process (drives checkpoints).
+    commits: u64,
+}
+
+impl Table {
+    fn err(&self) -> impl Fn(DeltaTableError) -> TableError {
+        let table = self.kind.name();
+        move |source| TableError::Delta { table, source }
+    }
+
+    /// Opens the table, creating it (empty, with its schema) when missing.
+    ///
+    /// # Errors
+    /// [`TableError::SchemaChanged`] when the existing table has another schema; storage errors.
+    pub async fn open(base: &str, kind: TableKind) -> Result<Self, TableError> {
+        let url = table_url(base, kind)?;
+        let table = kind.name();
+        let err = move |source| TableError::Delta { table, source };
+        let mut delta = DeltaTableBuilder::from_url(url.clone()).map_err(err)?.build().map_err(err)?;
+        if !delta.verify_deltatable_existence().await.map_err(err)? {
+            let columns: StructType = kind.schema().as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
+            let create = CreateBuilder::new()
+                .with_location(url.to_string())
+                .with_table_name(kind.name())
+                .with_columns(columns.fields().cloned())
+                .with_partition_columns(kind.partition_columns())
+                .with_configuration(kind.configuration().into_iter().map(|(k, v)| (k, Some(v))))
+                .with_save_mode(SaveMode::Ignore);
+            match create.await {
+                Ok(_) => tracing::info!(table, %url, "created Delta table"),
+                // Another member created it at the same moment.
+                Err(DeltaTableError::VersionAlreadyExists(_)) | Err(DeltaTableError::Transaction { .. }) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        delta.load().await.map_err(err)?;
+        let t = Self { kind, txn: TxnMap::new(delta.version().map_or(-1, |v| v as i64)), delta, commits: 0 };
+        t.check_schema(url.as_str())?;
+        Ok(t)
+    }
+
+    fn check_schema(&self, uri: &str) -> Result<(), TableError> {
+        let found = self.delta.snapshot().map_err(self.err())?.snapshot().arrow_schema();
+        let expected = self.kind.schema();
+        let same = found.fields().len() == expected.fields().len()
+            && found.fields().iter().zip(expected.fields()).all(|(a, b)| {
+                a.name() == b.name() && a.data_type().equals_datatype(b.data_type())
+            });
+        if same {
+            return Ok(());
+        }
+        let show = |s: &ArrowSchema| s.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
+        Err(TableError::SchemaChanged { table: self.kind.name(), uri: uri.to_string(), found: show(&found), expected: show(&expected) })
+    }
+
+    /// The loaded version.
+    pub fn version(&self) -> i64 {
+        self.delta.version().map_or(-1, |v| v as i64)
+    }
+
+    /// Loads commits made since our snapshot (by other members or `maintain`) and updates the
+    /// txn versions from them. Returns whether the table advanced.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn refresh(&mut self) -> Result<bool, TableError> {
+        let before = self.version();
+        self.delta.update_incremental(None).await.map_err(self.err())?;
+        let after = self.version();
+        if after == before {
+            return Ok(false);
+        }
+        self.txn.advance(&self.delta, after).await.map_err(self.err())?;
+        Ok(true)
+    }
+
+    /// The version stored for `app_id` as of our snapshot (`None` = never written).
+    ///
+    /// # Errors
+    /// Storage errors while replaying the log for an app id not seen yet.
+    pub async fn txn_version(&mut self, app_id: &str) -> Result<Option<i64>, TableError> {
+        let err = self.err();
+        self.txn.get(&self.delta, app_id).await.map_err(err)
+    }
+
+    /// Writes batches as new parquet files (not yet committed) and returns their add actions.
+    ///
+    /// # Errors
+    /// Storage or Arrow errors.
+    pub async fn write_files(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, TableError> {
+        if batches.iter().all(|b| b.num_rows() == 0) {
+            return Ok(vec![]);
+        }
+        let mut w = RecordBatchWriter::for_table(&self.delta).map_err(self.err())?;
+        for b in batches.iter().filter(|b| b.num_rows() > 0) {
+            w.write(b.clone()).await.map_err(self.err())?;
+        }
+        w.flush().await.map_err(self.err())
+    }
+
+    /// Commits `actions` plus one txn action per `(app_id, version)` against our snapshot.
+    ///
+    /// # Errors
+    /// [`TableError::Conflict`] when someone else committed since our snapshot; storage errors.
+    pub async fn commit(
+        &mut self,
+        actions: Vec<Action>,
+        txns: &[(String, i64)],
+        operation: DeltaOperation,
+        checkpoint_every: u64,
+    ) -> Result<i64, TableError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let txn_actions: Vec<Transaction> =
+            txns.iter().map(|(id, v)| Transaction::new_with_last_update(id, *v, Some(now))).collect();
+        let props = CommitProperties::default()
+            .with_max_retries(0)
+            .with_create_checkpoint(false)
+            .with_cleanup_expired_logs(Some(false))
+            .with_application_transactions(txn_actions);
+        let snapshot = self.delta.snapshot().map_err(self.err())?;
+        let result = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(Some(snapshot), self.delta.log_store(), operation)
+            .await;
+        let finalized = match result {
+            Ok(f) => f,
+            Err(e) if is_conflict(&e) => return Err(TableError::Conflict(self.kind.name())),
+            Err(e) => return Err(self.err()(e)),
+        };
+        let version = finalized.version() as i64;
+        self.delta.state = Some(finalized.snapshot());
+        self.txn.committed(version, txns);
+        self.commits += 1;
+        let m = crate::metrics::global();
+        m.delta_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let gauge = match self.kind {
+            TableKind::PositionEvents => Some(&m.table_version_events),
+            TableKind::PositionsCurrent => Some(&m.table_version_current),
+            TableKind::PositionQueue => Some(&m.table_version_queue),
+            _ => None,
+        };
+        if let Some(g) = gauge {
+            g.fetch_max(version, std::sync::atomic::Ordering::Relaxed);
+        }
+        if checkpoint_every > 0 && version > 0 && version as u64 % checkpoint_every == 0 {
+            super::maintain::checkpoint(self).await?;
+        }
+        Ok(version)
+    }
+
+    /// The files of the current snapshot: (path, size, partition values).
+    ///
+    /// # Errors
+    /// When no snapshot is loaded.
+    pub fn files(&self) -> Result<Vec<FileRef>, TableError> {
+        let snap = self.delta.snapshot().map_err(self.err())?;
+        Ok(snap
+            .log_data()
+            .iter()
+            .map(|f| FileRef {
+                remove: f.remove_action(true),
+                path: f.object_store_path(),
+                size: f.size(),
+                partition_values: f.partition_values_map(),
+            })
+            .collect())
+    }
+
+    /// Reads files back as batches of the table's schema (partition columns restored).
+    ///
+    /// # Errors
+    /// Storage and parquet errors.
+    pub async fn read(&self, files: &[FileRef]) -> Result<Vec<RecordBatch>, TableError> {
+        let store = self.delta.object_store();
+        let schema = self.kind.schema();
+        let mut out = Vec::new();
+        for f in files {
+            // Files read back are small (upsert tables, compaction inputs): read whole.
+            let bytes = store
+                .get(&f.path)
+                .await
+                .map_err(|e| self.err()(e.into()))?
+                .bytes()
+                .await
+                .map_err(|e| self.err()(e.into()))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .map_err(|e| self.err()(e.into()))?
+                .build()
+                .map_err(|e| self.err()(e.into()))?;
+            let batches: Vec<RecordBatch> =
+                reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow { table: self.kind.name(), source })?;
+            for b in batches {
+                out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the whole current table.
+    ///
+    /// # Errors
+    /// Storage and parquet errors.
+    pub async fn read_all(&self) -> Result<Vec<RecordBatch>, TableError> {
+        let files = self.files()?;
+        self.read(&files).await
+    }
+
+    fn restore_partitions(
+        &self,
+        schema: &SchemaRef,
+        b: RecordBatch,
+        values: &HashMap<String, Option<String>>,
+    ) -> Result<RecordBatch, TableError> {
+        let n = b.num_rows();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for f in schema.fields() {
+            if let Ok(i) = b.schema().index_of(f.name()) {
+                cols.push(b.column(i).clone());
+            } else {
+                let v = values.get(f.name()).cloned().flatten();
+                let day = v
+                    .as_deref()
+                    .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                    .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32);
+                cols.push(Arc::new(Date32Array::from(vec![day; n])));
+            }
+        }
+        RecordBatch::try_new(schema.clone(), cols).map_err(|source| TableError::Arrow { table: self.kind.name(), source })
+    }
+}
+
+/// A data file of a snapshot.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    /// The remove action that drops it (dataChange = true; flip it for compaction).
+    pub remove: deltalake::kernel::Remove,
+    /// Object store path.
+    pub path: deltalake::Path,
+    /// Size in bytes.
+    pub size: i64,
+    /// Partition values.
+    pub partition_values: HashMap<String, Option<String>>,
+}
+
+fn is_conflict(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::VersionAlreadyExists(_)
+            | DeltaTableError::Transaction {
+                source: TransactionError::MaxCommitAttempts(_)
+                    | TransactionError::CommitConflict(_)
+                    | TransactionError::VersionAlreadyExists(_)
+            }
+    )
+}
+
+/// Reads a whole table under `base` (for tests, the bench and tools).
+///
+/// # Errors
+/// Storage and parquet errors; [`TableError::SchemaChanged`].
+pub async fn read_table(base: &str, kind: TableKind) -> Result<Vec<RecordBatch>, TableError> {
+    Table::open(base, kind).await?.read_all().await
+}
+
+/// The `DeltaOperation` of an append.
+pub fn append_operation(kind: TableKind) -> DeltaOperation {
+    let p = kind.partition_columns();
+    DeltaOperation::Write { mode: SaveMode::Append, partition_by: (!p.is_empty()).then_some(p), predicate: None }
+}
+
+/// The `DeltaOperation` of an upsert table rewrite (remove all + add one file).
+pub fn rewrite_operation() -> DeltaOperation {
+    DeltaOperation::Write { mode: SaveMode::Overwrite, partition_by: None, predicate: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tables_are_created_reader1_writer2_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        for kind in TableKind::ALL {
+            let t = Table::open(base, kind).await.unwrap();
+            let snap = t.delta.snapshot().unwrap();
+            assert_eq!(snap.protocol().min_reader_version(), 1, "{kind:?}");
+            assert_eq!(snap.protocol().min_writer_version(), 2, "{kind:?}");
+            assert_eq!(snap.metadata().partition_columns().to_vec(), kind.partition_columns());
+            // reopen checks the schema round trip
+            Table::open(base, kind).await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Telemetry in one place: process-wide counters and gauges, a Prometheus text endpoint, and
+//! the one-line progress summary that `possync run` prints.
+//!
+//! Every notable event is one method call here (it bumps the counter; the caller logs with
+//! fixed fields), so the progress line, `/metrics` and the tests all read the same numbers.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// All counters and gauges of one process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Position events acknowledged by Kafka on the active route.
+    pub published_active: AtomicU64,
+    /// Position events acknowledged by Kafka on the queued route.
+    pub published_queued: AtomicU64,
+    /// Positions that should be active but got no slot (budget exhausted).
+    pub slot_overflow: AtomicU64,
+    /// Real-time streams (slots) held now.
+    pub slots_in_use: AtomicI64,
+    /// Slot budget.
+    pub slot_budget: AtomicI64,
+    /// Reconnects to IB.
+    pub ib_reconnects: AtomicU64,
+    /// RECONCILE events emitted after reconnects.
+    pub reconcile_closes: AtomicU64,
+    /// Pending items in the position queue (queue worker's view).
+    pub queue_depth: AtomicI64,
+    /// Items refreshed by the queue worker.
+    pub queue_refreshed: AtomicU64,
+    /// Events written to `position_events` from the active topic.
+    pub materialized_active: AtomicU64,
+    /// Events written to `position_events` from the queued topic.
+    pub materialized_queued: AtomicU64,
+    /// Messages sent to dead letters.
+    pub dead_letters: AtomicU64,
+    /// Delta commits made by materialize.
+    pub delta_commits: AtomicU64,
+    /// Latest version of `position_events`.
+    pub table_version_events: AtomicI64,
+    /// Latest version of `positions_current`.
+    pub table_version_current: AtomicI64,
+    /// Latest version of `position_queue`.
+    pub table_version_queue: AtomicI64,
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = Metrics::default();
+        for v in [&m.table_version_events, &m.table_version_current, &m.table_version_queue] {
+            v.store(-1, Relaxed);
+        }
+        m
+    })
+}
+
+impl Metrics {
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let c = |s: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP possync_{name} {help}\n# TYPE possync_{name} counter\npossync_{name} {v}");
+        };
+        let g = |s: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(s, "# HELP possync_{name} {help}\n# TYPE possync_{name} gauge\npossync_{name} {v}");
+        };
+        let _ = writeln!(s, "# HELP possync_published_total Position events acknowledged by Kafka, per route\n# TYPE possync_published_total counter");
+        let _ = writeln!(s, "possync_published_total{{route=\"active\"}} {}", self.published_active.load(Relaxed));
+        let _ = writeln!(s, "possync_published_total{{route=\"queued\"}} {}", self.published_queued.load(Relaxed));
+        let _ = writeln!(s, "# HELP possync_materialized_total Events written to position_events, per route\n# TYPE possync_materialized_total counter");
+        let _ = writeln!(s, "possync_materialized_total{{route=\"active\"}} {}", self.materialized_active.load(Relaxed));
+        let _ = writeln!(s, "possync_materialized_total{{route=\"queued\"}} {}", self.materialized_queued.load(Relaxed));
+        c(&mut s, "slot_overflow_total", "Active positions routed queued for lack of a slot", self.slot_overflow.load(Relaxed));
+        g(&mut s, "slots_in_use", "Real-time streams held", self.slots_in_use.load(Relaxed));
+        g(&mut s, "slot_budget", "Real-time stream budget", self.slot_budget.load(Relaxed));
+        c(&mut s, "ib_reconnects_total", "Reconnects to IB", self.ib_reconnects.load(Relaxed));
+        c(&mut s, "reconcile_closes_total", "RECONCILE events after reconnects", self.reconcile_closes.load(Relaxed));
+        g(&mut s, "queue_depth", "Pending items in the position queue", self.queue_depth.load(Relaxed));
+        c(&mut s, "queue_refreshed_total", "Queue items refreshed by polls", self.queue_refreshed.load(Relaxed));
+        c(&mut s, "dead_letters_total", "Messages sent to dead letters", self.dead_letters.load(Relaxed));
+        c(&mut s, "delta_commits_total", "Delta commits", self.delta_commits.load(Relaxed));
+        let _ = writeln!(s, "# HELP possync_table_version Latest Delta version per table\n# TYPE possync_table_version gauge");
+        for (t, v) in [
+            ("position_events", &self.table_version_events),
+            ("positions_current", &self.table_version_current),
+            ("position_queue", &self.table_version_queue),
+        ] {
+            let _ = writeln!(s, "possync_table_version{{table=\"{t}\"}} {}", v.load(Relaxed));
+        }
+        s
+    }
+
+    /// One human line: what `possync run` prints every few seconds.
+    pub fn progress_line(&self) -> String {
+        format!(
+            "published active={} queued={} | materialized active={} queued={} | slots {}/{} (overflow {}) | queue depth {} refreshed {} | versions events={} current={} queue={} | dead letters {}",
+            self.published_active.load(Relaxed),
+            self.published_queued.load(Relaxed),
+            self.materialized_active.load(Relaxed),
+            self.materialized_queued.load(Relaxed),
+            self.slots_in_use.load(Relaxed),
+            self.slot_budget.load(Relaxed),
+            self.slot_overflow.load(Relaxed),
+            self.queue_depth.load(Relaxed),
+            self.queue_refreshed.load(Relaxed),
+            self.table_version_events.load(Relaxed),
+            self.table_version_current.load(Relaxed),
+            self.table_version_queue.load(Relaxed),
+            self.dead_letters.load(Relaxed),
+        )
+    }
+}
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listen address is taken or invalid.
+    #[error("cannot listen for metrics on {addr}: {source}; pick another --metrics-addr")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves `GET /metrics` (Prometheus text) on `addr` until `shutdown`; returns the bound address.
+///
+/// # Errors
+/// [`MetricsError::Bind`] when the address cannot be bound.
+pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, MetricsError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => {
+                    let Ok((mut sock, _)) = accepted else { continue };
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let _ = sock.read(&mut buf).await;
+                        let body = global().render();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.write_all(resp.as_bytes()).await;
+                    });
+                }
+            }
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoint_serves_prometheus_text() {
+        global().published_active.fetch_add(3, Relaxed);
+        let token = CancellationToken::new();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), token.clone()).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"));
+        assert!(out.contains("possync_published_total{route=\"active\"}"));
+        token.cancel();
+    }
+}

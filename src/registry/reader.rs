@@ -1,0 +1,194 @@
+//! Replaying a topic from the beginning to its end, then following it live.
+//!
+//! Used for every event-sourced state possync keeps in memory: the registry (ingest, `registry
+//! list`) and the position queue (queue worker). The reader assigns every partition itself (no
+//! consumer-group membership, no offset commits: each reader rebuilds its state from offset 0),
+//! records the high watermarks at start, and reports when it has read up to them.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Registry, RegistryError};
+use crate::events::RegistryEvent;
+use crate::kafka::{KafkaConfig, KafkaError};
+
+/// A replay of one topic: every partition from its beginning, with catch-up tracking.
+pub struct TopicReplay {
+    consumer: StreamConsumer,
+    topic: String,
+    /// Partition → high watermark at start, for partitions not yet read up to it.
+    pending: HashMap<i32, i64>,
+}
+
+impl TopicReplay {
+    /// Assigns every partition of `topic` at its beginning and notes where "now" ends.
+    ///
+    /// # Errors
+    /// [`RegistryError::NoSuchTopic`] when the topic is missing, [`RegistryError::Kafka`] when
+    /// the broker cannot be reached within `timeout`.
+    pub async fn start(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Self, RegistryError> {
+        let kafka = kafka.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || Self::start_blocking(&kafka, &topic, timeout))
+            .await
+            .map_err(|e| RegistryError::Invalid(format!("replay setup task failed: {e}")))?
+    }
+
+    fn start_blocking(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Self, RegistryError> {
+        let group = format!("possync-replay-{}", crate::events::new_id());
+        let consumer: StreamConsumer = kafka.consumer(&group).create().map_err(KafkaError::client("create replay consumer"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(RegistryError::NoSuchTopic(topic.to_string()));
+        }
+        let mut assignment = TopicPartitionList::new();
+        let mut pending = HashMap::new();
+        for p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(KafkaError::client(format!("fetch watermarks of {topic}/{p}")))?;
+            if high > low {
+                pending.insert(p, high);
+            }
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(KafkaError::client("build assignment"))?;
+        }
+        consumer.assign(&assignment).map_err(KafkaError::client(format!("assign {topic}")))?;
+        Ok(Self { consumer, topic: topic.to_string(), pending })
+    }
+
+    /// Whether every message that existed at [`TopicReplay::start`] has been read.
+    pub fn caught_up(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The topic replayed.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The next message, in partition order.
+    ///
+    /// # Errors
+    /// [`RegistryError::Kafka`] when the consumer reports an error (for example an offset out
+    /// of range: messages were evicted before this reader saw them).
+    pub async fn next(&mut self) -> Result<OwnedMessage, RegistryError> {
+        let message = self
+            .consumer
+            .recv()
+            .await
+            .map_err(KafkaError::client(format!("read {}", self.topic)))?
+            .detach();
+        if let Some(high) = self.pending.get(&message.partition()) {
+            if message.offset() + 1 >= *high {
+                self.pending.remove(&message.partition());
+            }
+        }
+        Ok(message)
+    }
+
+    /// Like [`TopicReplay::next`], but returns `Ok(None)` once caught up and nothing arrives
+    /// for `idle` (used to notice the end of a replay whose last messages were evicted).
+    ///
+    /// # Errors
+    /// As [`TopicReplay::next`].
+    pub async fn next_within(&mut self, idle: Duration) -> Result<Option<OwnedMessage>, RegistryError> {
+        match tokio::time::timeout(idle, self.next()).await {
+            Ok(m) => m.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// Decodes a registry message; `None` (with a warning) for tombstones and undecodable values.
+pub fn decode_registry(message: &OwnedMessage) -> Option<RegistryEvent> {
+    let payload = message.payload()?;
+    match RegistryEvent::decode(payload) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping undecodable registry event");
+            None
+        }
+    }
+}
+
+/// Reads the registry topic to its end and returns the folded registry.
+///
+/// # Errors
+/// [`RegistryError::CatchUpTimeout`] when the end is not reached within `timeout`; the errors
+/// of [`TopicReplay::start`].
+pub async fn load(kafka: &KafkaConfig, timeout: Duration) -> Result<Registry, RegistryError> {
+    let mut replay = TopicReplay::start(kafka, &kafka.topics.registry, timeout).await?;
+    let mut registry = Registry::new();
+    catch_up(&mut replay, &mut registry, timeout).await?;
+    Ok(registry)
+}
+
+async fn catch_up(replay: &mut TopicReplay, registry: &mut Registry, timeout: Duration) -> Result<(), RegistryError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !replay.caught_up() {
+        match tokio::time::timeout_at(deadline, replay.next()).await {
+            Ok(m) => {
+                if let Some(e) = decode_registry(&m?) {
+                    registry.apply(&e);
+                }
+            }
+            Err(_) => return Err(RegistryError::CatchUpTimeout { topic: replay.topic().to_string(), timeout }),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the registry to its end, then keeps following it: returns the registry as of now and
+/// a channel of every later event, fed until `shutdown` or until the receiver is dropped.
+///
+/// # Errors
+/// As [`load`].
+pub async fn follow(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<(Registry, mpsc::Receiver<RegistryEvent>), RegistryError> {
+    let mut replay = TopicReplay::start(kafka, &kafka.topics.registry, timeout).await?;
+    let mut registry = Registry::new();
+    catch_up(&mut replay, &mut registry, timeout).await?;
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                m = replay.next() => m,
+            };
+            match message {
+                Ok(m) => {
+                    if let Some(e) = decode_registry(&m) {
+                        if tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry follower: read error; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+    Ok((registry, rx))
+}

@@ -1,0 +1,43 @@
+//! The Avro schemas of `schemas/*.avsc`, embedded at build time so code and files cannot drift.
+//!
+//! The `.avsc` files are the contract with every Kafka consumer; this module parses them once
+//! and hands out the parsed [`apache_avro::Schema`] together with the fixed Confluent schema id
+//! that each value is framed with (see [`crate::events`]).
+
+use std::sync::OnceLock;
+
+use apache_avro::Schema;
+
+/// Text of `schemas/position_event.avsc`.
+pub const POSITION_EVENT_AVSC: &str = include_str!("../schemas/position_event.avsc");
+/// Text of `schemas/registry_event.avsc`.
+pub const REGISTRY_EVENT_AVSC: &str = include_str!("../schemas/registry_event.avsc");
+
+/// Confluent wire-format schema id of `PositionEvent` (no schema registry is required; the ids
+/// are fixed by this project and documented in the README).
+pub const POSITION_EVENT_SCHEMA_ID: u32 = 1;
+/// Confluent wire-format schema id of `RegistryEvent`.
+pub const REGISTRY_EVENT_SCHEMA_ID: u32 = 2;
+
+/// The parsed `PositionEvent` schema.
+pub fn position_event() -> &'static Schema {
+    static S: OnceLock<Schema> = OnceLock::new();
+    S.get_or_init(|| Schema::parse_str(POSITION_EVENT_AVSC).expect("schemas/position_event.avsc is valid Avro (checked by tests)"))
+}
+
+/// The parsed `RegistryEvent` schema.
+pub fn registry_event() -> &'static Schema {
+    static S: OnceLock<Schema> = OnceLock::new();
+    S.get_or_init(|| Schema::parse_str(REGISTRY_EVENT_AVSC).expect("schemas/registry_event.avsc is valid Avro (checked by tests)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_parse_and_have_expected_names() {
+        assert_eq!(position_event().name().unwrap().name, "PositionEvent");
+        assert_eq!(registry_event().name().unwrap().name, "RegistryEvent");
+    }
+}

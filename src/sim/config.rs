@@ -1,0 +1,238 @@
+//! Configuration of the simulator: [`SimArgs`] for the command line (every flag
+//! has a `POSSYNC_SIM_*` environment variable) and the plain [`SimConfig`] that
+//! tests build directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Command-line knobs of `possync sim`. Convert with [`SimArgs::into_config`]
+/// (or `SimConfig::from`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to accept TWS API connections on; 4002 is IB Gateway's paper-trading port.
+    #[arg(long = "listen", env = "POSSYNC_SIM_LISTEN", default_value = "127.0.0.1:4002")]
+    pub listen: SocketAddr,
+
+    /// Seed of the random world (contracts, initial positions, fills, prices):
+    /// the same seed gives the same world (expiries follow today's date).
+    #[arg(long, env = "POSSYNC_SIM_SEED", default_value_t = 42)]
+    pub seed: u64,
+
+    /// Number of accounts, named DU0000001, DU0000002, ...
+    #[arg(long, env = "POSSYNC_SIM_ACCOUNTS", default_value_t = 3)]
+    pub accounts: usize,
+
+    /// Comma-separated underlyings that get option chains (and a stock contract).
+    #[arg(
+        long,
+        env = "POSSYNC_SIM_UNDERLYINGS",
+        value_delimiter = ',',
+        default_value = "AAPL,MSFT,SPY,QQQ,TSLA"
+    )]
+    pub underlyings: Vec<String>,
+
+    /// Comma-separated extra symbols that exist as stocks only.
+    #[arg(
+        long,
+        env = "POSSYNC_SIM_STOCKS",
+        value_delimiter = ',',
+        default_value = "NVDA,AMZN,IBM"
+    )]
+    pub stocks: Vec<String>,
+
+    /// Monthly expiries per underlying (third Fridays after today).
+    #[arg(long, env = "POSSYNC_SIM_EXPIRIES", default_value_t = 3)]
+    pub expiries: usize,
+
+    /// Strikes per expiry and right, centred on the underlying's price.
+    #[arg(long, env = "POSSYNC_SIM_STRIKES", default_value_t = 10)]
+    pub strikes: usize,
+
+    /// Positions held at start, spread over the accounts (about 80% options).
+    #[arg(long, env = "POSSYNC_SIM_INITIAL_POSITIONS", default_value_t = 40)]
+    pub initial_positions: usize,
+
+    /// Random fills per second that open, change and close positions; 0 = none.
+    #[arg(long, env = "POSSYNC_SIM_FILL_RATE", default_value_t = 0.5)]
+    pub fill_rate: f64,
+
+    /// How often underlying prices take a random-walk step; 0s = frozen prices.
+    #[arg(long, env = "POSSYNC_SIM_PRICE_TICK", value_parser = humantime::parse_duration, default_value = "250ms")]
+    pub price_tick: Duration,
+
+    /// Interval between PnL ticks on each `reqPnLSingle` stream (IB: about 1 s).
+    #[arg(long, env = "POSSYNC_SIM_PNL_TICK", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub pnl_tick: Duration,
+
+    /// Concurrent real-time streams (PnL single) allowed across all clients,
+    /// like IB's market data lines; one more is refused with error 101.
+    #[arg(long, env = "POSSYNC_SIM_MAX_STREAMS", default_value_t = 100)]
+    pub max_streams: usize,
+
+    /// Messages per second one client may send; beyond it requests are refused
+    /// with error 100 (cancels still pass). 0 = no limit.
+    #[arg(long, env = "POSSYNC_SIM_PACING_LIMIT", default_value_t = 50)]
+    pub pacing_limit: u32,
+
+    /// Drop every connection this often (e.g. "10m"); unset = never.
+    #[arg(long, env = "POSSYNC_SIM_DROP_EVERY", value_parser = humantime::parse_duration)]
+    pub drop_every: Option<Duration>,
+
+    /// Simulate a gateway restart this often (e.g. "24h"): all connections
+    /// dropped, connections refused for --restart-refuse-for; unset = never.
+    #[arg(long, env = "POSSYNC_SIM_RESTART_EVERY", value_parser = humantime::parse_duration)]
+    pub restart_every: Option<Duration>,
+
+    /// How long connections are refused during a simulated restart.
+    #[arg(long, env = "POSSYNC_SIM_RESTART_REFUSE_FOR", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub restart_refuse_for: Duration,
+
+    /// JSON file kept current with the ground truth (positions, streams,
+    /// clients), replaced atomically; unset = none.
+    #[arg(long, env = "POSSYNC_SIM_TRUTH_FILE")]
+    pub truth_file: Option<PathBuf>,
+}
+
+impl SimArgs {
+    /// The plain configuration these arguments describe.
+    pub fn into_config(self) -> SimConfig {
+        SimConfig::from(self)
+    }
+}
+
+/// Simulator configuration; see [`SimArgs`] for what each field means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Listen address; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// World seed.
+    pub seed: u64,
+    /// Number of accounts.
+    pub accounts: usize,
+    /// Symbols with option chains.
+    pub underlyings: Vec<String>,
+    /// Stock-only symbols.
+    pub stocks: Vec<String>,
+    /// Expiries per underlying.
+    pub expiries: usize,
+    /// Strikes per expiry and right.
+    pub strikes: usize,
+    /// Positions at start.
+    pub initial_positions: usize,
+    /// Random fills per second; 0 = none.
+    pub fill_rate: f64,
+    /// Price random-walk step interval; zero = frozen.
+    pub price_tick: Duration,
+    /// PnL tick interval per stream.
+    pub pnl_tick: Duration,
+    /// Cap on concurrent real-time streams across clients (error 101 beyond).
+    pub max_streams: usize,
+    /// Messages per second per client (error 100 beyond); 0 = no limit.
+    pub pacing_limit: u32,
+    /// Scheduled connection drops.
+    pub drop_every: Option<Duration>,
+    /// Scheduled restarts.
+    pub restart_every: Option<Duration>,
+    /// Refusal window of a scheduled restart.
+    pub restart_refuse_for: Duration,
+    /// Truth file path.
+    pub truth_file: Option<PathBuf>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4002)),
+            seed: 42,
+            accounts: 3,
+            underlyings: ["AAPL", "MSFT", "SPY", "QQQ", "TSLA"].map(String::from).to_vec(),
+            stocks: ["NVDA", "AMZN", "IBM"].map(String::from).to_vec(),
+            expiries: 3,
+            strikes: 10,
+            initial_positions: 40,
+            fill_rate: 0.5,
+            price_tick: Duration::from_millis(250),
+            pnl_tick: Duration::from_secs(1),
+            max_streams: 100,
+            pacing_limit: 50,
+            drop_every: None,
+            restart_every: None,
+            restart_refuse_for: Duration::from_secs(30),
+            truth_file: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// A configuration for in-process tests: an ephemeral port on 127.0.0.1,
+    /// no random fills, everything else default.
+    pub fn for_tests() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            fill_rate: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<SimArgs> for SimConfig {
+    fn from(args: SimArgs) -> Self {
+        Self {
+            listen: args.listen,
+            seed: args.seed,
+            accounts: args.accounts,
+            underlyings: args.underlyings,
+            stocks: args.stocks,
+            expiries: args.expiries,
+            strikes: args.strikes,
+            initial_positions: args.initial_positions,
+            fill_rate: args.fill_rate,
+            price_tick: args.price_tick,
+            pnl_tick: args.pnl_tick,
+            max_streams: args.max_streams,
+            pacing_limit: args.pacing_limit,
+            drop_every: args.drop_every,
+            restart_every: args.restart_every,
+            restart_refuse_for: args.restart_refuse_for,
+            truth_file: args.truth_file,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn defaults_match_config_default() -> Result<(), clap::Error> {
+        let cli = Cli::try_parse_from(["sim"])?;
+        assert_eq!(cli.sim.into_config(), SimConfig::default());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_lists_and_durations() -> Result<(), clap::Error> {
+        let cli = Cli::try_parse_from([
+            "sim",
+            "--underlyings",
+            "SPY,IWM",
+            "--drop-every",
+            "5m",
+            "--pnl-tick",
+            "500ms",
+        ])?;
+        let config = cli.sim.into_config();
+        assert_eq!(config.underlyings, vec!["SPY".to_string(), "IWM".to_string()]);
+        assert_eq!(config.drop_every, Some(Duration::from_secs(300)));
+        assert_eq!(config.pnl_tick, Duration::from_millis(500));
+        Ok(())
+    }
+}

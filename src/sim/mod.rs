@@ -1,0 +1,259 @@
+//! IB Gateway simulator: speaks the TWS socket protocol `ibapi` 5.x requires
+//! (server version 213+, protobuf messages) so the real client can connect to
+//! it, with a seeded world of accounts, option and stock positions, fills, PnL,
+//! and IB's limits and faults.
+//!
+//! Use it from the command line (`possync sim`, see [`SimArgs`] for every knob)
+//! or in-process: [`start`] returns a [`SimHandle`] with the bound address, the
+//! ground truth and fault triggers; [`run`] serves until a cancellation token fires.
+//!
+//! # Protocol
+//! Handshake `API\0` + `v<min>..<max>` → `<version>\0<time>\0`; `StartApi` →
+//! `NextValidId`, `ManagedAccounts` (comma-separated) and farm-status notices
+//! 2104/2106/2158. Then:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `reqPositions` / cancel | every open position, `PositionEnd`, then each change (quantity 0 = closed); a repeated request re-sends the list |
+//! | `reqPositionsMulti` / cancel | the account's (or every account's) positions, `PositionMultiEnd`, then changes |
+//! | `reqPnLSingle` / cancel | a `PnLSingle` tick at once and every `pnl_tick`; one real-time stream each |
+//! | `reqCurrentTime`, `reqCurrentTimeInMillis`, `reqManagedAccts`, `reqIds` | the answer |
+//! | `reqMarketDataType`, `setServerLogLevel` | accepted silently |
+//! | anything else | error 321 "Error validating request" naming the message id |
+//!
+//! # Limits and faults
+//! - more than `max_streams` concurrent PnL streams across all clients: error 101 on the request;
+//! - more than `pacing_limit` messages in one second from a client: error 100 on the request, which is dropped (cancels pass);
+//! - a second connection with a connected client id: error 326, then the socket closes;
+//! - [`SimHandle::drop_connections`] and `drop_every`: every connection closes;
+//! - [`SimHandle::restart`] and `restart_every`: every connection closes and the port refuses connections for a while;
+//! - [`SimHandle::send_notice`]: 1100 / 1101 / 1102 (1101 also ends the connection's PnL streams, as data was lost);
+//! - a malformed frame (bad length prefix, bad handshake, undecodable protobuf) closes that connection only;
+//! - a session more than 65,536 position changes behind is disconnected (its client reconnects and resyncs).
+
+mod config;
+mod error;
+mod proto;
+mod server;
+mod session;
+mod state;
+mod truth;
+mod wire;
+mod world;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::{SimArgs, SimConfig};
+pub use error::SimError;
+pub use truth::{ClientTruth, SimContract, Truth, TruthPosition};
+
+use server::RestartRequest;
+use state::{lock, Shared};
+use world::World;
+
+/// Runs the simulator until `shutdown` is cancelled: the `possync sim` entry
+/// point. Prints the listening address on stdout.
+///
+/// # Errors
+/// [`SimError`] when the address cannot be bound, the configuration is
+/// unusable, the truth file cannot be written, or a task fails.
+pub async fn run(config: SimConfig, shutdown: CancellationToken) -> Result<(), SimError> {
+    let mut handle = start(config).await?;
+    println!("possync sim listening on {}", handle.addr());
+    tokio::select! {
+        _ = shutdown.cancelled() => handle.shutdown().await,
+        result = handle.server_finished() => result,
+    }
+}
+
+/// Starts the simulator in the background and returns its handle.
+///
+/// # Errors
+/// [`SimError::Bind`] when `config.listen` cannot be bound,
+/// [`SimError::InvalidConfig`] for an unusable world, [`SimError::TruthFile`]
+/// when the truth file cannot be written.
+pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
+    let world = World::new(&config)?;
+    let listener = server::bind(config.listen).map_err(|source| SimError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| SimError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let shutdown = CancellationToken::new();
+    let truth_file = config.truth_file.clone();
+    let shared = Arc::new(Shared::new(config, world, shutdown.clone()));
+    if let Some(path) = truth_file {
+        truth::write_truth_file(&path, &shared.truth())
+            .await
+            .map_err(|source| SimError::TruthFile { path, source })?;
+    }
+    let (restarts, restart_rx) = mpsc::channel(4);
+    let server = tokio::spawn(server::accept_loop(shared.clone(), listener, addr, restart_rx));
+    let mut tasks = JoinSet::new();
+    server::spawn_background(&shared, &restarts, &mut tasks);
+    info!(%addr, "possync sim listening");
+    Ok(SimHandle {
+        shared,
+        addr,
+        restarts,
+        server: Some(server),
+        tasks,
+    })
+}
+
+/// A running simulator. Dropping it stops the simulator (tasks are aborted);
+/// [`SimHandle::shutdown`] stops it gracefully.
+#[derive(Debug)]
+pub struct SimHandle {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    restarts: mpsc::Sender<RestartRequest>,
+    server: Option<JoinHandle<Result<(), SimError>>>,
+    tasks: JoinSet<()>,
+}
+
+impl SimHandle {
+    /// The address the simulator accepts connections on (the real port when
+    /// the configuration asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &SimConfig {
+        &self.shared.config
+    }
+
+    /// The current ground truth: positions, streams, clients.
+    pub fn truth(&self) -> Truth {
+        self.shared.truth()
+    }
+
+    /// Every contract of the world: stocks first, then option chains.
+    pub fn contracts(&self) -> Vec<SimContract> {
+        lock(&self.shared.world).contracts().to_vec()
+    }
+
+    /// The accounts (`DU0000001`, ...).
+    pub fn accounts(&self) -> Vec<String> {
+        lock(&self.shared.world).accounts().to_vec()
+    }
+
+    /// Fills `qty_delta` (signed) of `con_id` in `account` at the current price
+    /// and pushes the new position to position subscribers (quantity 0 when it
+    /// closed). Returns the position after the fill.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn apply_fill(&self, account: &str, con_id: i32, qty_delta: f64) -> Result<TruthPosition, SimError> {
+        let mut world = lock(&self.shared.world);
+        world.fill(account, con_id, qty_delta)?;
+        Ok(world.position(account, con_id))
+    }
+
+    /// Sets the position of `con_id` in `account` outright (quantity 0 closes
+    /// it) and pushes it to position subscribers. Its daily PnL restarts at 0.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn set_position(
+        &self,
+        account: &str,
+        con_id: i32,
+        quantity: f64,
+        avg_cost: f64,
+    ) -> Result<TruthPosition, SimError> {
+        let mut world = lock(&self.shared.world);
+        world.set_position(account, con_id, quantity, avg_cost)?;
+        Ok(world.position(account, con_id))
+    }
+
+    /// Makes one seeded random fill now (as the fill-rate task does) and
+    /// returns the changed position.
+    pub fn random_fill(&self) -> Option<TruthPosition> {
+        let mut world = lock(&self.shared.world);
+        let change = world.random_fill()?;
+        Some(world.position(&change.account, change.contract.con_id))
+    }
+
+    /// Moves every price one random-walk step now.
+    pub fn step_prices(&self) {
+        lock(&self.shared.world).step_prices();
+    }
+
+    /// Closes every connection open now; clients may reconnect at once.
+    pub fn drop_connections(&self) {
+        info!("dropping every connection");
+        self.shared.drop_connections();
+    }
+
+    /// Simulates a gateway restart: every connection is closed and the port
+    /// refuses connections for `refuse_for`, then accepts again. Returns once
+    /// the port is closed and the connections dropped.
+    ///
+    /// # Errors
+    /// [`SimError::Stopped`] when the simulator is not running.
+    pub async fn restart(&self, refuse_for: Duration) -> Result<(), SimError> {
+        let (done, finished) = oneshot::channel();
+        let request = RestartRequest {
+            refuse_for,
+            done: Some(done),
+        };
+        self.restarts.send(request).await.map_err(|_| SimError::Stopped)?;
+        finished.await.map_err(|_| SimError::Stopped)
+    }
+
+    /// Sends an IB notice with `code` (1100 lost, 1101 restored with data
+    /// lost, 1102 restored with data kept, ...) to every connected client.
+    /// Returns how many connections it reached.
+    pub fn send_notice(&self, code: i32) -> usize {
+        info!(code, "sending notice to every client");
+        self.shared.notices.send(code).unwrap_or(0)
+    }
+
+    /// Stops the simulator: closes every connection and the port, ends the
+    /// background tasks.
+    ///
+    /// # Errors
+    /// The accept loop's error, if it had failed.
+    pub async fn shutdown(&mut self) -> Result<(), SimError> {
+        self.shared.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        match self.server.take() {
+            Some(server) => server.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the accept loop ends on its own (a failed restart).
+    async fn server_finished(&mut self) -> Result<(), SimError> {
+        match self.server.as_mut() {
+            Some(server) => {
+                let result = server.await;
+                self.server = None;
+                result?
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.tasks.abort_all();
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+    }
+}

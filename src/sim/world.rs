@@ -1,0 +1,652 @@
+//! The simulated world: accounts, contracts (option chains and stocks), prices
+//! that random-walk, positions that seeded random fills open, change and close,
+//! and the PnL those imply. Every position change is published, in order, as a
+//! [`PositionChange`] on a broadcast channel the sessions forward to clients.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{Datelike, NaiveDate, Weekday};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::broadcast;
+
+use super::config::SimConfig;
+use super::error::SimError;
+use super::truth::{SimContract, TruthPosition};
+
+/// Option multiplier.
+const OPTION_MULTIPLIER: f64 = 100.0;
+/// Implied volatility used by the toy option pricer.
+const VOLATILITY: f64 = 0.3;
+/// Largest relative price step per tick.
+const PRICE_STEP: f64 = 0.002;
+/// Capacity of the position-change channel; a session that falls this far
+/// behind is disconnected (its client reconnects and gets a fresh list).
+pub const EVENT_CAPACITY: usize = 65_536;
+
+/// A position changed: the state after the change. `quantity == 0` means closed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionChange {
+    /// World sequence number of the change (strictly increasing).
+    pub seq: u64,
+    /// Account of the position.
+    pub account: String,
+    /// The contract.
+    pub contract: SimContract,
+    /// Quantity after the change.
+    pub quantity: f64,
+    /// Average cost after the change, multiplier included.
+    pub avg_cost: f64,
+}
+
+/// PnL figures of one (account, conId), as a `PnLSingle` tick carries them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PnlFigures {
+    /// Quantity (0 when not held).
+    pub position: f64,
+    /// PnL since start.
+    pub daily: f64,
+    /// Unrealized PnL.
+    pub unrealized: f64,
+    /// Realized PnL.
+    pub realized: f64,
+    /// Market value.
+    pub value: f64,
+}
+
+/// One (account, conId) the world has seen; kept with quantity 0 after a
+/// close so the realized PnL survives.
+#[derive(Debug, Clone, Default)]
+struct Holding {
+    quantity: f64,
+    avg_cost: f64,
+    realized: f64,
+    /// Market value when the holding's day started (simulator start, or 0 when
+    /// opened later).
+    day_start_value: f64,
+    /// Net cash paid for fills since then (buys positive).
+    day_cash: f64,
+}
+
+/// The world; guarded by a mutex in the server.
+#[derive(Debug)]
+pub struct World {
+    accounts: Vec<String>,
+    contracts: Vec<SimContract>,
+    index: HashMap<i32, usize>,
+    /// Per contract: index into `spots`.
+    underlying: Vec<usize>,
+    /// Per contract: years to expiry (0 for stocks).
+    years: Vec<f64>,
+    /// Current price per symbol (index matches `symbols`).
+    spots: Vec<f64>,
+    holdings: BTreeMap<(String, i32), Holding>,
+    fill_rng: SmallRng,
+    price_rng: SmallRng,
+    seq: u64,
+    events: broadcast::Sender<PositionChange>,
+}
+
+impl World {
+    /// Builds the world `config` describes.
+    ///
+    /// # Errors
+    /// [`SimError::InvalidConfig`] for a world with no accounts or no symbols.
+    pub fn new(config: &SimConfig) -> Result<Self, SimError> {
+        Self::new_on(config, chrono::Utc::now().date_naive())
+    }
+
+    /// Builds the world as of `today` (expiries are the third Fridays after it).
+    ///
+    /// # Errors
+    /// As [`World::new`].
+    pub fn new_on(config: &SimConfig, today: NaiveDate) -> Result<Self, SimError> {
+        if config.accounts == 0 || config.accounts > 9_999_999 {
+            return Err(SimError::InvalidConfig(format!(
+                "--accounts must be between 1 and 9999999, got {}",
+                config.accounts
+            )));
+        }
+        let mut symbols: Vec<String> = Vec::new();
+        for symbol in config.underlyings.iter().chain(&config.stocks) {
+            let symbol = symbol.trim().to_uppercase();
+            if !symbol.is_empty() && !symbols.contains(&symbol) {
+                symbols.push(symbol);
+            }
+        }
+        if symbols.is_empty() {
+            return Err(SimError::InvalidConfig(
+                "no symbols: give --underlyings and/or --stocks".to_string(),
+            ));
+        }
+        let mut rng = SmallRng::seed_from_u64(config.seed);
+        let accounts = (1..=config.accounts).map(|i| format!("DU{i:07}")).collect();
+        let spots: Vec<f64> = symbols.iter().map(|_| round2(rng.gen_range(20.0..600.0))).collect();
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let mut world = World {
+            accounts,
+            contracts: Vec::new(),
+            index: HashMap::new(),
+            underlying: Vec::new(),
+            years: Vec::new(),
+            spots,
+            holdings: BTreeMap::new(),
+            fill_rng: SmallRng::seed_from_u64(config.seed.wrapping_add(1)),
+            price_rng: SmallRng::seed_from_u64(config.seed.wrapping_add(2)),
+            seq: 0,
+            events,
+        };
+        let stock_base = rng.gen_range(100_000..200_000);
+        for (i, symbol) in symbols.iter().enumerate() {
+            world.push_contract(stock(stock_base + i as i32, symbol), i, 0.0);
+        }
+        let mut option_id = 500_000_000 + rng.gen_range(0..10_000_000);
+        let expiries = third_fridays_after(today, config.expiries);
+        for underlying in &config.underlyings {
+            let symbol = underlying.trim().to_uppercase();
+            let Some(u) = symbols.iter().position(|s| *s == symbol) else {
+                continue;
+            };
+            let spot = world.spots[u];
+            let step = strike_step(spot);
+            let centre = (spot / step).round() * step;
+            for expiry in &expiries {
+                let years = ((*expiry - today).num_days().max(1) as f64) / 365.0;
+                for k in 0..config.strikes {
+                    let strike = centre + (k as f64 - (config.strikes / 2) as f64) * step;
+                    if strike <= 0.0 {
+                        continue;
+                    }
+                    for right in ["C", "P"] {
+                        world.push_contract(option(option_id, &symbol, *expiry, strike, right), u, years);
+                        option_id += 1;
+                    }
+                }
+            }
+        }
+        world.open_initial(config.initial_positions, &mut rng);
+        Ok(world)
+    }
+
+    fn push_contract(&mut self, contract: SimContract, underlying: usize, years: f64) {
+        self.index.insert(contract.con_id, self.contracts.len());
+        self.contracts.push(contract);
+        self.underlying.push(underlying);
+        self.years.push(years);
+    }
+
+    fn open_initial(&mut self, count: usize, rng: &mut SmallRng) {
+        let options: Vec<usize> = (0..self.contracts.len())
+            .filter(|&i| self.contracts[i].is_option())
+            .collect();
+        let mut opened = 0;
+        let mut attempts = 0;
+        while opened < count && attempts < count * 20 + 100 {
+            attempts += 1;
+            let account = self.accounts[rng.gen_range(0..self.accounts.len())].clone();
+            let index = if !options.is_empty() && rng.gen_bool(0.8) {
+                options[rng.gen_range(0..options.len())]
+            } else {
+                rng.gen_range(0..self.contracts.len())
+            };
+            let con_id = self.contracts[index].con_id;
+            if self.holdings.contains_key(&(account.clone(), con_id)) {
+                continue;
+            }
+            let quantity = random_quantity(rng, self.contracts[index].is_option());
+            let price = self.price_of(index);
+            let avg_cost = round4(price * self.contracts[index].multiplier * rng.gen_range(0.85..1.15));
+            let day_start_value = quantity * price * self.contracts[index].multiplier;
+            self.holdings.insert(
+                (account, con_id),
+                Holding {
+                    quantity,
+                    avg_cost,
+                    realized: 0.0,
+                    day_start_value,
+                    day_cash: 0.0,
+                },
+            );
+            opened += 1;
+        }
+    }
+
+    /// Receives every position change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<PositionChange> {
+        self.events.subscribe()
+    }
+
+    /// The accounts, `DU0000001` first.
+    pub fn accounts(&self) -> &[String] {
+        &self.accounts
+    }
+
+    /// Every contract: stocks first, then the option chains.
+    pub fn contracts(&self) -> &[SimContract] {
+        &self.contracts
+    }
+
+    /// The contract with id `con_id`.
+    pub fn contract(&self, con_id: i32) -> Option<&SimContract> {
+        self.index.get(&con_id).map(|&i| &self.contracts[i])
+    }
+
+    /// Sequence number of the last change.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether `account` exists.
+    pub fn has_account(&self, account: &str) -> bool {
+        self.accounts.iter().any(|a| a == account)
+    }
+
+    /// Open positions, sorted by (account, conId), optionally of one account.
+    pub fn positions(&self, account: Option<&str>) -> Vec<TruthPosition> {
+        self.holdings
+            .iter()
+            .filter(|((a, _), h)| h.quantity != 0.0 && account.is_none_or(|acct| acct == a))
+            .filter_map(|((a, con_id), h)| {
+                let index = *self.index.get(con_id)?;
+                Some(self.truth_position(a, index, h))
+            })
+            .collect()
+    }
+
+    /// The holding of `account` in `con_id`, quantity 0 when closed or never
+    /// held. The caller has checked both exist.
+    pub fn position(&self, account: &str, con_id: i32) -> TruthPosition {
+        let index = self.index.get(&con_id).copied().unwrap_or(0);
+        let holding = self
+            .holdings
+            .get(&(account.to_string(), con_id))
+            .cloned()
+            .unwrap_or_default();
+        self.truth_position(account, index, &holding)
+    }
+
+    fn truth_position(&self, account: &str, index: usize, h: &Holding) -> TruthPosition {
+        let pnl = self.figures(index, h);
+        TruthPosition {
+            account: account.to_string(),
+            contract: self.contracts[index].clone(),
+            quantity: h.quantity,
+            avg_cost: h.avg_cost,
+            market_price: self.price_of(index),
+            market_value: pnl.value,
+            unrealized_pnl: pnl.unrealized,
+            realized_pnl: pnl.realized,
+            daily_pnl: pnl.daily,
+        }
+    }
+
+    /// PnL figures of `account`'s holding of `con_id` (zeros when never held).
+    pub fn pnl(&self, account: &str, con_id: i32) -> PnlFigures {
+        let Some(&index) = self.index.get(&con_id) else {
+            return PnlFigures::default();
+        };
+        match self.holdings.get(&(account.to_string(), con_id)) {
+            Some(h) => self.figures(index, h),
+            None => PnlFigures::default(),
+        }
+    }
+
+    fn figures(&self, index: usize, h: &Holding) -> PnlFigures {
+        let value = h.quantity * self.price_of(index) * self.contracts[index].multiplier;
+        PnlFigures {
+            position: h.quantity,
+            daily: value - h.day_start_value - h.day_cash,
+            unrealized: if h.quantity == 0.0 {
+                0.0
+            } else {
+                value - h.quantity * h.avg_cost
+            },
+            realized: h.realized,
+            value,
+        }
+    }
+
+    /// Current price of one unit of contract `index` (multiplier excluded).
+    fn price_of(&self, index: usize) -> f64 {
+        let contract = &self.contracts[index];
+        let spot = self.spots[self.underlying[index]];
+        if contract.is_option() {
+            option_price(spot, contract.strike, contract.right == "C", self.years[index])
+        } else {
+            spot
+        }
+    }
+
+    fn locate(&self, account: &str, con_id: i32) -> Result<usize, SimError> {
+        if !self.has_account(account) {
+            return Err(SimError::UnknownAccount(account.to_string()));
+        }
+        self.index
+            .get(&con_id)
+            .copied()
+            .ok_or(SimError::UnknownContract(con_id))
+    }
+
+    /// A fill of `delta` (signed) at the current price: opens, grows, reduces,
+    /// closes or flips the position, and publishes the result.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn fill(&mut self, account: &str, con_id: i32, delta: f64) -> Result<PositionChange, SimError> {
+        let index = self.locate(account, con_id)?;
+        let unit = self.price_of(index) * self.contracts[index].multiplier;
+        let holding = self.holdings.entry((account.to_string(), con_id)).or_default();
+        apply_fill(holding, delta, unit);
+        Ok(self.publish(account, index))
+    }
+
+    /// Sets a position outright (quantity 0 closes it) and publishes it. The
+    /// holding's daily PnL restarts from the current price.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn set_position(
+        &mut self,
+        account: &str,
+        con_id: i32,
+        quantity: f64,
+        avg_cost: f64,
+    ) -> Result<PositionChange, SimError> {
+        let index = self.locate(account, con_id)?;
+        let unit = self.price_of(index) * self.contracts[index].multiplier;
+        let holding = self.holdings.entry((account.to_string(), con_id)).or_default();
+        holding.quantity = quantity;
+        holding.avg_cost = if quantity == 0.0 { 0.0 } else { avg_cost };
+        holding.day_start_value = quantity * unit;
+        holding.day_cash = 0.0;
+        Ok(self.publish(account, index))
+    }
+
+    fn publish(&mut self, account: &str, index: usize) -> PositionChange {
+        self.seq += 1;
+        let con_id = self.contracts[index].con_id;
+        let h = self
+            .holdings
+            .get(&(account.to_string(), con_id))
+            .cloned()
+            .unwrap_or_default();
+        let change = PositionChange {
+            seq: self.seq,
+            account: account.to_string(),
+            contract: self.contracts[index].clone(),
+            quantity: h.quantity,
+            avg_cost: h.avg_cost,
+        };
+        // No receiver is fine: nobody is connected.
+        let _ = self.events.send(change.clone());
+        change
+    }
+
+    /// One seeded random fill: opens a new position (30%), closes one (20%) or
+    /// changes one (50%).
+    pub fn random_fill(&mut self) -> Option<PositionChange> {
+        let open: Vec<(String, i32)> = self
+            .holdings
+            .iter()
+            .filter(|(_, h)| h.quantity != 0.0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let roll: f64 = self.fill_rng.gen();
+        if open.is_empty() || roll < 0.3 {
+            for _ in 0..20 {
+                let account = self.accounts[self.fill_rng.gen_range(0..self.accounts.len())].clone();
+                let index = self.fill_rng.gen_range(0..self.contracts.len());
+                let con_id = self.contracts[index].con_id;
+                if self
+                    .holdings
+                    .get(&(account.clone(), con_id))
+                    .is_some_and(|h| h.quantity != 0.0)
+                {
+                    continue;
+                }
+                let delta = random_quantity(&mut self.fill_rng, self.contracts[index].is_option());
+                return self.fill(&account, con_id, delta).ok();
+            }
+            return None;
+        }
+        let (account, con_id) = open[self.fill_rng.gen_range(0..open.len())].clone();
+        let quantity = self
+            .holdings
+            .get(&(account.clone(), con_id))
+            .map_or(0.0, |h| h.quantity);
+        let delta = if roll < 0.5 {
+            -quantity
+        } else {
+            let is_option = self.contract(con_id).is_some_and(SimContract::is_option);
+            random_quantity(&mut self.fill_rng, is_option)
+        };
+        self.fill(&account, con_id, delta).ok()
+    }
+
+    /// Moves every underlying's price one random-walk step.
+    pub fn step_prices(&mut self) {
+        for spot in &mut self.spots {
+            let step = self.price_rng.gen_range(-PRICE_STEP..PRICE_STEP);
+            *spot = round2((*spot * (1.0 + step)).max(0.5));
+        }
+    }
+}
+
+impl Default for PnlFigures {
+    fn default() -> Self {
+        Self {
+            position: 0.0,
+            daily: 0.0,
+            unrealized: 0.0,
+            realized: 0.0,
+            value: 0.0,
+        }
+    }
+}
+
+/// Applies a fill of `delta` units at `unit` (price × multiplier) to `h`.
+fn apply_fill(h: &mut Holding, delta: f64, unit: f64) {
+    if delta == 0.0 {
+        return;
+    }
+    let old = h.quantity;
+    let new = old + delta;
+    h.day_cash += delta * unit;
+    if old == 0.0 || old.signum() == delta.signum() {
+        h.avg_cost = (old * h.avg_cost + delta * unit) / new;
+    } else {
+        let closed = delta.abs().min(old.abs()) * old.signum();
+        h.realized += closed * (unit - h.avg_cost);
+        if new == 0.0 {
+            h.avg_cost = 0.0;
+        } else if new.signum() != old.signum() {
+            h.avg_cost = unit;
+        }
+    }
+    h.quantity = new;
+}
+
+/// A random non-zero quantity: 1–10 option contracts, or 1–500 shares (a
+/// tenth of them fractional), either side.
+fn random_quantity(rng: &mut SmallRng, is_option: bool) -> f64 {
+    let size = if is_option {
+        rng.gen_range(1..=10) as f64
+    } else if rng.gen_bool(0.1) {
+        rng.gen_range(1..=500) as f64 + 0.5
+    } else {
+        rng.gen_range(1..=500) as f64
+    };
+    if rng.gen_bool(0.7) {
+        size
+    } else {
+        -size
+    }
+}
+
+/// A toy option price: intrinsic value plus a bell-shaped time value.
+fn option_price(spot: f64, strike: f64, call: bool, years: f64) -> f64 {
+    let sd = VOLATILITY * years.max(1.0 / 365.0).sqrt();
+    let intrinsic = if call { spot - strike } else { strike - spot }.max(0.0);
+    let moneyness = (spot / strike).ln();
+    let time_value = 0.4 * spot * sd * (-(moneyness * moneyness) / (2.0 * sd * sd)).exp();
+    round2(intrinsic + time_value).max(0.01)
+}
+
+fn strike_step(spot: f64) -> f64 {
+    if spot < 25.0 {
+        1.0
+    } else if spot < 200.0 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+fn stock(con_id: i32, symbol: &str) -> SimContract {
+    let primary = match symbol {
+        "SPY" | "QQQ" | "IWM" | "DIA" => "ARCA",
+        "IBM" | "JPM" | "KO" | "XOM" => "NYSE",
+        _ => "NASDAQ",
+    };
+    SimContract {
+        con_id,
+        symbol: symbol.to_string(),
+        sec_type: "STK".to_string(),
+        expiry: String::new(),
+        strike: 0.0,
+        right: String::new(),
+        multiplier: 1.0,
+        exchange: "SMART".to_string(),
+        primary_exchange: primary.to_string(),
+        currency: "USD".to_string(),
+        local_symbol: symbol.to_string(),
+        trading_class: symbol.to_string(),
+    }
+}
+
+fn option(con_id: i32, symbol: &str, expiry: NaiveDate, strike: f64, right: &str) -> SimContract {
+    SimContract {
+        con_id,
+        symbol: symbol.to_string(),
+        sec_type: "OPT".to_string(),
+        expiry: expiry.format("%Y%m%d").to_string(),
+        strike,
+        right: right.to_string(),
+        multiplier: OPTION_MULTIPLIER,
+        exchange: "SMART".to_string(),
+        primary_exchange: String::new(),
+        currency: "USD".to_string(),
+        local_symbol: occ_symbol(symbol, expiry, right, strike),
+        trading_class: symbol.to_string(),
+    }
+}
+
+/// The OCC option symbol: root padded to 6, `YYMMDD`, right, strike × 1000 in 8 digits.
+fn occ_symbol(symbol: &str, expiry: NaiveDate, right: &str, strike: f64) -> String {
+    format!(
+        "{symbol:<6}{}{right}{:08}",
+        expiry.format("%y%m%d"),
+        (strike * 1000.0).round() as i64
+    )
+}
+
+/// The first `count` monthly expiries (third Fridays) strictly after `today`.
+fn third_fridays_after(today: NaiveDate, count: usize) -> Vec<NaiveDate> {
+    let mut out = Vec::with_capacity(count);
+    let (mut year, mut month) = (today.year(), today.month());
+    while out.len() < count {
+        if let Some(date) = NaiveDate::from_weekday_of_month_opt(year, month, Weekday::Fri, 3) {
+            if date > today {
+                out.push(date);
+            }
+        }
+        if month == 12 {
+            year += 1;
+            month = 1;
+        } else {
+            month += 1;
+        }
+    }
+    out
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day() -> Result<NaiveDate, SimError> {
+        NaiveDate::from_ymd_opt(2026, 1, 5).ok_or_else(|| SimError::InvalidConfig("date".into()))
+    }
+
+    #[test]
+    fn occ_symbols_are_padded() -> Result<(), SimError> {
+        let expiry = NaiveDate::from_ymd_opt(2026, 1, 16).ok_or_else(|| SimError::InvalidConfig("date".into()))?;
+        assert_eq!(occ_symbol("AAPL", expiry, "C", 150.0), "AAPL  260116C00150000");
+        assert_eq!(occ_symbol("SPY", expiry, "P", 452.5), "SPY   260116P00452500");
+        Ok(())
+    }
+
+    #[test]
+    fn third_fridays() -> Result<(), SimError> {
+        let dates = third_fridays_after(day()?, 2);
+        let text: Vec<String> = dates.iter().map(|d| d.to_string()).collect();
+        assert_eq!(text, ["2026-01-16", "2026-02-20"]);
+        Ok(())
+    }
+
+    #[test]
+    fn same_seed_same_world() -> Result<(), SimError> {
+        let config = SimConfig::for_tests();
+        let mut a = World::new_on(&config, day()?)?;
+        let mut b = World::new_on(&config, day()?)?;
+        assert_eq!(a.contracts(), b.contracts());
+        assert_eq!(a.positions(None), b.positions(None));
+        for _ in 0..50 {
+            assert_eq!(a.random_fill(), b.random_fill());
+            a.step_prices();
+            b.step_prices();
+        }
+        assert_eq!(a.positions(None), b.positions(None));
+        let other = World::new_on(&SimConfig { seed: 7, ..config }, day()?)?;
+        assert_ne!(other.positions(None), a.positions(None));
+        Ok(())
+    }
+
+    #[test]
+    fn fills_keep_ib_average_cost() {
+        let mut h = Holding::default();
+        apply_fill(&mut h, 2.0, 150.0);
+        apply_fill(&mut h, 2.0, 250.0);
+        assert_eq!((h.quantity, h.avg_cost), (4.0, 200.0));
+        apply_fill(&mut h, -1.0, 300.0);
+        assert_eq!((h.quantity, h.avg_cost, h.realized), (3.0, 200.0, 100.0));
+        apply_fill(&mut h, -5.0, 100.0);
+        assert_eq!((h.quantity, h.avg_cost, h.realized), (-2.0, 100.0, -200.0));
+        apply_fill(&mut h, 2.0, 90.0);
+        assert_eq!((h.quantity, h.avg_cost, h.realized), (0.0, 0.0, -180.0));
+    }
+
+    #[test]
+    fn initial_positions_include_options_with_multiplier() -> Result<(), SimError> {
+        let world = World::new_on(&SimConfig::for_tests(), day()?)?;
+        let positions = world.positions(None);
+        assert_eq!(positions.len(), 40);
+        let option = positions
+            .iter()
+            .find(|p| p.contract.is_option())
+            .ok_or_else(|| SimError::InvalidConfig("no option position".into()))?;
+        assert_eq!(option.contract.multiplier, 100.0);
+        // avgCost includes the multiplier: within 15% of price × 100.
+        let ratio = option.avg_cost / (option.market_price * 100.0);
+        assert!((0.84..1.16).contains(&ratio), "ratio {ratio}");
+        Ok(())
+    }
+}
