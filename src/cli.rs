@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "possync", version, about, long_about)]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `possync=debug,rdkafka=warn`.
-    #[arg(long, global = true, env = "POSSYNC_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "POSSYNC_LOG", default_value = "warn,possync=info")]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +25,9 @@ pub struct Cli {
 /// The processes of possync.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Everything in one process on the embedded default: IB simulator + embedded Kafka broker
+    /// + ingest + queue worker + materialize into local Delta tables (`./possync-data`).
+    Run(crate::run::RunArgs),
     /// IB Gateway simulator speaking the TWS socket protocol (server version ≥ 213).
     Sim(crate::sim::SimArgs),
     /// Kafka topics → Delta tables, exactly once (a consumer group; run several for more).
@@ -35,6 +38,9 @@ pub enum Command {
     /// IB positions → routed Avro events on Kafka (active: real time within the slot budget;
     /// queued: enqueue events for the queue worker).
     Ingest(crate::ingest::IngestArgs),
+    /// Drain the position queue: every tick, refresh the oldest pending items with snapshot
+    /// polls that use no streaming slot.
+    QueueWorker(crate::queue_worker::QueueWorkerArgs),
     /// Write or read the strategy registry (which strategies hold which contracts).
     Registry(crate::registry::RegistryArgs),
     /// Benchmarks (not tests): print throughput, CPU efficiency and latency figures.
@@ -49,10 +55,21 @@ pub enum Command {
 pub enum BenchCommand {
     /// Materializer: events/s, events per CPU-second, MB/s, produce → visible latency.
     Materialize(crate::materialize::bench::BenchMaterializeArgs),
+    /// Ingest: events/s from the simulator to Kafka acknowledgement, and the active route's
+    /// latency (IB frame → broker ack, p50/p99).
+    Ingest(crate::ingest::bench::BenchIngestArgs),
 }
 
 /// Sets up `tracing` to stderr with the given filter.
 pub fn init_tracing(filter: &str) {
+    // The Delta kernel logs every snapshot at INFO (several per second under materialize);
+    // keep it at WARN unless the filter names it.
+    let filter = if filter.contains("kernel") || filter.contains("deltalake") {
+        filter.to_string()
+    } else {
+        format!("{filter},buoyant_kernel=warn,deltalake_core=warn")
+    };
+    let filter = filter.as_str();
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("possync: bad --log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
@@ -94,6 +111,9 @@ pub fn install_signal_handlers(shutdown: CancellationToken) {
 /// Whatever the subcommand fails with, with context for the user.
 pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            crate::run::run(args.into(), shutdown).await?;
+        }
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
@@ -112,7 +132,14 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             crate::ingest::run((&args).into(), kafka, shutdown).await?
         }
+        Command::QueueWorker(args) => {
+            let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            crate::queue_worker::run((&args).into(), kafka, shutdown).await?
+        }
         Command::Registry(args) => crate::registry::commands::run(args).await?,
+        Command::Bench { which: BenchCommand::Ingest(args) } => {
+            println!("{}", crate::ingest::bench::run(args).await?);
+        }
         Command::Bench { which: BenchCommand::Materialize(args) } => {
             println!("{}", crate::materialize::bench::run(args).await?);
         }

@@ -14,6 +14,8 @@
 //! - [`sim`]: the IB Gateway simulator (TWS protocol, protobuf era).
 //! - [`registry`]: the strategy registry, event-sourced from its compacted topic.
 //! - [`ingest`]: IB positions → routed events on Kafka, within the streaming-slot budget.
+//! - [`queue_worker`]: drains the position queue with snapshot polls (no streaming slot).
+//! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   dead letters), exactly once; table maintenance and the materialize benchmark.
 
@@ -23,6 +25,8 @@ pub mod ingest;
 pub mod kafka;
 pub mod materialize;
 pub mod metrics;
+pub mod queue_worker;
 pub mod registry;
+pub mod run;
 pub mod schema;
 pub mod sim;

@@ -49,14 +49,38 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
     materialize::wait_caught_up(&env.base, &ns, &env.kafka, Duration::from_secs(60)).await?;
     check_exact(&env.base, &produced).await?;
 
-    // The stream goes on after poison; what is buffered at shutdown is committed.
+    // The stream goes on after poison.
     let mut out: Vec<_> = (0..500).map(|_| gen.position()).collect();
     out.push(gen.poison(0));
     out.push(gen.registry());
     produced.extend(produce(&producer, out).await?);
+    materialize::wait_caught_up(&env.base, &ns, &env.kafka, Duration::from_secs(60)).await?;
+    check_exact(&env.base, &produced).await?;
+    shutdown.cancel();
+    task.await??;
+
+    // What is buffered at shutdown is committed: a long flush latency, then cancel as soon
+    // as the materializer has consumed the tail.
+    let slow = materialize::MaterializeConfig {
+        flush_latency: Duration::from_secs(600),
+        ..env.config("g1")
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(materialize::Progress::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(materialize::run_with_progress(
+        slow,
+        env.kafka.clone(),
+        shutdown.clone(),
+        tx,
+    ));
     let tail: Vec<_> = (0..50).map(|_| gen.position()).collect();
     produced.extend(produce(&producer, tail).await?);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|p| p.consumed >= 50)).await??;
+    ensure!(
+        rx.borrow().flushes == 0 && rx.borrow().buffered == 50,
+        "tail already flushed: {:?}",
+        *rx.borrow()
+    );
     shutdown.cancel();
     task.await??;
     check_exact(&env.base, &produced).await?;
@@ -71,7 +95,10 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
         if let Some(m) = dlq.poll(Duration::from_millis(200)) {
             let m = m?;
             let headers = m.headers().expect("dead letters carry headers");
-            ensure!(headers.iter().any(|h| h.key == "possync.error"), "no possync.error header");
+            ensure!(
+                headers.iter().any(|h| h.key == "possync.error"),
+                "no possync.error header"
+            );
             seen += 1;
         }
     }
@@ -79,38 +106,58 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
 
     // Replay from offset 0 with a new group: nothing changes.
     let before = versions(&env.base).await?;
-    let replay_cfg = materialize::MaterializeConfig { replay_from_beginning: true, ..env.config("g2") };
+    let replay_cfg = materialize::MaterializeConfig {
+        replay_from_beginning: true,
+        ..env.config("g2")
+    };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(materialize::run(replay_cfg, env.kafka.clone(), shutdown.clone()));
     let probe: BaseConsumer = env.kafka.consumer("g2").create()?;
-    let parts: Vec<(String, i32)> = [&env.kafka.topics.active, &env.kafka.topics.queued, &env.kafka.topics.registry]
-        .iter()
-        .flat_map(|t| (0..3).map(|p| (t.to_string(), p)))
-        .collect();
-    wait_for("the replay to read every partition to its end", Duration::from_secs(60), || {
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in &parts {
-            tpl.add_partition(t, *p);
-        }
-        let committed = probe.committed_offsets(tpl, Duration::from_secs(5));
-        let ok = committed.map(|c| {
-            parts.iter().all(|(t, p)| {
-                let (_, high) = probe.fetch_watermarks(t, *p, Duration::from_secs(5)).unwrap_or((0, i64::MAX));
-                let off = c.find_partition(t, *p).map(|e| e.offset());
-                high == 0 || off == Some(rdkafka::Offset::Offset(high))
-            })
-        });
-        async move { Ok(ok.unwrap_or(false)) }
-    })
+    let parts: Vec<(String, i32)> = [
+        &env.kafka.topics.active,
+        &env.kafka.topics.queued,
+        &env.kafka.topics.registry,
+    ]
+    .iter()
+    .flat_map(|t| (0..3).map(|p| (t.to_string(), p)))
+    .collect();
+    wait_for(
+        "the replay to read every partition to its end",
+        Duration::from_secs(60),
+        || {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &parts {
+                tpl.add_partition(t, *p);
+            }
+            let committed = probe.committed_offsets(tpl, Duration::from_secs(5));
+            let ok = committed.map(|c| {
+                parts.iter().all(|(t, p)| {
+                    let (_, high) = probe
+                        .fetch_watermarks(t, *p, Duration::from_secs(5))
+                        .unwrap_or((0, i64::MAX));
+                    let off = c.find_partition(t, *p).map(|e| e.offset());
+                    high == 0 || off == Some(rdkafka::Offset::Offset(high))
+                })
+            });
+            async move { Ok(ok.unwrap_or(false)) }
+        },
+    )
     .await?;
     shutdown.cancel();
     task.await??;
-    ensure!(versions(&env.base).await? == before, "replay changed a table: {before:?} → {:?}", versions(&env.base).await?);
+    ensure!(
+        versions(&env.base).await? == before,
+        "replay changed a table: {before:?} → {:?}",
+        versions(&env.base).await?
+    );
     check_exact(&env.base, &produced).await?;
 
     // Every table opens in DuckDB's delta extension and in Python deltalake.
     let json = python_readers(&env.base)?;
-    let events = produced.iter().filter(|p| matches!(p.payload, Payload::Position(_))).count() as u64;
+    let events = produced
+        .iter()
+        .filter(|p| matches!(p.payload, Payload::Position(_)))
+        .count() as u64;
     let current = expected_current(&produced);
     let open = current.values().filter(|(_, pos)| *pos != 0.0).count() as u64;
     let expect = [
@@ -118,19 +165,43 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
         ("positions_current", current.len() as u64),
         ("position_queue", expected_queue(&produced).len() as u64),
         ("strategy_registry", expected_registry(&produced).len() as u64),
-        ("dead_letters", produced.iter().filter(|p| matches!(p.payload, Payload::Poison)).count() as u64),
+        (
+            "dead_letters",
+            produced.iter().filter(|p| matches!(p.payload, Payload::Poison)).count() as u64,
+        ),
     ];
     for (table, rows) in expect {
         let t = &json[table];
-        ensure!(t["duckdb_rows"] == rows && t["deltalake_rows"] == rows, "{table}: {t} (want {rows} rows)");
-        ensure!(t["min_reader_version"] == 1 && t["min_writer_version"] == 2, "{table} protocol: {t}");
+        ensure!(
+            t["duckdb_rows"] == rows && t["deltalake_rows"] == rows,
+            "{table}: {t} (want {rows} rows)"
+        );
+        ensure!(
+            t["min_reader_version"] == 1 && t["min_writer_version"] == 2,
+            "{table} protocol: {t}"
+        );
         for ty in t["timestamp_types"].as_array().expect("list") {
-            ensure!(ty.as_str().is_some_and(|s| s.contains("UTC")), "{table}: timestamp without UTC: {ty}");
+            ensure!(
+                ty.as_str().is_some_and(|s| s.contains("UTC")),
+                "{table}: timestamp without UTC: {ty}"
+            );
         }
     }
-    ensure!(json["position_events"]["duckdb_distinct_coordinates"] == events, "duplicate coordinates: {json}");
-    ensure!(json["position_events"]["partition_columns"][0] == "event_date", "not partitioned by event_date");
-    ensure!(json["position_events"]["duckdb_event_dates"].as_u64() > Some(1), "one event date only");
-    ensure!(json["positions_current"]["duckdb_open_positions"] == open, "open positions: {json}");
+    ensure!(
+        json["position_events"]["duckdb_distinct_coordinates"] == events,
+        "duplicate coordinates: {json}"
+    );
+    ensure!(
+        json["position_events"]["partition_columns"][0] == "event_date",
+        "not partitioned by event_date"
+    );
+    ensure!(
+        json["position_events"]["duckdb_event_dates"].as_u64() > Some(1),
+        "one event date only"
+    );
+    ensure!(
+        json["positions_current"]["duckdb_open_positions"] == open,
+        "open positions: {json}"
+    );
     Ok(())
 }

@@ -18,7 +18,10 @@ pub struct PosKey {
 impl PosKey {
     /// A key from its parts.
     pub fn new(account: impl Into<String>, con_id: i64) -> Self {
-        Self { account: account.into(), con_id }
+        Self {
+            account: account.into(),
+            con_id,
+        }
     }
 }
 
@@ -73,7 +76,12 @@ pub struct Pnl {
 impl From<&ibapi::accounts::PnLSingle> for Pnl {
     fn from(p: &ibapi::accounts::PnLSingle) -> Self {
         let set = |v: f64| (v.is_finite() && v.abs() < f64::MAX / 2.0).then_some(v);
-        Self { daily: set(p.daily_pnl), unrealized: set(p.unrealized_pnl), realized: set(p.realized_pnl), market_value: set(p.value) }
+        Self {
+            daily: set(p.daily_pnl),
+            unrealized: set(p.unrealized_pnl),
+            realized: set(p.realized_pnl),
+            market_value: set(p.value),
+        }
     }
 }
 
@@ -96,7 +104,13 @@ pub struct Held {
 impl Held {
     /// A position from an IB update.
     pub fn from_ib(contract: &ibapi::contracts::Contract, position: f64, avg_cost: f64) -> Self {
-        Self { contract: ContractInfo::from(contract), position, avg_cost, pnl: None, dirty: false }
+        Self {
+            contract: ContractInfo::from(contract),
+            position,
+            avg_cost,
+            pnl: None,
+            dirty: false,
+        }
     }
 
     /// Whether the position is open (non-zero quantity).
@@ -115,7 +129,14 @@ pub type Book = BTreeMap<PosKey, Held>;
 
 /// Builds the event for `held` (session id and sequence are stamped by the publisher).
 /// PnL figures travel on the active route only.
-pub fn event(key: &PosKey, held: &Held, route: Route, source: Source, strategies: Vec<String>, ib_time: i64) -> PositionEvent {
+pub fn event(
+    key: &PosKey,
+    held: &Held,
+    route: Route,
+    source: Source,
+    strategies: Vec<String>,
+    ib_time: i64,
+) -> PositionEvent {
     let pnl = if route == Route::Active { held.pnl } else { None };
     let c = &held.contract;
     PositionEvent {
@@ -154,31 +175,48 @@ mod tests {
 
     #[test]
     fn option_contract_maps_every_field_and_stock_leaves_option_fields_empty() {
-        let mut c = ibapi::contracts::Contract::default();
-        c.contract_id = 7;
-        c.symbol = "SPY".into();
-        c.security_type = ibapi::contracts::SecurityType::Option;
-        c.last_trade_date_or_contract_month = "20261218".into();
-        c.strike = 600.0;
-        c.right = Some(ibapi::contracts::OptionRight::Call);
-        c.multiplier = "100".into();
-        c.exchange = "SMART".into();
-        c.local_symbol = "SPY   261218C00600000".into();
-        c.trading_class = "SPY".into();
+        let c = ibapi::contracts::Contract {
+            contract_id: 7,
+            symbol: "SPY".into(),
+            security_type: ibapi::contracts::SecurityType::Option,
+            last_trade_date_or_contract_month: "20261218".into(),
+            strike: 600.0,
+            right: Some(ibapi::contracts::OptionRight::Call),
+            multiplier: "100".into(),
+            exchange: "SMART".into(),
+            local_symbol: "SPY   261218C00600000".into(),
+            trading_class: "SPY".into(),
+            ..Default::default()
+        };
         let info = ContractInfo::from(&c);
         assert_eq!(info.sec_type, "OPT");
         assert_eq!(info.right.as_deref(), Some("C"));
         assert_eq!(info.strike, Some(600.0));
         assert_eq!(info.multiplier.as_deref(), Some("100"));
-        let held = Held { contract: info, position: -2.5, avg_cost: 123.0, pnl: Some(Pnl { daily: Some(1.0), ..Pnl::default() }), dirty: false };
+        let held = Held {
+            contract: info,
+            position: -2.5,
+            avg_cost: 123.0,
+            pnl: Some(Pnl {
+                daily: Some(1.0),
+                ..Pnl::default()
+            }),
+            dirty: false,
+        };
         let key = PosKey::new("DU1", 7);
         let e = event(&key, &held, Route::Queued, Source::Stream, vec![], 1);
         assert_eq!(e.key(), "DU1:7");
         assert_eq!(e.daily_pnl, None, "no PnL on the queued route");
         assert!(PositionEvent::decode(&e.encode().unwrap()).is_ok());
 
-        let stock = ibapi::contracts::Contract { symbol: "IBM".into(), ..Default::default() };
+        let stock = ibapi::contracts::Contract {
+            symbol: "IBM".into(),
+            ..Default::default()
+        };
         let info = ContractInfo::from(&stock);
-        assert_eq!((info.expiry, info.strike, info.right, info.multiplier), (None, None, None, None));
+        assert_eq!(
+            (info.expiry, info.strike, info.right, info.multiplier),
+            (None, None, None, None)
+        );
     }
 }

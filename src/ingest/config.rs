@@ -37,8 +37,9 @@ pub struct IngestArgs {
     /// reading IB until acknowledgements free room (backpressure, bounded memory).
     #[arg(long, env = "POSSYNC_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
-    /// IB frames buffered per subscription while ingest waits on Kafka. If the buffer
-    /// overflows, ingest re-requests the position list and reconciles, so no change is lost.
+    /// IB frames buffered per subscription while ingest waits on Kafka (at least 64; keep it
+    /// well above the number of positions, whose list arrives in one burst). If it overflows,
+    /// ingest reconnects and reconciles, so the published state still converges to IB's.
     #[arg(long, env = "POSSYNC_IB_BUFFER", default_value_t = 16_384)]
     pub ib_buffer: usize,
     /// Messages per second ingest may send to IB (IB allows 50 per client; error 100 beyond).
@@ -47,6 +48,11 @@ pub struct IngestArgs {
     /// How long to wait for Kafka while reading the registry topic at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
+    /// At start, read the last published state back from the position topics, so the first
+    /// reconciliation closes positions that vanished while ingest was down and republishes
+    /// nothing unchanged. Costs one replay of both topics; `false` publishes everything again.
+    #[arg(long, env = "POSSYNC_RESUME", default_value_t = true, action = clap::ArgAction::Set)]
+    pub resume: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }
@@ -76,6 +82,8 @@ pub struct IngestConfig {
     pub ib_pacing: u32,
     /// Kafka timeout for the registry replay.
     pub kafka_timeout: Duration,
+    /// Resume from the last published state.
+    pub resume: bool,
     /// Record the active route's IB-to-ack latency (for `possync bench ingest`).
     pub record_latency: bool,
 }
@@ -94,6 +102,7 @@ impl Default for IngestConfig {
             ib_buffer: 16_384,
             ib_pacing: 40,
             kafka_timeout: Duration::from_secs(30),
+            resume: true,
             record_latency: false,
         }
     }
@@ -120,6 +129,7 @@ impl From<&IngestArgs> for IngestConfig {
             ib_buffer: a.ib_buffer,
             ib_pacing: a.ib_pacing,
             kafka_timeout: a.kafka_timeout,
+            resume: a.resume,
             record_latency: false,
         }
     }

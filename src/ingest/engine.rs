@@ -44,17 +44,27 @@ pub(crate) struct Engine {
     pub(crate) publisher: Publisher,
     /// The book reflects IB (a PositionEnd was seen on the current connection).
     pub(crate) synced: bool,
-    /// A resync (re-request the position list and reconcile) is needed.
+    /// A resync (re-request the position list on this connection and reconcile) is needed.
     pub(crate) resync_wanted: bool,
+    /// The session should end and reconnect (frames were lost: only a fresh connection's
+    /// list is known to be whole).
+    pub(crate) reconnect_wanted: Option<String>,
 }
 
 impl Engine {
-    pub(crate) fn new(registry: Registry, slots: Slots, publisher: Publisher) -> Self {
+    /// `book` and `active_routes` are the state last published (empty on a first start).
+    pub(crate) fn new(
+        registry: Registry,
+        slots: Slots,
+        publisher: Publisher,
+        book: Book,
+        active_routes: BTreeSet<PosKey>,
+    ) -> Self {
         Self {
             registry,
-            book: Book::new(),
+            book,
             covered: BTreeMap::new(),
-            active_routes: BTreeSet::new(),
+            active_routes,
             overflow: BTreeSet::new(),
             refused: HashSet::new(),
             plan: Plan::default(),
@@ -62,6 +72,7 @@ impl Engine {
             publisher,
             synced: false,
             resync_wanted: false,
+            reconnect_wanted: None,
         }
     }
 
@@ -102,15 +113,32 @@ impl Engine {
             .covered
             .iter()
             .filter(|(k, _)| !self.refused.contains(*k))
-            .map(|(k, c)| Candidate { key: k.clone(), priority: c.priority, holding: self.slots.holding(k) })
+            .map(|(k, c)| Candidate {
+                key: k.clone(),
+                priority: c.priority,
+                holding: self.slots.holding(k),
+            })
             .collect();
         self.plan = router::plan(self.slots.budget(), candidates);
     }
 
-    async fn emit(&mut self, key: &PosKey, held: &Held, route: Route, source: Source, observed: Option<Instant>) -> Result<(), IngestError> {
-        let strategies = self.registry.coverage(&key.account, key.con_id).map(|c| c.strategies).unwrap_or_default();
+    async fn emit(
+        &mut self,
+        key: &PosKey,
+        held: &Held,
+        route: Route,
+        source: Source,
+        observed: Option<Instant>,
+    ) -> Result<(), IngestError> {
+        let strategies = self
+            .registry
+            .coverage(&key.account, key.con_id)
+            .map(|c| c.strategies)
+            .unwrap_or_default();
         let ib_time = now_micros();
-        self.publisher.publish(book::event(key, held, route, source, strategies, ib_time), observed).await?;
+        self.publisher
+            .publish(book::event(key, held, route, source, strategies, ib_time), observed)
+            .await?;
         Ok(())
     }
 
@@ -160,7 +188,12 @@ impl Engine {
     }
 
     /// A live update of the positions subscription.
-    pub(crate) async fn on_stream(&mut self, client: &Arc<Client>, p: Position, observed: Instant) -> Result<(), IngestError> {
+    pub(crate) async fn on_stream(
+        &mut self,
+        client: &Arc<Client>,
+        p: Position,
+        observed: Instant,
+    ) -> Result<(), IngestError> {
         let key = PosKey::new(p.account.clone(), i64::from(p.contract.contract_id));
         let mut held = Held::from_ib(&p.contract, p.position, p.average_cost);
         match self.book.get(&key) {
@@ -204,7 +237,11 @@ impl Engine {
         for change in changes {
             match change {
                 Change::Snapshot(key, held) => {
-                    let route = if held.is_open() { self.plan.route(&key) } else { self.last_route(&key) };
+                    let route = if held.is_open() {
+                        self.plan.route(&key)
+                    } else {
+                        self.last_route(&key)
+                    };
                     self.emit(&key, &held, route, Source::Snapshot, None).await?;
                     if held.is_open() {
                         self.set_route(&key, route);
@@ -225,12 +262,22 @@ impl Engine {
                 }
             }
         }
-        tracing::info!(open = self.book.len(), snapshots, closes, covered = self.covered.len(), "positions reconciled with IB");
+        tracing::info!(
+            open = self.book.len(),
+            snapshots,
+            closes,
+            covered = self.covered.len(),
+            "positions reconciled with IB"
+        );
         self.apply_plan(Some(client), &touched).await
     }
 
     /// A registry change (applied at once; routes and slots follow when synced).
-    pub(crate) async fn on_registry(&mut self, client: Option<&Arc<Client>>, event: RegistryEvent) -> Result<(), IngestError> {
+    pub(crate) async fn on_registry(
+        &mut self,
+        client: Option<&Arc<Client>>,
+        event: RegistryEvent,
+    ) -> Result<(), IngestError> {
         if !self.registry.apply(&event) {
             return Ok(());
         }
@@ -253,13 +300,16 @@ impl Engine {
                 if !self.active_routes.contains(&key) {
                     return Ok(());
                 }
-                let Some(held) = self.book.get_mut(&key).filter(|h| h.is_open()) else { return Ok(()) };
+                let Some(held) = self.book.get_mut(&key).filter(|h| h.is_open()) else {
+                    return Ok(());
+                };
                 if held.pnl == Some(pnl) {
                     return Ok(());
                 }
                 held.pnl = Some(pnl);
                 let held = held.clone();
-                self.emit(&key, &held, Route::Active, Source::Pnl, Some(observed)).await?;
+                self.emit(&key, &held, Route::Active, Source::Pnl, Some(observed))
+                    .await?;
                 Ok(())
             }
             SlotEvent::Released { key, .. } => {
@@ -270,7 +320,12 @@ impl Engine {
                 self.compute_plan();
                 self.apply_plan(Some(client), &HashSet::new()).await
             }
-            SlotEvent::Ended { key, error, connection_lost, .. } => {
+            SlotEvent::Ended {
+                key,
+                error,
+                connection_lost,
+                ..
+            } => {
                 if connection_lost {
                     tracing::debug!(%key, %error, "PnL stream ended with the connection");
                     return Ok(());
@@ -288,31 +343,13 @@ impl Engine {
         match self.book.get_mut(&failure.key) {
             Some(h) => h.dirty = true,
             None => {
-                let e = &failure.event;
-                let contract = book::ContractInfo {
-                    symbol: e.symbol.clone(),
-                    sec_type: e.sec_type.clone(),
-                    expiry: e.expiry.clone(),
-                    strike: e.strike,
-                    right: e.right.clone(),
-                    multiplier: e.multiplier.clone(),
-                    exchange: e.exchange.clone(),
-                    currency: e.currency.clone(),
-                    local_symbol: e.local_symbol.clone(),
-                    trading_class: e.trading_class.clone(),
-                };
-                self.book.insert(failure.key, Held { contract, position: 0.0, avg_cost: e.avg_cost, pnl: None, dirty: true });
+                let mut held = super::resume::held_from_event(&failure.event);
+                held.position = 0.0;
+                held.dirty = true;
+                self.book.insert(failure.key, held);
             }
         }
         self.resync_wanted = true;
-    }
-
-    /// Stops every stream (IB lost market data: 1101); they restart as their slots free.
-    pub(crate) fn restart_streams(&mut self) {
-        let holders: Vec<PosKey> = self.slots.holders().cloned().collect();
-        for key in &holders {
-            self.slots.stop(key);
-        }
     }
 
     /// The connection is gone: streams with it; the book stays as the "before" of the next sync.
@@ -320,6 +357,7 @@ impl Engine {
         self.slots.reset();
         self.synced = false;
         self.resync_wanted = false;
+        self.reconnect_wanted = None;
     }
 
     /// One line of counts for the logs.

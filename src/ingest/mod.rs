@@ -17,13 +17,15 @@
 //! Files: [`config`] (flags), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
-//! connection and event loop).
+//! connection and event loop), [`resume`] (state after a restart), [`bench`] (`possync bench ingest`).
 
+pub mod bench;
 pub mod book;
 pub mod config;
 mod engine;
 pub mod publisher;
 pub mod reconcile;
+pub mod resume;
 pub mod router;
 mod session;
 pub mod slots;
@@ -66,13 +68,17 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Seeds the registry from the bootstrap file (if any), replays the registry topic, and
-    /// creates the producer.
+    /// Seeds the registry from the bootstrap file (if any), replays the registry topic (and,
+    /// with `resume`, the position topics), and creates the producer.
     ///
     /// # Errors
     /// [`IngestError::Registry`] when the registry topic cannot be read (is Kafka up, are the
     /// topics created?), [`IngestError::Publish`] when the producer cannot be created.
-    pub async fn start(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<Self, IngestError> {
+    pub async fn start(
+        cfg: IngestConfig,
+        kafka: KafkaConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, IngestError> {
         if let Some(path) = &cfg.registry_bootstrap {
             let n = registry::seed_from_file(&kafka, path, "ingest-bootstrap", cfg.kafka_timeout).await?;
             tracing::info!(file = %path.display(), seeded = n, "registry bootstrap file applied");
@@ -80,9 +86,26 @@ impl Ingest {
         let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
         tracing::info!(entries = registry.len(), "registry loaded");
         let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?;
+        let (book, active) = if cfg.resume {
+            let r = resume::load(&kafka, cfg.kafka_timeout).await?;
+            tracing::info!(
+                events = r.events,
+                open = r.book.len(),
+                active = r.active.len(),
+                "resumed the last published state from the position topics"
+            );
+            (r.book, r.active)
+        } else {
+            Default::default()
+        };
         let slots = slots::Slots::new(cfg.slot_budget);
-        let engine = engine::Engine::new(registry, slots, publisher);
-        Ok(Self { cfg, engine, registry_rx, shutdown })
+        let engine = engine::Engine::new(registry, slots, publisher, book, active);
+        Ok(Self {
+            cfg,
+            engine,
+            registry_rx,
+            shutdown,
+        })
     }
 
     /// The session id stamped on every event of this run.
@@ -104,12 +127,21 @@ impl Ingest {
         let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
         let mut first = true;
         let result = loop {
-            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &self.shutdown).await else { break Ok(()) };
+            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &self.shutdown).await else {
+                break Ok(());
+            };
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
             }
             first = false;
-            let end = session::run_session(&mut self.engine, &client, notices, &mut self.registry_rx, &self.shutdown).await;
+            let end = session::run_session(
+                &mut self.engine,
+                &client,
+                notices,
+                &mut self.registry_rx,
+                &self.shutdown,
+            )
+            .await;
             self.engine.disconnected();
             client.disconnect().await;
             match end {

@@ -76,7 +76,10 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::Kafka`] when librdkafka rejects the configuration.
     pub fn new(kafka: &KafkaConfig, max_in_flight: usize, record_latency: bool) -> Result<Self, PublishError> {
-        let producer: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create producer"))?;
+        let producer: FutureProducer = kafka
+            .producer()
+            .create()
+            .map_err(KafkaError::client("create producer"))?;
         let max_in_flight = max_in_flight.max(1);
         let (failures_tx, failures_rx) = mpsc::channel(max_in_flight);
         Ok(Self {
@@ -125,7 +128,12 @@ impl Publisher {
     /// [`PublishError::Encode`] or [`PublishError::Send`]; the sequence number is consumed
     /// only when the event was queued.
     pub async fn publish(&mut self, mut event: PositionEvent, observed: Option<Instant>) -> Result<i64, PublishError> {
-        let permit = self.permits.clone().acquire_owned().await.expect("publisher semaphore is never closed");
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("publisher semaphore is never closed");
         let sequence = self.next_sequence;
         event.session_id.clone_from(&self.session_id);
         event.sequence = sequence;
@@ -174,7 +182,14 @@ impl Publisher {
                 Err(error) => {
                     let key = PosKey::new(event.account.clone(), event.con_id);
                     tracing::warn!(%key, sequence, %error, "Kafka did not acknowledge an event; its position will be republished");
-                    let _ = failures.send(Failure { key, sequence, error, event }).await;
+                    let _ = failures
+                        .send(Failure {
+                            key,
+                            sequence,
+                            error,
+                            event,
+                        })
+                        .await;
                 }
             }
             drop(permit);

@@ -58,11 +58,20 @@ mod tests {
     use crate::ingest::book::ContractInfo;
 
     fn held(position: f64, avg: f64) -> Held {
-        Held { contract: ContractInfo::default(), position, avg_cost: avg, pnl: None, dirty: false }
+        Held {
+            contract: ContractInfo::default(),
+            position,
+            avg_cost: avg,
+            pnl: None,
+            dirty: false,
+        }
     }
 
     fn book(items: &[(i64, f64, f64)]) -> Book {
-        items.iter().map(|(c, p, a)| (PosKey::new("A", *c), held(*p, *a))).collect()
+        items
+            .iter()
+            .map(|(c, p, a)| (PosKey::new("A", *c), held(*p, *a)))
+            .collect()
     }
 
     #[test]
@@ -87,7 +96,9 @@ mod tests {
     fn zero_in_the_list_closes_an_open_position() {
         let before = book(&[(1, 2.0, 10.0)]);
         let after = book(&[(1, 0.0, 0.0)]);
-        assert!(matches!(&reconcile(&before, &after)[..], [Change::Snapshot(k, h)] if k.con_id == 1 && h.position == 0.0));
+        assert!(
+            matches!(&reconcile(&before, &after)[..], [Change::Snapshot(k, h)] if k.con_id == 1 && h.position == 0.0)
+        );
     }
 
     #[test]
@@ -96,6 +107,8 @@ mod tests {
         before.values_mut().for_each(|h| h.dirty = true);
         let after = book(&[(1, 2.0, 10.0)]);
         let changes = reconcile(&before, &after);
-        assert!(matches!(&changes[..], [Change::Snapshot(a, _), Change::Close(b, _)] if a.con_id == 1 && b.con_id == 2));
+        assert!(
+            matches!(&changes[..], [Change::Snapshot(a, _), Change::Close(b, _)] if a.con_id == 1 && b.con_id == 2)
+        );
     }
 }

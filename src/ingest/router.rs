@@ -44,7 +44,12 @@ impl Plan {
 
 /// Allocates at most `budget` slots among `candidates`.
 pub fn plan(budget: usize, mut candidates: Vec<Candidate>) -> Plan {
-    candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(b.holding.cmp(&a.holding)).then_with(|| a.key.cmp(&b.key)));
+    candidates.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(b.holding.cmp(&a.holding))
+            .then_with(|| a.key.cmp(&b.key))
+    });
     let mut p = Plan::default();
     for (i, c) in candidates.into_iter().enumerate() {
         if i < budget {
@@ -69,7 +74,11 @@ pub struct Moves {
 pub fn moves<'a>(plan: &Plan, held: impl IntoIterator<Item = &'a PosKey>) -> Moves {
     let held: BTreeSet<&PosKey> = held.into_iter().collect();
     Moves {
-        revoke: held.iter().filter(|k| !plan.active.contains(**k)).map(|k| (*k).clone()).collect(),
+        revoke: held
+            .iter()
+            .filter(|k| !plan.active.contains(**k))
+            .map(|k| (*k).clone())
+            .collect(),
         grant: plan.active.iter().filter(|k| !held.contains(k)).cloned().collect(),
     }
 }
@@ -79,7 +88,11 @@ mod tests {
     use super::*;
 
     fn c(account: &str, con: i64, priority: i32, holding: bool) -> Candidate {
-        Candidate { key: PosKey::new(account, con), priority, holding }
+        Candidate {
+            key: PosKey::new(account, con),
+            priority,
+            holding,
+        }
     }
 
     fn keys(s: &BTreeSet<PosKey>) -> Vec<i64> {
@@ -88,7 +101,15 @@ mod tests {
 
     #[test]
     fn budget_is_never_exceeded_and_priority_wins() {
-        let p = plan(2, vec![c("A", 1, 0, false), c("A", 2, 5, false), c("A", 3, 1, false), c("A", 4, 5, false)]);
+        let p = plan(
+            2,
+            vec![
+                c("A", 1, 0, false),
+                c("A", 2, 5, false),
+                c("A", 3, 1, false),
+                c("A", 4, 5, false),
+            ],
+        );
         assert_eq!(keys(&p.active), vec![2, 4]);
         assert_eq!(keys(&p.overflow), vec![1, 3]);
         assert_eq!(p.route(&PosKey::new("A", 2)), Route::Active);

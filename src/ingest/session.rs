@@ -30,8 +30,15 @@ pub(crate) enum SessionEnd {
     Disconnected(String),
 }
 
+/// The smallest per-subscription IB buffer: a position list arrives in one burst.
+const MIN_IB_BUFFER: usize = 64;
+
 /// Connects to IB, retrying with exponential backoff until it works or `shutdown`.
-pub(crate) async fn connect(cfg: &IngestConfig, limiter: &RateLimiter, shutdown: &CancellationToken) -> Option<(Arc<Client>, NoticeStream)> {
+pub(crate) async fn connect(
+    cfg: &IngestConfig,
+    limiter: &RateLimiter,
+    shutdown: &CancellationToken,
+) -> Option<(Arc<Client>, NoticeStream)> {
     let address = cfg.ib_address();
     let mut delay = cfg.reconnect_initial;
     let mut attempt = 1u64;
@@ -40,7 +47,7 @@ pub(crate) async fn connect(cfg: &IngestConfig, limiter: &RateLimiter, shutdown:
             .address(address.clone())
             .client_id(cfg.client_id)
             .max_reconnect_attempts(0)
-            .channel_capacity(cfg.ib_buffer.max(1))
+            .channel_capacity(cfg.ib_buffer.max(MIN_IB_BUFFER))
             .rate_limiter(limiter.clone())
             .connect_with_notice_stream();
         let outcome = tokio::select! {
@@ -55,7 +62,9 @@ pub(crate) async fn connect(cfg: &IngestConfig, limiter: &RateLimiter, shutdown:
             Ok(Err(ibapi::Error::ClientIdInUse { .. })) => {
                 tracing::warn!(%address, client_id = cfg.client_id, attempt, retry_in = ?delay, "IB says client id in use (326); if the old session is still closing this clears by itself, otherwise give ingest another --client-id");
             }
-            Ok(Err(e)) => tracing::warn!(%address, attempt, retry_in = ?delay, error = %e, "cannot connect to IB; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(%address, attempt, retry_in = ?delay, error = %e, "cannot connect to IB; retrying")
+            }
             Err(_) => tracing::warn!(%address, attempt, retry_in = ?delay, "IB handshake timed out; retrying"),
         }
         tokio::select! {
@@ -81,7 +90,12 @@ pub(crate) async fn run_session(
 ) -> Result<SessionEnd, IngestError> {
     let mut positions = match client.positions().await {
         Ok(p) => p,
-        Err(e) => return Ok(SessionEnd::Disconnected(format!("positions request failed: {}", describe(&e)))),
+        Err(e) => {
+            return Ok(SessionEnd::Disconnected(format!(
+                "positions request failed: {}",
+                describe(&e)
+            )))
+        }
     };
     // Some(book) while the position list is being received (until PositionEnd).
     let mut snapshot: Option<Book> = Some(Book::new());
@@ -89,14 +103,23 @@ pub(crate) async fn run_session(
     stats.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut registry_open = true;
     loop {
+        if let Some(why) = engine.reconnect_wanted.take() {
+            return Ok(SessionEnd::Disconnected(why));
+        }
         if engine.resync_wanted && snapshot.is_none() {
+            // IB re-sends the whole list (then PositionEnd) to the open positions stream; the
+            // extra handle is dropped at once (the shared stream stays subscribed).
             engine.resync_wanted = false;
             tracing::info!("re-requesting the position list to reconcile");
-            positions.cancel().await;
-            positions = match client.positions().await {
-                Ok(p) => p,
-                Err(e) => return Ok(SessionEnd::Disconnected(format!("positions re-request failed: {}", describe(&e)))),
-            };
+            match client.positions().await {
+                Ok(extra) => drop(extra),
+                Err(e) => {
+                    return Ok(SessionEnd::Disconnected(format!(
+                        "positions re-request failed: {}",
+                        describe(&e)
+                    )))
+                }
+            }
             snapshot = Some(Book::new());
         }
         tokio::select! {
@@ -127,8 +150,10 @@ pub(crate) async fn run_session(
                         }
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
-                        tracing::warn!(message = %n.message, "position updates overflowed the IB buffer while Kafka was slow; resyncing the full list (raise --ib-buffer to avoid)");
-                        engine.resync_wanted = true;
+                        // Frames were dropped (possibly a PositionEnd): only a fresh connection
+                        // gives a list that is known to be whole.
+                        tracing::warn!(message = %n.message, "position updates overflowed the IB buffer while Kafka was slow; reconnecting to reconcile (raise --ib-buffer to avoid)");
+                        engine.reconnect_wanted = Some("IB buffer overflow".into());
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "positions notice"),
                     Some(Err(e)) => return Ok(SessionEnd::Disconnected(format!("positions stream: {}", describe(&e)))),
@@ -146,19 +171,20 @@ pub(crate) async fn run_session(
 
 fn on_notice(engine: &mut Engine, n: &ibapi::Notice) {
     match n.code {
-        1100 => tracing::warn!(code = n.code, message = %n.message, "IB lost connectivity to its servers; positions may be stale until 1101/1102"),
+        1100 => {
+            tracing::warn!(code = n.code, message = %n.message, "IB lost connectivity to its servers; positions may be stale until 1101/1102")
+        }
         1101 => {
-            tracing::warn!(code = n.code, message = %n.message, "IB connectivity restored, market data lost: restarting PnL streams and reconciling positions");
-            engine.restart_streams();
-            engine.resync_wanted = true;
+            tracing::warn!(code = n.code, message = %n.message, "IB connectivity restored, market data lost: reconnecting to resubscribe and reconcile");
+            engine.reconnect_wanted = Some("IB lost market data (1101)".into());
         }
         1102 => {
             tracing::info!(code = n.code, message = %n.message, "IB connectivity restored, data kept: reconciling positions");
             engine.resync_wanted = true;
         }
         ibapi::NOTICE_STREAM_LAG_CODE => {
-            tracing::warn!(message = %n.message, "missed IB notices; reconciling positions");
-            engine.resync_wanted = true;
+            tracing::warn!(message = %n.message, "missed IB notices; reconnecting to reconcile");
+            engine.reconnect_wanted = Some("missed IB notices".into());
         }
         code if (2100..=2199).contains(&code) => tracing::debug!(code, message = %n.message, "IB notice"),
         code => tracing::warn!(code, message = %n.message, "IB notice"),

@@ -26,17 +26,29 @@ use crate::metrics;
 #[derive(Debug)]
 pub enum SlotEvent {
     /// The latest PnL figures of a held position.
-    Tick { key: PosKey, id: u64, pnl: Pnl, observed: Instant },
+    Tick {
+        key: PosKey,
+        id: u64,
+        pnl: Pnl,
+        observed: Instant,
+    },
     /// The stream was cancelled at IB on request; its slot is free.
     Released { key: PosKey, id: u64 },
     /// The stream ended by itself (refused, or the connection dropped); its slot is free.
-    Ended { key: PosKey, id: u64, error: String, connection_lost: bool },
+    Ended {
+        key: PosKey,
+        id: u64,
+        error: String,
+        connection_lost: bool,
+    },
 }
 
 impl SlotEvent {
     fn ident(&self) -> (&PosKey, u64) {
         match self {
-            SlotEvent::Tick { key, id, .. } | SlotEvent::Released { key, id } | SlotEvent::Ended { key, id, .. } => (key, *id),
+            SlotEvent::Tick { key, id, .. } | SlotEvent::Released { key, id } | SlotEvent::Ended { key, id, .. } => {
+                (key, *id)
+            }
         }
     }
 }
@@ -63,7 +75,13 @@ impl Slots {
         let (events_tx, events_rx) = mpsc::channel(256);
         metrics::global().slot_budget.store(budget as i64, Relaxed);
         metrics::global().slots_in_use.store(0, Relaxed);
-        Self { budget, slots: HashMap::new(), next_id: 1, events_tx, events_rx }
+        Self {
+            budget,
+            slots: HashMap::new(),
+            next_id: 1,
+            events_tx,
+            events_rx,
+        }
     }
 
     /// The budget.
@@ -94,8 +112,23 @@ impl Slots {
         let id = self.next_id;
         self.next_id += 1;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(stream_task(client.clone(), key.clone(), id, stop.clone(), self.events_tx.clone())).abort_handle();
-        self.slots.insert(key, Slot { id, stop, task, stopping: false });
+        let task = tokio::spawn(stream_task(
+            client.clone(),
+            key.clone(),
+            id,
+            stop.clone(),
+            self.events_tx.clone(),
+        ))
+        .abort_handle();
+        self.slots.insert(
+            key,
+            Slot {
+                id,
+                stop,
+                task,
+                stopping: false,
+            },
+        );
         self.gauge();
         true
     }
@@ -147,14 +180,27 @@ impl Drop for Slots {
 }
 
 async fn stream_task(client: Arc<Client>, key: PosKey, id: u64, stop: CancellationToken, tx: mpsc::Sender<SlotEvent>) {
-    let ended = |error: String, connection_lost: bool| SlotEvent::Ended { key: key.clone(), id, error, connection_lost };
+    let ended = |error: String, connection_lost: bool| SlotEvent::Ended {
+        key: key.clone(),
+        id,
+        error,
+        connection_lost,
+    };
     let Ok(con_id) = i32::try_from(key.con_id) else {
-        let _ = tx.send(ended(format!("conId {} does not fit IB's 32-bit contract id", key.con_id), false)).await;
+        let _ = tx
+            .send(ended(
+                format!("conId {} does not fit IB's 32-bit contract id", key.con_id),
+                false,
+            ))
+            .await;
         return;
     };
     // Not raced against `stop`: dropping a half-sent request would leave the cancel to a
     // detached task, and the slot must stay counted until the cancel is written.
-    let mut sub = match client.pnl_single(&AccountId(key.account.clone()), ContractId(con_id), None).await {
+    let mut sub = match client
+        .pnl_single(&AccountId(key.account.clone()), ContractId(con_id), None)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             let _ = tx.send(ended(e.to_string(), e.is_connection_lost())).await;

@@ -67,8 +67,17 @@ pub struct BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "materialize benchmark: {} events, {:.1} MB of Kafka values", self.events, self.bytes as f64 / 1e6)?;
-        writeln!(f, "  steady:  {:.0} events/s, {:.0} events per CPU-second, {:.1} MB/s", self.steady_events_per_s, self.steady_events_per_cpu_s, self.steady_mb_per_s)?;
+        writeln!(
+            f,
+            "materialize benchmark: {} events, {:.1} MB of Kafka values",
+            self.events,
+            self.bytes as f64 / 1e6
+        )?;
+        writeln!(
+            f,
+            "  steady:  {:.0} events/s, {:.0} events per CPU-second, {:.1} MB/s",
+            self.steady_events_per_s, self.steady_events_per_cpu_s, self.steady_mb_per_s
+        )?;
         writeln!(
             f,
             "  overall: {:.1} s wall, {:.2} CPU-s (incl. start-up and group join): {:.0} events per CPU-second",
@@ -97,7 +106,7 @@ pub fn synthetic_event(i: u64, k: u64, route: Route, session: &str) -> PositionE
         sec_type: "OPT".into(),
         expiry: Some("20261218".into()),
         strike: Some(400.0 + (k % 50) as f64 * 5.0),
-        right: Some(if k % 2 == 0 { "C" } else { "P" }.into()),
+        right: Some(if k.is_multiple_of(2) { "C" } else { "P" }.into()),
         multiplier: Some("100".into()),
         exchange: "SMART".into(),
         currency: "USD".into(),
@@ -116,7 +125,11 @@ pub fn synthetic_event(i: u64, k: u64, route: Route, session: &str) -> PositionE
             (Route::Queued, 0) => Source::Snapshot,
             (Route::Queued, _) => Source::Poll,
         },
-        strategies: if route == Route::Active { vec!["wheel".into()] } else { vec![] },
+        strategies: if route == Route::Active {
+            vec!["wheel".into()]
+        } else {
+            vec![]
+        },
         ib_time: now - 1_000,
         ingest_time: now,
     }
@@ -125,7 +138,11 @@ pub fn synthetic_event(i: u64, k: u64, route: Route, session: &str) -> PositionE
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
 }
 
 /// CPU seconds (user + system) used so far by process `pid`.
@@ -153,22 +170,37 @@ impl Drop for Child2 {
 /// Kafka, table or process errors.
 pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeError> {
     let tmp = std::env::temp_dir().join(format!("possync-bench-{}", new_id()));
-    let table_uri = args.table_uri.clone().unwrap_or_else(|| tmp.to_string_lossy().into_owned());
+    let table_uri = args
+        .table_uri
+        .clone()
+        .unwrap_or_else(|| tmp.to_string_lossy().into_owned());
     let broker = EmbeddedBroker::start(1)?;
     let kafka = KafkaConfig::new(broker.bootstrap());
-    let sample = synthetic_event(0, 0, Route::Active, "s").encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
+    let sample = synthetic_event(0, 0, Route::Active, "s")
+        .encode()
+        .map_err(|e| MaterializeError::Task(e.to_string()))?;
     let per_topic_bytes = args.events / 2 * (sample.len() as u64 + 80);
     let partitions = args.partitions.max((per_topic_bytes / (4 << 20)) as i32 + 1);
     broker.create_topics(&kafka.topics, partitions)?;
-    let producer: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create producer"))?;
+    let producer: FutureProducer = kafka
+        .producer()
+        .create()
+        .map_err(KafkaError::client("create producer"))?;
     let session = new_id();
 
-    eprintln!("pre-filling {} events over 2 x {partitions} partitions ...", args.events);
+    eprintln!(
+        "pre-filling {} events over 2 x {partitions} partitions ...",
+        args.events
+    );
     let mut bytes = 0u64;
     let mut pending = Vec::new();
     for i in 0..args.events {
         let route = if i % 2 == 0 { Route::Active } else { Route::Queued };
-        let topic = if route == Route::Active { &kafka.topics.active } else { &kafka.topics.queued };
+        let topic = if route == Route::Active {
+            &kafka.topics.active
+        } else {
+            &kafka.topics.queued
+        };
         let e = synthetic_event(i, i % args.keys.max(1), route, &session);
         let v = e.encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
         bytes += v.len() as u64;
@@ -186,7 +218,15 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     let exe = std::env::current_exe().map_err(|e| MaterializeError::Task(format!("own executable: {e}")))?;
     let started = Instant::now();
     let child = Command::new(exe)
-        .args(["materialize", "--brokers", broker.bootstrap(), "--table-uri", &table_uri, "--group", "bench"])
+        .args([
+            "materialize",
+            "--brokers",
+            broker.bootstrap(),
+            "--table-uri",
+            &table_uri,
+            "--group",
+            "bench",
+        ])
         .arg("--flush-latency")
         .arg(humantime::format_duration(args.flush_latency).to_string())
         .env("POSSYNC_LOG", "warn")
@@ -196,12 +236,16 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     let child = Child2(child);
     let pid = child.0.id();
     let ns = super::offsets::namespace(&kafka, None).await?;
-    let parts: Vec<(String, i32)> =
-        [&kafka.topics.active, &kafka.topics.queued].iter().flat_map(|t| (0..partitions).map(|p| (t.to_string(), p))).collect();
+    let parts: Vec<(String, i32)> = [&kafka.topics.active, &kafka.topics.queued]
+        .iter()
+        .flat_map(|t| (0..partitions).map(|p| (t.to_string(), p)))
+        .collect();
     let mut events_table = loop {
         match Table::open(&table_uri, TableKind::PositionEvents).await {
             Ok(t) => break t,
-            Err(_) if started.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
             Err(e) => return Err(e.into()),
         }
     };
@@ -211,7 +255,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         events_table.refresh().await?;
         let mut committed = 0u64;
         for (t, p) in &parts {
-            committed += events_table.txn_version(&app_id(&ns, t, *p)).await?.map_or(0, |v| v as u64 + 1);
+            committed += events_table
+                .txn_version(&app_id(&ns, t, *p))
+                .await?
+                .map_or(0, |v| v as u64 + 1);
         }
         let cpu = process_cpu_seconds(pid).unwrap_or_default();
         if first.is_none() && committed > 0 {
@@ -221,7 +268,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
             break (Instant::now(), cpu);
         }
         if Instant::now() > deadline {
-            return Err(MaterializeError::Timeout(format!("materialized {committed} of {} events", args.events)));
+            return Err(MaterializeError::Timeout(format!(
+                "materialized {committed} of {} events",
+                args.events
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -249,15 +299,22 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     for i in 0..n {
         tokio::time::sleep_until(phase_start + interval.mul_f64(i as f64)).await;
         let route = if i % 2 == 0 { Route::Active } else { Route::Queued };
-        let topic = if route == Route::Active { kafka.topics.active.clone() } else { kafka.topics.queued.clone() };
+        let topic = if route == Route::Active {
+            kafka.topics.active.clone()
+        } else {
+            kafka.topics.queued.clone()
+        };
         let e = synthetic_event(args.events + i, i % args.keys.max(1), route, &session);
         let at = e.ingest_time;
         let v = e.encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
         let p = producer.clone();
         let key = e.key();
         acks.push(tokio::spawn(async move {
-            let r = p.send(FutureRecord::to(&topic).key(&key).payload(&v), Duration::from_secs(30)).await;
-            r.map(|d| (topic, d.partition, d.offset, at)).map_err(|(e, _)| e.to_string())
+            let r = p
+                .send(FutureRecord::to(&topic).key(&key).payload(&v), Duration::from_secs(30))
+                .await;
+            r.map(|d| (topic, d.partition, d.offset, at))
+                .map_err(|(e, _)| e.to_string())
         }));
     }
     for a in acks {
@@ -270,7 +327,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         events_table.refresh().await?;
         let mut committed = 0u64;
         for (t, p) in &parts {
-            committed += events_table.txn_version(&app_id(&ns, t, *p)).await?.map_or(0, |v| v as u64 + 1);
+            committed += events_table
+                .txn_version(&app_id(&ns, t, *p))
+                .await?
+                .map_or(0, |v| v as u64 + 1);
         }
         if committed >= total || Instant::now() > deadline {
             break;
@@ -282,7 +342,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         .iter()
         .filter_map(|(t, p, off, at)| {
             let id = app_id(&ns, t, *p);
-            visible.iter().find(|(_, txns)| txns.get(&id).is_some_and(|v| v >= off)).map(|(ts, _)| (*ts * 1000 - at) as f64 / 1000.0)
+            visible
+                .iter()
+                .find(|(_, txns)| txns.get(&id).is_some_and(|v| v >= off))
+                .map(|(ts, _)| (*ts * 1000 - at) as f64 / 1000.0)
         })
         .collect();
     lat.sort_by(f64::total_cmp);
@@ -303,10 +366,19 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
 }
 
 async fn send(p: &FutureProducer, topic: &str, key: String, value: Vec<u8>) -> Result<(), MaterializeError> {
-    p.send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(60))
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| KafkaError::Client { context: format!("produce to {topic}"), source: e }.into())
+    p.send(
+        FutureRecord::to(topic).key(&key).payload(&value),
+        Duration::from_secs(60),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|(e, _)| {
+        KafkaError::Client {
+            context: format!("produce to {topic}"),
+            source: e,
+        }
+        .into()
+    })
 }
 
 /// (commit timestamp ms, txn versions) of every commit from `from` on, in order.
@@ -326,7 +398,15 @@ async fn commit_times(t: &Table, from: i64, _ns: &str) -> Result<Vec<(i64, HashM
     let store = t.delta.log_store();
     let mut out = Vec::new();
     for v in from..=t.version() {
-        let Some(bytes) = store.read_commit_entry(v as u64).await.map_err(|source| super::tables::TableError::Delta { table: "position_events", source })? else {
+        let Some(bytes) =
+            store
+                .read_commit_entry(v as u64)
+                .await
+                .map_err(|source| super::tables::TableError::Delta {
+                    table: "position_events",
+                    source,
+                })?
+        else {
             continue;
         };
         let mut ts = 0;
@@ -334,7 +414,10 @@ async fn commit_times(t: &Table, from: i64, _ns: &str) -> Result<Vec<(i64, HashM
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             if let Ok(l) = serde_json::from_slice::<Line>(line) {
                 if let Some(ci) = l.commit_info {
-                    ts = ci.get("timestamp").and_then(serde_json::Value::as_i64).unwrap_or_default();
+                    ts = ci
+                        .get("timestamp")
+                        .and_then(serde_json::Value::as_i64)
+                        .unwrap_or_default();
                 }
                 if let Some(x) = l.txn {
                     txns.insert(x.app_id, x.version);

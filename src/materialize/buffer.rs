@@ -70,18 +70,13 @@ pub struct FrozenPartition {
 }
 
 /// The buffers of every assigned partition.
+#[derive(Default)]
 pub struct Buffers {
     parts: HashMap<(Role, i32), PartitionBuffer>,
     scratch: Scratch,
     messages: usize,
     bytes: usize,
     oldest: Option<Instant>,
-}
-
-impl Default for Buffers {
-    fn default() -> Self {
-        Self { parts: HashMap::new(), scratch: Scratch::default(), messages: 0, bytes: 0, oldest: None }
-    }
 }
 
 /// One consumed message, borrowed from the consumer.
@@ -116,15 +111,18 @@ impl Buffers {
     /// Returns the dead-letter reason, if any.
     pub fn push(&mut self, m: &Incoming<'_>) -> Option<String> {
         let layout = m.role.layout();
-        let buf = self.parts.entry((m.role, m.partition)).or_insert_with(|| PartitionBuffer {
-            topic: m.topic.into(),
-            partition: m.partition,
-            role: m.role,
-            rows: ArrowRows::new(layout.clone(), 1024),
-            dead: Vec::new(),
-            first_offset: None,
-            last_offset: -1,
-        });
+        let buf = self
+            .parts
+            .entry((m.role, m.partition))
+            .or_insert_with(|| PartitionBuffer {
+                topic: m.topic.into(),
+                partition: m.partition,
+                role: m.role,
+                rows: ArrowRows::new(layout.clone(), 1024),
+                dead: Vec::new(),
+                first_offset: None,
+                last_offset: -1,
+            });
         let size = m.value.map_or(0, <[u8]>::len) + m.key.map_or(0, <[u8]>::len);
         self.messages += 1;
         self.bytes += size;
@@ -134,14 +132,22 @@ impl Buffers {
         let result = match m.value {
             None => Err(DecodeError::NoValue),
             Some(v) => layout.plan.decode(v, &mut self.scratch).and_then(|payload| {
-                let d = Decoded { plan: &layout.plan, payload, scratch: &self.scratch };
+                let d = Decoded {
+                    plan: &layout.plan,
+                    payload,
+                    scratch: &self.scratch,
+                };
                 validate(m, &d).map_err(DecodeError::Invalid)?;
                 Ok(payload)
             }),
         };
         match result {
             Ok(payload) => {
-                let d = Decoded { plan: &layout.plan, payload, scratch: &self.scratch };
+                let d = Decoded {
+                    plan: &layout.plan,
+                    payload,
+                    scratch: &self.scratch,
+                };
                 buf.rows.append(&d, m.offset, m.timestamp);
                 None
             }
@@ -183,7 +189,9 @@ impl Buffers {
     pub fn freeze(&mut self) -> Result<Vec<FrozenPartition>, ArrowError> {
         let mut out = Vec::new();
         for b in self.parts.values_mut() {
-            let Some(first_offset) = b.first_offset.take() else { continue };
+            let Some(first_offset) = b.first_offset.take() else {
+                continue;
+            };
             out.push(FrozenPartition {
                 topic: b.topic.clone(),
                 partition: b.partition,
@@ -202,40 +210,78 @@ impl Buffers {
     }
 }
 
+/// Field indices the contract checks use, resolved once per plan.
+struct Fields {
+    route: usize,
+    account: usize,
+    con_id: usize,
+    event_id: usize,
+    position: usize,
+    avg_cost: usize,
+    strategy: usize,
+    registry_con_id: usize,
+}
+
+fn fields() -> &'static Fields {
+    static F: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let p = &position_events_layout().plan;
+        let r = &registry_layout().plan;
+        let i = |plan: &super::decode::RecordPlan, n: &str| plan.index(n).unwrap_or_else(|| panic!("schema has {n}"));
+        Fields {
+            route: i(p, "route"),
+            account: i(p, "account"),
+            con_id: i(p, "con_id"),
+            event_id: i(p, "event_id"),
+            position: i(p, "position"),
+            avg_cost: i(p, "avg_cost"),
+            strategy: i(r, "strategy"),
+            registry_con_id: i(r, "con_id"),
+        }
+    })
+}
+
 /// Contract rules beyond the schema; a breach sends the message to the dead letters.
 fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
-    let plan = d.plan;
-    let s = |n: &str| plan.index(n).and_then(|i| d.str(i)).unwrap_or_default();
-    let l = |n: &str| plan.index(n).and_then(|i| d.long(i)).unwrap_or_default();
-    let f = |n: &str| plan.index(n).and_then(|i| d.double(i)).unwrap_or(f64::NAN);
+    let f = fields();
     match m.role {
         Role::Active | Role::Queued => {
             let want = if m.role == Role::Active { "ACTIVE" } else { "QUEUED" };
-            let route = s("route");
+            let route = d.str(f.route).unwrap_or_default();
             if route != want {
                 return Err(format!("route {route} on the {want} topic {}", m.topic));
             }
-            let (account, con_id) = (s("account"), l("con_id"));
+            let (account, con_id) = (
+                d.str(f.account).unwrap_or_default(),
+                d.long(f.con_id).unwrap_or_default(),
+            );
             if account.is_empty() || con_id <= 0 {
                 return Err(format!("bad key fields account={account:?} con_id={con_id}"));
             }
-            if s("event_id").is_empty() {
+            if d.str(f.event_id).unwrap_or_default().is_empty() {
                 return Err("empty event_id".into());
             }
-            for n in ["position", "avg_cost"] {
-                if !f(n).is_finite() {
+            for (n, i) in [("position", f.position), ("avg_cost", f.avg_cost)] {
+                if !d.double(i).unwrap_or(f64::NAN).is_finite() {
                     return Err(format!("{n} is not a finite number"));
                 }
             }
             if let Some(key) = m.key {
                 if !key_matches(key, account, con_id) {
-                    return Err(format!("key {:?} is not {account}:{con_id}", String::from_utf8_lossy(key)));
+                    return Err(format!(
+                        "key {:?} is not {account}:{con_id}",
+                        String::from_utf8_lossy(key)
+                    ));
                 }
             }
         }
         Role::Registry => {
-            if s("strategy").is_empty() || l("con_id") <= 0 {
-                return Err(format!("bad key fields strategy={:?} con_id={}", s("strategy"), l("con_id")));
+            let (strategy, con_id) = (
+                d.str(f.strategy).unwrap_or_default(),
+                d.long(f.registry_con_id).unwrap_or_default(),
+            );
+            if strategy.is_empty() || con_id <= 0 {
+                return Err(format!("bad key fields strategy={strategy:?} con_id={con_id}"));
             }
         }
     }
@@ -243,9 +289,14 @@ fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
 }
 
 fn key_matches(key: &[u8], account: &str, con_id: i64) -> bool {
-    let Some(colon) = key.iter().rposition(|b| *b == b':') else { return false };
+    let Some(colon) = key.iter().rposition(|b| *b == b':') else {
+        return false;
+    };
     &key[..colon] == account.as_bytes()
-        && std::str::from_utf8(&key[colon + 1..]).ok().and_then(|s| s.parse::<i64>().ok()) == Some(con_id)
+        && std::str::from_utf8(&key[colon + 1..])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            == Some(con_id)
 }
 
 #[cfg(test)]
@@ -254,7 +305,15 @@ mod tests {
     use crate::events::Route;
 
     fn msg<'a>(role: Role, offset: i64, key: &'a [u8], value: &'a [u8]) -> Incoming<'a> {
-        Incoming { role, topic: "t", partition: 0, offset, timestamp: None, key: Some(key), value: Some(value) }
+        Incoming {
+            role,
+            topic: "t",
+            partition: 0,
+            offset,
+            timestamp: None,
+            key: Some(key),
+            value: Some(value),
+        }
     }
 
     #[test]
@@ -266,11 +325,20 @@ mod tests {
         let key = e.key();
         assert!(b.push(&msg(Role::Queued, 10, key.as_bytes(), &good)).is_none());
         assert!(b.push(&msg(Role::Queued, 11, key.as_bytes(), b"garbage")).is_some());
-        assert!(b.push(&msg(Role::Active, 12, key.as_bytes(), &good)).unwrap().contains("route QUEUED"));
-        assert!(b.push(&msg(Role::Queued, 13, b"DU1:999", &good)).unwrap().contains("key"));
+        assert!(b
+            .push(&msg(Role::Active, 12, key.as_bytes(), &good))
+            .unwrap()
+            .contains("route QUEUED"));
+        assert!(b
+            .push(&msg(Role::Queued, 13, b"DU1:999", &good))
+            .unwrap()
+            .contains("key"));
         let frozen = b.freeze().unwrap();
         let q = frozen.iter().find(|f| f.role == Role::Queued).unwrap();
-        assert_eq!((q.first_offset, q.last_offset, q.rows.num_rows(), q.dead.len()), (10, 13, 1, 2));
+        assert_eq!(
+            (q.first_offset, q.last_offset, q.rows.num_rows(), q.dead.len()),
+            (10, 13, 1, 2)
+        );
         assert_eq!(b.messages(), 0);
     }
 }

@@ -63,7 +63,11 @@ impl Ctx {
     }
 
     fn assign(&self, c: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) -> KafkaResult<()> {
-        let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
         let mut assigned = Vec::with_capacity(parts.len());
         {
             let shared = self.shared();
@@ -86,7 +90,11 @@ impl Ctx {
     }
 
     fn revoke(&self, c: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
         tracing::info!(partitions = ?parts, lost = c.assignment_lost(), "partitions revoked; dropping their buffers");
         self.shared().events.push(RebalanceEvent::Revoked(parts));
         match c.rebalance_protocol() {

@@ -81,10 +81,22 @@ pub async fn produce(producer: &FutureProducer, topic: &str, letters: &[&DeadLet
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "possync.error", value: Some(d.error.as_bytes()) })
-            .insert(Header { key: "possync.topic", value: Some(d.topic.as_bytes()) })
-            .insert(Header { key: "possync.partition", value: Some(partition.as_bytes()) })
-            .insert(Header { key: "possync.offset", value: Some(offset.as_bytes()) });
+            .insert(Header {
+                key: "possync.error",
+                value: Some(d.error.as_bytes()),
+            })
+            .insert(Header {
+                key: "possync.topic",
+                value: Some(d.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "possync.partition",
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: "possync.offset",
+                value: Some(offset.as_bytes()),
+            });
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
         if let Some(k) = &d.key {
             rec = rec.key(k.as_slice());
@@ -95,7 +107,10 @@ pub async fn produce(producer: &FutureProducer, topic: &str, letters: &[&DeadLet
         pending.push(producer.send(rec, Duration::from_secs(30)));
     }
     for r in futures::future::join_all(pending).await {
-        r.map_err(|(e, _)| KafkaError::Client { context: format!("produce dead letter to {topic}"), source: e })?;
+        r.map_err(|(e, _)| KafkaError::Client {
+            context: format!("produce dead letter to {topic}"),
+            source: e,
+        })?;
     }
     Ok(())
 }

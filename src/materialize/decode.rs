@@ -128,7 +128,12 @@ fn kind_of(field: &str, s: &Schema) -> Result<FieldKind, UnsupportedSchema> {
         Schema::TimestampMicros => FieldKind::TimestampMicros,
         Schema::Enum(e) => FieldKind::Enum(e.symbols.clone().into()),
         Schema::Array(a) if matches!(*a.items, Schema::String) => FieldKind::StrArray,
-        other => return Err(UnsupportedSchema { field: field.to_string(), what: format!("{other:?}") }),
+        other => {
+            return Err(UnsupportedSchema {
+                field: field.to_string(),
+                what: format!("{other:?}"),
+            })
+        }
     })
 }
 
@@ -139,7 +144,10 @@ impl RecordPlan {
     /// [`UnsupportedSchema`] for nested records, maps, non-string arrays, other unions.
     pub fn from_schema(schema: &Schema, schema_id: u32) -> Result<Self, UnsupportedSchema> {
         let Schema::Record(rec) = schema else {
-            return Err(UnsupportedSchema { field: "<root>".into(), what: "not a record".into() });
+            return Err(UnsupportedSchema {
+                field: "<root>".into(),
+                what: "not a record".into(),
+            });
         };
         let mut fields = Vec::with_capacity(rec.fields.len());
         for f in &rec.fields {
@@ -151,14 +159,27 @@ impl RecordPlan {
                     match v {
                         [Schema::Null, t] => (kind_of(name, t)?, Some(0)),
                         [t, Schema::Null] => (kind_of(name, t)?, Some(1)),
-                        _ => return Err(UnsupportedSchema { field: f.name.clone(), what: "union other than [null, T]".into() }),
+                        _ => {
+                            return Err(UnsupportedSchema {
+                                field: f.name.clone(),
+                                what: "union other than [null, T]".into(),
+                            })
+                        }
                     }
                 }
                 s => (kind_of(name, s)?, None),
             };
-            fields.push(FieldPlan { name, kind, null_branch });
+            fields.push(FieldPlan {
+                name,
+                kind,
+                null_branch,
+            });
         }
-        Ok(Self { name: rec.name.name.clone(), fields, schema_id })
+        Ok(Self {
+            name: rec.name.name.clone(),
+            fields,
+            schema_id,
+        })
     }
 
     /// Index of a field by name.
@@ -168,7 +189,10 @@ impl RecordPlan {
 
     /// Arrow fields of the record, in schema order.
     pub fn arrow_fields(&self) -> Vec<Field> {
-        self.fields.iter().map(|f| Field::new(f.name, f.kind.arrow_type(), f.null_branch.is_some())).collect()
+        self.fields
+            .iter()
+            .map(|f| Field::new(f.name, f.kind.arrow_type(), f.null_branch.is_some()))
+            .collect()
     }
 
     /// Decodes one Confluent-framed value into `scratch` (cleared first).
@@ -178,7 +202,11 @@ impl RecordPlan {
     pub fn decode<'a>(&self, value: &'a [u8], scratch: &mut Scratch) -> Result<&'a [u8], DecodeError> {
         let (id, payload) = split_confluent(value)?;
         if id != self.schema_id {
-            return Err(EventError::UnknownSchemaId { found: id, expected: self.schema_id }.into());
+            return Err(EventError::UnknownSchemaId {
+                found: id,
+                expected: self.schema_id,
+            }
+            .into());
         }
         scratch.vals.clear();
         scratch.items.clear();
@@ -192,19 +220,30 @@ impl RecordPlan {
                     continue;
                 }
                 if branch != i64::from(1 - nb) {
-                    return Err(DecodeError::Malformed { field, what: "union branch out of range" });
+                    return Err(DecodeError::Malformed {
+                        field,
+                        what: "union branch out of range",
+                    });
                 }
             }
             let v = match &f.kind {
                 FieldKind::Bool => match c.byte(field)? {
                     0 => Val::Bool(false),
                     1 => Val::Bool(true),
-                    _ => return Err(DecodeError::Malformed { field, what: "boolean is not 0 or 1" }),
+                    _ => {
+                        return Err(DecodeError::Malformed {
+                            field,
+                            what: "boolean is not 0 or 1",
+                        })
+                    }
                 },
                 FieldKind::Int => {
                     let v = c.long(field)?;
                     if i32::try_from(v).is_err() {
-                        return Err(DecodeError::Malformed { field, what: "int out of range" });
+                        return Err(DecodeError::Malformed {
+                            field,
+                            what: "int out of range",
+                        });
                     }
                     Val::Long(v)
                 }
@@ -223,7 +262,10 @@ impl RecordPlan {
                 FieldKind::Enum(symbols) => {
                     let i = c.long(field)?;
                     if i < 0 || i as usize >= symbols.len() {
-                        return Err(DecodeError::Malformed { field, what: "enum index out of range" });
+                        return Err(DecodeError::Malformed {
+                            field,
+                            what: "enum index out of range",
+                        });
                     }
                     Val::Enum(i as u32)
                 }
@@ -235,11 +277,17 @@ impl RecordPlan {
                             break;
                         }
                         if n < 0 {
-                            n = n.checked_neg().ok_or(DecodeError::Malformed { field, what: "bad block count" })?;
+                            n = n.checked_neg().ok_or(DecodeError::Malformed {
+                                field,
+                                what: "bad block count",
+                            })?;
                             c.long(field)?; // block size in bytes, not needed
                         }
                         if n as usize > payload.len() {
-                            return Err(DecodeError::Malformed { field, what: "array block longer than the payload" });
+                            return Err(DecodeError::Malformed {
+                                field,
+                                what: "array block longer than the payload",
+                            });
                         }
                         for _ in 0..n {
                             let (s, e) = c.span(field)?;
@@ -260,7 +308,10 @@ impl RecordPlan {
 }
 
 fn utf8<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
-    std::str::from_utf8(b).map_err(|_| DecodeError::Malformed { field, what: "string is not UTF-8" })
+    std::str::from_utf8(b).map_err(|_| DecodeError::Malformed {
+        field,
+        what: "string is not UTF-8",
+    })
 }
 
 /// A cursor over an Avro payload.
@@ -272,7 +323,10 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     #[inline]
     fn byte(&mut self, field: &'static str) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.pos).ok_or(DecodeError::Malformed { field, what: "payload ends early" })?;
+        let b = *self.buf.get(self.pos).ok_or(DecodeError::Malformed {
+            field,
+            what: "payload ends early",
+        })?;
         self.pos += 1;
         Ok(b)
     }
@@ -290,7 +344,10 @@ impl Cursor<'_> {
             }
             shift += 7;
             if shift > 63 {
-                return Err(DecodeError::Malformed { field, what: "varint longer than 10 bytes" });
+                return Err(DecodeError::Malformed {
+                    field,
+                    what: "varint longer than 10 bytes",
+                });
             }
         }
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
@@ -299,7 +356,10 @@ impl Cursor<'_> {
     #[inline]
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let end = self.pos + N;
-        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Malformed { field, what: "payload ends early" })?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Malformed {
+            field,
+            what: "payload ends early",
+        })?;
         self.pos = end;
         Ok(s.try_into().expect("slice of length N"))
     }
@@ -309,7 +369,10 @@ impl Cursor<'_> {
     fn span(&mut self, field: &'static str) -> Result<(usize, usize), DecodeError> {
         let n = self.long(field)?;
         if n < 0 || (n as usize) > self.buf.len() - self.pos {
-            return Err(DecodeError::Malformed { field, what: "length out of range" });
+            return Err(DecodeError::Malformed {
+                field,
+                what: "length out of range",
+            });
         }
         let s = self.pos;
         self.pos += n as usize;
@@ -419,7 +482,9 @@ impl Col {
             FieldKind::Str | FieldKind::Enum(_) => Col::Str(StringBuilder::with_capacity(cap, cap * 16)),
             FieldKind::Bytes => Col::Bin(BinaryBuilder::with_capacity(cap, cap * 16)),
             FieldKind::TimestampMicros => Col::Ts(TimestampMicrosecondBuilder::with_capacity(cap).with_timezone(UTC)),
-            FieldKind::StrArray => Col::List(ListBuilder::with_capacity(StringBuilder::new(), cap).with_field(list_item())),
+            FieldKind::StrArray => {
+                Col::List(ListBuilder::with_capacity(StringBuilder::new(), cap).with_field(list_item()))
+            }
         }
     }
 
@@ -465,7 +530,11 @@ impl Layout {
             fields.push(Field::new(EVENT_DATE, DataType::Date32, false));
         }
         let schema = Arc::new(ArrowSchema::new(fields));
-        Self { plan, date_from, schema }
+        Self {
+            plan,
+            date_from,
+            schema,
+        }
     }
 }
 
@@ -609,7 +678,6 @@ pub(crate) mod tests_support {
             ingest_time: 1_764_111_111_000_100 + i,
         }
     }
-
 }
 
 #[cfg(test)]
@@ -635,7 +703,11 @@ mod tests {
         for (k, e) in events.iter().enumerate() {
             let bytes = e.encode().unwrap();
             let payload = layout.plan.decode(&bytes, &mut scratch).unwrap();
-            let d = Decoded { plan: &layout.plan, payload, scratch: &scratch };
+            let d = Decoded {
+                plan: &layout.plan,
+                payload,
+                scratch: &scratch,
+            };
             rows.append(&d, 100 + k as i64, Some(5));
         }
         let b = rows.finish("t", 3).unwrap();
@@ -653,7 +725,12 @@ mod tests {
         assert_eq!(st.value(2).as_string::<i32>().value(1), "st1");
         assert_eq!(col("kafka_offset").as_primitive::<Int64Type>().value(4), 104);
         assert_eq!(col("kafka_topic").as_string::<i32>().value(4), "t");
-        assert_eq!(col(EVENT_DATE).as_primitive::<deltalake::arrow::datatypes::Date32Type>().value(0), 20417);
+        assert_eq!(
+            col(EVENT_DATE)
+                .as_primitive::<deltalake::arrow::datatypes::Date32Type>()
+                .value(0),
+            20417
+        );
     }
 
     #[test]
@@ -668,7 +745,10 @@ mod tests {
         }
         let mut long = good.clone();
         long.push(0);
-        assert!(matches!(layout.plan.decode(&long, &mut scratch), Err(DecodeError::Trailing(1))));
+        assert!(matches!(
+            layout.plan.decode(&long, &mut scratch),
+            Err(DecodeError::Trailing(1))
+        ));
         let reg = RegistryEvent {
             event_id: "r".into(),
             strategy: "s".into(),
@@ -679,7 +759,10 @@ mod tests {
             time: 1,
             actor: "a".into(),
         };
-        assert!(matches!(layout.plan.decode(&reg.encode().unwrap(), &mut scratch), Err(DecodeError::Frame(_))));
+        assert!(matches!(
+            layout.plan.decode(&reg.encode().unwrap(), &mut scratch),
+            Err(DecodeError::Frame(_))
+        ));
         // random bytes with a valid header never panic
         let mut x: u64 = 0x9e3779b97f4a7c15;
         for _ in 0..2000 {
@@ -710,7 +793,11 @@ mod tests {
         };
         let bytes = e.encode().unwrap();
         let payload = plan.decode(&bytes, &mut scratch).unwrap();
-        let d = Decoded { plan: &plan, payload, scratch: &scratch };
+        let d = Decoded {
+            plan: &plan,
+            payload,
+            scratch: &scratch,
+        };
         assert_eq!(d.str(plan.index("account").unwrap()), None);
         assert_eq!(d.str(plan.index("action").unwrap()), Some("DEACTIVATE"));
         assert_eq!(d.long(plan.index("priority").unwrap()), Some(-3));

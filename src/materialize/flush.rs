@@ -53,7 +53,13 @@ impl Pipeline {
     ///
     /// # Errors
     /// Table errors.
-    pub async fn open(base: &str, namespace: String, topics: Topics, checkpoint_every: u64, dlq: FutureProducer) -> Result<Self, MaterializeError> {
+    pub async fn open(
+        base: &str,
+        namespace: String,
+        topics: Topics,
+        checkpoint_every: u64,
+        dlq: FutureProducer,
+    ) -> Result<Self, MaterializeError> {
         let mut tables = HashMap::new();
         for kind in TableKind::ALL {
             tables.insert(kind, Table::open(base, kind).await?);
@@ -68,7 +74,11 @@ impl Pipeline {
             registry: RegistryState::new(),
             dlq,
         };
-        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue, TableKind::StrategyRegistry] {
+        for kind in [
+            TableKind::PositionsCurrent,
+            TableKind::PositionQueue,
+            TableKind::StrategyRegistry,
+        ] {
             p.absorb(kind).await?;
         }
         Ok(p)
@@ -101,15 +111,26 @@ impl Pipeline {
     }
 
     /// Rows of `part` the table does not hold yet, and the txn to record (`None`: all held).
-    async fn unseen(&mut self, kind: TableKind, part: &FrozenPartition) -> Result<Option<(RecordBatch, (String, i64))>, MaterializeError> {
+    async fn unseen(
+        &mut self,
+        kind: TableKind,
+        part: &FrozenPartition,
+    ) -> Result<Option<(RecordBatch, (String, i64))>, MaterializeError> {
         let id = app_id(&self.namespace, &part.topic, part.partition);
         let stored = self.table(kind).txn_version(&id).await?.unwrap_or(-1);
         if stored >= part.last_offset {
             return Ok(None);
         }
-        let offsets = part.rows.column_by_name("kafka_offset").expect("kafka_offset column").as_primitive::<Int64Type>();
+        let offsets = part
+            .rows
+            .column_by_name("kafka_offset")
+            .expect("kafka_offset column")
+            .as_primitive::<Int64Type>();
         let start = offsets.values().partition_point(|o| *o <= stored);
-        Ok(Some((part.rows.slice(start, part.rows.num_rows() - start), (id, part.last_offset))))
+        Ok(Some((
+            part.rows.slice(start, part.rows.num_rows() - start),
+            (id, part.last_offset),
+        )))
     }
 
     /// Commits a flush; returns the restart positions of its partitions.
@@ -132,7 +153,11 @@ impl Pipeline {
         }
         let mut out = Vec::with_capacity(parts.len());
         for p in parts {
-            out.push((p.topic.to_string(), p.partition, self.restart_position(&p.topic, p.partition).await?));
+            out.push((
+                p.topic.to_string(),
+                p.partition,
+                self.restart_position(&p.topic, p.partition).await?,
+            ));
         }
         Ok(out)
     }
@@ -150,7 +175,10 @@ impl Pipeline {
 
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
         if attempt + 1 >= MAX_ATTEMPTS {
-            return Err(MaterializeError::Contention { table: kind.name(), attempts: MAX_ATTEMPTS });
+            return Err(MaterializeError::Contention {
+                table: kind.name(),
+                attempts: MAX_ATTEMPTS,
+            });
         }
         tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
         self.table(kind).refresh().await?;
@@ -178,17 +206,26 @@ impl Pipeline {
             if letters.is_empty() {
                 return Ok(());
             }
-            let to_send: Vec<&DeadLetter> =
-                letters.iter().copied().filter(|d| !produced.contains(&(d.topic.to_string(), d.partition, d.offset))).collect();
+            let to_send: Vec<&DeadLetter> = letters
+                .iter()
+                .copied()
+                .filter(|d| !produced.contains(&(d.topic.to_string(), d.partition, d.offset)))
+                .collect();
             deadletter::produce(&self.dlq, &self.topics.deadletter, &to_send).await?;
             produced.extend(to_send.iter().map(|d| (d.topic.to_string(), d.partition, d.offset)));
             let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
             let actions = adds.into_iter().map(Action::Add).collect();
             let every = self.checkpoint_every;
-            match self.table(kind).commit(actions, &txns, append_operation(kind), every).await {
+            match self
+                .table(kind)
+                .commit(actions, &txns, append_operation(kind), every)
+                .await
+            {
                 Ok(_) => {
-                    crate::metrics::global().dead_letters.fetch_add(letters.len() as u64, Relaxed);
+                    crate::metrics::global()
+                        .dead_letters
+                        .fetch_add(letters.len() as u64, Relaxed);
                     return Ok(());
                 }
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
@@ -233,7 +270,11 @@ impl Pipeline {
             };
             let actions = adds.into_iter().map(Action::Add).collect();
             let every = self.checkpoint_every;
-            match self.table(kind).commit(actions, &txns, append_operation(kind), every).await {
+            match self
+                .table(kind)
+                .commit(actions, &txns, append_operation(kind), every)
+                .await
+            {
                 Ok(_) => {
                     let m = crate::metrics::global();
                     m.materialized_active.fetch_add(active, Relaxed);
@@ -268,8 +309,12 @@ impl Pipeline {
             }
             let next = match kind {
                 TableKind::PositionsCurrent => self.current.merge(&batches).map_err(arrow(kind))?.map(Next::Current),
-                TableKind::PositionQueue => upsert::fold_queue(&self.queue, &batches).map_err(arrow(kind))?.map(Next::Queue),
-                _ => upsert::fold_registry(&self.registry, &batches).map_err(arrow(kind))?.map(Next::Registry),
+                TableKind::PositionQueue => upsert::fold_queue(&self.queue, &batches)
+                    .map_err(arrow(kind))?
+                    .map(Next::Queue),
+                _ => upsert::fold_registry(&self.registry, &batches)
+                    .map_err(arrow(kind))?
+                    .map(Next::Registry),
             };
             let mut actions = Vec::new();
             if let Some(n) = &next {
@@ -283,7 +328,11 @@ impl Pipeline {
                 actions.extend(t.write_files(&[batch]).await?.into_iter().map(Action::Add));
             }
             let every = self.checkpoint_every;
-            match self.table(kind).commit(actions, &txns, rewrite_operation(), every).await {
+            match self
+                .table(kind)
+                .commit(actions, &txns, rewrite_operation(), every)
+                .await
+            {
                 Ok(_) => {
                     match next {
                         Some(Next::Current(s)) => self.current = s,
@@ -302,5 +351,11 @@ impl Pipeline {
 }
 
 fn arrow(kind: TableKind) -> impl Fn(deltalake::arrow::error::ArrowError) -> MaterializeError {
-    move |source| MaterializeError::Table(TableError::Arrow { table: kind.name(), source })
+    move |source| {
+        TableError::Arrow {
+            table: kind.name(),
+            source,
+        }
+        .into()
+    }
 }

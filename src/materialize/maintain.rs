@@ -26,8 +26,12 @@ use super::tables::{FileRef, Table, TableError, TableKind};
 pub async fn checkpoint(t: &Table) -> Result<(), TableError> {
     let table = t.kind.name();
     let err = move |source| TableError::Delta { table, source };
-    deltalake::checkpoints::create_checkpoint(&t.delta, None).await.map_err(err)?;
-    deltalake::checkpoints::cleanup_metadata(&t.delta, None).await.map_err(err)?;
+    deltalake::checkpoints::create_checkpoint(&t.delta, None)
+        .await
+        .map_err(err)?;
+    deltalake::checkpoints::cleanup_metadata(&t.delta, None)
+        .await
+        .map_err(err)?;
     tracing::debug!(table, version = t.version(), "checkpoint written");
     Ok(())
 }
@@ -114,12 +118,22 @@ async fn compact(t: &mut Table, below: u64, target: u64) -> Result<(usize, usize
                 a.data_change = false;
                 Action::Add(a)
             }));
-            let op = DeltaOperation::Optimize { predicate: None, target_size: target as i64 };
-            let snapshot = t.delta.snapshot().map_err(|source| TableError::Delta { table: t.kind.name(), source })?;
-            let result = CommitBuilder::from(CommitProperties::default().with_max_retries(50).with_create_checkpoint(false))
-                .with_actions(actions)
-                .build(Some(snapshot), t.delta.log_store(), op)
-                .await;
+            let op = DeltaOperation::Optimize {
+                predicate: None,
+                target_size: target as i64,
+            };
+            let snapshot = t.delta.snapshot().map_err(|source| TableError::Delta {
+                table: t.kind.name(),
+                source,
+            })?;
+            let result = CommitBuilder::from(
+                CommitProperties::default()
+                    .with_max_retries(50)
+                    .with_create_checkpoint(false),
+            )
+            .with_actions(actions)
+            .build(Some(snapshot), t.delta.log_store(), op)
+            .await;
             match result {
                 Ok(_) => {
                     removed += bin.len();

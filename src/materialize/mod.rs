@@ -41,6 +41,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{MaintainArgs, MaintainConfig, MaterializeArgs, MaterializeConfig, TableArgs};
@@ -61,11 +62,16 @@ pub enum MaterializeError {
     Kafka(#[from] KafkaError),
     /// Delta table trouble.
     #[error(transparent)]
-    Table(#[from] tables::TableError),
+    Table(Box<tables::TableError>),
     /// Offsets were lost before we read them: retention (or the embedded broker's ~5 MiB per
     /// partition) removed them. The tables are consistent but miss those events.
     #[error("offsets of {topic}/{partition} from {expected} are gone (log starts at {log_start}): events were lost before materialize read them; raise retention or keep materialize running")]
-    OffsetOutOfRange { topic: String, partition: i32, expected: i64, log_start: i64 },
+    OffsetOutOfRange {
+        topic: String,
+        partition: i32,
+        expected: i64,
+        log_start: i64,
+    },
     /// The consumer reported that its position is out of range.
     #[error("consumer position out of range ({0}): events were lost before materialize read them")]
     OutOfRange(String),
@@ -80,15 +86,50 @@ pub enum MaterializeError {
     Task(String),
 }
 
+impl From<tables::TableError> for MaterializeError {
+    fn from(e: tables::TableError) -> Self {
+        MaterializeError::Table(Box::new(e))
+    }
+}
+
 /// Runs the materializer until `shutdown` is cancelled, then flushes and commits what it holds.
 ///
 /// # Errors
 /// [`MaterializeError`] on Kafka, Delta, lost offsets; the tables stay consistent (a restart
 /// resumes exactly).
-pub async fn run(cfg: MaterializeConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<(), MaterializeError> {
+pub async fn run(
+    cfg: MaterializeConfig,
+    kafka: KafkaConfig,
+    shutdown: CancellationToken,
+) -> Result<(), MaterializeError> {
+    run_with_progress(cfg, kafka, shutdown, watch::channel(Progress::default()).0).await
+}
+
+/// What a running materializer has done so far (see [`run_with_progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Messages taken from Kafka (rows and dead letters).
+    pub consumed: u64,
+    /// Messages buffered, not yet committed.
+    pub buffered: usize,
+    /// Flushes committed.
+    pub flushes: u64,
+}
+
+/// [`run`], reporting [`Progress`] on `progress` (for `possync run` and tests: "has it seen
+/// what I produced?"). For "is it in the tables?", use [`wait_caught_up`].
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_progress(
+    cfg: MaterializeConfig,
+    kafka: KafkaConfig,
+    shutdown: CancellationToken,
+    progress: watch::Sender<Progress>,
+) -> Result<(), MaterializeError> {
     let ns = namespace(&kafka, cfg.offsets_namespace.as_deref()).await?;
     tracing::info!(tables = %cfg.table_uri, group = %cfg.group, namespace = %ns, "materialize starting");
-    let mut m = Materializer::open(cfg, kafka, ns).await?;
+    let mut m = Materializer::open(cfg, kafka, ns, progress).await?;
     let result = m.run(&shutdown).await;
     if let Err(e) = &result {
         tracing::error!(error = %e, "materialize stopped");
@@ -103,16 +144,27 @@ struct Materializer {
     buffers: Buffers,
     cursors: HashMap<(Role, i32), Cursor>,
     roles: [(String, Role); 3],
+    progress: watch::Sender<Progress>,
 }
 
 impl Materializer {
-    async fn open(cfg: MaterializeConfig, kafka: KafkaConfig, ns: String) -> Result<Self, MaterializeError> {
+    async fn open(
+        cfg: MaterializeConfig,
+        kafka: KafkaConfig,
+        ns: String,
+        progress: watch::Sender<Progress>,
+    ) -> Result<Self, MaterializeError> {
         let t = kafka.topics.clone();
-        let dlq: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create dead-letter producer"))?;
+        let dlq: FutureProducer = kafka
+            .producer()
+            .create()
+            .map_err(KafkaError::client("create dead-letter producer"))?;
         let mut pipeline = Pipeline::open(&cfg.table_uri, ns, t.clone(), cfg.checkpoint_every, dlq).await?;
         let mut cc = kafka.consumer(&cfg.group);
         cc.set("auto.offset.reset", "error");
-        let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx::default()).map_err(KafkaError::client("create consumer"))?;
+        let consumer: StreamConsumer<Ctx> = cc
+            .create_with_context(Ctx::default())
+            .map_err(KafkaError::client("create consumer"))?;
         // Restart positions of every partition, so the rebalance callback can start exactly.
         let parts = offsets::partitions_of(&consumer, &[&t.active, &t.queued, &t.registry], Duration::from_secs(30))?;
         for (topic, p) in parts.iter().filter(|_| !cfg.replay_from_beginning) {
@@ -122,13 +174,28 @@ impl Materializer {
         consumer
             .subscribe(&[&t.active, &t.queued, &t.registry])
             .map_err(KafkaError::client("subscribe"))?;
-        let roles = [(t.active.clone(), Role::Active), (t.queued.clone(), Role::Queued), (t.registry.clone(), Role::Registry)];
-        Ok(Self { cfg, consumer, pipeline, buffers: Buffers::default(), cursors: HashMap::new(), roles })
+        let roles = [
+            (t.active.clone(), Role::Active),
+            (t.queued.clone(), Role::Queued),
+            (t.registry.clone(), Role::Registry),
+        ];
+        Ok(Self {
+            cfg,
+            consumer,
+            pipeline,
+            buffers: Buffers::default(),
+            cursors: HashMap::new(),
+            roles,
+            progress,
+        })
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), MaterializeError> {
         loop {
-            let deadline = self.buffers.deadline(self.cfg.flush_latency).map(tokio::time::Instant::from_std);
+            let deadline = self
+                .buffers
+                .deadline(self.cfg.flush_latency)
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -139,19 +206,32 @@ impl Materializer {
                         Ok(m) => take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?,
                         Err(e) => consumer_error(e)?,
                     }
+                    if self.progress.receiver_count() > 0 {
+                        let buffered = self.buffers.messages();
+                        self.progress.send_modify(|p| {
+                            p.consumed += 1;
+                            p.buffered = buffered;
+                        });
+                    }
                     if self.buffers.messages() >= self.cfg.flush_events || self.buffers.bytes() >= self.cfg.flush_bytes {
                         self.flush().await?;
                     }
                 }
             }
         }
-        tracing::info!(buffered = self.buffers.messages(), "shutdown: committing what is buffered");
+        tracing::info!(
+            buffered = self.buffers.messages(),
+            "shutdown: committing what is buffered"
+        );
         self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), MaterializeError> {
         handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles);
-        let parts = self.buffers.freeze().map_err(|source| tables::TableError::Arrow { table: "buffers", source })?;
+        let parts = self.buffers.freeze().map_err(|source| tables::TableError::Arrow {
+            table: "buffers",
+            source,
+        })?;
         if parts.is_empty() {
             return Ok(());
         }
@@ -170,8 +250,17 @@ impl Materializer {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing offsets to Kafka (monitoring only) failed");
         }
+        self.progress.send_modify(|p| {
+            p.buffered = 0;
+            p.flushes += 1;
+        });
         let rows: usize = parts.iter().map(|p| p.rows.num_rows()).sum();
-        tracing::debug!(rows, partitions = parts.len(), took_ms = started.elapsed().as_millis() as u64, "flushed");
+        tracing::debug!(
+            rows,
+            partitions = parts.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "flushed"
+        );
         Ok(())
     }
 }
@@ -228,7 +317,9 @@ fn take(
     roles: &[(String, Role); 3],
     m: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), MaterializeError> {
-    let Some(role) = role_of(roles, m.topic()) else { return Ok(()) };
+    let Some(role) = role_of(roles, m.topic()) else {
+        return Ok(());
+    };
     let (partition, offset) = (m.partition(), m.offset());
     let cursor = cursors.entry((role, partition)).or_insert(Cursor { next: None });
     match cursor.check(offset) {
@@ -239,17 +330,41 @@ fn take(
                 .fetch_watermarks(m.topic(), partition, Duration::from_secs(10))
                 .map_err(KafkaError::client(format!("watermarks of {}/{partition}", m.topic())))?;
             if low > expected {
-                return Err(MaterializeError::OffsetOutOfRange { topic: m.topic().to_string(), partition, expected, log_start: low });
+                return Err(MaterializeError::OffsetOutOfRange {
+                    topic: m.topic().to_string(),
+                    partition,
+                    expected,
+                    log_start: low,
+                });
             }
-            tracing::warn!(topic = m.topic(), partition, expected, got = offset, "offset gap (compaction or transaction markers)");
+            tracing::warn!(
+                topic = m.topic(),
+                partition,
+                expected,
+                got = offset,
+                "offset gap (compaction or transaction markers)"
+            );
         }
     }
     if cursor.next.is_none() && offset > 0 {
-        tracing::warn!(topic = m.topic(), partition, first = offset, "partition new to the tables starts at a non-zero offset");
+        tracing::warn!(
+            topic = m.topic(),
+            partition,
+            first = offset,
+            "partition new to the tables starts at a non-zero offset"
+        );
     }
     cursor.next = Some(offset + 1);
     let timestamp = m.timestamp().to_millis().map(|ms| ms * 1000);
-    let incoming = Incoming { role, topic: m.topic(), partition, offset, timestamp, key: m.key(), value: m.payload() };
+    let incoming = Incoming {
+        role,
+        topic: m.topic(),
+        partition,
+        offset,
+        timestamp,
+        key: m.key(),
+        value: m.payload(),
+    };
     if let Some(error) = buffers.push(&incoming) {
         tracing::warn!(topic = m.topic(), partition, offset, %error, "dead letter");
     }
@@ -258,7 +373,9 @@ fn take(
 
 fn consumer_error(e: RdKafkaError) -> Result<(), MaterializeError> {
     match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => Err(MaterializeError::OutOfRange(e.to_string())),
+        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+            Err(MaterializeError::OutOfRange(e.to_string()))
+        }
         _ => {
             tracing::warn!(error = %e, "consumer error (librdkafka retries)");
             Ok(())

@@ -33,7 +33,11 @@ pub fn tables_of(topics: &Topics, topic: &str) -> &'static [TableKind] {
     if topic == topics.registry {
         &[TableKind::StrategyRegistry]
     } else {
-        &[TableKind::PositionEvents, TableKind::PositionsCurrent, TableKind::PositionQueue]
+        &[
+            TableKind::PositionEvents,
+            TableKind::PositionsCurrent,
+            TableKind::PositionQueue,
+        ]
     }
 }
 
@@ -59,7 +63,10 @@ struct TxnLine {
 impl TxnMap {
     /// An empty map as of table version `as_of`.
     pub fn new(as_of: i64) -> Self {
-        Self { as_of, known: HashMap::new() }
+        Self {
+            as_of,
+            known: HashMap::new(),
+        }
     }
 
     /// The version of `app_id` (`None` = never written), replaying the log on first use.
@@ -70,7 +77,10 @@ impl TxnMap {
         if let Some(v) = self.known.get(app_id) {
             return Ok(*v);
         }
-        let v = delta.snapshot()?.transaction_version(delta.log_store().as_ref(), app_id).await?;
+        let v = delta
+            .snapshot()?
+            .transaction_version(delta.log_store().as_ref(), app_id)
+            .await?;
         self.known.insert(app_id.to_string(), v);
         Ok(v)
     }
@@ -146,7 +156,9 @@ pub fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
 ) -> Result<Vec<(String, i32)>, KafkaError> {
     let mut out = Vec::new();
     for t in topics {
-        let md = consumer.fetch_metadata(Some(t), timeout).map_err(KafkaError::client(format!("metadata of {t}")))?;
+        let md = consumer
+            .fetch_metadata(Some(t), timeout)
+            .map_err(KafkaError::client(format!("metadata of {t}")))?;
         for mt in md.topics() {
             for p in mt.partitions() {
                 out.push((mt.name().to_string(), p.id()));
@@ -162,10 +174,17 @@ pub fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
 ///
 /// # Errors
 /// Kafka or table errors.
-pub async fn lag(table_uri: &str, namespace: &str, kafka: &KafkaConfig) -> Result<(i64, Vec<(String, i32, i64)>), MaterializeError> {
+pub async fn lag(
+    table_uri: &str,
+    namespace: &str,
+    kafka: &KafkaConfig,
+) -> Result<(i64, Vec<(String, i32, i64)>), MaterializeError> {
     let k = kafka.clone();
     let watermarks = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, KafkaError> {
-        let c: BaseConsumer = k.consumer("possync-lag-probe").create().map_err(KafkaError::client("create lag probe"))?;
+        let c: BaseConsumer = k
+            .consumer("possync-lag-probe")
+            .create()
+            .map_err(KafkaError::client("create lag probe"))?;
         let t = &k.topics;
         let parts = partitions_of(&c, &[&t.active, &t.queued, &t.registry], Duration::from_secs(10))?;
         parts
@@ -181,7 +200,12 @@ pub async fn lag(table_uri: &str, namespace: &str, kafka: &KafkaConfig) -> Resul
     .await
     .map_err(|e| MaterializeError::Task(e.to_string()))??;
     let mut tables = HashMap::new();
-    for kind in [TableKind::PositionEvents, TableKind::PositionsCurrent, TableKind::PositionQueue, TableKind::StrategyRegistry] {
+    for kind in [
+        TableKind::PositionEvents,
+        TableKind::PositionsCurrent,
+        TableKind::PositionQueue,
+        TableKind::StrategyRegistry,
+    ] {
         tables.insert(kind, Table::open(table_uri, kind).await?);
     }
     let parts: Vec<(String, i32)> = watermarks.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
@@ -214,7 +238,12 @@ pub async fn namespace(kafka: &KafkaConfig, overridden: Option<&str>) -> Result<
 ///
 /// # Errors
 /// [`MaterializeError::Timeout`] with the remaining lag when `timeout` passes first.
-pub async fn wait_caught_up(table_uri: &str, namespace: &str, kafka: &KafkaConfig, timeout: Duration) -> Result<(), MaterializeError> {
+pub async fn wait_caught_up(
+    table_uri: &str,
+    namespace: &str,
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> Result<(), MaterializeError> {
     let deadline = Instant::now() + timeout;
     loop {
         let (total, detail) = lag(table_uri, namespace, kafka).await?;
@@ -222,7 +251,9 @@ pub async fn wait_caught_up(table_uri: &str, namespace: &str, kafka: &KafkaConfi
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(MaterializeError::Timeout(format!("still {total} offsets behind: {detail:?}")));
+            return Err(MaterializeError::Timeout(format!(
+                "still {total} offsets behind: {detail:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -15,11 +15,11 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, Schema
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::operations::create::CreateBuilder;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use super::decode::{kafka_fields, timestamp_type, Layout, RecordPlan, EVENT_DATE};
@@ -33,8 +33,15 @@ pub enum TableError {
     #[error("table {0}: a concurrent commit won; reloading")]
     Conflict(&'static str),
     /// The table on disk has another schema than this build writes.
-    #[error("table {table} at {uri} has schema {found}, this build writes {expected}; migrate or use another --table-uri")]
-    SchemaChanged { table: &'static str, uri: String, found: String, expected: String },
+    #[error(
+        "table {table} at {uri} has schema {found}, this build writes {expected}; migrate or use another --table-uri"
+    )]
+    SchemaChanged {
+        table: &'static str,
+        uri: String,
+        found: String,
+        expected: String,
+    },
     /// The base URI cannot be turned into a table location.
     #[error("bad table location {uri}: {source}")]
     Location {
@@ -119,11 +126,21 @@ impl TableKind {
     }
 
     fn configuration(self) -> Vec<(&'static str, &'static str)> {
-        if self.append_only() {
-            vec![("delta.appendOnly", "true"), ("delta.deletedFileRetentionDuration", "interval 1 days")]
-        } else {
+        match self {
+            TableKind::PositionEvents => {
+                vec![("delta.appendOnly", "true"), ("delta.deletedFileRetentionDuration", "interval 1 days")]
+            }
+            // No statistics on the raw key / value bytes (binary columns get none anyway).
+            TableKind::DeadLetters => vec![
+                ("delta.appendOnly", "true"),
+                ("delta.deletedFileRetentionDuration", "interval 1 days"),
+                (
+                    "delta.dataSkippingStatsColumns",
+                    "kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
+                ),
+            ],
             // Rewritten on every commit: keep tombstones (and checkpoints) small.
-            vec![("delta.deletedFileRetentionDuration", "interval 1 hours")]
+            _ => vec![("delta.deletedFileRetentionDuration", "interval 1 hours")],
         }
     }
 }
@@ -236,7 +253,10 @@ impl Table {
         let url = table_url(base, kind)?;
         let table = kind.name();
         let err = move |source| TableError::Delta { table, source };
-        let mut delta = DeltaTableBuilder::from_url(url.clone()).map_err(err)?.build().map_err(err)?;
+        let mut delta = DeltaTableBuilder::from_url(url.clone())
+            .map_err(err)?
+            .build()
+            .map_err(err)?;
         if !delta.verify_deltatable_existence().await.map_err(err)? {
             let columns: StructType = kind.schema().as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
             let create = CreateBuilder::new()
@@ -254,7 +274,12 @@ impl Table {
             }
         }
         delta.load().await.map_err(err)?;
-        let t = Self { kind, txn: TxnMap::new(delta.version().map_or(-1, |v| v as i64)), delta, commits: 0 };
+        let t = Self {
+            kind,
+            txn: TxnMap::new(delta.version().map_or(-1, |v| v as i64)),
+            delta,
+            commits: 0,
+        };
         t.check_schema(url.as_str())?;
         Ok(t)
     }
@@ -263,14 +288,27 @@ impl Table {
         let found = self.delta.snapshot().map_err(self.err())?.snapshot().arrow_schema();
         let expected = self.kind.schema();
         let same = found.fields().len() == expected.fields().len()
-            && found.fields().iter().zip(expected.fields()).all(|(a, b)| {
-                a.name() == b.name() && a.data_type().equals_datatype(b.data_type())
-            });
+            && found
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type().equals_datatype(b.data_type()));
         if same {
             return Ok(());
         }
-        let show = |s: &ArrowSchema| s.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
-        Err(TableError::SchemaChanged { table: self.kind.name(), uri: uri.to_string(), found: show(&found), expected: show(&expected) })
+        let show = |s: &ArrowSchema| {
+            s.fields()
+                .iter()
+                .map(|f| format!("{}:{}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Err(TableError::SchemaChanged {
+            table: self.kind.name(),
+            uri: uri.to_string(),
+            found: show(&found),
+            expected: show(&expected),
+        })
     }
 
     /// The loaded version.
@@ -330,8 +368,10 @@ impl Table {
         checkpoint_every: u64,
     ) -> Result<i64, TableError> {
         let now = chrono::Utc::now().timestamp_millis();
-        let txn_actions: Vec<Transaction> =
-            txns.iter().map(|(id, v)| Transaction::new_with_last_update(id, *v, Some(now))).collect();
+        let txn_actions: Vec<Transaction> = txns
+            .iter()
+            .map(|(id, v)| Transaction::new_with_last_update(id, *v, Some(now)))
+            .collect();
         let props = CommitProperties::default()
             .with_max_retries(0)
             .with_create_checkpoint(false)
@@ -362,7 +402,7 @@ impl Table {
         if let Some(g) = gauge {
             g.fetch_max(version, std::sync::atomic::Ordering::Relaxed);
         }
-        if checkpoint_every > 0 && version > 0 && version as u64 % checkpoint_every == 0 {
+        if checkpoint_every > 0 && version > 0 && (version as u64).is_multiple_of(checkpoint_every) {
             super::maintain::checkpoint(self).await?;
         }
         Ok(version)
@@ -407,8 +447,10 @@ impl Table {
                 .map_err(|e| self.err()(e.into()))?
                 .build()
                 .map_err(|e| self.err()(e.into()))?;
-            let batches: Vec<RecordBatch> =
-                reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow { table: self.kind.name(), source })?;
+            let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
+                table: self.kind.name(),
+                source,
+            })?;
             for b in batches {
                 out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
             }
@@ -445,7 +487,10 @@ impl Table {
                 cols.push(Arc::new(Date32Array::from(vec![day; n])));
             }
         }
-        RecordBatch::try_new(schema.clone(), cols).map_err(|source| TableError::Arrow { table: self.kind.name(), source })
+        RecordBatch::try_new(schema.clone(), cols).map_err(|source| TableError::Arrow {
+            table: self.kind.name(),
+            source,
+        })
     }
 }
 
@@ -485,12 +530,20 @@ pub async fn read_table(base: &str, kind: TableKind) -> Result<Vec<RecordBatch>,
 /// The `DeltaOperation` of an append.
 pub fn append_operation(kind: TableKind) -> DeltaOperation {
     let p = kind.partition_columns();
-    DeltaOperation::Write { mode: SaveMode::Append, partition_by: (!p.is_empty()).then_some(p), predicate: None }
+    DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: (!p.is_empty()).then_some(p),
+        predicate: None,
+    }
 }
 
 /// The `DeltaOperation` of an upsert table rewrite (remove all + add one file).
 pub fn rewrite_operation() -> DeltaOperation {
-    DeltaOperation::Write { mode: SaveMode::Overwrite, partition_by: None, predicate: None }
+    DeltaOperation::Write {
+        mode: SaveMode::Overwrite,
+        partition_by: None,
+        predicate: None,
+    }
 }
 
 #[cfg(test)]

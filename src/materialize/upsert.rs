@@ -57,7 +57,8 @@ struct Cols<'a> {
 }
 
 fn col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
-    b.column_by_name(name).ok_or_else(|| ArrowError::SchemaError(format!("missing column {name}")))
+    b.column_by_name(name)
+        .ok_or_else(|| ArrowError::SchemaError(format!("missing column {name}")))
 }
 
 impl<'a> Cols<'a> {
@@ -77,12 +78,22 @@ impl<'a> Cols<'a> {
     }
 
     fn order(&self, i: usize) -> (i64, &'a str, i64, &'a str) {
-        (self.ingest_time.value(i), self.session_id.value(i), self.sequence.value(i), self.event_id.value(i))
+        (
+            self.ingest_time.value(i),
+            self.session_id.value(i),
+            self.sequence.value(i),
+            self.event_id.value(i),
+        )
     }
 
     fn owned_order(&self, i: usize) -> EventOrder {
         let (t, s, q, e) = self.order(i);
-        EventOrder { ingest_time: t, session_id: s.to_string(), sequence: q, event_id: e.to_string() }
+        EventOrder {
+            ingest_time: t,
+            session_id: s.to_string(),
+            sequence: q,
+            event_id: e.to_string(),
+        }
     }
 }
 
@@ -99,7 +110,10 @@ pub struct CurrentState {
 
 impl Default for CurrentState {
     fn default() -> Self {
-        Self { batch: RecordBatch::new_empty(Self::schema()), index: BTreeMap::new() }
+        Self {
+            batch: RecordBatch::new_empty(Self::schema()),
+            index: BTreeMap::new(),
+        }
     }
 }
 
@@ -135,7 +149,8 @@ impl CurrentState {
             .iter()
             .filter(|b| b.num_rows() > 0)
             .map(|b| {
-                let idx: Result<Vec<usize>, _> = schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
+                let idx: Result<Vec<usize>, _> =
+                    schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
                 let p = b.project(&idx?)?;
                 RecordBatch::try_new(schema.clone(), p.columns().to_vec())
             })
@@ -188,7 +203,11 @@ impl CurrentState {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let batch = RecordBatch::try_new(schema, columns)?;
-        let index = index.into_iter().enumerate().map(|(row, (k, (o, _)))| (k, (o, row))).collect();
+        let index = index
+            .into_iter()
+            .enumerate()
+            .map(|(row, (k, (o, _)))| (k, (o, row)))
+            .collect();
         Ok(Some(CurrentState { batch, index }))
     }
 }
@@ -241,10 +260,17 @@ impl QueueRow {
     /// Semilattice join of two versions of the same key.
     pub fn join(&self, other: &QueueRow) -> QueueRow {
         let queued = match (&self.queued, &other.queued) {
-            (Some(a), Some(b)) => Some(if (b.queued_events, &b.last) > (a.queued_events, &a.last) { b.clone() } else { a.clone() }),
+            (Some(a), Some(b)) => Some(if (b.queued_events, &b.last) > (a.queued_events, &a.last) {
+                b.clone()
+            } else {
+                a.clone()
+            }),
             (a, b) => a.clone().or_else(|| b.clone()),
         };
-        QueueRow { queued, last_active_at: self.last_active_at.max(other.last_active_at) }
+        QueueRow {
+            queued,
+            last_active_at: self.last_active_at.max(other.last_active_at),
+        }
     }
 }
 
@@ -356,8 +382,13 @@ pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
     let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
     let (mut account, mut con_id, mut status) = (StringBuilder::new(), Int64Builder::new(), StringBuilder::new());
     let (mut enq, mut refreshed, mut count, mut events) = (ts(), ts(), Int64Builder::new(), Int64Builder::new());
-    let (mut ev_id, mut src, mut ev_at, mut sess, mut seq) =
-        (StringBuilder::new(), StringBuilder::new(), ts(), StringBuilder::new(), Int64Builder::new());
+    let (mut ev_id, mut src, mut ev_at, mut sess, mut seq) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        ts(),
+        StringBuilder::new(),
+        Int64Builder::new(),
+    );
     let (mut pos, mut cost, mut active, mut updated) = (Float64Builder::new(), Float64Builder::new(), ts(), ts());
     for ((a, c), r) in state {
         account.append_value(a);
@@ -411,8 +442,18 @@ pub fn queue_from_batches(batches: &[RecordBatch]) -> Result<QueueState, ArrowEr
         let t = |n| col(b, n).map(|c| c.as_primitive::<TimestampMicrosecondType>());
         let f = |n| col(b, n).map(|c| c.as_primitive::<Float64Type>());
         let (account, con_id, events, count) = (s("account")?, l("con_id")?, l("queued_events")?, l("refresh_count")?);
-        let (enq, refreshed, ev_at, active) = (t("enqueued_at")?, t("last_refreshed_at")?, t("last_event_at")?, t("last_active_at")?);
-        let (ev_id, src, sess, seq) = (s("last_event_id")?, s("last_source")?, s("last_session_id")?, l("last_sequence")?);
+        let (enq, refreshed, ev_at, active) = (
+            t("enqueued_at")?,
+            t("last_refreshed_at")?,
+            t("last_event_at")?,
+            t("last_active_at")?,
+        );
+        let (ev_id, src, sess, seq) = (
+            s("last_event_id")?,
+            s("last_source")?,
+            s("last_session_id")?,
+            l("last_sequence")?,
+        );
         let (pos, cost) = (f("position")?, f("avg_cost")?);
         let opt = |a: &dyn Array, i: usize| a.is_valid(i);
         for i in 0..b.num_rows() {
@@ -431,7 +472,10 @@ pub fn queue_from_batches(batches: &[RecordBatch]) -> Result<QueueState, ArrowEr
                 position: pos.value(i),
                 avg_cost: cost.value(i),
             });
-            let row = QueueRow { queued, last_active_at: opt(active, i).then(|| active.value(i)) };
+            let row = QueueRow {
+                queued,
+                last_active_at: opt(active, i).then(|| active.value(i)),
+            };
             let e = out.entry((account.value(i).to_string(), con_id.value(i))).or_default();
             *e = e.join(&row);
         }
@@ -480,12 +524,17 @@ pub fn fold_registry(state: &RegistryState, rows: &[RecordBatch]) -> Result<Opti
     let mut changed = false;
     for b in rows.iter().filter(|b| b.num_rows() > 0) {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());
-        let (strategy, account, action, actor, event_id) = (s("strategy")?, s("account")?, s("action")?, s("actor")?, s("event_id")?);
+        let (strategy, account, action, actor, event_id) =
+            (s("strategy")?, s("account")?, s("action")?, s("actor")?, s("event_id")?);
         let con_id = col(b, "con_id")?.as_primitive::<Int64Type>();
         let priority = col(b, "priority")?.as_primitive::<Int32Type>();
         let time = col(b, "time")?.as_primitive::<TimestampMicrosecondType>();
         for i in 0..b.num_rows() {
-            let key = (strategy.value(i).to_string(), account.is_valid(i).then(|| account.value(i).to_string()), con_id.value(i));
+            let key = (
+                strategy.value(i).to_string(),
+                account.is_valid(i).then(|| account.value(i).to_string()),
+                con_id.value(i),
+            );
             let row = RegistryRow {
                 active: action.value(i) == "ACTIVATE",
                 priority: priority.value(i),
@@ -545,7 +594,11 @@ pub fn registry_from_batches(batches: &[RecordBatch]) -> Result<RegistryState, A
         let priority = col(b, "priority")?.as_primitive::<Int32Type>();
         let updated = col(b, "updated_at")?.as_primitive::<TimestampMicrosecondType>();
         for i in 0..b.num_rows() {
-            let key = (strategy.value(i).to_string(), account.is_valid(i).then(|| account.value(i).to_string()), con_id.value(i));
+            let key = (
+                strategy.value(i).to_string(),
+                account.is_valid(i).then(|| account.value(i).to_string()),
+                con_id.value(i),
+            );
             let row = RegistryRow {
                 active: active.value(i),
                 priority: priority.value(i),
@@ -573,7 +626,13 @@ mod tests {
     use super::*;
 
     fn ev(t: i64, seq: i64, source: &'static str, active: bool) -> QueueInput<'static> {
-        QueueInput { active_route: active, source, order: (t, "s", seq, "e"), position: t as f64, avg_cost: 1.0 }
+        QueueInput {
+            active_route: active,
+            source,
+            order: (t, "s", seq, "e"),
+            position: t as f64,
+            avg_cost: 1.0,
+        }
     }
 
     #[test]
@@ -587,7 +646,10 @@ mod tests {
         r.apply(&ev(15, 3, "STREAM", false));
         assert_eq!(r.status(), "refreshed");
         let q = r.queued.as_ref().unwrap();
-        assert_eq!((q.refresh_count, q.queued_events, q.enqueued_at, q.last_refreshed_at), (1, 3, Some(15), Some(20)));
+        assert_eq!(
+            (q.refresh_count, q.queued_events, q.enqueued_at, q.last_refreshed_at),
+            (1, 3, Some(15), Some(20))
+        );
         r.apply(&ev(30, 4, "PNL", true));
         assert_eq!(r.status(), "active");
         r.apply(&ev(40, 5, "STREAM", false));
@@ -617,7 +679,13 @@ mod tests {
     fn registry_newest_wins() {
         let mut s = RegistryState::new();
         let k = ("w".to_string(), None, 5);
-        let row = |t, active| RegistryRow { active, priority: 1, updated_at: t, actor: "a".into(), event_id: format!("e{t}") };
+        let row = |t, active| RegistryRow {
+            active,
+            priority: 1,
+            updated_at: t,
+            actor: "a".into(),
+            event_id: format!("e{t}"),
+        };
         assert!(upsert_registry(&mut s, k.clone(), row(10, true)));
         assert!(!upsert_registry(&mut s, k.clone(), row(5, false)));
         assert!(upsert_registry(&mut s, k.clone(), row(11, false)));

@@ -118,8 +118,14 @@ pub async fn publish(kafka: &KafkaConfig, events: &[RegistryEvent]) -> Result<()
     if events.is_empty() {
         return Ok(());
     }
-    let producer: FutureProducer = kafka.producer().create().map_err(KafkaError::client("create registry producer"))?;
-    let encoded = events.iter().map(|e| Ok((e.key(), e.encode()?))).collect::<Result<Vec<_>, RegistryError>>()?;
+    let producer: FutureProducer = kafka
+        .producer()
+        .create()
+        .map_err(KafkaError::client("create registry producer"))?;
+    let encoded = events
+        .iter()
+        .map(|e| Ok((e.key(), e.encode()?)))
+        .collect::<Result<Vec<_>, RegistryError>>()?;
     let mut pending = Vec::with_capacity(events.len());
     for (key, value) in &encoded {
         let record = FutureRecord::to(&kafka.topics.registry).key(key).payload(value);
@@ -143,7 +149,14 @@ pub async fn activate(
     priority: i32,
     actor: &str,
 ) -> Result<RegistryEvent, RegistryError> {
-    let e = super::event(strategy, normalize_account(account), con_id, RegistryAction::Activate, priority, actor);
+    let e = super::event(
+        strategy,
+        normalize_account(account),
+        con_id,
+        RegistryAction::Activate,
+        priority,
+        actor,
+    );
     publish(kafka, std::slice::from_ref(&e)).await?;
     Ok(e)
 }
@@ -159,7 +172,14 @@ pub async fn deactivate(
     con_id: i64,
     actor: &str,
 ) -> Result<RegistryEvent, RegistryError> {
-    let e = super::event(strategy, normalize_account(account), con_id, RegistryAction::Deactivate, 0, actor);
+    let e = super::event(
+        strategy,
+        normalize_account(account),
+        con_id,
+        RegistryAction::Deactivate,
+        0,
+        actor,
+    );
     publish(kafka, std::slice::from_ref(&e)).await?;
     Ok(e)
 }
@@ -177,10 +197,14 @@ pub async fn list(kafka: &KafkaConfig, timeout: Duration) -> Result<Vec<Entry>, 
 /// # Errors
 /// [`RegistryError::BootstrapSyntax`] naming the line or JSON position.
 pub fn parse_bootstrap(path: &Path, text: &str) -> Result<Vec<BootstrapEntry>, RegistryError> {
-    let syntax = |location: String, message: String| RegistryError::BootstrapSyntax { path: path.to_path_buf(), location, message };
+    let syntax = |location: String, message: String| RegistryError::BootstrapSyntax {
+        path: path.to_path_buf(),
+        location,
+        message,
+    };
     if text.trim_start().starts_with('[') {
-        let mut entries: Vec<BootstrapEntry> =
-            serde_json::from_str(text).map_err(|e| syntax(format!("line {} column {}", e.line(), e.column()), e.to_string()))?;
+        let mut entries: Vec<BootstrapEntry> = serde_json::from_str(text)
+            .map_err(|e| syntax(format!("line {} column {}", e.line(), e.column()), e.to_string()))?;
         for e in &mut entries {
             e.account = normalize_account(e.account.as_deref()).map(str::to_string);
         }
@@ -195,11 +219,18 @@ pub fn parse_bootstrap(path: &Path, text: &str) -> Result<Vec<BootstrapEntry>, R
         let fields: Vec<&str> = line.split_whitespace().collect();
         let location = format!("line {}", n + 1);
         if !(3..=4).contains(&fields.len()) {
-            return Err(syntax(location, format!("expected 3 or 4 fields, found {}", fields.len())));
+            return Err(syntax(
+                location,
+                format!("expected 3 or 4 fields, found {}", fields.len()),
+            ));
         }
-        let con_id = fields[2].parse().map_err(|e| syntax(location.clone(), format!("conId {:?}: {e}", fields[2])))?;
+        let con_id = fields[2]
+            .parse()
+            .map_err(|e| syntax(location.clone(), format!("conId {:?}: {e}", fields[2])))?;
         let priority = match fields.get(3) {
-            Some(p) => p.parse().map_err(|e| syntax(location.clone(), format!("priority {p:?}: {e}")))?,
+            Some(p) => p
+                .parse()
+                .map_err(|e| syntax(location.clone(), format!("priority {p:?}: {e}")))?,
             None => 0,
         };
         entries.push(BootstrapEntry {
@@ -219,21 +250,38 @@ pub fn parse_bootstrap(path: &Path, text: &str) -> Result<Vec<BootstrapEntry>, R
 /// # Errors
 /// [`RegistryError::BootstrapIo`] / [`RegistryError::BootstrapSyntax`] for the file, and the
 /// errors of [`reader::load`] and [`publish`].
-pub async fn seed_from_file(kafka: &KafkaConfig, path: &Path, actor: &str, timeout: Duration) -> Result<usize, RegistryError> {
+pub async fn seed_from_file(
+    kafka: &KafkaConfig,
+    path: &Path,
+    actor: &str,
+    timeout: Duration,
+) -> Result<usize, RegistryError> {
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|source| RegistryError::BootstrapIo { path: path.to_path_buf(), source })?;
+        .map_err(|source| RegistryError::BootstrapIo {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let wanted = parse_bootstrap(path, &text)?;
     let current = reader::load(kafka, timeout).await?;
     let have = current.entries();
     let events: Vec<RegistryEvent> = wanted
         .iter()
         .filter(|w| {
-            !have
-                .iter()
-                .any(|h| h.strategy == w.strategy && h.account == w.account && h.con_id == w.con_id && h.priority == w.priority)
+            !have.iter().any(|h| {
+                h.strategy == w.strategy && h.account == w.account && h.con_id == w.con_id && h.priority == w.priority
+            })
         })
-        .map(|w| super::event(&w.strategy, w.account.as_deref(), w.con_id, RegistryAction::Activate, w.priority, actor))
+        .map(|w| {
+            super::event(
+                &w.strategy,
+                w.account.as_deref(),
+                w.con_id,
+                RegistryAction::Activate,
+                w.priority,
+                actor,
+            )
+        })
         .collect();
     publish(kafka, &events).await?;
     Ok(events.len())
@@ -248,7 +296,15 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
         RegistryCommand::Activate(a) => {
             let e = &a.entry;
             let kafka = KafkaConfig::from_args(&e.kafka)?;
-            let ev = activate(&kafka, &e.strategy, e.account.as_deref(), e.con_id, a.priority, &e.actor).await?;
+            let ev = activate(
+                &kafka,
+                &e.strategy,
+                e.account.as_deref(),
+                e.con_id,
+                a.priority,
+                &e.actor,
+            )
+            .await?;
             println!("activated {} (priority {})", ev.key(), ev.priority);
         }
         RegistryCommand::Deactivate(e) => {
@@ -264,9 +320,14 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                     println!("{}", serde_json::to_string(e).unwrap_or_default());
                 }
             } else {
-                println!("{:<20} {:<12} {:>12} {:>8}  {:<26} actor", "strategy", "account", "conId", "priority", "since (UTC)");
+                println!(
+                    "{:<20} {:<12} {:>12} {:>8}  {:<26} actor",
+                    "strategy", "account", "conId", "priority", "since (UTC)"
+                );
                 for e in &entries {
-                    let since = chrono::DateTime::from_timestamp_micros(e.since).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
+                    let since = chrono::DateTime::from_timestamp_micros(e.since)
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_default();
                     println!(
                         "{:<20} {:<12} {:>12} {:>8}  {:<26} {}",
                         e.strategy,
@@ -299,17 +360,47 @@ mod tests {
         let json = r#"[{"strategy":"w","con_id":5},{"strategy":"h","account":"DU1","con_id":6,"priority":3},{"strategy":"s","account":"*","con_id":7}]"#;
         let e = parse_bootstrap(p, json).unwrap();
         assert_eq!(e.len(), 3);
-        assert_eq!(e[0], BootstrapEntry { strategy: "w".into(), account: None, con_id: 5, priority: 0 });
+        assert_eq!(
+            e[0],
+            BootstrapEntry {
+                strategy: "w".into(),
+                account: None,
+                con_id: 5,
+                priority: 0
+            }
+        );
         assert_eq!(e[1].account.as_deref(), Some("DU1"));
         assert_eq!(e[2].account, None);
         let lines = "# demo\nwheel * 5 2\n\nhedge DU1 6   # inline\n";
         let e = parse_bootstrap(p, lines).unwrap();
-        assert_eq!(e, vec![
-            BootstrapEntry { strategy: "wheel".into(), account: None, con_id: 5, priority: 2 },
-            BootstrapEntry { strategy: "hedge".into(), account: Some("DU1".into()), con_id: 6, priority: 0 },
-        ]);
-        assert!(matches!(parse_bootstrap(p, "wheel 5"), Err(RegistryError::BootstrapSyntax { .. })));
-        assert!(matches!(parse_bootstrap(p, "wheel * x"), Err(RegistryError::BootstrapSyntax { .. })));
-        assert!(matches!(parse_bootstrap(p, "[{\"strategy\": 1}]"), Err(RegistryError::BootstrapSyntax { .. })));
+        assert_eq!(
+            e,
+            vec![
+                BootstrapEntry {
+                    strategy: "wheel".into(),
+                    account: None,
+                    con_id: 5,
+                    priority: 2
+                },
+                BootstrapEntry {
+                    strategy: "hedge".into(),
+                    account: Some("DU1".into()),
+                    con_id: 6,
+                    priority: 0
+                },
+            ]
+        );
+        assert!(matches!(
+            parse_bootstrap(p, "wheel 5"),
+            Err(RegistryError::BootstrapSyntax { .. })
+        ));
+        assert!(matches!(
+            parse_bootstrap(p, "wheel * x"),
+            Err(RegistryError::BootstrapSyntax { .. })
+        ));
+        assert!(matches!(
+            parse_bootstrap(p, "[{\"strategy\": 1}]"),
+            Err(RegistryError::BootstrapSyntax { .. })
+        ));
     }
 }

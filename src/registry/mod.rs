@@ -32,7 +32,10 @@ pub enum RegistryError {
     NoSuchTopic(String),
     /// The topic could not be read to its end in time.
     #[error("could not read topic {topic:?} to its end within {timeout:?}; is the broker up?")]
-    CatchUpTimeout { topic: String, timeout: std::time::Duration },
+    CatchUpTimeout {
+        topic: String,
+        timeout: std::time::Duration,
+    },
     /// A registry event could not be encoded.
     #[error("cannot encode a registry event: {0}")]
     Encode(#[from] crate::events::EventError),
@@ -48,7 +51,11 @@ pub enum RegistryError {
     },
     /// The bootstrap file is malformed.
     #[error("registry bootstrap file {path}, {location}: {message}; expected a JSON array of {{\"strategy\",\"account\",\"con_id\",\"priority\"}} or lines `strategy account|* conId [priority]`")]
-    BootstrapSyntax { path: std::path::PathBuf, location: String, message: String },
+    BootstrapSyntax {
+        path: std::path::PathBuf,
+        location: String,
+        message: String,
+    },
     /// A command-line argument is invalid.
     #[error("{0}")]
     Invalid(String),
@@ -113,7 +120,9 @@ impl Registry {
                 changed
             }
             RegistryAction::Deactivate => {
-                let Some(map) = self.by_con.get_mut(&event.con_id) else { return false };
+                let Some(map) = self.by_con.get_mut(&event.con_id) else {
+                    return false;
+                };
                 let changed = map.remove(&slot).is_some();
                 if map.is_empty() {
                     self.by_con.remove(&event.con_id);
@@ -128,7 +137,10 @@ impl Registry {
         let map = self.by_con.get(&con_id)?;
         let mut priority = i32::MIN;
         let mut strategies: Vec<String> = Vec::new();
-        for e in map.values().filter(|e| e.account.as_deref().is_none_or(|a| a == account)) {
+        for e in map
+            .values()
+            .filter(|e| e.account.as_deref().is_none_or(|a| a == account))
+        {
             priority = priority.max(e.priority);
             strategies.push(e.strategy.clone());
         }
@@ -166,7 +178,14 @@ impl Registry {
 }
 
 /// Builds a registry event stamped now with a fresh id.
-pub fn event(strategy: &str, account: Option<&str>, con_id: i64, action: RegistryAction, priority: i32, actor: &str) -> RegistryEvent {
+pub fn event(
+    strategy: &str,
+    account: Option<&str>,
+    con_id: i64,
+    action: RegistryAction,
+    priority: i32,
+    actor: &str,
+) -> RegistryEvent {
     RegistryEvent {
         event_id: crate::events::new_id(),
         strategy: strategy.to_string(),
@@ -189,10 +208,25 @@ mod tests {
         let mut r = Registry::new();
         assert!(r.apply(&event("wheel", None, 7, Activate, 1, "t")));
         assert!(r.apply(&event("hedge", Some("DU1"), 7, Activate, 5, "t")));
-        assert_eq!(r.coverage("DU1", 7), Some(Coverage { priority: 5, strategies: vec!["hedge".into(), "wheel".into()] }));
-        assert_eq!(r.coverage("DU2", 7), Some(Coverage { priority: 1, strategies: vec!["wheel".into()] }));
+        assert_eq!(
+            r.coverage("DU1", 7),
+            Some(Coverage {
+                priority: 5,
+                strategies: vec!["hedge".into(), "wheel".into()]
+            })
+        );
+        assert_eq!(
+            r.coverage("DU2", 7),
+            Some(Coverage {
+                priority: 1,
+                strategies: vec!["wheel".into()]
+            })
+        );
         assert_eq!(r.coverage("DU2", 8), None);
-        assert!(!r.apply(&event("wheel", None, 7, Activate, 1, "t")), "same priority again changes nothing");
+        assert!(
+            !r.apply(&event("wheel", None, 7, Activate, 1, "t")),
+            "same priority again changes nothing"
+        );
         assert!(r.apply(&event("wheel", None, 7, Deactivate, 0, "t")));
         assert_eq!(r.coverage("DU2", 7), None);
         assert!(!r.apply(&event("wheel", None, 7, Deactivate, 0, "t")));
@@ -206,8 +240,19 @@ mod tests {
         r.apply(&event("b", None, 2, Activate, 0, "t"));
         r.apply(&event("a", Some("X"), 3, Activate, 0, "t"));
         r.apply(&event("a", None, 9, Activate, 0, "t"));
-        let keys: Vec<_> = r.entries().into_iter().map(|e| (e.strategy, e.account, e.con_id)).collect();
-        assert_eq!(keys, vec![("a".into(), None, 9), ("a".into(), Some("X".into()), 3), ("b".into(), None, 2)]);
+        let keys: Vec<_> = r
+            .entries()
+            .into_iter()
+            .map(|e| (e.strategy, e.account, e.con_id))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("a".into(), None, 9),
+                ("a".into(), Some("X".into()), 3),
+                ("b".into(), None, 2)
+            ]
+        );
         assert_eq!(r.len(), 3);
         assert!(r.contains("a", Some("X"), 3));
         assert!(!r.contains("a", None, 3));

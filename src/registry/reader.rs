@@ -42,7 +42,10 @@ impl TopicReplay {
 
     fn start_blocking(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Self, RegistryError> {
         let group = format!("possync-replay-{}", crate::events::new_id());
-        let consumer: StreamConsumer = kafka.consumer(&group).create().map_err(KafkaError::client("create replay consumer"))?;
+        let consumer: StreamConsumer = kafka
+            .consumer(&group)
+            .create()
+            .map_err(KafkaError::client("create replay consumer"))?;
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
@@ -68,8 +71,14 @@ impl TopicReplay {
                 .add_partition_offset(topic, p, Offset::Beginning)
                 .map_err(KafkaError::client("build assignment"))?;
         }
-        consumer.assign(&assignment).map_err(KafkaError::client(format!("assign {topic}")))?;
-        Ok(Self { consumer, topic: topic.to_string(), pending })
+        consumer
+            .assign(&assignment)
+            .map_err(KafkaError::client(format!("assign {topic}")))?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_string(),
+            pending,
+        })
     }
 
     /// Whether every message that existed at [`TopicReplay::start`] has been read.
@@ -148,7 +157,12 @@ async fn catch_up(replay: &mut TopicReplay, registry: &mut Registry, timeout: Du
                     registry.apply(&e);
                 }
             }
-            Err(_) => return Err(RegistryError::CatchUpTimeout { topic: replay.topic().to_string(), timeout }),
+            Err(_) => {
+                return Err(RegistryError::CatchUpTimeout {
+                    topic: replay.topic().to_string(),
+                    timeout,
+                })
+            }
         }
     }
     Ok(())

@@ -31,6 +31,7 @@
 //! - a malformed frame (bad length prefix, bad handshake, undecodable protobuf) closes that connection only;
 //! - a session more than 65,536 position changes behind is disconnected (its client reconnects and resyncs).
 
+mod catalog;
 mod config;
 mod error;
 mod proto;

@@ -32,19 +32,31 @@ pub struct Env {
 
 /// A quiet simulated world (no random fills, frozen prices, PnL ticks every 200 ms).
 pub fn quiet_sim() -> SimConfig {
-    SimConfig { price_tick: Duration::from_millis(100), pnl_tick: Duration::from_millis(200), ..SimConfig::for_tests() }
+    SimConfig {
+        price_tick: Duration::from_millis(100),
+        pnl_tick: Duration::from_millis(200),
+        ..SimConfig::for_tests()
+    }
 }
 
 /// Starts an embedded broker with `brokers` brokers, the possync topics under a unique prefix
 /// (`partitions` each), and the simulator.
 pub async fn env(sim: SimConfig, brokers: i32, partitions: i32) -> anyhow::Result<Env> {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("POSSYNC_TEST_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("POSSYNC_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     let broker = EmbeddedBroker::start(brokers)?;
     let mut kafka = KafkaConfig::new(broker.bootstrap());
     kafka.topics = Topics::new(&format!("t{}.", possync::events::new_id().replace('-', "")));
     broker.create_topics(&kafka.topics, partitions)?;
     let sim = possync::sim::start(sim).await?;
-    Ok(Env { broker, kafka, sim, shutdown: CancellationToken::new() })
+    Ok(Env {
+        broker,
+        kafka,
+        sim,
+        shutdown: CancellationToken::new(),
+    })
 }
 
 impl Env {
@@ -82,7 +94,9 @@ impl Running {
     /// Stops it and returns its result.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.context("task did not stop within 60 s")??
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .context("task did not stop within 60 s")??
     }
 }
 
@@ -105,7 +119,10 @@ impl Collector {
     /// Starts consuming both position topics from the beginning.
     pub async fn start(kafka: &KafkaConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let c = Collector::default();
-        for (topic, route) in [(kafka.topics.active.clone(), Route::Active), (kafka.topics.queued.clone(), Route::Queued)] {
+        for (topic, route) in [
+            (kafka.topics.active.clone(), Route::Active),
+            (kafka.topics.queued.clone(), Route::Queued),
+        ] {
             let mut replay = TopicReplay::start(kafka, &topic, Duration::from_secs(30)).await?;
             let c = c.clone();
             let shutdown = shutdown.clone();
@@ -117,7 +134,11 @@ impl Collector {
                     };
                     let Ok(m) = m else { continue };
                     match m.payload().map(PositionEvent::decode) {
-                        Some(Ok(event)) => c.events.lock().unwrap().push(Seen { topic_route: route, event, at: Instant::now() }),
+                        Some(Ok(event)) => c.events.lock().unwrap().push(Seen {
+                            topic_route: route,
+                            event,
+                            at: Instant::now(),
+                        }),
                         Some(Err(e)) => c.undecodable.lock().unwrap().push(e.to_string()),
                         None => c.undecodable.lock().unwrap().push("null payload".into()),
                     }
@@ -134,12 +155,18 @@ impl Collector {
 
     /// Events of one session.
     pub fn session(&self, session: &str) -> Vec<Seen> {
-        self.all().into_iter().filter(|s| s.event.session_id == session).collect()
+        self.all()
+            .into_iter()
+            .filter(|s| s.event.session_id == session)
+            .collect()
     }
 
     /// Events about (account, conId).
     pub fn about(&self, account: &str, con_id: i32) -> Vec<Seen> {
-        self.all().into_iter().filter(|s| s.event.account == account && s.event.con_id == i64::from(con_id)).collect()
+        self.all()
+            .into_iter()
+            .filter(|s| s.event.account == account && s.event.con_id == i64::from(con_id))
+            .collect()
     }
 
     /// The latest non-PNL event per key, by sequence within `session`.
@@ -163,7 +190,12 @@ impl Collector {
         let seen = self.session(session);
         for s in &seen {
             if s.topic_route != s.event.route {
-                bail!("event with route {:?} on the {:?} topic: {:?}", s.event.route, s.topic_route, s.event);
+                bail!(
+                    "event with route {:?} on the {:?} topic: {:?}",
+                    s.event.route,
+                    s.topic_route,
+                    s.event
+                );
             }
         }
         let mut seqs: Vec<i64> = seen.iter().map(|s| s.event.sequence).collect();
@@ -171,8 +203,14 @@ impl Collector {
         seqs.dedup();
         let n = seqs.len();
         if n > 0 && (seqs[0] != 1 || seqs[n - 1] != n as i64) {
-            let missing: Vec<i64> = (1..=seqs[n - 1]).filter(|s| seqs.binary_search(s).is_err()).take(20).collect();
-            bail!("sequence gaps in session {session}: {n} distinct numbers up to {}, missing {missing:?}", seqs[n - 1]);
+            let missing: Vec<i64> = (1..=seqs[n - 1])
+                .filter(|s| seqs.binary_search(s).is_err())
+                .take(20)
+                .collect();
+            bail!(
+                "sequence gaps in session {session}: {n} distinct numbers up to {}, missing {missing:?}",
+                seqs[n - 1]
+            );
         }
         Ok(n)
     }
@@ -203,11 +241,20 @@ pub fn matches_truth(e: &PositionEvent, p: &TruthPosition) -> bool {
 
 /// Waits until every open position of the simulator has a non-PNL event in `session` whose
 /// latest figures match the truth; returns the latest event per key.
-pub async fn wait_in_sync(sim: &SimHandle, c: &Collector, session: &str) -> anyhow::Result<BTreeMap<(String, i64), PositionEvent>> {
+pub async fn wait_in_sync(
+    sim: &SimHandle,
+    c: &Collector,
+    session: &str,
+) -> anyhow::Result<BTreeMap<(String, i64), PositionEvent>> {
     wait_for("published state to match the simulator", DEADLINE, || async {
         let truth = sim.truth();
         let mut latest: BTreeMap<(String, i64), PositionEvent> = BTreeMap::new();
-        let mut evs: Vec<PositionEvent> = c.session(session).into_iter().map(|s| s.event).filter(|e| e.source != Source::Pnl).collect();
+        let mut evs: Vec<PositionEvent> = c
+            .session(session)
+            .into_iter()
+            .map(|s| s.event)
+            .filter(|e| e.source != Source::Pnl)
+            .collect();
         evs.sort_by_key(|e| e.sequence);
         for e in evs {
             latest.insert((e.account.clone(), e.con_id), e);
@@ -215,7 +262,9 @@ pub async fn wait_in_sync(sim: &SimHandle, c: &Collector, session: &str) -> anyh
         let open: Vec<_> = latest.values().filter(|e| e.position != 0.0).collect();
         let ok = open.len() == truth.positions.len()
             && truth.positions.iter().all(|p| {
-                latest.get(&(p.account.clone(), i64::from(p.contract.con_id))).is_some_and(|e| matches_truth(e, p))
+                latest
+                    .get(&(p.account.clone(), i64::from(p.contract.con_id)))
+                    .is_some_and(|e| matches_truth(e, p))
             });
         ok.then_some(latest)
     })

@@ -34,7 +34,12 @@ impl Env {
         broker.create_topics(&kafka.topics, partitions)?;
         let dir = tempfile::tempdir()?;
         let base = dir.path().join("tables").to_string_lossy().into_owned();
-        Ok(Env { broker, kafka, dir, base })
+        Ok(Env {
+            broker,
+            kafka,
+            dir,
+            base,
+        })
     }
 
     pub fn config(&self, group: &str) -> MaterializeConfig {
@@ -93,7 +98,12 @@ pub async fn produce(p: &FutureProducer, items: Vec<Outgoing>) -> anyhow::Result
             rec = rec.payload(v.as_slice());
         }
         let d = p.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
-        anyhow::Ok(Produced { topic: o.topic.clone(), partition: d.partition, offset: d.offset, payload: o.payload })
+        anyhow::Ok(Produced {
+            topic: o.topic.clone(),
+            partition: d.partition,
+            offset: d.offset,
+            payload: o.payload,
+        })
     });
     futures::future::join_all(futs).await.into_iter().collect()
 }
@@ -130,11 +140,25 @@ impl Gen {
         let active = self.rng.gen_bool(0.5);
         let route = if active { Route::Active } else { Route::Queued };
         let source = if active {
-            if self.rng.gen_bool(0.7) { Source::Pnl } else { Source::Stream }
+            if self.rng.gen_bool(0.7) {
+                Source::Pnl
+            } else {
+                Source::Stream
+            }
         } else {
-            [Source::Snapshot, Source::Stream, Source::Poll, Source::Poll, Source::Reconcile][self.rng.gen_range(0..5)]
+            [
+                Source::Snapshot,
+                Source::Stream,
+                Source::Poll,
+                Source::Poll,
+                Source::Reconcile,
+            ][self.rng.gen_range(0..5)]
         };
-        let position = if source == Source::Reconcile { 0.0 } else { self.rng.gen_range(-3..4) as f64 };
+        let position = if source == Source::Reconcile {
+            0.0
+        } else {
+            self.rng.gen_range(-3..4) as f64
+        };
         let e = PositionEvent {
             event_id: new_id(),
             session_id: self.sessions[s].clone(),
@@ -163,8 +187,17 @@ impl Gen {
             ib_time: ingest_time - 500,
             ingest_time,
         };
-        let topic = if active { self.topics.active.clone() } else { self.topics.queued.clone() };
-        Outgoing { topic, key: Some(e.key().into_bytes()), value: Some(e.encode().expect("encodes")), payload: Payload::Position(e) }
+        let topic = if active {
+            self.topics.active.clone()
+        } else {
+            self.topics.queued.clone()
+        };
+        Outgoing {
+            topic,
+            key: Some(e.key().into_bytes()),
+            value: Some(e.encode().expect("encodes")),
+            payload: Payload::Position(e),
+        }
     }
 
     pub fn registry(&mut self) -> Outgoing {
@@ -175,18 +208,30 @@ impl Gen {
             strategy: ["wheel", "hedge"][self.rng.gen_range(0..2)].into(),
             account: if k % 4 == 0 { None } else { Some(format!("DU{}", k % 3)) },
             con_id: 500_000 + k as i64,
-            action: if self.rng.gen_bool(0.6) { RegistryAction::Activate } else { RegistryAction::Deactivate },
+            action: if self.rng.gen_bool(0.6) {
+                RegistryAction::Activate
+            } else {
+                RegistryAction::Deactivate
+            },
             priority: self.rng.gen_range(0..10),
             time: self.clock + self.rng.gen_range(-3_000..3_000),
             actor: "test".into(),
         };
-        Outgoing { topic: self.topics.registry.clone(), key: Some(e.key().into_bytes()), value: Some(e.encode().expect("encodes")), payload: Payload::Registry(e) }
+        Outgoing {
+            topic: self.topics.registry.clone(),
+            key: Some(e.key().into_bytes()),
+            value: Some(e.encode().expect("encodes")),
+            payload: Payload::Registry(e),
+        }
     }
 
     /// A mix of poison: garbage, a wrong schema id, a route on the wrong topic, a tombstone.
     pub fn poison(&mut self, which: usize) -> Outgoing {
         let mut good = match self.position() {
-            Outgoing { payload: Payload::Position(e), .. } => e,
+            Outgoing {
+                payload: Payload::Position(e),
+                ..
+            } => e,
             _ => unreachable!(),
         };
         let (topic, value) = match which % 4 {
@@ -198,7 +243,12 @@ impl Gen {
             }
             _ => (self.topics.registry.clone(), None),
         };
-        Outgoing { topic, key: Some(good.key().into_bytes()), value, payload: Payload::Poison }
+        Outgoing {
+            topic,
+            key: Some(good.key().into_bytes()),
+            value,
+            payload: Payload::Poison,
+        }
     }
 }
 
@@ -221,13 +271,19 @@ where
 }
 
 fn strs<'a>(b: &'a RecordBatch, n: &str) -> &'a deltalake::arrow::array::StringArray {
-    b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).as_string::<i32>()
+    b.column_by_name(n)
+        .unwrap_or_else(|| panic!("column {n}"))
+        .as_string::<i32>()
 }
 fn longs<'a>(b: &'a RecordBatch, n: &str) -> &'a deltalake::arrow::array::Int64Array {
-    b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).as_primitive::<Int64Type>()
+    b.column_by_name(n)
+        .unwrap_or_else(|| panic!("column {n}"))
+        .as_primitive::<Int64Type>()
 }
 fn times<'a>(b: &'a RecordBatch, n: &str) -> &'a deltalake::arrow::array::TimestampMicrosecondArray {
-    b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).as_primitive::<TimestampMicrosecondType>()
+    b.column_by_name(n)
+        .unwrap_or_else(|| panic!("column {n}"))
+        .as_primitive::<TimestampMicrosecondType>()
 }
 fn opt_time(a: &deltalake::arrow::array::TimestampMicrosecondArray, i: usize) -> Option<i64> {
     a.is_valid(i).then(|| a.value(i))
@@ -237,9 +293,17 @@ fn opt_time(a: &deltalake::arrow::array::TimestampMicrosecondArray, i: usize) ->
 pub async fn event_rows(base: &str) -> anyhow::Result<Vec<((String, i32, i64), String)>> {
     let mut out = Vec::new();
     for b in read_table(base, TableKind::PositionEvents).await? {
-        let (t, p, o, id) = (strs(&b, "kafka_topic"), b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>(), longs(&b, "kafka_offset"), strs(&b, "event_id"));
+        let (t, p, o, id) = (
+            strs(&b, "kafka_topic"),
+            b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>(),
+            longs(&b, "kafka_offset"),
+            strs(&b, "event_id"),
+        );
         for i in 0..b.num_rows() {
-            out.push(((t.value(i).to_string(), p.value(i), o.value(i)), id.value(i).to_string()));
+            out.push((
+                (t.value(i).to_string(), p.value(i), o.value(i)),
+                id.value(i).to_string(),
+            ));
         }
     }
     out.sort();
@@ -275,16 +339,24 @@ pub fn expected_current(produced: &[Produced]) -> BTreeMap<(String, i64), (Strin
             }
         }
     }
-    best.into_iter().map(|(k, e)| (k, (e.event_id.clone(), e.position))).collect()
+    best.into_iter()
+        .map(|(k, e)| (k, (e.event_id.clone(), e.position)))
+        .collect()
 }
 
 pub async fn actual_current(base: &str) -> anyhow::Result<BTreeMap<(String, i64), (String, f64)>> {
     let mut out = BTreeMap::new();
     for b in read_table(base, TableKind::PositionsCurrent).await? {
-        let pos = b.column_by_name("position").unwrap().as_primitive::<deltalake::arrow::datatypes::Float64Type>();
+        let pos = b
+            .column_by_name("position")
+            .unwrap()
+            .as_primitive::<deltalake::arrow::datatypes::Float64Type>();
         for i in 0..b.num_rows() {
             let k = (strs(&b, "account").value(i).to_string(), longs(&b, "con_id").value(i));
-            if out.insert(k.clone(), (strs(&b, "event_id").value(i).to_string(), pos.value(i))).is_some() {
+            if out
+                .insert(k.clone(), (strs(&b, "event_id").value(i).to_string(), pos.value(i)))
+                .is_some()
+            {
                 bail!("positions_current holds {k:?} twice");
             }
         }
@@ -308,9 +380,21 @@ pub fn expected_queue(produced: &[Produced]) -> BTreeMap<(String, i64), QueueVie
         .into_iter()
         .map(|(k, evs)| {
             let queued: Vec<&&PositionEvent> = evs.iter().filter(|e| e.route == Route::Queued).collect();
-            let active_at = evs.iter().filter(|e| e.route == Route::Active).map(|e| e.ingest_time).max();
-            let polls: Vec<i64> = queued.iter().filter(|e| e.source == Source::Poll).map(|e| e.ingest_time).collect();
-            let enq = queued.iter().filter(|e| e.source != Source::Poll).map(|e| e.ingest_time).max();
+            let active_at = evs
+                .iter()
+                .filter(|e| e.route == Route::Active)
+                .map(|e| e.ingest_time)
+                .max();
+            let polls: Vec<i64> = queued
+                .iter()
+                .filter(|e| e.source == Source::Poll)
+                .map(|e| e.ingest_time)
+                .collect();
+            let enq = queued
+                .iter()
+                .filter(|e| e.source != Source::Poll)
+                .map(|e| e.ingest_time)
+                .max();
             let last = queued.iter().max_by_key(|e| order(e));
             let status = match (last, active_at) {
                 (None, _) => "active",
@@ -361,14 +445,26 @@ pub fn expected_registry(produced: &[Produced]) -> BTreeMap<(String, Option<Stri
     let mut best: BTreeMap<(String, Option<String>, i64), &RegistryEvent> = BTreeMap::new();
     for p in produced {
         if let Payload::Registry(e) = &p.payload {
-            let slot = best.entry((e.strategy.clone(), e.account.clone(), e.con_id)).or_insert(e);
+            let slot = best
+                .entry((e.strategy.clone(), e.account.clone(), e.con_id))
+                .or_insert(e);
             if (e.time, &e.event_id) > (slot.time, &slot.event_id) {
                 *slot = e;
             }
         }
     }
     best.into_iter()
-        .map(|(k, e)| (k, (e.action == RegistryAction::Activate, e.priority, e.time, e.event_id.clone())))
+        .map(|(k, e)| {
+            (
+                k,
+                (
+                    e.action == RegistryAction::Activate,
+                    e.priority,
+                    e.time,
+                    e.event_id.clone(),
+                ),
+            )
+        })
         .collect()
 }
 
@@ -379,8 +475,20 @@ pub async fn actual_registry(base: &str) -> anyhow::Result<BTreeMap<(String, Opt
         let active = b.column_by_name("active").unwrap().as_boolean();
         let prio = b.column_by_name("priority").unwrap().as_primitive::<Int32Type>();
         for i in 0..b.num_rows() {
-            let k = (strs(&b, "strategy").value(i).to_string(), acct.is_valid(i).then(|| acct.value(i).to_string()), longs(&b, "con_id").value(i));
-            out.insert(k, (active.value(i), prio.value(i), times(&b, "updated_at").value(i), strs(&b, "event_id").value(i).to_string()));
+            let k = (
+                strs(&b, "strategy").value(i).to_string(),
+                acct.is_valid(i).then(|| acct.value(i).to_string()),
+                longs(&b, "con_id").value(i),
+            );
+            out.insert(
+                k,
+                (
+                    active.value(i),
+                    prio.value(i),
+                    times(&b, "updated_at").value(i),
+                    strs(&b, "event_id").value(i).to_string(),
+                ),
+            );
         }
     }
     Ok(out)
@@ -392,7 +500,11 @@ pub async fn dead_letter_rows(base: &str) -> anyhow::Result<Vec<(String, i32, i6
     for b in read_table(base, TableKind::DeadLetters).await? {
         let p = b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>();
         for i in 0..b.num_rows() {
-            out.push((strs(&b, "kafka_topic").value(i).to_string(), p.value(i), longs(&b, "kafka_offset").value(i)));
+            out.push((
+                strs(&b, "kafka_topic").value(i).to_string(),
+                p.value(i),
+                longs(&b, "kafka_offset").value(i),
+            ));
         }
     }
     out.sort();
@@ -408,29 +520,55 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
         let wanted: std::collections::BTreeSet<_> = want.iter().collect();
         let missing = wanted.difference(&have).count();
         let extra = rows.len() as i64 - have.len() as i64;
-        bail!("position_events: {} rows, want {}; {missing} missing, {extra} duplicated", rows.len(), want.len());
+        bail!(
+            "position_events: {} rows, want {}; {missing} missing, {extra} duplicated",
+            rows.len(),
+            want.len()
+        );
     }
-    anyhow::ensure!(actual_current(base).await? == expected_current(produced), "positions_current differs from the replay");
+    anyhow::ensure!(
+        actual_current(base).await? == expected_current(produced),
+        "positions_current differs from the replay"
+    );
     let (q, wq) = (actual_queue(base).await?, expected_queue(produced));
     if q != wq {
-        let diff: Vec<_> = wq.iter().filter(|(k, v)| q.get(*k) != Some(v)).take(3).map(|(k, v)| (k, v, q.get(k))).collect();
-        bail!("position_queue differs from the replay ({} vs {} rows), e.g. {diff:?}", q.len(), wq.len());
+        let diff: Vec<_> = wq
+            .iter()
+            .filter(|(k, v)| q.get(*k) != Some(v))
+            .take(3)
+            .map(|(k, v)| (k, v, q.get(k)))
+            .collect();
+        bail!(
+            "position_queue differs from the replay ({} vs {} rows), e.g. {diff:?}",
+            q.len(),
+            wq.len()
+        );
     }
-    anyhow::ensure!(actual_registry(base).await? == expected_registry(produced), "strategy_registry differs from the replay");
+    anyhow::ensure!(
+        actual_registry(base).await? == expected_registry(produced),
+        "strategy_registry differs from the replay"
+    );
     let mut poison: Vec<_> = produced
         .iter()
         .filter(|p| matches!(p.payload, Payload::Poison))
         .map(|p| (p.topic.clone(), p.partition, p.offset))
         .collect();
     poison.sort();
-    anyhow::ensure!(dead_letter_rows(base).await? == poison, "dead_letters differ from the poison produced");
+    anyhow::ensure!(
+        dead_letter_rows(base).await? == poison,
+        "dead_letters differ from the poison produced"
+    );
     Ok(())
 }
 
 /// Runs `tests/py/read_tables.py` on the tables (DuckDB delta extension + Python deltalake).
 pub fn python_readers(base: &str) -> anyhow::Result<serde_json::Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/read_tables.py");
-    let out = std::process::Command::new("python3").arg(script).arg(base).output().context("run python3")?;
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(base)
+        .output()
+        .context("run python3")?;
     if !out.status.success() {
         bail!("read_tables.py failed: {}", String::from_utf8_lossy(&out.stderr));
     }

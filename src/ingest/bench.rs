@@ -1,0 +1,288 @@
+//! `possync bench ingest`: throughput and latency of ingest, simulator → Kafka acknowledgement.
+//!
+//! Everything runs in this process: the simulator (its world sized by the flags), the
+//! embedded broker, and ingest. Phase 1 drives `--fills` position changes through the
+//! simulator as fast as ingest absorbs them (closed loop: at most `--window` changes ahead of
+//! the acknowledged events, so the simulator's and ibapi's buffers never overflow) and reports
+//! acknowledged events per second and per CPU-second. Phase 2 changes the active contracts at
+//! `--latency-rate` per second for `--latency-for` and reports the active route's latency from
+//! the IB frame (the moment `ibapi` hands the update to ingest) to the broker's acknowledgement.
+
+use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Ingest, IngestConfig, IngestError};
+use crate::kafka::{EmbeddedBroker, KafkaConfig, KafkaError};
+use crate::metrics;
+use crate::sim::{SimConfig, SimError};
+
+/// Flags of `possync bench ingest`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchIngestArgs {
+    /// Positions in the simulated world at start (spread over the accounts).
+    #[arg(long, env = "POSSYNC_BENCH_POSITIONS", default_value_t = 1000)]
+    pub positions: usize,
+    /// Simulated accounts.
+    #[arg(long, env = "POSSYNC_BENCH_ACCOUNTS", default_value_t = 5)]
+    pub accounts: usize,
+    /// Position changes driven through ingest in the throughput phase.
+    #[arg(long, env = "POSSYNC_BENCH_FILLS", default_value_t = 50_000)]
+    pub fills: u64,
+    /// Most changes made ahead of Kafka's acknowledgements in the throughput phase.
+    #[arg(long, env = "POSSYNC_BENCH_WINDOW", default_value_t = 4_000)]
+    pub window: u64,
+    /// Contracts activated in the registry (they hold PnL streams; phase 2 changes them).
+    #[arg(long, env = "POSSYNC_BENCH_ACTIVE", default_value_t = 10)]
+    pub active: usize,
+    /// Changes per second of active positions in the latency phase.
+    #[arg(long, env = "POSSYNC_BENCH_LATENCY_RATE", default_value_t = 200)]
+    pub latency_rate: u32,
+    /// Length of the latency phase.
+    #[arg(long, env = "POSSYNC_BENCH_LATENCY_FOR", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub latency_for: Duration,
+    /// Brokers of the embedded cluster.
+    #[arg(long, env = "POSSYNC_BENCH_BROKERS", default_value_t = 3)]
+    pub brokers: i32,
+    /// Partitions per topic.
+    #[arg(long, env = "POSSYNC_BENCH_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+    /// Extra librdkafka producer setting, `key=value` (e.g. `-K linger.ms=0`); repeatable.
+    #[arg(
+        short = 'K',
+        long = "kafka-config",
+        env = "POSSYNC_BENCH_KAFKA_CONFIG",
+        value_delimiter = ','
+    )]
+    pub kafka_config: Vec<String>,
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("simulator: {0}")]
+    Sim(#[from] SimError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("benchmark stalled: {0}")]
+    Stalled(String),
+}
+
+/// The figures.
+#[derive(Debug, Clone, Default)]
+pub struct BenchIngestReport {
+    pub positions: usize,
+    pub snapshot_events: u64,
+    pub snapshot_secs: f64,
+    pub fills: u64,
+    pub events: u64,
+    pub secs: f64,
+    pub cpu_secs: f64,
+    pub latency_samples: usize,
+    pub p50_us: u32,
+    pub p90_us: u32,
+    pub p99_us: u32,
+    pub max_us: u32,
+}
+
+impl fmt::Display for BenchIngestReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "possync bench ingest (simulator -> ingest -> embedded Kafka, acks=all, idempotent)"
+        )?;
+        writeln!(
+            f,
+            "  initial snapshot: {} events in {:.2} s",
+            self.snapshot_events, self.snapshot_secs
+        )?;
+        writeln!(
+            f,
+            "  throughput: {} changes -> {} acknowledged events in {:.2} s = {:.0} events/s, {:.0} events per CPU-second ({:.2} CPU-s, whole process incl. simulator and broker)",
+            self.fills,
+            self.events,
+            self.secs,
+            self.events as f64 / self.secs.max(1e-9),
+            self.events as f64 / self.cpu_secs.max(1e-9),
+            self.cpu_secs
+        )?;
+        write!(
+            f,
+            "  active route latency, IB frame -> broker ack ({} samples): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.latency_samples,
+            f64::from(self.p50_us) / 1e3,
+            f64::from(self.p90_us) / 1e3,
+            f64::from(self.p99_us) / 1e3,
+            f64::from(self.max_us) / 1e3
+        )
+    }
+}
+
+fn published() -> u64 {
+    let m = metrics::global();
+    m.published_active.load(Relaxed) + m.published_queued.load(Relaxed)
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 Hz on Linux).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+async fn wait_published(target: u64, stall: Duration) -> Result<(), BenchError> {
+    let mut last = (published(), Instant::now());
+    while published() < target {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = published();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > stall {
+            return Err(BenchError::Stalled(format!(
+                "{now} of {target} events acknowledged, no progress for {stall:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and returns its figures.
+///
+/// # Errors
+/// [`BenchError`] when a component fails to start or the pipeline stalls.
+pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError> {
+    let sim = crate::sim::start(SimConfig {
+        accounts: args.accounts.max(1),
+        strikes: 20,
+        initial_positions: args.positions,
+        fill_rate: 0.0,
+        max_streams: 1000,
+        pacing_limit: 50,
+        ..SimConfig::for_tests()
+    })
+    .await?;
+    let broker = EmbeddedBroker::start(args.brokers.max(1))?;
+    let kafka = KafkaConfig::from_args(&crate::kafka::KafkaArgs {
+        brokers: broker.bootstrap().to_string(),
+        topic_prefix: "possync.".into(),
+        kafka_config: args.kafka_config.clone(),
+    })?;
+    broker.create_topics(&kafka.topics, args.partitions.max(1))?;
+    let truth = sim.truth();
+    let active: Vec<(String, i32)> = truth
+        .positions
+        .iter()
+        .take(args.active)
+        .map(|p| (p.account.clone(), p.contract.con_id))
+        .collect();
+    for (account, con_id) in &active {
+        crate::registry::activate(&kafka, "bench", Some(account), i64::from(*con_id), 1, "bench").await?;
+    }
+    let cfg = IngestConfig {
+        ib_host: sim.addr().ip().to_string(),
+        ib_port: sim.addr().port(),
+        client_id: 90,
+        slot_budget: args.active.max(1),
+        record_latency: true,
+        ..IngestConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let base = published();
+    let t0 = Instant::now();
+    let ingest = Ingest::start(cfg, kafka.clone(), shutdown.clone()).await?;
+    let latency = ingest.latency_log();
+    let task = tokio::spawn(ingest.run());
+    wait_published(base + truth.positions.len() as u64, Duration::from_secs(60)).await?;
+    let mut report = BenchIngestReport {
+        positions: truth.positions.len(),
+        snapshot_events: published() - base,
+        snapshot_secs: t0.elapsed().as_secs_f64(),
+        fills: args.fills,
+        ..Default::default()
+    };
+    eprintln!("snapshot published; driving {} changes ...", args.fills);
+
+    // Phase 1: throughput, closed loop.
+    let start_events = published();
+    let start_cpu = cpu_seconds();
+    // Round-robin over the open positions, moving each away from zero and back (never
+    // closing it), so every change is one event and the simulator's cost stays constant.
+    let targets: Vec<(String, i32, f64)> = truth
+        .positions
+        .iter()
+        .map(|p| (p.account.clone(), p.contract.con_id, p.quantity.signum()))
+        .collect();
+    let t1 = Instant::now();
+    let mut made = 0u64;
+    while made < args.fills && !targets.is_empty() {
+        if start_events + made > published() + args.window {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        let i = (made as usize) % targets.len();
+        let round = (made as usize) / targets.len();
+        let (account, con_id, sign) = &targets[i];
+        sim.apply_fill(account, *con_id, if round % 2 == 0 { *sign } else { -*sign })?;
+        made += 1;
+        if made % 256 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    wait_published(start_events + made, Duration::from_secs(60)).await?;
+    report.secs = t1.elapsed().as_secs_f64();
+    report.cpu_secs = cpu_seconds() - start_cpu;
+    report.events = published() - start_events;
+
+    // Phase 2: latency of the active route at a moderate rate.
+    if let Some(log) = &latency {
+        log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+    eprintln!(
+        "measuring active-route latency at {}/s for {:?} ...",
+        args.latency_rate, args.latency_for
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.latency_rate.max(1))));
+    let end = Instant::now() + args.latency_for;
+    let mut i = 0usize;
+    while Instant::now() < end && !active.is_empty() {
+        tick.tick().await;
+        let (account, con_id) = &active[i % active.len()];
+        sim.apply_fill(account, *con_id, if i % 2 == 0 { 1.0 } else { -1.0 })?;
+        i += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = latency
+        .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_default();
+    samples.sort_unstable();
+    report.latency_samples = samples.len();
+    report.p50_us = percentile(&samples, 0.50);
+    report.p90_us = percentile(&samples, 0.90);
+    report.p99_us = percentile(&samples, 0.99);
+    report.max_us = samples.last().copied().unwrap_or(0);
+
+    shutdown.cancel();
+    match task.await {
+        Ok(r) => r?,
+        Err(e) => return Err(BenchError::Stalled(format!("ingest task: {e}"))),
+    }
+    Ok(report)
+}

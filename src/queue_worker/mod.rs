@@ -1,0 +1,325 @@
+//! `possync queue-worker`: drains the position queue with snapshot polls that cost no
+//! streaming slot.
+//!
+//! The queue is event-sourced from `positions.queued` ([`state`]): ingest's enqueue events
+//! make items pending, the worker's own POLL events make them refreshed. The worker replays
+//! the topic from the beginning, then follows it; every tick (5 s by default) it takes at most
+//! `batch` (50) pending items, oldest first, that are not already in flight, polls the
+//! accounts involved with `reqPositionsMulti` on its own client id ([`poller`]), and publishes
+//! one POLL event per item on `positions.queued`. Messages to IB go through a rate limiter
+//! below IB's 50/s pacing limit; one batch runs at a time and a tick that finds the previous
+//! batch still running is skipped.
+
+pub mod poller;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ibapi::{Client, RateLimiter};
+use rdkafka::Message;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{now_micros, PositionEvent, Route, Source};
+use crate::ingest::book::{ContractInfo, PosKey};
+use crate::ingest::{PublishError, Publisher};
+use crate::kafka::{KafkaArgs, KafkaConfig};
+use crate::metrics;
+use crate::registry::{RegistryError, TopicReplay};
+use poller::{AccountPoll, PollError};
+use state::{Item, QueueState};
+
+/// Errors that stop the queue worker.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueWorkerError {
+    /// The queue topic could not be read (is Kafka up, are the topics created?).
+    #[error("reading the queue topic: {0}")]
+    Replay(#[from] RegistryError),
+    /// Publishing failed in a way retrying cannot fix.
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+    /// Bad Kafka settings.
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+}
+
+/// Flags of `possync queue-worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QueueWorkerArgs {
+    /// IB Gateway / TWS host.
+    #[arg(long, env = "POSSYNC_IB_HOST", default_value = "127.0.0.1")]
+    pub ib_host: String,
+    /// IB Gateway / TWS API port.
+    #[arg(long, env = "POSSYNC_IB_PORT", default_value_t = 4002)]
+    pub ib_port: u16,
+    /// API client id of the worker; must differ from ingest's and every other client's.
+    #[arg(long, env = "POSSYNC_QUEUE_CLIENT_ID", default_value_t = 2)]
+    pub client_id: i32,
+    /// How often a batch of pending items is refreshed.
+    #[arg(long, env = "POSSYNC_QUEUE_TICK", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub tick: Duration,
+    /// Most items refreshed per tick.
+    #[arg(long, env = "POSSYNC_QUEUE_BATCH", default_value_t = 50)]
+    pub batch: usize,
+    /// Messages per second the worker may send to IB (IB allows 50 per client).
+    #[arg(long, env = "POSSYNC_QUEUE_IB_PACING", default_value_t = 40)]
+    pub ib_pacing: u32,
+    /// How long one account's poll may take before it is abandoned (its items stay pending).
+    #[arg(long, env = "POSSYNC_QUEUE_POLL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub poll_timeout: Duration,
+    /// An item whose POLL event has not come back from Kafka within this is polled again.
+    #[arg(long, env = "POSSYNC_QUEUE_IN_FLIGHT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub in_flight_timeout: Duration,
+    /// How long to wait for Kafka while replaying the queue topic at start.
+    #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub kafka_timeout: Duration,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// One batch the worker took (for observers: tests, `possync run` progress).
+#[derive(Debug, Clone)]
+pub struct BatchReport {
+    /// The tick that took the batch (ticks are at least `tick` apart).
+    pub taken: Instant,
+    /// The items, oldest first, with the time each became pending (µs since the epoch).
+    pub items: Vec<(PosKey, i64)>,
+    /// Items still pending after taking the batch (in flight included).
+    pub pending: usize,
+}
+
+/// Plain queue-worker settings; see [`QueueWorkerArgs`].
+#[derive(Debug, Clone)]
+pub struct QueueWorkerConfig {
+    pub ib_host: String,
+    pub ib_port: u16,
+    pub client_id: i32,
+    pub tick: Duration,
+    pub batch: usize,
+    pub ib_pacing: u32,
+    pub poll_timeout: Duration,
+    pub in_flight_timeout: Duration,
+    pub kafka_timeout: Duration,
+    /// Receives a report of every batch taken (dropped when the receiver is full).
+    pub batch_observer: Option<mpsc::Sender<BatchReport>>,
+}
+
+impl Default for QueueWorkerConfig {
+    fn default() -> Self {
+        Self {
+            ib_host: "127.0.0.1".into(),
+            ib_port: 4002,
+            client_id: 2,
+            tick: Duration::from_secs(5),
+            batch: 50,
+            ib_pacing: 40,
+            poll_timeout: Duration::from_secs(10),
+            in_flight_timeout: Duration::from_secs(60),
+            kafka_timeout: Duration::from_secs(30),
+            batch_observer: None,
+        }
+    }
+}
+
+impl From<&QueueWorkerArgs> for QueueWorkerConfig {
+    fn from(a: &QueueWorkerArgs) -> Self {
+        Self {
+            ib_host: a.ib_host.clone(),
+            ib_port: a.ib_port,
+            client_id: a.client_id,
+            tick: a.tick,
+            batch: a.batch,
+            ib_pacing: a.ib_pacing,
+            poll_timeout: a.poll_timeout,
+            in_flight_timeout: a.in_flight_timeout,
+            kafka_timeout: a.kafka_timeout,
+            batch_observer: None,
+        }
+    }
+}
+
+type BatchResult = (Vec<(PosKey, Item)>, BTreeMap<String, Result<AccountPoll, PollError>>);
+
+/// Runs the queue worker until `shutdown`.
+///
+/// # Errors
+/// [`QueueWorkerError::Replay`] when the queue topic cannot be read at start,
+/// [`QueueWorkerError::Publish`] when the producer fails for good.
+pub async fn run(
+    cfg: QueueWorkerConfig,
+    kafka: KafkaConfig,
+    shutdown: CancellationToken,
+) -> Result<(), QueueWorkerError> {
+    let mut replay = TopicReplay::start(&kafka, &kafka.topics.queued, cfg.kafka_timeout).await?;
+    let mut queue = QueueState::new();
+    let deadline = tokio::time::Instant::now() + cfg.kafka_timeout;
+    while !replay.caught_up() {
+        let m = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = tokio::time::timeout_at(deadline, replay.next()) => m.map_err(|_| RegistryError::CatchUpTimeout {
+                topic: kafka.topics.queued.clone(),
+                timeout: cfg.kafka_timeout,
+            })??,
+        };
+        apply(&mut queue, &m);
+    }
+    tracing::info!(pending = queue.pending(), "queue replayed");
+    let mut publisher = Publisher::new(&kafka, 10_000, false)?;
+    let limiter = RateLimiter::per_second(cfg.ib_pacing.max(1));
+    let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
+    let mut client: Option<Arc<Client>> = None;
+    let mut batch: Option<JoinHandle<BatchResult>> = None;
+    let mut tick = tokio::time::interval(cfg.tick.max(Duration::from_millis(1)));
+    // Delay, not Skip: a late tick pushes the next one a full period out, so batches are never
+    // closer together than `tick` (Skip could fire the next one right after a late one).
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(failure) = publisher.failures().recv() => queue.release(&failure.key),
+            done = async { batch.as_mut().expect("guarded").await }, if batch.is_some() => {
+                batch = None;
+                match done {
+                    Ok((items, polls)) => {
+                        if polls.values().any(|r| matches!(r, Err(PollError::ConnectionLost(_)))) {
+                            client = None;
+                        }
+                        if let Err(e) = publish_batch(&mut queue, &mut publisher, items, polls).await {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "poll task failed"),
+                }
+            }
+            m = replay.next() => match m {
+                Ok(m) => apply(&mut queue, &m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue topic read error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+            ticked = tick.tick() => {
+                if batch.is_some() {
+                    tracing::debug!("previous batch still running; tick skipped");
+                    continue;
+                }
+                if client.as_ref().is_none_or(|c| !c.is_connected()) {
+                    match poller::connect(&address, cfg.client_id, &limiter, Duration::from_secs(5).min(cfg.poll_timeout)).await {
+                        Ok(c) => client = Some(c),
+                        Err(e) => {
+                            tracing::warn!(%address, client_id = cfg.client_id, error = %e, "queue worker cannot reach IB; retrying next tick");
+                            continue;
+                        }
+                    }
+                }
+                let items = queue.take_batch(cfg.batch, Instant::now(), cfg.in_flight_timeout);
+                metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
+                if items.is_empty() {
+                    continue;
+                }
+                if let Some(observer) = &cfg.batch_observer {
+                    let report = BatchReport {
+                        taken: ticked.into_std(),
+                        items: items.iter().map(|(k, it)| (k.clone(), it.enqueued_at)).collect(),
+                        pending: queue.pending(),
+                    };
+                    let _ = observer.try_send(report);
+                }
+                let accounts: BTreeSet<String> = items.iter().map(|(k, _)| k.account.clone()).collect();
+                tracing::debug!(items = items.len(), accounts = accounts.len(), "polling a batch");
+                let client = client.clone().expect("connected above");
+                let timeout = cfg.poll_timeout;
+                batch = Some(tokio::spawn(async move {
+                    let polls = poller::poll_accounts(client, accounts.into_iter().collect(), timeout).await;
+                    (items, polls.into_iter().collect())
+                }));
+            }
+        }
+    };
+    if let Some(b) = batch.take() {
+        b.abort();
+    }
+    let flushed = publisher.flush(Duration::from_secs(30)).await;
+    if let Some(c) = client {
+        c.disconnect().await;
+    }
+    result?;
+    flushed?;
+    Ok(())
+}
+
+fn apply(queue: &mut QueueState, m: &rdkafka::message::OwnedMessage) {
+    match m.payload().map(PositionEvent::decode) {
+        Some(Ok(e)) => queue.apply(e),
+        Some(Err(e)) => {
+            tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "skipping undecodable queue event")
+        }
+        None => {}
+    }
+    metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
+}
+
+/// Publishes one POLL event per item whose account poll succeeded and whose result is not
+/// stale; releases the others so a later tick takes them again.
+async fn publish_batch(
+    queue: &mut QueueState,
+    publisher: &mut Publisher,
+    items: Vec<(PosKey, Item)>,
+    polls: BTreeMap<String, Result<AccountPoll, PollError>>,
+) -> Result<(), QueueWorkerError> {
+    for (account, r) in &polls {
+        if let Err(e) = r {
+            tracing::warn!(%account, error = %e, "positions poll failed; its items stay pending");
+        }
+    }
+    for (key, item) in items {
+        let Some(Ok(poll)) = polls.get(&key.account) else {
+            queue.release(&key);
+            continue;
+        };
+        if !queue.may_publish(&key) {
+            tracing::debug!(%key, "a newer change arrived during the poll; result dropped");
+            queue.release(&key);
+            continue;
+        }
+        let mut e = item.last.clone();
+        match poll.positions.get(&key.con_id) {
+            Some(p) => {
+                let c = ContractInfo::from(&p.contract);
+                e.symbol = c.symbol;
+                e.sec_type = c.sec_type;
+                e.expiry = c.expiry;
+                e.strike = c.strike;
+                e.right = c.right;
+                e.multiplier = c.multiplier;
+                if !c.exchange.is_empty() {
+                    e.exchange = c.exchange;
+                }
+                e.currency = c.currency;
+                e.local_symbol = c.local_symbol;
+                e.trading_class = c.trading_class;
+                e.position = p.position;
+                e.avg_cost = p.average_cost;
+            }
+            None => e.position = 0.0,
+        }
+        e.event_id = crate::events::new_id();
+        e.route = Route::Queued;
+        e.source = Source::Poll;
+        e.daily_pnl = None;
+        e.unrealized_pnl = None;
+        e.realized_pnl = None;
+        e.market_value = None;
+        e.ib_time = now_micros() - i64::try_from(poll.at.elapsed().as_micros()).unwrap_or(0);
+        e.ingest_time = now_micros();
+        publisher.publish(e, None).await?;
+        metrics::global().queue_refreshed.fetch_add(1, Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Snapshot polls: `reqPositionsMulti` per account, read to its end marker, then cancelled.
+//! A positions-multi request holds no streaming slot; each poll costs two messages (request
+//! and cancel), paced by the client's rate limiter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ibapi::accounts::types::AccountId;
+use ibapi::accounts::{PositionMulti, PositionUpdateMulti};
+use ibapi::subscriptions::SubscriptionItem;
+use ibapi::{Client, RateLimiter};
+
+/// One account's positions as a poll found them, with when the answer arrived.
+#[derive(Debug)]
+pub struct AccountPoll {
+    /// conId → position (absent = no position).
+    pub positions: HashMap<i64, PositionMulti>,
+    /// When the end marker arrived.
+    pub at: Instant,
+}
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The connection dropped; reconnect before the next batch.
+    #[error("IB connection lost: {0}")]
+    ConnectionLost(ibapi::Error),
+    /// IB refused or failed the request.
+    #[error("IB refused the positions poll: {0}")]
+    Refused(ibapi::Error),
+    /// No end marker within the poll timeout.
+    #[error("no end of the position list within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<ibapi::Error> for PollError {
+    fn from(e: ibapi::Error) -> Self {
+        if e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed) {
+            PollError::ConnectionLost(e)
+        } else {
+            PollError::Refused(e)
+        }
+    }
+}
+
+/// Connects the worker's own client (no auto-reconnect: the worker reconnects at its next tick).
+///
+/// # Errors
+/// The `ibapi` connect error, or [`PollError::Timeout`].
+pub async fn connect(
+    address: &str,
+    client_id: i32,
+    limiter: &RateLimiter,
+    timeout: Duration,
+) -> Result<Arc<Client>, PollError> {
+    let connecting = Client::builder()
+        .address(address)
+        .client_id(client_id)
+        .max_reconnect_attempts(0)
+        .rate_limiter(limiter.clone())
+        .connect();
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(Arc::new(c)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(PollError::Timeout(timeout)),
+    }
+}
+
+/// Polls one account: the full list up to its end marker, then cancels the request.
+///
+/// # Errors
+/// [`PollError`].
+pub async fn poll_account(client: &Client, account: &str, timeout: Duration) -> Result<AccountPoll, PollError> {
+    let mut sub = client
+        .positions_multi(Some(&AccountId(account.to_string())), None)
+        .await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut positions = HashMap::new();
+    let outcome = loop {
+        let item = match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(item) => item,
+            Err(_) => break Err(PollError::Timeout(timeout)),
+        };
+        match item {
+            Some(Ok(SubscriptionItem::Data(PositionUpdateMulti::Position(p)))) => {
+                if p.account == account {
+                    positions.insert(i64::from(p.contract.contract_id), p);
+                }
+            }
+            Some(Ok(SubscriptionItem::Data(PositionUpdateMulti::PositionEnd))) => {
+                break Ok(AccountPoll {
+                    positions: std::mem::take(&mut positions),
+                    at: Instant::now(),
+                })
+            }
+            Some(Ok(SubscriptionItem::Notice(n))) => {
+                tracing::debug!(account, code = n.code, message = %n.message, "positions-multi notice")
+            }
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(PollError::ConnectionLost(ibapi::Error::ConnectionReset)),
+        }
+    };
+    sub.cancel().await;
+    outcome
+}
+
+/// Polls every account in `accounts` one after the other.
+pub async fn poll_accounts(
+    client: Arc<Client>,
+    accounts: Vec<String>,
+    timeout: Duration,
+) -> HashMap<String, Result<AccountPoll, PollError>> {
+    let mut out = HashMap::new();
+    for account in accounts {
+        let result = poll_account(&client, &account, timeout).await;
+        let lost = matches!(result, Err(PollError::ConnectionLost(_)));
+        out.insert(account, result);
+        if lost {
+            break;
+        }
+    }
+    out
+}

@@ -1,0 +1,250 @@
+//! The position queue, event-sourced from `positions.queued`, as a pure state machine.
+//!
+//! In log order: an enqueue event (ingest's STREAM / SNAPSHOT / RECONCILE) makes the item
+//! pending (keeping the time it first became pending, so the oldest goes first); a close
+//! (quantity 0) needs no refresh; a POLL event (the worker's own refresh) makes it refreshed.
+//! An item taken for a poll is *in flight* until its POLL event is read back; it is never
+//! taken again meanwhile (unless the poll is abandoned or its POLL event never shows up within
+//! the in-flight timeout). An enqueue that arrives while the item is in flight marks the poll
+//! stale: its result must not be published, as it may be older than the enqueued change.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::events::{PositionEvent, Source};
+use crate::ingest::book::PosKey;
+
+/// Where an item stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Changed since its last refresh: waits for a poll.
+    Pending,
+    /// Refreshed by a poll since its last change.
+    Refreshed,
+    /// Closed (quantity 0): nothing to refresh.
+    Closed,
+}
+
+/// One queued position.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The latest event about it (contract fields, last known figures).
+    pub last: PositionEvent,
+    /// Its status.
+    pub status: Status,
+    /// When it became pending (µs since the epoch, the enqueue event's ingest time).
+    pub enqueued_at: i64,
+    /// When this worker took it for a poll, if it is in flight.
+    pub in_flight_since: Option<Instant>,
+    /// An enqueue arrived while it was in flight: the poll's result is stale.
+    pub stale_poll: bool,
+    /// POLL events seen for it.
+    pub refresh_count: u64,
+}
+
+/// The queue.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    items: HashMap<PosKey, Item>,
+}
+
+impl QueueState {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one event of `positions.queued`.
+    pub fn apply(&mut self, e: PositionEvent) {
+        let key = PosKey::new(e.account.clone(), e.con_id);
+        match e.source {
+            Source::Pnl => {}
+            Source::Poll => {
+                let item = self.items.entry(key).or_insert_with(|| Item {
+                    last: e.clone(),
+                    status: Status::Refreshed,
+                    enqueued_at: e.ingest_time,
+                    in_flight_since: None,
+                    stale_poll: false,
+                    refresh_count: 0,
+                });
+                item.refresh_count += 1;
+                item.status = if e.position == 0.0 {
+                    Status::Closed
+                } else {
+                    Status::Refreshed
+                };
+                item.in_flight_since = None;
+                item.stale_poll = false;
+                item.last = e;
+            }
+            Source::Stream | Source::Snapshot | Source::Reconcile => {
+                let closed = e.position == 0.0;
+                match self.items.get_mut(&key) {
+                    Some(item) => {
+                        if item.in_flight_since.is_some() {
+                            item.stale_poll = true;
+                        }
+                        if closed {
+                            item.status = Status::Closed;
+                        } else if item.status != Status::Pending {
+                            item.status = Status::Pending;
+                            item.enqueued_at = e.ingest_time;
+                        }
+                        item.last = e;
+                    }
+                    None => {
+                        let status = if closed { Status::Closed } else { Status::Pending };
+                        let enqueued_at = e.ingest_time;
+                        self.items.insert(
+                            key,
+                            Item {
+                                last: e,
+                                status,
+                                enqueued_at,
+                                in_flight_since: None,
+                                stale_poll: false,
+                                refresh_count: 0,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes up to `n` pending items that are not in flight, oldest first, and marks them in
+    /// flight. An item in flight for longer than `in_flight_timeout` counts as not in flight.
+    pub fn take_batch(&mut self, n: usize, now: Instant, in_flight_timeout: Duration) -> Vec<(PosKey, Item)> {
+        let mut eligible: Vec<(&PosKey, &Item)> = self
+            .items
+            .iter()
+            .filter(|(_, it)| it.status == Status::Pending)
+            .filter(|(_, it)| {
+                it.in_flight_since
+                    .is_none_or(|t| now.duration_since(t) >= in_flight_timeout)
+            })
+            .collect();
+        eligible.sort_by(|a, b| a.1.enqueued_at.cmp(&b.1.enqueued_at).then_with(|| a.0.cmp(b.0)));
+        let keys: Vec<PosKey> = eligible.into_iter().take(n).map(|(k, _)| k.clone()).collect();
+        keys.into_iter()
+            .map(|k| {
+                let item = self.items.get_mut(&k).expect("taken from the map");
+                item.in_flight_since = Some(now);
+                item.stale_poll = false;
+                (k, item.clone())
+            })
+            .collect()
+    }
+
+    /// Whether a poll result for `key` may be published (in flight, no newer enqueue).
+    pub fn may_publish(&self, key: &PosKey) -> bool {
+        self.items
+            .get(key)
+            .is_some_and(|it| it.in_flight_since.is_some() && !it.stale_poll && it.status == Status::Pending)
+    }
+
+    /// Abandons the poll of `key` (failed, stale, or its event was lost): eligible again.
+    pub fn release(&mut self, key: &PosKey) {
+        if let Some(it) = self.items.get_mut(key) {
+            it.in_flight_since = None;
+            it.stale_poll = false;
+        }
+    }
+
+    /// Pending items (in flight or not).
+    pub fn pending(&self) -> usize {
+        self.items.values().filter(|it| it.status == Status::Pending).count()
+    }
+
+    /// Items in flight.
+    pub fn in_flight(&self) -> usize {
+        self.items.values().filter(|it| it.in_flight_since.is_some()).count()
+    }
+
+    /// The item of `key`.
+    pub fn get(&self, key: &PosKey) -> Option<&Item> {
+        self.items.get(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Route;
+
+    fn ev(con: i64, source: Source, position: f64, t: i64) -> PositionEvent {
+        PositionEvent {
+            event_id: String::new(),
+            session_id: String::new(),
+            sequence: 0,
+            account: "A".into(),
+            con_id: con,
+            symbol: "X".into(),
+            sec_type: "STK".into(),
+            expiry: None,
+            strike: None,
+            right: None,
+            multiplier: None,
+            exchange: String::new(),
+            currency: "USD".into(),
+            local_symbol: String::new(),
+            trading_class: String::new(),
+            position,
+            avg_cost: 1.0,
+            daily_pnl: None,
+            unrealized_pnl: None,
+            realized_pnl: None,
+            market_value: None,
+            route: Route::Queued,
+            source,
+            strategies: vec![],
+            ib_time: t,
+            ingest_time: t,
+        }
+    }
+
+    const T: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn oldest_first_batches_never_retake_in_flight_items() {
+        let mut q = QueueState::new();
+        for (con, t) in [(1, 30), (2, 10), (3, 20), (4, 40)] {
+            q.apply(ev(con, Source::Snapshot, 1.0, t));
+        }
+        q.apply(ev(2, Source::Stream, 2.0, 50)); // still pending since 10
+        let now = Instant::now();
+        let b: Vec<i64> = q.take_batch(2, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(b, vec![2, 3]);
+        let b: Vec<i64> = q.take_batch(5, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(b, vec![1, 4], "in-flight items are not taken again");
+        assert!(q.take_batch(5, now, T).is_empty());
+        assert_eq!((q.pending(), q.in_flight()), (4, 4));
+        q.apply(ev(2, Source::Poll, 2.0, 60));
+        assert_eq!(q.get(&PosKey::new("A", 2)).unwrap().status, Status::Refreshed);
+        assert_eq!((q.pending(), q.in_flight()), (3, 3));
+        // An in-flight item becomes eligible again after the timeout.
+        assert_eq!(q.take_batch(5, now + T, T).len(), 3);
+    }
+
+    #[test]
+    fn enqueue_during_a_poll_makes_it_stale_and_closes_need_no_refresh() {
+        let mut q = QueueState::new();
+        q.apply(ev(1, Source::Snapshot, 1.0, 1));
+        q.apply(ev(2, Source::Snapshot, 0.0, 1));
+        let now = Instant::now();
+        assert_eq!(q.take_batch(5, now, T).len(), 1, "closed items are not polled");
+        let k = PosKey::new("A", 1);
+        assert!(q.may_publish(&k));
+        q.apply(ev(1, Source::Stream, 5.0, 2));
+        assert!(!q.may_publish(&k), "a newer change makes the poll stale");
+        q.release(&k);
+        let b = q.take_batch(5, now, T);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].1.last.position, 5.0);
+        q.apply(ev(1, Source::Reconcile, 0.0, 3));
+        assert_eq!(q.get(&k).unwrap().status, Status::Closed);
+        assert!(!q.may_publish(&k));
+        assert_eq!(q.pending(), 0);
+    }
+}

@@ -1,0 +1,147 @@
+//! The queue worker drains the queue at the configured rate: batches of at most `batch`
+//! items, one per tick, oldest first, never an item already in flight, no streaming slot,
+//! within IB's pacing; changed items are refreshed again.
+
+mod ingest_support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use ingest_support::*;
+use possync::events::Source;
+use possync::queue_worker::{BatchReport, QueueWorkerConfig};
+use tokio::sync::mpsc;
+
+const WORKER: i32 = 62;
+const TICK: Duration = Duration::from_millis(200);
+const BATCH: usize = 5;
+
+fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::PositionEvent>> {
+    let mut out: BTreeMap<(String, i64), Vec<_>> = BTreeMap::new();
+    for s in c.all().into_iter().filter(|s| s.event.source == Source::Poll) {
+        out.entry((s.event.account.clone(), s.event.con_id))
+            .or_default()
+            .push(s.event);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
+    let env = env(quiet_sim(), 1, 2).await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(61, 10)).await?;
+    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    let queued: BTreeSet<(String, i64)> = latest.keys().cloned().collect();
+    ensure!(
+        queued.len() >= 20,
+        "the world should queue many positions, got {}",
+        queued.len()
+    );
+
+    let (tx, mut rx) = mpsc::channel::<BatchReport>(1024);
+    let cfg = QueueWorkerConfig {
+        ib_host: env.sim.addr().ip().to_string(),
+        ib_port: env.sim.addr().port(),
+        client_id: WORKER,
+        tick: TICK,
+        batch: BATCH,
+        batch_observer: Some(tx),
+        ..QueueWorkerConfig::default()
+    };
+    let stop = env.shutdown.child_token();
+    let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+
+    // Every queued position gets exactly one POLL refresh matching the truth.
+    wait_for("every queued position to be refreshed", DEADLINE, || async {
+        let p = polls(&collector);
+        queued.iter().all(|k| p.contains_key(k)).then_some(())
+    })
+    .await?;
+    let mut batches = Vec::new();
+    while let Ok(b) = rx.try_recv() {
+        batches.push(b);
+    }
+    let taken: Vec<(String, i64)> = batches
+        .iter()
+        .flat_map(|b| b.items.iter().map(|(k, _)| (k.account.clone(), k.con_id)))
+        .collect();
+    ensure!(
+        batches.iter().all(|b| !b.items.is_empty() && b.items.len() <= BATCH),
+        "batch sizes: {:?}",
+        batches.iter().map(|b| b.items.len()).collect::<Vec<_>>()
+    );
+    ensure!(
+        taken.len() == queued.len() && taken.iter().cloned().collect::<BTreeSet<_>>() == queued,
+        "each item taken exactly once (never while in flight)"
+    );
+    let enqueued: Vec<i64> = batches.iter().flat_map(|b| b.items.iter().map(|(_, t)| *t)).collect();
+    ensure!(enqueued.windows(2).all(|w| w[0] <= w[1]), "oldest first");
+    ensure!(batches.len() >= queued.len().div_ceil(BATCH));
+    for w in batches.windows(2) {
+        let gap = w[1].taken.duration_since(w[0].taken);
+        ensure!(gap >= TICK.mul_f64(0.95), "two batches {gap:?} apart, tick {TICK:?}");
+    }
+    let truth = env.sim.truth();
+    for (k, evs) in polls(&collector) {
+        ensure!(evs.len() == 1, "{k:?} refreshed {} times", evs.len());
+        let p = truth
+            .position(&k.0, i32::try_from(k.1)?)
+            .context("polled position exists")?;
+        ensure!(
+            matches_truth(&evs[0], p),
+            "poll of {k:?} disagrees with the truth: {:?}",
+            evs[0]
+        );
+        ensure!(evs[0].route == possync::events::Route::Queued && evs[0].session_id != ingest.session);
+    }
+    let seq: Vec<i64> = polls(&collector)
+        .values()
+        .flatten()
+        .map(|e| e.sequence)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    ensure!(
+        seq.first() == Some(&1) && seq.last() == Some(&(seq.len() as i64)),
+        "the worker's sequence has no gap"
+    );
+
+    // Changed positions are enqueued again and refreshed once more; the rest stay refreshed.
+    let changed: Vec<_> = truth
+        .positions
+        .iter()
+        .take(3)
+        .map(|p| env.sim.apply_fill(&p.account, p.contract.con_id, 1.0))
+        .collect::<Result<_, _>>()?;
+    wait_for("the changed positions to be refreshed again", DEADLINE, || async {
+        let p = polls(&collector);
+        changed
+            .iter()
+            .all(|c| {
+                p.get(&(c.account.clone(), i64::from(c.contract.con_id)))
+                    .is_some_and(|v| v.len() == 2 && matches_truth(&v[1], c))
+            })
+            .then_some(())
+    })
+    .await?;
+    tokio::time::sleep(TICK * 3).await; // a few more ticks: nothing else may be polled
+    let p = polls(&collector);
+    ensure!(
+        p.values().map(Vec::len).sum::<usize>() == queued.len() + changed.len(),
+        "only changed items were polled again"
+    );
+
+    let t = env.sim.truth();
+    let w = t.client(WORKER).context("worker connected")?;
+    ensure!(w.max_streams == 0, "polls use no streaming slot");
+    ensure!(w.pacing_violations == 0, "IB pacing respected");
+    collector.check_integrity(&ingest.session)?;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await??
+        .context("worker result")?;
+    ingest.stop().await?;
+    Ok(())
+}
