@@ -23,6 +23,14 @@ use crate::events::{RegistryAction, RegistryEvent};
 use crate::kafka::{EmbeddedBroker, KafkaConfig, KafkaError};
 use crate::{ingest, materialize, metrics, queue_worker, registry, sim};
 
+/// Prints a line to stdout; a closed stdout (a pipe whose reader left) is not worth a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Errors of `possync run`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -208,6 +216,10 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
 
     let broker = EmbeddedBroker::start(cfg.embedded_brokers)?;
     let kafka = KafkaConfig::new(broker.bootstrap());
+    // The mock cluster's id is derived from a heap address, so two embedded brokers (two runs in
+    // one process, or by chance in two processes) can share it while both start at offset 0.
+    // A fresh namespace per broker keeps the offsets stored in the Delta log apart.
+    let namespace = format!("embedded-{}", crate::events::new_id());
     broker.create_topics(&kafka.topics, cfg.partitions)?;
 
     // Fills are driven from here (not by the simulator's own timer) so shutdown can stop them
@@ -219,36 +231,71 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
         truth_file: Some(cfg.data_dir.join("sim-truth.json")),
         ..sim::SimConfig::default()
     };
+    // Read the previous run's book before the new simulator overwrites the file.
+    let saved = load_truth(&cfg.data_dir.join("sim-truth.json"));
     let mut sim = sim::start(sim_cfg).await?;
+    let restored = saved.map(|t| restore_book(&sim, &t));
     let metrics_addr = match cfg.metrics_addr {
         Some(a) => Some(metrics::serve(a, shutdown.child_token()).await?),
         None => None,
     };
 
-    println!("possync run: embedded pipeline");
-    println!("  kafka bootstrap : {}   (topics {}*)", broker.bootstrap(), "possync.");
-    println!("  IB simulator    : {}   (any ibapi client can connect; client ids 1-99 are free)", sim.addr());
-    println!("  delta tables    : {table_uri}");
+    say!("possync run: embedded pipeline");
+    say!("  kafka bootstrap : {}   (topics {}*)", broker.bootstrap(), "possync.");
+    say!("  IB simulator    : {}   (any ibapi client can connect; client ids 1-99 are free)", sim.addr());
+    say!("  delta tables    : {table_uri}");
     if let Some(a) = metrics_addr {
-        println!("  metrics         : http://{a}/metrics");
+        say!("  metrics         : http://{a}/metrics");
     }
     if !cfg.materialize {
-        println!(
-            "  materializer    : off; attach one with: possync materialize --brokers {} --table-uri {table_uri}",
+        say!(
+            "  materializer    : off; attach one with: possync materialize --brokers {} --table-uri {table_uri} --offsets-namespace {namespace}",
             broker.bootstrap()
         );
     }
 
+    if let Some(n) = restored {
+        say!("  IB book         : {n} positions restored from the previous run (an IB account keeps its positions)");
+    }
     let seeded = seed_registry(&kafka, &sim, cfg.demo_active).await?;
-    println!("  registry        : {} demo entries, slot budget {}", seeded.len(), cfg.slot_budget);
+    say!("  registry        : {} demo entries, slot budget {}", seeded.len(), cfg.slot_budget);
 
-    let result = pipeline(&cfg, &kafka, &sim, &table_uri, &shutdown).await;
+    let result = pipeline(&cfg, &kafka, &sim, &table_uri, &namespace, &shutdown).await;
     let truth = sim.truth();
-    let _ = sim.shutdown().await;
+    if let Err(e) = sim.shutdown().await {
+        tracing::warn!(error = %e, "simulator shutdown");
+    }
     drop(broker);
     let caught_up = result?;
-    println!("possync run: stopped. {}", m.progress_line());
+    say!("possync run: stopped. {}", m.progress_line());
     Ok(RunReport { table_uri, truth, seeded, caught_up })
+}
+
+/// The previous run's simulator truth file, if there is a readable one.
+fn load_truth(path: &std::path::Path) -> Option<sim::Truth> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text)
+        .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable simulator truth file"))
+        .ok()
+}
+
+/// Restores the simulated account's positions from the previous run's truth, so that positions
+/// (and `positions_current`) carry over between runs on the same data directory the way a real
+/// IB account's do. Returns how many positions were restored.
+fn restore_book(sim: &sim::SimHandle, saved: &sim::Truth) -> usize {
+    for p in sim.truth().positions {
+        if saved.position(&p.account, p.contract.con_id).is_none() {
+            let _ = sim.set_position(&p.account, p.contract.con_id, 0.0, 0.0);
+        }
+    }
+    let mut restored = 0;
+    for p in &saved.positions {
+        match sim.set_position(&p.account, p.contract.con_id, p.quantity, p.avg_cost) {
+            Ok(_) => restored += 1,
+            Err(e) => tracing::warn!(account = %p.account, con_id = p.contract.con_id, error = %e, "cannot restore position"),
+        }
+    }
+    restored
 }
 
 /// Seeds `n` registry entries from the simulator's open positions: a few strategies, mixed
@@ -283,6 +330,7 @@ async fn pipeline(
     kafka: &KafkaConfig,
     sim: &sim::SimHandle,
     table_uri: &str,
+    namespace: &str,
     shutdown: &CancellationToken,
 ) -> Result<bool, RunError> {
     let producers = CancellationToken::new();
@@ -314,6 +362,7 @@ async fn pipeline(
         let mat_cfg = materialize::MaterializeConfig {
             table_uri: table_uri.to_string(),
             flush_latency: cfg.flush_latency,
+            offsets_namespace: Some(namespace.to_string()),
             ..materialize::MaterializeConfig::default()
         };
         let (k, t) = (kafka.clone(), consumers.clone());
@@ -325,6 +374,13 @@ async fn pipeline(
     progress.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut fills = interval(Duration::from_secs_f64(1.0 / cfg.fill_rate.max(0.001)));
     fills.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // Fills start once ingest has published its initial snapshot (one event per open
+    // position): a position closed before ingest first saw the book would otherwise leave a
+    // stale row from a previous run, since the embedded broker starts empty.
+    let published = || m.published_active.load(Relaxed) + m.published_queued.load(Relaxed);
+    let snapshot_done = published() + sim.truth().positions.len() as u64;
+    let mut trading = false;
+    let mut ready_check = interval(Duration::from_millis(100));
     let until = cfg.duration.map(|d| Instant::now() + d);
     let mut failure: Option<RunError> = None;
     loop {
@@ -338,8 +394,14 @@ async fn pipeline(
                 }
                 break;
             }
-            _ = fills.tick(), if cfg.fill_rate > 0.0 => { sim.random_fill(); }
-            _ = progress.tick() => println!("{}", m.progress_line()),
+            _ = ready_check.tick(), if !trading => {
+                trading = published() >= snapshot_done;
+                if trading {
+                    fills.reset();
+                }
+            }
+            _ = fills.tick(), if trading && cfg.fill_rate > 0.0 => { sim.random_fill(); }
+            _ = progress.tick() => say!("{}", m.progress_line()),
         }
     }
 
@@ -367,7 +429,6 @@ async fn pipeline(
     }
     // 3. the materializer catches up with everything acknowledged, then flushes and stops.
     if cfg.materialize {
-        let published = || m.published_active.load(Relaxed) + m.published_queued.load(Relaxed);
         let written = || m.materialized_active.load(Relaxed) + m.materialized_queued.load(Relaxed);
         let deadline = Instant::now() + Duration::from_secs(60);
         while written() < published() && Instant::now() < deadline && !tasks.is_empty() {

@@ -317,3 +317,45 @@ async fn restart_resumes_from_the_topics() -> anyhow::Result<()> {
     second.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_events_are_republished() -> anyhow::Result<()> {
+    let mut env = env(quiet_sim(), 1, 2).await?;
+    // Deliveries fail for good after 1.5 s, well inside the outage below.
+    env.kafka.overrides.insert("message.timeout.ms".into(), "1500".into());
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(81, 10)).await?;
+    wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+
+    env.broker.broker_down(1)?;
+    let made = make_changes(&env, 10)?;
+    let truth = env.sim.truth();
+    let closed = &truth.positions[truth.positions.len() - 1];
+    env.sim
+        .set_position(&closed.account, closed.contract.con_id, 0.0, 0.0)?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    env.broker.broker_up(1)?;
+
+    // The lost events leave a sequence gap (detectable), and the positions they were about are
+    // republished with IB's current figures.
+    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    ensure!(
+        latest.get(&key(closed)).is_some_and(|e| e.position == 0.0),
+        "the lost close is republished"
+    );
+    let ((account, con_id), _) = made.last().context("changes made")?;
+    let now = env
+        .sim
+        .truth()
+        .position(account, i32::try_from(*con_id)?)
+        .map_or(0.0, |p| p.quantity);
+    ensure!(latest
+        .get(&(account.clone(), *con_id))
+        .is_some_and(|e| e.position == now));
+    ensure!(
+        collector.check_integrity(&ingest.session).is_err(),
+        "lost events show as a sequence gap"
+    );
+    ingest.stop().await?;
+    Ok(())
+}

@@ -187,13 +187,13 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     })?;
     broker.create_topics(&kafka.topics, args.partitions.max(1))?;
     let truth = sim.truth();
-    let active: Vec<(String, i32)> = truth
+    let active: Vec<(String, i32, f64)> = truth
         .positions
         .iter()
         .take(args.active)
-        .map(|p| (p.account.clone(), p.contract.con_id))
+        .map(|p| (p.account.clone(), p.contract.con_id, p.quantity.signum()))
         .collect();
-    for (account, con_id) in &active {
+    for (account, con_id, _) in &active {
         crate::registry::activate(&kafka, "bench", Some(account), i64::from(*con_id), 1, "bench").await?;
     }
     let cfg = IngestConfig {
@@ -240,9 +240,9 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
         let i = (made as usize) % targets.len();
         let round = (made as usize) / targets.len();
         let (account, con_id, sign) = &targets[i];
-        sim.apply_fill(account, *con_id, if round % 2 == 0 { *sign } else { -*sign })?;
+        sim.apply_fill(account, *con_id, if round.is_multiple_of(2) { *sign } else { -*sign })?;
         made += 1;
-        if made % 256 == 0 {
+        if made.is_multiple_of(256) {
             tokio::task::yield_now().await;
         }
     }
@@ -264,8 +264,9 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     let mut i = 0usize;
     while Instant::now() < end && !active.is_empty() {
         tick.tick().await;
-        let (account, con_id) = &active[i % active.len()];
-        sim.apply_fill(account, *con_id, if i % 2 == 0 { 1.0 } else { -1.0 })?;
+        let (account, con_id, sign) = &active[i % active.len()];
+        let round = i / active.len();
+        sim.apply_fill(account, *con_id, if round.is_multiple_of(2) { *sign } else { -*sign })?;
         i += 1;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -135,7 +135,8 @@ impl Engine {
             .coverage(&key.account, key.con_id)
             .map(|c| c.strategies)
             .unwrap_or_default();
-        let ib_time = now_micros();
+        // When the IB frame arrived (wall clock), or now for synthetic events.
+        let ib_time = now_micros() - observed.map_or(0, |t| i64::try_from(t.elapsed().as_micros()).unwrap_or(0));
         self.publisher
             .publish(book::event(key, held, route, source, strategies, ib_time), observed)
             .await?;

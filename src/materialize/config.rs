@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::kafka::KafkaArgs;
 
 /// Default location of the Delta tables (one directory per table below it).
-pub const DEFAULT_TABLE_URI: &str = "./possync-data";
+pub const DEFAULT_TABLE_URI: &str = "./possync-data/tables";
 /// Default consumer group of the materializer.
 pub const DEFAULT_GROUP: &str = "possync-materialize";
 

@@ -29,6 +29,13 @@ use crate::kafka::Topics;
 /// Attempts per table and flush before giving up (each attempt follows a concurrent commit).
 const MAX_ATTEMPTS: usize = 100;
 
+static CONFLICTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Commit conflicts met (and resolved by reload + retry) by this process so far.
+pub fn conflicts() -> u64 {
+    CONFLICTS.load(Relaxed)
+}
+
 /// Open tables plus the in-memory state of the upsert tables.
 pub struct Pipeline {
     /// Every table, open.
@@ -180,6 +187,7 @@ impl Pipeline {
                 attempts: MAX_ATTEMPTS,
             });
         }
+        CONFLICTS.fetch_add(1, Relaxed);
         tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
         self.table(kind).refresh().await?;
         if !kind.append_only() {

@@ -1,5 +1,5 @@
 //! Table maintenance: checkpoints (from the materializer, every N commits) and
-//! `possync maintain` (compact small files of the append-only tables, then vacuum).
+//! `possync maintain` (compact small files of the append-only tables, vacuum, checkpoint).
 //!
 //! Safe while materialize runs: compaction reads small files itself and commits remove + add
 //! with `dataChange = false` (an `OPTIMIZE` commit) through delta-rs' conflict checker, which
@@ -71,6 +71,11 @@ pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, Maintain
             let table = kind.name();
             let (_, metrics) = v.await.map_err(|source| TableError::Delta { table, source })?;
             report.files_vacuumed = metrics.files_deleted.len();
+        }
+        // A checkpoint at the end keeps the next load of the table short.
+        t.refresh().await?;
+        if t.version() > 0 {
+            checkpoint(&t).await?;
         }
         tracing::info!(table = kind.name(), ?report, "maintained");
         out.insert(kind.name(), report);

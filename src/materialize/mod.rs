@@ -161,7 +161,12 @@ impl Materializer {
             .map_err(KafkaError::client("create dead-letter producer"))?;
         let mut pipeline = Pipeline::open(&cfg.table_uri, ns, t.clone(), cfg.checkpoint_every, dlq).await?;
         let mut cc = kafka.consumer(&cfg.group);
+        // Lost offsets are an error, never a silent jump (see `consumer`).
         cc.set("auto.offset.reset", "error");
+        // librdkafka's default fetch wait (500 ms) would dominate the produce → visible latency.
+        if !kafka.overrides.contains_key("fetch.wait.max.ms") {
+            cc.set("fetch.wait.max.ms", "50");
+        }
         let consumer: StreamConsumer<Ctx> = cc
             .create_with_context(Ctx::default())
             .map_err(KafkaError::client("create consumer"))?;

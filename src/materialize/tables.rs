@@ -128,7 +128,10 @@ impl TableKind {
     fn configuration(self) -> Vec<(&'static str, &'static str)> {
         match self {
             TableKind::PositionEvents => {
-                vec![("delta.appendOnly", "true"), ("delta.deletedFileRetentionDuration", "interval 1 days")]
+                vec![
+                    ("delta.appendOnly", "true"),
+                    ("delta.deletedFileRetentionDuration", "interval 1 days"),
+                ]
             }
             // No statistics on the raw key / value bytes (binary columns get none anyway).
             TableKind::DeadLetters => vec![
@@ -265,7 +268,9 @@ impl Table {
                 .with_columns(columns.fields().cloned())
                 .with_partition_columns(kind.partition_columns())
                 .with_configuration(kind.configuration().into_iter().map(|(k, v)| (k, Some(v))))
-                .with_save_mode(SaveMode::Ignore);
+                .with_save_mode(SaveMode::Ignore)
+                // Exactly one creator wins version 0; the others load its table.
+                .with_commit_properties(CommitProperties::default().with_max_retries(0));
             match create.await {
                 Ok(_) => tracing::info!(table, %url, "created Delta table"),
                 // Another member created it at the same moment.
@@ -562,6 +567,25 @@ mod tests {
             assert_eq!(snap.metadata().partition_columns().to_vec(), kind.partition_columns());
             // reopen checks the schema round trip
             Table::open(base, kind).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_opens_agree() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let base = dir.path().to_str().unwrap().to_string();
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let base = base.clone();
+                    tokio::spawn(
+                        async move { Table::open(&base, TableKind::PositionEvents).await.map(|t| t.version()) },
+                    )
+                })
+                .collect();
+            for o in opens {
+                assert_eq!(o.await.unwrap().unwrap(), 0);
+            }
         }
     }
 }

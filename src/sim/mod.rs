@@ -223,13 +223,19 @@ impl SimHandle {
     }
 
     /// Stops the simulator: closes every connection and the port, ends the
-    /// background tasks.
+    /// background tasks, and writes the final truth file (when one is kept),
+    /// so the last changes are never missing from it.
     ///
     /// # Errors
-    /// The accept loop's error, if it had failed.
+    /// The accept loop's error, or [`SimError::TruthFile`] when the final
+    /// truth file cannot be written.
     pub async fn shutdown(&mut self) -> Result<(), SimError> {
         self.shared.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(path) = self.shared.config.truth_file.clone() {
+            let result = truth::write_truth_file(&path, &self.truth()).await;
+            result.map_err(|source| SimError::TruthFile { path, source })?;
+        }
         match self.server.take() {
             Some(server) => server.await?,
             None => Ok(()),

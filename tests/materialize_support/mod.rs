@@ -63,6 +63,7 @@ impl Env {
 
 /// What a produced message was.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // test data, built once per message
 pub enum Payload {
     Position(PositionEvent),
     Registry(RegistryEvent),

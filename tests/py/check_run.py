@@ -2,6 +2,7 @@
 """What `possync run` left behind, read independently with DuckDB's delta extension.
 
 Usage: check_run.py <table base directory>  ->  one JSON object on stdout:
+  event_rows, distinct_event_ids: rows of position_events, and distinct event ids among them
   routes:          {route: event count} in position_events
   sources:         {route/source: event count}
   active_keys:     [[account, con_id], ...] that have ACTIVE-route events
@@ -26,6 +27,8 @@ def main(base: str) -> None:
          ["position_events", "positions_current", "position_queue", "strategy_registry"]}
     q = lambda sql: con.execute(sql).fetchall()
     out = {
+        "event_rows": q(f"SELECT count(*) FROM {t['position_events']}")[0][0],
+        "distinct_event_ids": q(f"SELECT count(DISTINCT event_id) FROM {t['position_events']}")[0][0],
         "routes": dict(q(f"SELECT route, count(*) FROM {t['position_events']} GROUP BY route")),
         "sources": {f"{r}/{s}": n for r, s, n in
                     q(f"SELECT route, source, count(*) FROM {t['position_events']} GROUP BY ALL")},
