@@ -74,7 +74,10 @@ pub fn init_tracing(filter: &str) {
         eprintln!("possync: bad --log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// SIGINT and SIGTERM both cancel `shutdown`; a second signal exits at once.
@@ -137,10 +140,14 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
         Command::Registry(args) => crate::registry::commands::run(args).await?,
-        Command::Bench { which: BenchCommand::Ingest(args) } => {
+        Command::Bench {
+            which: BenchCommand::Ingest(args),
+        } => {
             println!("{}", crate::ingest::bench::run(args).await?);
         }
-        Command::Bench { which: BenchCommand::Materialize(args) } => {
+        Command::Bench {
+            which: BenchCommand::Materialize(args),
+        } => {
             println!("{}", crate::materialize::bench::run(args).await?);
         }
     }

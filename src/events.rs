@@ -97,12 +97,22 @@ impl PositionEvent {
 
     /// Avro + Confluent framing.
     pub fn encode(&self) -> Result<Vec<u8>, EventError> {
-        encode(self, schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID, "PositionEvent")
+        encode(
+            self,
+            schema::position_event(),
+            schema::POSITION_EVENT_SCHEMA_ID,
+            "PositionEvent",
+        )
     }
 
     /// Inverse of [`PositionEvent::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, EventError> {
-        decode(bytes, schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID, "PositionEvent")
+        decode(
+            bytes,
+            schema::position_event(),
+            schema::POSITION_EVENT_SCHEMA_ID,
+            "PositionEvent",
+        )
     }
 }
 
@@ -132,17 +142,32 @@ pub struct RegistryEvent {
 impl RegistryEvent {
     /// Kafka key: `strategy:account:conId`, account `*` when it covers every account.
     pub fn key(&self) -> String {
-        format!("{}:{}:{}", self.strategy, self.account.as_deref().unwrap_or("*"), self.con_id)
+        format!(
+            "{}:{}:{}",
+            self.strategy,
+            self.account.as_deref().unwrap_or("*"),
+            self.con_id
+        )
     }
 
     /// Avro + Confluent framing.
     pub fn encode(&self) -> Result<Vec<u8>, EventError> {
-        encode(self, schema::registry_event(), schema::REGISTRY_EVENT_SCHEMA_ID, "RegistryEvent")
+        encode(
+            self,
+            schema::registry_event(),
+            schema::REGISTRY_EVENT_SCHEMA_ID,
+            "RegistryEvent",
+        )
     }
 
     /// Inverse of [`RegistryEvent::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, EventError> {
-        decode(bytes, schema::registry_event(), schema::REGISTRY_EVENT_SCHEMA_ID, "RegistryEvent")
+        decode(
+            bytes,
+            schema::registry_event(),
+            schema::REGISTRY_EVENT_SCHEMA_ID,
+            "RegistryEvent",
+        )
     }
 }
 
@@ -172,11 +197,17 @@ pub fn split_confluent(bytes: &[u8]) -> Result<(u32, &[u8]), EventError> {
 }
 
 fn avro_err(schema: &'static str) -> impl FnOnce(apache_avro::Error) -> EventError {
-    move |e| EventError::Avro { schema, source: Box::new(e) }
+    move |e| EventError::Avro {
+        schema,
+        source: Box::new(e),
+    }
 }
 
 fn encode<T: Serialize>(v: &T, schema: &Schema, id: u32, name: &'static str) -> Result<Vec<u8>, EventError> {
-    let value = to_value(v).map_err(avro_err(name))?.resolve(schema).map_err(avro_err(name))?;
+    let value = to_value(v)
+        .map_err(avro_err(name))?
+        .resolve(schema)
+        .map_err(avro_err(name))?;
     let payload = to_avro_datum(schema, value).map_err(avro_err(name))?;
     let mut out = Vec::with_capacity(payload.len() + 5);
     out.push(0);
@@ -185,7 +216,12 @@ fn encode<T: Serialize>(v: &T, schema: &Schema, id: u32, name: &'static str) -> 
     Ok(out)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], schema: &Schema, id: u32, name: &'static str) -> Result<T, EventError> {
+fn decode<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    schema: &Schema,
+    id: u32,
+    name: &'static str,
+) -> Result<T, EventError> {
     let (found, mut payload) = split_confluent(bytes)?;
     if found != id {
         return Err(EventError::UnknownSchemaId { found, expected: id });
@@ -255,13 +291,19 @@ mod tests {
         assert_eq!(e.key(), "wheel:*:42");
         let bytes = e.encode().unwrap();
         assert_eq!(RegistryEvent::decode(&bytes).unwrap(), e);
-        assert!(matches!(PositionEvent::decode(&bytes), Err(EventError::UnknownSchemaId { found: 2, expected: 1 })));
+        assert!(matches!(
+            PositionEvent::decode(&bytes),
+            Err(EventError::UnknownSchemaId { found: 2, expected: 1 })
+        ));
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(matches!(PositionEvent::decode(b""), Err(EventError::NotConfluent(_))));
-        assert!(matches!(PositionEvent::decode(b"{\"json\":1}"), Err(EventError::NotConfluent(_))));
+        assert!(matches!(
+            PositionEvent::decode(b"{\"json\":1}"),
+            Err(EventError::NotConfluent(_))
+        ));
         assert!(PositionEvent::decode(&[0, 0, 0, 0, 1, 0xff, 0xff]).is_err());
         let mut ok = sample().encode().unwrap();
         ok.push(0);

@@ -58,7 +58,12 @@ pub struct KafkaArgs {
     pub topic_prefix: String,
     /// Extra librdkafka setting, `key=value`; repeatable (env: comma-separated). Settings that
     /// possync relies on (idempotence, acks, auto-commit, group id, bootstrap) are refused.
-    #[arg(short = 'K', long = "kafka-config", env = "POSSYNC_KAFKA_CONFIG", value_delimiter = ',')]
+    #[arg(
+        short = 'K',
+        long = "kafka-config",
+        env = "POSSYNC_KAFKA_CONFIG",
+        value_delimiter = ','
+    )]
     pub kafka_config: Vec<String>,
 }
 
@@ -76,7 +81,11 @@ pub struct KafkaConfig {
 impl KafkaConfig {
     /// A config for `brokers` with the default topic prefix and no overrides.
     pub fn new(brokers: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), topics: Topics::new("possync."), overrides: BTreeMap::new() }
+        Self {
+            brokers: brokers.into(),
+            topics: Topics::new("possync."),
+            overrides: BTreeMap::new(),
+        }
     }
 
     /// Validates the passthrough settings.
@@ -89,11 +98,18 @@ impl KafkaConfig {
             let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting(kv.clone()))?;
             let k = k.trim();
             if let Some(why) = reserved(k) {
-                return Err(KafkaError::ReservedSetting { key: k.to_string(), why });
+                return Err(KafkaError::ReservedSetting {
+                    key: k.to_string(),
+                    why,
+                });
             }
             overrides.insert(k.to_string(), v.trim().to_string());
         }
-        Ok(Self { brokers: args.brokers.clone(), topics: Topics::new(&args.topic_prefix), overrides })
+        Ok(Self {
+            brokers: args.brokers.clone(),
+            topics: Topics::new(&args.topic_prefix),
+            overrides,
+        })
     }
 
     fn base(&self) -> ClientConfig {
@@ -142,7 +158,10 @@ impl KafkaConfig {
     /// # Errors
     /// [`KafkaError::Unreachable`] when no broker answers within `timeout`.
     pub fn cluster_id(&self, timeout: Duration) -> Result<String, KafkaError> {
-        let consumer: BaseConsumer = self.base().create().map_err(KafkaError::client("create metadata client"))?;
+        let consumer: BaseConsumer = self
+            .base()
+            .create()
+            .map_err(KafkaError::client("create metadata client"))?;
         consumer
             .client()
             .fetch_cluster_id(timeout)
@@ -155,17 +174,23 @@ impl KafkaConfig {
     /// # Errors
     /// [`KafkaError::Client`] when the admin request fails for another reason.
     pub async fn ensure_topics(&self, partitions: i32, replication: i32) -> Result<(), KafkaError> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.with_overrides(self.base()).create().map_err(KafkaError::client("create admin client"))?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .with_overrides(self.base())
+            .create()
+            .map_err(KafkaError::client("create admin client"))?;
         let t = &self.topics;
         let new = [
             NewTopic::new(&t.active, partitions, TopicReplication::Fixed(replication)),
             NewTopic::new(&t.queued, partitions, TopicReplication::Fixed(replication)),
-            NewTopic::new(&t.registry, partitions, TopicReplication::Fixed(replication)).set("cleanup.policy", "compact"),
+            NewTopic::new(&t.registry, partitions, TopicReplication::Fixed(replication))
+                .set("cleanup.policy", "compact"),
             NewTopic::new(&t.deadletter, partitions, TopicReplication::Fixed(replication)),
         ];
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin.create_topics(new.iter(), &opts).await.map_err(KafkaError::client("create topics"))?;
+        let results = admin
+            .create_topics(new.iter(), &opts)
+            .await
+            .map_err(KafkaError::client("create topics"))?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -266,20 +291,36 @@ impl EmbeddedBroker {
                 for cmd in rx {
                     match cmd {
                         BrokerCmd::CreateTopic(t, p, r) => {
-                            let _ = r.send(cluster.create_topic(&t, p, 1.min(brokers)).map_err(KafkaError::client(format!("create topic {t}"))));
+                            let _ = r.send(
+                                cluster
+                                    .create_topic(&t, p, 1.min(brokers))
+                                    .map_err(KafkaError::client(format!("create topic {t}"))),
+                            );
                         }
                         BrokerCmd::BrokerDown(id, r) => {
-                            let _ = r.send(cluster.broker_down(id).map_err(KafkaError::client(format!("broker {id} down"))));
+                            let _ = r.send(
+                                cluster
+                                    .broker_down(id)
+                                    .map_err(KafkaError::client(format!("broker {id} down"))),
+                            );
                         }
                         BrokerCmd::BrokerUp(id, r) => {
-                            let _ = r.send(cluster.broker_up(id).map_err(KafkaError::client(format!("broker {id} up"))));
+                            let _ = r.send(
+                                cluster
+                                    .broker_up(id)
+                                    .map_err(KafkaError::client(format!("broker {id} up"))),
+                            );
                         }
                     }
                 }
             })
             .map_err(|_| KafkaError::EmbeddedGone)?;
         let bootstrap = ready_rx.recv().map_err(|_| KafkaError::EmbeddedGone)??;
-        Ok(Self { bootstrap, tx: Some(tx), thread: Some(thread) })
+        Ok(Self {
+            bootstrap,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// The `bootstrap.servers` string any Kafka client can use.
@@ -289,7 +330,11 @@ impl EmbeddedBroker {
 
     fn call(&self, make: impl FnOnce(mpsc::Sender<Result<(), KafkaError>>) -> BrokerCmd) -> Result<(), KafkaError> {
         let (tx, rx) = mpsc::channel();
-        self.tx.as_ref().ok_or(KafkaError::EmbeddedGone)?.send(make(tx)).map_err(|_| KafkaError::EmbeddedGone)?;
+        self.tx
+            .as_ref()
+            .ok_or(KafkaError::EmbeddedGone)?
+            .send(make(tx))
+            .map_err(|_| KafkaError::EmbeddedGone)?;
         rx.recv().map_err(|_| KafkaError::EmbeddedGone)?
     }
 
@@ -328,7 +373,11 @@ mod tests {
     use super::*;
 
     fn args(kv: &[&str]) -> KafkaArgs {
-        KafkaArgs { brokers: "b:1".into(), topic_prefix: "x.".into(), kafka_config: kv.iter().map(|s| s.to_string()).collect() }
+        KafkaArgs {
+            brokers: "b:1".into(),
+            topic_prefix: "x.".into(),
+            kafka_config: kv.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
@@ -337,8 +386,14 @@ mod tests {
         assert_eq!(c.producer().get("linger.ms"), Some("50"));
         assert_eq!(c.producer().get("compression.type"), Some("none"));
         assert_eq!(c.topics.active, "x.positions.active");
-        assert!(matches!(KafkaConfig::from_args(&args(&["acks=1"])), Err(KafkaError::ReservedSetting { .. })));
-        assert!(matches!(KafkaConfig::from_args(&args(&["nonsense"])), Err(KafkaError::BadSetting(_))));
+        assert!(matches!(
+            KafkaConfig::from_args(&args(&["acks=1"])),
+            Err(KafkaError::ReservedSetting { .. })
+        ));
+        assert!(matches!(
+            KafkaConfig::from_args(&args(&["nonsense"])),
+            Err(KafkaError::BadSetting(_))
+        ));
     }
 
     #[test]

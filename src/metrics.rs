@@ -55,7 +55,11 @@ pub fn global() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| {
         let m = Metrics::default();
-        for v in [&m.table_version_events, &m.table_version_current, &m.table_version_queue] {
+        for v in [
+            &m.table_version_events,
+            &m.table_version_current,
+            &m.table_version_queue,
+        ] {
             v.store(-1, Relaxed);
         }
         m
@@ -67,27 +71,97 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let c = |s: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP possync_{name} {help}\n# TYPE possync_{name} counter\npossync_{name} {v}");
+            let _ = writeln!(
+                s,
+                "# HELP possync_{name} {help}\n# TYPE possync_{name} counter\npossync_{name} {v}"
+            );
         };
         let g = |s: &mut String, name: &str, help: &str, v: i64| {
-            let _ = writeln!(s, "# HELP possync_{name} {help}\n# TYPE possync_{name} gauge\npossync_{name} {v}");
+            let _ = writeln!(
+                s,
+                "# HELP possync_{name} {help}\n# TYPE possync_{name} gauge\npossync_{name} {v}"
+            );
         };
         let _ = writeln!(s, "# HELP possync_published_total Position events acknowledged by Kafka, per route\n# TYPE possync_published_total counter");
-        let _ = writeln!(s, "possync_published_total{{route=\"active\"}} {}", self.published_active.load(Relaxed));
-        let _ = writeln!(s, "possync_published_total{{route=\"queued\"}} {}", self.published_queued.load(Relaxed));
+        let _ = writeln!(
+            s,
+            "possync_published_total{{route=\"active\"}} {}",
+            self.published_active.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "possync_published_total{{route=\"queued\"}} {}",
+            self.published_queued.load(Relaxed)
+        );
         let _ = writeln!(s, "# HELP possync_materialized_total Events written to position_events, per route\n# TYPE possync_materialized_total counter");
-        let _ = writeln!(s, "possync_materialized_total{{route=\"active\"}} {}", self.materialized_active.load(Relaxed));
-        let _ = writeln!(s, "possync_materialized_total{{route=\"queued\"}} {}", self.materialized_queued.load(Relaxed));
-        c(&mut s, "slot_overflow_total", "Active positions routed queued for lack of a slot", self.slot_overflow.load(Relaxed));
-        g(&mut s, "slots_in_use", "Real-time streams held", self.slots_in_use.load(Relaxed));
-        g(&mut s, "slot_budget", "Real-time stream budget", self.slot_budget.load(Relaxed));
-        c(&mut s, "ib_reconnects_total", "Reconnects to IB", self.ib_reconnects.load(Relaxed));
-        c(&mut s, "reconcile_closes_total", "RECONCILE events after reconnects", self.reconcile_closes.load(Relaxed));
-        g(&mut s, "queue_depth", "Pending items in the position queue", self.queue_depth.load(Relaxed));
-        c(&mut s, "queue_refreshed_total", "Queue items refreshed by polls", self.queue_refreshed.load(Relaxed));
-        c(&mut s, "dead_letters_total", "Messages sent to dead letters", self.dead_letters.load(Relaxed));
-        c(&mut s, "delta_commits_total", "Delta commits", self.delta_commits.load(Relaxed));
-        let _ = writeln!(s, "# HELP possync_table_version Latest Delta version per table\n# TYPE possync_table_version gauge");
+        let _ = writeln!(
+            s,
+            "possync_materialized_total{{route=\"active\"}} {}",
+            self.materialized_active.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "possync_materialized_total{{route=\"queued\"}} {}",
+            self.materialized_queued.load(Relaxed)
+        );
+        c(
+            &mut s,
+            "slot_overflow_total",
+            "Active positions routed queued for lack of a slot",
+            self.slot_overflow.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "slots_in_use",
+            "Real-time streams held",
+            self.slots_in_use.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "slot_budget",
+            "Real-time stream budget",
+            self.slot_budget.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "ib_reconnects_total",
+            "Reconnects to IB",
+            self.ib_reconnects.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "reconcile_closes_total",
+            "RECONCILE events after reconnects",
+            self.reconcile_closes.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "queue_depth",
+            "Pending items in the position queue",
+            self.queue_depth.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "queue_refreshed_total",
+            "Queue items refreshed by polls",
+            self.queue_refreshed.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "dead_letters_total",
+            "Messages sent to dead letters",
+            self.dead_letters.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "delta_commits_total",
+            "Delta commits",
+            self.delta_commits.load(Relaxed),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP possync_table_version Latest Delta version per table\n# TYPE possync_table_version gauge"
+        );
         for (t, v) in [
             ("position_events", &self.table_version_events),
             ("positions_current", &self.table_version_current),
@@ -136,8 +210,12 @@ pub enum MetricsError {
 /// # Errors
 /// [`MetricsError::Bind`] when the address cannot be bound.
 pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, MetricsError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -209,7 +209,10 @@ pub struct RunReport {
 /// [`RunError`] when a component cannot start or a pipeline task fails (the others are
 /// stopped cleanly first).
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunReport, RunError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RunError::DataDir { path: cfg.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RunError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
     let table_uri = cfg.data_dir.join("tables").to_string_lossy().into_owned();
     let m = metrics::global();
     m.slot_budget.store(cfg.slot_budget as i64, Relaxed);
@@ -241,8 +244,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     };
 
     say!("possync run: embedded pipeline");
-    say!("  kafka bootstrap : {}   (topics {}*)", broker.bootstrap(), "possync.");
-    say!("  IB simulator    : {}   (any ibapi client can connect; client ids 1-99 are free)", sim.addr());
+    say!("  kafka bootstrap : {}   (topics: {})", broker.bootstrap(), kafka.topics.all().join(", "));
+    say!(
+        "  IB simulator    : {}   (any ibapi client can connect; client ids 1-99 are free)",
+        sim.addr()
+    );
     say!("  delta tables    : {table_uri}");
     if let Some(a) = metrics_addr {
         say!("  metrics         : http://{a}/metrics");
@@ -258,7 +264,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
         say!("  IB book         : {n} positions restored from the previous run (an IB account keeps its positions)");
     }
     let seeded = seed_registry(&kafka, &sim, cfg.demo_active).await?;
-    say!("  registry        : {} demo entries, slot budget {}", seeded.len(), cfg.slot_budget);
+    say!(
+        "  registry        : {} demo entries, slot budget {}",
+        seeded.len(),
+        cfg.slot_budget
+    );
 
     let result = pipeline(&cfg, &kafka, &sim, &table_uri, &namespace, &shutdown).await;
     let truth = sim.truth();
@@ -268,7 +278,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     drop(broker);
     let caught_up = result?;
     say!("possync run: stopped. {}", m.progress_line());
-    Ok(RunReport { table_uri, truth, seeded, caught_up })
+    Ok(RunReport {
+        table_uri,
+        truth,
+        seeded,
+        caught_up,
+    })
 }
 
 /// The previous run's simulator truth file, if there is a readable one.
@@ -292,7 +307,9 @@ fn restore_book(sim: &sim::SimHandle, saved: &sim::Truth) -> usize {
     for p in &saved.positions {
         match sim.set_position(&p.account, p.contract.con_id, p.quantity, p.avg_cost) {
             Ok(_) => restored += 1,
-            Err(e) => tracing::warn!(account = %p.account, con_id = p.contract.con_id, error = %e, "cannot restore position"),
+            Err(e) => {
+                tracing::warn!(account = %p.account, con_id = p.contract.con_id, error = %e, "cannot restore position")
+            }
         }
     }
     restored
@@ -356,7 +373,12 @@ async fn pipeline(
         ..queue_worker::QueueWorkerConfig::default()
     };
     let (k, t) = (kafka.clone(), producers.clone());
-    tasks.spawn(async move { ("queue-worker", queue_worker::run(qw_cfg, k, t).await.map_err(|e| e.to_string())) });
+    tasks.spawn(async move {
+        (
+            "queue-worker",
+            queue_worker::run(qw_cfg, k, t).await.map_err(|e| e.to_string()),
+        )
+    });
 
     if cfg.materialize {
         let mat_cfg = materialize::MaterializeConfig {
@@ -366,7 +388,12 @@ async fn pipeline(
             ..materialize::MaterializeConfig::default()
         };
         let (k, t) = (kafka.clone(), consumers.clone());
-        tasks.spawn(async move { ("materialize", materialize::run(mat_cfg, k, t).await.map_err(|e| e.to_string())) });
+        tasks.spawn(async move {
+            (
+                "materialize",
+                materialize::run(mat_cfg, k, t).await.map_err(|e| e.to_string()),
+            )
+        });
     }
 
     let m = metrics::global();
@@ -436,7 +463,11 @@ async fn pipeline(
         }
         caught_up = written() >= published();
         if !caught_up {
-            tracing::warn!(published = published(), written = written(), "materializer did not catch up within 60 s");
+            tracing::warn!(
+                published = published(),
+                written = written(),
+                "materializer did not catch up within 60 s"
+            );
         }
     }
     consumers.cancel();
@@ -464,7 +495,10 @@ fn flatten(done: Joined) -> (&'static str, Result<(), String>) {
 fn task_failure(done: Joined) -> RunError {
     match flatten(done) {
         (task, Err(message)) => RunError::Task { task, message },
-        (task, Ok(())) => RunError::Task { task, message: "stopped unexpectedly".into() },
+        (task, Ok(())) => RunError::Task {
+            task,
+            message: "stopped unexpectedly".into(),
+        },
     }
 }
 

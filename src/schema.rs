@@ -22,13 +22,17 @@ pub const REGISTRY_EVENT_SCHEMA_ID: u32 = 2;
 /// The parsed `PositionEvent` schema.
 pub fn position_event() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
-    S.get_or_init(|| Schema::parse_str(POSITION_EVENT_AVSC).expect("schemas/position_event.avsc is valid Avro (checked by tests)"))
+    S.get_or_init(|| {
+        Schema::parse_str(POSITION_EVENT_AVSC).expect("schemas/position_event.avsc is valid Avro (checked by tests)")
+    })
 }
 
 /// The parsed `RegistryEvent` schema.
 pub fn registry_event() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
-    S.get_or_init(|| Schema::parse_str(REGISTRY_EVENT_AVSC).expect("schemas/registry_event.avsc is valid Avro (checked by tests)"))
+    S.get_or_init(|| {
+        Schema::parse_str(REGISTRY_EVENT_AVSC).expect("schemas/registry_event.avsc is valid Avro (checked by tests)")
+    })
 }
 
 #[cfg(test)]

@@ -56,7 +56,16 @@ fn separate_materializer_attaches_and_sigint_stops_cleanly() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let tables = dir.path().join("tables");
     let run = Command::new(BIN)
-        .args(["run", "--no-materialize", "--sim-listen", "127.0.0.1:0", "--fill-rate", "5", "--queue-tick", "1s"])
+        .args([
+            "run",
+            "--no-materialize",
+            "--sim-listen",
+            "127.0.0.1:0",
+            "--fill-rate",
+            "5",
+            "--queue-tick",
+            "1s",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .env("POSSYNC_LOG", "warn")
@@ -92,7 +101,15 @@ fn separate_materializer_attaches_and_sigint_stops_cleanly() -> anyhow::Result<(
     assert!(banner.iter().any(|l| l.contains("possync run")), "banner: {banner:?}");
 
     let mat = Command::new(BIN)
-        .args(["materialize", "--brokers", &bootstrap, "--offsets-namespace", &namespace, "--flush-latency", "300ms"])
+        .args([
+            "materialize",
+            "--brokers",
+            &bootstrap,
+            "--offsets-namespace",
+            &namespace,
+            "--flush-latency",
+            "300ms",
+        ])
         .arg("--table-uri")
         .arg(&tables)
         .env("POSSYNC_LOG", "warn")
@@ -110,21 +127,37 @@ fn separate_materializer_attaches_and_sigint_stops_cleanly() -> anyhow::Result<(
             break line;
         }
     };
-    assert!(progress.contains("published active=") && progress.contains("slots "), "progress line: {progress}");
+    assert!(
+        progress.contains("published active=") && progress.contains("slots "),
+        "progress line: {progress}"
+    );
 
     // Stop the materializer first (the broker lives inside `run`), then `run` itself.
     sigint(mat)?;
-    assert!(wait_exit(mat, Duration::from_secs(60))?.success(), "possync materialize must exit 0 on SIGINT");
+    assert!(
+        wait_exit(mat, Duration::from_secs(60))?.success(),
+        "possync materialize must exit 0 on SIGINT"
+    );
     sigint(run)?;
-    assert!(wait_exit(run, Duration::from_secs(60))?.success(), "possync run must exit 0 on SIGINT");
+    assert!(
+        wait_exit(run, Duration::from_secs(60))?.success(),
+        "possync run must exit 0 on SIGINT"
+    );
     let rest: Vec<String> = rx.try_iter().collect();
-    assert!(rest.iter().any(|l| l.starts_with("possync run: stopped")), "no stop summary in {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("possync run: stopped")),
+        "no stop summary in {rest:?}"
+    );
 
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_run.py"))
         .arg(&tables)
         .output()?;
-    anyhow::ensure!(out.status.success(), "reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "reader failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let rows = got["event_rows"].as_u64().unwrap_or(0);
     assert!(rows > 0, "{got}");

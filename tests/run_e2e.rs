@@ -30,7 +30,11 @@ async fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()>
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_run.py"))
         .arg(&report.table_uri)
         .output()?;
-    anyhow::ensure!(out.status.success(), "DuckDB reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "DuckDB reader failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
 
     // Events exist for both routes.
@@ -40,13 +44,19 @@ async fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()>
 
     // ACTIVE events only for contracts the registry made active.
     let covered = |account: &str, con_id: i64| {
-        report.seeded.iter().any(|e| e.con_id == con_id && e.account.as_deref().is_none_or(|a| a == account))
+        report
+            .seeded
+            .iter()
+            .any(|e| e.con_id == con_id && e.account.as_deref().is_none_or(|a| a == account))
     };
     let active_keys = got["active_keys"].as_array().expect("active_keys");
     assert!(!active_keys.is_empty());
     for k in active_keys {
         let (account, con_id) = (k[0].as_str().unwrap(), k[1].as_i64().unwrap());
-        assert!(covered(account, con_id), "ACTIVE event for {account}:{con_id}, which no registry entry covers");
+        assert!(
+            covered(account, con_id),
+            "ACTIVE event for {account}:{con_id}, which no registry entry covers"
+        );
     }
 
     // positions_current equals the simulator's ground truth.
@@ -54,7 +64,14 @@ async fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()>
         .truth
         .positions
         .iter()
-        .map(|p| (p.account.clone(), i64::from(p.contract.con_id), format!("{:.6}", p.quantity), format!("{:.4}", p.avg_cost)))
+        .map(|p| {
+            (
+                p.account.clone(),
+                i64::from(p.contract.con_id),
+                format!("{:.6}", p.quantity),
+                format!("{:.4}", p.avg_cost),
+            )
+        })
         .collect();
     let table: BTreeSet<(String, i64, String, String)> = got["open_positions"]
         .as_array()
@@ -70,13 +87,25 @@ async fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()>
         })
         .collect();
     assert!(!truth.is_empty());
-    assert_eq!(table, truth, "positions_current (open rows) must equal the simulator's truth");
+    assert_eq!(
+        table, truth,
+        "positions_current (open rows) must equal the simulator's truth"
+    );
 
     // The queue shows items moving from pending to refreshed.
-    assert!(got["queue_status"]["refreshed"].as_i64().unwrap_or(0) > 0, "nothing refreshed: {got}");
-    assert!(got["refreshed_after_pending"].as_i64().unwrap_or(0) > 0, "no enqueue→refresh sequence: {got}");
+    assert!(
+        got["queue_status"]["refreshed"].as_i64().unwrap_or(0) > 0,
+        "nothing refreshed: {got}"
+    );
+    assert!(
+        got["refreshed_after_pending"].as_i64().unwrap_or(0) > 0,
+        "no enqueue→refresh sequence: {got}"
+    );
 
     // The registry table holds what the demo seeded.
-    assert_eq!(got["registry_active"].as_array().map(Vec::len), Some(report.seeded.len()));
+    assert_eq!(
+        got["registry_active"].as_array().map(Vec::len),
+        Some(report.seeded.len())
+    );
     Ok(())
 }

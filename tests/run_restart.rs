@@ -9,8 +9,15 @@ use possync::run::{run, RunConfig};
 use tokio_util::sync::CancellationToken;
 
 fn table_counts(base: &str) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new("python3").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_run.py")).arg(base).output()?;
-    anyhow::ensure!(out.status.success(), "reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_run.py"))
+        .arg(base)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "reader failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -48,8 +55,12 @@ async fn second_run_on_the_same_data_dir_appends_exactly() -> anyhow::Result<()>
     assert_eq!(t2["distinct_event_ids"].as_u64(), Some(total));
     // The book carried over (like an IB account's) and the current positions equal the truth.
     let key = |a: &str, c: i64, q: f64| format!("{a}:{c}:{q:.6}");
-    let truth: std::collections::BTreeSet<String> =
-        second.truth.positions.iter().map(|p| key(&p.account, i64::from(p.contract.con_id), p.quantity)).collect();
+    let truth: std::collections::BTreeSet<String> = second
+        .truth
+        .positions
+        .iter()
+        .map(|p| key(&p.account, i64::from(p.contract.con_id), p.quantity))
+        .collect();
     let table: std::collections::BTreeSet<String> = t2["open_positions"]
         .as_array()
         .expect("open_positions")

@@ -22,7 +22,10 @@ fn decode_with_fastavro(schema: &str, frames: &[Vec<u8>]) -> anyhow::Result<Vec<
     drop(stdin);
     let out = child.wait_with_output()?;
     anyhow::ensure!(out.status.success(), "fastavro decoder failed: {:?}", out.status);
-    Ok(String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
 }
 
 #[test]
@@ -55,7 +58,14 @@ fn position_events_decode_with_the_schema_file() -> anyhow::Result<()> {
         ib_time: 1_764_000_000_123_456,
         ingest_time: now_micros(),
     };
-    let stock = PositionEvent { expiry: None, strike: None, right: None, multiplier: None, sec_type: "STK".into(), ..e.clone() };
+    let stock = PositionEvent {
+        expiry: None,
+        strike: None,
+        right: None,
+        multiplier: None,
+        sec_type: "STK".into(),
+        ..e.clone()
+    };
     let got = decode_with_fastavro("position_event.avsc", &[e.encode()?, stock.encode()?])?;
     assert_eq!(got.len(), 2);
     let g = &got[0];
