@@ -244,7 +244,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     };
 
     say!("possync run: embedded pipeline");
-    say!("  kafka bootstrap : {}   (topics: {})", broker.bootstrap(), kafka.topics.all().join(", "));
+    say!(
+        "  kafka bootstrap : {}   (topics: {})",
+        broker.bootstrap(),
+        kafka.topics.all().join(", ")
+    );
     say!(
         "  IB simulator    : {}   (any ibapi client can connect; client ids 1-99 are free)",
         sim.addr()
