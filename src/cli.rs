@@ -120,6 +120,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            args.metrics.serve(shutdown.child_token()).await?;
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
         Command::Maintain(args) => {
@@ -133,10 +134,12 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Ingest(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            args.metrics.serve(shutdown.child_token()).await?;
             crate::ingest::run((&args).into(), kafka, shutdown).await?
         }
         Command::QueueWorker(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            args.metrics.serve(shutdown.child_token()).await?;
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
         Command::Registry(args) => crate::registry::commands::run(args).await?,

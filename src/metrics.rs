@@ -205,6 +205,31 @@ pub enum MetricsError {
     },
 }
 
+/// The `--metrics-addr` flag shared by the standalone processes (`ingest`, `queue-worker`,
+/// `materialize`), flattened into each one's args so the compose healthchecks can scrape them.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9464; off by default.
+    #[arg(long, env = "POSSYNC_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Starts the endpoint (see [`serve`]) when an address is set and logs where it listens;
+    /// returns the bound address, `None` when metrics are off.
+    ///
+    /// # Errors
+    /// [`MetricsError::Bind`] when the address cannot be bound.
+    pub async fn serve(&self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, MetricsError> {
+        let Some(addr) = self.metrics_addr else {
+            return Ok(None);
+        };
+        let bound = serve(addr, shutdown).await?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+        Ok(Some(bound))
+    }
+}
+
 /// Serves `GET /metrics` (Prometheus text) on `addr` until `shutdown`; returns the bound address.
 ///
 /// # Errors

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::kafka::KafkaArgs;
+use crate::metrics::MetricsArgs;
 
 /// Flags of `possync ingest`.
 #[derive(clap::Args, Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct IngestArgs {
     pub resume: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// Plain ingest settings; see [`IngestArgs`] for what each one means.

@@ -79,6 +79,8 @@ impl Ingest {
         kafka: KafkaConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, IngestError> {
+        // Known from the flags: export it before the (possibly slow) registry replay.
+        metrics::global().slot_budget.store(cfg.slot_budget as i64, Relaxed);
         if let Some(path) = &cfg.registry_bootstrap {
             let n = registry::seed_from_file(&kafka, path, "ingest-bootstrap", cfg.kafka_timeout).await?;
             tracing::info!(file = %path.display(), seeded = n, "registry bootstrap file applied");

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::kafka::KafkaArgs;
+use crate::metrics::MetricsArgs;
 
 /// Default location of the Delta tables (one directory per table below it).
 pub const DEFAULT_TABLE_URI: &str = "./possync-data/tables";
@@ -19,6 +20,8 @@ pub struct MaterializeArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub tables: TableArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Kafka consumer group; members of one group share the partitions and stay exact.
     #[arg(long, env = "POSSYNC_MATERIALIZE_GROUP", default_value = DEFAULT_GROUP)]
     pub group: String,

@@ -286,6 +286,7 @@ impl Table {
             commits: 0,
         };
         t.check_schema(url.as_str())?;
+        t.export_version();
         Ok(t)
     }
 
@@ -316,6 +317,20 @@ impl Table {
         })
     }
 
+    /// Raises the `possync_table_version` gauge of this table (if it has one) to the loaded
+    /// version: at open, after a refresh and after each of our commits, so a restarted
+    /// materializer reports the table's version before its first commit.
+    fn export_version(&self) {
+        let m = crate::metrics::global();
+        let gauge = match self.kind {
+            TableKind::PositionEvents => &m.table_version_events,
+            TableKind::PositionsCurrent => &m.table_version_current,
+            TableKind::PositionQueue => &m.table_version_queue,
+            _ => return,
+        };
+        gauge.fetch_max(self.version(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The loaded version.
     pub fn version(&self) -> i64 {
         self.delta.version().map_or(-1, |v| v as i64)
@@ -334,6 +349,7 @@ impl Table {
             return Ok(false);
         }
         self.txn.advance(&self.delta, after).await.map_err(self.err())?;
+        self.export_version();
         Ok(true)
     }
 
@@ -396,17 +412,10 @@ impl Table {
         self.delta.state = Some(finalized.snapshot());
         self.txn.committed(version, txns);
         self.commits += 1;
-        let m = crate::metrics::global();
-        m.delta_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let gauge = match self.kind {
-            TableKind::PositionEvents => Some(&m.table_version_events),
-            TableKind::PositionsCurrent => Some(&m.table_version_current),
-            TableKind::PositionQueue => Some(&m.table_version_queue),
-            _ => None,
-        };
-        if let Some(g) = gauge {
-            g.fetch_max(version, std::sync::atomic::Ordering::Relaxed);
-        }
+        crate::metrics::global()
+            .delta_commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.export_version();
         if checkpoint_every > 0 && version > 0 && (version as u64).is_multiple_of(checkpoint_every) {
             super::maintain::checkpoint(self).await?;
         }

@@ -80,6 +80,8 @@ pub struct QueueWorkerArgs {
     pub kafka_timeout: Duration,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub metrics: metrics::MetricsArgs,
 }
 
 /// One batch the worker took (for observers: tests, `possync run` progress).
