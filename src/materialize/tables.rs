@@ -49,6 +49,9 @@ pub enum TableError {
         #[source]
         source: DeltaTableError,
     },
+    /// The URI names object storage this build was compiled without.
+    #[error("table location {uri} needs S3 support: rebuild with `cargo build --release --features s3` (the Docker image has it)")]
+    NoS3Support { uri: String },
     /// Delta (storage, log, parquet) failed.
     #[error("table {table}: {source}")]
     Delta {
@@ -227,6 +230,9 @@ fn dead_letter_schema() -> SchemaRef {
 /// [`TableError::Location`] when the URI is invalid.
 pub fn table_url(base: &str, kind: TableKind) -> Result<url::Url, TableError> {
     let uri = format!("{}/{}", base.trim_end_matches('/'), kind.name());
+    if cfg!(not(feature = "s3")) && (uri.starts_with("s3://") || uri.starts_with("s3a://")) {
+        return Err(TableError::NoS3Support { uri });
+    }
     deltalake::ensure_table_uri(&uri).map_err(|source| TableError::Location { uri, source })
 }
 
@@ -563,6 +569,14 @@ pub fn rewrite_operation() -> DeltaOperation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(not(feature = "s3"))]
+    #[test]
+    fn s3_without_the_feature_is_a_clear_error() {
+        let err = table_url("s3://desk-lake/possync", TableKind::PositionEvents).unwrap_err();
+        assert!(matches!(err, TableError::NoS3Support { .. }));
+        assert!(err.to_string().contains("--features s3"), "{err}");
+    }
 
     #[tokio::test]
     async fn tables_are_created_reader1_writer2_and_reopen() {
