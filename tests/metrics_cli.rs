@@ -4,24 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use possync::kafka::{EmbeddedBroker, Topics};
 
-const BIN: &str = env!("CARGO_BIN_EXE_possync");
-
-/// Kills the child if the test fails before it stopped it.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
+mod common;
+use common::process::{signal, wait_exit, Reap, BIN};
 
 /// A port nobody listens on right now (bound, read, released).
 fn free_port() -> anyhow::Result<u16> {
@@ -36,20 +25,6 @@ fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "process did not exit within {within:?} after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -95,8 +70,7 @@ fn materialize_serves_metrics_and_sigterm_stops_cleanly() -> anyhow::Result<()> 
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
-    anyhow::ensure!(status.success(), "kill -TERM failed");
+    signal(child, "TERM")?;
     let exit = wait_exit(child, Duration::from_secs(60))?;
     assert!(exit.success(), "materialize exited with {exit} after SIGTERM");
     Ok(())

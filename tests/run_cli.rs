@@ -4,43 +4,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+mod common;
+use common::process::{signal, wait_exit, Reap, BIN};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_possync");
-
-/// Kills the child if the test fails before it stopped it.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn sigint(child: &Child) -> anyhow::Result<()> {
-    let status = Command::new("kill").arg("-INT").arg(child.id().to_string()).status()?;
-    anyhow::ensure!(status.success(), "kill -INT failed");
-    Ok(())
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!("process did not exit within {within:?} after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
@@ -133,12 +102,12 @@ fn separate_materializer_attaches_and_sigint_stops_cleanly() -> anyhow::Result<(
     );
 
     // Stop the materializer first (the broker lives inside `run`), then `run` itself.
-    sigint(mat)?;
+    signal(mat, "INT")?;
     assert!(
         wait_exit(mat, Duration::from_secs(60))?.success(),
         "possync materialize must exit 0 on SIGINT"
     );
-    sigint(run)?;
+    signal(run, "INT")?;
     assert!(
         wait_exit(run, Duration::from_secs(60))?.success(),
         "possync run must exit 0 on SIGINT"
