@@ -77,7 +77,7 @@ impl Publisher {
     /// [`PublishError::Kafka`] when librdkafka rejects the configuration.
     pub fn new(kafka: &KafkaConfig, max_in_flight: usize, record_latency: bool) -> Result<Self, PublishError> {
         let producer: FutureProducer = kafka
-            .producer()
+            .realtime_producer()
             .create()
             .map_err(KafkaError::client("create producer"))?;
         let max_in_flight = max_in_flight.max(1);
