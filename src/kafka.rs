@@ -56,7 +56,8 @@ pub struct KafkaArgs {
     /// Prefix of every topic possync uses (`<prefix>positions.active`, …).
     #[arg(long, env = "POSSYNC_TOPIC_PREFIX", default_value = "possync.")]
     pub topic_prefix: String,
-    /// Extra librdkafka setting, `key=value`; repeatable (env: comma-separated). Settings that
+    /// Extra librdkafka setting, `key=value`; repeatable (env: comma-separated). Prefix the key
+    /// with `producer.` or `consumer.` to apply it to one kind of client only. Settings that
     /// possync relies on (idempotence, acks, auto-commit, group id, bootstrap) are refused.
     #[arg(
         short = 'K',
@@ -97,7 +98,11 @@ impl KafkaConfig {
         for kv in args.kafka_config.iter().filter(|s| !s.trim().is_empty()) {
             let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting(kv.clone()))?;
             let k = k.trim();
-            if let Some(why) = reserved(k) {
+            let bare = k
+                .strip_prefix("producer.")
+                .or_else(|| k.strip_prefix("consumer."))
+                .unwrap_or(k);
+            if let Some(why) = reserved(bare) {
                 return Err(KafkaError::ReservedSetting {
                     key: k.to_string(),
                     why,
@@ -118,11 +123,25 @@ impl KafkaConfig {
         c
     }
 
-    fn with_overrides(&self, mut c: ClientConfig) -> ClientConfig {
+    /// Applies the passthrough settings for one role: plain keys apply to every client,
+    /// `producer.<key>` only to producers, `consumer.<key>` only to consumers (so librdkafka
+    /// does not warn about settings the other side ignores).
+    fn with_overrides(&self, mut c: ClientConfig, role: Role) -> ClientConfig {
         for (k, v) in &self.overrides {
-            c.set(k, v);
+            match role_of(k) {
+                (None, key) => c.set(key, v),
+                (Some(r), key) if r == role => c.set(key, v),
+                _ => &mut c,
+            };
         }
         c
+    }
+
+    /// Whether `-K` sets `key` for `role` (plainly or with the role prefix).
+    pub fn overrides_setting(&self, role: Role, key: &str) -> bool {
+        self.overrides
+            .keys()
+            .any(|k| matches!(role_of(k), (r, bare) if bare == key && r.is_none_or(|r| r == role)))
     }
 
     /// Producer settings: idempotent, `acks=all`, bounded local queue (backpressure instead
@@ -148,7 +167,7 @@ impl KafkaConfig {
             .set("queue.buffering.max.messages", "100000")
             .set("queue.buffering.max.kbytes", "65536")
             .set("message.timeout.ms", "300000");
-        self.with_overrides(c)
+        self.with_overrides(c, Role::Producer)
     }
 
     /// Consumer settings: manual offsets (auto-commit off), earliest reset, short session so a
@@ -162,7 +181,7 @@ impl KafkaConfig {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("enable.partition.eof", "false");
-        self.with_overrides(c)
+        self.with_overrides(c, Role::Consumer)
     }
 
     /// Asks the cluster for its id (stable for a real cluster, new for each embedded broker).
@@ -187,7 +206,7 @@ impl KafkaConfig {
     /// [`KafkaError::Client`] when the admin request fails for another reason.
     pub async fn ensure_topics(&self, partitions: i32, replication: i32) -> Result<(), KafkaError> {
         let admin: AdminClient<DefaultClientContext> = self
-            .with_overrides(self.base())
+            .with_overrides(self.base(), Role::Admin)
             .create()
             .map_err(KafkaError::client("create admin client"))?;
         let t = &self.topics;
@@ -215,6 +234,27 @@ impl KafkaConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Which kind of client a setting is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Producers (ingest, queue worker, registry, dead letters).
+    Producer,
+    /// Consumers (materialize, registry and queue readers).
+    Consumer,
+    /// The admin client that creates topics (plain keys only).
+    Admin,
+}
+
+fn role_of(key: &str) -> (Option<Role>, &str) {
+    if let Some(k) = key.strip_prefix("producer.") {
+        (Some(Role::Producer), k)
+    } else if let Some(k) = key.strip_prefix("consumer.") {
+        (Some(Role::Consumer), k)
+    } else {
+        (None, key)
     }
 }
 
