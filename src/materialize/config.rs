@@ -46,6 +46,13 @@ pub struct MaterializeArgs {
     /// (an audit: each table still drops what it already holds, so nothing changes).
     #[arg(long, env = "POSSYNC_REPLAY_FROM_BEGINNING")]
     pub replay_from_beginning: bool,
+    /// Run table maintenance (compaction, vacuum with each table's retention, checkpoint: what
+    /// `possync maintain` does with its defaults) this often inside the materializer, first one
+    /// interval after start. Every flush adds a small file, so without it `position_events`
+    /// grows by a file per flush forever and so does every snapshot that lists them. `0s` = off
+    /// (e.g. when an external `possync maintain` is scheduled instead).
+    #[arg(long, env = "POSSYNC_MAINTAIN_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub maintain_every: Duration,
 }
 
 /// Where the tables live; shared by `materialize`, `maintain` and `bench`.
@@ -76,6 +83,9 @@ pub struct MaterializeConfig {
     pub offsets_namespace: Option<String>,
     /// Start every partition at its log start (tables still drop what they hold).
     pub replay_from_beginning: bool,
+    /// Run [`MaintainConfig::default`] maintenance on the tables this often while materializing
+    /// (`None` = never; see [`MaterializeArgs::maintain_every`]).
+    pub maintain_every: Option<Duration>,
 }
 
 impl Default for MaterializeConfig {
@@ -89,6 +99,7 @@ impl Default for MaterializeConfig {
             checkpoint_every: 100,
             offsets_namespace: None,
             replay_from_beginning: false,
+            maintain_every: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -104,6 +115,7 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             checkpoint_every: a.checkpoint_every,
             offsets_namespace: a.offsets_namespace.clone(),
             replay_from_beginning: a.replay_from_beginning,
+            maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
         }
     }
 }
@@ -171,5 +183,36 @@ impl From<&MaintainArgs> for MaintainConfig {
             compact: !a.no_compact,
             vacuum: !a.no_vacuum,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: MaterializeArgs,
+    }
+
+    fn maintain_every(flags: &[&str]) -> Option<Duration> {
+        let cli = Cli::try_parse_from(std::iter::once("possync").chain(flags.iter().copied())).unwrap();
+        MaterializeConfig::from(&cli.args).maintain_every
+    }
+
+    #[test]
+    fn maintain_every_defaults_to_an_hour_and_zero_turns_it_off() {
+        assert_eq!(maintain_every(&[]), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            maintain_every(&["--maintain-every", "10m"]),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(maintain_every(&["--maintain-every", "0s"]), None);
+        assert_eq!(
+            MaterializeConfig::default().maintain_every,
+            Some(Duration::from_secs(3600))
+        );
     }
 }

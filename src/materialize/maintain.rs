@@ -1,5 +1,6 @@
 //! Table maintenance: checkpoints (from the materializer, every N commits) and
-//! `possync maintain` (compact small files of the append-only tables, vacuum, checkpoint).
+//! `possync maintain` (compact small files of the append-only tables, vacuum, checkpoint),
+//! which the materializer also runs itself every `--maintain-every` ([`every`]).
 //!
 //! Safe while materialize runs: compaction reads small files itself and commits remove + add
 //! with `dataChange = false` (an `OPTIMIZE` commit) through delta-rs' conflict checker, which
@@ -10,11 +11,14 @@
 //! including orphans of crashed writers, never a file a running writer is about to commit.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use super::config::MaintainConfig;
 use super::tables::{FileRef, Table, TableError, TableKind};
@@ -81,6 +85,44 @@ pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, Maintain
         out.insert(kind.name(), report);
     }
     Ok(out)
+}
+
+/// Runs [`run`] every `period` (first pass one period from now) until `shutdown` is cancelled.
+///
+/// The materializer spawns this beside its consume loop: maintenance commits race with flush
+/// commits exactly as an external `possync maintain` does (flushes reload and retry, compaction
+/// goes through the conflict checker). A failed pass is logged and the next one retries; it
+/// never stops materialization. A pass cut short by `shutdown` leaves at most unreferenced
+/// files, which a later vacuum removes.
+pub async fn every(cfg: MaintainConfig, period: Duration, shutdown: CancellationToken) {
+    let mut tick = interval_at(Instant::now() + period, period);
+    // A pass longer than the period delays the next one rather than starting a burst.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            result = run(&cfg) => match result {
+                Ok(report) => tracing::info!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    compacted = report.values().map(|r| r.files_compacted).sum::<usize>(),
+                    vacuumed = report.values().map(|r| r.files_vacuumed).sum::<usize>(),
+                    "scheduled maintenance done"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    next_in_s = period.as_secs(),
+                    "scheduled maintenance failed; the next pass retries"
+                ),
+            }
+        }
+    }
 }
 
 /// Rewrites the small files of each partition into files of about `target` bytes.

@@ -18,7 +18,8 @@
 //!
 //! Rebalances: revoked partitions' buffers are dropped (nothing of them was committed);
 //! shutdown (the token) flushes and commits what is buffered. Maintenance: a checkpoint every
-//! N commits per table, and `possync maintain` ([`maintain`]) for compaction and vacuum.
+//! N commits per table, and compaction + vacuum ([`maintain`]) every `maintain_every` in a task
+//! beside the consume loop (or externally with `possync maintain`).
 
 pub mod bench;
 pub mod buffer;
@@ -129,8 +130,25 @@ pub async fn run_with_progress(
 ) -> Result<(), MaterializeError> {
     let ns = namespace(&kafka, cfg.offsets_namespace.as_deref()).await?;
     tracing::info!(tables = %cfg.table_uri, group = %cfg.group, namespace = %ns, "materialize starting");
+    let maintenance = cfg.maintain_every.map(|period| {
+        let mcfg = MaintainConfig {
+            table_uri: cfg.table_uri.clone(),
+            ..MaintainConfig::default()
+        };
+        (mcfg, period)
+    });
     let mut m = Materializer::open(cfg, kafka, ns, progress).await?;
+    // Maintenance lives exactly as long as this materializer: a child token stops it on
+    // shutdown and also when the consume loop fails.
+    let stop = shutdown.child_token();
+    let maintainer = maintenance.map(|(mcfg, period)| tokio::spawn(maintain::every(mcfg, period, stop.clone())));
     let result = m.run(&shutdown).await;
+    stop.cancel();
+    if let Some(task) = maintainer {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "scheduled maintenance task ended abnormally");
+        }
+    }
     if let Err(e) = &result {
         tracing::error!(error = %e, "materialize stopped");
     }
@@ -164,7 +182,7 @@ impl Materializer {
         // Lost offsets are an error, never a silent jump (see `consumer`).
         cc.set("auto.offset.reset", "error");
         // librdkafka's default fetch wait (500 ms) would dominate the produce → visible latency.
-        if !kafka.overrides.contains_key("fetch.wait.max.ms") {
+        if !kafka.overrides_setting(crate::kafka::Role::Consumer, "fetch.wait.max.ms") {
             cc.set("fetch.wait.max.ms", "50");
         }
         let consumer: StreamConsumer<Ctx> = cc
