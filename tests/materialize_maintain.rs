@@ -11,6 +11,32 @@ use materialize_support::*;
 use possync::materialize::{self, maintain, MaintainConfig, TableKind};
 use tokio_util::sync::CancellationToken;
 
+/// Produces `rounds` batches of `per_round` position events (plus a registry event and a poison
+/// message every tenth round), one batch every 100 ms, so maintenance races live commits.
+fn paced_stream(
+    env: &Env,
+    seed: u64,
+    rounds: usize,
+    per_round: usize,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<Produced>>>> {
+    let producer = env.producer()?;
+    let topics = env.kafka.topics.clone();
+    Ok(tokio::spawn(async move {
+        let mut gen = Gen::new(seed, &topics, 100);
+        let mut produced = Vec::new();
+        for round in 0..rounds {
+            let mut out: Vec<_> = (0..per_round).map(|_| gen.position()).collect();
+            if round % 10 == 0 {
+                out.push(gen.registry());
+                out.push(gen.poison(round));
+            }
+            produced.extend(produce(&producer, out).await?);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(produced)
+    }))
+}
+
 fn maintain_config(base: &str) -> MaintainConfig {
     // A short vacuum retention so that this test sees files go; still far longer than any
     // write → commit of the running materializer.
@@ -24,22 +50,7 @@ fn maintain_config(base: &str) -> MaintainConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintain_while_materialize_runs() -> anyhow::Result<()> {
     let env = Env::start(2)?;
-    let producer = env.producer()?;
-    let topics = env.kafka.topics.clone();
-    let stream = tokio::spawn(async move {
-        let mut gen = Gen::new(5, &topics, 100);
-        let mut produced = Vec::new();
-        for round in 0..60 {
-            let mut out: Vec<_> = (0..80).map(|_| gen.position()).collect();
-            if round % 10 == 0 {
-                out.push(gen.registry());
-                out.push(gen.poison(round));
-            }
-            produced.extend(produce(&producer, out).await?);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::Ok(produced)
-    });
+    let stream = paced_stream(&env, 5, 60, 80)?;
 
     let cfg = materialize::MaterializeConfig {
         flush_latency: Duration::from_millis(100),
@@ -142,23 +153,8 @@ async fn event_files(base: &str) -> anyhow::Result<(usize, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn materializer_maintains_on_its_own_schedule() -> anyhow::Result<()> {
     let env = Env::start(2)?;
-    let producer = env.producer()?;
-    let topics = env.kafka.topics.clone();
-    let stream = tokio::spawn(async move {
-        let mut gen = Gen::new(7, &topics, 100);
-        let mut produced = Vec::new();
-        for round in 0..80 {
-            let mut out: Vec<_> = (0..50).map(|_| gen.position()).collect();
-            if round % 10 == 0 {
-                out.push(gen.registry());
-                out.push(gen.poison(round));
-            }
-            produced.extend(produce(&producer, out).await?);
-            // Paces the stream so that it spans several maintenance periods.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::Ok(produced)
-    });
+    // 80 rounds of 100 ms: the stream spans several maintenance periods.
+    let stream = paced_stream(&env, 7, 80, 50)?;
 
     let cfg = materialize::MaterializeConfig {
         flush_latency: Duration::from_millis(100),
