@@ -64,6 +64,25 @@ impl From<&ibapi::contracts::Contract> for ContractInfo {
     }
 }
 
+impl ContractInfo {
+    /// Overwrites the contract fields of `e` with these (an empty exchange keeps `e`'s, as
+    /// snapshot polls may omit it).
+    pub fn write_into(self, e: &mut PositionEvent) {
+        e.symbol = self.symbol;
+        e.sec_type = self.sec_type;
+        e.expiry = self.expiry;
+        e.strike = self.strike;
+        e.right = self.right;
+        e.multiplier = self.multiplier;
+        if !self.exchange.is_empty() {
+            e.exchange = self.exchange;
+        }
+        e.currency = self.currency;
+        e.local_symbol = self.local_symbol;
+        e.trading_class = self.trading_class;
+    }
+}
+
 /// Latest PnL figures of an active position; `None` where IB sent "unset" (its `Double.MAX`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Pnl {

@@ -293,19 +293,7 @@ async fn publish_batch(
         let mut e = item.last.clone();
         match poll.positions.get(&key.con_id) {
             Some(p) => {
-                let c = ContractInfo::from(&p.contract);
-                e.symbol = c.symbol;
-                e.sec_type = c.sec_type;
-                e.expiry = c.expiry;
-                e.strike = c.strike;
-                e.right = c.right;
-                e.multiplier = c.multiplier;
-                if !c.exchange.is_empty() {
-                    e.exchange = c.exchange;
-                }
-                e.currency = c.currency;
-                e.local_symbol = c.local_symbol;
-                e.trading_class = c.trading_class;
+                ContractInfo::from(&p.contract).write_into(&mut e);
                 e.position = p.position;
                 e.avg_cost = p.average_cost;
             }
