@@ -123,25 +123,26 @@ impl KafkaConfig {
         c
     }
 
-    /// Applies the passthrough settings for one role: plain keys apply to every client,
-    /// `producer.<key>` only to producers, `consumer.<key>` only to consumers (so librdkafka
-    /// does not warn about settings the other side ignores).
+    /// The passthrough settings that apply to `role`, prefix stripped: plain keys apply to
+    /// every client, `producer.<key>` only to producers, `consumer.<key>` only to consumers
+    /// (so librdkafka does not warn about settings the other side ignores).
+    fn overrides_for(&self, role: Role) -> impl Iterator<Item = (&str, &str)> {
+        self.overrides.iter().filter_map(move |(k, v)| match role_of(k) {
+            (Some(r), _) if r != role => None,
+            (_, key) => Some((key, v.as_str())),
+        })
+    }
+
     fn with_overrides(&self, mut c: ClientConfig, role: Role) -> ClientConfig {
-        for (k, v) in &self.overrides {
-            match role_of(k) {
-                (None, key) => c.set(key, v),
-                (Some(r), key) if r == role => c.set(key, v),
-                _ => &mut c,
-            };
+        for (k, v) in self.overrides_for(role) {
+            c.set(k, v);
         }
         c
     }
 
     /// Whether `-K` sets `key` for `role` (plainly or with the role prefix).
     pub fn overrides_setting(&self, role: Role, key: &str) -> bool {
-        self.overrides
-            .keys()
-            .any(|k| matches!(role_of(k), (r, bare) if bare == key && r.is_none_or(|r| r == role)))
+        self.overrides_for(role).any(|(k, _)| k == key)
     }
 
     /// Producer settings: idempotent, `acks=all`, bounded local queue (backpressure instead
