@@ -4,6 +4,7 @@
 //! each knob. This module only maps parsed flags to plain config structs and calls the
 //! library; the work happens in the subcommand's own module.
 
+use crate::topics::{require, Process};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +42,9 @@ pub enum Command {
     /// Drain the position queue: every tick, refresh the oldest pending items with snapshot
     /// polls that use no streaming slot.
     QueueWorker(crate::queue_worker::QueueWorkerArgs),
+    /// Create or check the possync topics on a real Kafka cluster (partitions, replication,
+    /// min.insync.replicas, the registry topic compacted).
+    Topics(crate::topics::TopicsArgs),
     /// Write or read the strategy registry (which strategies hold which contracts).
     Registry(crate::registry::RegistryArgs),
     /// Benchmarks (not tests): print throughput, CPU efficiency and latency figures.
@@ -120,6 +124,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
             args.metrics.serve(shutdown.child_token()).await?;
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
@@ -134,14 +139,17 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Ingest(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            require(&kafka, Process::Ingest, args.kafka_timeout).await?;
             args.metrics.serve(shutdown.child_token()).await?;
             crate::ingest::run((&args).into(), kafka, shutdown).await?
         }
         Command::QueueWorker(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            require(&kafka, Process::QueueWorker, args.kafka_timeout).await?;
             args.metrics.serve(shutdown.child_token()).await?;
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
+        Command::Topics(args) => crate::topics::run(args).await?,
         Command::Registry(args) => crate::registry::commands::run(args).await?,
         Command::Bench {
             which: BenchCommand::Ingest(args),

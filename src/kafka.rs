@@ -8,12 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::types::RDKafkaErrorCode;
 
 /// Errors of the Kafka plumbing.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +188,7 @@ impl KafkaConfig {
     /// [`KafkaError::Unreachable`] when no broker answers within `timeout`.
     pub fn cluster_id(&self, timeout: Duration) -> Result<String, KafkaError> {
         let consumer: BaseConsumer = self
-            .base()
+            .admin()
             .create()
             .map_err(KafkaError::client("create metadata client"))?;
         consumer
@@ -200,41 +197,10 @@ impl KafkaConfig {
             .ok_or_else(|| KafkaError::Unreachable(self.brokers.clone()))
     }
 
-    /// Creates the possync topics on a real cluster (the registry topic compacted); topics that
-    /// exist already are left alone.
-    ///
-    /// # Errors
-    /// [`KafkaError::Client`] when the admin request fails for another reason.
-    pub async fn ensure_topics(&self, partitions: i32, replication: i32) -> Result<(), KafkaError> {
-        let admin: AdminClient<DefaultClientContext> = self
-            .with_overrides(self.base(), Role::Admin)
-            .create()
-            .map_err(KafkaError::client("create admin client"))?;
-        let t = &self.topics;
-        let new = [
-            NewTopic::new(&t.active, partitions, TopicReplication::Fixed(replication)),
-            NewTopic::new(&t.queued, partitions, TopicReplication::Fixed(replication)),
-            NewTopic::new(&t.registry, partitions, TopicReplication::Fixed(replication))
-                .set("cleanup.policy", "compact"),
-            NewTopic::new(&t.deadletter, partitions, TopicReplication::Fixed(replication)),
-        ];
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin
-            .create_topics(new.iter(), &opts)
-            .await
-            .map_err(KafkaError::client("create topics"))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(KafkaError::Client {
-                        context: format!("create topic {topic}"),
-                        source: rdkafka::error::KafkaError::AdminOp(code),
-                    })
-                }
-            }
-        }
-        Ok(())
+    /// Settings of admin and metadata-only clients (topic administration, cluster id): plain
+    /// `-K` keys apply, so security settings such as SASL reach them too.
+    pub fn admin(&self) -> ClientConfig {
+        self.with_overrides(self.base(), Role::Admin)
     }
 }
 
@@ -297,6 +263,11 @@ impl Topics {
     /// The two position topics.
     pub fn positions(&self) -> [&str; 2] {
         [&self.active, &self.queued]
+    }
+
+    /// The prefix these names were made from.
+    pub fn prefix(&self) -> String {
+        self.registry.trim_end_matches("registry").to_string()
     }
 
     /// All four topics.

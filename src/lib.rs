@@ -10,6 +10,7 @@
 //! - [`schema`]: the Avro schemas of `schemas/`, embedded at build time.
 //! - [`events`]: `PositionEvent` / `RegistryEvent`, keys, Confluent wire encoding.
 //! - [`kafka`]: broker flags, topics, producer/consumer settings, embedded broker.
+//! - [`topics`]: `possync topics create | check` and the start-up check of every Kafka process.
 //! - [`metrics`]: counters, gauges, `/metrics` endpoint, progress line.
 //! - [`sim`]: the IB Gateway simulator (TWS protocol, protobuf era).
 //! - [`registry`]: the strategy registry, event-sourced from its compacted topic.
@@ -30,3 +31,4 @@ pub mod registry;
 pub mod run;
 pub mod schema;
 pub mod sim;
+pub mod topics;

@@ -28,7 +28,7 @@ pub enum RegistryError {
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaError),
     /// The registry topic does not exist.
-    #[error("topic {0:?} does not exist; create the possync topics first (a real cluster: `KafkaConfig::ensure_topics`; the embedded broker creates them at start)")]
+    #[error("topic {0:?} does not exist; create the possync topics with `possync topics create --brokers <host:port> --topic-prefix <prefix>` (`possync run` creates them on its embedded broker)")]
     NoSuchTopic(String),
     /// The topic could not be read to its end in time.
     #[error("could not read topic {topic:?} to its end within {timeout:?}; is the broker up?")]
