@@ -349,6 +349,8 @@ stop_ids() { # signal wait-seconds ids...
       fi
       sleep 0.1
     done
+    # Gone: forget the pid, so a later kill never hits a process that reused it.
+    rm -f "$dir/node-$i/pid"
   done
 }
 
