@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2046,SC2086,SC2207  # node ids are plain numbers, split on purpose
 # A real Apache Kafka cluster on loopback for tests and local runs: 1 or 3 combined
 # broker/controller KRaft nodes, run from the Maven Central jars (tests/kafka/pom.xml).
 #
@@ -364,9 +365,19 @@ cmd_stop() {
   fi
 }
 
-cmd_kill() { load; stop_ids KILL 10 $(ids_arg "$@"); }
+cmd_kill() {
+  load
+  local ids
+  ids=$(ids_arg "$@")
+  stop_ids KILL 10 $ids
+}
 
-cmd_stop_node() { load; stop_ids TERM 60 $(ids_arg "$@"); }
+cmd_stop_node() {
+  load
+  local ids
+  ids=$(ids_arg "$@")
+  stop_ids TERM 60 $ids
+}
 
 cmd_restart() {
   load
@@ -382,7 +393,7 @@ cmd_wait_topic() {
   load
   [[ -n ${1:-} ]] || die "wait-topic TOPIC [--full-isr]"
   local full=""
-  [[ ${2:-} == --full-isr ]] && full=full-isr
+  [[ ${2:-} == --full-isr ]] && full="full-isr"
   watch=""
   probe topic "$(bootstrap_of plain)" $((timeout * 1000)) "$1" $full
 }
@@ -425,5 +436,5 @@ case ${1:-} in
   status) cmd_status ;;
   bootstrap) shift; cmd_bootstrap "$@" ;;
   clean) cmd_clean ;;
-  *) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '3,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
 esac
