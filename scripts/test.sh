@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what is missing (Debian and
 # PyPI packages), checks formatting and lints, validates the compose file, then runs every
-# Rust test (unit, integration against the embedded Kafka broker + IB simulator, and the
-# independent DuckDB / deltalake readers). This is what `.ci/run` calls.
+# Rust test (unit, integration against the embedded Kafka broker + IB simulator, against a real
+# Apache Kafka cluster started by scripts/kafka.sh, and the independent DuckDB / deltalake
+# readers). This is what `.ci/run` calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,11 @@ command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
+# librdkafka's SASL/SCRAM needs OpenSSL (rdkafka's `ssl` feature links the system library).
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+# The real Apache Kafka cluster of the tests (scripts/kafka.sh) runs from Maven Central jars.
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need+=(maven)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
@@ -30,6 +36,11 @@ fi
 step "python readers (duckdb + delta extension, deltalake, fastavro, confluent-kafka)"
 python3 -m pip install -q --disable-pip-version-check -r tests/py/requirements.txt 2>&1 | grep -v "Running pip as the 'root' user" || true
 python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext" 
+
+step "Apache Kafka jars (Maven Central, cached under ~/.cache/possync-kafka)"
+t0=$SECONDS
+scripts/kafka.sh fetch
+echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml) ready in $((SECONDS - t0))s"
 
 step "docker-compose config"
 tmp=$(mktemp -d)

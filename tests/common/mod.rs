@@ -1,1 +1,2 @@
+pub mod kafka_cluster;
 pub mod process;
