@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,7 +121,7 @@ async fn sasl_scram_listener_checks_the_password() -> anyhow::Result<()> {
     ensure!(
         errors.authentication(),
         "no authentication error with a wrong password; errors: {:?}",
-        errors.0.lock().unwrap()
+        errors.seen.lock().unwrap()
     );
     ensure!(
         intruder
@@ -132,26 +133,25 @@ async fn sasl_scram_listener_checks_the_password() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Client errors as librdkafka reports them (code, reason).
+/// Client errors as librdkafka reports them, and whether one was an authentication failure.
 #[derive(Clone, Default)]
-struct Errors(Arc<Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>>);
+struct Errors {
+    seen: Arc<Mutex<Vec<String>>>,
+    auth: Arc<AtomicBool>,
+}
 
 impl Errors {
     fn authentication(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(code, _)| *code == Some(RDKafkaErrorCode::Authentication))
+        self.auth.load(Ordering::SeqCst)
     }
 }
 
 impl ClientContext for Errors {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.0
-            .lock()
-            .unwrap()
-            .push((error.rdkafka_error_code(), reason.to_string()));
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+            self.auth.store(true, Ordering::SeqCst);
+        }
+        self.seen.lock().unwrap().push(format!("{error}: {reason}"));
     }
 }
 
