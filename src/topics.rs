@@ -368,11 +368,25 @@ pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -
     Ok(())
 }
 
-/// `possync topics …` flags.
+/// `possync topics …`.
 #[derive(clap::Args, Debug)]
 pub struct TopicsArgs {
     #[command(subcommand)]
     pub command: TopicsCommand,
+}
+
+/// What to do with the topics.
+#[derive(clap::Subcommand, Debug)]
+pub enum TopicsCommand {
+    /// Create the topics that are missing (the registry topic compacted), then check them all.
+    Create(TopicsOpts),
+    /// Print every difference from the expected layout; exit non-zero when there is one.
+    Check(TopicsOpts),
+}
+
+/// The cluster and the layout `create` makes and `check` expects.
+#[derive(clap::Args, Debug)]
+pub struct TopicsOpts {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Partitions of every topic (more partitions: more materialize members can share the work).
@@ -390,34 +404,29 @@ pub struct TopicsArgs {
     pub kafka_timeout: Duration,
 }
 
-/// What to do with the topics.
-#[derive(clap::Subcommand, Debug, Clone, Copy)]
-pub enum TopicsCommand {
-    /// Create the topics that are missing (the registry topic compacted), then check them all.
-    Create,
-    /// Print every difference from the expected layout; exit non-zero when there is one.
-    Check,
-}
-
 /// Runs `possync topics create | check`, printing what it did and any drift.
 ///
 /// # Errors
 /// [`TopicsError::Drift`] when the topics differ from the layout, or what [`create`] /
 /// [`check`] fail with.
 pub async fn run(args: TopicsArgs) -> Result<(), TopicsError> {
-    let kafka = KafkaConfig::from_args(&args.kafka)?;
-    let layout = Layout {
-        partitions: args.partitions,
-        replication: args.replication_factor,
-        min_insync: args.min_insync_replicas,
+    let (creating, opts) = match args.command {
+        TopicsCommand::Create(o) => (true, o),
+        TopicsCommand::Check(o) => (false, o),
     };
-    if let TopicsCommand::Create = args.command {
-        let created = create(&kafka, &layout, args.kafka_timeout).await?;
+    let kafka = KafkaConfig::from_args(&opts.kafka)?;
+    let layout = Layout {
+        partitions: opts.partitions,
+        replication: opts.replication_factor,
+        min_insync: opts.min_insync_replicas,
+    };
+    if creating {
+        let created = create(&kafka, &layout, opts.kafka_timeout).await?;
         for t in &created {
             println!("created {t}");
         }
     }
-    let drift = check(&kafka, &layout, args.kafka_timeout).await?;
+    let drift = check(&kafka, &layout, opts.kafka_timeout).await?;
     for d in &drift {
         println!("drift: {d}");
     }

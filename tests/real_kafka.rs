@@ -1,0 +1,175 @@
+//! possync on Apache Kafka itself (fetched with Maven, KRaft on loopback by `scripts/kafka.sh`):
+//! what librdkafka's mock cluster cannot prove. Three combined nodes, topics with RF 3 and
+//! `min.insync.replicas=2`, ingest + queue worker + three `possync materialize` members as
+//! separate processes. Every scenario ends with the exactness check of
+//! [`pipeline::Pipeline::finish`]: each event in the topics once in `position_events` by Kafka
+//! coordinates, `positions_current` equal to the simulator's truth, `position_queue` and
+//! `strategy_registry` equal to a replay.
+//!
+//! The scenarios run one at a time (each starts three JVMs on a 2-core machine).
+
+mod common;
+#[path = "real_kafka/compaction.rs"]
+mod compaction;
+mod materialize_support;
+#[path = "real_kafka/pipeline.rs"]
+mod pipeline;
+#[path = "real_kafka/sasl.rs"]
+mod sasl;
+#[path = "real_kafka/topics.rs"]
+mod topics;
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use pipeline::{Options, Pipeline};
+use rand::{Rng, SeedableRng};
+
+use crate::common::process::{signal, wait_exit};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const RECOVER: Duration = Duration::from_secs(120);
+
+/// 1. SIGKILL the leader of a busy partition mid-stream, restart it later; twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_mid_stream_twice() -> anyhow::Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut p = Pipeline::start(Options::default()).await?;
+    p.start_fills();
+    p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
+    for round in 1..=2 {
+        let topic = p.kafka.topics.active.clone();
+        let partition = p.busiest(&topic)?;
+        let leader = p.cluster.leader_of(&topic, partition).await?;
+        let t0 = Instant::now();
+        p.cluster.kill(leader).await?;
+        p.wait_recovered(
+            &format!("round {round}: SIGKILL node {leader} (leader of {topic}/{partition})"),
+            t0,
+            RECOVER,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let t1 = Instant::now();
+        p.cluster.restart(leader).await?;
+        p.wait_recovered(&format!("round {round}: node {leader} restarted"), t1, RECOVER)
+            .await?;
+    }
+    let report = p.finish().await?;
+    eprintln!("[faults] leader kills: {report:?}");
+    Ok(())
+}
+
+/// 2. A rolling restart of all three nodes while the stream runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_node() -> anyhow::Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut p = Pipeline::start(Options::default()).await?;
+    p.start_fills();
+    p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
+    for node in 1..=3 {
+        let t0 = Instant::now();
+        p.cluster.stop_node(node).await?;
+        p.wait_recovered(&format!("node {node} stopped"), t0, RECOVER).await?;
+        let t1 = Instant::now();
+        p.cluster.restart(node).await?;
+        p.wait_recovered(&format!("node {node} back"), t1, RECOVER).await?;
+    }
+    let report = p.finish().await?;
+    eprintln!("[faults] rolling restart: {report:?}");
+    Ok(())
+}
+
+/// 3. The whole cluster down for longer than the producers' `message.timeout.ms`: ingest
+///    neither hangs nor drops, and SIGINT during an outage still stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_outage_longer_than_message_timeout() -> anyhow::Result<()> {
+    let _one = SERIAL.lock().await;
+    let timeout = Duration::from_secs(5);
+    let mut p = Pipeline::start(Options {
+        message_timeout: timeout,
+        ..Options::default()
+    })
+    .await?;
+    p.start_fills();
+    p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
+
+    // Outage 1: fills go on for twice the message timeout with no broker at all.
+    let t0 = Instant::now();
+    p.cluster.stop_all().await?;
+    tokio::time::sleep(timeout * 3).await;
+    for name in ["ingest", "queue-worker"] {
+        let child = if name == "ingest" { &mut p.ingest } else { &mut p.queue };
+        let alive = child.as_mut().expect("running").0.try_wait()?.is_none();
+        ensure!(
+            alive,
+            "{name} died during the outage:\n{}",
+            p.log_tail(name)
+        );
+    }
+    p.cluster.start_all().await?;
+    p.wait_recovered("whole cluster back", t0, RECOVER).await?;
+
+    // Outage 2: SIGINT to ingest while no broker answers.
+    p.cluster.stop_all().await?;
+    tokio::time::sleep(timeout * 2).await;
+    let mut ingest = p.ingest.take().expect("running");
+    let asked = Instant::now();
+    signal(&ingest.0, "INT")?;
+    let status = wait_exit(&mut ingest.0, Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "ingest exited with {status} on SIGINT during the outage:\n{}",
+        p.log_tail("ingest")
+    );
+    eprintln!(
+        "[faults] SIGINT during the outage: ingest stopped in {:.1} s",
+        asked.elapsed().as_secs_f64()
+    );
+    let t1 = Instant::now();
+    p.cluster.start_all().await?;
+    p.start_ingest()?;
+    p.wait_recovered("cluster back, ingest restarted", t1, RECOVER).await?;
+    let report = p.finish().await?;
+    eprintln!("[faults] whole-cluster outages: {report:?}");
+    Ok(())
+}
+
+/// 4. SIGKILL materialize members at random, 20 times; members that get back a partition another
+///    member advanced resume from the table's txn version.
+async fn random_member_kills(assignor: Option<&str>) -> anyhow::Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut p = Pipeline::start(Options {
+        materialize_k: assignor
+            .map(|a| vec![format!("consumer.partition.assignment.strategy={a}")])
+            .unwrap_or_default(),
+        ..Options::default()
+    })
+    .await?;
+    p.start_fills();
+    p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    for _ in 0..20 {
+        let m = rng.gen_range(0..p.members.len());
+        p.kill_member(m)?;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2_500))).await;
+        p.start_member(m)?;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1_500))).await;
+    }
+    let t0 = Instant::now();
+    p.wait_recovered("after 20 member kills", t0, RECOVER).await?;
+    let report = p.finish().await?;
+    eprintln!("[faults] 20 member kills, assignor {assignor:?}: {report:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_member_kills_default_assignor() -> anyhow::Result<()> {
+    random_member_kills(None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_member_kills_cooperative_sticky() -> anyhow::Result<()> {
+    random_member_kills(Some("cooperative-sticky")).await
+}

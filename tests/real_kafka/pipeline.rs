@@ -1,0 +1,569 @@
+//! The whole pipeline as separate processes on a real Apache Kafka cluster: the IB simulator
+//! (served by the test process over TCP, so the test can pace fills and read the truth),
+//! `possync ingest`, `possync queue-worker` and several `possync materialize` members in one
+//! consumer group. Every scenario ends with [`Pipeline::finish`], the exactness check.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use possync::events::{PositionEvent, RegistryEvent};
+use possync::kafka::{KafkaConfig, Topics};
+use possync::sim::{SimConfig, SimHandle};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::kafka_cluster::{KafkaCluster, KafkaOpts};
+use crate::common::process::{signal, wait_exit, Reap, BIN};
+use crate::materialize_support::{check_exact, Payload, Produced};
+
+/// Options of one scenario.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Kafka nodes (combined broker + controller).
+    pub nodes: usize,
+    /// Materialize members in the group.
+    pub members: usize,
+    /// `message.timeout.ms` of the producers (ingest, queue worker).
+    pub message_timeout: Duration,
+    /// Extra `-K` settings of the materializers (e.g. the assignor).
+    pub materialize_k: Vec<String>,
+    /// Random fills per second driven into the simulator while the stream runs.
+    pub fill_rate: f64,
+    /// Start ingest, the queue worker and the materializers in [`Pipeline::start`] (a scenario
+    /// that prepares the topics first starts them itself).
+    pub processes: bool,
+    /// Talk to the cluster's SASL/SCRAM listener, credentials through `-K`.
+    pub sasl: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            members: 3,
+            message_timeout: Duration::from_secs(60),
+            materialize_k: Vec::new(),
+            fill_rate: 20.0,
+            processes: true,
+            sasl: false,
+        }
+    }
+}
+
+/// One running pipeline.
+pub struct Pipeline {
+    pub opts: Options,
+    pub cluster: KafkaCluster,
+    pub kafka: KafkaConfig,
+    pub sim: Arc<SimHandle>,
+    pub dir: tempfile::TempDir,
+    /// Delta tables base.
+    pub base: String,
+    pub ingest: Option<Reap>,
+    pub queue: Option<Reap>,
+    pub members: Vec<Option<Reap>>,
+    fills: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// Where ingest serves `/metrics`, when the scenario asked for it.
+    pub ingest_metrics: Option<String>,
+    /// Fills applied so far.
+    pub filled: Arc<AtomicU64>,
+    spawned: u32,
+}
+
+const GROUP: &str = "faults";
+
+impl Pipeline {
+    /// Starts the cluster, creates the topics with `possync topics create` (6 partitions, RF 3,
+    /// min ISR 2 on three nodes), starts the simulator, activates a few contracts, then ingest,
+    /// the queue worker and the materializers.
+    pub async fn start(opts: Options) -> anyhow::Result<Pipeline> {
+        let dir = tempfile::tempdir()?;
+        let kopts = if opts.sasl { KafkaOpts::sasl() } else { KafkaOpts::default() };
+        let cluster = KafkaCluster::start(opts.nodes, kopts)
+            .await
+            .context("start the Kafka cluster")?;
+        let mut kafka = KafkaConfig::new(if opts.sasl {
+            cluster.sasl_bootstrap()
+        } else {
+            cluster.bootstrap()
+        });
+        kafka.topics = Topics::new("faults.");
+        if opts.sasl {
+            let o = cluster.opts();
+            for (k, v) in sasl_settings(&o.sasl_user, &o.sasl_password) {
+                kafka.overrides.insert(k.to_string(), v);
+            }
+        }
+        let rf = opts.nodes.min(3).to_string();
+        let isr = if opts.nodes >= 3 { "2" } else { "1" };
+        run_ok(Command::new(BIN).args(kafka_flags(&kafka)).args([
+            "topics",
+            "create",
+            "--brokers",
+            &kafka.brokers,
+            "--topic-prefix",
+            "faults.",
+            "--partitions",
+            "6",
+            "--replication-factor",
+            &rf,
+            "--min-insync-replicas",
+            isr,
+        ]))?;
+        let sim = Arc::new(
+            possync::sim::start(SimConfig {
+                accounts: 4,
+                initial_positions: 60,
+                pnl_tick: Duration::from_millis(500),
+                ..SimConfig::for_tests()
+            })
+            .await?,
+        );
+        // Every fourth position is held by a strategy: the active route gets traffic too.
+        for (i, p) in sim.truth().positions.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
+            possync::registry::activate(
+                &kafka,
+                "faults",
+                Some(&p.account),
+                i64::from(p.contract.con_id),
+                (i % 3) as i32,
+                "test",
+            )
+            .await?;
+        }
+        let base = dir.path().join("tables").to_string_lossy().into_owned();
+        let mut p = Pipeline {
+            members: (0..opts.members).map(|_| None).collect(),
+            opts,
+            cluster,
+            kafka,
+            sim,
+            dir,
+            base,
+            ingest: None,
+            queue: None,
+            fills: None,
+            ingest_metrics: None,
+            filled: Arc::new(AtomicU64::new(0)),
+            spawned: 0,
+        };
+        if p.opts.processes {
+            p.start_ingest()?;
+            p.start_queue_worker()?;
+            for m in 0..p.members.len() {
+                p.start_member(m)?;
+            }
+        }
+        Ok(p)
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?)
+    }
+
+    /// Every process log of the scenario: (file name, text).
+    pub fn logs(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path())? {
+            let path = e?.path();
+            if path.extension().is_some_and(|x| x == "log") {
+                out.push((path.display().to_string(), std::fs::read_to_string(&path)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tail of a process log, for failure messages.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        text[text.len().saturating_sub(3000)..].to_string()
+    }
+
+    fn command(&self, sub: &str, name: &str) -> anyhow::Result<Command> {
+        let mut c = Command::new(BIN);
+        c.arg(sub)
+            .args(["--brokers", &self.kafka.brokers, "--topic-prefix", "faults."])
+            .args(kafka_flags(&self.kafka))
+            .env("POSSYNC_LOG", "warn,possync=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log(name)?);
+        Ok(c)
+    }
+
+    fn producer_k(&self) -> Vec<String> {
+        vec![
+            "-K".into(),
+            format!("producer.message.timeout.ms={}", self.opts.message_timeout.as_millis()),
+        ]
+    }
+
+    /// (Re)starts ingest.
+    pub fn start_ingest(&mut self) -> anyhow::Result<()> {
+        let port = self.sim.addr().port().to_string();
+        let mut cmd = self.command("ingest", "ingest")?;
+        if let Some(addr) = &self.ingest_metrics {
+            cmd.args(["--metrics-addr", addr]);
+        }
+        let child = cmd
+            .args(["--ib-port", &port, "--client-id", "11", "--slot-budget", "10"])
+            .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"])
+            .args(self.producer_k())
+            .spawn()
+            .context("spawn ingest")?;
+        self.ingest = Some(Reap(child));
+        Ok(())
+    }
+
+    /// (Re)starts the queue worker.
+    pub fn start_queue_worker(&mut self) -> anyhow::Result<()> {
+        let port = self.sim.addr().port().to_string();
+        let child = self
+            .command("queue-worker", "queue-worker")?
+            .args(["--ib-port", &port, "--client-id", "12", "--tick", "1s"])
+            .args(self.producer_k())
+            .spawn()
+            .context("spawn queue-worker")?;
+        self.queue = Some(Reap(child));
+        Ok(())
+    }
+
+    /// (Re)starts materialize member `m`.
+    pub fn start_member(&mut self, m: usize) -> anyhow::Result<()> {
+        self.spawned += 1;
+        let mut c = self.command("materialize", &format!("materialize-{m}"))?;
+        c.args(["--table-uri", &self.base, "--group", GROUP, "--flush-latency", "300ms"])
+            .args(["--checkpoint-every", "20"])
+            .args([
+                "-K",
+                "consumer.session.timeout.ms=6000",
+                "-K",
+                "consumer.heartbeat.interval.ms=500",
+            ]);
+        for k in &self.opts.materialize_k {
+            c.args(["-K", k]);
+        }
+        self.members[m] = Some(Reap(c.spawn().context("spawn materialize")?));
+        Ok(())
+    }
+
+    /// SIGKILLs materialize member `m`.
+    pub fn kill_member(&mut self, m: usize) -> anyhow::Result<()> {
+        if let Some(mut r) = self.members[m].take() {
+            r.0.kill()?;
+            r.0.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The partition of `topic` holding the most messages.
+    pub fn busiest(&self, topic: &str) -> anyhow::Result<i32> {
+        let c: BaseConsumer = self.kafka.admin().create()?;
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut best = (0, -1);
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            let (lo, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            if hi - lo > best.1 {
+                best = (p.id(), hi - lo);
+            }
+        }
+        Ok(best.0)
+    }
+
+    /// Starts random fills at the configured rate until [`Pipeline::stop_fills`].
+    pub fn start_fills(&mut self) {
+        let stop = CancellationToken::new();
+        let (s, sim, filled) = (stop.clone(), self.sim.clone(), self.filled.clone());
+        let every = Duration::from_secs_f64(1.0 / self.opts.fill_rate.max(0.1));
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => break,
+                    _ = tick.tick() => {
+                        if sim.random_fill().is_some() {
+                            filled.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+        self.fills = Some((stop, task));
+    }
+
+    /// Stops the fills; the simulator's book is final from here on.
+    pub async fn stop_fills(&mut self) {
+        if let Some((stop, task)) = self.fills.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
+    /// Sum of the high watermarks of both position topics: grows while events are published.
+    pub fn published(&self) -> anyhow::Result<i64> {
+        let c: BaseConsumer = self.kafka.admin().create()?;
+        let md = c.fetch_metadata(None, Duration::from_secs(10))?;
+        let mut sum = 0;
+        for t in md
+            .topics()
+            .iter()
+            .filter(|t| self.kafka.topics.positions().contains(&t.name()))
+        {
+            for p in t.partitions() {
+                sum += c.fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))?.1;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Rows the materializers have committed to `position_events` so far.
+    pub async fn materialized(&self) -> i64 {
+        crate::materialize_support::event_rows(&self.base)
+            .await
+            .map(|r| r.len() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Waits until new events are both published and materialized after a fault; returns how
+    /// long that took (the recovery time of the fault).
+    pub async fn wait_recovered(&self, what: &str, since: Instant, within: Duration) -> anyhow::Result<Duration> {
+        let (p0, m0) = (self.published_or(0), self.materialized().await);
+        let deadline = Instant::now() + within;
+        loop {
+            if self.published_or(p0) > p0 && self.materialized().await > m0 {
+                let took = since.elapsed();
+                eprintln!("[faults] {what}: recovered after {:.1} s", took.as_secs_f64());
+                return Ok(took);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what}: no new events published and materialized within {within:?}\ningest log:\n{}\nmaterialize-0 log:\n{}",
+                    self.log_tail("ingest"),
+                    self.log_tail("materialize-0")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn published_or(&self, fallback: i64) -> i64 {
+        self.published().unwrap_or(fallback)
+    }
+
+    /// The exactness check, after the scenario's faults:
+    /// 1. fills stop; the tables converge to the simulator's truth (positions_current);
+    /// 2. ingest and the queue worker stop on SIGINT (exit 0), so the topics are final;
+    /// 3. every materializer member is (re)started and the group catches up;
+    /// 4. every message of the topics appears once in `position_events` by coordinates, the
+    ///    upsert tables equal a replay of the topics, and positions_current equals the truth.
+    pub async fn finish(&mut self) -> anyhow::Result<Report> {
+        self.stop_fills().await;
+        for m in 0..self.members.len() {
+            if self.members[m].is_none() {
+                self.start_member(m)?;
+            }
+        }
+        let truth = self.truth();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let table = open_positions(&self.base).await.unwrap_or_default();
+            if table == truth {
+                break;
+            }
+            if Instant::now() > deadline {
+                let diff: Vec<_> = truth
+                    .iter()
+                    .filter(|(k, v)| table.get(*k) != Some(v))
+                    .take(5)
+                    .map(|(k, v)| (k.clone(), *v, table.get(k).copied()))
+                    .collect();
+                bail!(
+                    "positions_current never reached the simulator's truth ({} vs {} open positions), e.g. {diff:?}\ningest log:\n{}",
+                    table.len(),
+                    truth.len(),
+                    self.log_tail("ingest")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for (name, child) in [("ingest", self.ingest.take()), ("queue-worker", self.queue.take())] {
+            let Some(mut child) = child else { continue };
+            signal(&child.0, "INT")?;
+            let status = wait_exit(&mut child.0, Duration::from_secs(30))?;
+            ensure!(
+                status.success(),
+                "{name} exited with {status} on SIGINT:\n{}",
+                self.log_tail(name)
+            );
+        }
+        let produced = read_topics(&self.kafka)?;
+        let ns = possync::materialize::namespace(&self.kafka, None).await?;
+        possync::materialize::wait_caught_up(&self.base, &ns, &self.kafka, Duration::from_secs(180))
+            .await
+            .with_context(|| format!("materializers did not catch up:\n{}", self.log_tail("materialize-0")))?;
+        check_exact(&self.base, &produced).await?;
+        ensure!(
+            open_positions(&self.base).await? == truth,
+            "positions_current moved away from the truth"
+        );
+        let events = produced
+            .iter()
+            .filter(|p| matches!(p.payload, Payload::Position(_)))
+            .count();
+        let report = Report {
+            events,
+            registry: produced.len() - events,
+            fills: self.filled.load(Relaxed),
+            materialize_starts: self.spawned,
+            conflicts: conflicts(&self.dir.path().to_path_buf(), self.members.len()),
+        };
+        for m in self.members.iter_mut().filter_map(Option::as_mut) {
+            signal(&m.0, "TERM")?;
+            wait_exit(&mut m.0, Duration::from_secs(30))?;
+        }
+        Ok(report)
+    }
+
+    /// Open positions of the simulator now: (account, conId) → quantity.
+    pub fn truth(&self) -> BTreeMap<(String, i64), f64> {
+        self.sim
+            .truth()
+            .positions
+            .iter()
+            .map(|p| ((p.account.clone(), i64::from(p.contract.con_id)), p.quantity))
+            .collect()
+    }
+}
+
+/// What a scenario did, for the closing figures (printed with `{:?}`).
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug
+pub struct Report {
+    /// Position events in the topics (all of them in the tables once).
+    pub events: usize,
+    /// Registry (and other) messages.
+    pub registry: usize,
+    /// Fills driven into the simulator.
+    pub fills: u64,
+    /// `possync materialize` processes started.
+    pub materialize_starts: u32,
+    /// Delta commit conflicts the materializers resolved (from their logs).
+    pub conflicts: usize,
+}
+
+fn conflicts(dir: &PathBuf, members: usize) -> usize {
+    (0..members)
+        .map(|m| {
+            std::fs::read_to_string(dir.join(format!("materialize-{m}.log")))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("conflict"))
+                .count()
+        })
+        .sum()
+}
+
+/// Open positions of `positions_current`: (account, conId) → quantity.
+pub async fn open_positions(base: &str) -> anyhow::Result<BTreeMap<(String, i64), f64>> {
+    Ok(crate::materialize_support::actual_current(base)
+        .await?
+        .into_iter()
+        .filter(|(_, (_, q))| *q != 0.0)
+        .map(|(k, (_, q))| (k, q))
+        .collect())
+}
+
+/// The `-K` settings that reach a SASL/SCRAM listener.
+pub fn sasl_settings(user: &str, password: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.protocol", "SASL_PLAINTEXT".into()),
+        ("sasl.mechanism", "SCRAM-SHA-512".into()),
+        ("sasl.username", user.into()),
+        ("sasl.password", password.into()),
+    ]
+}
+
+/// `-K key=value` for every passthrough setting of `kafka`.
+pub fn kafka_flags(kafka: &KafkaConfig) -> Vec<String> {
+    kafka
+        .overrides
+        .iter()
+        .flat_map(|(k, v)| ["-K".to_string(), format!("{k}={v}")])
+        .collect()
+}
+
+pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every message of the position and registry topics, decoded, with its coordinates.
+pub fn read_topics(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
+    let c: BaseConsumer = kafka
+        .consumer(&format!("reader-{}", possync::events::new_id()))
+        .create()?;
+    let md = c.fetch_metadata(None, Duration::from_secs(10))?;
+    let t = &kafka.topics;
+    let wanted = [t.active.as_str(), t.queued.as_str(), t.registry.as_str()];
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for topic in md.topics().iter().filter(|x| wanted.contains(&x.name())) {
+        for p in topic.partitions() {
+            let (lo, hi) = c.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
+            if hi > lo {
+                tpl.add_partition_offset(topic.name(), p.id(), Offset::Beginning)?;
+                ends.insert((topic.name().to_string(), p.id()), hi);
+            }
+        }
+    }
+    c.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "could not read the topics to their end: {ends:?} left"
+        );
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        let key = (m.topic().to_string(), m.partition());
+        let bytes = m.payload().unwrap_or_default();
+        let payload = if m.topic() == t.registry {
+            RegistryEvent::decode(bytes)
+                .map(Payload::Registry)
+                .unwrap_or(Payload::Poison)
+        } else {
+            PositionEvent::decode(bytes)
+                .map(Payload::Position)
+                .unwrap_or(Payload::Poison)
+        };
+        out.push(Produced {
+            topic: key.0.clone(),
+            partition: key.1,
+            offset: m.offset(),
+            payload,
+        });
+        if ends.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
+            ends.remove(&key);
+        }
+    }
+    Ok(out)
+}
