@@ -87,8 +87,10 @@ async fn rolling_restart_of_every_node() -> anyhow::Result<()> {
 async fn whole_cluster_outage_longer_than_message_timeout() -> anyhow::Result<()> {
     let _one = SERIAL.lock().await;
     let timeout = Duration::from_secs(5);
+    // A small in-flight bound: one outage outlasts many times what the publisher may hold.
     let mut p = Pipeline::start(Options {
         message_timeout: timeout,
+        ingest_args: vec!["--max-in-flight".into(), "32".into()],
         ..Options::default()
     })
     .await?;

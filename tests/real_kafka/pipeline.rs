@@ -32,6 +32,8 @@ pub struct Options {
     pub members: usize,
     /// `message.timeout.ms` of the producers (ingest, queue worker).
     pub message_timeout: Duration,
+    /// Extra flags of ingest.
+    pub ingest_args: Vec<String>,
     /// Extra `-K` settings of the materializers (e.g. the assignor).
     pub materialize_k: Vec<String>,
     /// Random fills per second driven into the simulator while the stream runs.
@@ -50,6 +52,7 @@ impl Default for Options {
             members: 3,
             message_timeout: Duration::from_secs(60),
             materialize_k: Vec::new(),
+            ingest_args: Vec::new(),
             fill_rate: 20.0,
             processes: true,
             sasl: false,
@@ -218,6 +221,7 @@ impl Pipeline {
         let child = cmd
             .args(["--ib-port", &port, "--client-id", "11", "--slot-budget", "10"])
             .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"])
+            .args(&self.opts.ingest_args)
             .args(self.producer_k())
             .spawn()
             .context("spawn ingest")?;
