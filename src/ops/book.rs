@@ -197,10 +197,7 @@ pub async fn load(cfg: &BookConfig) -> Result<Book, BookError> {
             let mut state = CurrentState::default();
             for f in files {
                 let rows = t.read(std::slice::from_ref(&f)).await?;
-                let kept: Vec<RecordBatch> = rows
-                    .iter()
-                    .map(|b| up_to(b, us))
-                    .collect::<Result<_, _>>()?;
+                let kept: Vec<RecordBatch> = rows.iter().map(|b| up_to(b, us)).collect::<Result<_, _>>()?;
                 if let Some(next) = state.merge(&kept)? {
                     state = next;
                 }
@@ -259,7 +256,17 @@ pub fn render_text(book: &Book) -> String {
     let _ = writeln!(
         o,
         "{:<10} {:>9} {:<sym$} {:>10} {:>12} {:>12} {:>12} {:<6} {:<8} {:<16} {}",
-        "account", "con_id", "symbol", "position", "avg_cost", "mkt_value", "unrl_pnl", "route", "source", "strategies", "updated_at"
+        "account",
+        "con_id",
+        "symbol",
+        "position",
+        "avg_cost",
+        "mkt_value",
+        "unrl_pnl",
+        "route",
+        "source",
+        "strategies",
+        "updated_at"
     );
     let num = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
     for r in &book.rows {

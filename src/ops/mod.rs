@@ -50,7 +50,10 @@ pub async fn exists(base: &str, name: &str) -> Result<bool, TableError> {
         source,
     };
     let url = deltalake::ensure_table_uri(&uri).map_err(location)?;
-    let table = DeltaTableBuilder::from_url(url).map_err(location)?.build().map_err(location)?;
+    let table = DeltaTableBuilder::from_url(url)
+        .map_err(location)?
+        .build()
+        .map_err(location)?;
     table
         .verify_deltatable_existence()
         .await
@@ -98,6 +101,9 @@ impl<'a> Row<'a> {
         }
         let v = a.value(i);
         let s = v.as_string::<i32>();
-        (0..s.len()).filter(|k| s.is_valid(*k)).map(|k| s.value(k).to_string()).collect()
+        (0..s.len())
+            .filter(|k| s.is_valid(*k))
+            .map(|k| s.value(k).to_string())
+            .collect()
     }
 }

@@ -110,8 +110,10 @@ pub struct RebuildReport {
     pub strategy_registry: usize,
     /// Where the registry came from.
     pub registry_source: String,
-    /// Kafka offsets (txn actions) written per table.
-    pub offsets_carried: usize,
+    /// Kafka offsets (txn actions) carried: position topic-partitions (into `positions_current`
+    /// and `position_queue`) and registry partitions (into `strategy_registry`).
+    pub position_offsets: usize,
+    pub registry_offsets: usize,
 }
 
 impl std::fmt::Display for RebuildReport {
@@ -131,8 +133,11 @@ impl std::fmt::Display for RebuildReport {
         write!(
             f,
             "kafka offsets     : {}",
-            if self.offsets_carried > 0 {
-                format!("{} partition offsets carried per table", self.offsets_carried)
+            if self.position_offsets + self.registry_offsets > 0 {
+                format!(
+                    "carried for {} position and {} registry partitions",
+                    self.position_offsets, self.registry_offsets
+                )
             } else {
                 "none carried (pass --offsets-namespace to let a materializer continue on these tables)".into()
             }
@@ -191,7 +196,9 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
         None => upsert::RegistryState::new(),
     };
     let registry_source = match (&registry_table, exists(&cfg.from, "registry_events").await?) {
-        (_, true) => "copied from strategy_registry; a registry_events table exists but this build does not fold it yet",
+        (_, true) => {
+            "copied from strategy_registry; a registry_events table exists but this build does not fold it yet"
+        }
         (Some(_), false) => "copied from strategy_registry as-is: there is no registry_events audit table yet",
         (None, false) => "empty: the source has neither strategy_registry nor registry_events",
     }
@@ -229,7 +236,8 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
         position_queue: queue.len(),
         strategy_registry: registry.len(),
         registry_source,
-        offsets_carried: position_txns.len() + registry_txns.len(),
+        position_offsets: position_txns.len(),
+        registry_offsets: registry_txns.len(),
     })
 }
 
