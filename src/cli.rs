@@ -161,7 +161,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             } else {
                 print!("{}", crate::ops::status::render_text(&status));
             }
-            anyhow::ensure!(status.healthy, "unhealthy: {}", status.problems.join("; "));
+            anyhow::ensure!(
+                status.healthy,
+                "pipeline unhealthy: {} problem(s), listed in the report above",
+                status.problems.len()
+            );
         }
         Command::Book(args) => {
             let book = crate::ops::book::load(&(&args).into()).await?;

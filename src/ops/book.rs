@@ -255,18 +255,8 @@ pub fn render_text(book: &Book) -> String {
     let sym = book.rows.iter().map(|r| r.local_symbol.len()).max().unwrap_or(6).max(6);
     let _ = writeln!(
         o,
-        "{:<10} {:>9} {:<sym$} {:>10} {:>12} {:>12} {:>12} {:<6} {:<8} {:<16} {}",
-        "account",
-        "con_id",
-        "symbol",
-        "position",
-        "avg_cost",
-        "mkt_value",
-        "unrl_pnl",
-        "route",
-        "source",
-        "strategies",
-        "updated_at"
+        "{:<10} {:>9} {:<sym$} {:>10} {:>12} {:>12} {:>12} {:<6} {:<8} {:<16} updated_at",
+        "account", "con_id", "symbol", "position", "avg_cost", "mkt_value", "unrl_pnl", "route", "source", "strategies",
     );
     let num = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
     for r in &book.rows {
