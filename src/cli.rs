@@ -47,6 +47,16 @@ pub enum Command {
     Topics(crate::topics::TopicsArgs),
     /// Write or read the strategy registry (which strategies hold which contracts).
     Registry(crate::registry::RegistryArgs),
+    /// Is the pipeline keeping up? Lag per topic-partition (high watermark vs Delta txn
+    /// version, in events and seconds), slots, queue depth, dead letters, last commits; exits
+    /// non-zero when unhealthy.
+    Status(crate::ops::status::StatusArgs),
+    /// The book from the Delta tables: now, at a `positions_current` version, or as of a time
+    /// (a fold of `position_events`).
+    Book(crate::ops::book::BookArgs),
+    /// Recreate `positions_current`, `position_queue` and `strategy_registry` from the audit
+    /// log into fresh tables under `--to` (never touches the live ones).
+    Rebuild(crate::ops::rebuild::RebuildArgs),
     /// Benchmarks (not tests): print throughput, CPU efficiency and latency figures.
     Bench {
         #[command(subcommand)]
@@ -151,6 +161,32 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Topics(args) => crate::topics::run(args).await?,
         Command::Registry(args) => crate::registry::commands::run(args).await?,
+        Command::Status(args) => {
+            let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
+            let status = crate::ops::status::check(&(&args).into(), &kafka).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::ops::status::render_text(&status));
+            }
+            anyhow::ensure!(
+                status.healthy,
+                "pipeline unhealthy: {} problem(s), listed in the report above",
+                status.problems.len()
+            );
+        }
+        Command::Book(args) => {
+            let book = crate::ops::book::load(&(&args).into()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&book)?);
+            } else {
+                print!("{}", crate::ops::book::render_text(&book));
+            }
+        }
+        Command::Rebuild(args) => {
+            let report = crate::ops::rebuild::run(&(&args).into()).await?;
+            println!("rebuilt under {}:\n{report}", args.to);
+        }
         Command::Bench {
             which: BenchCommand::Ingest(args),
         } => {

@@ -17,6 +17,7 @@
 //! - [`ingest`]: IB positions → routed events on Kafka, within the streaming-slot budget.
 //! - [`queue_worker`]: drains the position queue with snapshot polls (no streaming slot).
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
+//! - [`ops`]: operator commands over brokers and tables: `status`, `book`, `rebuild`.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   dead letters), exactly once; table maintenance and the materialize benchmark.
 
@@ -26,6 +27,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod materialize;
 pub mod metrics;
+pub mod ops;
 pub mod queue_worker;
 pub mod registry;
 pub mod run;

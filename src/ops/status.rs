@@ -1,0 +1,642 @@
+//! `possync status`: is the pipeline keeping up? Reads the brokers and the tables, prints a
+//! report (text or `--json`), and says unhealthy with a non-zero exit.
+//!
+//! Per input topic-partition: the high watermark, the Delta txn version (the last offset the
+//! tables hold: the minimum over the tables the topic feeds, as the materializer's restart
+//! position uses it), the lag in events (high watermark − txn version − 1) and in seconds (age
+//! of the oldest message not yet materialized: the broker timestamp of the message at txn
+//! version + 1, read with one fetch; 0 when nothing is behind).
+//!
+//! From the tables: *slots in use* is the number of open positions (`position <> 0`) whose
+//! newest event in `positions_current` came on the ACTIVE route, i.e. the contracts ingest
+//! streams in real time (ingest routes a covered contract without a slot to the queued route,
+//! so this never counts overflow). With `--ingest-metrics URL` the report also shows ingest's
+//! own gauges (`possync_slots_in_use`, `possync_slot_budget`, `possync_slot_overflow_total`).
+//! *Queue depth* is the `position_queue` rows with status `pending` (changed since their last
+//! refresh). *Dead letters* is the row count of `dead_letters` (from the Delta file
+//! statistics). *Last commit* is the commit timestamp of each table's newest version.
+//!
+//! Unhealthy (exit 1) when: a partition's lag exceeds `--max-lag-seconds`; the total lag
+//! exceeds `--max-lag-events`; offsets the tables still need are gone from the broker (loss);
+//! a table is missing; `position_events`' last commit is older than `--max-commit-age` (off by
+//! default: a quiet market commits nothing); the queue depth or dead letters exceed their
+//! maximum; ingest's metrics were asked for but cannot be read, or report more slots than the
+//! budget. A status that cannot be determined (broker unreachable) is an error, also exit 1.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use super::{open_existing, rfc3339_micros, Row};
+use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError};
+use crate::materialize::offsets::{app_id, partitions_of, tables_of};
+use crate::materialize::tables::{Table, TableError};
+use crate::materialize::{TableArgs, TableKind};
+
+/// Errors of `possync status` (a status that cannot be determined).
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Kafka could not be asked (unreachable, bad settings).
+    #[error("{0}; check --brokers / POSSYNC_BROKERS")]
+    Kafka(#[from] KafkaError),
+    /// A table could not be read.
+    #[error("{0}; check --table-uri / POSSYNC_TABLE_URI")]
+    Table(#[from] TableError),
+    /// A background probe failed.
+    #[error("status probe failed: {0}")]
+    Task(String),
+}
+
+/// Flags of `possync status`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Offset namespace of the txn app ids (what the materializer was given); default: the
+    /// Kafka cluster id, as the materializer uses it.
+    #[arg(long, env = "POSSYNC_OFFSETS_NAMESPACE")]
+    pub offsets_namespace: Option<String>,
+    /// Ingest's metrics endpoint (e.g. `http://127.0.0.1:9464/metrics`): adds its exact slot
+    /// gauges to the report.
+    #[arg(long, env = "POSSYNC_STATUS_INGEST_METRICS")]
+    pub ingest_metrics: Option<url::Url>,
+    /// Unhealthy when the oldest unmaterialized message of a partition is older than this
+    /// many seconds.
+    #[arg(long, env = "POSSYNC_STATUS_MAX_LAG_SECONDS", default_value_t = 60.0)]
+    pub max_lag_seconds: f64,
+    /// Unhealthy when more than this many events (all partitions) are not materialized yet;
+    /// default: no limit on the count (the age above is what matters).
+    #[arg(long, env = "POSSYNC_STATUS_MAX_LAG_EVENTS")]
+    pub max_lag_events: Option<i64>,
+    /// Unhealthy when `position_events`' last commit is older than this (`10m`, `1h`); off by
+    /// default, since a quiet market commits nothing.
+    #[arg(long, env = "POSSYNC_STATUS_MAX_COMMIT_AGE", value_parser = humantime::parse_duration)]
+    pub max_commit_age: Option<Duration>,
+    /// Unhealthy when more queue items than this are pending.
+    #[arg(long, env = "POSSYNC_STATUS_MAX_QUEUE_DEPTH")]
+    pub max_queue_depth: Option<u64>,
+    /// Unhealthy when `dead_letters` holds more rows than this.
+    #[arg(long, env = "POSSYNC_STATUS_MAX_DEAD_LETTERS")]
+    pub max_dead_letters: Option<u64>,
+    /// Print the report as JSON (one object) instead of text.
+    #[arg(long, env = "POSSYNC_STATUS_JSON")]
+    pub json: bool,
+}
+
+/// Plain settings of `possync status` (tests build them without clap).
+#[derive(Debug, Clone)]
+pub struct StatusConfig {
+    /// Base URI of the tables.
+    pub table_uri: String,
+    /// See [`StatusArgs::offsets_namespace`].
+    pub offsets_namespace: Option<String>,
+    /// See [`StatusArgs::ingest_metrics`].
+    pub ingest_metrics: Option<url::Url>,
+    /// See [`StatusArgs::max_lag_seconds`].
+    pub max_lag_seconds: f64,
+    /// See [`StatusArgs::max_lag_events`].
+    pub max_lag_events: Option<i64>,
+    /// See [`StatusArgs::max_commit_age`].
+    pub max_commit_age: Option<Duration>,
+    /// See [`StatusArgs::max_queue_depth`].
+    pub max_queue_depth: Option<u64>,
+    /// See [`StatusArgs::max_dead_letters`].
+    pub max_dead_letters: Option<u64>,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            table_uri: crate::materialize::config::DEFAULT_TABLE_URI.to_string(),
+            offsets_namespace: None,
+            ingest_metrics: None,
+            max_lag_seconds: 60.0,
+            max_lag_events: None,
+            max_commit_age: None,
+            max_queue_depth: None,
+            max_dead_letters: None,
+        }
+    }
+}
+
+impl From<&StatusArgs> for StatusConfig {
+    fn from(a: &StatusArgs) -> Self {
+        Self {
+            table_uri: a.tables.table_uri.clone(),
+            offsets_namespace: a.offsets_namespace.clone(),
+            ingest_metrics: a.ingest_metrics.clone(),
+            max_lag_seconds: a.max_lag_seconds,
+            max_lag_events: a.max_lag_events,
+            max_commit_age: a.max_commit_age,
+            max_queue_depth: a.max_queue_depth,
+            max_dead_letters: a.max_dead_letters,
+        }
+    }
+}
+
+/// One input topic-partition.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// First offset the broker still has.
+    pub log_start: i64,
+    /// Next offset the broker will assign.
+    pub high_watermark: i64,
+    /// Last offset the tables hold (min over the tables the topic feeds); `None` = none yet.
+    pub txn_version: Option<i64>,
+    /// Per table: last offset it holds.
+    pub table_versions: BTreeMap<String, Option<i64>>,
+    /// Offsets not materialized yet.
+    pub lag_events: i64,
+    /// Age of the oldest unmaterialized message (0 when none; `None` = could not be read).
+    pub lag_seconds: Option<f64>,
+    /// Offsets the tables still need that the broker no longer has (lost).
+    pub lost_events: i64,
+}
+
+/// One table.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct TableStatus {
+    pub table: String,
+    /// Newest version (`None` = the table does not exist).
+    pub version: Option<i64>,
+    /// Commit timestamp of that version (RFC 3339).
+    pub last_commit: Option<String>,
+    /// Seconds since that commit.
+    pub commit_age_seconds: Option<f64>,
+}
+
+/// Slot usage.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Slots {
+    /// Open positions whose newest event came on the ACTIVE route (from `positions_current`).
+    pub active_open_positions: u64,
+    /// Ingest's `possync_slots_in_use` (with `--ingest-metrics`).
+    pub ingest_in_use: Option<i64>,
+    /// Ingest's `possync_slot_budget`.
+    pub ingest_budget: Option<i64>,
+    /// Ingest's `possync_slot_overflow_total`.
+    pub ingest_overflow_total: Option<i64>,
+}
+
+/// Queue rows by status.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct Queue {
+    /// Rows with status `pending`: the queue depth.
+    pub depth: u64,
+    pub refreshed: u64,
+    pub active: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Status {
+    /// When it was taken (RFC 3339).
+    pub checked_at: String,
+    pub table_uri: String,
+    /// Offset namespace of the txn app ids.
+    pub namespace: String,
+    pub partitions: Vec<PartitionStatus>,
+    /// Sum over the partitions.
+    pub lag_events: i64,
+    /// Largest over the partitions.
+    pub lag_seconds: Option<f64>,
+    pub slots: Slots,
+    pub queue: Queue,
+    pub dead_letters: u64,
+    pub tables: Vec<TableStatus>,
+    /// Why it is unhealthy (empty = healthy).
+    pub problems: Vec<String>,
+    pub healthy: bool,
+}
+
+struct Watermark {
+    topic: String,
+    partition: i32,
+    low: i64,
+    high: i64,
+}
+
+/// Takes the status of the pipeline.
+///
+/// # Errors
+/// [`StatusError`] when the brokers or the tables cannot be read at all.
+pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, StatusError> {
+    let namespace = crate::materialize::namespace(kafka, cfg.offsets_namespace.as_deref()).await?;
+    let k = kafka.clone();
+    let marks = tokio::task::spawn_blocking(move || watermarks(&k))
+        .await
+        .map_err(|e| StatusError::Task(e.to_string()))??;
+    let mut problems = Vec::new();
+
+    let mut tables: BTreeMap<TableKind, Table> = BTreeMap::new();
+    for kind in TableKind::ALL {
+        match open_existing(&cfg.table_uri, kind).await? {
+            Some(t) => {
+                tables.insert(kind, t);
+            }
+            None => problems.push(format!(
+                "table {} does not exist under {} (has materialize ever run there?)",
+                kind.name(),
+                cfg.table_uri
+            )),
+        }
+    }
+
+    // Per partition: what the tables hold, and what is behind.
+    let mut partitions = Vec::new();
+    for m in &marks {
+        let id = app_id(&namespace, &m.topic, m.partition);
+        let mut table_versions = BTreeMap::new();
+        let mut held: Option<Option<i64>> = None;
+        for kind in tables_of(&kafka.topics, &m.topic) {
+            let v = match tables.get_mut(kind) {
+                Some(t) => t.txn_version(&id).await?,
+                None => None,
+            };
+            table_versions.insert(kind.name().to_string(), v);
+            held = Some(match held {
+                None => v,
+                Some(h) => h.min(v),
+            });
+        }
+        let txn_version = held.flatten();
+        let next = txn_version.map_or(0, |v| v + 1);
+        let lag_events = (m.high - next).max(0);
+        let lost_events = if lag_events > 0 { (m.low - next).max(0) } else { 0 };
+        if lost_events > 0 {
+            problems.push(format!(
+                "{}/{}: offsets {next}..{} are gone from the broker before materialize read them ({lost_events} events lost)",
+                m.topic, m.partition, m.low
+            ));
+        }
+        partitions.push(PartitionStatus {
+            topic: m.topic.clone(),
+            partition: m.partition,
+            log_start: m.low,
+            high_watermark: m.high,
+            txn_version,
+            table_versions,
+            lag_events,
+            lag_seconds: (lag_events == 0).then_some(0.0),
+            lost_events,
+        });
+    }
+
+    // Age of the oldest unmaterialized message, one fetch per lagging partition.
+    let behind: Vec<(String, i32, i64)> = partitions
+        .iter()
+        .filter(|p| p.lag_events > 0)
+        .map(|p| {
+            (
+                p.topic.clone(),
+                p.partition,
+                p.txn_version.map_or(0, |v| v + 1).max(p.log_start),
+            )
+        })
+        .collect();
+    if !behind.is_empty() {
+        let k = kafka.clone();
+        let stamps = tokio::task::spawn_blocking(move || oldest_timestamps(&k, &behind))
+            .await
+            .map_err(|e| StatusError::Task(e.to_string()))??;
+        let now = chrono::Utc::now().timestamp_millis();
+        for p in partitions.iter_mut() {
+            if let Some(ts) = stamps.get(&(p.topic.clone(), p.partition)) {
+                p.lag_seconds = Some((now - ts).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+    let lag_events = partitions.iter().map(|p| p.lag_events).sum();
+    let lag_seconds = partitions
+        .iter()
+        .map(|p| p.lag_seconds)
+        .try_fold(0.0f64, |acc, s| s.map(|s| acc.max(s)));
+    for p in &partitions {
+        match p.lag_seconds {
+            Some(s) if s > cfg.max_lag_seconds => problems.push(format!(
+                "{}/{}: oldest unmaterialized event is {s:.1}s old (limit {}s; {} events behind)",
+                p.topic, p.partition, cfg.max_lag_seconds, p.lag_events
+            )),
+            None => problems.push(format!(
+                "{}/{}: {} events behind, and the oldest of them could not be read",
+                p.topic, p.partition, p.lag_events
+            )),
+            _ => {}
+        }
+    }
+    if let Some(max) = cfg.max_lag_events {
+        if lag_events > max {
+            problems.push(format!("{lag_events} events not materialized (limit {max})"));
+        }
+    }
+
+    // From the tables.
+    let mut slots = Slots {
+        active_open_positions: 0,
+        ingest_in_use: None,
+        ingest_budget: None,
+        ingest_overflow_total: None,
+    };
+    if let Some(t) = tables.get(&TableKind::PositionsCurrent) {
+        for b in t.read_all().await? {
+            let r = Row(&b);
+            slots.active_open_positions += (0..b.num_rows())
+                .filter(|i| r.str("route", *i).as_deref() == Some("ACTIVE") && r.f64("position", *i) != Some(0.0))
+                .count() as u64;
+        }
+    }
+    let mut queue = Queue::default();
+    if let Some(t) = tables.get(&TableKind::PositionQueue) {
+        for b in t.read_all().await? {
+            let r = Row(&b);
+            for i in 0..b.num_rows() {
+                match r.str("status", i).as_deref() {
+                    Some("pending") => queue.depth += 1,
+                    Some("refreshed") => queue.refreshed += 1,
+                    _ => queue.active += 1,
+                }
+            }
+        }
+    }
+    if let Some(max) = cfg.max_queue_depth {
+        if queue.depth > max {
+            problems.push(format!("queue depth {} (limit {max})", queue.depth));
+        }
+    }
+    let dead_letters = match tables.get(&TableKind::DeadLetters) {
+        Some(t) => row_count(t).await?,
+        None => 0,
+    };
+    if let Some(max) = cfg.max_dead_letters {
+        if dead_letters > max {
+            problems.push(format!("{dead_letters} dead letters (limit {max})"));
+        }
+    }
+    let now = chrono::Utc::now();
+    let mut table_status = Vec::new();
+    for kind in TableKind::ALL {
+        let mut s = TableStatus {
+            table: kind.name().to_string(),
+            version: None,
+            last_commit: None,
+            commit_age_seconds: None,
+        };
+        if let Some(t) = tables.get(&kind) {
+            s.version = Some(t.version());
+            let infos: Vec<_> = t
+                .delta
+                .history(Some(1))
+                .try_collect()
+                .await
+                .map_err(|source| TableError::Delta {
+                    table: kind.name(),
+                    source,
+                })?;
+            if let Some(ms) = infos.first().and_then(|c| c.timestamp) {
+                s.last_commit = Some(rfc3339_micros(ms * 1000));
+                let age = (now.timestamp_millis() - ms).max(0) as f64 / 1000.0;
+                s.commit_age_seconds = Some(age);
+                if let (TableKind::PositionEvents, Some(max)) = (kind, cfg.max_commit_age) {
+                    if age > max.as_secs_f64() {
+                        problems.push(format!(
+                            "position_events last committed {age:.0}s ago (limit {})",
+                            humantime::format_duration(max)
+                        ));
+                    }
+                }
+            }
+        }
+        table_status.push(s);
+    }
+
+    if let Some(url) = &cfg.ingest_metrics {
+        match scrape(url).await {
+            Ok(m) => {
+                slots.ingest_in_use = m.get("possync_slots_in_use").copied();
+                slots.ingest_budget = m.get("possync_slot_budget").copied();
+                slots.ingest_overflow_total = m.get("possync_slot_overflow_total").copied();
+                if let (Some(u), Some(b)) = (slots.ingest_in_use, slots.ingest_budget) {
+                    if u > b {
+                        problems.push(format!("ingest holds {u} slots, over its budget of {b}"));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("ingest metrics at {url}: {e}")),
+        }
+    }
+
+    Ok(Status {
+        checked_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        table_uri: cfg.table_uri.clone(),
+        namespace,
+        partitions,
+        lag_events,
+        lag_seconds,
+        slots,
+        queue,
+        dead_letters,
+        tables: table_status,
+        healthy: problems.is_empty(),
+        problems,
+    })
+}
+
+/// Rows of a table from the Delta file statistics (reads the files only when a file has none).
+async fn row_count(t: &Table) -> Result<u64, TableError> {
+    let snap = t.delta.snapshot().map_err(|source| TableError::Delta {
+        table: t.kind.name(),
+        source,
+    })?;
+    let counts: Option<Vec<usize>> = snap.log_data().iter().map(|f| f.num_records()).collect();
+    match counts {
+        Some(c) => Ok(c.into_iter().sum::<usize>() as u64),
+        None => Ok(t.read_all().await?.iter().map(|b| b.num_rows() as u64).sum()),
+    }
+}
+
+fn watermarks(kafka: &KafkaConfig) -> Result<Vec<Watermark>, KafkaError> {
+    let c: BaseConsumer = kafka
+        .consumer("possync-status-probe")
+        .create()
+        .map_err(KafkaError::client("create status probe"))?;
+    let t = &kafka.topics;
+    let parts = partitions_of(&c, &[&t.active, &t.queued, &t.registry], Duration::from_secs(10))?;
+    parts
+        .into_iter()
+        .map(|(topic, partition)| {
+            let (low, high) = c
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map_err(KafkaError::client(format!("watermarks of {topic}/{partition}")))?;
+            Ok(Watermark {
+                topic,
+                partition,
+                low,
+                high,
+            })
+        })
+        .collect()
+}
+
+/// Broker timestamps (ms) of the message at each (topic, partition, offset); a partition whose
+/// message cannot be fetched within 10 s is left out.
+fn oldest_timestamps(
+    kafka: &KafkaConfig,
+    at: &[(String, i32, i64)],
+) -> Result<BTreeMap<(String, i32), i64>, KafkaError> {
+    let c: BaseConsumer = kafka
+        .consumer("possync-status-probe")
+        .create()
+        .map_err(KafkaError::client("create status probe"))?;
+    let mut out = BTreeMap::new();
+    for (topic, partition, offset) in at {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
+        c.assign(&tpl)
+            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == *partition && m.offset() >= *offset => {
+                    if let Some(ts) = m.timestamp().to_millis() {
+                        out.insert((topic.clone(), *partition), ts);
+                    }
+                    break;
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, %topic, partition, "status probe fetch"),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One `GET` of a Prometheus text endpoint: unlabelled samples by name.
+async fn scrape(url: &url::Url) -> Result<BTreeMap<String, i64>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if url.scheme() != "http" {
+        return Err("only http:// metrics endpoints are supported".into());
+    }
+    let host = url.host_str().ok_or("no host in the URL")?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+            url.path()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        std::io::Result::Ok(body)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("not an HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("answered {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, v) = l.split_once(' ')?;
+            let v: f64 = v.trim().parse().ok()?;
+            (!name.contains('{')).then(|| (name.to_string(), v as i64))
+        })
+        .collect())
+}
+
+fn secs(s: Option<f64>) -> String {
+    s.map_or_else(|| "?".into(), |s| format!("{s:.1}s"))
+}
+
+/// The report as text for a terminal.
+pub fn render_text(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "possync status at {} (tables {}, offsets namespace {})",
+        s.checked_at, s.table_uri, s.namespace
+    );
+    let w = s.partitions.iter().map(|p| p.topic.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(
+        o,
+        "{:<w$}  {:>4}  {:>10}  {:>11}  {:>10}  {:>9}",
+        "topic", "part", "high", "txn version", "lag events", "lag"
+    );
+    for p in &s.partitions {
+        let v = p.txn_version.map_or_else(|| "-".into(), |v| v.to_string());
+        let _ = writeln!(
+            o,
+            "{:<w$}  {:>4}  {:>10}  {:>11}  {:>10}  {:>9}{}",
+            p.topic,
+            p.partition,
+            p.high_watermark,
+            v,
+            p.lag_events,
+            secs(p.lag_seconds),
+            if p.lost_events > 0 {
+                format!("  LOST {}", p.lost_events)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "lag            : {} events, oldest {}",
+        s.lag_events,
+        secs(s.lag_seconds)
+    );
+    let ingest = match (s.slots.ingest_in_use, s.slots.ingest_budget) {
+        (Some(u), Some(b)) => format!(
+            "; ingest reports {u}/{b} (overflow total {})",
+            s.slots.ingest_overflow_total.unwrap_or(0)
+        ),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        o,
+        "slots in use   : {} open positions on the active route{ingest}",
+        s.slots.active_open_positions
+    );
+    let _ = writeln!(
+        o,
+        "queue depth    : {} pending ({} refreshed, {} active)",
+        s.queue.depth, s.queue.refreshed, s.queue.active
+    );
+    let _ = writeln!(o, "dead letters   : {}", s.dead_letters);
+    for t in &s.tables {
+        let _ = match (t.version, &t.last_commit) {
+            (Some(v), Some(at)) => writeln!(
+                o,
+                "last commit    : {:<18} v{v:<6} {at} ({} ago)",
+                t.table,
+                secs(t.commit_age_seconds)
+            ),
+            _ => writeln!(o, "last commit    : {:<18} missing", t.table),
+        };
+    }
+    if s.healthy {
+        let _ = writeln!(o, "health         : OK");
+    } else {
+        let _ = writeln!(o, "health         : UNHEALTHY");
+        for p in &s.problems {
+            let _ = writeln!(o, "  - {p}");
+        }
+    }
+    o
+}
