@@ -36,7 +36,7 @@ if [[ ! -f "$libs/.complete" ]]; then
     touch "$tmp/.complete"
     rm -rf "$libs"
     mv "$tmp" "$libs"
-    echo "spark-jars.sh: fetched $(ls "$libs" | wc -l) jars ($(du -sh "$libs" | cut -f1)) in $((SECONDS - t0))s" >&2
+    echo "spark-jars.sh: fetched $(find "$libs" -name "*.jar" | wc -l) jars ($(du -sh "$libs" | cut -f1)) in $((SECONDS - t0))s" >&2
   fi
   exec 9>&-
 fi

@@ -87,7 +87,10 @@ async fn run_pipeline() -> anyhow::Result<Pipeline> {
     let env = Env::start(1)?;
     let mut gen = Gen::new(11, &env.kafka.topics, 8);
     let produced = produce(&env.producer()?, (0..4).map(|i| gen.poison(i)).collect()).await?;
-    let mut poison: Vec<_> = produced.iter().map(|p| (p.topic.clone(), p.partition, p.offset)).collect();
+    let mut poison: Vec<_> = produced
+        .iter()
+        .map(|p| (p.topic.clone(), p.partition, p.offset))
+        .collect();
     poison.sort();
     let mcfg = MaterializeConfig {
         table_uri: report.table_uri.clone(),
@@ -235,7 +238,11 @@ fn run_with_deadline(cmd: &mut Command, within: Duration) -> anyhow::Result<(boo
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    Ok((status.success(), std::fs::read_to_string(out)?, std::fs::read_to_string(err)?))
+    Ok((
+        status.success(),
+        std::fs::read_to_string(out)?,
+        std::fs::read_to_string(err)?,
+    ))
 }
 
 #[test]
@@ -299,7 +306,10 @@ fn spark_reads_every_table_like_duckdb() -> anyhow::Result<()> {
     }
     assert!(null_cells > 0, "nulls must be among the compared values: {got}");
     // Every poison message is a dead letter, to Spark too (the tombstone's value is null).
-    assert_eq!(got["tables"]["dead_letters"]["spark_rows"].as_u64(), Some(p.poison.len() as u64));
+    assert_eq!(
+        got["tables"]["dead_letters"]["spark_rows"].as_u64(),
+        Some(p.poison.len() as u64)
+    );
     assert!(got["tables"]["dead_letters"]["sample_null_cells"].as_u64().unwrap_or(0) > 0);
     Ok(())
 }
