@@ -2,8 +2,8 @@
 # The whole test suite, on a fresh machine or a warm one: installs what is missing (Debian and
 # PyPI packages), checks formatting and lints, validates the compose file, then runs every
 # Rust test (unit, integration against the embedded Kafka broker + IB simulator, against a real
-# Apache Kafka cluster started by scripts/kafka.sh, and the independent DuckDB / deltalake
-# readers). This is what `.ci/run` calls.
+# Apache Kafka cluster started by scripts/kafka.sh, and the independent DuckDB / deltalake /
+# Spark readers). This is what `.ci/run` calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,14 +33,21 @@ if ((${#need[@]})); then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-step "python readers (duckdb + delta extension, deltalake, fastavro, confluent-kafka)"
+step "python readers (duckdb + delta extension, deltalake, pyspark + delta-spark, fastavro, confluent-kafka)"
+# pyspark is a ~430 MB source package: about 1.5 min cold, seconds once installed.
 python3 -m pip install -q --disable-pip-version-check -r tests/py/requirements.txt 2>&1 | grep -v "Running pip as the 'root' user" || true
-python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext" 
+python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext, pyspark, delta"
 
 step "Apache Kafka jars (Maven Central, cached under ~/.cache/possync-kafka)"
 t0=$SECONDS
 scripts/kafka.sh fetch
 echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml) ready in $((SECONDS - t0))s"
+
+step "Delta Lake jars for Spark (Maven Central, cached under ~/.cache/possync-spark)"
+# Resolved here so that no test downloads; tests/py/spark_read.py would fetch them itself.
+t0=$SECONDS
+scripts/spark-jars.sh >/dev/null
+echo "delta-spark $(sed -n 's:.*<delta.version>\(.*\)</delta.version>.*:\1:p' tests/spark/pom.xml) jars ready in $((SECONDS - t0))s"
 
 step "docker-compose config"
 tmp=$(mktemp -d)
