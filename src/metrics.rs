@@ -20,6 +20,9 @@ pub struct Metrics {
     pub published_active: AtomicU64,
     /// Position events acknowledged by Kafka on the queued route.
     pub published_queued: AtomicU64,
+    /// Position events Kafka did not acknowledge for good (`message.timeout.ms`); their
+    /// positions are republished once Kafka is back.
+    pub delivery_failures: AtomicU64,
     /// Positions that should be active but got no slot (budget exhausted).
     pub slot_overflow: AtomicU64,
     /// Real-time streams (slots) held now.
@@ -103,6 +106,12 @@ impl Metrics {
             s,
             "possync_materialized_total{{route=\"queued\"}} {}",
             self.materialized_queued.load(Relaxed)
+        );
+        c(
+            &mut s,
+            "delivery_failures_total",
+            "Position events Kafka did not acknowledge for good (republished later)",
+            self.delivery_failures.load(Relaxed),
         );
         c(
             &mut s,

@@ -46,6 +46,11 @@ pub struct IngestArgs {
     /// Messages per second ingest may send to IB (IB allows 50 per client; error 100 beyond).
     #[arg(long, env = "POSSYNC_IB_PACING", default_value_t = 40)]
     pub ib_pacing: u32,
+    /// At shutdown, how long to wait for Kafka to acknowledge the events in flight. Whatever is
+    /// still unacknowledged then (Kafka down) is republished by the next start's
+    /// reconciliation, so a stop never hangs on an outage.
+    #[arg(long, env = "POSSYNC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
     /// How long to wait for Kafka while reading the registry topic at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
@@ -83,6 +88,8 @@ pub struct IngestConfig {
     pub ib_buffer: usize,
     /// Messages per second to IB.
     pub ib_pacing: u32,
+    /// Wait for acknowledgements at shutdown, at most.
+    pub shutdown_grace: Duration,
     /// Kafka timeout for the registry replay.
     pub kafka_timeout: Duration,
     /// Resume from the last published state.
@@ -104,6 +111,7 @@ impl Default for IngestConfig {
             max_in_flight: 10_000,
             ib_buffer: 16_384,
             ib_pacing: 40,
+            shutdown_grace: Duration::from_secs(10),
             kafka_timeout: Duration::from_secs(30),
             resume: true,
             record_latency: false,
@@ -131,6 +139,7 @@ impl From<&IngestArgs> for IngestConfig {
             max_in_flight: a.max_in_flight,
             ib_buffer: a.ib_buffer,
             ib_pacing: a.ib_pacing,
+            shutdown_grace: a.shutdown_grace,
             kafka_timeout: a.kafka_timeout,
             resume: a.resume,
             record_latency: false,

@@ -223,6 +223,9 @@ impl Engine {
 
     /// IB's full position list (everything up to PositionEnd): reconcile, then re-plan.
     pub(crate) async fn sync(&mut self, client: &Arc<Client>, after: Book) -> Result<(), IngestError> {
+        // Failures reported while the loop was busy or disconnected: dirty before the diff.
+        let failed = self.publisher.take_failed();
+        self.on_failures(failed);
         let changes = reconcile(&self.book, &after);
         let mut book: Book = after.into_iter().filter(|(_, h)| h.is_open()).collect();
         for (k, h) in &mut book {
@@ -339,15 +342,21 @@ impl Engine {
         }
     }
 
-    /// A delivery failed for good: mark the position dirty and resync, which republishes it.
-    pub(crate) fn on_failure(&mut self, failure: Failure) {
-        match self.book.get_mut(&failure.key) {
-            Some(h) => h.dirty = true,
-            None => {
-                let mut held = super::resume::held_from_event(&failure.event);
-                held.position = 0.0;
-                held.dirty = true;
-                self.book.insert(failure.key, held);
+    /// Deliveries failed for good: mark their positions dirty and resync, which republishes
+    /// their current state (a lost close included).
+    pub(crate) fn on_failures(&mut self, failures: Vec<Failure>) {
+        if failures.is_empty() {
+            return;
+        }
+        for failure in failures {
+            match self.book.get_mut(&failure.key) {
+                Some(h) => h.dirty = true,
+                None => {
+                    let mut held = super::resume::held_from_event(&failure.event);
+                    held.position = 0.0;
+                    held.dirty = true;
+                    self.book.insert(failure.key, held);
+                }
             }
         }
         self.resync_wanted = true;

@@ -30,15 +30,15 @@ pub mod router;
 mod session;
 pub mod slots;
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use ibapi::RateLimiter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{IngestArgs, IngestConfig};
-pub use publisher::{LatencyLog, PublishError, Publisher};
+pub use publisher::{LatencyLog, PublishError, PublishStats, Publisher};
 
 use crate::events::RegistryEvent;
 use crate::kafka::KafkaConfig;
@@ -59,12 +59,23 @@ pub enum IngestError {
     Kafka(#[from] crate::kafka::KafkaError),
 }
 
+/// Counts of one ingest run (the process-wide ones are in [`crate::metrics`]), so tests and
+/// embedders can observe one ingest among several in a process.
+#[derive(Debug, Clone)]
+pub struct IngestStats {
+    /// Deliveries to Kafka (acknowledged and failed).
+    pub publish: Arc<PublishStats>,
+    /// Reconnects to IB.
+    pub reconnects: Arc<AtomicU64>,
+}
+
 /// A prepared ingest: registry loaded, producer ready, not yet connected to IB.
 pub struct Ingest {
     cfg: IngestConfig,
     engine: engine::Engine,
     registry_rx: mpsc::Receiver<RegistryEvent>,
     shutdown: CancellationToken,
+    stats: IngestStats,
 }
 
 impl Ingest {
@@ -87,7 +98,12 @@ impl Ingest {
         }
         let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
         tracing::info!(entries = registry.len(), "registry loaded");
-        let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?;
+        let publisher =
+            Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?.with_shutdown(shutdown.clone());
+        let stats = IngestStats {
+            publish: publisher.stats(),
+            reconnects: Arc::default(),
+        };
         let (book, active) = if cfg.resume {
             let r = resume::load(&kafka, cfg.kafka_timeout).await?;
             tracing::info!(
@@ -107,7 +123,13 @@ impl Ingest {
             engine,
             registry_rx,
             shutdown,
+            stats,
         })
+    }
+
+    /// This run's counts (live while it runs).
+    pub fn stats(&self) -> IngestStats {
+        self.stats.clone()
     }
 
     /// The session id stamped on every event of this run.
@@ -120,8 +142,10 @@ impl Ingest {
         self.engine.publisher.latency_log()
     }
 
-    /// Runs until `shutdown`: connect, stream, reconnect; then waits (up to 30 s) for every
-    /// event to be acknowledged.
+    /// Runs until `shutdown`: connect, stream, reconnect; then waits (up to
+    /// `shutdown_grace`) for every event to be acknowledged. A requested stop returns `Ok` even
+    /// while Kafka is down: events it did not acknowledge are not in the topics, so the next
+    /// start's reconciliation (`--resume`) republishes those positions.
     ///
     /// # Errors
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
@@ -134,6 +158,7 @@ impl Ingest {
             };
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
+                self.stats.reconnects.fetch_add(1, Relaxed);
             }
             first = false;
             let end = session::run_session(
@@ -155,14 +180,15 @@ impl Ingest {
                         _ = tokio::time::sleep(self.cfg.reconnect_initial) => {}
                     }
                 }
+                Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
-        let flushed = self.engine.publisher.flush(Duration::from_secs(30)).await;
+        if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
+            tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
+        }
         self.engine.log_stats();
-        result?;
-        flushed?;
-        Ok(())
+        result
     }
 }
 

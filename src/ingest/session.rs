@@ -125,7 +125,7 @@ pub(crate) async fn run_session(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            Some(failure) = engine.publisher.failures().recv() => engine.on_failure(failure),
+            failed = engine.publisher.failed() => engine.on_failures(failed),
             event = engine.slots.recv() => engine.on_slot_event(client, event).await?,
             event = registry.recv(), if registry_open => match event {
                 Some(event) => engine.on_registry(Some(client), event).await?,
