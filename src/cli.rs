@@ -4,7 +4,7 @@
 //! each knob. This module only maps parsed flags to plain config structs and calls the
 //! library; the work happens in the subcommand's own module.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 /// possync: keep Interactive Brokers positions in sync, IB → Kafka (Avro) → Delta Lake.
@@ -58,6 +58,22 @@ pub enum BenchCommand {
     /// Ingest: events/s from the simulator to Kafka acknowledgement, and the active route's
     /// latency (IB frame → broker ack, p50/p99).
     Ingest(crate::ingest::bench::BenchIngestArgs),
+}
+
+/// The command line, with environment values hidden from `--help` on every subcommand (they may
+/// hold secrets, such as `POSSYNC_KAFKA_CONFIG`).
+pub fn command() -> clap::Command {
+    fn hide_env_values(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| a.hide_env_values(true))
+            .mut_subcommands(hide_env_values)
+    }
+    hide_env_values(Cli::command())
+}
+
+/// Parses the process arguments with [`command`]; prints help or an error and exits on failure.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Sets up `tracing` to stderr with the given filter.
