@@ -90,8 +90,14 @@ pub fn init_tracing(filter: &str) {
         eprintln!("possync: bad --log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colour only on a terminal: a log file or pipe must not carry escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
+        // A closed stderr (a pipe whose reader left) must not turn every log call into a
+        // panic (`eprintln!` of the write error), which would kill the signal handler task.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
 }

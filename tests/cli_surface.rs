@@ -1,12 +1,15 @@
 //! The binary's surface as a user meets it: secrets given to `-K` / `POSSYNC_KAFKA_CONFIG`
-//! never reach stdout or stderr (issue 10 #18).
+//! never reach stdout or stderr (issue 10 #18), and logs written to a pipe carry no ANSI colour
+//! codes and survive the pipe's reader leaving (issue 10 #23).
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use anyhow::ensure;
 
 mod common;
-use common::process::BIN;
+use common::process::{signal, wait_exit, Reap, BIN};
 
 const SECRET: &str = "S3cr,et;Pa55";
 
@@ -77,5 +80,33 @@ fn bad_or_comma_holding_settings_never_print_the_secret() -> anyhow::Result<()> 
         );
         ensure_secret_absent("a run with a password", &out)?;
     }
+    Ok(())
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() -> anyhow::Result<()> {
+    let child = Command::new(BIN)
+        .args(["sim", "--listen", "127.0.0.1:0"])
+        .env("POSSYNC_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut child = Reap(child);
+    let stderr = child.0.stderr.take().expect("piped");
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("possync sim listening") {
+            break;
+        }
+    }
+    // The reader has gone (the pipe is closed): logging must not break the SIGINT handling.
+    signal(&child.0, "INT")?;
+    let status = wait_exit(&mut child.0, Duration::from_secs(30))?;
+    ensure!(status.success(), "SIGINT after the log reader left: {status}");
+    ensure!(seen.contains("INFO"), "a log line was read: {seen:?}");
+    ensure!(!seen.contains("\x1b["), "ANSI escape codes in piped logs: {seen:?}");
     Ok(())
 }
