@@ -14,11 +14,12 @@
 //! a RECONCILE close, changed ones a SNAPSHOT, unchanged ones nothing. 1101/1102 trigger the
 //! same reconciliation on the live connection.
 //!
-//! Files: [`config`] (flags), [`book`] (position state → events), [`router`] (pure slot
+//! Files: [`config`] (flags), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
 //! connection and event loop), [`resume`] (state after a restart), [`bench`] (`possync bench ingest`).
 
+pub mod backoff;
 pub mod bench;
 pub mod book;
 pub mod config;
@@ -151,11 +152,19 @@ impl Ingest {
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
     pub async fn run(mut self) -> Result<(), IngestError> {
         let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
+        let mut backoff = backoff::Backoff::new(
+            self.cfg.reconnect_initial,
+            self.cfg.reconnect_max,
+            self.cfg.reconnect_healthy,
+            None,
+        );
         let mut first = true;
         let result = loop {
-            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &self.shutdown).await else {
+            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &mut backoff, &self.shutdown).await
+            else {
                 break Ok(());
             };
+            let connected = std::time::Instant::now();
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
                 self.stats.reconnects.fetch_add(1, Relaxed);
@@ -174,10 +183,12 @@ impl Ingest {
             match end {
                 Ok(session::SessionEnd::Shutdown) => break Ok(()),
                 Ok(session::SessionEnd::Disconnected(why)) => {
-                    tracing::warn!(reason = %why, "IB connection lost; reconnecting");
+                    backoff.session_ended(connected.elapsed());
+                    let delay = backoff.next_delay();
+                    tracing::warn!(reason = %why, retry_in = ?delay, "IB connection lost; reconnecting");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break Ok(()),
-                        _ = tokio::time::sleep(self.cfg.reconnect_initial) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
                 Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(()),
