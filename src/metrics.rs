@@ -25,6 +25,8 @@ pub struct Metrics {
     pub delivery_failures: AtomicU64,
     /// Positions that should be active but got no slot (budget exhausted).
     pub slot_overflow: AtomicU64,
+    /// PnL streams IB refused (error 101); retried with backoff.
+    pub pnl_refused: AtomicU64,
     /// Real-time streams (slots) held now.
     pub slots_in_use: AtomicI64,
     /// Slot budget.
@@ -118,6 +120,12 @@ impl Metrics {
             "slot_overflow_total",
             "Active positions routed queued for lack of a slot",
             self.slot_overflow.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "pnl_refused_total",
+            "PnL streams IB refused (retried with backoff)",
+            self.pnl_refused.load(Relaxed),
         );
         g(
             &mut s,

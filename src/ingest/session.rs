@@ -123,6 +123,7 @@ pub(crate) async fn run_session(
             }
             snapshot = Some(Book::new());
         }
+        let retry_refused = engine.next_refused_retry();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -165,6 +166,9 @@ pub(crate) async fn run_session(
                 Some(n) => on_notice(engine, &n),
                 None => return Ok(SessionEnd::Disconnected("IB client shut down".into())),
             },
+            _ = tokio::time::sleep_until(retry_refused.unwrap_or_else(Instant::now).into()), if retry_refused.is_some() => {
+                engine.retry_refused(client).await?;
+            }
             _ = stats.tick() => engine.log_stats(),
         }
     }
