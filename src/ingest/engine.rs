@@ -419,6 +419,11 @@ impl Engine {
     /// The connection is gone: streams with it; the book stays as the "before" of the next sync.
     pub(crate) fn disconnected(&mut self) {
         self.slots.reset();
+        // The PnL streams went with the connection: their last figures are stale from now on
+        // and must not ride on the next session's events (fresh ticks bring new ones).
+        for held in self.book.values_mut() {
+            held.pnl = None;
+        }
         self.synced = false;
         self.resync_wanted = false;
         self.reconnect_wanted = None;
@@ -445,6 +450,36 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::book::{ContractInfo, Pnl};
+    use crate::kafka::KafkaConfig;
+
+    fn engine(book: Book, active: BTreeSet<PosKey>) -> Engine {
+        // The producer connects lazily; nothing here publishes.
+        let publisher = Publisher::new(&KafkaConfig::new("127.0.0.1:1"), 4, false).unwrap();
+        Engine::new(Registry::new(), Slots::new(2), publisher, book, active)
+    }
+
+    /// Issue 10 #15: PnL figures do not survive the connection whose streams produced them.
+    #[test]
+    fn pnl_is_forgotten_with_the_connection() {
+        let key = PosKey::new("A", 1);
+        let held = Held {
+            contract: ContractInfo::default(),
+            position: 2.0,
+            avg_cost: 10.0,
+            pnl: Some(Pnl {
+                daily: Some(5.0),
+                ..Pnl::default()
+            }),
+            dirty: false,
+        };
+        let mut e = engine(Book::from([(key.clone(), held)]), BTreeSet::from([key.clone()]));
+        e.disconnected();
+        let held = e.book.get(&key).expect("the book outlives the connection");
+        assert_eq!(held.pnl, None, "stale PnL kept across a reconnect");
+        let event = book::event(&key, held, Route::Active, Source::Stream, vec![], 0);
+        assert_eq!(event.daily_pnl, None);
+    }
 
     #[test]
     fn refused_streams_are_retried_with_a_doubling_capped_delay() {
