@@ -55,7 +55,9 @@ async fn reconnect_reconciles_and_resubscribes() -> anyhow::Result<()> {
     cfg.reconnect_initial = Duration::from_secs(1); // gives the squatter below a head start
     let ingest = env.start_ingest(cfg).await?;
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    let reconnects_before = possync::metrics::global().ib_reconnects.load(Relaxed);
+    // This ingest's own count: the process-wide metric also counts the tests running alongside.
+    let reconnects = &ingest.stats.reconnects;
+    let reconnects_before = reconnects.load(Relaxed);
 
     // Gateway restart: connections dropped and refused for a while; meanwhile a position
     // closes and another changes.
@@ -81,7 +83,7 @@ async fn reconnect_reconciles_and_resubscribes() -> anyhow::Result<()> {
         after.len() == 2,
         "unchanged positions produced events after the reconnect: {after:?}"
     );
-    ensure!(possync::metrics::global().ib_reconnects.load(Relaxed) > reconnects_before);
+    ensure!(reconnects.load(Relaxed) > reconnects_before, "the restart counted as a reconnect");
     // The PnL stream is back.
     wait_for("the PnL stream to be resubscribed", DEADLINE, || async {
         let t = env.sim.truth();
@@ -238,7 +240,8 @@ async fn buffer_overflow_during_outage_resyncs_to_the_truth() -> anyhow::Result<
     let ingest = env.start_ingest(cfg).await?;
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
 
-    let reconnects_before = possync::metrics::global().ib_reconnects.load(Relaxed);
+    let reconnects = &ingest.stats.reconnects;
+    let reconnects_before = reconnects.load(Relaxed);
     env.broker.broker_down(1)?;
     let truth = env.sim.truth();
     make_changes(&env, 300)?;
@@ -249,11 +252,10 @@ async fn buffer_overflow_during_outage_resyncs_to_the_truth() -> anyhow::Result<
     env.broker.broker_up(1)?;
 
     // Intermediate values may be collapsed by the reconnect, but the final state is IB's.
-    let reconnects = possync::metrics::global().ib_reconnects.load(Relaxed);
     let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
     ensure!(
-        possync::metrics::global().ib_reconnects.load(Relaxed) > reconnects_before || reconnects > reconnects_before,
-        "the overflow forced a reconnect"
+        reconnects.load(Relaxed) > reconnects_before,
+        "the overflow forced a reconnect of this ingest"
     );
     ensure!(
         latest.get(&key(closed)).is_some_and(|e| e.position == 0.0),
