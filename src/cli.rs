@@ -5,7 +5,7 @@
 //! library; the work happens in the subcommand's own module.
 
 use crate::topics::{require, Process};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 /// possync: keep Interactive Brokers positions in sync, IB → Kafka (Avro) → Delta Lake.
@@ -74,6 +74,22 @@ pub enum BenchCommand {
     Ingest(crate::ingest::bench::BenchIngestArgs),
 }
 
+/// The command line, with environment values hidden from `--help` on every subcommand (they may
+/// hold secrets, such as `POSSYNC_KAFKA_CONFIG`).
+pub fn command() -> clap::Command {
+    fn hide_env_values(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| a.hide_env_values(true))
+            .mut_subcommands(hide_env_values)
+    }
+    hide_env_values(Cli::command())
+}
+
+/// Parses the process arguments with [`command`]; prints help or an error and exits on failure.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Sets up `tracing` to stderr with the given filter.
 pub fn init_tracing(filter: &str) {
     // The Delta kernel logs every snapshot at INFO (several per second under materialize);
@@ -88,8 +104,14 @@ pub fn init_tracing(filter: &str) {
         eprintln!("possync: bad --log filter {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colour only on a terminal: a log file or pipe must not carry escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
+        // A closed stderr (a pipe whose reader left) must not turn every log call into a
+        // panic (`eprintln!` of the write error), which would kill the signal handler task.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
 }

@@ -15,9 +15,14 @@ use rdkafka::mocking::MockCluster;
 /// Errors of the Kafka plumbing.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    /// A `-K key=value` passthrough is malformed.
-    #[error("librdkafka setting {0:?} is not of the form key=value")]
-    BadSetting(String),
+    /// A `-K key=value` passthrough is malformed. Its text is not kept: it may hold a secret.
+    #[error("librdkafka setting #{position} (of -K / POSSYNC_KAFKA_CONFIG, {chars} characters, not shown as it may hold a secret) is not of the form key=value; give each setting its own -K, or one per line in POSSYNC_KAFKA_CONFIG")]
+    BadSetting {
+        /// 1-based position among the settings.
+        position: usize,
+        /// Its length.
+        chars: usize,
+    },
     /// A `-K` passthrough tries to change a setting possync relies on.
     #[error("librdkafka setting {key:?} is set by possync ({why}); use the dedicated flag or remove -K {key}=…")]
     ReservedSetting { key: String, why: &'static str },
@@ -45,7 +50,7 @@ impl KafkaError {
 }
 
 /// Broker and topic flags shared by every subcommand that talks to Kafka.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers (comma-separated host:port).
     #[arg(long, env = "POSSYNC_BROKERS", default_value = "127.0.0.1:9092")]
@@ -53,20 +58,62 @@ pub struct KafkaArgs {
     /// Prefix of every topic possync uses (`<prefix>positions.active`, …).
     #[arg(long, env = "POSSYNC_TOPIC_PREFIX", default_value = "possync.")]
     pub topic_prefix: String,
-    /// Extra librdkafka setting, `key=value`; repeatable (env: comma-separated). Prefix the key
+    /// Extra librdkafka setting, `key=value`; repeatable. Each -K is one setting taken whole,
+    /// commas included (a SASL password may contain any character but a newline). In the
+    /// environment variable (used when no -K is given): one setting per line. Prefix the key
     /// with `producer.` or `consumer.` to apply it to one kind of client only. Settings that
     /// possync relies on (idempotence, acks, auto-commit, group id, bootstrap) are refused.
+    /// Values of keys naming a password or secret are never printed.
     #[arg(
         short = 'K',
         long = "kafka-config",
         env = "POSSYNC_KAFKA_CONFIG",
-        value_delimiter = ','
+        value_delimiter = '\n'
     )]
     pub kafka_config: Vec<String>,
 }
 
-/// Plain Kafka settings, built from [`KafkaArgs`] or directly by tests.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: Vec<String> = self
+            .kafka_config
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => format!("{k}={}", redacted(k, v)),
+                None => REDACTED.to_string(),
+            })
+            .collect();
+        f.debug_struct("KafkaArgs")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("kafka_config", &settings)
+            .finish()
+    }
+}
+
+/// What is shown instead of a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// Whether a librdkafka setting holds a secret (its value is never printed).
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.trim().to_ascii_lowercase();
+    ["password", "secret", "sasl.jaas.config", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// `value`, or [`REDACTED`] when `key` holds a secret: the form to log or debug-print.
+pub fn redacted<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_key(key) {
+        REDACTED
+    } else {
+        value
+    }
+}
+
+/// Plain Kafka settings, built from [`KafkaArgs`] or directly by tests. Its `Debug` redacts
+/// secret values.
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// Bootstrap servers.
     pub brokers: String,
@@ -74,6 +121,21 @@ pub struct KafkaConfig {
     pub topics: Topics,
     /// librdkafka passthrough settings (already validated).
     pub overrides: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let overrides: BTreeMap<&str, &str> = self
+            .overrides
+            .iter()
+            .map(|(k, v)| (k.as_str(), redacted(k, v)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("overrides", &overrides)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -92,8 +154,11 @@ impl KafkaConfig {
     /// [`KafkaError::BadSetting`] or [`KafkaError::ReservedSetting`].
     pub fn from_args(args: &KafkaArgs) -> Result<Self, KafkaError> {
         let mut overrides = BTreeMap::new();
-        for kv in args.kafka_config.iter().filter(|s| !s.trim().is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting(kv.clone()))?;
+        for (i, kv) in args.kafka_config.iter().enumerate().filter(|(_, s)| !s.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting {
+                position: i + 1,
+                chars: kv.chars().count(),
+            })?;
             let k = k.trim();
             let bare = k
                 .strip_prefix("producer.")
@@ -422,8 +487,44 @@ mod tests {
         ));
         assert!(matches!(
             KafkaConfig::from_args(&args(&["nonsense"])),
-            Err(KafkaError::BadSetting(_))
+            Err(KafkaError::BadSetting { position: 1, .. })
         ));
+    }
+
+    /// Issue 10 #18: a secret is taken whole and never printed.
+    #[test]
+    fn secrets_are_kept_whole_and_never_printed() {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaArgs,
+        }
+        let secret = "p,a;ss=w0rd,x";
+        let cli = Cli::try_parse_from([
+            "t",
+            "-K",
+            &format!("sasl.password={secret}"),
+            "-K",
+            "producer.ssl.key.password=k,ey",
+            "-K",
+            "linger.ms=5",
+        ])
+        .unwrap();
+        assert_eq!(cli.kafka.kafka_config.len(), 3, "commas do not split a flag");
+        let c = KafkaConfig::from_args(&cli.kafka).unwrap();
+        assert_eq!(c.producer().get("sasl.password"), Some(secret));
+        assert_eq!(c.producer().get("ssl.key.password"), Some("k,ey"));
+        for shown in [format!("{c:?}"), format!("{cli:?}")] {
+            assert!(!shown.contains("w0rd") && !shown.contains("k,ey"), "{shown}");
+            assert!(shown.contains("linger.ms") && shown.contains(REDACTED), "{shown}");
+        }
+        // A malformed setting (here a password fragment) is reported without its text.
+        let e = KafkaConfig::from_args(&args(&["linger.ms=5", "w0rd"])).unwrap_err();
+        assert!(matches!(e, KafkaError::BadSetting { position: 2, .. }));
+        assert!(!e.to_string().contains("w0rd"), "{e}");
+        assert!(is_secret_key("sasl.oauthbearer.client.secret") && is_secret_key("consumer.sasl.password"));
+        assert!(!is_secret_key("sasl.mechanism"));
     }
 
     #[test]

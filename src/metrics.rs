@@ -20,8 +20,13 @@ pub struct Metrics {
     pub published_active: AtomicU64,
     /// Position events acknowledged by Kafka on the queued route.
     pub published_queued: AtomicU64,
+    /// Position events Kafka did not acknowledge for good (`message.timeout.ms`); their
+    /// positions are republished once Kafka is back.
+    pub delivery_failures: AtomicU64,
     /// Positions that should be active but got no slot (budget exhausted).
     pub slot_overflow: AtomicU64,
+    /// PnL streams IB refused (error 101); retried with backoff.
+    pub pnl_refused: AtomicU64,
     /// Real-time streams (slots) held now.
     pub slots_in_use: AtomicI64,
     /// Slot budget.
@@ -106,9 +111,21 @@ impl Metrics {
         );
         c(
             &mut s,
+            "delivery_failures_total",
+            "Position events Kafka did not acknowledge for good (republished later)",
+            self.delivery_failures.load(Relaxed),
+        );
+        c(
+            &mut s,
             "slot_overflow_total",
             "Active positions routed queued for lack of a slot",
             self.slot_overflow.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "pnl_refused_total",
+            "PnL streams IB refused (retried with backoff)",
+            self.pnl_refused.load(Relaxed),
         );
         g(
             &mut s,

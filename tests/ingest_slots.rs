@@ -196,3 +196,61 @@ async fn budget_overflow_activation_and_deactivation() -> anyhow::Result<()> {
     ingest.stop().await?;
     Ok(())
 }
+
+/// Issue 10 #13: a PnL stream IB refused (error 101: IB's own line limit, here 1 line for an
+/// ingest budget of 2) is offered again with backoff, so the position gets its stream as soon
+/// as IB has room, without waiting for the next resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
+    const C: i32 = 22;
+    let sim = possync::sim::SimConfig {
+        max_streams: 1,
+        ..quiet_sim()
+    };
+    let env = env(sim, 1, 2).await?;
+    let truth = env.sim.truth();
+    let both = [truth.positions[0].clone(), truth.positions[1].clone()];
+    for p in &both {
+        possync::registry::activate(&env.kafka, "s", Some(&p.account), i64::from(p.contract.con_id), 1, "test")
+            .await?;
+    }
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(C, 2)).await?;
+    wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+
+    let has_pnl = |p: &TruthPosition, after: i64| {
+        collector.session(&ingest.session).iter().any(|s| {
+            s.event.source == Source::Pnl
+                && s.event.sequence > after
+                && s.event.account == p.account
+                && s.event.con_id == i64::from(p.contract.con_id)
+        })
+    };
+    // One stream is granted, the other refused with 101.
+    let holder = wait_for("one stream granted and one refused", DEADLINE, || async {
+        let truth = env.sim.truth();
+        let c = truth.client(C)?;
+        let holders: Vec<&TruthPosition> = both.iter().filter(|p| has_pnl(p, 0)).collect();
+        (c.stream_cap_rejections >= 1 && c.streams == 1 && holders.len() == 1).then(|| holders[0].clone())
+    })
+    .await?;
+    let refused = both.iter().find(|p| **p != holder).expect("two positions").clone();
+    let mark = collector.session(&ingest.session).iter().map(|s| s.event.sequence).max().unwrap_or(0);
+
+    // The holder's strategy lets it go: IB has a free line again.
+    possync::registry::deactivate(&env.kafka, "s", Some(&holder.account), i64::from(holder.contract.con_id), "test")
+        .await?;
+    wait_for("the refused position to get its stream", DEADLINE, || async {
+        has_pnl(&refused, mark).then_some(())
+    })
+    .await?;
+    ensure!(
+        env.sim.truth().max_streams_total <= 1,
+        "IB's line limit held: {:?}",
+        env.sim.truth().client(C)
+    );
+    ensure!(possync::metrics::global().render().contains("possync_pnl_refused_total"));
+    collector.check_integrity(&ingest.session)?;
+    ingest.stop().await?;
+    Ok(())
+}

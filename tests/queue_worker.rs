@@ -1,6 +1,8 @@
 //! The queue worker drains the queue at the configured rate: batches of at most `batch`
 //! items, one per tick, oldest first, never an item already in flight, no streaming slot,
-//! within IB's pacing; changed items are refreshed again.
+//! within IB's pacing; changed items are refreshed again. The world has 30 accounts, so a
+//! batch polls more than 20 of them at once: unpaced, its 2 messages per account would break
+//! IB's 50 messages per second, so the pacing check can fail.
 
 mod ingest_support;
 
@@ -15,7 +17,8 @@ use tokio::sync::mpsc;
 
 const WORKER: i32 = 62;
 const TICK: Duration = Duration::from_millis(200);
-const BATCH: usize = 5;
+const BATCH: usize = 70;
+const ACCOUNTS: usize = 30;
 
 fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::PositionEvent>> {
     let mut out: BTreeMap<(String, i64), Vec<_>> = BTreeMap::new();
@@ -29,7 +32,12 @@ fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::Position
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
-    let env = env(quiet_sim(), 1, 2).await?;
+    let sim = possync::sim::SimConfig {
+        accounts: ACCOUNTS,
+        initial_positions: 3 * ACCOUNTS,
+        ..quiet_sim()
+    };
+    let env = env(sim, 1, 2).await?;
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let ingest = env.start_ingest(env.ingest_config(61, 10)).await?;
     let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
@@ -79,6 +87,15 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     let enqueued: Vec<i64> = batches.iter().flat_map(|b| b.items.iter().map(|(_, t)| *t)).collect();
     ensure!(enqueued.windows(2).all(|w| w[0] <= w[1]), "oldest first");
     ensure!(batches.len() >= queued.len().div_ceil(BATCH));
+    let widest = batches
+        .iter()
+        .map(|b| b.items.iter().map(|(k, _)| &k.account).collect::<BTreeSet<_>>().len())
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        widest >= 20,
+        "a batch must poll at least 20 accounts for the pacing check to mean anything; widest {widest}"
+    );
     for w in batches.windows(2) {
         let gap = w[1].taken.duration_since(w[0].taken);
         ensure!(gap >= TICK.mul_f64(0.95), "two batches {gap:?} apart, tick {TICK:?}");

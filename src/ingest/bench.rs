@@ -49,12 +49,13 @@ pub struct BenchIngestArgs {
     /// Partitions per topic.
     #[arg(long, env = "POSSYNC_BENCH_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
-    /// Extra librdkafka producer setting, `key=value` (e.g. `-K linger.ms=0`); repeatable.
+    /// Extra librdkafka producer setting, `key=value` (e.g. `-K linger.ms=0`); repeatable, each
+    /// taken whole (env: one per line).
     #[arg(
         short = 'K',
         long = "kafka-config",
         env = "POSSYNC_BENCH_KAFKA_CONFIG",
-        value_delimiter = ','
+        value_delimiter = '\n'
     )]
     pub kafka_config: Vec<String>,
 }

@@ -31,9 +31,15 @@ pub struct IngestArgs {
     /// attempt up to --reconnect-max.
     #[arg(long, env = "POSSYNC_RECONNECT_INITIAL", value_parser = humantime::parse_duration, default_value = "500ms")]
     pub reconnect_initial: Duration,
-    /// Longest delay between reconnection attempts (attempts never stop).
+    /// Longest delay between reconnection attempts (attempts never stop). Delays are jittered
+    /// (between half and all of the current step) and keep growing across sessions that drop
+    /// soon after connecting.
     #[arg(long, env = "POSSYNC_RECONNECT_MAX", value_parser = humantime::parse_duration, default_value = "30s")]
     pub reconnect_max: Duration,
+    /// A session that stayed connected this long resets the reconnect delay to
+    /// --reconnect-initial; shorter ones keep it growing.
+    #[arg(long, env = "POSSYNC_RECONNECT_HEALTHY", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub reconnect_healthy: Duration,
     /// Events sent to Kafka but not yet acknowledged, at most. When reached, ingest stops
     /// reading IB until acknowledgements free room (backpressure, bounded memory).
     #[arg(long, env = "POSSYNC_MAX_IN_FLIGHT", default_value_t = 10_000)]
@@ -46,6 +52,11 @@ pub struct IngestArgs {
     /// Messages per second ingest may send to IB (IB allows 50 per client; error 100 beyond).
     #[arg(long, env = "POSSYNC_IB_PACING", default_value_t = 40)]
     pub ib_pacing: u32,
+    /// At shutdown, how long to wait for Kafka to acknowledge the events in flight. Whatever is
+    /// still unacknowledged then (Kafka down) is republished by the next start's
+    /// reconciliation, so a stop never hangs on an outage.
+    #[arg(long, env = "POSSYNC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
     /// How long to wait for Kafka while reading the registry topic at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
@@ -77,12 +88,16 @@ pub struct IngestConfig {
     pub reconnect_initial: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Session length that resets the reconnect delay.
+    pub reconnect_healthy: Duration,
     /// Unacknowledged events at most.
     pub max_in_flight: usize,
     /// IB frames buffered per subscription.
     pub ib_buffer: usize,
     /// Messages per second to IB.
     pub ib_pacing: u32,
+    /// Wait for acknowledgements at shutdown, at most.
+    pub shutdown_grace: Duration,
     /// Kafka timeout for the registry replay.
     pub kafka_timeout: Duration,
     /// Resume from the last published state.
@@ -101,9 +116,11 @@ impl Default for IngestConfig {
             registry_bootstrap: None,
             reconnect_initial: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            reconnect_healthy: Duration::from_secs(60),
             max_in_flight: 10_000,
             ib_buffer: 16_384,
             ib_pacing: 40,
+            shutdown_grace: Duration::from_secs(10),
             kafka_timeout: Duration::from_secs(30),
             resume: true,
             record_latency: false,
@@ -128,9 +145,11 @@ impl From<&IngestArgs> for IngestConfig {
             registry_bootstrap: a.registry_bootstrap.clone(),
             reconnect_initial: a.reconnect_initial,
             reconnect_max: a.reconnect_max,
+            reconnect_healthy: a.reconnect_healthy,
             max_in_flight: a.max_in_flight,
             ib_buffer: a.ib_buffer,
             ib_pacing: a.ib_pacing,
+            shutdown_grace: a.shutdown_grace,
             kafka_timeout: a.kafka_timeout,
             resume: a.resume,
             record_latency: false,

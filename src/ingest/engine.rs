@@ -9,10 +9,10 @@
 //! - streams are stopped before others are started, and a slot counts as used until its
 //!   cancel is written ([`super::slots`]), so the budget holds at every instant.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ibapi::accounts::Position;
 use ibapi::Client;
@@ -27,6 +27,27 @@ use crate::events::{now_micros, RegistryEvent, Route, Source};
 use crate::metrics;
 use crate::registry::{Coverage, Registry};
 
+/// First wait before offering a slot again to a position IB refused a stream for.
+const REFUSED_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Longest such wait (it doubles per refusal in a row).
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A position whose PnL stream IB refused.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    /// Refusals in a row (reset by a tick of a stream).
+    attempts: u32,
+    /// Not offered a slot before this; `None` once due.
+    until: Option<Instant>,
+}
+
+/// The wait after the `attempts`-th refusal in a row: 1 s, 2 s, 4 s … up to 60 s.
+fn refused_retry_delay(attempts: u32) -> Duration {
+    REFUSED_RETRY_INITIAL
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(REFUSED_RETRY_MAX)
+}
+
 /// Ingest's state, independent of the IB connection that feeds it.
 pub(crate) struct Engine {
     pub(crate) registry: Registry,
@@ -37,8 +58,9 @@ pub(crate) struct Engine {
     active_routes: BTreeSet<PosKey>,
     /// Covered positions currently flagged as overflow.
     overflow: BTreeSet<PosKey>,
-    /// Positions IB refused a stream for; not offered a slot again until the next sync.
-    refused: HashSet<PosKey>,
+    /// Positions IB refused a stream for (error 101: IB's own line limit, shared with other
+    /// clients); offered a slot again after a backoff, or at the next sync.
+    refused: HashMap<PosKey, Refusal>,
     plan: Plan,
     pub(crate) slots: Slots,
     pub(crate) publisher: Publisher,
@@ -66,7 +88,7 @@ impl Engine {
             covered: BTreeMap::new(),
             active_routes,
             overflow: BTreeSet::new(),
-            refused: HashSet::new(),
+            refused: HashMap::new(),
             plan: Plan::default(),
             slots,
             publisher,
@@ -112,7 +134,7 @@ impl Engine {
         let candidates = self
             .covered
             .iter()
-            .filter(|(k, _)| !self.refused.contains(*k))
+            .filter(|(k, _)| !self.refused.get(*k).is_some_and(|r| r.until.is_some()))
             .map(|(k, c)| Candidate {
                 key: k.clone(),
                 priority: c.priority,
@@ -223,6 +245,9 @@ impl Engine {
 
     /// IB's full position list (everything up to PositionEnd): reconcile, then re-plan.
     pub(crate) async fn sync(&mut self, client: &Arc<Client>, after: Book) -> Result<(), IngestError> {
+        // Failures reported while the loop was busy or disconnected: dirty before the diff.
+        let failed = self.publisher.take_failed();
+        self.on_failures(failed);
         let changes = reconcile(&self.book, &after);
         let mut book: Book = after.into_iter().filter(|(_, h)| h.is_open()).collect();
         for (k, h) in &mut book {
@@ -298,6 +323,8 @@ impl Engine {
     pub(crate) async fn on_slot_event(&mut self, client: &Arc<Client>, event: SlotEvent) -> Result<(), IngestError> {
         match event {
             SlotEvent::Tick { key, pnl, observed, .. } => {
+                // The stream works: a later refusal starts its backoff afresh.
+                self.refused.remove(&key);
                 if !self.active_routes.contains(&key) {
                     return Ok(());
                 }
@@ -331,23 +358,59 @@ impl Engine {
                     tracing::debug!(%key, %error, "PnL stream ended with the connection");
                     return Ok(());
                 }
-                tracing::warn!(%key, %error, "IB refused or ended a PnL stream; the position stays queued until the next resync");
-                self.refused.insert(key);
+                let refusal = self.refused.entry(key.clone()).or_insert(Refusal {
+                    attempts: 0,
+                    until: None,
+                });
+                refusal.attempts += 1;
+                let retry_in = refused_retry_delay(refusal.attempts);
+                refusal.until = Some(Instant::now() + retry_in);
+                metrics::global().pnl_refused.fetch_add(1, Relaxed);
+                tracing::warn!(%key, %error, ?retry_in, attempts = refusal.attempts, "IB refused or ended a PnL stream; the position is routed queued and offered a slot again later");
                 self.compute_plan();
                 self.apply_plan(Some(client), &HashSet::new()).await
             }
         }
     }
 
-    /// A delivery failed for good: mark the position dirty and resync, which republishes it.
-    pub(crate) fn on_failure(&mut self, failure: Failure) {
-        match self.book.get_mut(&failure.key) {
-            Some(h) => h.dirty = true,
-            None => {
-                let mut held = super::resume::held_from_event(&failure.event);
-                held.position = 0.0;
-                held.dirty = true;
-                self.book.insert(failure.key, held);
+    /// When the next refused position is due to be offered a slot again.
+    pub(crate) fn next_refused_retry(&self) -> Option<Instant> {
+        self.refused.values().filter_map(|r| r.until).min()
+    }
+
+    /// Offers a slot again to refused positions whose backoff has passed.
+    pub(crate) async fn retry_refused(&mut self, client: &Arc<Client>) -> Result<(), IngestError> {
+        let now = Instant::now();
+        let mut due = 0;
+        for r in self.refused.values_mut() {
+            if r.until.is_some_and(|t| t <= now) {
+                r.until = None;
+                due += 1;
+            }
+        }
+        if due == 0 || !self.synced {
+            return Ok(());
+        }
+        tracing::debug!(due, "offering slots again to positions IB refused a stream for");
+        self.compute_plan();
+        self.apply_plan(Some(client), &HashSet::new()).await
+    }
+
+    /// Deliveries failed for good: mark their positions dirty and resync, which republishes
+    /// their current state (a lost close included).
+    pub(crate) fn on_failures(&mut self, failures: Vec<Failure>) {
+        if failures.is_empty() {
+            return;
+        }
+        for failure in failures {
+            match self.book.get_mut(&failure.key) {
+                Some(h) => h.dirty = true,
+                None => {
+                    let mut held = super::resume::held_from_event(&failure.event);
+                    held.position = 0.0;
+                    held.dirty = true;
+                    self.book.insert(failure.key, held);
+                }
             }
         }
         self.resync_wanted = true;
@@ -356,6 +419,11 @@ impl Engine {
     /// The connection is gone: streams with it; the book stays as the "before" of the next sync.
     pub(crate) fn disconnected(&mut self) {
         self.slots.reset();
+        // The PnL streams went with the connection: their last figures are stale from now on
+        // and must not ride on the next session's events (fresh ticks bring new ones).
+        for held in self.book.values_mut() {
+            held.pnl = None;
+        }
         self.synced = false;
         self.resync_wanted = false;
         self.reconnect_wanted = None;
@@ -376,5 +444,47 @@ impl Engine {
             in_flight = self.publisher.in_flight(),
             "ingest stats"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::book::{ContractInfo, Pnl};
+    use crate::kafka::KafkaConfig;
+
+    fn engine(book: Book, active: BTreeSet<PosKey>) -> Engine {
+        // The producer connects lazily; nothing here publishes.
+        let publisher = Publisher::new(&KafkaConfig::new("127.0.0.1:1"), 4, false).unwrap();
+        Engine::new(Registry::new(), Slots::new(2), publisher, book, active)
+    }
+
+    /// Issue 10 #15: PnL figures do not survive the connection whose streams produced them.
+    #[test]
+    fn pnl_is_forgotten_with_the_connection() {
+        let key = PosKey::new("A", 1);
+        let held = Held {
+            contract: ContractInfo::default(),
+            position: 2.0,
+            avg_cost: 10.0,
+            pnl: Some(Pnl {
+                daily: Some(5.0),
+                ..Pnl::default()
+            }),
+            dirty: false,
+        };
+        let mut e = engine(Book::from([(key.clone(), held)]), BTreeSet::from([key.clone()]));
+        e.disconnected();
+        let held = e.book.get(&key).expect("the book outlives the connection");
+        assert_eq!(held.pnl, None, "stale PnL kept across a reconnect");
+        let event = book::event(&key, held, Route::Active, Source::Stream, vec![], 0);
+        assert_eq!(event.daily_pnl, None);
+    }
+
+    #[test]
+    fn refused_streams_are_retried_with_a_doubling_capped_delay() {
+        let delays: Vec<u64> = (1..=9).map(|n| refused_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(refused_retry_delay(u32::MAX), REFUSED_RETRY_MAX);
     }
 }

@@ -14,11 +14,12 @@
 //! a RECONCILE close, changed ones a SNAPSHOT, unchanged ones nothing. 1101/1102 trigger the
 //! same reconciliation on the live connection.
 //!
-//! Files: [`config`] (flags), [`book`] (position state → events), [`router`] (pure slot
+//! Files: [`config`] (flags), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
 //! connection and event loop), [`resume`] (state after a restart), [`bench`] (`possync bench ingest`).
 
+pub mod backoff;
 pub mod bench;
 pub mod book;
 pub mod config;
@@ -30,15 +31,15 @@ pub mod router;
 mod session;
 pub mod slots;
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use ibapi::RateLimiter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{IngestArgs, IngestConfig};
-pub use publisher::{LatencyLog, PublishError, Publisher};
+pub use publisher::{LatencyLog, PublishError, PublishStats, Publisher};
 
 use crate::events::RegistryEvent;
 use crate::kafka::KafkaConfig;
@@ -59,12 +60,23 @@ pub enum IngestError {
     Kafka(#[from] crate::kafka::KafkaError),
 }
 
+/// Counts of one ingest run (the process-wide ones are in [`crate::metrics`]), so tests and
+/// embedders can observe one ingest among several in a process.
+#[derive(Debug, Clone)]
+pub struct IngestStats {
+    /// Deliveries to Kafka (acknowledged and failed).
+    pub publish: Arc<PublishStats>,
+    /// Reconnects to IB.
+    pub reconnects: Arc<AtomicU64>,
+}
+
 /// A prepared ingest: registry loaded, producer ready, not yet connected to IB.
 pub struct Ingest {
     cfg: IngestConfig,
     engine: engine::Engine,
     registry_rx: mpsc::Receiver<RegistryEvent>,
     shutdown: CancellationToken,
+    stats: IngestStats,
 }
 
 impl Ingest {
@@ -87,7 +99,12 @@ impl Ingest {
         }
         let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
         tracing::info!(entries = registry.len(), "registry loaded");
-        let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?;
+        let publisher =
+            Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?.with_shutdown(shutdown.clone());
+        let stats = IngestStats {
+            publish: publisher.stats(),
+            reconnects: Arc::default(),
+        };
         let (book, active) = if cfg.resume {
             let r = resume::load(&kafka, cfg.kafka_timeout).await?;
             tracing::info!(
@@ -107,7 +124,13 @@ impl Ingest {
             engine,
             registry_rx,
             shutdown,
+            stats,
         })
+    }
+
+    /// This run's counts (live while it runs).
+    pub fn stats(&self) -> IngestStats {
+        self.stats.clone()
     }
 
     /// The session id stamped on every event of this run.
@@ -120,20 +143,31 @@ impl Ingest {
         self.engine.publisher.latency_log()
     }
 
-    /// Runs until `shutdown`: connect, stream, reconnect; then waits (up to 30 s) for every
-    /// event to be acknowledged.
+    /// Runs until `shutdown`: connect, stream, reconnect; then waits (up to
+    /// `shutdown_grace`) for every event to be acknowledged. A requested stop returns `Ok` even
+    /// while Kafka is down: events it did not acknowledge are not in the topics, so the next
+    /// start's reconciliation (`--resume`) republishes those positions.
     ///
     /// # Errors
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
     pub async fn run(mut self) -> Result<(), IngestError> {
         let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
+        let mut backoff = backoff::Backoff::new(
+            self.cfg.reconnect_initial,
+            self.cfg.reconnect_max,
+            self.cfg.reconnect_healthy,
+            None,
+        );
         let mut first = true;
         let result = loop {
-            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &self.shutdown).await else {
+            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &mut backoff, &self.shutdown).await
+            else {
                 break Ok(());
             };
+            let connected = std::time::Instant::now();
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
+                self.stats.reconnects.fetch_add(1, Relaxed);
             }
             first = false;
             let end = session::run_session(
@@ -149,20 +183,23 @@ impl Ingest {
             match end {
                 Ok(session::SessionEnd::Shutdown) => break Ok(()),
                 Ok(session::SessionEnd::Disconnected(why)) => {
-                    tracing::warn!(reason = %why, "IB connection lost; reconnecting");
+                    backoff.session_ended(connected.elapsed());
+                    let delay = backoff.next_delay();
+                    tracing::warn!(reason = %why, retry_in = ?delay, "IB connection lost; reconnecting");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break Ok(()),
-                        _ = tokio::time::sleep(self.cfg.reconnect_initial) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
+                Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
-        let flushed = self.engine.publisher.flush(Duration::from_secs(30)).await;
+        if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
+            tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
+        }
         self.engine.log_stats();
-        result?;
-        flushed?;
-        Ok(())
+        result
     }
 }
 

@@ -6,16 +6,28 @@
 //! waits, so the caller stops reading IB — backpressure instead of an unbounded buffer. A full
 //! librdkafka queue is retried after a short pause, never dropped. Every event gets the next
 //! sequence number of this publisher's session, so a consumer can spot gaps. A delivery that
-//! fails for good (after librdkafka's own retries, `message.timeout.ms`) is reported on
-//! [`Publisher::failures`] so the owner can republish that position's current state.
+//! fails for good (after librdkafka's own retries, `message.timeout.ms`) is counted
+//! (`possync_delivery_failures_total`) and reported through [`Publisher::failed`] so the owner
+//! can republish that position's current state.
+//!
+//! Invariants that keep a Kafka outage from hanging the caller:
+//! - a permit is released as soon as librdkafka reports the delivery, success or failure:
+//!   the delivery task never waits for the owner, since failures go to a map keyed by position
+//!   (bounded by the number of positions; a newer failure of the same position replaces the
+//!   older one, as only the position's current state is republished);
+//! - librdkafka reports every message within `message.timeout.ms`, so a wait for a permit is
+//!   bounded by it, and every wait also ends at once when the shutdown token is cancelled
+//!   ([`PublishError::Cancelled`]).
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::book::PosKey;
 use crate::events::{EventError, PositionEvent, Route};
@@ -37,6 +49,16 @@ pub enum PublishError {
     /// Not every event was acknowledged before the flush deadline.
     #[error("{0} events still unacknowledged after the flush timeout; is Kafka reachable?")]
     FlushTimeout(usize),
+    /// Shutdown was requested while waiting for Kafka; the event was not sent.
+    #[error("publishing stopped: shutdown requested")]
+    Cancelled,
+}
+
+impl PublishError {
+    /// Whether this is [`PublishError::Cancelled`] (a requested stop, not a failure).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, PublishError::Cancelled)
+    }
 }
 
 /// A delivery that failed for good.
@@ -55,6 +77,43 @@ pub struct Failure {
 /// Latencies of the active route, IB frame to broker acknowledgement, in microseconds.
 pub type LatencyLog = Arc<Mutex<Vec<u32>>>;
 
+/// Delivery counts of one publisher (the process-wide ones are in [`crate::metrics`]).
+#[derive(Debug, Default)]
+pub struct PublishStats {
+    /// Events handed to librdkafka.
+    pub sent: AtomicU64,
+    /// Events acknowledged by Kafka.
+    pub delivered: AtomicU64,
+    /// Events Kafka did not acknowledge for good (their positions get republished).
+    pub delivery_failures: AtomicU64,
+}
+
+/// Failed deliveries not yet taken by the owner, the latest per position.
+#[derive(Default)]
+struct FailedDeliveries {
+    by_key: Mutex<BTreeMap<PosKey, Failure>>,
+    notify: Notify,
+}
+
+impl FailedDeliveries {
+    fn push(&self, failure: Failure) {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&failure.key) {
+            Some(old) if old.sequence > failure.sequence => {}
+            _ => {
+                map.insert(failure.key.clone(), failure);
+            }
+        }
+        drop(map);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<Failure> {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *map).into_values().collect()
+    }
+}
+
 /// A session's producer: sequence numbers, bounded in-flight, delivery tracking.
 pub struct Publisher {
     producer: FutureProducer,
@@ -63,8 +122,9 @@ pub struct Publisher {
     max_in_flight: usize,
     session_id: String,
     next_sequence: i64,
-    failures_tx: mpsc::Sender<Failure>,
-    failures_rx: mpsc::Receiver<Failure>,
+    failed: Arc<FailedDeliveries>,
+    stats: Arc<PublishStats>,
+    shutdown: CancellationToken,
     latency: Option<LatencyLog>,
 }
 
@@ -81,7 +141,6 @@ impl Publisher {
             .create()
             .map_err(KafkaError::client("create producer"))?;
         let max_in_flight = max_in_flight.max(1);
-        let (failures_tx, failures_rx) = mpsc::channel(max_in_flight);
         Ok(Self {
             producer,
             topics: kafka.topics.clone(),
@@ -89,10 +148,24 @@ impl Publisher {
             max_in_flight,
             session_id: crate::events::new_id(),
             next_sequence: 1,
-            failures_tx,
-            failures_rx,
+            failed: Arc::default(),
+            stats: Arc::default(),
+            shutdown: CancellationToken::new(),
             latency: record_latency.then(|| Arc::new(Mutex::new(Vec::new()))),
         })
+    }
+
+    /// Makes every wait of [`Publisher::publish`] end with [`PublishError::Cancelled`] once
+    /// `shutdown` is cancelled.
+    #[must_use]
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// This publisher's delivery counts.
+    pub fn stats(&self) -> Arc<PublishStats> {
+        self.stats.clone()
     }
 
     /// This session's id (stamped on every event).
@@ -110,9 +183,25 @@ impl Publisher {
         self.max_in_flight - self.permits.available_permits()
     }
 
-    /// Deliveries that failed for good; the owner should republish those positions.
-    pub fn failures(&mut self) -> &mut mpsc::Receiver<Failure> {
-        &mut self.failures_rx
+    /// Waits until deliveries have failed for good, then takes them (the latest per position);
+    /// the owner should republish those positions. Cancel-safe.
+    pub fn failed(&self) -> impl std::future::Future<Output = Vec<Failure>> + Send + 'static {
+        let failed = self.failed.clone();
+        async move {
+            loop {
+                let notified = failed.notify.notified();
+                let taken = failed.take();
+                if !taken.is_empty() {
+                    return taken;
+                }
+                notified.await;
+            }
+        }
+    }
+
+    /// Takes the failed deliveries reported so far, without waiting.
+    pub fn take_failed(&self) -> Vec<Failure> {
+        self.failed.take()
     }
 
     /// The latency samples recorded so far (when enabled).
@@ -125,15 +214,15 @@ impl Publisher {
     /// unacknowledged. `observed` is when the IB frame behind it arrived (latency tracking).
     ///
     /// # Errors
-    /// [`PublishError::Encode`] or [`PublishError::Send`]; the sequence number is consumed
-    /// only when the event was queued.
+    /// [`PublishError::Encode`] or [`PublishError::Send`]; [`PublishError::Cancelled`] when
+    /// shutdown is requested while waiting. The sequence number is consumed only when the event
+    /// was queued.
     pub async fn publish(&mut self, mut event: PositionEvent, observed: Option<Instant>) -> Result<i64, PublishError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("publisher semaphore is never closed");
+        let permit = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+            p = self.permits.clone().acquire_owned() => p.expect("publisher semaphore is never closed"),
+        };
         let sequence = self.next_sequence;
         event.session_id.clone_from(&self.session_id);
         event.sequence = sequence;
@@ -150,14 +239,20 @@ impl Publisher {
             match self.producer.send_result(record) {
                 Ok(d) => break d,
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
                 Err((e, _)) => return Err(PublishError::Send(e)),
             }
         };
         self.next_sequence += 1;
-        let failures = self.failures_tx.clone();
+        self.stats.sent.fetch_add(1, Relaxed);
+        let failed = self.failed.clone();
+        let stats = self.stats.clone();
         let latency = self.latency.clone().filter(|_| route == Route::Active);
         tokio::spawn(async move {
             let result = match delivery.await {
@@ -167,6 +262,7 @@ impl Publisher {
             };
             match result {
                 Ok(()) => {
+                    stats.delivered.fetch_add(1, Relaxed);
                     let m = metrics::global();
                     match route {
                         Route::Active => m.published_active.fetch_add(1, Relaxed),
@@ -180,18 +276,19 @@ impl Publisher {
                     }
                 }
                 Err(error) => {
+                    stats.delivery_failures.fetch_add(1, Relaxed);
+                    metrics::global().delivery_failures.fetch_add(1, Relaxed);
                     let key = PosKey::new(event.account.clone(), event.con_id);
                     tracing::warn!(%key, sequence, %error, "Kafka did not acknowledge an event; its position will be republished");
-                    let _ = failures
-                        .send(Failure {
-                            key,
-                            sequence,
-                            error,
-                            event,
-                        })
-                        .await;
+                    failed.push(Failure {
+                        key,
+                        sequence,
+                        error,
+                        event,
+                    });
                 }
             }
+            // Released whatever the outcome: nothing here waits for the owner.
             drop(permit);
         });
         Ok(sequence)

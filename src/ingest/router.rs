@@ -2,11 +2,14 @@
 //!
 //! A position is *covered* when a registry entry names it. Covered, open positions compete for
 //! the streaming slots: the `budget` best by (priority descending, already holding a slot
-//! first, key) are **active** (routed to `positions.active`, given a real-time PnL stream); the
-//! rest **overflow** (routed queued and flagged until a slot frees). Everything else is
-//! **queued**. Preferring current holders among equals keeps slots from churning.
+//! first, then round-robin across accounts) are **active** (routed to `positions.active`, given
+//! a real-time PnL stream); the rest **overflow** (routed queued and flagged until a slot
+//! frees). Everything else is **queued**. Preferring current holders among equals keeps slots
+//! from churning; the round-robin (each account's first position by conId, then each account's
+//! second, …) shares the slots left among equals fairly, so no account loses every tie because
+//! of how its id sorts.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::book::PosKey;
 use crate::events::Route;
@@ -44,14 +47,28 @@ impl Plan {
 
 /// Allocates at most `budget` slots among `candidates`.
 pub fn plan(budget: usize, mut candidates: Vec<Candidate>) -> Plan {
-    candidates.sort_by(|a, b| {
+    // Each candidate's rank within its account among its equals (same priority and holding).
+    candidates.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut taken: HashMap<(String, i32, bool), usize> = HashMap::new();
+    let mut ranked: Vec<(usize, Candidate)> = candidates
+        .into_iter()
+        .map(|c| {
+            let n = taken
+                .entry((c.key.account.clone(), c.priority, c.holding))
+                .or_default();
+            *n += 1;
+            (*n, c)
+        })
+        .collect();
+    ranked.sort_by(|(ra, a), (rb, b)| {
         b.priority
             .cmp(&a.priority)
             .then(b.holding.cmp(&a.holding))
+            .then(ra.cmp(rb))
             .then_with(|| a.key.cmp(&b.key))
     });
     let mut p = Plan::default();
-    for (i, c) in candidates.into_iter().enumerate() {
+    for (i, (_, c)) in ranked.into_iter().enumerate() {
         if i < budget {
             p.active.insert(c.key);
         } else {
@@ -125,6 +142,36 @@ mod tests {
         assert_eq!(keys(&p.active), vec![9], "the holder keeps it");
         let p = plan(1, vec![c("A", 1, 4, false), c("A", 9, 3, true)]);
         assert_eq!(keys(&p.active), vec![1], "higher priority preempts");
+    }
+
+    /// Issue 10 #16: equal-priority ties are shared across accounts, not won by the accounts
+    /// that sort first.
+    #[test]
+    fn ties_are_shared_round_robin_across_accounts() {
+        let mut candidates = Vec::new();
+        for account in ["A", "B", "C", "D"] {
+            for con in 1..=5 {
+                candidates.push(c(account, con, 2, false));
+            }
+        }
+        let p = plan(6, candidates.clone());
+        let per_account = |p: &Plan, a: &str| p.active.iter().filter(|k| k.account == a).count();
+        for a in ["A", "B", "C", "D"] {
+            assert!(per_account(&p, a) >= 1, "account {a} got no slot: {:?}", p.active);
+            assert!(per_account(&p, a) <= 2, "account {a} took more than its share: {:?}", p.active);
+        }
+        // Priority still comes first, and holders still keep their slots among equals.
+        candidates.push(c("Z", 9, 3, false));
+        candidates.push(c("D", 5, 2, true));
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|x| !(x.key == PosKey::new("D", 5) && !x.holding))
+            .collect();
+        let p = plan(2, candidates);
+        assert_eq!(
+            p.active.iter().cloned().collect::<Vec<_>>(),
+            vec![PosKey::new("D", 5), PosKey::new("Z", 9)]
+        );
     }
 
     #[test]

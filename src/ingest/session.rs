@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::Backoff;
 use super::book::{Book, Held, PosKey};
 use super::engine::Engine;
 use super::{IngestConfig, IngestError};
@@ -33,16 +34,17 @@ pub(crate) enum SessionEnd {
 /// The smallest per-subscription IB buffer: a position list arrives in one burst.
 const MIN_IB_BUFFER: usize = 64;
 
-/// Connects to IB, retrying with exponential backoff until it works or `shutdown`.
+/// Connects to IB, retrying with `backoff` (kept across sessions) until it works or `shutdown`.
 pub(crate) async fn connect(
     cfg: &IngestConfig,
     limiter: &RateLimiter,
+    backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> Option<(Arc<Client>, NoticeStream)> {
     let address = cfg.ib_address();
-    let mut delay = cfg.reconnect_initial;
     let mut attempt = 1u64;
     loop {
+        let delay = backoff.next_delay();
         let connecting = Client::builder()
             .address(address.clone())
             .client_id(cfg.client_id)
@@ -71,7 +73,6 @@ pub(crate) async fn connect(
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(cfg.reconnect_max.max(cfg.reconnect_initial));
         attempt += 1;
     }
 }
@@ -122,10 +123,11 @@ pub(crate) async fn run_session(
             }
             snapshot = Some(Book::new());
         }
+        let retry_refused = engine.next_refused_retry();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            Some(failure) = engine.publisher.failures().recv() => engine.on_failure(failure),
+            failed = engine.publisher.failed() => engine.on_failures(failed),
             event = engine.slots.recv() => engine.on_slot_event(client, event).await?,
             event = registry.recv(), if registry_open => match event {
                 Some(event) => engine.on_registry(Some(client), event).await?,
@@ -164,6 +166,9 @@ pub(crate) async fn run_session(
                 Some(n) => on_notice(engine, &n),
                 None => return Ok(SessionEnd::Disconnected("IB client shut down".into())),
             },
+            _ = tokio::time::sleep_until(retry_refused.unwrap_or_else(Instant::now).into()), if retry_refused.is_some() => {
+                engine.retry_refused(client).await?;
+            }
             _ = stats.tick() => engine.log_stats(),
         }
     }

@@ -171,7 +171,7 @@ pub async fn run(
         apply(&mut queue, &m);
     }
     tracing::info!(pending = queue.pending(), "queue replayed");
-    let mut publisher = Publisher::new(&kafka, 10_000, false)?;
+    let mut publisher = Publisher::new(&kafka, 10_000, false)?.with_shutdown(shutdown.clone());
     let limiter = RateLimiter::per_second(cfg.ib_pacing.max(1));
     let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
     let mut client: Option<Arc<Client>> = None;
@@ -184,7 +184,7 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            Some(failure) = publisher.failures().recv() => queue.release(&failure.key),
+            failed = publisher.failed() => failed.iter().for_each(|f| queue.release(&f.key)),
             done = async { batch.as_mut().expect("guarded").await }, if batch.is_some() => {
                 batch = None;
                 match done {
@@ -192,8 +192,10 @@ pub async fn run(
                         if polls.values().any(|r| matches!(r, Err(PollError::ConnectionLost(_)))) {
                             client = None;
                         }
-                        if let Err(e) = publish_batch(&mut queue, &mut publisher, items, polls).await {
-                            break Err(e);
+                        match publish_batch(&mut queue, &mut publisher, items, polls).await {
+                            Err(QueueWorkerError::Publish(e)) if e.is_cancelled() => break Ok(()),
+                            Err(e) => break Err(e),
+                            Ok(()) => {}
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "poll task failed"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use possync::events::{PositionEvent, Route, Source};
-use possync::ingest::IngestConfig;
+use possync::ingest::{IngestConfig, IngestStats};
 use possync::kafka::{EmbeddedBroker, KafkaConfig, Topics};
 use possync::registry::TopicReplay;
 use possync::sim::{SimConfig, SimHandle, TruthPosition};
@@ -78,8 +78,14 @@ impl Env {
         let stop = self.shutdown.child_token();
         let ingest = possync::ingest::Ingest::start(cfg, self.kafka.clone(), stop.clone()).await?;
         let session = ingest.session_id().to_string();
+        let stats = ingest.stats();
         let task = tokio::spawn(async move { ingest.run().await.map_err(anyhow::Error::from) });
-        Ok(Running { task, session, stop })
+        Ok(Running {
+            task,
+            session,
+            stop,
+            stats,
+        })
     }
 }
 
@@ -88,6 +94,8 @@ pub struct Running {
     pub task: JoinHandle<anyhow::Result<()>>,
     pub session: String,
     pub stop: CancellationToken,
+    /// This ingest's own counts (the process-wide metrics mix concurrent tests).
+    pub stats: IngestStats,
 }
 
 impl Running {
