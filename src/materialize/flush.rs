@@ -20,7 +20,7 @@ use rdkafka::producer::FutureProducer;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
-use super::offsets::{app_id, tables_of};
+use super::offsets::app_id;
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
 use super::upsert::{self, CurrentState, QueueState, RegistryState};
 use super::MaterializeError;
@@ -51,9 +51,6 @@ pub struct Pipeline {
     registry: RegistryState,
     dlq: FutureProducer,
 }
-
-/// What a flush committed: restart position per (topic, partition) it touched.
-pub type Positions = Vec<(String, i32, i64)>;
 
 impl Pipeline {
     /// Opens (creating if needed) every table under `base` and loads the upsert states.
@@ -140,12 +137,12 @@ impl Pipeline {
         )))
     }
 
-    /// Commits a flush; returns the restart positions of its partitions.
+    /// Commits a flush.
     ///
     /// # Errors
     /// Table, Kafka (dead-letter topic) errors; [`MaterializeError::Contention`] after
     /// [`MAX_ATTEMPTS`] conflicts in a row.
-    pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<Positions, MaterializeError> {
+    pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
         self.commit_dead_letters(parts).await?;
         let positions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role != Role::Registry).collect();
         let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
@@ -158,26 +155,7 @@ impl Pipeline {
         if !registry.is_empty() {
             self.commit_upsert(TableKind::StrategyRegistry, &registry).await?;
         }
-        let mut out = Vec::with_capacity(parts.len());
-        for p in parts {
-            out.push((
-                p.topic.to_string(),
-                p.partition,
-                self.restart_position(&p.topic, p.partition).await?,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// Min over the topic's tables of (stored version + 1).
-    pub async fn restart_position(&mut self, topic: &str, partition: i32) -> Result<i64, MaterializeError> {
-        let id = app_id(&self.namespace, topic, partition);
-        let mut next = i64::MAX;
-        for kind in tables_of(&self.topics, topic) {
-            let v = self.table(*kind).txn_version(&id).await?;
-            next = next.min(v.map_or(0, |v| v + 1));
-        }
-        Ok(next)
+        Ok(())
     }
 
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
