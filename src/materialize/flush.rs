@@ -50,6 +50,7 @@ pub struct Pipeline {
     queue: QueueState,
     registry: RegistryState,
     dlq: FutureProducer,
+    conflicts: u64,
 }
 
 impl Pipeline {
@@ -77,6 +78,7 @@ impl Pipeline {
             queue: QueueState::new(),
             registry: RegistryState::new(),
             dlq,
+            conflicts: 0,
         };
         for kind in [
             TableKind::PositionsCurrent,
@@ -86,6 +88,11 @@ impl Pipeline {
             p.absorb(kind).await?;
         }
         Ok(p)
+    }
+
+    /// Commit conflicts this pipeline met (and resolved by reload + retry).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
     }
 
     fn table(&mut self, kind: TableKind) -> &mut Table {
@@ -166,6 +173,7 @@ impl Pipeline {
             });
         }
         CONFLICTS.fetch_add(1, Relaxed);
+        self.conflicts += 1;
         tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
         self.table(kind).refresh().await?;
         if !kind.append_only() {
