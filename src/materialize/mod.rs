@@ -396,7 +396,12 @@ fn take(
         );
     }
     cursor.next = Some(offset + 1);
-    let timestamp = m.timestamp().to_millis().map(|ms| ms * 1000);
+    // A producer may set any timestamp; outside the tables' range it is recorded as unknown.
+    let timestamp = m
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| ms.checked_mul(1000))
+        .filter(|us| buffer::timestamp_in_range(*us));
     let incoming = Incoming {
         role,
         topic: m.topic(),
