@@ -42,6 +42,8 @@ pub struct Metrics {
     pub dead_letters: AtomicU64,
     /// Delta commits made by materialize.
     pub delta_commits: AtomicU64,
+    /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
+    pub checkpoint_failures: AtomicU64,
     /// Latest version of `position_events`.
     pub table_version_events: AtomicI64,
     /// Latest version of `positions_current`.
@@ -157,6 +159,12 @@ impl Metrics {
             "delta_commits_total",
             "Delta commits",
             self.delta_commits.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "checkpoint_failures_total",
+            "Delta checkpoints that failed after a good commit (retried after the next commit)",
+            self.checkpoint_failures.load(Relaxed),
         );
         let _ = writeln!(
             s,
