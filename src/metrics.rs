@@ -40,6 +40,8 @@ pub struct Metrics {
     pub materialized_queued: AtomicU64,
     /// Messages sent to dead letters.
     pub dead_letters: AtomicU64,
+    /// Dead letters the dead-letter topic never took (they are in the `dead_letters` table).
+    pub dead_letter_topic_failures: AtomicU64,
     /// Delta commits made by materialize.
     pub delta_commits: AtomicU64,
     /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
@@ -153,6 +155,12 @@ impl Metrics {
             "dead_letters_total",
             "Messages sent to dead letters",
             self.dead_letters.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "dead_letter_topic_failures_total",
+            "Dead letters not copied to the dead-letter topic after bounded retries (they are in the dead_letters table)",
+            self.dead_letter_topic_failures.load(Relaxed),
         );
         c(
             &mut s,

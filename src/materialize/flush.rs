@@ -1,6 +1,7 @@
 //! One flush: the frozen buffers become Delta commits, table by table, exactly once.
 //!
-//! Order per flush: dead letters (topic, then table), `position_events`, `positions_current`,
+//! Order per flush: dead letters (table; the topic copy is queued after the commit and sent in
+//! the background, see [`super::deadletter`]), `position_events`, `positions_current`,
 //! `position_queue`, `strategy_registry`. Each commit holds, for every Kafka partition in the
 //! flush that the table has not seen up to the flush's last offset, the rows above the
 //! table's stored version and a txn action with that last offset. Dead letters go first so that
@@ -49,7 +50,7 @@ pub struct Pipeline {
     current: CurrentState,
     queue: QueueState,
     registry: RegistryState,
-    dlq: FutureProducer,
+    dlq: deadletter::TopicCopy,
     conflicts: u64,
 }
 
@@ -69,6 +70,7 @@ impl Pipeline {
         for kind in TableKind::ALL {
             tables.insert(kind, Table::open(base, kind).await?);
         }
+        let dead_letter_topic = topics.deadletter.clone();
         let mut p = Self {
             tables,
             namespace,
@@ -77,7 +79,7 @@ impl Pipeline {
             current: CurrentState::default(),
             queue: QueueState::new(),
             registry: RegistryState::new(),
-            dlq,
+            dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic),
             conflicts: 0,
         };
         for kind in [
@@ -184,7 +186,6 @@ impl Pipeline {
 
     async fn commit_dead_letters(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::DeadLetters;
-        let mut produced: std::collections::HashSet<(String, i32, i64)> = Default::default();
         for attempt in 0.. {
             let mut letters: Vec<&DeadLetter> = Vec::new();
             let mut txns = Vec::new();
@@ -200,13 +201,6 @@ impl Pipeline {
             if letters.is_empty() {
                 return Ok(());
             }
-            let to_send: Vec<&DeadLetter> = letters
-                .iter()
-                .copied()
-                .filter(|d| !produced.contains(&(d.topic.to_string(), d.partition, d.offset)))
-                .collect();
-            deadletter::produce(&self.dlq, &self.topics.deadletter, &to_send).await?;
-            produced.extend(to_send.iter().map(|d| (d.topic.to_string(), d.partition, d.offset)));
             let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
             let actions = adds.into_iter().map(Action::Add).collect();
@@ -220,6 +214,8 @@ impl Pipeline {
                     crate::metrics::global()
                         .dead_letters
                         .fetch_add(letters.len() as u64, Relaxed);
+                    // The table is the record; the topic copy never holds up the flush.
+                    self.dlq.offer(letters.iter().copied());
                     return Ok(());
                 }
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,

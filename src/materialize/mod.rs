@@ -184,11 +184,22 @@ impl Materializer {
         progress: watch::Sender<Progress>,
     ) -> Result<Self, MaterializeError> {
         let t = kafka.topics.clone();
-        let dlq: FutureProducer = kafka
-            .producer()
+        // The dead-letter topic copy is best effort (the table is the record): give up on a
+        // send after 30 s rather than the producer default of 5 min, unless -K says otherwise.
+        let mut pc = kafka.producer();
+        if !kafka.overrides_setting(crate::kafka::Role::Producer, "message.timeout.ms") {
+            pc.set("message.timeout.ms", "30000");
+        }
+        let dlq: FutureProducer = pc
             .create()
             .map_err(KafkaError::client("create dead-letter producer"))?;
-        let mut pipeline = Pipeline::open(&cfg.table_uri, ns, t.clone(), cfg.checkpoint_every, dlq).await?;
+        let pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
+        let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
+            Box::new(LogStart)
+        } else {
+            Box::new(offsets::DeltaStarts::spawn(cfg.table_uri.clone(), ns, t.clone())?)
+        };
         let mut cc = kafka.consumer(&cfg.group);
         // Lost offsets are an error, never a silent jump (see `consumer`).
         cc.set("auto.offset.reset", "error");
