@@ -15,10 +15,9 @@ use tokio_util::sync::CancellationToken;
 async fn reassigned_partitions_resume_from_the_tables(strategy: Option<&str>) -> anyhow::Result<()> {
     let mut env = Env::start(4)?;
     if let Some(s) = strategy {
-        env.kafka.overrides.insert(
-            "consumer.partition.assignment.strategy".into(),
-            s.to_string(),
-        );
+        env.kafka
+            .overrides
+            .insert("consumer.partition.assignment.strategy".into(), s.to_string());
     }
     let producer = env.producer()?;
     let mut gen = Gen::new(5, &env.kafka.topics, 200);

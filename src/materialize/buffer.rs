@@ -237,9 +237,7 @@ pub fn timestamp_in_range(micros: i64) -> bool {
 
 fn check_time(name: &str, v: Option<i64>) -> Result<(), String> {
     match v {
-        Some(t) if !timestamp_in_range(t) => Err(format!(
-            "{name} = {t} µs is outside 0001-01-01..9999-12-31 UTC"
-        )),
+        Some(t) if !timestamp_in_range(t) => Err(format!("{name} = {t} µs is outside 0001-01-01..9999-12-31 UTC")),
         _ => Ok(()),
     }
 }

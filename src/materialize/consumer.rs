@@ -254,12 +254,15 @@ mod tests {
     use rdkafka::types::RDKafkaErrorCode;
     use std::cell::RefCell;
 
+    /// A recorded call: its name and the (topic, partition, offset) it was given.
+    type Call = (&'static str, Vec<(String, i32, Offset)>);
+
     /// librdkafka stand-in: records calls, fails them on demand.
     #[derive(Default)]
     struct Fake {
         cooperative: bool,
         fail: bool,
-        calls: RefCell<Vec<(&'static str, Vec<(String, i32, Offset)>)>>,
+        calls: RefCell<Vec<Call>>,
     }
 
     impl Fake {
@@ -365,7 +368,11 @@ mod tests {
         let ctx = Ctx::new(Box::new(Fixed(Err("table unreadable".into()))));
         let fake = Fake::default();
         ctx.apply(&fake, ASSIGN, &mut tpl(), false);
-        assert!(fake.calls.borrow().is_empty(), "assigned anyway: {:?}", fake.calls.borrow());
+        assert!(
+            fake.calls.borrow().is_empty(),
+            "assigned anyway: {:?}",
+            fake.calls.borrow()
+        );
         let events = ctx.take_events();
         assert!(
             matches!(events.as_slice(), [RebalanceEvent::Fatal(why)] if why.contains("table unreadable")),

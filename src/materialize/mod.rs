@@ -190,9 +190,7 @@ impl Materializer {
         if !kafka.overrides_setting(crate::kafka::Role::Producer, "message.timeout.ms") {
             pc.set("message.timeout.ms", "30000");
         }
-        let dlq: FutureProducer = pc
-            .create()
-            .map_err(KafkaError::client("create dead-letter producer"))?;
+        let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
         let pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
         // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
         let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {

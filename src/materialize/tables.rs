@@ -646,7 +646,9 @@ mod tests {
         assert_eq!(t.txn_version("app").await.unwrap(), Some(2));
         std::fs::remove_dir_all(checkpoint(2)).unwrap();
         // Version 3 is not a checkpoint turn, but the failed one is retried.
-        t.commit(vec![], &[("app".into(), 3)], rewrite_operation(), 2).await.unwrap();
+        t.commit(vec![], &[("app".into(), 3)], rewrite_operation(), 2)
+            .await
+            .unwrap();
         assert!(checkpoint(3).is_file(), "checkpoint not retried");
         let reopened = Table::open(base, kind).await.unwrap();
         assert_eq!(reopened.version(), 3);
