@@ -45,8 +45,12 @@ pub struct Metrics {
     pub materialized_queued: AtomicU64,
     /// Messages sent to dead letters.
     pub dead_letters: AtomicU64,
+    /// Dead letters the dead-letter topic never took (they are in the `dead_letters` table).
+    pub dead_letter_topic_failures: AtomicU64,
     /// Delta commits made by materialize.
     pub delta_commits: AtomicU64,
+    /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
+    pub checkpoint_failures: AtomicU64,
     /// Latest version of `position_events`.
     pub table_version_events: AtomicI64,
     /// Latest version of `positions_current`.
@@ -171,9 +175,21 @@ impl Metrics {
         );
         c(
             &mut s,
+            "dead_letter_topic_failures_total",
+            "Dead letters not copied to the dead-letter topic after bounded retries (they are in the dead_letters table)",
+            self.dead_letter_topic_failures.load(Relaxed),
+        );
+        c(
+            &mut s,
             "delta_commits_total",
             "Delta commits",
             self.delta_commits.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "checkpoint_failures_total",
+            "Delta checkpoints that failed after a good commit (retried after the next commit)",
+            self.checkpoint_failures.load(Relaxed),
         );
         let _ = writeln!(
             s,

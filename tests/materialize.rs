@@ -85,24 +85,43 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
     task.await??;
     check_exact(&env.base, &produced).await?;
 
-    // Dead letters also went to the dead-letter topic, with their reason in the headers.
-    let poison = produced.iter().filter(|p| matches!(p.payload, Payload::Poison)).count();
+    // Dead letters also went to the dead-letter topic, with their reason and their source
+    // coordinates in the headers: the topic holds exactly the poison's coordinates.
+    let mut poison: Vec<(String, i32, i64)> = produced
+        .iter()
+        .filter(|p| matches!(p.payload, Payload::Poison))
+        .map(|p| (p.topic.clone(), p.partition, p.offset))
+        .collect();
+    poison.sort();
     let dlq: BaseConsumer = env.kafka.consumer("dlq-reader").create()?;
     dlq.subscribe(&[&env.kafka.topics.deadletter])?;
-    let mut seen = 0;
+    let mut seen = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen < poison && std::time::Instant::now() < deadline {
+    while seen.len() < poison.len() && std::time::Instant::now() < deadline {
         if let Some(m) = dlq.poll(Duration::from_millis(200)) {
             let m = m?;
             let headers = m.headers().expect("dead letters carry headers");
-            ensure!(
-                headers.iter().any(|h| h.key == "possync.error"),
-                "no possync.error header"
+            let header = |k: &str| {
+                headers
+                    .iter()
+                    .find(|h| h.key == k)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            ensure!(header("possync.error").is_some(), "no possync.error header");
+            let coordinates = (
+                header("possync.topic").unwrap_or_default(),
+                header("possync.partition").unwrap_or_default().parse::<i32>()?,
+                header("possync.offset").unwrap_or_default().parse::<i64>()?,
             );
-            seen += 1;
+            seen.insert(coordinates);
         }
     }
-    ensure!(seen == poison, "dead-letter topic holds {seen} of {poison}");
+    let seen: Vec<_> = seen.into_iter().collect();
+    ensure!(
+        seen == poison,
+        "dead-letter topic holds {seen:?}, want the poison's coordinates {poison:?}"
+    );
 
     // Replay from offset 0 with a new group: nothing changes.
     let before = versions(&env.base).await?;

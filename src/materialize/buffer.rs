@@ -220,6 +220,26 @@ struct Fields {
     avg_cost: usize,
     strategy: usize,
     registry_con_id: usize,
+    times: [(&'static str, usize); 2],
+    registry_time: usize,
+}
+
+/// Earliest timestamp a table accepts: 0001-01-01T00:00:00Z in µs (Spark's and Parquet
+/// readers' range; `event_date` must also be a valid date).
+pub const MIN_TIMESTAMP_MICROS: i64 = -62_135_596_800_000_000;
+/// Latest timestamp a table accepts: 9999-12-31T23:59:59.999999Z in µs.
+pub const MAX_TIMESTAMP_MICROS: i64 = 253_402_300_799_999_999;
+
+/// Whether a µs timestamp lies in the range every reader of the tables handles.
+pub fn timestamp_in_range(micros: i64) -> bool {
+    (MIN_TIMESTAMP_MICROS..=MAX_TIMESTAMP_MICROS).contains(&micros)
+}
+
+fn check_time(name: &str, v: Option<i64>) -> Result<(), String> {
+    match v {
+        Some(t) if !timestamp_in_range(t) => Err(format!("{name} = {t} µs is outside 0001-01-01..9999-12-31 UTC")),
+        _ => Ok(()),
+    }
 }
 
 fn fields() -> &'static Fields {
@@ -237,6 +257,8 @@ fn fields() -> &'static Fields {
             avg_cost: i(p, "avg_cost"),
             strategy: i(r, "strategy"),
             registry_con_id: i(r, "con_id"),
+            times: [("ib_time", i(p, "ib_time")), ("ingest_time", i(p, "ingest_time"))],
+            registry_time: i(r, "time"),
         }
     })
 }
@@ -266,6 +288,10 @@ fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
                     return Err(format!("{n} is not a finite number"));
                 }
             }
+            // Out of range, `event_date` cannot be built and readers cannot read the row.
+            for (n, i) in f.times {
+                check_time(n, d.long(i))?;
+            }
             if let Some(key) = m.key {
                 if !key_matches(key, account, con_id) {
                     return Err(format!(
@@ -283,6 +309,7 @@ fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
             if strategy.is_empty() || con_id <= 0 {
                 return Err(format!("bad key fields strategy={strategy:?} con_id={con_id}"));
             }
+            check_time("time", d.long(f.registry_time))?;
         }
     }
     Ok(())
@@ -340,5 +367,34 @@ mod tests {
             (10, 13, 1, 2)
         );
         assert_eq!(b.messages(), 0);
+    }
+
+    #[test]
+    fn out_of_range_timestamps_become_dead_letters() {
+        let mut b = Buffers::default();
+        for (i, (ib, ingest)) in [
+            (0, i64::MAX),
+            (0, MAX_TIMESTAMP_MICROS + 1),
+            (i64::MIN, 0),
+            (MIN_TIMESTAMP_MICROS - 1, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut e = crate::materialize::decode::tests_support::sample(1);
+            e.route = Route::Queued;
+            (e.ib_time, e.ingest_time) = (ib, ingest);
+            let v = e.encode().unwrap();
+            let error = b.push(&msg(Role::Queued, i as i64, e.key().as_bytes(), &v));
+            assert!(error.as_deref().is_some_and(|m| m.contains("outside")), "{error:?}");
+        }
+        let mut e = crate::materialize::decode::tests_support::sample(1);
+        e.route = Route::Queued;
+        (e.ib_time, e.ingest_time) = (MIN_TIMESTAMP_MICROS, MAX_TIMESTAMP_MICROS);
+        let v = e.encode().unwrap();
+        assert_eq!(b.push(&msg(Role::Queued, 9, e.key().as_bytes(), &v)), None);
+        // The rows that stay build their partition values without panicking.
+        let frozen = b.freeze().unwrap();
+        assert_eq!((frozen[0].rows.num_rows(), frozen[0].dead.len()), (1, 4));
     }
 }

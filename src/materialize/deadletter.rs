@@ -2,10 +2,17 @@
 //!
 //! A dead letter keeps the original key and bytes; the topic copy carries the reason and the
 //! source coordinates as headers (`possync.error`, `possync.topic`, `possync.partition`,
-//! `possync.offset`). Dead letters count as consumed: the pipeline goes on. The table is
-//! exactly-once like the others (txn actions); the topic copy is at-least-once (a crash between
-//! producing and committing the table produces it again on restart).
+//! `possync.offset`). Dead letters count as consumed: the pipeline goes on.
+//!
+//! **The `dead_letters` table is the record**, exactly-once like the others (txn actions). The
+//! topic copy is a notification that never blocks a commit: letters are handed to a bounded
+//! queue after their table commit ([`TopicCopy::offer`], which never waits) and a background
+//! task produces them, retrying each failed send a bounded number of times. A letter the topic
+//! cannot take (missing or unauthorized topic, a value over the producer's size limit, the
+//! queue full) is logged and counted in `possync_dead_letter_topic_failures_total`; it stays in
+//! the table. A crash after the commit and before the send loses the topic copy, not the letter.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +22,7 @@ use deltalake::arrow::array::{
 use deltalake::arrow::error::ArrowError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::mpsc;
 
 use super::decode::UTC;
 use super::tables::TableKind;
@@ -71,11 +79,94 @@ pub fn batch(letters: &[&DeadLetter], now_micros: i64) -> Result<RecordBatch, Ar
     RecordBatch::try_new(TableKind::DeadLetters.schema(), cols)
 }
 
+/// Letters waiting for the topic at most; beyond that they reach only the table.
+const QUEUE_CAPACITY: usize = 10_000;
+/// Sends per letter before it is given up.
+const ATTEMPTS: u32 = 4;
+/// Wait before the first resend (doubled each time).
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The background copy of committed dead letters to the dead-letter topic.
+pub struct TopicCopy {
+    tx: mpsc::Sender<DeadLetter>,
+}
+
+impl TopicCopy {
+    /// Starts the sending task (it ends once this handle is dropped and its queue is drained).
+    pub fn spawn(producer: FutureProducer, topic: String) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(send_loop(producer, topic, rx));
+        Self { tx }
+    }
+
+    /// Queues letters whose table commit succeeded; never waits.
+    pub fn offer<'a>(&self, letters: impl IntoIterator<Item = &'a DeadLetter>) {
+        for d in letters {
+            if let Err(e) = self.tx.try_send(d.clone()) {
+                let why = match e {
+                    mpsc::error::TrySendError::Full(_) => "the dead-letter topic queue is full",
+                    mpsc::error::TrySendError::Closed(_) => "the dead-letter topic sender stopped",
+                };
+                topic_copy_failed(d, why);
+            }
+        }
+    }
+}
+
+/// One letter never reached the topic (it is in the `dead_letters` table).
+fn topic_copy_failed(d: &DeadLetter, why: &str) {
+    crate::metrics::global()
+        .dead_letter_topic_failures
+        .fetch_add(1, Relaxed);
+    tracing::error!(
+        topic = &*d.topic,
+        partition = d.partition,
+        offset = d.offset,
+        why,
+        "dead letter not copied to the dead-letter topic (it is in the dead_letters table); check the topic exists, is writable and accepts the message size"
+    );
+}
+
+async fn send_loop(producer: FutureProducer, topic: String, mut rx: mpsc::Receiver<DeadLetter>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        let mut pending: Vec<DeadLetter> = std::mem::take(&mut batch);
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=ATTEMPTS {
+            let refs: Vec<&DeadLetter> = pending.iter().collect();
+            let results = produce_each(&producer, &topic, &refs).await;
+            let failed: Vec<(DeadLetter, String)> = pending
+                .into_iter()
+                .zip(results)
+                .filter_map(|(d, r)| r.err().map(|e| (d, e.to_string())))
+                .collect();
+            if failed.is_empty() {
+                break;
+            }
+            if attempt == ATTEMPTS {
+                for (d, why) in &failed {
+                    topic_copy_failed(d, why);
+                }
+                break;
+            }
+            tracing::warn!(letters = failed.len(), attempt, error = %failed[0].1, "dead-letter topic send failed; retrying");
+            pending = failed.into_iter().map(|(d, _)| d).collect();
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+}
+
 /// Produces dead letters to `topic` and waits for every acknowledgement.
 ///
 /// # Errors
 /// [`KafkaError::Client`] when a message is not acknowledged.
 pub async fn produce(producer: &FutureProducer, topic: &str, letters: &[&DeadLetter]) -> Result<(), KafkaError> {
+    produce_each(producer, topic, letters).await.into_iter().collect()
+}
+
+/// Produces dead letters to `topic`; the outcome of each, in order.
+async fn produce_each(producer: &FutureProducer, topic: &str, letters: &[&DeadLetter]) -> Vec<Result<(), KafkaError>> {
     let mut pending = Vec::with_capacity(letters.len());
     for d in letters {
         let partition = d.partition.to_string();
@@ -106,11 +197,14 @@ pub async fn produce(producer: &FutureProducer, topic: &str, letters: &[&DeadLet
         }
         pending.push(producer.send(rec, Duration::from_secs(30)));
     }
-    for r in futures::future::join_all(pending).await {
-        r.map_err(|(e, _)| KafkaError::Client {
-            context: format!("produce dead letter to {topic}"),
-            source: e,
-        })?;
-    }
-    Ok(())
+    futures::future::join_all(pending)
+        .await
+        .into_iter()
+        .map(|r| {
+            r.map(|_| ()).map_err(|(e, _)| KafkaError::Client {
+                context: format!("produce dead letter to {topic}"),
+                source: e,
+            })
+        })
+        .collect()
 }

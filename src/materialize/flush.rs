@@ -1,6 +1,7 @@
 //! One flush: the frozen buffers become Delta commits, table by table, exactly once.
 //!
-//! Order per flush: dead letters (topic, then table), `position_events`, `positions_current`,
+//! Order per flush: dead letters (table; the topic copy is queued after the commit and sent in
+//! the background, see [`super::deadletter`]), `position_events`, `positions_current`,
 //! `position_queue`, `strategy_registry`. Each commit holds, for every Kafka partition in the
 //! flush that the table has not seen up to the flush's last offset, the rows above the
 //! table's stored version and a txn action with that last offset. Dead letters go first so that
@@ -20,7 +21,7 @@ use rdkafka::producer::FutureProducer;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
-use super::offsets::{app_id, tables_of};
+use super::offsets::app_id;
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
 use super::upsert::{self, CurrentState, QueueState, RegistryState};
 use super::MaterializeError;
@@ -49,11 +50,9 @@ pub struct Pipeline {
     current: CurrentState,
     queue: QueueState,
     registry: RegistryState,
-    dlq: FutureProducer,
+    dlq: deadletter::TopicCopy,
+    conflicts: u64,
 }
-
-/// What a flush committed: restart position per (topic, partition) it touched.
-pub type Positions = Vec<(String, i32, i64)>;
 
 impl Pipeline {
     /// Opens (creating if needed) every table under `base` and loads the upsert states.
@@ -71,6 +70,7 @@ impl Pipeline {
         for kind in TableKind::ALL {
             tables.insert(kind, Table::open(base, kind).await?);
         }
+        let dead_letter_topic = topics.deadletter.clone();
         let mut p = Self {
             tables,
             namespace,
@@ -79,7 +79,8 @@ impl Pipeline {
             current: CurrentState::default(),
             queue: QueueState::new(),
             registry: RegistryState::new(),
-            dlq,
+            dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic),
+            conflicts: 0,
         };
         for kind in [
             TableKind::PositionsCurrent,
@@ -89,6 +90,11 @@ impl Pipeline {
             p.absorb(kind).await?;
         }
         Ok(p)
+    }
+
+    /// Commit conflicts this pipeline met (and resolved by reload + retry).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
     }
 
     fn table(&mut self, kind: TableKind) -> &mut Table {
@@ -140,12 +146,12 @@ impl Pipeline {
         )))
     }
 
-    /// Commits a flush; returns the restart positions of its partitions.
+    /// Commits a flush.
     ///
     /// # Errors
     /// Table, Kafka (dead-letter topic) errors; [`MaterializeError::Contention`] after
     /// [`MAX_ATTEMPTS`] conflicts in a row.
-    pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<Positions, MaterializeError> {
+    pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
         self.commit_dead_letters(parts).await?;
         let positions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role != Role::Registry).collect();
         let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
@@ -158,26 +164,7 @@ impl Pipeline {
         if !registry.is_empty() {
             self.commit_upsert(TableKind::StrategyRegistry, &registry).await?;
         }
-        let mut out = Vec::with_capacity(parts.len());
-        for p in parts {
-            out.push((
-                p.topic.to_string(),
-                p.partition,
-                self.restart_position(&p.topic, p.partition).await?,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// Min over the topic's tables of (stored version + 1).
-    pub async fn restart_position(&mut self, topic: &str, partition: i32) -> Result<i64, MaterializeError> {
-        let id = app_id(&self.namespace, topic, partition);
-        let mut next = i64::MAX;
-        for kind in tables_of(&self.topics, topic) {
-            let v = self.table(*kind).txn_version(&id).await?;
-            next = next.min(v.map_or(0, |v| v + 1));
-        }
-        Ok(next)
+        Ok(())
     }
 
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
@@ -188,6 +175,7 @@ impl Pipeline {
             });
         }
         CONFLICTS.fetch_add(1, Relaxed);
+        self.conflicts += 1;
         tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
         self.table(kind).refresh().await?;
         if !kind.append_only() {
@@ -198,7 +186,6 @@ impl Pipeline {
 
     async fn commit_dead_letters(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::DeadLetters;
-        let mut produced: std::collections::HashSet<(String, i32, i64)> = Default::default();
         for attempt in 0.. {
             let mut letters: Vec<&DeadLetter> = Vec::new();
             let mut txns = Vec::new();
@@ -214,13 +201,6 @@ impl Pipeline {
             if letters.is_empty() {
                 return Ok(());
             }
-            let to_send: Vec<&DeadLetter> = letters
-                .iter()
-                .copied()
-                .filter(|d| !produced.contains(&(d.topic.to_string(), d.partition, d.offset)))
-                .collect();
-            deadletter::produce(&self.dlq, &self.topics.deadletter, &to_send).await?;
-            produced.extend(to_send.iter().map(|d| (d.topic.to_string(), d.partition, d.offset)));
             let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
             let actions = adds.into_iter().map(Action::Add).collect();
@@ -234,6 +214,8 @@ impl Pipeline {
                     crate::metrics::global()
                         .dead_letters
                         .fetch_add(letters.len() as u64, Relaxed);
+                    // The table is the record; the topic copy never holds up the flush.
+                    self.dlq.offer(letters.iter().copied());
                     return Ok(());
                 }
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,

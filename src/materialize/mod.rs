@@ -9,7 +9,8 @@
 //!
 //! Exactly once, the kafka-delta-ingest way: auto-commit is off; every Delta commit carries a
 //! txn action per Kafka partition it contains (version = last offset) in the same commit as
-//! the data ([`offsets`]); on assignment the consumer starts at the stored version + 1
+//! the data ([`offsets`]); at every assignment the consumer starts each partition at its stored
+//! version + 1, read fresh from the tables, or the materializer stops
 //! ([`consumer`]); before every commit the rows a table already holds are dropped, and a
 //! concurrent commit (another member, `possync maintain`) means reload and retry ([`flush`]).
 //! Kafka's own committed offsets are written after each flush for lag monitoring only.
@@ -50,7 +51,7 @@ pub use offsets::{lag, namespace, wait_caught_up};
 pub use tables::{read_table, TableKind};
 
 use buffer::{Buffers, Incoming, Role};
-use consumer::{Check, Ctx, Cursor, RebalanceEvent};
+use consumer::{Check, Ctx, Cursor, LogStart, RebalanceEvent, StartSource};
 use flush::Pipeline;
 
 use crate::kafka::{KafkaConfig, KafkaError};
@@ -85,6 +86,14 @@ pub enum MaterializeError {
     /// A background task failed.
     #[error("background task failed: {0}")]
     Task(String),
+    /// A rebalance could not be applied exactly (start offsets unreadable, or librdkafka
+    /// refused the assignment): the member stops rather than start a partition anywhere but at
+    /// its Delta version + 1. Nothing uncommitted was written; a restart resumes exactly.
+    #[error("rebalance failed: {0}; stopping (restart the member; the tables are consistent)")]
+    Rebalance(String),
+    /// A message arrived for an assigned partition this member holds no start offset for.
+    #[error("message of {topic}/{partition} without a known start offset; stopping (restart the member; the tables are consistent)")]
+    Unpositioned { topic: String, partition: i32 },
 }
 
 impl From<tables::TableError> for MaterializeError {
@@ -115,6 +124,8 @@ pub struct Progress {
     pub buffered: usize,
     /// Flushes committed.
     pub flushes: u64,
+    /// Partitions assigned to this member now (after the last rebalance it applied).
+    pub assigned: usize,
 }
 
 /// [`run`], reporting [`Progress`] on `progress` (for `possync run` and tests: "has it seen
@@ -173,11 +184,20 @@ impl Materializer {
         progress: watch::Sender<Progress>,
     ) -> Result<Self, MaterializeError> {
         let t = kafka.topics.clone();
-        let dlq: FutureProducer = kafka
-            .producer()
-            .create()
-            .map_err(KafkaError::client("create dead-letter producer"))?;
-        let mut pipeline = Pipeline::open(&cfg.table_uri, ns, t.clone(), cfg.checkpoint_every, dlq).await?;
+        // The dead-letter topic copy is best effort (the table is the record): give up on a
+        // send after 30 s rather than the producer default of 5 min, unless -K says otherwise.
+        let mut pc = kafka.producer();
+        if !kafka.overrides_setting(crate::kafka::Role::Producer, "message.timeout.ms") {
+            pc.set("message.timeout.ms", "30000");
+        }
+        let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
+        let pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
+        let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
+            Box::new(LogStart)
+        } else {
+            Box::new(offsets::DeltaStarts::spawn(cfg.table_uri.clone(), ns, t.clone())?)
+        };
         let mut cc = kafka.consumer(&cfg.group);
         // Lost offsets are an error, never a silent jump (see `consumer`).
         cc.set("auto.offset.reset", "error");
@@ -186,14 +206,8 @@ impl Materializer {
             cc.set("fetch.wait.max.ms", "50");
         }
         let consumer: StreamConsumer<Ctx> = cc
-            .create_with_context(Ctx::default())
+            .create_with_context(Ctx::new(starts))
             .map_err(KafkaError::client("create consumer"))?;
-        // Restart positions of every partition, so the rebalance callback can start exactly.
-        let parts = offsets::partitions_of(&consumer, &[&t.active, &t.queued, &t.registry], Duration::from_secs(30))?;
-        for (topic, p) in parts.iter().filter(|_| !cfg.replay_from_beginning) {
-            let next = pipeline.restart_position(topic, *p).await?;
-            consumer.context().set_position(topic, *p, next);
-        }
         consumer
             .subscribe(&[&t.active, &t.queued, &t.registry])
             .map_err(KafkaError::client("subscribe"))?;
@@ -223,11 +237,19 @@ impl Materializer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = sleep_until(deadline) => self.flush().await?,
+                _ = self.consumer.context().rebalanced() => self.rebalanced()?,
                 msg = self.consumer.recv() => {
-                    handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles);
+                    // Fields, not `self`: the message borrows the consumer.
+                    if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
+                        let assigned = self.cursors.len();
+                        self.progress.send_modify(|p| p.assigned = assigned);
+                    }
                     match msg {
                         Ok(m) => take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?,
-                        Err(e) => consumer_error(e)?,
+                        Err(e) => {
+                            consumer_error(e)?;
+                            continue;
+                        }
                     }
                     if self.progress.receiver_count() > 0 {
                         let buffered = self.buffers.messages();
@@ -249,8 +271,17 @@ impl Materializer {
         self.flush().await
     }
 
+    /// Applies the rebalance events recorded since the last call.
+    fn rebalanced(&mut self) -> Result<(), MaterializeError> {
+        if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
+            let assigned = self.cursors.len();
+            self.progress.send_modify(|p| p.assigned = assigned);
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), MaterializeError> {
-        handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles);
+        self.rebalanced()?;
         let parts = self.buffers.freeze().map_err(|source| tables::TableError::Arrow {
             table: "buffers",
             source,
@@ -259,13 +290,8 @@ impl Materializer {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let positions = self.pipeline.commit(&parts).await?;
+        self.pipeline.commit(&parts).await?;
         let mut tpl = TopicPartitionList::new();
-        for (topic, p, next) in &positions {
-            if !self.cfg.replay_from_beginning {
-                self.consumer.context().set_position(topic, *p, *next);
-            }
-        }
         for part in &parts {
             let _ = tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(part.last_offset + 1));
         }
@@ -304,8 +330,10 @@ fn handle_rebalance(
     cursors: &mut HashMap<(Role, i32), Cursor>,
     buffers: &mut Buffers,
     roles: &[(String, Role); 3],
-) {
-    for ev in consumer.context().take_events() {
+) -> Result<bool, MaterializeError> {
+    let events = consumer.context().take_events();
+    let changed = !events.is_empty();
+    for ev in events {
         match ev {
             RebalanceEvent::Assigned(parts) => {
                 for (t, p, start) in parts {
@@ -323,14 +351,11 @@ fn handle_rebalance(
                     }
                 }
             }
-            RebalanceEvent::Failed(why) => {
-                tracing::warn!(%why, "rebalance failed; dropping all buffers");
-                for ((r, p), _) in cursors.drain() {
-                    buffers.drop_partition(r, p);
-                }
-            }
+            // Nothing buffered is committed: the partitions' next owner starts from Delta.
+            RebalanceEvent::Fatal(why) => return Err(MaterializeError::Rebalance(why)),
         }
     }
+    Ok(changed)
 }
 
 fn take(
@@ -344,7 +369,9 @@ fn take(
         return Ok(());
     };
     let (partition, offset) = (m.partition(), m.offset());
-    let cursor = cursors.entry((role, partition)).or_insert(Cursor { next: None });
+    let Some(cursor) = cursors.get_mut(&(role, partition)) else {
+        return unpositioned(consumer, m.topic(), partition);
+    };
     match cursor.check(offset) {
         Check::Take => {}
         Check::Skip => return Ok(()),
@@ -378,7 +405,12 @@ fn take(
         );
     }
     cursor.next = Some(offset + 1);
-    let timestamp = m.timestamp().to_millis().map(|ms| ms * 1000);
+    // A producer may set any timestamp; outside the tables' range it is recorded as unknown.
+    let timestamp = m
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| ms.checked_mul(1000))
+        .filter(|us| buffer::timestamp_in_range(*us));
     let incoming = Incoming {
         role,
         topic: m.topic(),
@@ -391,6 +423,25 @@ fn take(
     if let Some(error) = buffers.push(&incoming) {
         tracing::warn!(topic = m.topic(), partition, offset, %error, "dead letter");
     }
+    Ok(())
+}
+
+/// A message of a partition without a cursor: a late message of a partition revoked in the
+/// meantime is skipped; one of a partition still assigned means its start offset is unknown,
+/// so taking it could commit a version that covers offsets never read: stop.
+fn unpositioned(consumer: &StreamConsumer<Ctx>, topic: &str, partition: i32) -> Result<(), MaterializeError> {
+    let assigned = consumer
+        .assignment()
+        .map_err(KafkaError::client("read the assignment"))?
+        .find_partition(topic, partition)
+        .is_some();
+    if assigned {
+        return Err(MaterializeError::Unpositioned {
+            topic: topic.to_string(),
+            partition,
+        });
+    }
+    tracing::debug!(topic, partition, "message of a revoked partition skipped");
     Ok(())
 }
 

@@ -258,3 +258,104 @@ pub async fn wait_caught_up(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// How long a rebalance waits for the start offsets before the materializer gives up (well
+/// below librdkafka's `max.poll.interval.ms`, 5 min by default).
+const START_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct StartRequest {
+    parts: Vec<(String, i32)>,
+    reply: std::sync::mpsc::SyncSender<Result<Vec<Option<i64>>, String>>,
+}
+
+/// The restart positions of partitions, read fresh from the tables at every assignment.
+///
+/// The rebalance callback is synchronous and runs inside the consumer's `recv()`, so the
+/// tables are read by a dedicated thread with its own small runtime (it works under any
+/// caller runtime and keeps its object-store clients on one runtime); the callback waits for
+/// the answer. Each request reloads the tables incrementally (new commits only), so the answer
+/// includes what other members committed up to that moment.
+pub struct DeltaStarts {
+    tx: tokio::sync::mpsc::UnboundedSender<StartRequest>,
+}
+
+impl DeltaStarts {
+    /// Starts the reader thread for the tables under `base`.
+    ///
+    /// # Errors
+    /// [`MaterializeError::Task`] when the thread cannot be started.
+    pub fn spawn(base: String, namespace: String, topics: Topics) -> Result<Self, MaterializeError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StartRequest>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| MaterializeError::Task(format!("start-offset reader runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("possync-start-offsets".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut tables: Option<HashMap<TableKind, Table>> = None;
+                    while let Some(req) = rx.recv().await {
+                        let result = read_starts(&mut tables, &base, &namespace, &topics, &req.parts).await;
+                        if result.is_err() {
+                            tables = None; // reopen on the next request
+                        }
+                        let _ = req.reply.send(result.map_err(|e| e.to_string()));
+                    }
+                });
+            })
+            .map_err(|e| MaterializeError::Task(format!("start-offset reader thread: {e}")))?;
+        Ok(Self { tx })
+    }
+}
+
+async fn read_starts(
+    tables: &mut Option<HashMap<TableKind, Table>>,
+    base: &str,
+    namespace: &str,
+    topics: &Topics,
+    parts: &[(String, i32)],
+) -> Result<Vec<Option<i64>>, MaterializeError> {
+    let kinds = [
+        TableKind::PositionEvents,
+        TableKind::PositionsCurrent,
+        TableKind::PositionQueue,
+        TableKind::StrategyRegistry,
+    ];
+    match tables {
+        Some(open) => {
+            for t in open.values_mut() {
+                t.refresh().await?;
+            }
+        }
+        None => {
+            let mut open = HashMap::new();
+            for kind in kinds {
+                open.insert(kind, Table::open(base, kind).await?);
+            }
+            *tables = Some(open);
+        }
+    }
+    let open = tables.as_mut().expect("opened above");
+    let next = restart_positions(open, namespace, topics, parts).await?;
+    Ok(parts.iter().map(|k| Some(next[k])).collect())
+}
+
+impl super::consumer::StartSource for DeltaStarts {
+    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, String> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .send(StartRequest {
+                parts: parts.to_vec(),
+                reply,
+            })
+            .map_err(|_| "the start-offset reader thread is gone".to_string())?;
+        let wait = || answer.recv_timeout(START_READ_TIMEOUT);
+        // Let the runtime move other tasks off this worker while we wait (multi-thread only).
+        let answer = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        };
+        answer.map_err(|e| format!("no answer from the tables within {START_READ_TIMEOUT:?} ({e})"))?
+    }
+}

@@ -246,6 +246,9 @@ pub struct Table {
     pub txn: TxnMap,
     /// Commits made by this process (drives checkpoints).
     commits: u64,
+    /// A checkpoint is due (its turn came, or the last attempt failed): tried after each commit
+    /// until one succeeds.
+    checkpoint_due: bool,
 }
 
 impl Table {
@@ -290,6 +293,7 @@ impl Table {
             txn: TxnMap::new(delta.version().map_or(-1, |v| v as i64)),
             delta,
             commits: 0,
+            checkpoint_due: false,
         };
         t.check_schema(url.as_str())?;
         t.export_version();
@@ -423,7 +427,15 @@ impl Table {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.export_version();
         if checkpoint_every > 0 && version > 0 && (version as u64).is_multiple_of(checkpoint_every) {
-            super::maintain::checkpoint(self).await?;
+            self.checkpoint_due = true;
+        }
+        // The commit stands whatever happens to the checkpoint: a failure is logged, counted and
+        // retried after the next commit (the log stays readable without it, only slower to load).
+        if self.checkpoint_due {
+            match super::maintain::checkpoint(self).await {
+                Ok(()) => self.checkpoint_due = false,
+                Err(e) => checkpoint_failed(self.kind, version, &e),
+            }
         }
         Ok(version)
     }
@@ -527,6 +539,20 @@ pub struct FileRef {
     pub partition_values: HashMap<String, Option<String>>,
 }
 
+/// A checkpoint or log cleanup failed after a good commit: log it and count it; the table
+/// retries after its next commit.
+fn checkpoint_failed(kind: TableKind, version: i64, e: &TableError) {
+    crate::metrics::global()
+        .checkpoint_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        table = kind.name(),
+        version,
+        error = %e,
+        "checkpoint failed after a successful commit; retrying after the next commit"
+    );
+}
+
 fn is_conflict(e: &DeltaTableError) -> bool {
     matches!(
         e,
@@ -591,6 +617,41 @@ mod tests {
             // reopen checks the schema round trip
             Table::open(base, kind).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_keeps_the_commit_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let kind = TableKind::StrategyRegistry;
+        let mut t = Table::open(base, kind).await.unwrap();
+        let log = dir.path().join(kind.name()).join("_delta_log");
+        let checkpoint = |v: u64| log.join(format!("{v:020}.checkpoint.parquet"));
+        // A directory where the checkpoint of version 2 goes: writing it fails.
+        std::fs::create_dir_all(checkpoint(2).join("blocker")).unwrap();
+        let failures = || {
+            crate::metrics::global()
+                .checkpoint_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = failures();
+        for v in 1..=2 {
+            let version = t
+                .commit(vec![], &[("app".into(), v)], rewrite_operation(), 2)
+                .await
+                .expect("the commit stands although its checkpoint fails");
+            assert_eq!(version, v);
+        }
+        assert!(failures() > before, "checkpoint failure not counted");
+        assert_eq!(t.txn_version("app").await.unwrap(), Some(2));
+        std::fs::remove_dir_all(checkpoint(2)).unwrap();
+        // Version 3 is not a checkpoint turn, but the failed one is retried.
+        t.commit(vec![], &[("app".into(), 3)], rewrite_operation(), 2)
+            .await
+            .unwrap();
+        assert!(checkpoint(3).is_file(), "checkpoint not retried");
+        let reopened = Table::open(base, kind).await.unwrap();
+        assert_eq!(reopened.version(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

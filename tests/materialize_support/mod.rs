@@ -226,7 +226,8 @@ impl Gen {
         }
     }
 
-    /// A mix of poison: garbage, a wrong schema id, a route on the wrong topic, a tombstone.
+    /// A mix of poison: garbage, a wrong schema id, a route on the wrong topic, a tombstone,
+    /// a valid event whose `ingest_time` is `i64::MAX` (no date, no reader can hold it).
     pub fn poison(&mut self, which: usize) -> Outgoing {
         let mut good = match self.position() {
             Outgoing {
@@ -235,14 +236,22 @@ impl Gen {
             } => e,
             _ => unreachable!(),
         };
-        let (topic, value) = match which % 4 {
+        let (topic, value) = match which % 5 {
             0 => (self.topics.active.clone(), Some(b"not avro at all".to_vec())),
             1 => (self.topics.queued.clone(), Some(self.registry().value.expect("value"))),
             2 => {
                 good.route = Route::Queued;
                 (self.topics.active.clone(), Some(good.encode().expect("encodes")))
             }
-            _ => (self.topics.registry.clone(), None),
+            3 => (self.topics.registry.clone(), None),
+            _ => {
+                good.ingest_time = i64::MAX;
+                let topic = match good.route {
+                    Route::Active => self.topics.active.clone(),
+                    Route::Queued => self.topics.queued.clone(),
+                };
+                (topic, Some(good.encode().expect("encodes")))
+            }
         };
         Outgoing {
             topic,
