@@ -104,11 +104,7 @@ async fn whole_cluster_outage_longer_than_message_timeout() -> anyhow::Result<()
     for name in ["ingest", "queue-worker"] {
         let child = if name == "ingest" { &mut p.ingest } else { &mut p.queue };
         let alive = child.as_mut().expect("running").0.try_wait()?.is_none();
-        ensure!(
-            alive,
-            "{name} died during the outage:\n{}",
-            p.log_tail(name)
-        );
+        ensure!(alive, "{name} died during the outage:\n{}", p.log_tail(name));
     }
     p.cluster.start_all().await?;
     p.wait_recovered("whole cluster back", t0, RECOVER).await?;

@@ -88,7 +88,11 @@ impl Pipeline {
     /// the queue worker and the materializers.
     pub async fn start(opts: Options) -> anyhow::Result<Pipeline> {
         let dir = tempfile::tempdir()?;
-        let kopts = if opts.sasl { KafkaOpts::sasl() } else { KafkaOpts::default() };
+        let kopts = if opts.sasl {
+            KafkaOpts::sasl()
+        } else {
+            KafkaOpts::default()
+        };
         let cluster = KafkaCluster::start(opts.nodes, kopts)
             .await
             .context("start the Kafka cluster")?;
@@ -106,20 +110,24 @@ impl Pipeline {
         }
         let rf = opts.nodes.min(3).to_string();
         let isr = if opts.nodes >= 3 { "2" } else { "1" };
-        run_ok(Command::new(BIN).args(kafka_flags(&kafka)).args([
-            "topics",
-            "create",
-            "--brokers",
-            &kafka.brokers,
-            "--topic-prefix",
-            "faults.",
-            "--partitions",
-            "6",
-            "--replication-factor",
-            &rf,
-            "--min-insync-replicas",
-            isr,
-        ]))?;
+        run_ok(
+            Command::new(BIN)
+                .args([
+                    "topics",
+                    "create",
+                    "--brokers",
+                    &kafka.brokers,
+                    "--topic-prefix",
+                    "faults.",
+                    "--partitions",
+                    "6",
+                    "--replication-factor",
+                    &rf,
+                    "--min-insync-replicas",
+                    isr,
+                ])
+                .args(kafka_flags(&kafka)),
+        )?;
         let sim = Arc::new(
             possync::sim::start(SimConfig {
                 accounts: 4,

@@ -15,7 +15,11 @@ fn possync(args: &[&str]) -> anyhow::Result<(bool, String)> {
     let out = Command::new(BIN).args(args).env("POSSYNC_LOG", "warn").output()?;
     Ok((
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     ))
 }
 
@@ -24,10 +28,22 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
     let _one = crate::SERIAL.lock().await;
     let cluster = KafkaCluster::start(1, KafkaOpts::default()).await?;
     let brokers = cluster.bootstrap().to_string();
-    let layout = ["--replication-factor", "1", "--min-insync-replicas", "1", "--partitions", "3"];
+    let layout = [
+        "--replication-factor",
+        "1",
+        "--min-insync-replicas",
+        "1",
+        "--partitions",
+        "3",
+    ];
     let with = |sub: &[&'static str], prefix: &'static str| -> Vec<String> {
         let mut v: Vec<String> = sub.iter().map(|s| s.to_string()).collect();
-        v.extend(["--brokers".into(), brokers.clone(), "--topic-prefix".into(), prefix.into()]);
+        v.extend([
+            "--brokers".into(),
+            brokers.clone(),
+            "--topic-prefix".into(),
+            prefix.into(),
+        ]);
         v
     };
     let run = |args: Vec<String>, extra: &[&str]| {
@@ -38,11 +54,17 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
 
     // A process started before the topics exist stops at once, naming the command.
     let (ok, out) = run(with(&["queue-worker"], "t1."), &["--kafka-timeout", "10s"])?;
-    ensure!(!ok && out.contains("possync topics create"), "queue-worker on missing topics:\n{out}");
+    ensure!(
+        !ok && out.contains("possync topics create"),
+        "queue-worker on missing topics:\n{out}"
+    );
 
     let (ok, out) = run(with(&["topics", "create"], "t1."), &layout)?;
     ensure!(ok, "topics create failed:\n{out}");
-    ensure!(out.matches("created t1.").count() == 4, "expected four topics created:\n{out}");
+    ensure!(
+        out.matches("created t1.").count() == 4,
+        "expected four topics created:\n{out}"
+    );
     let (ok, out) = run(with(&["topics", "check"], "t1."), &layout)?;
     ensure!(ok && out.contains("topics ok"), "check after create:\n{out}");
     // Creating again is a no-op that still checks.
@@ -52,9 +74,19 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
     // Drift: other partition count expected, and the registry no longer compacted.
     let (ok, out) = run(
         with(&["topics", "check"], "t1."),
-        &["--replication-factor", "1", "--min-insync-replicas", "1", "--partitions", "6"],
+        &[
+            "--replication-factor",
+            "1",
+            "--min-insync-replicas",
+            "1",
+            "--partitions",
+            "6",
+        ],
     )?;
-    ensure!(!ok && out.matches("partitions is 3, expected 6").count() == 4, "partition drift:\n{out}");
+    ensure!(
+        !ok && out.matches("partitions is 3, expected 6").count() == 4,
+        "partition drift:\n{out}"
+    );
     let admin: AdminClient<DefaultClientContext> = possync::kafka::KafkaConfig::new(&brokers).admin().create()?;
     let cfg = AlterConfig::new(ResourceSpecifier::Topic("t1.registry")).set("cleanup.policy", "delete");
     for r in admin.alter_configs([&cfg], &AdminOptions::new()).await? {
@@ -67,7 +99,10 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
         !ok && out.contains("t1.registry: cleanup.policy is delete, expected compact"),
         "compaction drift:\n{out}"
     );
-    let (ok, out) = run(with(&["materialize"], "t1."), &["--table-uri", "/nonexistent/never-written"])?;
+    let (ok, out) = run(
+        with(&["materialize"], "t1."),
+        &["--table-uri", "/nonexistent/never-written"],
+    )?;
     ensure!(
         !ok && out.contains("must be compacted") && out.lines().filter(|l| l.contains("Error")).count() <= 1,
         "materialize on an uncompacted registry:\n{out}"
