@@ -29,7 +29,10 @@ fn ensure_secret_absent(what: &str, out: &Output) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     for fragment in ["S3cr", "et;Pa55", "Pa55"] {
-        ensure!(!text.contains(fragment), "{what} printed a secret fragment {fragment:?}:\n{text}");
+        ensure!(
+            !text.contains(fragment),
+            "{what} printed a secret fragment {fragment:?}:\n{text}"
+        );
     }
     Ok(())
 }
@@ -59,7 +62,15 @@ fn help_never_prints_env_values() -> anyhow::Result<()> {
 
 #[test]
 fn bad_or_comma_holding_settings_never_print_the_secret() -> anyhow::Result<()> {
-    let common = ["ingest", "--brokers", "127.0.0.1:1", "--kafka-timeout", "1s", "--ib-port", "1"];
+    let common = [
+        "ingest",
+        "--brokers",
+        "127.0.0.1:1",
+        "--kafka-timeout",
+        "1s",
+        "--ib-port",
+        "1",
+    ];
     // A malformed setting (a password given without its key) is refused without its text.
     let mut args = common.to_vec();
     args.extend(["-K", SECRET]);

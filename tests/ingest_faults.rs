@@ -83,7 +83,10 @@ async fn reconnect_reconciles_and_resubscribes() -> anyhow::Result<()> {
         after.len() == 2,
         "unchanged positions produced events after the reconnect: {after:?}"
     );
-    ensure!(reconnects.load(Relaxed) > reconnects_before, "the restart counted as a reconnect");
+    ensure!(
+        reconnects.load(Relaxed) > reconnects_before,
+        "the restart counted as a reconnect"
+    );
     // The PnL stream is back.
     wait_for("the PnL stream to be resubscribed", DEADLINE, || async {
         let t = env.sim.truth();
@@ -381,9 +384,11 @@ async fn outage_longer_than_message_timeout_neither_hangs_nor_drops() -> anyhow:
     env.sim.restart(Duration::from_millis(300)).await?;
     let made = make_changes(&env, 20)?;
     let failures = &ingest.stats.publish.delivery_failures;
-    wait_for("more than 2 × max_in_flight deliveries to fail for good", DEADLINE, || async {
-        (failures.load(Relaxed) > 2 * MAX_IN_FLIGHT as u64).then_some(())
-    })
+    wait_for(
+        "more than 2 × max_in_flight deliveries to fail for good",
+        DEADLINE,
+        || async { (failures.load(Relaxed) > 2 * MAX_IN_FLIGHT as u64).then_some(()) },
+    )
     .await?;
     env.broker.broker_up(1)?;
 

@@ -211,8 +211,15 @@ async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
     let truth = env.sim.truth();
     let both = [truth.positions[0].clone(), truth.positions[1].clone()];
     for p in &both {
-        possync::registry::activate(&env.kafka, "s", Some(&p.account), i64::from(p.contract.con_id), 1, "test")
-            .await?;
+        possync::registry::activate(
+            &env.kafka,
+            "s",
+            Some(&p.account),
+            i64::from(p.contract.con_id),
+            1,
+            "test",
+        )
+        .await?;
     }
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let ingest = env.start_ingest(env.ingest_config(C, 2)).await?;
@@ -235,11 +242,22 @@ async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
     })
     .await?;
     let refused = both.iter().find(|p| **p != holder).expect("two positions").clone();
-    let mark = collector.session(&ingest.session).iter().map(|s| s.event.sequence).max().unwrap_or(0);
+    let mark = collector
+        .session(&ingest.session)
+        .iter()
+        .map(|s| s.event.sequence)
+        .max()
+        .unwrap_or(0);
 
     // The holder's strategy lets it go: IB has a free line again.
-    possync::registry::deactivate(&env.kafka, "s", Some(&holder.account), i64::from(holder.contract.con_id), "test")
-        .await?;
+    possync::registry::deactivate(
+        &env.kafka,
+        "s",
+        Some(&holder.account),
+        i64::from(holder.contract.con_id),
+        "test",
+    )
+    .await?;
     wait_for("the refused position to get its stream", DEADLINE, || async {
         has_pnl(&refused, mark).then_some(())
     })
@@ -249,7 +267,9 @@ async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
         "IB's line limit held: {:?}",
         env.sim.truth().client(C)
     );
-    ensure!(possync::metrics::global().render().contains("possync_pnl_refused_total"));
+    ensure!(possync::metrics::global()
+        .render()
+        .contains("possync_pnl_refused_total"));
     collector.check_integrity(&ingest.session)?;
     ingest.stop().await?;
     Ok(())
