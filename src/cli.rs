@@ -78,8 +78,7 @@ pub enum BenchCommand {
 /// hold secrets, such as `POSSYNC_KAFKA_CONFIG`).
 pub fn command() -> clap::Command {
     fn hide_env_values(c: clap::Command) -> clap::Command {
-        c.mut_args(|a| a.hide_env_values(true))
-            .mut_subcommands(hide_env_values)
+        c.mut_args(|a| a.hide_env_values(true)).mut_subcommands(hide_env_values)
     }
     hide_env_values(Cli::command())
 }

@@ -97,9 +97,16 @@ pub const REDACTED: &str = "[redacted]";
 /// Whether a librdkafka setting holds a secret (its value is never printed).
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.trim().to_ascii_lowercase();
-    ["password", "secret", "sasl.jaas.config", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "password",
+        "secret",
+        "sasl.jaas.config",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+        "ssl_key",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
 }
 
 /// `value`, or [`REDACTED`] when `key` holds a secret: the form to log or debug-print.
@@ -154,7 +161,12 @@ impl KafkaConfig {
     /// [`KafkaError::BadSetting`] or [`KafkaError::ReservedSetting`].
     pub fn from_args(args: &KafkaArgs) -> Result<Self, KafkaError> {
         let mut overrides = BTreeMap::new();
-        for (i, kv) in args.kafka_config.iter().enumerate().filter(|(_, s)| !s.trim().is_empty()) {
+        for (i, kv) in args
+            .kafka_config
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.trim().is_empty())
+        {
             let (k, v) = kv.split_once('=').ok_or_else(|| KafkaError::BadSetting {
                 position: i + 1,
                 chars: kv.chars().count(),

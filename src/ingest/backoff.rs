@@ -40,7 +40,9 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling;
         let half = ceiling / 2;
-        let jitter = self.rng.gen_range(0..=u64::try_from((ceiling - half).as_micros()).unwrap_or(u64::MAX));
+        let jitter = self
+            .rng
+            .gen_range(0..=u64::try_from((ceiling - half).as_micros()).unwrap_or(u64::MAX));
         self.ceiling = (self.ceiling * 2).min(self.max);
         half + Duration::from_micros(jitter)
     }
@@ -75,7 +77,11 @@ mod tests {
         let mut delays = Vec::new();
         for _ in 0..10 {
             let d = b.next_delay();
-            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
             delays.push(d);
             ceiling = (ceiling * 2).min(3200 * MS);
         }
@@ -97,7 +103,10 @@ mod tests {
             delays.push(b.next_delay()); // the attempt connects ...
             b.session_ended(Duration::from_secs(1)); // ... and the gateway drops it at once
         }
-        assert!(delays[5] >= 1600 * MS, "still hammering after 6 dropped sessions: {delays:?}");
+        assert!(
+            delays[5] >= 1600 * MS,
+            "still hammering after 6 dropped sessions: {delays:?}"
+        );
         assert_eq!(b.ceiling(), 3200 * MS);
         b.session_ended(Duration::from_secs(61));
         assert_eq!(b.ceiling(), 100 * MS, "a healthy session resets the backoff");

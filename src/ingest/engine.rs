@@ -134,7 +134,7 @@ impl Engine {
         let candidates = self
             .covered
             .iter()
-            .filter(|(k, _)| !self.refused.get(*k).is_some_and(|r| r.until.is_some()))
+            .filter(|(k, _)| self.refused.get(*k).is_none_or(|r| r.until.is_none()))
             .map(|(k, c)| Candidate {
                 key: k.clone(),
                 priority: c.priority,

@@ -99,8 +99,7 @@ impl Ingest {
         }
         let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
         tracing::info!(entries = registry.len(), "registry loaded");
-        let publisher =
-            Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?.with_shutdown(shutdown.clone());
+        let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?.with_shutdown(shutdown.clone());
         let stats = IngestStats {
             publish: publisher.stats(),
             reconnects: Arc::default(),

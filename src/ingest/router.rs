@@ -53,9 +53,7 @@ pub fn plan(budget: usize, mut candidates: Vec<Candidate>) -> Plan {
     let mut ranked: Vec<(usize, Candidate)> = candidates
         .into_iter()
         .map(|c| {
-            let n = taken
-                .entry((c.key.account.clone(), c.priority, c.holding))
-                .or_default();
+            let n = taken.entry((c.key.account.clone(), c.priority, c.holding)).or_default();
             *n += 1;
             (*n, c)
         })
@@ -158,14 +156,18 @@ mod tests {
         let per_account = |p: &Plan, a: &str| p.active.iter().filter(|k| k.account == a).count();
         for a in ["A", "B", "C", "D"] {
             assert!(per_account(&p, a) >= 1, "account {a} got no slot: {:?}", p.active);
-            assert!(per_account(&p, a) <= 2, "account {a} took more than its share: {:?}", p.active);
+            assert!(
+                per_account(&p, a) <= 2,
+                "account {a} took more than its share: {:?}",
+                p.active
+            );
         }
         // Priority still comes first, and holders still keep their slots among equals.
         candidates.push(c("Z", 9, 3, false));
         candidates.push(c("D", 5, 2, true));
         let candidates: Vec<Candidate> = candidates
             .into_iter()
-            .filter(|x| !(x.key == PosKey::new("D", 5) && !x.holding))
+            .filter(|x| x.key != PosKey::new("D", 5) || x.holding)
             .collect();
         let p = plan(2, candidates);
         assert_eq!(
