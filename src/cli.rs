@@ -4,6 +4,7 @@
 //! each knob. This module only maps parsed flags to plain config structs and calls the
 //! library; the work happens in the subcommand's own module.
 
+use crate::metrics::Readiness;
 use crate::topics::{require, Process};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -143,6 +144,15 @@ pub fn install_signal_handlers(shutdown: CancellationToken) {
     });
 }
 
+/// `/readyz` of a process that holds an IB connection and publishes to Kafka.
+fn ib_client(kafka: &crate::kafka::KafkaConfig) -> Readiness {
+    Readiness {
+        ib: true,
+        kafka_probe: Some(kafka.probe()),
+        ..Readiness::default()
+    }
+}
+
 /// Runs the chosen subcommand until it ends or `shutdown` is cancelled.
 ///
 /// # Errors
@@ -156,7 +166,12 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Materialize(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
-            args.metrics.serve(shutdown.child_token()).await?;
+            let ready = Readiness {
+                kafka_probe: Some(kafka.probe()),
+                max_commit_age: Some(args.metrics.ready_max_commit_age),
+                ..Readiness::default()
+            };
+            args.metrics.serve(shutdown.child_token(), ready).await?;
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
         Command::Maintain(args) => {
@@ -171,13 +186,13 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Ingest(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Ingest, args.kafka_timeout).await?;
-            args.metrics.serve(shutdown.child_token()).await?;
+            args.metrics.serve(shutdown.child_token(), ib_client(&kafka)).await?;
             crate::ingest::run((&args).into(), kafka, shutdown).await?
         }
         Command::QueueWorker(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::QueueWorker, args.kafka_timeout).await?;
-            args.metrics.serve(shutdown.child_token()).await?;
+            args.metrics.serve(shutdown.child_token(), ib_client(&kafka)).await?;
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
         Command::Topics(args) => crate::topics::run(args).await?,

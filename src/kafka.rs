@@ -274,6 +274,12 @@ impl KafkaConfig {
             .ok_or_else(|| KafkaError::Unreachable(self.brokers.clone()))
     }
 
+    /// A blocking "does the cluster answer?" check for `/readyz` (a metadata request, 3 s).
+    pub fn probe(&self) -> crate::metrics::KafkaProbe {
+        let kafka = self.clone();
+        std::sync::Arc::new(move || kafka.cluster_id(Duration::from_secs(3)).is_ok())
+    }
+
     /// Settings of admin and metadata-only clients (topic administration, cluster id): plain
     /// `-K` keys apply, so security settings such as SASL reach them too.
     pub fn admin(&self) -> ClientConfig {

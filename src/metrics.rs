@@ -49,8 +49,18 @@ pub struct Metrics {
     pub dead_letter_topic_failures: AtomicU64,
     /// Delta commits made by materialize.
     pub delta_commits: AtomicU64,
+    /// Delta commits that met a concurrent writer's commit (resolved by reload and retry).
+    pub commit_conflicts: AtomicU64,
     /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
     pub checkpoint_failures: AtomicU64,
+    /// 1 while an IB connection is up (ingest, queue worker), else 0.
+    pub ib_connected: AtomicI64,
+    /// 1 when the last Kafka probe of the health endpoint got an answer, else 0.
+    pub kafka_reachable: AtomicI64,
+    /// Wall-clock time (ms since the epoch) of the last Delta commit; 0 = none yet.
+    pub last_commit_ms: AtomicI64,
+    /// Messages materialize holds that are not committed yet.
+    pub buffered: AtomicI64,
     /// Latest version of `position_events`.
     pub table_version_events: AtomicI64,
     /// Latest version of `positions_current`.
@@ -187,9 +197,39 @@ impl Metrics {
         );
         c(
             &mut s,
+            "commit_conflicts_total",
+            "Delta commits that met another writer's commit (reloaded and retried)",
+            self.commit_conflicts.load(Relaxed),
+        );
+        c(
+            &mut s,
             "checkpoint_failures_total",
             "Delta checkpoints that failed after a good commit (retried after the next commit)",
             self.checkpoint_failures.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "ib_connected",
+            "1 while the IB connection is up",
+            self.ib_connected.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "kafka_reachable",
+            "1 when the last Kafka probe was answered",
+            self.kafka_reachable.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "last_commit_age_seconds",
+            "Seconds since the last Delta commit (-1: none yet)",
+            self.last_commit_age().map_or(-1, |d| d.as_secs() as i64),
+        );
+        g(
+            &mut s,
+            "buffered_messages",
+            "Messages waiting for the next Delta commit",
+            self.buffered.load(Relaxed),
         );
         let _ = writeln!(
             s,
@@ -203,6 +243,40 @@ impl Metrics {
             let _ = writeln!(s, "possync_table_version{{table=\"{t}\"}} {}", v.load(Relaxed));
         }
         s
+    }
+
+    /// Records a Delta commit made now.
+    pub fn committed_now(&self) {
+        self.last_commit_ms
+            .store(chrono::Utc::now().timestamp_millis(), Relaxed);
+    }
+
+    /// Time since the last Delta commit, `None` before the first.
+    pub fn last_commit_age(&self) -> Option<std::time::Duration> {
+        let at = self.last_commit_ms.load(Relaxed);
+        (at > 0).then(|| {
+            let ms = (chrono::Utc::now().timestamp_millis() - at).max(0);
+            std::time::Duration::from_millis(ms as u64)
+        })
+    }
+
+    /// Why the process is not ready, per `r`; empty when it is.
+    pub fn not_ready(&self, r: &Readiness) -> Vec<String> {
+        let mut why = Vec::new();
+        if r.ib && self.ib_connected.load(Relaxed) != 1 {
+            why.push("IB is not connected".to_string());
+        }
+        if r.kafka_probe.is_some() && self.kafka_reachable.load(Relaxed) != 1 {
+            why.push("Kafka does not answer".to_string());
+        }
+        if let Some(max) = r.max_commit_age {
+            // Only data waiting makes an old commit a problem: a quiet market commits nothing.
+            let waiting = self.buffered.load(Relaxed) > 0;
+            if waiting && self.last_commit_age().is_none_or(|age| age > max) {
+                why.push(format!("messages wait and the last Delta commit is older than {max:?}"));
+            }
+        }
+        why
     }
 
     /// One human line: what `possync run` prints every few seconds.
@@ -226,6 +300,30 @@ impl Metrics {
     }
 }
 
+/// Asks the cluster whether it answers (blocking; run off the async threads).
+pub type KafkaProbe = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What `/readyz` requires of this process.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    /// An IB connection must be up (ingest, queue worker).
+    pub ib: bool,
+    /// Probed every few seconds; Kafka must answer.
+    pub kafka_probe: Option<KafkaProbe>,
+    /// While messages wait, the last Delta commit must be younger than this (materialize).
+    pub max_commit_age: Option<std::time::Duration>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ib", &self.ib)
+            .field("kafka_probe", &self.kafka_probe.is_some())
+            .field("max_commit_age", &self.max_commit_age)
+            .finish()
+    }
+}
+
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -245,6 +343,10 @@ pub struct MetricsArgs {
     /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9464; off by default.
     #[arg(long, env = "POSSYNC_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// `/readyz` of materialize fails when messages wait and the last Delta commit is older
+    /// than this.
+    #[arg(long, env = "POSSYNC_READY_MAX_COMMIT_AGE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub ready_max_commit_age: std::time::Duration,
 }
 
 impl MetricsArgs {
@@ -253,12 +355,16 @@ impl MetricsArgs {
     ///
     /// # Errors
     /// [`MetricsError::Bind`] when the address cannot be bound.
-    pub async fn serve(&self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, MetricsError> {
+    pub async fn serve(
+        &self,
+        shutdown: CancellationToken,
+        ready: Readiness,
+    ) -> Result<Option<SocketAddr>, MetricsError> {
         let Some(addr) = self.metrics_addr else {
             return Ok(None);
         };
-        let bound = serve(addr, shutdown).await?;
-        tracing::info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+        let bound = serve_with(addr, shutdown, ready).await?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics, /healthz and /readyz");
         Ok(Some(bound))
     }
 }
@@ -268,6 +374,40 @@ impl MetricsArgs {
 /// # Errors
 /// [`MetricsError::Bind`] when the address cannot be bound.
 pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, MetricsError> {
+    serve_with(addr, shutdown, Readiness::default()).await
+}
+
+/// How often `/readyz`'s Kafka probe runs.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`serve`], plus `GET /healthz` (200 while the process serves: liveness) and `GET /readyz`
+/// (200 when `ready` holds, else 503 with the reasons, one per line).
+///
+/// # Errors
+/// [`MetricsError::Bind`] when the address cannot be bound.
+pub async fn serve_with(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    ready: Readiness,
+) -> Result<SocketAddr, MetricsError> {
+    if let Some(probe) = ready.kafka_probe.clone() {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROBE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => {
+                        let p = probe.clone();
+                        let up = tokio::task::spawn_blocking(move || p()).await.unwrap_or(false);
+                        global().kafka_reachable.store(i64::from(up), Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    let ready = std::sync::Arc::new(ready);
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
@@ -280,12 +420,13 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> Result<Sock
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => {
                     let Ok((mut sock, _)) = accepted else { continue };
+                    let ready = ready.clone();
                     tokio::spawn(async move {
                         let mut buf = [0u8; 1024];
-                        let _ = sock.read(&mut buf).await;
-                        let body = global().render();
+                        let n = sock.read(&mut buf).await.unwrap_or(0);
+                        let (status, body) = respond(&buf[..n], &ready, global());
                         let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
                         );
                         let _ = sock.write_all(resp.as_bytes()).await;
@@ -295,6 +436,24 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> Result<Sock
         }
     });
     Ok(local)
+}
+
+/// The status line and body for a request's first line.
+fn respond(request: &[u8], ready: &Readiness, m: &Metrics) -> (&'static str, String) {
+    let line = String::from_utf8_lossy(request);
+    let path = line.split_whitespace().nth(1).unwrap_or("/metrics");
+    match path {
+        "/healthz" => ("200 OK", "ok\n".into()),
+        "/readyz" => {
+            let why = m.not_ready(ready);
+            if why.is_empty() {
+                ("200 OK", "ready\n".into())
+            } else {
+                ("503 Service Unavailable", why.join("\n") + "\n")
+            }
+        }
+        _ => ("200 OK", m.render()),
+    }
 }
 
 #[cfg(test)]
@@ -313,5 +472,60 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 200 OK"));
         assert!(out.contains("possync_published_total{route=\"active\"}"));
         token.cancel();
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn health_endpoints_answer() {
+        let token = CancellationToken::new();
+        let addr = serve_with("127.0.0.1:0".parse().unwrap(), token.clone(), Readiness::default())
+            .await
+            .unwrap();
+        assert!(get(addr, "/healthz").await.ends_with("ok\n"));
+        // Nothing required: ready.
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
+        token.cancel();
+    }
+
+    #[test]
+    fn readiness_follows_ib_kafka_and_commits() {
+        let m = Metrics::default();
+        let ready = Readiness {
+            ib: true,
+            kafka_probe: Some(std::sync::Arc::new(|| true)),
+            max_commit_age: Some(std::time::Duration::from_secs(60)),
+        };
+        let readyz = |m: &Metrics| respond(b"GET /readyz HTTP/1.1", &ready, m);
+        let (status, body) = readyz(&m);
+        assert!(status.starts_with("503"), "{body}");
+        assert!(
+            body.contains("IB is not connected") && body.contains("Kafka does not answer"),
+            "{body}"
+        );
+        m.ib_connected.store(1, Relaxed);
+        m.kafka_reachable.store(1, Relaxed);
+        assert_eq!(readyz(&m).0, "200 OK");
+        // A quiet market (nothing waiting) is ready without any commit.
+        assert!(m.last_commit_age().is_none());
+        // Data waiting with no commit yet: not ready; a fresh commit makes it ready again.
+        m.buffered.store(5, Relaxed);
+        assert!(readyz(&m).1.contains("last Delta commit"));
+        m.committed_now();
+        assert_eq!(readyz(&m).0, "200 OK");
+        m.last_commit_ms
+            .store(chrono::Utc::now().timestamp_millis() - 61_000, Relaxed);
+        assert!(readyz(&m).0.starts_with("503"));
+        assert!(respond(b"GET /metrics HTTP/1.1", &ready, &m)
+            .1
+            .contains("possync_buffered_messages 5"));
     }
 }

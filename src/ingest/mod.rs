@@ -164,6 +164,7 @@ impl Ingest {
                 break Ok(());
             };
             let connected = std::time::Instant::now();
+            metrics::global().ib_connected.store(1, Relaxed);
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
                 self.stats.reconnects.fetch_add(1, Relaxed);
@@ -178,6 +179,7 @@ impl Ingest {
             )
             .await;
             self.engine.disconnected();
+            metrics::global().ib_connected.store(0, Relaxed);
             client.disconnect().await;
             match end {
                 Ok(session::SessionEnd::Shutdown) => break Ok(()),

@@ -175,8 +175,9 @@ impl Pipeline {
             });
         }
         CONFLICTS.fetch_add(1, Relaxed);
+        crate::metrics::global().commit_conflicts.fetch_add(1, Relaxed);
         self.conflicts += 1;
-        tracing::debug!(table = kind.name(), attempt, "commit conflict; reloading");
+        tracing::info!(table = kind.name(), attempt, "commit conflict; reloading");
         self.table(kind).refresh().await?;
         if !kind.append_only() {
             self.absorb(kind).await?;

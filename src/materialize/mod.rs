@@ -35,6 +35,7 @@ pub mod tables;
 pub mod upsert;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -55,6 +56,7 @@ use consumer::{Check, Ctx, Cursor, LogStart, RebalanceEvent, StartSource};
 use flush::Pipeline;
 
 use crate::kafka::{KafkaConfig, KafkaError};
+use crate::metrics;
 
 /// Errors of the materializer.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +253,7 @@ impl Materializer {
                             continue;
                         }
                     }
+                    metrics::global().buffered.store(self.buffers.messages() as i64, Relaxed);
                     if self.progress.receiver_count() > 0 {
                         let buffered = self.buffers.messages();
                         self.progress.send_modify(|p| {
@@ -299,6 +302,7 @@ impl Materializer {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing offsets to Kafka (monitoring only) failed");
         }
+        metrics::global().buffered.store(0, Relaxed);
         self.progress.send_modify(|p| {
             p.buffered = 0;
             p.flushes += 1;

@@ -425,6 +425,7 @@ impl Table {
         crate::metrics::global()
             .delta_commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::global().committed_now();
         self.export_version();
         if checkpoint_every > 0 && version > 0 && (version as u64).is_multiple_of(checkpoint_every) {
             self.checkpoint_due = true;

@@ -191,6 +191,7 @@ pub async fn run(
                     Ok((items, polls)) => {
                         if polls.values().any(|r| matches!(r, Err(PollError::ConnectionLost(_)))) {
                             client = None;
+                            metrics::global().ib_connected.store(0, Relaxed);
                         }
                         match publish_batch(&mut queue, &mut publisher, items, polls).await {
                             Err(QueueWorkerError::Publish(e)) if e.is_cancelled() => break Ok(()),
@@ -215,7 +216,10 @@ pub async fn run(
                 }
                 if client.as_ref().is_none_or(|c| !c.is_connected()) {
                     match poller::connect(&address, cfg.client_id, &limiter, Duration::from_secs(5).min(cfg.poll_timeout)).await {
-                        Ok(c) => client = Some(c),
+                        Ok(c) => {
+                            client = Some(c);
+                            metrics::global().ib_connected.store(1, Relaxed);
+                        }
                         Err(e) => {
                             tracing::warn!(%address, client_id = cfg.client_id, error = %e, "queue worker cannot reach IB; retrying next tick");
                             continue;

@@ -55,9 +55,9 @@ async fn compacted_registry_replays_to_the_same_registry() -> anyhow::Result<()>
     let rounds = 12;
     for round in 0..rounds {
         for (i, c) in contracts.iter().enumerate() {
-            let action = if (round + i) % 3 == 0 && round + 1 < rounds {
-                RegistryAction::Deactivate
-            } else if round + 1 == rounds && i % 2 == 1 {
+            let last = round + 1 == rounds;
+            let off = if last { i % 2 == 1 } else { (round + i) % 3 == 0 };
+            let action = if off {
                 RegistryAction::Deactivate
             } else {
                 RegistryAction::Activate

@@ -4,7 +4,6 @@
 //! consumer group. Every scenario ends with [`Pipeline::finish`], the exactness check.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -437,7 +436,7 @@ impl Pipeline {
             registry: produced.len() - events,
             fills: self.filled.load(Relaxed),
             materialize_starts: self.spawned,
-            conflicts: conflicts(&self.dir.path().to_path_buf(), self.members.len()),
+            conflicts: conflicts(self.dir.path(), self.members.len()),
         };
         for m in self.members.iter_mut().filter_map(Option::as_mut) {
             signal(&m.0, "TERM")?;
@@ -473,13 +472,13 @@ pub struct Report {
     pub conflicts: usize,
 }
 
-fn conflicts(dir: &PathBuf, members: usize) -> usize {
+fn conflicts(dir: &std::path::Path, members: usize) -> usize {
     (0..members)
         .map(|m| {
             std::fs::read_to_string(dir.join(format!("materialize-{m}.log")))
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| l.contains("conflict"))
+                .filter(|l| l.contains("commit conflict"))
                 .count()
         })
         .sum()
