@@ -17,8 +17,9 @@
 //! - ACTIVE-route events do not delete the row: they set `last_active_at` (newest). Deleting
 //!   would need tombstones to stay order-independent; a status is simpler to query.
 //! - `status` = `active` when the newest ACTIVE-route event is newer than the newest QUEUED-route
-//!   event, else `refreshed` when the newest queued event is a POLL, else `pending`. The queue
-//!   worker's work list is `status IN ('pending', 'refreshed')`.
+//!   event, else `closed` when the newest queued event has position 0 (the queue worker never
+//!   polls a closed item), else `refreshed` when it is a POLL, else `pending`. So `pending` is
+//!   exactly the worker's work list.
 //! - Merging two versions of a row takes the queued part with more `queued_events` (all queued
 //!   events of a key come from one Kafka partition, so the longer history contains the shorter)
 //!   and the newest `last_active_at`.
@@ -242,11 +243,12 @@ pub struct QueueRow {
 }
 
 impl QueueRow {
-    /// `pending`, `refreshed` or `active` (see the module docs).
+    /// `pending`, `refreshed`, `closed` or `active` (see the module docs).
     pub fn status(&self) -> &'static str {
         match (&self.queued, self.last_active_at) {
             (None, _) => "active",
             (Some(q), Some(a)) if a > q.last.ingest_time => "active",
+            (Some(q), _) if q.position == 0.0 => "closed",
             (Some(q), _) if q.last_source == "POLL" => "refreshed",
             _ => "pending",
         }
@@ -654,6 +656,14 @@ mod tests {
         assert_eq!(r.status(), "active");
         r.apply(&ev(40, 5, "STREAM", false));
         assert_eq!(r.status(), "pending");
+        // A close leaves the work list: the worker never polls it (issue 10 #11).
+        r.apply(&QueueInput {
+            position: 0.0,
+            ..ev(50, 6, "STREAM", false)
+        });
+        assert_eq!(r.status(), "closed");
+        r.apply(&ev(60, 7, "POLL", false));
+        assert_eq!(r.status(), "refreshed", "reopened and refreshed");
     }
 
     #[test]

@@ -193,6 +193,9 @@ pub struct Queue {
     /// Rows with status `pending`: the queue depth.
     pub depth: u64,
     pub refreshed: u64,
+    /// Closed positions the worker no longer polls.
+    #[serde(default)]
+    pub closed: u64,
     pub active: u64,
 }
 
@@ -362,6 +365,7 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
                 match r.str("status", i).as_deref() {
                     Some("pending") => queue.depth += 1,
                     Some("refreshed") => queue.refreshed += 1,
+                    Some("closed") => queue.closed += 1,
                     _ => queue.active += 1,
                 }
             }
@@ -615,8 +619,8 @@ pub fn render_text(s: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "queue depth    : {} pending ({} refreshed, {} active)",
-        s.queue.depth, s.queue.refreshed, s.queue.active
+        "queue depth    : {} pending ({} refreshed, {} closed, {} active)",
+        s.queue.depth, s.queue.refreshed, s.queue.closed, s.queue.active
     );
     let _ = writeln!(o, "dead letters   : {}", s.dead_letters);
     for t in &s.tables {

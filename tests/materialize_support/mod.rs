@@ -409,6 +409,7 @@ pub fn expected_queue(produced: &[Produced]) -> BTreeMap<(String, i64), QueueVie
             let status = match (last, active_at) {
                 (None, _) => "active",
                 (Some(l), Some(a)) if a > l.ingest_time => "active",
+                (Some(l), _) if l.position == 0.0 => "closed",
                 (Some(l), _) if l.source == Source::Poll => "refreshed",
                 _ => "pending",
             };
