@@ -124,7 +124,10 @@ async fn status_reports_lag_and_exits_nonzero_when_behind() -> anyhow::Result<()
     let queue = expected_queue(&produced);
     let pending = queue.values().filter(|v| v.0 == "pending").count() as u64;
     assert_eq!(s.queue.depth, pending);
-    assert_eq!(s.queue.depth + s.queue.refreshed + s.queue.active, queue.len() as u64);
+    assert_eq!(
+        s.queue.depth + s.queue.refreshed + s.queue.closed + s.queue.active,
+        queue.len() as u64
+    );
     let route: BTreeMap<String, Route> = produced
         .iter()
         .filter_map(|p| match &p.payload {
