@@ -17,7 +17,7 @@
 //! - [`queue_worker`]: drains the position queue with snapshot polls (no streaming slot).
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
-//!   dead letters), exactly once; table maintenance and the materialize benchmark.
+//!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
 
 pub mod cli;
 pub mod events;

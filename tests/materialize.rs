@@ -259,8 +259,24 @@ async fn registry_history_keeps_what_compaction_forgets() -> anyhow::Result<()> 
     let events = vec![
         ev("wheel", Some("DU1"), 1001, RegistryAction::Activate, 3, 0, "alice@desk"),
         ev("hedge", None, 1002, RegistryAction::Activate, 1, 500, "bootstrap"),
-        ev("wheel", Some("DU1"), 1001, RegistryAction::Activate, 7, 1_000, "bob@desk"),
-        ev("wheel", Some("DU1"), 1001, RegistryAction::Deactivate, 0, 2_000, "carol@desk"),
+        ev(
+            "wheel",
+            Some("DU1"),
+            1001,
+            RegistryAction::Activate,
+            7,
+            1_000,
+            "bob@desk",
+        ),
+        ev(
+            "wheel",
+            Some("DU1"),
+            1001,
+            RegistryAction::Deactivate,
+            0,
+            2_000,
+            "carol@desk",
+        ),
     ];
     // One at a time: the entry's three events land in order on its partition.
     for e in &events {
@@ -268,7 +284,11 @@ async fn registry_history_keeps_what_compaction_forgets() -> anyhow::Result<()> 
     }
 
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(materialize::run(env.config("hist"), env.kafka.clone(), shutdown.clone()));
+    let task = tokio::spawn(materialize::run(
+        env.config("hist"),
+        env.kafka.clone(),
+        shutdown.clone(),
+    ));
     let ns = env.namespace().await?;
     materialize::wait_caught_up(&env.base, &ns, &env.kafka, Duration::from_secs(60)).await?;
     shutdown.cancel();
@@ -287,8 +307,20 @@ async fn registry_history_keeps_what_compaction_forgets() -> anyhow::Result<()> 
             .env_remove("POSSYNC_TABLE_URI")
             .output()?)
     };
-    let out = history(&["--strategy", "wheel", "--con-id", "1001", "--json", "--table-uri", &env.base])?;
-    ensure!(out.status.success(), "history failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = history(&[
+        "--strategy",
+        "wheel",
+        "--con-id",
+        "1001",
+        "--json",
+        "--table-uri",
+        &env.base,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "history failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
         .lines()
         .map(serde_json::from_str)
@@ -321,7 +353,10 @@ async fn registry_history_keeps_what_compaction_forgets() -> anyhow::Result<()> 
         "time is not RFC 3339 UTC: {}",
         lines[0]["time"]
     );
-    let ids: Vec<&str> = lines.iter().map(|l| l["event_id"].as_str().unwrap_or_default()).collect();
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event_id"].as_str().unwrap_or_default())
+        .collect();
     let want_ids: Vec<&str> = [0, 2, 3].iter().map(|i| events[*i].event_id.as_str()).collect();
     ensure!(ids == want_ids, "event ids {ids:?}, want {want_ids:?}");
 

@@ -2,9 +2,9 @@
 //!
 //! Order per flush: dead letters (table; the topic copy is queued after the commit and sent in
 //! the background, see [`super::deadletter`]), `position_events`, `positions_current`,
-//! `position_queue`, `registry_events`, `strategy_registry`. Each commit holds, for every Kafka partition in the
-//! flush that the table has not seen up to the flush's last offset, the rows above the
-//! table's stored version and a txn action with that last offset. Dead letters go first so that
+//! `position_queue`, `registry_events`, `strategy_registry`. Each commit holds, for every
+//! Kafka partition in the flush that the table has not seen up to the flush's last offset, the
+//! rows above the table's stored version and a txn action with that last offset. Dead letters go first so that
 //! any offset the position tables hold has had its dead letters written (the restart position
 //! ignores `dead_letters`; replayed poison is then dropped by its own txn version).
 //!
