@@ -19,7 +19,7 @@
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`ops`]: operator commands over brokers and tables: `status`, `book`, `rebuild`.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
-//!   dead letters), exactly once; table maintenance and the materialize benchmark.
+//!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
 
 pub mod cli;
 pub mod events;

@@ -188,6 +188,7 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
             "dead_letters",
             produced.iter().filter(|p| matches!(p.payload, Payload::Poison)).count() as u64,
         ),
+        ("registry_events", expected_registry_event_rows(&produced).len() as u64),
     ];
     for (table, rows) in expect {
         let t = &json[table];
@@ -210,6 +211,16 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
         json["position_events"]["duckdb_distinct_coordinates"] == events,
         "duplicate coordinates: {json}"
     );
+    let registry_events = expected_registry_event_rows(&produced).len() as u64;
+    ensure!(registry_events > 10, "too few registry events to prove anything");
+    ensure!(
+        json["registry_events"]["duckdb_distinct_coordinates"] == registry_events,
+        "registry_events: duplicate coordinates: {json}"
+    );
+    ensure!(
+        json["registry_events"]["duckdb_actions"] == serde_json::json!(["ACTIVATE", "DEACTIVATE"]),
+        "registry_events actions: {json}"
+    );
     ensure!(
         json["position_events"]["partition_columns"][0] == "event_date",
         "not partitioned by event_date"
@@ -222,5 +233,154 @@ async fn exact_with_poison_shutdown_replay_and_readers() -> anyhow::Result<()> {
         json["positions_current"]["duckdb_open_positions"] == open,
         "open positions: {json}"
     );
+    Ok(())
+}
+
+/// `possync registry history` (the binary) shows every activation and deactivation of an
+/// entry, oldest first, although the registry's last word is all `strategy_registry` (and, after
+/// compaction, the registry topic) keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_history_keeps_what_compaction_forgets() -> anyhow::Result<()> {
+    use possync::events::{new_id, RegistryAction, RegistryEvent};
+
+    let env = Env::start(2)?;
+    // Explicit, distinct times: "oldest first" must not depend on the clock.
+    let t0 = 1_760_000_000_000_000_i64;
+    let ev = |strategy: &str, account: Option<&str>, con_id, action, priority, dt: i64, actor: &str| RegistryEvent {
+        event_id: new_id(),
+        strategy: strategy.into(),
+        account: account.map(str::to_string),
+        con_id,
+        action,
+        priority,
+        time: t0 + dt,
+        actor: actor.into(),
+    };
+    let events = vec![
+        ev("wheel", Some("DU1"), 1001, RegistryAction::Activate, 3, 0, "alice@desk"),
+        ev("hedge", None, 1002, RegistryAction::Activate, 1, 500, "bootstrap"),
+        ev(
+            "wheel",
+            Some("DU1"),
+            1001,
+            RegistryAction::Activate,
+            7,
+            1_000,
+            "bob@desk",
+        ),
+        ev(
+            "wheel",
+            Some("DU1"),
+            1001,
+            RegistryAction::Deactivate,
+            0,
+            2_000,
+            "carol@desk",
+        ),
+    ];
+    // One at a time: the entry's three events land in order on its partition.
+    for e in &events {
+        possync::registry::commands::publish(&env.kafka, std::slice::from_ref(e)).await?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(materialize::run(
+        env.config("hist"),
+        env.kafka.clone(),
+        shutdown.clone(),
+    ));
+    let ns = env.namespace().await?;
+    materialize::wait_caught_up(&env.base, &ns, &env.kafka, Duration::from_secs(60)).await?;
+    shutdown.cancel();
+    task.await??;
+
+    // The upsert table holds the last word only.
+    let registry = actual_registry(&env.base).await?;
+    let key = ("wheel".to_string(), Some("DU1".to_string()), 1001);
+    ensure!(registry.len() == 2, "strategy_registry: {registry:?}");
+    ensure!(!registry[&key].0, "wheel/DU1/1001 should be inactive: {registry:?}");
+
+    let history = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_possync"))
+            .args(["registry", "history"])
+            .args(args)
+            .env_remove("POSSYNC_TABLE_URI")
+            .output()?)
+    };
+    let out = history(&[
+        "--strategy",
+        "wheel",
+        "--con-id",
+        "1001",
+        "--json",
+        "--table-uri",
+        &env.base,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "history failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let seen: Vec<(String, String, i64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["actor"].as_str().unwrap_or_default().to_string(),
+                l["action"].as_str().unwrap_or_default().to_string(),
+                l["priority"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, i64)> = [
+        ("alice@desk", "ACTIVATE", 3),
+        ("bob@desk", "ACTIVATE", 7),
+        ("carol@desk", "DEACTIVATE", 0),
+    ]
+    .iter()
+    .map(|(a, b, p)| (a.to_string(), b.to_string(), *p))
+    .collect();
+    ensure!(seen == want, "history of wheel/DU1/1001: {seen:?}, want {want:?}");
+    ensure!(
+        lines.iter().all(|l| l["account"] == "DU1" && l["con_id"] == 1001),
+        "{lines:?}"
+    );
+    ensure!(
+        lines[0]["time"] == "2025-10-09T08:53:20.000000Z",
+        "time is not RFC 3339 UTC: {}",
+        lines[0]["time"]
+    );
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event_id"].as_str().unwrap_or_default())
+        .collect();
+    let want_ids: Vec<&str> = [0, 2, 3].iter().map(|i| events[*i].event_id.as_str()).collect();
+    ensure!(ids == want_ids, "event ids {ids:?}, want {want_ids:?}");
+
+    // Unfiltered, as a table: all four events; `--account '*'` selects the every-account entry.
+    let out = history(&["--table-uri", &env.base])?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    ensure!(text.contains("4 events") && text.contains("bootstrap"), "{text}");
+    let out = history(&["--account", "*", "--json", "--table-uri", &env.base])?;
+    let text = String::from_utf8(out.stdout)?;
+    ensure!(
+        text.lines().count() == 1 && text.contains("\"hedge\""),
+        "--account '*': {text}"
+    );
+
+    // A base without the table is an error, and is not created.
+    let nowhere = env.dir.path().join("nowhere");
+    let out = history(&["--table-uri", nowhere.to_str().expect("utf-8 path")])?;
+    ensure!(!out.status.success(), "history of a missing table succeeded");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("no registry_events table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(!nowhere.exists(), "history created {nowhere:?}");
     Ok(())
 }

@@ -127,11 +127,11 @@ async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::R
     first.commit(&first_part).await?;
     anyhow::ensure!(first.conflicts() == 0, "the first writer met a conflict");
     second.commit(&second_part).await?;
-    // Each of the five tables moved under the second writer's snapshot, and it held rows for
+    // Each of the six tables moved under the second writer's snapshot, and it held rows for
     // each of them above what the first wrote: one conflict per table, by construction.
     anyhow::ensure!(
-        second.conflicts() == 5,
-        "the second writer met {} conflicts, want one per table (5)",
+        second.conflicts() == 6,
+        "the second writer met {} conflicts, want one per table (6)",
         second.conflicts()
     );
     let produced: Vec<Produced> = msgs.into_iter().map(|(p, _)| p).collect();

@@ -2,9 +2,9 @@
 //!
 //! Order per flush: dead letters (table; the topic copy is queued after the commit and sent in
 //! the background, see [`super::deadletter`]), `position_events`, `positions_current`,
-//! `position_queue`, `strategy_registry`. Each commit holds, for every Kafka partition in the
-//! flush that the table has not seen up to the flush's last offset, the rows above the
-//! table's stored version and a txn action with that last offset. Dead letters go first so that
+//! `position_queue`, `registry_events`, `strategy_registry`. Each commit holds, for every
+//! Kafka partition in the flush that the table has not seen up to the flush's last offset, the
+//! rows above the table's stored version and a txn action with that last offset. Dead letters go first so that
 //! any offset the position tables hold has had its dead letters written (the restart position
 //! ignores `dead_letters`; replayed poison is then dropped by its own txn version).
 //!
@@ -162,6 +162,7 @@ impl Pipeline {
             }
         }
         if !registry.is_empty() {
+            self.commit_registry_events(&registry).await?;
             self.commit_upsert(TableKind::StrategyRegistry, &registry).await?;
         }
         Ok(())
@@ -272,6 +273,38 @@ impl Pipeline {
                     m.materialized_queued.fetch_add(queued, Relaxed);
                     return Ok(());
                 }
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    /// Appends the registry rows `registry_events` does not hold yet (same txn mechanism as
+    /// `position_events`: a replay drops what the table's txn versions already cover).
+    async fn commit_registry_events(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::RegistryEvents;
+        for attempt in 0.. {
+            let mut batches = Vec::new();
+            let mut txns = Vec::new();
+            for p in parts {
+                if let Some((rows, txn)) = self.unseen(kind, p).await? {
+                    batches.push(rows);
+                    txns.push(txn);
+                }
+            }
+            if txns.is_empty() {
+                return Ok(());
+            }
+            let adds = self.table(kind).write_files(&batches).await?;
+            let actions = adds.into_iter().map(Action::Add).collect();
+            let every = self.checkpoint_every;
+            match self
+                .table(kind)
+                .commit(actions, &txns, append_operation(kind), every)
+                .await
+            {
+                Ok(_) => return Ok(()),
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }

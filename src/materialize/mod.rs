@@ -2,10 +2,10 @@
 //!
 //! A consumer group reads `positions.active`, `positions.queued` and `registry`, decodes Avro
 //! straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and flushes on count,
-//! bytes or latency (1 s by default; idle topics flush too) into five tables ([`tables`]):
-//! `position_events` (append-only, partitioned by `event_date`), `positions_current`,
-//! `position_queue`, `strategy_registry` (upserts, [`upsert`]) and `dead_letters`
-//! ([`deadletter`]).
+//! bytes or latency (1 s by default; idle topics flush too) into six tables ([`tables`]):
+//! `position_events` (append-only, partitioned by `event_date`), `registry_events`
+//! (append-only, every registry event), `positions_current`, `position_queue`,
+//! `strategy_registry` (upserts, [`upsert`]) and `dead_letters` ([`deadletter`]).
 //!
 //! Exactly once, the kafka-delta-ingest way: auto-commit is off; every Delta commit carries a
 //! txn action per Kafka partition it contains (version = last offset) in the same commit as

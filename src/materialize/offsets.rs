@@ -31,7 +31,7 @@ pub fn app_id(namespace: &str, topic: &str, partition: i32) -> String {
 /// The tables fed by a topic (the offsets of its partitions live in each of them).
 pub fn tables_of(topics: &Topics, topic: &str) -> &'static [TableKind] {
     if topic == topics.registry {
-        &[TableKind::StrategyRegistry]
+        &[TableKind::StrategyRegistry, TableKind::RegistryEvents]
     } else {
         &[
             TableKind::PositionEvents,
@@ -205,6 +205,7 @@ pub async fn lag(
         TableKind::PositionsCurrent,
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
+        TableKind::RegistryEvents,
     ] {
         tables.insert(kind, Table::open(table_uri, kind).await?);
     }
@@ -321,6 +322,7 @@ async fn read_starts(
         TableKind::PositionsCurrent,
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
+        TableKind::RegistryEvents,
     ];
     match tables {
         Some(open) => {

@@ -1,4 +1,4 @@
-//! The five Delta tables: their Arrow schemas, creation on first use, reading, and commits.
+//! The six Delta tables: their Arrow schemas, creation on first use, reading, and commits.
 //!
 //! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates; all
 //! tables use protocol reader 1 / writer 2 and `Timestamp(µs, "UTC")` timestamps, so DuckDB's
@@ -81,16 +81,19 @@ pub enum TableKind {
     StrategyRegistry,
     /// Append-only undecodable / invalid messages.
     DeadLetters,
+    /// Append-only audit trail of every registry event (the compacted topic forgets).
+    RegistryEvents,
 }
 
 impl TableKind {
     /// Every table.
-    pub const ALL: [TableKind; 5] = [
+    pub const ALL: [TableKind; 6] = [
         TableKind::PositionEvents,
         TableKind::PositionsCurrent,
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
         TableKind::DeadLetters,
+        TableKind::RegistryEvents,
     ];
 
     /// Directory name below the base URI.
@@ -101,12 +104,16 @@ impl TableKind {
             TableKind::PositionQueue => "position_queue",
             TableKind::StrategyRegistry => "strategy_registry",
             TableKind::DeadLetters => "dead_letters",
+            TableKind::RegistryEvents => "registry_events",
         }
     }
 
     /// Append-only tables (compacted by `maintain`; others are rewritten on every commit).
     pub fn append_only(self) -> bool {
-        matches!(self, TableKind::PositionEvents | TableKind::DeadLetters)
+        matches!(
+            self,
+            TableKind::PositionEvents | TableKind::DeadLetters | TableKind::RegistryEvents
+        )
     }
 
     /// Partition columns.
@@ -125,6 +132,8 @@ impl TableKind {
             TableKind::PositionQueue => queue_schema(),
             TableKind::StrategyRegistry => registry_schema(),
             TableKind::DeadLetters => dead_letter_schema(),
+            // The decoded registry rows as they are: event fields + Kafka coordinates.
+            TableKind::RegistryEvents => registry_layout().schema.clone(),
         }
     }
 
@@ -145,6 +154,10 @@ impl TableKind {
                     "kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
                 ),
             ],
+            TableKind::RegistryEvents => vec![
+                ("delta.appendOnly", "true"),
+                ("delta.deletedFileRetentionDuration", "interval 1 days"),
+            ],
             // Rewritten on every commit: keep tombstones (and checkpoints) small.
             _ => vec![("delta.deletedFileRetentionDuration", "interval 1 hours")],
         }
@@ -163,7 +176,8 @@ pub fn positions_current_layout() -> &'static Arc<Layout> {
     L.get_or_init(|| Arc::new(Layout::new(position_plan(), None)))
 }
 
-/// Decoding layout of `RegistryEvent` rows (kept in memory only; folded into the registry).
+/// Decoding layout of `RegistryEvent` rows: the schema of `registry_events`, and folded into
+/// `strategy_registry`.
 pub fn registry_layout() -> &'static Arc<Layout> {
     static L: OnceLock<Arc<Layout>> = OnceLock::new();
     L.get_or_init(|| {

@@ -1,4 +1,4 @@
-//! Writing and reading the registry: `possync registry activate|deactivate|list|seed`, the
+//! Writing and reading the registry: `possync registry activate|deactivate|list|seed|history`, the
 //! same operations as library functions, and the optional bootstrap file.
 //!
 //! Bootstrap file: either a JSON array
@@ -34,6 +34,28 @@ pub enum RegistryCommand {
     List(ListArgs),
     /// Activate every entry of a bootstrap file that is not already active with that priority.
     Seed(SeedArgs),
+    /// Print every activation and deactivation, oldest first, from the `registry_events` Delta
+    /// table (`possync materialize` writes it; the compacted topic forgets old events).
+    History(HistoryArgs),
+}
+
+/// `history` flags.
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// Only this strategy.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Only entries of this account (`*` = only entries covering every account).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Only this IB contract id (conId).
+    #[arg(long)]
+    pub con_id: Option<i64>,
+    /// Print JSON lines instead of a table.
+    #[arg(long, default_value_t = false)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tables: crate::materialize::TableArgs,
 }
 
 /// Which registry entry.
@@ -340,6 +362,15 @@ pub async fn run(args: RegistryArgs) -> Result<(), RegistryError> {
                 }
                 println!("{} entries", entries.len());
             }
+        }
+        RegistryCommand::History(h) => {
+            let filter = super::history::HistoryFilter {
+                strategy: h.strategy,
+                account: h.account,
+                con_id: h.con_id,
+            };
+            let rows = super::history::history(&h.tables.table_uri, &filter).await?;
+            super::history::print(&rows, h.json);
         }
         RegistryCommand::Seed(s) => {
             let kafka = KafkaConfig::from_args(&s.kafka)?;

@@ -9,9 +9,11 @@
 //!
 //! - [`Registry`]: the folded state and the coverage query routing needs.
 //! - [`reader`]: replay a topic to its end, then follow it ([`reader::TopicReplay`]).
-//! - [`commands`]: `activate` / `deactivate` / `list` and the bootstrap file.
+//! - [`commands`]: `activate` / `deactivate` / `list` / `history` and the bootstrap file.
+//! - [`history`]: who changed what, when, from the append-only `registry_events` Delta table.
 
 pub mod commands;
+pub mod history;
 pub mod reader;
 
 use std::collections::{BTreeMap, HashMap};
@@ -59,6 +61,12 @@ pub enum RegistryError {
     /// A command-line argument is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// `registry history` found no `registry_events` table.
+    #[error("no registry_events table at {0}; point --table-uri at the base `possync materialize` writes to (it creates the table)")]
+    NoHistory(String),
+    /// Reading `registry_events` failed.
+    #[error(transparent)]
+    Table(Box<crate::materialize::tables::TableError>),
 }
 
 /// One registry entry: `strategy` holds `con_id` in `account` (every account when `None`).

@@ -505,6 +505,39 @@ pub async fn actual_registry(base: &str) -> anyhow::Result<BTreeMap<(String, Opt
     Ok(out)
 }
 
+/// (topic, partition, offset) → event_id of every `registry_events` row (duplicates kept).
+pub async fn registry_event_rows(base: &str) -> anyhow::Result<Vec<((String, i32, i64), String)>> {
+    let mut out = Vec::new();
+    for b in read_table(base, TableKind::RegistryEvents).await? {
+        let p = b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>();
+        for i in 0..b.num_rows() {
+            out.push((
+                (
+                    strs(&b, "kafka_topic").value(i).to_string(),
+                    p.value(i),
+                    longs(&b, "kafka_offset").value(i),
+                ),
+                strs(&b, "event_id").value(i).to_string(),
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What `registry_events` must hold: every valid registry message, by coordinates.
+pub fn expected_registry_event_rows(produced: &[Produced]) -> Vec<((String, i32, i64), String)> {
+    let mut v: Vec<_> = produced
+        .iter()
+        .filter_map(|p| match &p.payload {
+            Payload::Registry(e) => Some(((p.topic.clone(), p.partition, p.offset), e.event_id.clone())),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// (topic, partition, offset) of every dead-letter row.
 pub async fn dead_letter_rows(base: &str) -> anyhow::Result<Vec<(String, i32, i64)>> {
     let mut out = Vec::new();
@@ -559,6 +592,19 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
         actual_registry(base).await? == expected_registry(produced),
         "strategy_registry differs from the replay"
     );
+    let (r, wr) = (registry_event_rows(base).await?, expected_registry_event_rows(produced));
+    if r != wr {
+        let have: std::collections::BTreeSet<_> = r.iter().collect();
+        let wanted: std::collections::BTreeSet<_> = wr.iter().collect();
+        bail!(
+            "registry_events: {} rows, want {}; {} missing, {} unexpected, {} duplicated",
+            r.len(),
+            wr.len(),
+            wanted.difference(&have).count(),
+            have.difference(&wanted).count(),
+            r.len() - have.len()
+        );
+    }
     let mut poison: Vec<_> = produced
         .iter()
         .filter(|p| matches!(p.payload, Payload::Poison))

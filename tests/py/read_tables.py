@@ -17,7 +17,14 @@ import duckdb
 import duckdb_ext
 from deltalake import DeltaTable, QueryBuilder
 
-TABLES = ["position_events", "positions_current", "position_queue", "strategy_registry", "dead_letters"]
+TABLES = [
+    "position_events",
+    "positions_current",
+    "position_queue",
+    "strategy_registry",
+    "dead_letters",
+    "registry_events",
+]
 
 
 def duck():
@@ -57,6 +64,13 @@ def main(base):
             info["duckdb_event_dates"] = con.execute(
                 f"SELECT count(DISTINCT event_date) FROM {scan}"
             ).fetchone()[0]
+        if name == "registry_events":
+            info["duckdb_distinct_coordinates"] = con.execute(
+                f"SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
+            ).fetchone()[0]
+            info["duckdb_actions"] = sorted(
+                r[0] for r in con.execute(f"SELECT DISTINCT action FROM {scan}").fetchall()
+            )
         if name == "positions_current":
             info["duckdb_open_positions"] = con.execute(
                 f"SELECT count(*) FROM {scan} WHERE position <> 0"
