@@ -228,20 +228,39 @@ impl Pipeline {
     }
 
     async fn commit_events(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
-        let kind = TableKind::PositionEvents;
+        let (active, queued) = self.commit_append(TableKind::PositionEvents, parts).await?;
+        let m = crate::metrics::global();
+        m.materialized_active.fetch_add(active, Relaxed);
+        m.materialized_queued.fetch_add(queued, Relaxed);
+        Ok(())
+    }
+
+    /// Appends the registry rows `registry_events` does not hold yet (same txn mechanism as
+    /// `position_events`: a replay drops what the table's txn versions already cover).
+    async fn commit_registry_events(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        self.commit_append(TableKind::RegistryEvents, parts).await.map(drop)
+    }
+
+    /// Appends to an append-only table the rows of `parts` it does not hold yet, with their txn
+    /// actions; returns the rows committed from the active topic and from the others.
+    async fn commit_append(
+        &mut self,
+        kind: TableKind,
+        parts: &[&FrozenPartition],
+    ) -> Result<(u64, u64), MaterializeError> {
         // Files already written for a given filtering, reused when a retry filters the same.
         let mut written: Option<(Vec<usize>, Vec<deltalake::kernel::Add>)> = None;
         for attempt in 0.. {
             let mut batches = Vec::new();
             let mut txns = Vec::new();
             let mut shape = Vec::new();
-            let (mut active, mut queued) = (0u64, 0u64);
+            let (mut active, mut other) = (0u64, 0u64);
             for p in parts {
                 if let Some((rows, txn)) = self.unseen(kind, p).await? {
                     shape.push(rows.num_rows());
                     match p.role {
                         Role::Active => active += rows.num_rows() as u64,
-                        _ => queued += rows.num_rows() as u64,
+                        _ => other += rows.num_rows() as u64,
                     }
                     batches.push(rows);
                     txns.push(txn);
@@ -250,7 +269,7 @@ impl Pipeline {
                 }
             }
             if txns.is_empty() {
-                return Ok(());
+                return Ok((0, 0));
             }
             let adds = match &written {
                 Some((s, adds)) if *s == shape => adds.clone(),
@@ -267,44 +286,7 @@ impl Pipeline {
                 .commit(actions, &txns, append_operation(kind), every)
                 .await
             {
-                Ok(_) => {
-                    let m = crate::metrics::global();
-                    m.materialized_active.fetch_add(active, Relaxed);
-                    m.materialized_queued.fetch_add(queued, Relaxed);
-                    return Ok(());
-                }
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        unreachable!("the attempt loop returns")
-    }
-
-    /// Appends the registry rows `registry_events` does not hold yet (same txn mechanism as
-    /// `position_events`: a replay drops what the table's txn versions already cover).
-    async fn commit_registry_events(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
-        let kind = TableKind::RegistryEvents;
-        for attempt in 0.. {
-            let mut batches = Vec::new();
-            let mut txns = Vec::new();
-            for p in parts {
-                if let Some((rows, txn)) = self.unseen(kind, p).await? {
-                    batches.push(rows);
-                    txns.push(txn);
-                }
-            }
-            if txns.is_empty() {
-                return Ok(());
-            }
-            let adds = self.table(kind).write_files(&batches).await?;
-            let actions = adds.into_iter().map(Action::Add).collect();
-            let every = self.checkpoint_every;
-            match self
-                .table(kind)
-                .commit(actions, &txns, append_operation(kind), every)
-                .await
-            {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok((active, other)),
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }
