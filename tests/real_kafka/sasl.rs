@@ -9,9 +9,23 @@ use anyhow::ensure;
 use crate::common::process::BIN;
 use crate::pipeline::{kafka_flags, sasl_settings, Options, Pipeline};
 
-fn free_addr() -> anyhow::Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+/// The address ingest bound for `/metrics` (it logs it; port 0 avoids picking a port that
+/// another process takes first).
+fn metrics_addr(p: &Pipeline) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(p.dir.path().join("ingest.log")).unwrap_or_default();
+        if let Some(i) = log.find("serving Prometheus metrics at http://") {
+            let rest = &log[i + "serving Prometheus metrics at http://".len()..];
+            return Ok(rest.split("/metrics").next().unwrap_or_default().to_string());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "ingest never served metrics:\n{}",
+            p.log_tail("ingest")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn scrape(addr: &str) -> anyhow::Result<String> {
@@ -37,8 +51,7 @@ async fn scram_listener_through_passthrough_never_shows_the_password() -> anyhow
     .await?;
     let password = p.cluster.opts().sasl_password.clone();
     let user = p.cluster.opts().sasl_user.clone();
-    let metrics = free_addr()?;
-    p.ingest_metrics = Some(metrics.clone());
+    p.ingest_metrics = Some("127.0.0.1:0".into());
     p.start_ingest()?;
     p.start_queue_worker()?;
     for m in 0..p.members.len() {
@@ -47,7 +60,7 @@ async fn scram_listener_through_passthrough_never_shows_the_password() -> anyhow
     p.start_fills();
     p.wait_recovered("SASL pipeline", Instant::now(), crate::RECOVER)
         .await?;
-    let body = scrape(&metrics)?;
+    let body = scrape(&metrics_addr(&p)?)?;
     ensure!(body.contains("possync_"), "no metrics served: {body}");
     ensure!(!body.contains(password.as_str()), "the password is in /metrics");
     let report = p.finish().await?;

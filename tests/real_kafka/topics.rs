@@ -12,7 +12,13 @@ use crate::common::kafka_cluster::{KafkaCluster, KafkaOpts};
 use crate::common::process::BIN;
 
 fn possync(args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let out = Command::new(BIN).args(args).env("POSSYNC_LOG", "warn").output()?;
+    // No backtrace on an error exit (a CI shell may set RUST_BACKTRACE): what a user sees.
+    let out = Command::new(BIN)
+        .args(args)
+        .env("POSSYNC_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()?;
     Ok((
         out.status.success(),
         format!(
