@@ -41,6 +41,7 @@ KEYS = {
     "position_queue": ["account", "con_id"],
     "strategy_registry": ["strategy", "account", "con_id"],
     "dead_letters": ["kafka_topic", "kafka_partition", "kafka_offset"],
+    "registry_events": ["kafka_topic", "kafka_partition", "kafka_offset"],
 }
 
 
