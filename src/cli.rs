@@ -73,6 +73,9 @@ pub enum BenchCommand {
     /// Ingest: events/s from the simulator to Kafka acknowledgement, and the active route's
     /// latency (IB frame → broker ack, p50/p99).
     Ingest(crate::ingest::bench::BenchIngestArgs),
+    /// Queue staleness at desk size: N queued contracts over A accounts, enqueue → POLL
+    /// visible in Delta, and the worker's IB message rate and pacing errors.
+    Queue(crate::queue_worker::bench::BenchQueueArgs),
 }
 
 /// The command line, with environment values hidden from `--help` on every subcommand (they may
@@ -227,6 +230,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             which: BenchCommand::Ingest(args),
         } => {
             println!("{}", crate::ingest::bench::run(args).await?);
+        }
+        Command::Bench {
+            which: BenchCommand::Queue(args),
+        } => {
+            println!("{}", crate::queue_worker::bench::run(args).await?);
         }
         Command::Bench {
             which: BenchCommand::Materialize(args),

@@ -97,7 +97,7 @@ pub struct RunArgs {
     /// Queue-worker tick.
     #[arg(long, env = "POSSYNC_QUEUE_TICK", default_value = "5s")]
     pub queue_tick: humantime::Duration,
-    /// Queue-worker batch size.
+    /// Most accounts the queue worker polls per tick (each poll refreshes every pending item of its account).
     #[arg(long, env = "POSSYNC_QUEUE_BATCH", default_value_t = 50)]
     pub queue_batch: usize,
     /// Materializer flush latency.

@@ -1,8 +1,9 @@
-//! The queue worker drains the queue at the configured rate: batches of at most `batch`
-//! items, one per tick, oldest first, never an item already in flight, no streaming slot,
-//! within IB's pacing; changed items are refreshed again. The world has 30 accounts, so a
-//! batch polls more than 20 of them at once: unpaced, its 2 messages per account would break
-//! IB's 50 messages per second, so the pacing check can fail.
+//! The queue worker drains the queue in sweeps: each tick polls at most `batch` accounts, those
+//! with the oldest pending items, and refreshes every pending item of each polled account from
+//! that one answer; never an item already in flight, no streaming slot, within IB's pacing;
+//! changed items are refreshed again. The world has 30 accounts and a sweep polls 20 of them
+//! at once: unpaced, its 2 messages per account would break IB's 50 messages per second, so
+//! the pacing check can fail.
 
 mod ingest_support;
 
@@ -17,7 +18,8 @@ use tokio::sync::mpsc;
 
 const WORKER: i32 = 62;
 const TICK: Duration = Duration::from_millis(200);
-const BATCH: usize = 70;
+/// Accounts polled per tick.
+const BATCH: usize = 20;
 const ACCOUNTS: usize = 30;
 
 fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::PositionEvent>> {
@@ -75,26 +77,55 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
         .iter()
         .flat_map(|b| b.items.iter().map(|(k, _)| (k.account.clone(), k.con_id)))
         .collect();
+    let accounts = |b: &BatchReport| b.items.iter().map(|(k, _)| k.account.clone()).collect::<BTreeSet<_>>();
     ensure!(
-        batches.iter().all(|b| !b.items.is_empty() && b.items.len() <= BATCH),
-        "batch sizes: {:?}",
-        batches.iter().map(|b| b.items.len()).collect::<Vec<_>>()
+        batches
+            .iter()
+            .all(|b| !b.items.is_empty() && accounts(b).len() <= BATCH),
+        "accounts per sweep: {:?}",
+        batches.iter().map(|b| accounts(b).len()).collect::<Vec<_>>()
     );
     ensure!(
         taken.len() == queued.len() && taken.iter().cloned().collect::<BTreeSet<_>>() == queued,
         "each item taken exactly once (never while in flight)"
     );
-    let enqueued: Vec<i64> = batches.iter().flat_map(|b| b.items.iter().map(|(_, t)| *t)).collect();
-    ensure!(enqueued.windows(2).all(|w| w[0] <= w[1]), "oldest first");
-    ensure!(batches.len() >= queued.len().div_ceil(BATCH));
-    let widest = batches
-        .iter()
-        .map(|b| b.items.iter().map(|(k, _)| &k.account).collect::<BTreeSet<_>>().len())
-        .max()
-        .unwrap_or(0);
+    // A sweep takes every item of the accounts it polls: no account appears in two sweeps.
+    let mut seen = BTreeSet::new();
+    for b in &batches {
+        let a = accounts(b);
+        ensure!(
+            seen.is_disjoint(&a),
+            "an account was swept twice: {:?}",
+            seen.intersection(&a).collect::<Vec<_>>()
+        );
+        seen.extend(a);
+    }
+    ensure!(
+        batches.len() >= ACCOUNTS.div_ceil(BATCH),
+        "{} accounts need at least {} sweeps of {BATCH}",
+        ACCOUNTS,
+        ACCOUNTS.div_ceil(BATCH)
+    );
+    // Oldest first: an account is swept no later than any account whose oldest item is newer.
+    let oldest = |b: &BatchReport| {
+        let mut by: BTreeMap<&str, i64> = BTreeMap::new();
+        for (k, t) in &b.items {
+            let e = by.entry(k.account.as_str()).or_insert(*t);
+            *e = (*e).min(*t);
+        }
+        by.into_values().collect::<Vec<_>>()
+    };
+    for w in batches.windows(2) {
+        let (early, late) = (oldest(&w[0]), oldest(&w[1]));
+        ensure!(
+            early.iter().max() <= late.iter().min(),
+            "sweeps not oldest first: {early:?} then {late:?}"
+        );
+    }
+    let widest = batches.iter().map(|b| accounts(b).len()).max().unwrap_or(0);
     ensure!(
         widest >= 20,
-        "a batch must poll at least 20 accounts for the pacing check to mean anything; widest {widest}"
+        "a sweep must poll at least 20 accounts for the pacing check to mean anything; widest {widest}"
     );
     for w in batches.windows(2) {
         let gap = w[1].taken.duration_since(w[0].taken);

@@ -3,13 +3,17 @@
 //!
 //! The queue is event-sourced from `positions.queued` ([`state`]): ingest's enqueue events
 //! make items pending, the worker's own POLL events make them refreshed. The worker replays
-//! the topic from the beginning, then follows it; every tick (5 s by default) it takes at most
-//! `batch` (50) pending items, oldest first, that are not already in flight, polls the
-//! accounts involved with `reqPositionsMulti` on its own client id ([`poller`]), and publishes
-//! one POLL event per item on `positions.queued`. Messages to IB go through a rate limiter
-//! below IB's 50/s pacing limit; one batch runs at a time and a tick that finds the previous
-//! batch still running is skipped.
+//! the topic from the beginning, then follows it. Every tick (5 s by default) it takes a
+//! *sweep*: the `batch` (50) accounts whose oldest pending item is oldest, and every pending
+//! item of those accounts that is not already in flight. It polls each of those accounts once
+//! with `reqPositionsMulti` on its own client id ([`poller`]): the answer lists every position
+//! of the account, so one poll refreshes all of its items, and publishes one POLL event per
+//! taken item (only where a refresh is due: refreshed and closed items get none) on
+//! `positions.queued`. So 10k pending items over 20 accounts take one tick, not 200. Messages
+//! to IB go through a rate limiter below IB's 50/s pacing limit (2 messages per poll); one
+//! sweep runs at a time and a tick that finds the previous one still running is skipped.
 
+pub mod bench;
 pub mod poller;
 pub mod state;
 
@@ -25,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{now_micros, PositionEvent, Route, Source};
+use crate::events::{PositionEvent, Route, Source};
 use crate::ingest::book::{ContractInfo, PosKey};
 use crate::ingest::{PublishError, Publisher};
 use crate::kafka::{KafkaArgs, KafkaConfig};
@@ -63,7 +67,8 @@ pub struct QueueWorkerArgs {
     /// How often a batch of pending items is refreshed.
     #[arg(long, env = "POSSYNC_QUEUE_TICK", value_parser = humantime::parse_duration, default_value = "5s")]
     pub tick: Duration,
-    /// Most items refreshed per tick.
+    /// Most accounts polled per tick, those with the oldest pending items. Each poll (one
+    /// positions-multi request, 2 IB messages) refreshes every pending item of its account.
     #[arg(long, env = "POSSYNC_QUEUE_BATCH", default_value_t = 50)]
     pub batch: usize,
     /// Messages per second the worker may send to IB (IB allows 50 per client).
@@ -215,7 +220,12 @@ pub async fn run(
                     continue;
                 }
                 if client.as_ref().is_none_or(|c| !c.is_connected()) {
-                    match poller::connect(&address, cfg.client_id, &limiter, Duration::from_secs(5).min(cfg.poll_timeout)).await {
+                    let connecting = poller::connect(&address, cfg.client_id, &limiter, Duration::from_secs(5).min(cfg.poll_timeout));
+                    let connected = tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        c = connecting => c,
+                    };
+                    match connected {
                         Ok(c) => {
                             client = Some(c);
                             metrics::global().ib_connected.store(1, Relaxed);
@@ -226,7 +236,7 @@ pub async fn run(
                         }
                     }
                 }
-                let items = queue.take_batch(cfg.batch, Instant::now(), cfg.in_flight_timeout);
+                let items = queue.take_sweep(cfg.batch, Instant::now(), cfg.in_flight_timeout);
                 metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
                 if items.is_empty() {
                     continue;
@@ -260,6 +270,36 @@ pub async fn run(
     result?;
     flushed?;
     Ok(())
+}
+
+/// The POLL event of `item` from its account's `poll`: the polled figures (quantity 0 when the
+/// account no longer holds the contract), stamped with the time the poll was *requested*.
+///
+/// Events are ordered newest-wins by `ingest_time` (see `materialize::upsert`). A poll
+/// answered before a change but published after it (the worker's publish waited for Kafka, or
+/// it had not read ingest's event yet) must lose to that change: stamping it with its request
+/// time orders it before every change ingest observed after the request, whatever the order
+/// in which the two reach Kafka.
+pub fn poll_event(item: &Item, poll: &AccountPoll) -> PositionEvent {
+    let mut e = item.last.clone();
+    match poll.positions.get(&e.con_id) {
+        Some(p) => {
+            ContractInfo::from(&p.contract).write_into(&mut e);
+            e.position = p.position;
+            e.avg_cost = p.average_cost;
+        }
+        None => e.position = 0.0,
+    }
+    e.event_id = crate::events::new_id();
+    e.route = Route::Queued;
+    e.source = Source::Poll;
+    e.daily_pnl = None;
+    e.unrealized_pnl = None;
+    e.realized_pnl = None;
+    e.market_value = None;
+    e.ib_time = poll.requested_at;
+    e.ingest_time = poll.requested_at;
+    e
 }
 
 fn apply(queue: &mut QueueState, m: &rdkafka::message::OwnedMessage) {
@@ -296,26 +336,66 @@ async fn publish_batch(
             queue.release(&key);
             continue;
         }
-        let mut e = item.last.clone();
-        match poll.positions.get(&key.con_id) {
-            Some(p) => {
-                ContractInfo::from(&p.contract).write_into(&mut e);
-                e.position = p.position;
-                e.avg_cost = p.average_cost;
-            }
-            None => e.position = 0.0,
-        }
-        e.event_id = crate::events::new_id();
-        e.route = Route::Queued;
-        e.source = Source::Poll;
-        e.daily_pnl = None;
-        e.unrealized_pnl = None;
-        e.realized_pnl = None;
-        e.market_value = None;
-        e.ib_time = now_micros() - i64::try_from(poll.at.elapsed().as_micros()).unwrap_or(0);
-        e.ingest_time = now_micros();
+        let e = poll_event(&item, poll);
         publisher.publish(e, None).await?;
         metrics::global().queue_refreshed.fetch_add(1, Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::events::now_micros;
+
+    /// Review issue 10 #10: a poll answered before a change and published after it must not
+    /// win. Before the fix the POLL event was stamped at publish time, so it sorted after the
+    /// change and `positions_current` showed the polled (old) quantity.
+    #[test]
+    fn a_poll_sorts_before_every_change_observed_after_it_was_asked() {
+        let mut q = QueueState::new();
+        let held = crate::ingest::book::Held {
+            contract: crate::ingest::book::ContractInfo::default(),
+            position: -6.0,
+            avg_cost: 1.0,
+            pnl: None,
+            dirty: false,
+        };
+        let key = PosKey::new("DU1", 7);
+        q.apply(crate::ingest::book::event(
+            &key,
+            &held,
+            Route::Queued,
+            Source::Snapshot,
+            vec![],
+            now_micros(),
+        ));
+        let (key, item) = q.take_sweep(1, Instant::now(), Duration::from_secs(60)).remove(0);
+        let poll = AccountPoll {
+            positions: HashMap::new(),
+            requested_at: now_micros(),
+            at: Instant::now(),
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        // Ingest observes a fill after the request; the worker publishes the poll after that.
+        let mut change = item.last.clone();
+        change.position = -5.0;
+        change.ingest_time = now_micros();
+        let polled = poll_event(&item, &poll);
+        assert_eq!(polled.source, Source::Poll);
+        assert_eq!(
+            (polled.ib_time, polled.ingest_time),
+            (poll.requested_at, poll.requested_at)
+        );
+        assert!(
+            polled.ingest_time < change.ingest_time,
+            "the change must sort newer than the stale poll"
+        );
+        q.apply(change);
+        q.apply(polled);
+        assert_eq!(q.get(&key).unwrap().last.position, -5.0);
+        assert_eq!(q.get(&key).unwrap().status, state::Status::Pending);
+    }
 }

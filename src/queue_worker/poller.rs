@@ -12,11 +12,16 @@ use ibapi::accounts::{PositionMulti, PositionUpdateMulti};
 use ibapi::subscriptions::SubscriptionItem;
 use ibapi::{Client, RateLimiter};
 
-/// One account's positions as a poll found them, with when the answer arrived.
+/// One account's positions as a poll found them, with when it was asked and answered.
 #[derive(Debug)]
 pub struct AccountPoll {
     /// conId → position (absent = no position).
     pub positions: HashMap<i64, PositionMulti>,
+    /// Wall clock (µs since the epoch) taken *before* the request was sent. The answer shows
+    /// IB's book at some moment after this, so a POLL event is stamped with it: any change
+    /// ingest observes later is ordered after the poll, and wins (a stale poll never
+    /// overwrites a newer change; review issue 10 #10).
+    pub requested_at: i64,
     /// When the end marker arrived.
     pub at: Instant,
 }
@@ -73,6 +78,7 @@ pub async fn connect(
 /// # Errors
 /// [`PollError`].
 pub async fn poll_account(client: &Client, account: &str, timeout: Duration) -> Result<AccountPoll, PollError> {
+    let requested_at = crate::events::now_micros();
     let mut sub = client
         .positions_multi(Some(&AccountId(account.to_string())), None)
         .await?;
@@ -92,6 +98,7 @@ pub async fn poll_account(client: &Client, account: &str, timeout: Duration) -> 
             Some(Ok(SubscriptionItem::Data(PositionUpdateMulti::PositionEnd))) => {
                 break Ok(AccountPoll {
                     positions: std::mem::take(&mut positions),
+                    requested_at,
                     at: Instant::now(),
                 })
             }

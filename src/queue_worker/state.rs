@@ -7,6 +7,11 @@
 //! taken again meanwhile (unless the poll is abandoned or its POLL event never shows up within
 //! the in-flight timeout). An enqueue that arrives while the item is in flight marks the poll
 //! stale: its result must not be published, as it may be older than the enqueued change.
+//!
+//! Events count in `ingest_time` order, as in the materialized tables: a POLL event carries
+//! the time its poll was *requested*, so a POLL read after a change that was observed later
+//! (its publish raced ingest's) refreshes nothing and the item stays pending; an enqueue older
+//! than the item's newest event changes nothing either.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -60,6 +65,18 @@ impl QueueState {
         match e.source {
             Source::Pnl => {}
             Source::Poll => {
+                if let Some(item) = self
+                    .items
+                    .get_mut(&key)
+                    .filter(|it| e.ingest_time < it.last.ingest_time)
+                {
+                    // Asked before the newest known change: it ends the poll but refreshes
+                    // nothing (the table orders it before that change too).
+                    item.refresh_count += 1;
+                    item.in_flight_since = None;
+                    item.stale_poll = false;
+                    return;
+                }
                 let item = self.items.entry(key).or_insert_with(|| Item {
                     last: e.clone(),
                     status: Status::Refreshed,
@@ -84,6 +101,11 @@ impl QueueState {
                     Some(item) => {
                         if item.in_flight_since.is_some() {
                             item.stale_poll = true;
+                        }
+                        if e.ingest_time < item.last.ingest_time {
+                            // Older than what the item already reflects (a poll asked after
+                            // this change was observed already contains it).
+                            return;
                         }
                         if closed {
                             item.status = Status::Closed;
@@ -113,20 +135,53 @@ impl QueueState {
         }
     }
 
-    /// Takes up to `n` pending items that are not in flight, oldest first, and marks them in
-    /// flight. An item in flight for longer than `in_flight_timeout` counts as not in flight.
-    pub fn take_batch(&mut self, n: usize, now: Instant, in_flight_timeout: Duration) -> Vec<(PosKey, Item)> {
-        let mut eligible: Vec<(&PosKey, &Item)> = self
+    /// Takes a *sweep*: the accounts whose oldest eligible pending item is oldest, at most
+    /// `max_accounts` of them, and every eligible pending item of those accounts (one
+    /// positions-multi poll answers for all of an account's items). Eligible = pending and
+    /// not in flight (an item in flight for longer than `in_flight_timeout` counts as not in
+    /// flight). The items come oldest first and are marked in flight.
+    pub fn take_sweep(
+        &mut self,
+        max_accounts: usize,
+        now: Instant,
+        in_flight_timeout: Duration,
+    ) -> Vec<(PosKey, Item)> {
+        let mut oldest: HashMap<&str, (i64, &PosKey)> = HashMap::new();
+        for (k, it) in self
             .items
             .iter()
-            .filter(|(_, it)| it.status == Status::Pending)
-            .filter(|(_, it)| {
-                it.in_flight_since
-                    .is_none_or(|t| now.duration_since(t) >= in_flight_timeout)
-            })
+            .filter(|(_, it)| Self::eligible(it, now, in_flight_timeout))
+        {
+            let e = oldest.entry(k.account.as_str()).or_insert((it.enqueued_at, k));
+            if (it.enqueued_at, k) < (e.0, e.1) {
+                *e = (it.enqueued_at, k);
+            }
+        }
+        let mut accounts: Vec<(i64, &PosKey, &str)> = oldest.into_iter().map(|(a, (t, k))| (t, k, a)).collect();
+        accounts.sort();
+        let chosen: std::collections::HashSet<String> = accounts
+            .into_iter()
+            .take(max_accounts)
+            .map(|(_, _, a)| a.to_string())
             .collect();
-        eligible.sort_by(|a, b| a.1.enqueued_at.cmp(&b.1.enqueued_at).then_with(|| a.0.cmp(b.0)));
-        let keys: Vec<PosKey> = eligible.into_iter().take(n).map(|(k, _)| k.clone()).collect();
+        let mut keys: Vec<(i64, PosKey)> = self
+            .items
+            .iter()
+            .filter(|(k, it)| chosen.contains(&k.account) && Self::eligible(it, now, in_flight_timeout))
+            .map(|(k, it)| (it.enqueued_at, k.clone()))
+            .collect();
+        keys.sort();
+        self.mark_in_flight(keys.into_iter().map(|(_, k)| k).collect(), now)
+    }
+
+    fn eligible(it: &Item, now: Instant, in_flight_timeout: Duration) -> bool {
+        it.status == Status::Pending
+            && it
+                .in_flight_since
+                .is_none_or(|t| now.duration_since(t) >= in_flight_timeout)
+    }
+
+    fn mark_in_flight(&mut self, keys: Vec<PosKey>, now: Instant) -> Vec<(PosKey, Item)> {
         keys.into_iter()
             .map(|k| {
                 let item = self.items.get_mut(&k).expect("taken from the map");
@@ -207,24 +262,72 @@ mod tests {
     const T: Duration = Duration::from_secs(60);
 
     #[test]
-    fn oldest_first_batches_never_retake_in_flight_items() {
+    fn oldest_first_sweeps_never_retake_in_flight_items() {
         let mut q = QueueState::new();
         for (con, t) in [(1, 30), (2, 10), (3, 20), (4, 40)] {
             q.apply(ev(con, Source::Snapshot, 1.0, t));
         }
         q.apply(ev(2, Source::Stream, 2.0, 50)); // still pending since 10
         let now = Instant::now();
-        let b: Vec<i64> = q.take_batch(2, now, T).into_iter().map(|(k, _)| k.con_id).collect();
-        assert_eq!(b, vec![2, 3]);
-        let b: Vec<i64> = q.take_batch(5, now, T).into_iter().map(|(k, _)| k.con_id).collect();
-        assert_eq!(b, vec![1, 4], "in-flight items are not taken again");
-        assert!(q.take_batch(5, now, T).is_empty());
+        let b: Vec<i64> = q.take_sweep(1, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(b, vec![2, 3, 1, 4]);
+        assert!(
+            q.take_sweep(5, now, T).is_empty(),
+            "in-flight items are not taken again"
+        );
         assert_eq!((q.pending(), q.in_flight()), (4, 4));
         q.apply(ev(2, Source::Poll, 2.0, 60));
         assert_eq!(q.get(&PosKey::new("A", 2)).unwrap().status, Status::Refreshed);
         assert_eq!((q.pending(), q.in_flight()), (3, 3));
         // An in-flight item becomes eligible again after the timeout.
-        assert_eq!(q.take_batch(5, now + T, T).len(), 3);
+        assert_eq!(q.take_sweep(5, now + T, T).len(), 3);
+    }
+
+    #[test]
+    fn a_poll_asked_before_a_change_but_read_after_it_refreshes_nothing() {
+        let mut q = QueueState::new();
+        let k = PosKey::new("A", 1);
+        q.apply(ev(1, Source::Snapshot, 1.0, 10));
+        assert_eq!(q.take_sweep(5, Instant::now(), T).len(), 1);
+        // Ingest saw a fill at 30; the poll, asked at 20 (before it), is read back after it.
+        q.apply(ev(1, Source::Stream, 2.0, 30));
+        q.apply(ev(1, Source::Poll, 1.0, 20));
+        let it = q.get(&k).unwrap();
+        assert_eq!(
+            (it.status, it.last.position, it.refresh_count),
+            (Status::Pending, 2.0, 1)
+        );
+        assert_eq!(q.in_flight(), 0, "the poll is over: the item can be taken again");
+        assert_eq!(q.take_sweep(5, Instant::now(), T).len(), 1);
+        // A poll asked after a change contains it: the older enqueue read later changes nothing.
+        q.apply(ev(1, Source::Poll, 2.0, 50));
+        q.apply(ev(1, Source::Stream, 2.0, 40));
+        assert_eq!(q.get(&k).unwrap().status, Status::Refreshed);
+    }
+
+    #[test]
+    fn a_sweep_takes_every_pending_item_of_the_accounts_with_the_oldest_items() {
+        let mut q = QueueState::new();
+        let mut at = |account: &str, con: i64, t: i64, position: f64| {
+            let mut e = ev(con, Source::Snapshot, position, t);
+            e.account = account.into();
+            q.apply(e);
+        };
+        at("B", 1, 5, 1.0); // B's oldest: 5
+        at("A", 2, 10, 1.0); // A's oldest: 10
+        at("C", 3, 20, 1.0);
+        at("A", 4, 90, 1.0); // newer than C's, still swept with A
+        at("B", 5, 95, 0.0); // closed: no refresh due
+        let now = Instant::now();
+        let s: Vec<(String, i64)> = q
+            .take_sweep(2, now, T)
+            .into_iter()
+            .map(|(k, _)| (k.account, k.con_id))
+            .collect();
+        assert_eq!(s, vec![("B".into(), 1), ("A".into(), 2), ("A".into(), 4)]);
+        let s: Vec<i64> = q.take_sweep(2, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(s, vec![3], "in-flight items are not taken again");
+        assert!(q.take_sweep(2, now, T).is_empty());
     }
 
     #[test]
@@ -233,13 +336,13 @@ mod tests {
         q.apply(ev(1, Source::Snapshot, 1.0, 1));
         q.apply(ev(2, Source::Snapshot, 0.0, 1));
         let now = Instant::now();
-        assert_eq!(q.take_batch(5, now, T).len(), 1, "closed items are not polled");
+        assert_eq!(q.take_sweep(5, now, T).len(), 1, "closed items are not polled");
         let k = PosKey::new("A", 1);
         assert!(q.may_publish(&k));
         q.apply(ev(1, Source::Stream, 5.0, 2));
         assert!(!q.may_publish(&k), "a newer change makes the poll stale");
         q.release(&k);
-        let b = q.take_batch(5, now, T);
+        let b = q.take_sweep(5, now, T);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].1.last.position, 5.0);
         q.apply(ev(1, Source::Reconcile, 0.0, 3));

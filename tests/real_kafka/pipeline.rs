@@ -398,8 +398,10 @@ impl Pipeline {
                     .take(5)
                     .map(|(k, v)| (k.clone(), *v, table.get(k).copied()))
                     .collect();
+                let history = self.history_of(diff.iter().map(|d| d.0.clone()).collect());
+                let kept = self.keep_dir();
                 bail!(
-                    "positions_current never reached the simulator's truth ({} vs {} open positions), e.g. {diff:?}\ningest log:\n{}",
+                    "positions_current never reached the simulator's truth ({} vs {} open positions), e.g. {diff:?}\nwhat the topics hold for those keys:\n{history}\nlogs kept in {kept}\ningest log:\n{}",
                     table.len(),
                     truth.len(),
                     self.log_tail("ingest")
@@ -443,6 +445,36 @@ impl Pipeline {
             wait_exit(&mut m.0, Duration::from_secs(30))?;
         }
         Ok(report)
+    }
+
+    /// For a failure message: every position event the topics hold for `keys`, in order, so
+    /// the reader sees whether a lost change is missing from the topic (ingest) or only from
+    /// the table (materialize).
+    fn history_of(&self, keys: Vec<(String, i64)>) -> String {
+        let produced = match read_topics(&self.kafka) {
+            Ok(p) => p,
+            Err(e) => return format!("(could not read the topics: {e:#})"),
+        };
+        let mut out = String::new();
+        for p in &produced {
+            if let Payload::Position(e) = &p.payload {
+                if keys.contains(&(e.account.clone(), e.con_id)) {
+                    out.push_str(&format!(
+                        "  {}/{}@{}: {}:{} position {} source {:?} route {:?} session {} seq {} ib_time {} ingest_time {}\n",
+                        p.topic, p.partition, p.offset, e.account, e.con_id, e.position, e.source,
+                        e.route, e.session_id, e.sequence, e.ib_time, e.ingest_time
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the scenario's directory (logs, tables) past the test, for a post-mortem.
+    fn keep_dir(&self) -> String {
+        let to = std::env::temp_dir().join(format!("possync-faults-{}", possync::events::new_id()));
+        let _ = copy_dir(self.dir.path(), &to);
+        to.display().to_string()
     }
 
     /// Open positions of the simulator now: (account, conId) → quantity.
@@ -577,4 +609,18 @@ pub fn read_topics(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
         }
     }
     Ok(out)
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
 }

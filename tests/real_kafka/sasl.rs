@@ -39,7 +39,6 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failed on the last run after the merges (cause not yet read); run with -- --ignored scram"]
 async fn scram_listener_through_passthrough_never_shows_the_password() -> anyhow::Result<()> {
     let _one = crate::SERIAL.lock().await;
     let mut p = Pipeline::start(Options {
