@@ -428,10 +428,9 @@ async fn book_as_of_and_version_and_rebuild_match_truth_and_live_tables() -> any
     let (ok, stdout, stderr) = possync(rebuild_args.to_vec()).await?;
     ensure!(ok, "possync rebuild failed: {stderr}");
     println!("{stdout}");
-    // The report says where the registry came from: materialize now writes registry_events,
-    // which rebuild does not fold yet, so the registry is copied and the report must say so.
+    // The registry is folded from its audit log, registry_events, not copied.
     ensure!(
-        stdout.contains("copied from strategy_registry") && stdout.contains("registry_events"),
+        stdout.contains("folded from") && stdout.contains("registry_events") && !stdout.contains("copied"),
         "{stdout}"
     );
 

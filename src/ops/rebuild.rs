@@ -6,16 +6,18 @@
 //! materialized the same offsets. This is what event sourcing pays for once Kafka's retention
 //! has dropped the topics' history.
 //!
-//! `strategy_registry`: there is no `registry_events` audit table yet, so the registry is
-//! copied from the live `strategy_registry` table as it is (its rows and, with a namespace, its
-//! offsets). The report says so; once `registry_events` exists this is where it gets folded
-//! with [`upsert::fold_registry`].
+//! `strategy_registry` is folded from the registry's audit log, `registry_events`, with the
+//! materializer's own rule ([`upsert::fold_registry`]), so it equals the live table at the same
+//! offsets. Entries of the live table that the audit log cannot explain (written by an older
+//! possync, before `registry_events` existed) are counted in the report, not copied. Tables
+//! without `registry_events` get the live registry copied as it is, and the report says so.
 //!
 //! The target (`--to`) must not hold any of the three tables: rebuild only creates, it never
 //! overwrites, and it never writes under the source. With `--offsets-namespace NS` each rebuilt
 //! table also carries the Kafka offsets it reflects (the source `position_events`' txn versions
-//! for every position topic-partition found in the log, `strategy_registry`'s for registry
-//! partitions 0..64), so a materializer started with that namespace on the rebuilt tables
+//! for every position topic-partition found in the log, `registry_events`' for every registry
+//! partition found in it, or `strategy_registry`'s for registry partitions 0..64 when there is
+//! no `registry_events`), so a materializer started with that namespace on the rebuilt tables
 //! continues where the source stopped instead of replaying the topics from offset 0.
 
 use std::collections::BTreeSet;
@@ -189,20 +191,49 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
         }
     }
 
-    // The registry, as it is (no registry_events yet).
+    // The registry: folded from its audit log, registry_events, when there is one.
     let mut registry_table = open_existing(&cfg.from, TableKind::StrategyRegistry).await?;
-    let registry = match &registry_table {
-        Some(t) => upsert::registry_from_batches(&t.read_all().await?)?,
-        None => upsert::RegistryState::new(),
-    };
-    let registry_source = match (&registry_table, exists(&cfg.from, "registry_events").await?) {
-        (_, true) => {
-            "copied from strategy_registry; a registry_events table exists but this build does not fold it yet"
+    let registry_log = open_existing(&cfg.from, TableKind::RegistryEvents).await?;
+    let mut registry_seen: BTreeSet<(String, i32)> = BTreeSet::new();
+    let (registry, registry_source) = match &registry_log {
+        Some(log) => {
+            let mut state = upsert::RegistryState::new();
+            let mut n = 0u64;
+            for f in log.files()? {
+                let rows = log.read(std::slice::from_ref(&f)).await?;
+                for b in &rows {
+                    n += b.num_rows() as u64;
+                    collect_partitions(b, &mut registry_seen);
+                }
+                if let Some(next) = upsert::fold_registry(&state, &rows)? {
+                    state = next;
+                }
+            }
+            let mut source = format!("folded from {n} registry_events@v{}", log.version());
+            // Entries of the live table the audit log cannot explain: written before
+            // registry_events existed (an older possync). Reported, never copied.
+            if let Some(t) = &registry_table {
+                let live = upsert::registry_from_batches(&t.read_all().await?)?;
+                let missing = live.keys().filter(|k| !state.contains_key(*k)).count();
+                if missing > 0 {
+                    source.push_str(&format!(
+                        "; {missing} entries of the live strategy_registry predate registry_events and are not in the rebuild: re-seed them with possync registry activate"
+                    ));
+                }
+            }
+            (state, source)
         }
-        (Some(_), false) => "copied from strategy_registry as-is: there is no registry_events audit table yet",
-        (None, false) => "empty: the source has neither strategy_registry nor registry_events",
-    }
-    .to_string();
+        None => match &registry_table {
+            Some(t) => (
+                upsert::registry_from_batches(&t.read_all().await?)?,
+                "copied from strategy_registry as-is: there is no registry_events audit table (written by possync materialize since it records registry history)".to_string(),
+            ),
+            None => (
+                upsert::RegistryState::new(),
+                "empty: the source has neither strategy_registry nor registry_events".to_string(),
+            ),
+        },
+    };
 
     // Offsets the rebuilt tables reflect.
     let mut position_txns = Vec::new();
@@ -214,13 +245,25 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
                 position_txns.push((id, v));
             }
         }
-        if let Some(t) = registry_table.as_mut() {
-            for p in 0..REGISTRY_PARTITIONS_PROBED {
-                let id = app_id(ns, &cfg.topics.registry, p);
-                if let Some(v) = t.txn_version(&id).await? {
-                    registry_txns.push((id, v));
+        match (registry_log, registry_table.as_mut()) {
+            // The offsets the fold reflects: registry_events' own.
+            (Some(mut log), _) => {
+                for (topic, p) in &registry_seen {
+                    let id = app_id(ns, topic, *p);
+                    if let Some(v) = log.txn_version(&id).await? {
+                        registry_txns.push((id, v));
+                    }
                 }
             }
+            (None, Some(t)) => {
+                for p in 0..REGISTRY_PARTITIONS_PROBED {
+                    let id = app_id(ns, &cfg.topics.registry, p);
+                    if let Some(v) = t.txn_version(&id).await? {
+                        registry_txns.push((id, v));
+                    }
+                }
+            }
+            (None, None) => {}
         }
     }
 
