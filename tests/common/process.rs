@@ -9,6 +9,42 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_possync");
 
+/// What a finished `possync` command printed.
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// stdout then stderr.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to its end as a user would see it: no backtrace on an error exit (a CI shell
+/// may set `RUST_BACKTRACE`).
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<Ran> {
+    let out = cmd
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .map_err(|e| anyhow::anyhow!("run {cmd:?}: {e}"))?;
+    Ok(Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Runs `cmd`; its stdout, or an error with everything it printed when it failed.
+pub fn run_ok(cmd: &mut std::process::Command) -> anyhow::Result<String> {
+    let ran = run(cmd)?;
+    anyhow::ensure!(ran.ok, "{cmd:?} failed: {}", ran.all());
+    Ok(ran.stdout)
+}
+
 /// Kills the child if the test fails before it stopped it.
 pub struct Reap(pub Child);
 

@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::kafka_cluster::{KafkaCluster, KafkaOpts};
-use crate::common::process::{signal, wait_exit, Reap, BIN};
+use crate::common::process::{run_ok, signal, wait_exit, Reap, BIN};
 use crate::materialize_support::{check_exact, Payload, Produced};
 
 /// Options of one scenario.
@@ -543,17 +543,6 @@ pub fn kafka_flags(kafka: &KafkaConfig) -> Vec<String> {
         .iter()
         .flat_map(|(k, v)| ["-K".to_string(), format!("{k}={v}")])
         .collect()
-}
-
-pub fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Every message of the position and registry topics, decoded, with its coordinates.

@@ -9,24 +9,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 
 use crate::common::kafka_cluster::{KafkaCluster, KafkaOpts};
-use crate::common::process::BIN;
+use crate::common::process::{run, BIN};
 
 fn possync(args: &[&str]) -> anyhow::Result<(bool, String)> {
-    // No backtrace on an error exit (a CI shell may set RUST_BACKTRACE): what a user sees.
-    let out = Command::new(BIN)
-        .args(args)
-        .env("POSSYNC_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0")
-        .output()?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    let ran = run(Command::new(BIN).args(args).env("POSSYNC_LOG", "warn"))?;
+    Ok((ran.ok, ran.all()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
