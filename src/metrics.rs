@@ -422,9 +422,8 @@ pub async fn serve_with(
                     let Ok((mut sock, _)) = accepted else { continue };
                     let ready = ready.clone();
                     tokio::spawn(async move {
-                        let mut buf = [0u8; 1024];
-                        let n = sock.read(&mut buf).await.unwrap_or(0);
-                        let (status, body) = respond(&buf[..n], &ready, global());
+                        let request = read_request(&mut sock).await;
+                        let (status, body) = respond(&request, &ready, global());
                         let resp = format!(
                             "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
@@ -436,6 +435,24 @@ pub async fn serve_with(
         }
     });
     Ok(local)
+}
+
+/// Reads a request's head: up to the blank line that ends it, 8 KiB or 5 s, whichever comes
+/// first. A request may arrive in several segments; answering after the first one and closing
+/// would reset the connection under a client still writing (it sees EPIPE).
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 1024];
+    let reading = async {
+        while head.len() < 8 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reading).await;
+    head
 }
 
 /// The status line and body for a request's first line.
@@ -459,6 +476,27 @@ fn respond(request: &[u8], ready: &Readiness, m: &Metrics) -> (&'static str, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request that arrives in two segments is answered as a whole. Before, the server
+    /// answered the first segment ("GET /re": metrics) and closed, so the client's second
+    /// write failed with EPIPE (seen as a flaky scrape in the SASL scenario).
+    #[tokio::test]
+    async fn a_request_in_two_segments_is_read_to_its_end() {
+        let token = CancellationToken::new();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), token.clone()).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"GET /hea").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s.write_all(b"lthz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK") && out.ends_with("\r\n\r\nok\n"),
+            "{out}"
+        );
+        token.cancel();
+    }
 
     #[tokio::test]
     async fn endpoint_serves_prometheus_text() {

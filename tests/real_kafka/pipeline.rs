@@ -136,18 +136,26 @@ impl Pipeline {
             })
             .await?,
         );
-        // Every fourth position is held by a strategy: the active route gets traffic too.
-        for (i, p) in sim.truth().positions.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
-            possync::registry::activate(
-                &kafka,
-                "faults",
-                Some(&p.account),
-                i64::from(p.contract.con_id),
-                (i % 3) as i32,
-                "test",
-            )
-            .await?;
-        }
+        // Every fourth position is held by a strategy: the active route gets traffic too. One
+        // producer for all of them (a producer per entry costs seconds on a real cluster).
+        let entries: Vec<_> = sim
+            .truth()
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 4 == 0)
+            .map(|(i, p)| {
+                possync::registry::event(
+                    "faults",
+                    Some(&p.account),
+                    i64::from(p.contract.con_id),
+                    possync::events::RegistryAction::Activate,
+                    (i % 3) as i32,
+                    "test",
+                )
+            })
+            .collect();
+        possync::registry::commands::publish(&kafka, &entries).await?;
         let base = dir.path().join("tables").to_string_lossy().into_owned();
         let mut p = Pipeline {
             members: (0..opts.members).map(|_| None).collect(),
@@ -409,9 +417,14 @@ impl Pipeline {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        for (name, child) in [("ingest", self.ingest.take()), ("queue-worker", self.queue.take())] {
-            let Some(mut child) = child else { continue };
+        let producers: Vec<_> = [("ingest", self.ingest.take()), ("queue-worker", self.queue.take())]
+            .into_iter()
+            .filter_map(|(name, child)| child.map(|c| (name, c)))
+            .collect();
+        for (_, child) in &producers {
             signal(&child.0, "INT")?;
+        }
+        for (name, mut child) in producers {
             let status = wait_exit(&mut child.0, Duration::from_secs(30))?;
             ensure!(
                 status.success(),
@@ -440,8 +453,10 @@ impl Pipeline {
             materialize_starts: self.spawned,
             conflicts: conflicts(self.dir.path(), self.members.len()),
         };
-        for m in self.members.iter_mut().filter_map(Option::as_mut) {
+        for m in self.members.iter().flatten() {
             signal(&m.0, "TERM")?;
+        }
+        for m in self.members.iter_mut().flatten() {
             wait_exit(&mut m.0, Duration::from_secs(30))?;
         }
         Ok(report)
