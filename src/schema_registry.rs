@@ -310,7 +310,11 @@ mod tests {
     #[tokio::test]
     async fn unreachable_registry_is_one_line_naming_the_flag() {
         // A port nothing listens on: bind, read the port, close.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let r = SchemaRegistry::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
         let e = r.register_all(&Topics::new("p.")).await.unwrap_err();
         let text = e.to_string();
