@@ -243,6 +243,7 @@ async fn ingest_and_materialize_frame_with_the_registry_ids() -> anyhow::Result<
             payload,
         });
     }
+    eprintln!("registry ids {ids:?}: {positions} position and {registrations} registry events framed with them");
     ensure!(
         registrations == 1 && positions >= want.len(),
         "{registrations} registry and {positions} position events"
