@@ -43,6 +43,12 @@ t0=$SECONDS
 scripts/kafka.sh fetch
 echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml) ready in $((SECONDS - t0))s"
 
+step "Apicurio Registry (Maven Central, built once under ~/.cache/possync-schema-registry)"
+# A Confluent-compatible schema registry for tests/schema_registry.rs (--schema-registry-url).
+t0=$SECONDS
+scripts/schema-registry.sh fetch
+echo "Apicurio Registry $(sed -n 's:.*<apicurio.version>\(.*\)</apicurio.version>.*:\1:p' tests/schema-registry/pom.xml) ready in $((SECONDS - t0))s"
+
 step "Delta Lake jars for Spark (Maven Central, cached under ~/.cache/possync-spark)"
 # Resolved here so that no test downloads; tests/py/spark_read.py would fetch them itself.
 t0=$SECONDS

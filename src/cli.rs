@@ -78,6 +78,27 @@ pub enum BenchCommand {
     Queue(crate::queue_worker::bench::BenchQueueArgs),
 }
 
+/// The `--schema-registry-url` flags and the Kafka flags of a subcommand that produces or consumes
+/// possync's Avro values (`run`, `sim` and the benchmarks keep the fixed schema ids).
+fn schema_registry_of(
+    command: &Command,
+) -> Option<(&crate::schema_registry::SchemaRegistryArgs, &crate::kafka::KafkaArgs)> {
+    use crate::registry::RegistryCommand as R;
+    match command {
+        Command::Materialize(a) => Some((&a.schema_registry, &a.kafka)),
+        Command::Ingest(a) => Some((&a.schema_registry, &a.kafka)),
+        Command::QueueWorker(a) => Some((&a.schema_registry, &a.kafka)),
+        Command::Registry(r) => match &r.command {
+            R::Activate(a) => Some((&a.entry.schema_registry, &a.entry.kafka)),
+            R::Deactivate(e) => Some((&e.schema_registry, &e.kafka)),
+            R::List(l) => Some((&l.schema_registry, &l.kafka)),
+            R::Seed(s) => Some((&s.schema_registry, &s.kafka)),
+            R::History(_) => None,
+        },
+        _ => None,
+    }
+}
+
 /// The command line, with environment values hidden from `--help` on every subcommand (they may
 /// hold secrets, such as `POSSYNC_KAFKA_CONFIG`).
 pub fn command() -> clap::Command {
@@ -161,6 +182,10 @@ fn ib_client(kafka: &crate::kafka::KafkaConfig) -> Readiness {
 /// # Errors
 /// Whatever the subcommand fails with, with context for the user.
 pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some((sr, kafka)) = schema_registry_of(&cli.command) {
+        let topics = crate::kafka::KafkaConfig::from_args(kafka)?.topics;
+        crate::schema_registry::apply(sr, &topics).await?;
+    }
     match cli.command {
         Command::Run(args) => {
             crate::run::run(args.into(), shutdown).await?;

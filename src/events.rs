@@ -1,7 +1,7 @@
 //! The events possync publishes, their Kafka keys, and their Avro / Confluent wire encoding.
 //!
 //! Values are Avro binary in the Confluent wire format: magic byte `0`, a 4-byte big-endian
-//! schema id ([`crate::schema`]), then the Avro payload. Ordinary Kafka tooling decodes them
+//! schema id ([`crate::schema::ids`]: fixed, or a schema registry's), then the Avro payload. Ordinary Kafka tooling decodes them
 //! with the `.avsc` files in `schemas/`.
 
 use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value, Schema};
@@ -16,7 +16,10 @@ pub enum EventError {
     #[error("not a Confluent-framed Avro value ({0}); was it produced by possync or a Confluent serializer?")]
     NotConfluent(&'static str),
     /// The frame names a schema id this build does not know.
-    #[error("unknown schema id {found} (expected {expected}); is the producer newer than this consumer?")]
+    #[error(
+        "unknown schema id {found} (expected {expected}); is the producer newer than this consumer, or do they \
+         disagree on --schema-registry-url?"
+    )]
     UnknownSchemaId { found: u32, expected: u32 },
     /// The Avro payload does not match the schema.
     #[error("Avro payload does not match schema {schema}: {source}")]
@@ -100,7 +103,7 @@ impl PositionEvent {
         encode(
             self,
             schema::position_event(),
-            schema::POSITION_EVENT_SCHEMA_ID,
+            schema::ids().position_event,
             "PositionEvent",
         )
     }
@@ -110,7 +113,7 @@ impl PositionEvent {
         decode(
             bytes,
             schema::position_event(),
-            schema::POSITION_EVENT_SCHEMA_ID,
+            schema::ids().position_event,
             "PositionEvent",
         )
     }
@@ -155,7 +158,7 @@ impl RegistryEvent {
         encode(
             self,
             schema::registry_event(),
-            schema::REGISTRY_EVENT_SCHEMA_ID,
+            schema::ids().registry_event,
             "RegistryEvent",
         )
     }
@@ -165,7 +168,7 @@ impl RegistryEvent {
         decode(
             bytes,
             schema::registry_event(),
-            schema::REGISTRY_EVENT_SCHEMA_ID,
+            schema::ids().registry_event,
             "RegistryEvent",
         )
     }

@@ -8,6 +8,7 @@
 //! Modules, one job each:
 //! - [`cli`]: flags and subcommands (`possync --help`), signal handling.
 //! - [`schema`]: the Avro schemas of `schemas/`, embedded at build time.
+//! - [`schema_registry`]: `--schema-registry-url`, ids from a Confluent-compatible registry.
 //! - [`events`]: `PositionEvent` / `RegistryEvent`, keys, Confluent wire encoding.
 //! - [`kafka`]: broker flags, topics, producer/consumer settings, embedded broker.
 //! - [`topics`]: `possync topics create | check` and the start-up check of every Kafka process.
@@ -32,5 +33,6 @@ pub mod queue_worker;
 pub mod registry;
 pub mod run;
 pub mod schema;
+pub mod schema_registry;
 pub mod sim;
 pub mod topics;

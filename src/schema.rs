@@ -1,8 +1,10 @@
 //! The Avro schemas of `schemas/*.avsc`, embedded at build time so code and files cannot drift.
 //!
 //! The `.avsc` files are the contract with every Kafka consumer; this module parses them once
-//! and hands out the parsed [`apache_avro::Schema`] together with the fixed Confluent schema id
-//! that each value is framed with (see [`crate::events`]).
+//! and hands out the parsed [`apache_avro::Schema`] together with the Confluent schema id that
+//! each value is framed with (see [`crate::events`]): the fixed ids below, or, when the process
+//! was started with `--schema-registry-url`, the ids that registry gave (see
+//! [`crate::schema_registry`] and [`use_ids`]).
 
 use std::sync::OnceLock;
 
@@ -18,6 +20,44 @@ pub const REGISTRY_EVENT_AVSC: &str = include_str!("../schemas/registry_event.av
 pub const POSITION_EVENT_SCHEMA_ID: u32 = 1;
 /// Confluent wire-format schema id of `RegistryEvent`.
 pub const REGISTRY_EVENT_SCHEMA_ID: u32 = 2;
+
+/// The Confluent schema ids one process frames and accepts values with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaIds {
+    /// Id of `PositionEvent` (topics `positions.active` and `positions.queued`).
+    pub position_event: u32,
+    /// Id of `RegistryEvent` (topic `registry`).
+    pub registry_event: u32,
+}
+
+impl SchemaIds {
+    /// The fixed ids, used when no schema registry is configured.
+    pub const FIXED: SchemaIds = SchemaIds {
+        position_event: POSITION_EVENT_SCHEMA_ID,
+        registry_event: REGISTRY_EVENT_SCHEMA_ID,
+    };
+}
+
+static IDS: OnceLock<SchemaIds> = OnceLock::new();
+
+/// The ids of this process: those given to [`use_ids`], else [`SchemaIds::FIXED`].
+pub fn ids() -> SchemaIds {
+    IDS.get().copied().unwrap_or(SchemaIds::FIXED)
+}
+
+/// Frames and accepts values with `ids` (a schema registry's) for the rest of the process.
+/// Call it at start-up, before anything is encoded or decoded.
+///
+/// # Errors
+/// The ids already in use, when they differ from `ids` (one process, one set of ids).
+pub fn use_ids(ids: SchemaIds) -> Result<(), SchemaIds> {
+    let set = *IDS.get_or_init(|| ids);
+    if set == ids {
+        Ok(())
+    } else {
+        Err(set)
+    }
+}
 
 /// The parsed `PositionEvent` schema.
 pub fn position_event() -> &'static Schema {

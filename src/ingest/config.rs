@@ -68,6 +68,8 @@ pub struct IngestArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
+    #[command(flatten)]
     pub metrics: MetricsArgs,
 }
 

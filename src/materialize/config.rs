@@ -19,6 +19,8 @@ pub struct MaterializeArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
+    #[command(flatten)]
     pub tables: TableArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,

@@ -181,14 +181,14 @@ pub fn positions_current_layout() -> &'static Arc<Layout> {
 pub fn registry_layout() -> &'static Arc<Layout> {
     static L: OnceLock<Arc<Layout>> = OnceLock::new();
     L.get_or_init(|| {
-        let plan = RecordPlan::from_schema(schema::registry_event(), schema::REGISTRY_EVENT_SCHEMA_ID)
+        let plan = RecordPlan::from_schema(schema::registry_event(), schema::ids().registry_event)
             .expect("schemas/registry_event.avsc is a flat record");
         Arc::new(Layout::new(plan, None))
     })
 }
 
 fn position_plan() -> RecordPlan {
-    RecordPlan::from_schema(schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID)
+    RecordPlan::from_schema(schema::position_event(), schema::ids().position_event)
         .expect("schemas/position_event.avsc is a flat record")
 }
 

@@ -86,6 +86,8 @@ pub struct QueueWorkerArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
+    #[command(flatten)]
     pub metrics: metrics::MetricsArgs,
 }
 

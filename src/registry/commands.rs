@@ -75,6 +75,8 @@ pub struct EntryArgs {
     pub actor: String,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
 }
 
 /// `activate` flags.
@@ -98,6 +100,8 @@ pub struct ListArgs {
     pub timeout: Duration,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
 }
 
 /// `seed` flags.
@@ -111,6 +115,8 @@ pub struct SeedArgs {
     pub actor: String,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub schema_registry: crate::schema_registry::SchemaRegistryArgs,
 }
 
 /// One line of a bootstrap file.

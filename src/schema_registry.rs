@@ -1,0 +1,324 @@
+//! `--schema-registry-url`: frame values with the ids a Confluent-compatible schema registry
+//! gives, instead of the fixed ids of [`crate::schema`].
+//!
+//! At start-up every producing or consuming subcommand registers the embedded `schemas/*.avsc`
+//! under the subjects of its topics (TopicNameStrategy, `<topic>-value`): `PositionEvent` under
+//! `<prefix>positions.active-value` and `<prefix>positions.queued-value`, `RegistryEvent` under
+//! `<prefix>registry-value`. Registering is idempotent (an identical schema keeps its id), so
+//! producers and consumers all learn the same ids, once, and keep them for the life of the
+//! process ([`crate::schema::use_ids`]). Without the flag nothing here runs and the fixed ids
+//! stay.
+//!
+//! The registry is spoken to over its Confluent REST API (`POST /subjects/{subject}/versions`,
+//! `GET /schemas/ids/{id}`): Confluent Schema Registry, Karapace, or Apicurio Registry's
+//! compatibility API (`http://host:port/apis/ccompat/v6` on Apicurio 2, `…/v7` on 3).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::kafka::Topics;
+use crate::schema::{self, SchemaIds};
+
+/// The media type of the Confluent schema registry API.
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// `--schema-registry-url` and its timeout; flattened into every subcommand that produces or
+/// consumes possync's Avro values.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SchemaRegistryArgs {
+    /// Confluent-compatible schema registry to register `schemas/*.avsc` with (subjects
+    /// `<topic>-value`); values are then framed with the ids it returns instead of the fixed
+    /// ids 1 and 2. Give the base of its Confluent API, e.g. `http://127.0.0.1:8081`, or
+    /// `http://host:port/apis/ccompat/v7` for Apicurio Registry. Producers and consumers of one
+    /// pipeline must all use it, or none.
+    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+    /// How long one request to the schema registry may take.
+    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub schema_registry_timeout: Duration,
+}
+
+/// Why the schema registry could not give possync its ids.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaRegistryError {
+    /// The URL is not an http(s) URL.
+    #[error("--schema-registry-url {0:?} is not an http:// or https:// URL")]
+    BadUrl(String),
+    /// No answer (connection refused, DNS, timeout).
+    #[error("schema registry {url} is unreachable ({reason}); start it, or fix or drop --schema-registry-url")]
+    Unreachable { url: String, reason: String },
+    /// The registry answered with an error status.
+    #[error(
+        "schema registry {url} refused {what}: HTTP {status}: {message}; is --schema-registry-url the base of a \
+         Confluent-compatible API (Apicurio: …/apis/ccompat/v7)?"
+    )]
+    Refused {
+        url: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
+    /// The answer is not what the Confluent API returns.
+    #[error(
+        "schema registry {url} answered {what} with an unexpected body ({reason}); is --schema-registry-url the base \
+         of a Confluent-compatible API?"
+    )]
+    BadResponse { url: String, what: String, reason: String },
+    /// One schema got two ids under two subjects: possync frames one schema with one id.
+    #[error(
+        "schema registry {url} gave {schema} id {first} under {first_subject} but {second} under {second_subject}; \
+         possync needs one id per schema (Confluent registries give identical schemas one id; on Apicurio keep \
+         legacy-id-mode off)"
+    )]
+    SplitIds {
+        url: String,
+        schema: &'static str,
+        first_subject: String,
+        first: u32,
+        second_subject: String,
+        second: u32,
+    },
+    /// This process already uses other ids.
+    #[error("this process already frames values with schema ids {0:?}; one process, one schema registry")]
+    AlreadySet(SchemaIds),
+}
+
+/// A client of one schema registry.
+#[derive(Debug, Clone)]
+pub struct SchemaRegistry {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct IdReply {
+    id: u32,
+}
+
+#[derive(Deserialize)]
+struct SchemaReply {
+    schema: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorReply {
+    message: Option<String>,
+}
+
+impl SchemaRegistry {
+    /// A client of the registry at `url` (the base of its Confluent API).
+    ///
+    /// # Errors
+    /// [`SchemaRegistryError::BadUrl`] when `url` is not http(s).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, SchemaRegistryError> {
+        let base = url.trim().trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() <= "https://".len() {
+            return Err(SchemaRegistryError::BadUrl(url.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| SchemaRegistryError::BadUrl(format!("{url} ({})", chain(&e))))?;
+        Ok(Self { base, http })
+    }
+
+    /// The base URL requests go to.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// Registers `schema` (Avro, as text) under `subject`; the registry's id for it (an
+    /// identical schema already registered keeps its id).
+    ///
+    /// # Errors
+    /// [`SchemaRegistryError`] when the registry is unreachable or refuses.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, SchemaRegistryError> {
+        let what = format!("registering a schema under subject {subject}");
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" }).to_string();
+        let url = format!("{}/subjects/{}/versions", self.base, path_segment(subject));
+        let req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
+            .body(body);
+        let reply: IdReply = self.call(req, &what).await?;
+        Ok(reply.id)
+    }
+
+    /// The schema text the registry holds under `id`.
+    ///
+    /// # Errors
+    /// [`SchemaRegistryError`] when the registry is unreachable, or has no schema `id`.
+    pub async fn schema(&self, id: u32) -> Result<String, SchemaRegistryError> {
+        let what = format!("looking up schema id {id}");
+        let req = self
+            .http
+            .get(format!("{}/schemas/ids/{id}", self.base))
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        let reply: SchemaReply = self.call(req, &what).await?;
+        Ok(reply.schema)
+    }
+
+    /// Registers both schemas under the subjects of `topics`; the ids to frame values with.
+    ///
+    /// # Errors
+    /// [`SchemaRegistryError`], including [`SchemaRegistryError::SplitIds`] when one schema got
+    /// different ids under its two subjects.
+    pub async fn register_all(&self, topics: &Topics) -> Result<SchemaIds, SchemaRegistryError> {
+        let mut position = None::<(String, u32)>;
+        for topic in [&topics.active, &topics.queued] {
+            let subject = value_subject(topic);
+            let id = self.register(&subject, schema::POSITION_EVENT_AVSC).await?;
+            match &position {
+                None => position = Some((subject, id)),
+                Some((first_subject, first)) if *first != id => {
+                    return Err(SchemaRegistryError::SplitIds {
+                        url: self.base.clone(),
+                        schema: "PositionEvent",
+                        first_subject: first_subject.clone(),
+                        first: *first,
+                        second_subject: subject,
+                        second: id,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let registry_event = self
+            .register(&value_subject(&topics.registry), schema::REGISTRY_EVENT_AVSC)
+            .await?;
+        Ok(SchemaIds {
+            position_event: position.map(|(_, id)| id).unwrap_or_default(),
+            registry_event,
+        })
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T, SchemaRegistryError> {
+        let resp = req.send().await.map_err(|e| SchemaRegistryError::Unreachable {
+            url: self.base.clone(),
+            reason: chain(&e),
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| SchemaRegistryError::Unreachable {
+            url: self.base.clone(),
+            reason: chain(&e),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorReply>(&body)
+                .ok()
+                .and_then(|e| e.message)
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            return Err(SchemaRegistryError::Refused {
+                url: self.base.clone(),
+                what: what.to_string(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| SchemaRegistryError::BadResponse {
+            url: self.base.clone(),
+            what: what.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The value subject of a topic under TopicNameStrategy: `<topic>-value`.
+pub fn value_subject(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+/// When `args` names a registry: registers the schemas for `topics` and makes this process frame
+/// and accept values with the registry's ids. The ids in use afterwards.
+///
+/// # Errors
+/// [`SchemaRegistryError`]; nothing is changed then.
+pub async fn apply(args: &SchemaRegistryArgs, topics: &Topics) -> Result<SchemaIds, SchemaRegistryError> {
+    let Some(url) = args.schema_registry_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+        return Ok(schema::ids());
+    };
+    let registry = SchemaRegistry::new(url, args.schema_registry_timeout)?;
+    let ids = registry.register_all(topics).await?;
+    schema::use_ids(ids).map_err(SchemaRegistryError::AlreadySet)?;
+    tracing::info!(
+        registry = registry.url(),
+        position_event = ids.position_event,
+        registry_event = ids.registry_event,
+        "schema ids from the schema registry"
+    );
+    Ok(ids)
+}
+
+/// Percent-encodes everything but unreserved characters (topic names are `[a-zA-Z0-9._-]`, so
+/// this rarely changes anything).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An error and its sources on one line (reqwest's own text names only the outermost).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_topic_name_strategy() {
+        let t = Topics::new("p.");
+        assert_eq!(value_subject(&t.active), "p.positions.active-value");
+        assert_eq!(path_segment("a.b-c_d"), "a.b-c_d");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for u in ["", "127.0.0.1:8081", "ftp://x", "http://"] {
+            assert!(matches!(
+                SchemaRegistry::new(u, Duration::from_secs(1)),
+                Err(SchemaRegistryError::BadUrl(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_registry_is_one_line_naming_the_flag() {
+        // A port nothing listens on: bind, read the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let r = SchemaRegistry::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+        let e = r.register_all(&Topics::new("p.")).await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, SchemaRegistryError::Unreachable { .. }), "{text}");
+        assert!(text.contains("--schema-registry-url") && !text.contains('\n'), "{text}");
+    }
+}
