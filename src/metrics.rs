@@ -569,7 +569,9 @@ mod tests {
         assert!(status.starts_with("503"), "{status}");
         assert_eq!(body, "standby: another ingest holds the lease (group p.ingest-lease)\n");
         m.ingest_lease_held.store(1, Relaxed);
-        assert!(respond(b"GET /readyz HTTP/1.1", &ready, &m).1.contains("IB is not connected"));
+        assert!(respond(b"GET /readyz HTTP/1.1", &ready, &m)
+            .1
+            .contains("IB is not connected"));
         m.ib_connected.store(1, Relaxed);
         assert_eq!(respond(b"GET /readyz HTTP/1.1", &ready, &m).0, "200 OK");
         assert!(m.render().contains("possync_ingest_lease_held 1"));

@@ -93,9 +93,7 @@ impl IngestProc {
     }
 
     fn says_standing_by(&self) -> bool {
-        self.log_text()
-            .contains("another ingest holds the lease (group")
-            && self.log_text().contains("standing by")
+        self.log_text().contains("another ingest holds the lease (group") && self.log_text().contains("standing by")
     }
 
     /// What the simulator knows about this client id (`None`: it never connected).
@@ -117,9 +115,7 @@ fn published_book(c: &Collector) -> BTreeMap<(String, i64), PositionEvent> {
         .map(|s| s.event)
         .filter(|e| e.source != Source::Pnl)
         .collect();
-    evs.sort_by(|a, b| {
-        (a.ingest_time, &a.session_id, a.sequence).cmp(&(b.ingest_time, &b.session_id, b.sequence))
-    });
+    evs.sort_by(|a, b| (a.ingest_time, &a.session_id, a.sequence).cmp(&(b.ingest_time, &b.session_id, b.sequence)));
     let mut book = BTreeMap::new();
     for e in evs {
         book.insert((e.account.clone(), e.con_id), e);
@@ -217,9 +213,11 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
         .into_iter()
         .next()
         .context("the holder published")?;
-    wait_for("the standby's log line", DEADLINE, || async { standby.says_standing_by().then_some(()) })
-        .await
-        .with_context(|| standby.log_text())?;
+    wait_for("the standby's log line", DEADLINE, || async {
+        standby.says_standing_by().then_some(())
+    })
+    .await
+    .with_context(|| standby.log_text())?;
     let readyz = standby.get("/readyz").await.unwrap_or_default();
     ensure!(
         readyz.starts_with("HTTP/1.1 503") && readyz.contains("standby: another ingest holds the lease"),
@@ -281,11 +279,19 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
     .with_context(|| standby.log_text())?;
     let converged = Instant::now();
     let new_holder = standby;
-    ensure!(new_holder.lease_held().await == Some(1), "the new holder reports the lease");
-    let truth = env.sim.truth();
-    ensure!(truth.max_streams_total <= ACTIVE, "at most {ACTIVE} streams ever: {truth:?}");
     ensure!(
-        new_holder.at_ib(&truth).is_some_and(|c| c.connected && c.streams == ACTIVE),
+        new_holder.lease_held().await == Some(1),
+        "the new holder reports the lease"
+    );
+    let truth = env.sim.truth();
+    ensure!(
+        truth.max_streams_total <= ACTIVE,
+        "at most {ACTIVE} streams ever: {truth:?}"
+    );
+    ensure!(
+        new_holder
+            .at_ib(&truth)
+            .is_some_and(|c| c.connected && c.streams == ACTIVE),
         "the new holder holds the PnL streams: {:?}",
         truth.clients
     );
@@ -319,13 +325,20 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
     signal(&third.child.0, "INT")?;
     let asked = Instant::now();
     let status = wait_exit(&mut third.child.0, Duration::from_secs(30))?;
-    ensure!(status.success(), "a standby exits 0 on SIGINT: {status}\n{}", third.log_text());
+    ensure!(
+        status.success(),
+        "a standby exits 0 on SIGINT: {status}\n{}",
+        third.log_text()
+    );
     let stop_time = asked.elapsed();
     ensure!(
         stop_time < Duration::from_secs(15),
         "a standby took {stop_time:?} to stop"
     );
-    eprintln!("fencing: a standby stopped {:.2} s after SIGINT", stop_time.as_secs_f64());
+    eprintln!(
+        "fencing: a standby stopped {:.2} s after SIGINT",
+        stop_time.as_secs_f64()
+    );
     ensure!(sessions(&collector).len() == 2, "the third ingest published nothing");
 
     // The holder stops cleanly too, with every event of its session in order.
@@ -334,6 +347,76 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
     let status = wait_exit(&mut new_holder.child.0, Duration::from_secs(60))?;
     ensure!(status.success(), "the holder exits 0 on SIGINT: {status}");
     collector.check_integrity(&second_session)?;
+    env.shutdown.cancel();
+    Ok(())
+}
+
+/// A holder cut off from Kafka longer than the group's session timeout has lost the lease: it
+/// must stop publishing and drop its IB connection (and with it its PnL streams), then take the
+/// lease back, reconnect and reconcile once Kafka returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_from_kafka_drops_ib_until_it_holds_the_lease_again() -> anyhow::Result<()> {
+    const CLIENT: i32 = 301;
+    let env = env(quiet_sim(), 1, 6).await?;
+    let truth = env.sim.truth();
+    let p = &truth.positions[0];
+    possync::registry::activate(
+        &env.kafka,
+        "s",
+        Some(&p.account),
+        i64::from(p.contract.con_id),
+        1,
+        "test",
+    )
+    .await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let stop = env.shutdown.child_token();
+    let ingest = tokio::spawn(possync::ingest::run(
+        env.ingest_config(CLIENT, 10),
+        env.kafka.clone(),
+        stop.clone(),
+    ));
+    let at_ib = |t: &Truth| t.clients.iter().find(|c| c.client_id == CLIENT).cloned();
+    wait_for("the holder to publish the book", DEADLINE, || async {
+        let t = env.sim.truth();
+        (book_matches(&collector, &t) && at_ib(&t).is_some_and(|c| c.connected && c.streams == 1)).then_some(())
+    })
+    .await?;
+
+    env.broker.broker_down(1)?;
+    let cut = Instant::now();
+    wait_for("the holder to drop IB after losing the lease", DEADLINE, || async {
+        at_ib(&env.sim.truth())
+            .is_some_and(|c| !c.connected && c.streams == 0)
+            .then_some(())
+    })
+    .await?;
+    let dropped = cut.elapsed();
+    // While nobody holds the lease, the book moves on.
+    let changed = env
+        .sim
+        .apply_fill(&truth.positions[1].account, truth.positions[1].contract.con_id, 2.0)?;
+    env.broker.broker_up(1)?;
+    wait_for("the holder to take the lease back and reconcile", DEADLINE, || async {
+        let t = env.sim.truth();
+        (book_matches(&collector, &t) && at_ib(&t).is_some_and(|c| c.connected && c.connections == 2 && c.streams == 1))
+            .then_some(())
+    })
+    .await?;
+    eprintln!(
+        "fencing: IB dropped {:.1} s after Kafka went away; lease back and book reconciled {:.1} s after",
+        dropped.as_secs_f64(),
+        cut.elapsed().as_secs_f64()
+    );
+    ensure!(published_book(&collector)
+        .get(&(changed.account.clone(), i64::from(changed.contract.con_id)))
+        .is_some_and(|e| e.position == changed.quantity));
+    ensure!(
+        sessions(&collector).len() == 2,
+        "a new session after the lease came back"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), ingest).await???;
     env.shutdown.cancel();
     Ok(())
 }

@@ -137,13 +137,11 @@ impl Lease {
                     source,
                 })?;
         let topic = kafka.topics.registry.clone();
-        consumer
-            .subscribe(&[&topic])
-            .map_err(|source| LeaseError::Subscribe {
-                group: group.to_string(),
-                topic: topic.clone(),
-                source,
-            })?;
+        consumer.subscribe(&[&topic]).map_err(|source| LeaseError::Subscribe {
+            group: group.to_string(),
+            topic: topic.clone(),
+            source,
+        })?;
         let (tx, held) = watch::channel(LeaseState::Joining);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done) = oneshot::channel();

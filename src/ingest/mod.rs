@@ -319,8 +319,12 @@ async fn fenced(
         }
         m.ingest_lease_lost.fetch_add(1, Relaxed);
         match result {
-            Ok(()) => tracing::warn!(%group, "lost the ingest lease (cut off from Kafka or stalled longer than the session timeout): stopped publishing and dropped the IB connection; another ingest may hold it now"),
-            Err(e) => tracing::warn!(%group, error = %e, "lost the ingest lease while starting (is Kafka reachable?); standing by"),
+            Ok(()) => {
+                tracing::warn!(%group, "lost the ingest lease (cut off from Kafka or stalled longer than the session timeout): stopped publishing and dropped the IB connection; another ingest may hold it now")
+            }
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "lost the ingest lease while starting (is Kafka reachable?); standing by")
+            }
         }
         state = lease.state();
     }
