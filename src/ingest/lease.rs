@@ -50,7 +50,7 @@ pub enum LeaseError {
     Create {
         group: String,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// The subscription was refused.
     #[error("cannot join the ingest lease group {group} on topic {topic}: {source}; create the topics with `possync topics create`, or (if the cluster's ACLs forbid consumer groups for ingest) grant it Read on the group")]
@@ -58,7 +58,7 @@ pub enum LeaseError {
         group: String,
         topic: String,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// The lease thread could not be started.
     #[error("cannot start the ingest lease thread: {0}")]
@@ -118,7 +118,7 @@ impl ConsumerContext for PauseOnAssign {
 
 impl Lease {
     /// Joins `group` (subscribed to the registry topic) on a dedicated thread. The lease is
-    /// not held yet: wait for [`Lease::acquired`].
+    /// not held yet: watch [`Lease::changed`].
     ///
     /// # Errors
     /// [`LeaseError`] when the consumer cannot be created or subscribed.
@@ -134,13 +134,13 @@ impl Lease {
                 .create_with_context(PauseOnAssign::default())
                 .map_err(|source| LeaseError::Create {
                     group: group.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         let topic = kafka.topics.registry.clone();
         consumer.subscribe(&[&topic]).map_err(|source| LeaseError::Subscribe {
             group: group.to_string(),
             topic: topic.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let (tx, held) = watch::channel(LeaseState::Joining);
         let stop = Arc::new(AtomicBool::new(false));
