@@ -214,8 +214,13 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Ingest(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Ingest, args.kafka_timeout).await?;
-            args.metrics.serve(shutdown.child_token(), ib_client(&kafka)).await?;
-            crate::ingest::run((&args).into(), kafka, shutdown).await?
+            let cfg: crate::ingest::IngestConfig = (&args).into();
+            let ready = Readiness {
+                lease: cfg.lease_group(&kafka.topics),
+                ..ib_client(&kafka)
+            };
+            args.metrics.serve(shutdown.child_token(), ready).await?;
+            crate::ingest::run(cfg, kafka, shutdown).await?
         }
         Command::QueueWorker(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub checkpoint_failures: AtomicU64,
     /// 1 while an IB connection is up (ingest, queue worker), else 0.
     pub ib_connected: AtomicI64,
+    /// 1 while this ingest holds the ingest lease (it alone connects to IB and publishes);
+    /// 0 while it stands by.
+    pub ingest_lease_held: AtomicI64,
+    /// Times this ingest lost the lease while holding it (it then stopped publishing).
+    pub ingest_lease_lost: AtomicU64,
     /// 1 when the last Kafka probe of the health endpoint got an answer, else 0.
     pub kafka_reachable: AtomicI64,
     /// Wall-clock time (ms since the epoch) of the last Delta commit; 0 = none yet.
@@ -215,6 +220,18 @@ impl Metrics {
         );
         g(
             &mut s,
+            "ingest_lease_held",
+            "1 while this ingest holds the ingest lease (publishes), 0 while it stands by",
+            self.ingest_lease_held.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "ingest_lease_lost_total",
+            "Times this ingest lost the ingest lease while holding it (it stopped publishing)",
+            self.ingest_lease_lost.load(Relaxed),
+        );
+        g(
+            &mut s,
             "kafka_reachable",
             "1 when the last Kafka probe was answered",
             self.kafka_reachable.load(Relaxed),
@@ -263,6 +280,13 @@ impl Metrics {
     /// Why the process is not ready, per `r`; empty when it is.
     pub fn not_ready(&self, r: &Readiness) -> Vec<String> {
         let mut why = Vec::new();
+        if let Some(group) = &r.lease {
+            if self.ingest_lease_held.load(Relaxed) != 1 {
+                // A standby is not connected to IB on purpose: say why, not that IB is down.
+                why.push(format!("standby: another ingest holds the lease (group {group})"));
+                return why;
+            }
+        }
         if r.ib && self.ib_connected.load(Relaxed) != 1 {
             why.push("IB is not connected".to_string());
         }
@@ -312,6 +336,8 @@ pub struct Readiness {
     pub kafka_probe: Option<KafkaProbe>,
     /// While messages wait, the last Delta commit must be younger than this (materialize).
     pub max_commit_age: Option<std::time::Duration>,
+    /// The ingest lease group: this ingest must hold the lease (a standby is not ready).
+    pub lease: Option<String>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -320,6 +346,7 @@ impl std::fmt::Debug for Readiness {
             .field("ib", &self.ib)
             .field("kafka_probe", &self.kafka_probe.is_some())
             .field("max_commit_age", &self.max_commit_age)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -541,6 +568,7 @@ mod tests {
             ib: true,
             kafka_probe: Some(std::sync::Arc::new(|| true)),
             max_commit_age: Some(std::time::Duration::from_secs(60)),
+            lease: None,
         };
         let readyz = |m: &Metrics| respond(b"GET /readyz HTTP/1.1", &ready, m);
         let (status, body) = readyz(&m);
@@ -565,5 +593,25 @@ mod tests {
         assert!(respond(b"GET /metrics HTTP/1.1", &ready, &m)
             .1
             .contains("possync_buffered_messages 5"));
+    }
+
+    #[test]
+    fn a_standby_ingest_is_not_ready_and_says_why() {
+        let m = Metrics::default();
+        let ready = Readiness {
+            ib: true,
+            lease: Some("p.ingest-lease".into()),
+            ..Readiness::default()
+        };
+        let (status, body) = respond(b"GET /readyz HTTP/1.1", &ready, &m);
+        assert!(status.starts_with("503"), "{status}");
+        assert_eq!(body, "standby: another ingest holds the lease (group p.ingest-lease)\n");
+        m.ingest_lease_held.store(1, Relaxed);
+        assert!(respond(b"GET /readyz HTTP/1.1", &ready, &m)
+            .1
+            .contains("IB is not connected"));
+        m.ib_connected.store(1, Relaxed);
+        assert_eq!(respond(b"GET /readyz HTTP/1.1", &ready, &m).0, "200 OK");
+        assert!(m.render().contains("possync_ingest_lease_held 1"));
     }
 }

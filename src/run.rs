@@ -358,6 +358,8 @@ async fn pipeline(
     let consumers = CancellationToken::new();
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
 
+    // Fenced by the ingest lease like a standalone ingest: the embedded broker has a group
+    // coordinator, so a `possync ingest` attached to it stands by while this one runs.
     let ingest_cfg = ingest::IngestConfig {
         ib_host: sim.addr().ip().to_string(),
         ib_port: sim.addr().port(),

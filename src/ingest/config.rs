@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::kafka::KafkaArgs;
+use crate::kafka::{KafkaArgs, Topics};
 use crate::metrics::MetricsArgs;
 
 /// Flags of `possync ingest`.
@@ -65,6 +65,22 @@ pub struct IngestArgs {
     /// nothing unchanged. Costs one replay of both topics; `false` publishes everything again.
     #[arg(long, env = "POSSYNC_RESUME", default_value_t = true, action = clap::ArgAction::Set)]
     pub resume: bool,
+    /// Consumer group of the ingest lease (default `<topic-prefix>ingest-lease`). Of all
+    /// ingests in the group, only the one holding the lease connects to IB and publishes; the
+    /// others stand by and take over when it stops or dies (after the group's session timeout,
+    /// 6 s). Ingests that must not fence each other (other topics) use other groups.
+    #[arg(long, env = "POSSYNC_LEASE_GROUP")]
+    pub lease_group: Option<String>,
+    /// After getting the lease, wait this long before connecting to IB, so a previous holder
+    /// cut off from Kafka has noticed it lost the lease (librdkafka sees its session expire up
+    /// to about a heartbeat and a second after the coordinator does).
+    #[arg(long, env = "POSSYNC_LEASE_TAKEOVER_DELAY", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub lease_takeover_delay: Duration,
+    /// Run without the lease: nothing stops a second ingest from publishing the same positions
+    /// twice and using twice the streaming slots. Only for clusters whose ACLs give ingest no
+    /// consumer group, with a single ingest guaranteed by other means.
+    #[arg(long, env = "POSSYNC_NO_LEASE")]
+    pub no_lease: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -104,6 +120,13 @@ pub struct IngestConfig {
     pub kafka_timeout: Duration,
     /// Resume from the last published state.
     pub resume: bool,
+    /// Hold the ingest lease before connecting to IB (see [`super::lease`]); `false` only for
+    /// deployments that guarantee a single ingest otherwise.
+    pub lease: bool,
+    /// The lease group; `None` = `<topic-prefix>ingest-lease`.
+    pub lease_group: Option<String>,
+    /// Wait after getting the lease, before connecting to IB.
+    pub lease_takeover_delay: Duration,
     /// Record the active route's IB-to-ack latency (for `possync bench ingest`).
     pub record_latency: bool,
 }
@@ -125,6 +148,9 @@ impl Default for IngestConfig {
             shutdown_grace: Duration::from_secs(10),
             kafka_timeout: Duration::from_secs(30),
             resume: true,
+            lease: true,
+            lease_group: None,
+            lease_takeover_delay: Duration::from_secs(2),
             record_latency: false,
         }
     }
@@ -134,6 +160,15 @@ impl IngestConfig {
     /// `host:port` of the gateway.
     pub fn ib_address(&self) -> String {
         format!("{}:{}", self.ib_host, self.ib_port)
+    }
+
+    /// The lease group to join, `None` when the lease is off.
+    pub fn lease_group(&self, topics: &Topics) -> Option<String> {
+        self.lease.then(|| {
+            self.lease_group
+                .clone()
+                .unwrap_or_else(|| format!("{}ingest-lease", topics.prefix()))
+        })
     }
 }
 
@@ -154,6 +189,9 @@ impl From<&IngestArgs> for IngestConfig {
             shutdown_grace: a.shutdown_grace,
             kafka_timeout: a.kafka_timeout,
             resume: a.resume,
+            lease: !a.no_lease,
+            lease_group: a.lease_group.clone(),
+            lease_takeover_delay: a.lease_takeover_delay,
             record_latency: false,
         }
     }
@@ -174,5 +212,16 @@ mod tests {
     fn flag_defaults_match_config_default() {
         let cli = Cli::try_parse_from(["ingest"]).unwrap();
         assert_eq!(IngestConfig::from(&cli.args), IngestConfig::default());
+    }
+
+    #[test]
+    fn lease_group_defaults_to_the_topic_prefix() {
+        let topics = Topics::new("desk.");
+        let cfg = IngestConfig::default();
+        assert_eq!(cfg.lease_group(&topics).as_deref(), Some("desk.ingest-lease"));
+        let cli = Cli::try_parse_from(["ingest", "--lease-group", "g"]).unwrap();
+        assert_eq!(IngestConfig::from(&cli.args).lease_group(&topics).as_deref(), Some("g"));
+        let cli = Cli::try_parse_from(["ingest", "--no-lease"]).unwrap();
+        assert_eq!(IngestConfig::from(&cli.args).lease_group(&topics), None);
     }
 }

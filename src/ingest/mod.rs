@@ -14,7 +14,22 @@
 //! a RECONCILE close, changed ones a SNAPSHOT, unchanged ones nothing. 1101/1102 trigger the
 //! same reconciliation on the live connection.
 //!
-//! Files: [`config`] (flags), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
+//! **Fencing.** Only one ingest publishes at a time: [`run`] first takes the *ingest lease*
+//! ([`lease`]: partition 0 of the registry topic in the consumer group `--lease-group`,
+//! default `<topic-prefix>ingest-lease`, cooperative-sticky). Without it, ingest stands by:
+//! no IB connection, nothing published, one log line "another ingest holds the lease (group
+//! X); standing by", `possync_ingest_lease_held 0` and a 503 `/readyz` saying so. When it gets
+//! the lease (the holder stopped and left the group, or died and its session expired after
+//! 6 s), it waits `--lease-takeover-delay` (2 s), then starts as a fresh run: new session id,
+//! registry and last published state replayed from the topics (`--resume`), IB connected and
+//! reconciled. A holder that loses the lease (cut off from Kafka, or stalled, longer than the
+//! session timeout) cancels its run at once: no further event is produced, the producer's
+//! unsent queue is purged, its PnL streams and IB connection are dropped, and it stands by
+//! again. What the lease cannot promise (a stalled process resuming, messages already on the
+//! wire) is in [`lease`]'s doc. `--no-lease` runs without it. An [`Ingest`] built directly is
+//! one unfenced run (benchmarks, tests of ingest alone).
+//!
+//! Files: [`config`] (flags), [`lease`] (the ingest lease), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
 //! connection and event loop), [`resume`] (state after a restart), [`bench`] (`possync bench ingest`).
@@ -24,6 +39,7 @@ pub mod bench;
 pub mod book;
 pub mod config;
 mod engine;
+pub mod lease;
 pub mod publisher;
 pub mod reconcile;
 pub mod resume;
@@ -58,6 +74,9 @@ pub enum IngestError {
     /// Bad Kafka settings.
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaError),
+    /// The ingest lease group could not be joined.
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
 }
 
 /// Counts of one ingest run (the process-wide ones are in [`crate::metrics`]), so tests and
@@ -149,7 +168,13 @@ impl Ingest {
     ///
     /// # Errors
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
-    pub async fn run(mut self) -> Result<(), IngestError> {
+    pub async fn run(self) -> Result<(), IngestError> {
+        self.run_term(None).await
+    }
+
+    /// [`Ingest::run`]; when `lost` is cancelled (the lease is gone, and `shutdown` with it),
+    /// the unacknowledged events are purged instead of flushed.
+    async fn run_term(mut self, lost: Option<&CancellationToken>) -> Result<(), IngestError> {
         let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
         let mut backoff = backoff::Backoff::new(
             self.cfg.reconnect_initial,
@@ -196,7 +221,10 @@ impl Ingest {
                 Err(e) => break Err(e),
             }
         };
-        if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
+        if lost.is_some_and(CancellationToken::is_cancelled) {
+            let purged = self.engine.publisher.abandon();
+            tracing::warn!(purged, "ingest lease lost: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
+        } else if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
             tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
         }
         self.engine.log_stats();
@@ -204,10 +232,100 @@ impl Ingest {
     }
 }
 
-/// Runs ingest until `shutdown` (see [`Ingest::start`] and [`Ingest::run`]).
+/// How long a stopping ingest waits for its lease consumer to leave the group.
+const LEASE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs ingest until `shutdown`: with the lease (the default), standing by until it holds it,
+/// then one run ([`Ingest::start`], [`Ingest::run`]) per lease term; without, one run.
 ///
 /// # Errors
-/// As [`Ingest::start`] and [`Ingest::run`].
+/// As [`Ingest::start`] and [`Ingest::run`]; [`IngestError::Lease`] when the lease group
+/// cannot be joined.
 pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
-    Ingest::start(cfg, kafka, shutdown).await?.run().await
+    let Some(group) = cfg.lease_group(&kafka.topics) else {
+        tracing::warn!("running without the ingest lease (--no-lease): a second ingest would publish every event twice and use twice the streaming slots");
+        return Ingest::start(cfg, kafka, shutdown).await?.run().await;
+    };
+    metrics::global().ingest_lease_held.store(0, Relaxed);
+    let mut lease = lease::Lease::join(&kafka, &group)?;
+    tracing::info!(%group, topic = %kafka.topics.registry, "joining the ingest lease group");
+    let result = fenced(&cfg, &kafka, &mut lease, &shutdown).await;
+    // Leave only after the last event was flushed (or purged): the next holder starts after.
+    lease.release(LEASE_RELEASE_TIMEOUT).await;
+    result
+}
+
+/// The lease loop: stand by, hold, run, and again after a lost lease.
+async fn fenced(
+    cfg: &IngestConfig,
+    kafka: &KafkaConfig,
+    lease: &mut lease::Lease,
+    shutdown: &CancellationToken,
+) -> Result<(), IngestError> {
+    use lease::LeaseState;
+    let m = metrics::global();
+    let group = lease.group().to_string();
+    let mut state = lease.state();
+    loop {
+        m.ingest_lease_held.store(0, Relaxed);
+        // Stand by until the lease is held.
+        while state != LeaseState::Held {
+            if state == LeaseState::Standby {
+                tracing::info!(%group, "another ingest holds the lease (group {group}); standing by");
+            }
+            state = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                s = lease.changed(state) => s,
+            };
+        }
+        let mut watch = lease.watch();
+        if !cfg.lease_takeover_delay.is_zero() {
+            tracing::info!(%group, delay = ?cfg.lease_takeover_delay, "got the ingest lease; waiting before connecting to IB, so that a previous holder cut off from Kafka has stopped");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                s = lease::wait_until(&mut watch, |s| s != LeaseState::Held) => {
+                    state = s;
+                    continue;
+                }
+                _ = tokio::time::sleep(cfg.lease_takeover_delay) => {}
+            }
+        }
+        // One lease term: `term` ends the run on shutdown or when the lease is lost.
+        let term = shutdown.child_token();
+        let lost = CancellationToken::new();
+        let watcher = tokio::spawn({
+            let (term, lost) = (term.clone(), lost.clone());
+            async move {
+                tokio::select! {
+                    _ = term.cancelled() => {}
+                    _ = lease::wait_until(&mut watch, |s| s != LeaseState::Held) => {
+                        lost.cancel();
+                        term.cancel();
+                    }
+                }
+            }
+        });
+        m.ingest_lease_held.store(1, Relaxed);
+        tracing::info!(%group, "holding the ingest lease (group {group}); starting");
+        let result = match Ingest::start(cfg.clone(), kafka.clone(), term.clone()).await {
+            Ok(ingest) => ingest.run_term(Some(&lost)).await,
+            Err(e) => Err(e),
+        };
+        term.cancel();
+        let _ = watcher.await;
+        m.ingest_lease_held.store(0, Relaxed);
+        if !lost.is_cancelled() || shutdown.is_cancelled() {
+            return result;
+        }
+        m.ingest_lease_lost.fetch_add(1, Relaxed);
+        match result {
+            Ok(()) => {
+                tracing::warn!(%group, "lost the ingest lease (cut off from Kafka or stalled longer than the session timeout): stopped publishing and dropped the IB connection; another ingest may hold it now")
+            }
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "lost the ingest lease while starting (is Kafka reachable?); standing by")
+            }
+        }
+        state = lease.state();
+    }
 }

@@ -309,6 +309,17 @@ impl Publisher {
         }
     }
 
+    /// Drops every event librdkafka has not sent yet and stops waiting for those on the wire
+    /// (their delivery reports come back as failures, which nobody republishes); returns how
+    /// many were unacknowledged. For a lost ingest lease: the new holder reconciles with IB,
+    /// and anything this publisher delivered later would land after the new holder's events.
+    pub fn abandon(&self) -> usize {
+        let unacknowledged = self.in_flight();
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        unacknowledged
+    }
+
     /// Flushes librdkafka's own queue (blocking); for shutdown after [`Publisher::flush`].
     pub fn close(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);
