@@ -255,6 +255,17 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
     result
 }
 
+/// Wait before starting a lease term again after Kafka failed it.
+const TERM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Errors of a term's start that a Kafka outage causes (retried), as opposed to settings.
+fn is_transient(e: &IngestError) -> bool {
+    matches!(
+        e,
+        IngestError::Registry(RegistryError::Kafka(_) | RegistryError::CatchUpTimeout { .. })
+    )
+}
+
 /// The lease loop: stand by, hold, run, and again after a lost lease.
 async fn fenced(
     cfg: &IngestConfig,
@@ -307,15 +318,36 @@ async fn fenced(
         });
         m.ingest_lease_held.store(1, Relaxed);
         tracing::info!(%group, "holding the ingest lease (group {group}); starting");
-        let result = match Ingest::start(cfg.clone(), kafka.clone(), term.clone()).await {
-            Ok(ingest) => ingest.run_term(Some(&lost)).await,
-            Err(e) => Err(e),
+        let (result, started) = match Ingest::start(cfg.clone(), kafka.clone(), term.clone()).await {
+            Ok(ingest) => (ingest.run_term(Some(&lost)).await, true),
+            Err(e) => (Err(e), false),
         };
         term.cancel();
         let _ = watcher.await;
         m.ingest_lease_held.store(0, Relaxed);
-        if !lost.is_cancelled() || shutdown.is_cancelled() {
-            return result;
+        if shutdown.is_cancelled() {
+            // A stop requested while Kafka was unreachable interrupts the term's start: that
+            // is a clean stop (nothing was published in this term), not a failure.
+            if let Err(e) = &result {
+                tracing::info!(%group, error = %e, "stopped while the lease term was starting");
+            }
+            return if started { result } else { Ok(()) };
+        }
+        if !lost.is_cancelled() {
+            match result {
+                // Kafka went away while the term was starting (registry or resume replay): the
+                // lease is about to go too; stand by and start again once it is held.
+                Err(e) if !started && is_transient(&e) => {
+                    tracing::warn!(%group, error = %e, "could not start the lease term (is Kafka reachable?); retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(TERM_RETRY) => {}
+                    }
+                    state = lease.state();
+                    continue;
+                }
+                other => return other,
+            }
         }
         m.ingest_lease_lost.fetch_add(1, Relaxed);
         match result {

@@ -213,6 +213,9 @@ impl Pipeline {
             .args(["--brokers", &self.kafka.brokers, "--topic-prefix", "faults."])
             .args(kafka_flags(&self.kafka))
             .env("POSSYNC_LOG", "warn,possync=info")
+            // An error exit logs its message, not a backtrace (a CI shell may set RUST_BACKTRACE).
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log(name)?);
