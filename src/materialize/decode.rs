@@ -91,7 +91,12 @@ pub fn timestamp_type() -> DataType {
 
 /// Item field of string lists, named as Delta's Arrow conversion names it (`element`).
 pub fn list_item() -> Arc<Field> {
-    Arc::new(Field::new("element", DataType::Utf8, false))
+    list_element(DataType::Utf8)
+}
+
+/// Item field of a list of `item` values (non-null), named as Delta names it.
+pub fn list_element(item: DataType) -> Arc<Field> {
+    Arc::new(Field::new("element", item, false))
 }
 
 /// One field of a flat record.

@@ -129,7 +129,7 @@ impl TableKind {
         match self {
             TableKind::PositionEvents => position_events_layout().schema.clone(),
             TableKind::PositionsCurrent => positions_current_layout().schema.clone(),
-            TableKind::PositionQueue => queue_schema(),
+            TableKind::PositionQueue => super::upsert::queue::schema(),
             TableKind::StrategyRegistry => registry_schema(),
             TableKind::DeadLetters => dead_letter_schema(),
             // The decoded registry rows as they are: event fields + Kafka coordinates.
@@ -190,28 +190,6 @@ pub fn registry_layout() -> &'static Arc<Layout> {
 fn position_plan() -> RecordPlan {
     RecordPlan::from_schema(schema::position_event(), schema::POSITION_EVENT_SCHEMA_ID)
         .expect("schemas/position_event.avsc is a flat record")
-}
-
-fn queue_schema() -> SchemaRef {
-    let ts = timestamp_type;
-    Arc::new(ArrowSchema::new(vec![
-        Field::new("account", DataType::Utf8, false),
-        Field::new("con_id", DataType::Int64, false),
-        Field::new("status", DataType::Utf8, false),
-        Field::new("enqueued_at", ts(), true),
-        Field::new("last_refreshed_at", ts(), true),
-        Field::new("refresh_count", DataType::Int64, false),
-        Field::new("queued_events", DataType::Int64, false),
-        Field::new("last_event_id", DataType::Utf8, true),
-        Field::new("last_source", DataType::Utf8, true),
-        Field::new("last_event_at", ts(), true),
-        Field::new("last_session_id", DataType::Utf8, true),
-        Field::new("last_sequence", DataType::Int64, true),
-        Field::new("position", DataType::Float64, true),
-        Field::new("avg_cost", DataType::Float64, true),
-        Field::new("last_active_at", ts(), true),
-        Field::new("updated_at", ts(), false),
-    ]))
 }
 
 fn registry_schema() -> SchemaRef {
