@@ -94,6 +94,8 @@ async fn run_pipeline() -> anyhow::Result<Pipeline> {
     poison.sort();
     let mcfg = MaterializeConfig {
         table_uri: report.table_uri.clone(),
+        // Another cluster than the run's: a deliberate namespace change.
+        allow_namespace_change: true,
         ..env.config("run-e2e-poison")
     };
     let shutdown = CancellationToken::new();

@@ -203,7 +203,8 @@ impl Pipeline {
             if letters.is_empty() {
                 return Ok(());
             }
-            let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
+            let batch =
+                deadletter::batch(&letters, &self.namespace, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
             let actions = adds.into_iter().map(Action::Add).collect();
             let every = self.checkpoint_every;

@@ -30,6 +30,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod flush;
 pub mod maintain;
+pub mod namespace_guard;
 pub mod offsets;
 pub mod tables;
 pub mod upsert;
@@ -92,6 +93,15 @@ pub enum MaterializeError {
     /// its Delta version + 1. Nothing uncommitted was written; a restart resumes exactly.
     #[error("rebalance failed: {0}; stopping (restart the member; the tables are consistent)")]
     Rebalance(String),
+    /// The tables were written under another offset namespace (Kafka cluster id or
+    /// `--offsets-namespace`): starting would re-read every partition from offset 0.
+    #[error("table {table} under {uri} was written under offsets namespace {recorded:?}, this materializer's is {namespace:?} (the Kafka cluster id or --offsets-namespace), so it would append every event again; pass --offsets-namespace {recorded} if this is the same cluster, or --allow-namespace-change (POSSYNC_ALLOW_NAMESPACE_CHANGE) if the cluster is new")]
+    NamespaceChanged {
+        uri: String,
+        table: &'static str,
+        recorded: String,
+        namespace: String,
+    },
     /// A message arrived for an assigned partition this member holds no start offset for.
     #[error("message of {topic}/{partition} without a known start offset; stopping (restart the member; the tables are consistent)")]
     Unpositioned { topic: String, partition: i32 },
@@ -192,7 +202,10 @@ impl Materializer {
             pc.set("message.timeout.ms", "30000");
         }
         let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
-        let pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        let buffers = Buffers::new(&ns);
+        let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        // Before anything is consumed: a changed namespace would re-append every event.
+        namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
         // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
         let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
             Box::new(LogStart)
@@ -221,7 +234,7 @@ impl Materializer {
             cfg,
             consumer,
             pipeline,
-            buffers: Buffers::default(),
+            buffers,
             cursors: HashMap::new(),
             roles,
             progress,

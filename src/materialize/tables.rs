@@ -151,7 +151,7 @@ impl TableKind {
                 ("delta.deletedFileRetentionDuration", "interval 1 days"),
                 (
                     "delta.dataSkippingStatsColumns",
-                    "kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
+                    "kafka_namespace,kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
                 ),
             ],
             TableKind::RegistryEvents => vec![

@@ -36,12 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # The key of each table: unique, so "the first N rows by key" is the same set for both readers.
 KEYS = {
-    "position_events": ["kafka_topic", "kafka_partition", "kafka_offset"],
+    "position_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
     "positions_current": ["account", "con_id"],
     "position_queue": ["account", "con_id"],
     "strategy_registry": ["strategy", "account", "con_id"],
-    "dead_letters": ["kafka_topic", "kafka_partition", "kafka_offset"],
-    "registry_events": ["kafka_topic", "kafka_partition", "kafka_offset"],
+    "dead_letters": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
+    "registry_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
 }
 
 

@@ -11,7 +11,9 @@
 
 pub mod queue;
 
-pub use queue::{fold_queue, join_queue, queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState, QueuedPart};
+pub use queue::{
+    fold_queue, join_queue, queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState, QueuedPart,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -348,7 +350,6 @@ pub fn join_registry(state: &mut RegistryState, other: RegistryState) -> bool {
     }
     changed
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -331,7 +331,8 @@ pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
 }
 
 fn append_field<T: deltalake::arrow::array::ArrayBuilder>(s: &mut StructBuilder, i: usize) -> &mut T {
-    s.field_builder::<T>(i).expect("the struct's field builders follow count_fields()")
+    s.field_builder::<T>(i)
+        .expect("the struct's field builders follow count_fields()")
 }
 
 /// Reads `position_queue` rows back into state.
