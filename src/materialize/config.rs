@@ -52,6 +52,12 @@ pub struct MaterializeArgs {
     /// (an audit: each table still drops what it already holds, so nothing changes).
     #[arg(long, env = "POSSYNC_REPLAY_FROM_BEGINNING")]
     pub replay_from_beginning: bool,
+    /// Re-stamp the Delta txn action (stored offset) of every owned partition not written for
+    /// this long, even when it gets no messages, so that no live partition's offset reaches the
+    /// tables' `delta.setTransactionRetentionDuration` (30 days) and expires. Must be at most
+    /// half of that retention.
+    #[arg(long, env = "POSSYNC_TXN_RESTAMP_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub txn_restamp_every: Duration,
     /// Run table maintenance (compaction, vacuum with each table's retention, checkpoint: what
     /// `possync maintain` does with its defaults) this often inside the materializer, first one
     /// interval after start. Every flush adds a small file, so without it `position_events`
@@ -92,6 +98,9 @@ pub struct MaterializeConfig {
     pub allow_namespace_change: bool,
     /// Start every partition at its log start (tables still drop what they hold).
     pub replay_from_beginning: bool,
+    /// Re-stamp owned partitions' txn actions older than this (see
+    /// [`MaterializeArgs::txn_restamp_every`]).
+    pub txn_restamp_every: Duration,
     /// Run [`MaintainConfig::default`] maintenance on the tables this often while materializing
     /// (`None` = never; see [`MaterializeArgs::maintain_every`]).
     pub maintain_every: Option<Duration>,
@@ -109,6 +118,7 @@ impl Default for MaterializeConfig {
             offsets_namespace: None,
             allow_namespace_change: false,
             replay_from_beginning: false,
+            txn_restamp_every: Duration::from_secs(3600),
             maintain_every: Some(Duration::from_secs(3600)),
         }
     }
@@ -126,6 +136,7 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             offsets_namespace: a.offsets_namespace.clone(),
             allow_namespace_change: a.allow_namespace_change,
             replay_from_beginning: a.replay_from_beginning,
+            txn_restamp_every: a.txn_restamp_every.max(Duration::from_millis(100)),
             maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
         }
     }

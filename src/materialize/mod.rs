@@ -102,6 +102,13 @@ pub enum MaterializeError {
         recorded: String,
         namespace: String,
     },
+    /// Idle partitions would be re-stamped too rarely to outlive a table's txn retention.
+    #[error("--txn-restamp-every {every:?} is more than half of table {table}'s delta.setTransactionRetentionDuration ({retention:?}): an idle partition's stored offset could expire; lower --txn-restamp-every")]
+    RestampTooRare {
+        table: &'static str,
+        every: std::time::Duration,
+        retention: std::time::Duration,
+    },
     /// A message arrived for an assigned partition this member holds no start offset for.
     #[error("message of {topic}/{partition} without a known start offset; stopping (restart the member; the tables are consistent)")]
     Unpositioned { topic: String, partition: i32 },
@@ -206,6 +213,17 @@ impl Materializer {
         let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
+        for t in pipeline.tables.values() {
+            if let Some(retention) = t.txn_retention()? {
+                if cfg.txn_restamp_every * 2 > retention {
+                    return Err(MaterializeError::RestampTooRare {
+                        table: t.kind.name(),
+                        every: cfg.txn_restamp_every,
+                        retention,
+                    });
+                }
+            }
+        }
         // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
         let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
             Box::new(LogStart)
@@ -242,6 +260,9 @@ impl Materializer {
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), MaterializeError> {
+        let every = self.cfg.txn_restamp_every;
+        let mut restamp = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let deadline = self
                 .buffers
@@ -252,6 +273,7 @@ impl Materializer {
                 _ = shutdown.cancelled() => break,
                 _ = sleep_until(deadline) => self.flush().await?,
                 _ = self.consumer.context().rebalanced() => self.rebalanced()?,
+                _ = restamp.tick() => self.restamp().await?,
                 msg = self.consumer.recv() => {
                     // Fields, not `self`: the message borrows the consumer.
                     if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
@@ -292,6 +314,22 @@ impl Materializer {
             let assigned = self.cursors.len();
             self.progress.send_modify(|p| p.assigned = assigned);
         }
+        Ok(())
+    }
+
+    /// Re-stamps the txn actions of the owned partitions not written for a restamp period (see
+    /// [`flush::Pipeline::restamp`]): idle partitions keep their stored offsets alive.
+    async fn restamp(&mut self) -> Result<(), MaterializeError> {
+        self.rebalanced()?;
+        let owned: Vec<(String, i32)> = self
+            .cursors
+            .keys()
+            .filter_map(|(role, p)| {
+                let topic = self.roles.iter().find(|(_, r)| r == role).map(|(t, _)| t.clone());
+                topic.map(|t| (t, *p))
+            })
+            .collect();
+        self.pipeline.restamp(&owned, self.cfg.txn_restamp_every).await?;
         Ok(())
     }
 

@@ -138,6 +138,15 @@ impl TableKind {
     }
 
     fn configuration(self) -> Vec<(&'static str, &'static str)> {
+        let mut c = self.own_configuration();
+        // Txn actions of app ids not written for this long are dropped (from checkpoints, and
+        // ignored on reading): dead namespaces fade out. A live partition is re-stamped long
+        // before (see `flush::Pipeline::restamp` and docs/materialize.md).
+        c.push((TXN_RETENTION_PROPERTY, DEFAULT_TXN_RETENTION));
+        c
+    }
+
+    fn own_configuration(self) -> Vec<(&'static str, &'static str)> {
         match self {
             TableKind::PositionEvents => {
                 vec![
@@ -163,6 +172,12 @@ impl TableKind {
         }
     }
 }
+
+/// The Delta property that bounds how long a txn action (a partition's stored offset) lives
+/// without being written again.
+pub const TXN_RETENTION_PROPERTY: &str = "delta.setTransactionRetentionDuration";
+/// What every table is created with (see docs/materialize.md, "Txn retention").
+pub const DEFAULT_TXN_RETENTION: &str = "interval 30 days";
 
 /// Decoding layout of `PositionEvent` rows for `position_events` (with `event_date`).
 pub fn position_events_layout() -> &'static Arc<Layout> {
@@ -241,6 +256,8 @@ pub struct Table {
     /// A checkpoint is due (its turn came, or the last attempt failed): tried after each commit
     /// until one succeeds.
     checkpoint_due: bool,
+    /// When this process last wrote each txn app id (its `lastUpdated`); drives re-stamping.
+    stamps: HashMap<String, std::time::Instant>,
 }
 
 impl Table {
@@ -286,6 +303,7 @@ impl Table {
             delta,
             commits: 0,
             checkpoint_due: false,
+            stamps: HashMap::new(),
         };
         t.check_schema(url.as_str())?;
         t.export_version();
@@ -355,6 +373,20 @@ impl Table {
         Ok(true)
     }
 
+    /// The table's `delta.setTransactionRetentionDuration` (`None`: txn actions never expire).
+    ///
+    /// # Errors
+    /// When no snapshot is loaded.
+    pub fn txn_retention(&self) -> Result<Option<std::time::Duration>, TableError> {
+        let snap = self.delta.snapshot().map_err(self.err())?;
+        Ok(snap.snapshot().table_properties().set_transaction_retention_duration)
+    }
+
+    /// Whether this process wrote `app_id` less than `within` ago.
+    pub fn stamped_within(&self, app_id: &str, within: std::time::Duration) -> bool {
+        self.stamps.get(app_id).is_some_and(|t| t.elapsed() < within)
+    }
+
     /// The version stored for `app_id` as of our snapshot (`None` = never written).
     ///
     /// # Errors
@@ -413,6 +445,10 @@ impl Table {
         let version = finalized.version() as i64;
         self.delta.state = Some(finalized.snapshot());
         self.txn.committed(version, txns);
+        let stamped = std::time::Instant::now();
+        for (id, _) in txns {
+            self.stamps.insert(id.clone(), stamped);
+        }
         self.commits += 1;
         crate::metrics::global()
             .delta_commits
