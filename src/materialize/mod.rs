@@ -14,6 +14,10 @@
 //! ([`consumer`]); before every commit the rows a table already holds are dropped, and a
 //! concurrent commit (another member, `possync maintain`) means reload and retry ([`flush`]).
 //! Kafka's own committed offsets are written after each flush for lag monitoring only.
+//! Each table records the offset namespace it was written under; a materializer under another
+//! one stops at start-up unless allowed ([`namespace_guard`]). Owned partitions' txn actions
+//! are re-stamped every `txn_restamp_every`, so an idle partition's stored offset never expires
+//! under the tables' txn retention ([`flush::Pipeline::restamp`]).
 //! An offset the broker no longer has is a loud error ([`MaterializeError::OffsetOutOfRange`]),
 //! never a silent skip.
 //!
