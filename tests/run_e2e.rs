@@ -212,6 +212,10 @@ fn spark_type_for(duckdb: &str) -> Option<&'static str> {
         "TIMESTAMP WITH TIME ZONE" => "timestamp",
         "BLOB" => "binary",
         "VARCHAR[]" => "array<string>",
+        // position_queue.partition_counts
+        r#"STRUCT("partition" INTEGER, queued_events BIGINT, refresh_count BIGINT)[]"# => {
+            "array<struct<partition:int,queued_events:bigint,refresh_count:bigint>>"
+        }
         _ => return None,
     })
 }

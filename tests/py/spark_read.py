@@ -97,6 +97,12 @@ def norm(v):
         return "NaN"
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).hex()
+    if hasattr(v, "asDict"):  # a Spark struct (Row); DuckDB gives a dict
+        v = v.asDict(recursive=False)
+    if isinstance(v, dict):
+        return {k: norm(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [norm(x) for x in v]
     return v
 
 
