@@ -221,7 +221,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     let kafka = KafkaConfig::new(broker.bootstrap());
     // The mock cluster's id is derived from a heap address, so two embedded brokers (two runs in
     // one process, or by chance in two processes) can share it while both start at offset 0.
-    // A fresh namespace per broker keeps the offsets stored in the Delta log apart.
+    // A fresh namespace per broker keeps the offsets stored in the Delta log apart; the
+    // materializer is told the change from the previous run's namespace is meant.
     let namespace = format!("embedded-{}", crate::events::new_id());
     broker.create_topics(&kafka.topics, cfg.partitions)?;
 
@@ -259,7 +260,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     }
     if !cfg.materialize {
         say!(
-            "  materializer    : off; attach one with: possync materialize --brokers {} --table-uri {table_uri} --offsets-namespace {namespace}",
+            "  materializer    : off; attach one with: possync materialize --brokers {} --table-uri {table_uri} --offsets-namespace {namespace} --allow-namespace-change",
             broker.bootstrap()
         );
     }
@@ -391,6 +392,10 @@ async fn pipeline(
             table_uri: table_uri.to_string(),
             flush_latency: cfg.flush_latency,
             offsets_namespace: Some(namespace.to_string()),
+            // Every run's embedded broker is a new cluster whose offsets start at 0 again: its
+            // fresh namespace must replace the previous run's (the rows stay apart by their
+            // `kafka_namespace`).
+            allow_namespace_change: true,
             ..materialize::MaterializeConfig::default()
         };
         let (k, t) = (kafka.clone(), consumers.clone());

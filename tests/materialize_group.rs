@@ -59,6 +59,9 @@ async fn two_members_with_rebalances_stay_exact() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The offset namespace of the two hand-driven writers below.
+const TWO_WRITERS: &str = "two-writers";
+
 /// Buffers the messages of `msgs` whose offset lies in `range` and freezes them for a commit.
 fn frozen(
     env: &Env,
@@ -66,7 +69,7 @@ fn frozen(
     keep: impl Fn(&Produced) -> bool,
 ) -> anyhow::Result<Vec<materialize::buffer::FrozenPartition>> {
     let t = &env.kafka.topics;
-    let mut b = Buffers::default();
+    let mut b = Buffers::new(TWO_WRITERS);
     for (p, o) in msgs.iter().filter(|(p, _)| keep(p)) {
         let role = if p.topic == t.active {
             Role::Active
@@ -118,7 +121,7 @@ async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::R
     let end = |p: &Produced| next[&(p.topic.clone(), p.partition)];
 
     // Both writers load every table at the same version before either commits.
-    let ns = "two-writers".to_string();
+    let ns = TWO_WRITERS.to_string();
     let mut first = Pipeline::open(&env.base, ns.clone(), t.clone(), 10, env.producer()?).await?;
     let mut second = Pipeline::open(&env.base, ns.clone(), t.clone(), 10, env.producer()?).await?;
     // The first holds the first 60% of each partition, the second the last 70%: they overlap.

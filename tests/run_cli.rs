@@ -63,7 +63,11 @@ fn separate_materializer_attaches_and_sigint_stops_cleanly() -> anyhow::Result<(
     let mut namespace = None;
     while namespace.is_none() {
         let line = rx.recv_timeout(Duration::from_secs(60))?;
-        namespace = line.split("--offsets-namespace ").nth(1).map(|s| s.trim().to_string());
+        namespace = line
+            .split("--offsets-namespace ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_string);
         banner.push(line);
     }
     let namespace = namespace.expect("namespace");

@@ -94,6 +94,8 @@ async fn run_pipeline() -> anyhow::Result<Pipeline> {
     poison.sort();
     let mcfg = MaterializeConfig {
         table_uri: report.table_uri.clone(),
+        // Another cluster than the run's: a deliberate namespace change.
+        allow_namespace_change: true,
         ..env.config("run-e2e-poison")
     };
     let shutdown = CancellationToken::new();
@@ -210,6 +212,10 @@ fn spark_type_for(duckdb: &str) -> Option<&'static str> {
         "TIMESTAMP WITH TIME ZONE" => "timestamp",
         "BLOB" => "binary",
         "VARCHAR[]" => "array<string>",
+        // position_queue.partition_counts
+        r#"STRUCT("partition" INTEGER, queued_events BIGINT, refresh_count BIGINT)[]"# => {
+            "array<struct<partition:int,queued_events:bigint,refresh_count:bigint>>"
+        }
         _ => return None,
     })
 }

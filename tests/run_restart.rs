@@ -53,6 +53,9 @@ async fn second_run_on_the_same_data_dir_appends_exactly() -> anyhow::Result<()>
     // Nothing skipped (every event of both runs is there) and nothing doubled.
     assert_eq!(t2["event_rows"].as_u64(), Some(total));
     assert_eq!(t2["distinct_event_ids"].as_u64(), Some(total));
+    // Both runs' offsets start at 0: the namespace column keeps the coordinates unique.
+    assert_eq!(t2["distinct_coordinates"].as_u64(), Some(total));
+    assert_eq!(t2["namespaces"].as_u64(), Some(2));
     // The book carried over (like an IB account's) and the current positions equal the truth.
     let key = |a: &str, c: i64, q: f64| format!("{a}:{c}:{q:.6}");
     let truth: std::collections::BTreeSet<String> = second

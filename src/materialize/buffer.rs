@@ -70,8 +70,9 @@ pub struct FrozenPartition {
 }
 
 /// The buffers of every assigned partition.
-#[derive(Default)]
 pub struct Buffers {
+    /// Offset namespace written into every row's `kafka_namespace`.
+    namespace: Arc<str>,
     parts: HashMap<(Role, i32), PartitionBuffer>,
     scratch: Scratch,
     messages: usize,
@@ -92,6 +93,18 @@ pub struct Incoming<'a> {
 }
 
 impl Buffers {
+    /// Empty buffers for messages of the offset namespace `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            parts: HashMap::new(),
+            scratch: Scratch::default(),
+            messages: 0,
+            bytes: 0,
+            oldest: None,
+        }
+    }
+
     /// Messages buffered.
     pub fn messages(&self) -> usize {
         self.messages
@@ -173,7 +186,7 @@ impl Buffers {
             let n = b.rows.len() + b.dead.len();
             self.messages = self.messages.saturating_sub(n);
             // Byte accounting is approximate after a drop; it resets at the next flush.
-            let _ = b.rows.finish("", 0);
+            let _ = b.rows.finish("", "", 0);
         }
         if self.parts.values().all(|b| b.first_offset.is_none()) {
             self.messages = 0;
@@ -196,7 +209,7 @@ impl Buffers {
                 topic: b.topic.clone(),
                 partition: b.partition,
                 role: b.role,
-                rows: b.rows.finish(&b.topic, b.partition)?,
+                rows: b.rows.finish(&self.namespace, &b.topic, b.partition)?,
                 dead: std::mem::take(&mut b.dead),
                 first_offset,
                 last_offset: b.last_offset,
@@ -345,7 +358,7 @@ mod tests {
 
     #[test]
     fn poison_becomes_dead_letter_and_offsets_cover_it() {
-        let mut b = Buffers::default();
+        let mut b = Buffers::new("ns");
         let mut e = crate::materialize::decode::tests_support::sample(1);
         e.route = Route::Queued;
         let good = e.encode().unwrap();
@@ -371,7 +384,7 @@ mod tests {
 
     #[test]
     fn out_of_range_timestamps_become_dead_letters() {
-        let mut b = Buffers::default();
+        let mut b = Buffers::new("ns");
         for (i, (ib, ingest)) in [
             (0, i64::MAX),
             (0, MAX_TIMESTAMP_MICROS + 1),

@@ -44,10 +44,22 @@ pub struct MaterializeArgs {
     /// Only needed when a cluster's id is not stable or not unique (see the module docs).
     #[arg(long, env = "POSSYNC_OFFSETS_NAMESPACE")]
     pub offsets_namespace: Option<String>,
+    /// Start although the tables were written under another offset namespace (another Kafka
+    /// cluster id or `--offsets-namespace`), and record this one. Only for a genuinely new
+    /// cluster: its partitions start at their first offset, and the rows stay apart by their
+    /// `kafka_namespace`. Without it such a start is refused.
+    #[arg(long, env = "POSSYNC_ALLOW_NAMESPACE_CHANGE")]
+    pub allow_namespace_change: bool,
     /// Re-read the topics from the start of their logs instead of the offsets stored in Delta
     /// (an audit: each table still drops what it already holds, so nothing changes).
     #[arg(long, env = "POSSYNC_REPLAY_FROM_BEGINNING")]
     pub replay_from_beginning: bool,
+    /// Re-stamp the Delta txn action (stored offset) of every owned partition not written for
+    /// this long, even when it gets no messages, so that no live partition's offset reaches the
+    /// tables' `delta.setTransactionRetentionDuration` (30 days) and expires. Must be at most
+    /// half of that retention.
+    #[arg(long, env = "POSSYNC_TXN_RESTAMP_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub txn_restamp_every: Duration,
     /// Run table maintenance (compaction, vacuum with each table's retention, checkpoint: what
     /// `possync maintain` does with its defaults) this often inside the materializer, first one
     /// interval after start. Every flush adds a small file, so without it `position_events`
@@ -83,8 +95,14 @@ pub struct MaterializeConfig {
     pub checkpoint_every: u64,
     /// Overrides the Kafka cluster id in txn app ids (see [`crate::materialize`] docs).
     pub offsets_namespace: Option<String>,
+    /// Start although the tables record another offset namespace (see
+    /// [`MaterializeArgs::allow_namespace_change`]).
+    pub allow_namespace_change: bool,
     /// Start every partition at its log start (tables still drop what they hold).
     pub replay_from_beginning: bool,
+    /// Re-stamp owned partitions' txn actions older than this (see
+    /// [`MaterializeArgs::txn_restamp_every`]).
+    pub txn_restamp_every: Duration,
     /// Run [`MaintainConfig::default`] maintenance on the tables this often while materializing
     /// (`None` = never; see [`MaterializeArgs::maintain_every`]).
     pub maintain_every: Option<Duration>,
@@ -100,7 +118,9 @@ impl Default for MaterializeConfig {
             flush_bytes: 64 << 20,
             checkpoint_every: 100,
             offsets_namespace: None,
+            allow_namespace_change: false,
             replay_from_beginning: false,
+            txn_restamp_every: Duration::from_secs(3600),
             maintain_every: Some(Duration::from_secs(3600)),
         }
     }
@@ -116,7 +136,9 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             flush_bytes: a.flush_bytes.max(1),
             checkpoint_every: a.checkpoint_every,
             offsets_namespace: a.offsets_namespace.clone(),
+            allow_namespace_change: a.allow_namespace_change,
             replay_from_beginning: a.replay_from_beginning,
+            txn_restamp_every: a.txn_restamp_every.max(Duration::from_millis(100)),
             maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
         }
     }

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deltalake::arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use deltalake::arrow::error::ArrowError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -47,11 +48,11 @@ pub struct DeadLetter {
     pub error: String,
 }
 
-/// Dead letters as a batch of the `dead_letters` schema.
+/// Dead letters of the offset namespace `namespace` as a batch of the `dead_letters` schema.
 ///
 /// # Errors
 /// Arrow errors (a bug).
-pub fn batch(letters: &[&DeadLetter], now_micros: i64) -> Result<RecordBatch, ArrowError> {
+pub fn batch(letters: &[&DeadLetter], namespace: &str, now_micros: i64) -> Result<RecordBatch, ArrowError> {
     let (mut topic, mut partition, mut offset) = (StringBuilder::new(), Int32Builder::new(), Int64Builder::new());
     let mut ts = TimestampMicrosecondBuilder::new().with_timezone(UTC);
     let (mut key, mut value, mut error) = (BinaryBuilder::new(), BinaryBuilder::new(), StringBuilder::new());
@@ -67,6 +68,10 @@ pub fn batch(letters: &[&DeadLetter], now_micros: i64) -> Result<RecordBatch, Ar
         at.append_value(now_micros);
     }
     let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            namespace,
+            letters.len(),
+        ))),
         Arc::new(topic.finish()),
         Arc::new(partition.finish()),
         Arc::new(offset.finish()),

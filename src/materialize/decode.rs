@@ -91,7 +91,12 @@ pub fn timestamp_type() -> DataType {
 
 /// Item field of string lists, named as Delta's Arrow conversion names it (`element`).
 pub fn list_item() -> Arc<Field> {
-    Arc::new(Field::new("element", DataType::Utf8, false))
+    list_element(DataType::Utf8)
+}
+
+/// Item field of a list of `item` values (non-null), named as Delta names it.
+pub fn list_element(item: DataType) -> Arc<Field> {
+    Arc::new(Field::new("element", item, false))
 }
 
 /// One field of a flat record.
@@ -515,8 +520,16 @@ pub struct Layout {
     pub schema: SchemaRef,
 }
 
-/// Names of the Kafka coordinate columns that follow the record's fields.
-pub const KAFKA_COLUMNS: [&str; 4] = ["kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp"];
+/// Names of the Kafka coordinate columns that follow the record's fields. The offset namespace
+/// (the Kafka cluster id, see `offsets`) comes first: (namespace, topic, partition, offset) is
+/// unique, while (topic, partition, offset) repeats across clusters, e.g. two `possync run`s.
+pub const KAFKA_COLUMNS: [&str; 5] = [
+    "kafka_namespace",
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "kafka_timestamp",
+];
 /// Name of the date partition column.
 pub const EVENT_DATE: &str = "event_date";
 
@@ -538,13 +551,14 @@ impl Layout {
     }
 }
 
-/// The Kafka coordinate fields (topic, partition, offset, message timestamp).
-pub fn kafka_fields() -> [Field; 4] {
+/// The Kafka coordinate fields (offset namespace, topic, partition, offset, message timestamp).
+pub fn kafka_fields() -> [Field; 5] {
     [
         Field::new(KAFKA_COLUMNS[0], DataType::Utf8, false),
-        Field::new(KAFKA_COLUMNS[1], DataType::Int32, false),
-        Field::new(KAFKA_COLUMNS[2], DataType::Int64, false),
-        Field::new(KAFKA_COLUMNS[3], timestamp_type(), true),
+        Field::new(KAFKA_COLUMNS[1], DataType::Utf8, false),
+        Field::new(KAFKA_COLUMNS[2], DataType::Int32, false),
+        Field::new(KAFKA_COLUMNS[3], DataType::Int64, false),
+        Field::new(KAFKA_COLUMNS[4], timestamp_type(), true),
     ]
 }
 
@@ -625,13 +639,17 @@ impl ArrowRows {
         self.len += 1;
     }
 
-    /// Finishes the rows of `topic`/`partition` into a batch (the builders are left empty).
+    /// Finishes the rows of `topic`/`partition` of the offset namespace `namespace` into a
+    /// batch (the builders are left empty).
     ///
     /// # Errors
     /// Only if the layout and builders disagree (a bug).
-    pub fn finish(&mut self, topic: &str, partition: i32) -> Result<RecordBatch, ArrowError> {
+    pub fn finish(&mut self, namespace: &str, topic: &str, partition: i32) -> Result<RecordBatch, ArrowError> {
         let n = self.len;
         let mut arrays: Vec<ArrayRef> = self.cols.iter_mut().map(Col::finish).collect();
+        arrays.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            namespace, n,
+        ))));
         arrays.push(Arc::new(StringArray::from_iter_values(std::iter::repeat_n(topic, n))));
         arrays.push(Arc::new(Int32Array::from(vec![partition; n])));
         arrays.push(Arc::new(self.offsets.finish()));
@@ -710,7 +728,7 @@ mod tests {
             };
             rows.append(&d, 100 + k as i64, Some(5));
         }
-        let b = rows.finish("t", 3).unwrap();
+        let b = rows.finish("ns", "t", 3).unwrap();
         assert_eq!(b.num_rows(), 5);
         let col = |n: &str| b.column(b.schema().index_of(n).unwrap()).clone();
         assert_eq!(col("con_id").as_primitive::<Int64Type>().value(4), 1004);

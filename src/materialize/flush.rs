@@ -21,7 +21,7 @@ use rdkafka::producer::FutureProducer;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
-use super::offsets::app_id;
+use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
 use super::upsert::{self, CurrentState, QueueState, RegistryState};
 use super::MaterializeError;
@@ -168,6 +168,61 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Re-stamps the txn actions of `owned` partitions that this process has not written for
+    /// `older_than` (or never): a commit per table with no data, only their txn actions at the
+    /// versions the table already holds, and a fresh `lastUpdated`. So an idle partition's app
+    /// id never reaches the tables' `delta.setTransactionRetentionDuration` while a member owns
+    /// it. The versions come from the snapshot the commit is made against, so a re-stamp can
+    /// never move a partition back; a concurrent commit means reload and try again. Returns the
+    /// txn actions written.
+    ///
+    /// # Errors
+    /// Table errors; [`MaterializeError::Contention`].
+    pub async fn restamp(
+        &mut self,
+        owned: &[(String, i32)],
+        older_than: std::time::Duration,
+    ) -> Result<usize, MaterializeError> {
+        let mut written = 0;
+        for kind in TableKind::ALL {
+            let mine: Vec<&(String, i32)> = owned
+                .iter()
+                .filter(|(t, _)| kind == TableKind::DeadLetters || tables_of(&self.topics, t).contains(&kind))
+                .collect();
+            for attempt in 0.. {
+                let mut txns = Vec::new();
+                for (topic, p) in &mine {
+                    let id = app_id(&self.namespace, topic, *p);
+                    let t = self.table(kind);
+                    if t.stamped_within(&id, older_than) {
+                        continue;
+                    }
+                    if let Some(v) = t.txn_version(&id).await? {
+                        txns.push((id, v));
+                    }
+                }
+                if txns.is_empty() {
+                    break;
+                }
+                let every = self.checkpoint_every;
+                match self
+                    .table(kind)
+                    .commit(vec![], &txns, append_operation(kind), every)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::debug!(table = kind.name(), partitions = txns.len(), "txn actions re-stamped");
+                        written += txns.len();
+                        break;
+                    }
+                    Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(written)
+    }
+
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
         if attempt + 1 >= MAX_ATTEMPTS {
             return Err(MaterializeError::Contention {
@@ -203,7 +258,8 @@ impl Pipeline {
             if letters.is_empty() {
                 return Ok(());
             }
-            let batch = deadletter::batch(&letters, crate::events::now_micros()).map_err(arrow(kind))?;
+            let batch =
+                deadletter::batch(&letters, &self.namespace, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
             let actions = adds.into_iter().map(Action::Add).collect();
             let every = self.checkpoint_every;

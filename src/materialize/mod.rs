@@ -14,6 +14,10 @@
 //! ([`consumer`]); before every commit the rows a table already holds are dropped, and a
 //! concurrent commit (another member, `possync maintain`) means reload and retry ([`flush`]).
 //! Kafka's own committed offsets are written after each flush for lag monitoring only.
+//! Each table records the offset namespace it was written under; a materializer under another
+//! one stops at start-up unless allowed ([`namespace_guard`]). Owned partitions' txn actions
+//! are re-stamped every `txn_restamp_every`, so an idle partition's stored offset never expires
+//! under the tables' txn retention ([`flush::Pipeline::restamp`]).
 //! An offset the broker no longer has is a loud error ([`MaterializeError::OffsetOutOfRange`]),
 //! never a silent skip.
 //!
@@ -30,6 +34,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod flush;
 pub mod maintain;
+pub mod namespace_guard;
 pub mod offsets;
 pub mod tables;
 pub mod upsert;
@@ -92,6 +97,22 @@ pub enum MaterializeError {
     /// its Delta version + 1. Nothing uncommitted was written; a restart resumes exactly.
     #[error("rebalance failed: {0}; stopping (restart the member; the tables are consistent)")]
     Rebalance(String),
+    /// The tables were written under another offset namespace (Kafka cluster id or
+    /// `--offsets-namespace`): starting would re-read every partition from offset 0.
+    #[error("table {table} under {uri} was written under offsets namespace {recorded:?}, this materializer's is {namespace:?} (the Kafka cluster id or --offsets-namespace), so it would append every event again; pass --offsets-namespace {recorded} if this is the same cluster, or --allow-namespace-change (POSSYNC_ALLOW_NAMESPACE_CHANGE) if the cluster is new")]
+    NamespaceChanged {
+        uri: String,
+        table: &'static str,
+        recorded: String,
+        namespace: String,
+    },
+    /// Idle partitions would be re-stamped too rarely to outlive a table's txn retention.
+    #[error("--txn-restamp-every {every:?} is more than half of table {table}'s delta.setTransactionRetentionDuration ({retention:?}): an idle partition's stored offset could expire; lower --txn-restamp-every")]
+    RestampTooRare {
+        table: &'static str,
+        every: std::time::Duration,
+        retention: std::time::Duration,
+    },
     /// A message arrived for an assigned partition this member holds no start offset for.
     #[error("message of {topic}/{partition} without a known start offset; stopping (restart the member; the tables are consistent)")]
     Unpositioned { topic: String, partition: i32 },
@@ -192,7 +213,21 @@ impl Materializer {
             pc.set("message.timeout.ms", "30000");
         }
         let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
-        let pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        let buffers = Buffers::new(&ns);
+        let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        // Before anything is consumed: a changed namespace would re-append every event.
+        namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
+        for t in pipeline.tables.values() {
+            if let Some(retention) = t.txn_retention()? {
+                if cfg.txn_restamp_every * 2 > retention {
+                    return Err(MaterializeError::RestampTooRare {
+                        table: t.kind.name(),
+                        every: cfg.txn_restamp_every,
+                        retention,
+                    });
+                }
+            }
+        }
         // Each assignment reads its start offsets from the tables at that moment (see `consumer`).
         let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
             Box::new(LogStart)
@@ -221,7 +256,7 @@ impl Materializer {
             cfg,
             consumer,
             pipeline,
-            buffers: Buffers::default(),
+            buffers,
             cursors: HashMap::new(),
             roles,
             progress,
@@ -229,6 +264,9 @@ impl Materializer {
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), MaterializeError> {
+        let every = self.cfg.txn_restamp_every;
+        let mut restamp = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let deadline = self
                 .buffers
@@ -239,6 +277,7 @@ impl Materializer {
                 _ = shutdown.cancelled() => break,
                 _ = sleep_until(deadline) => self.flush().await?,
                 _ = self.consumer.context().rebalanced() => self.rebalanced()?,
+                _ = restamp.tick() => self.restamp().await?,
                 msg = self.consumer.recv() => {
                     // Fields, not `self`: the message borrows the consumer.
                     if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
@@ -279,6 +318,22 @@ impl Materializer {
             let assigned = self.cursors.len();
             self.progress.send_modify(|p| p.assigned = assigned);
         }
+        Ok(())
+    }
+
+    /// Re-stamps the txn actions of the owned partitions not written for a restamp period (see
+    /// [`flush::Pipeline::restamp`]): idle partitions keep their stored offsets alive.
+    async fn restamp(&mut self) -> Result<(), MaterializeError> {
+        self.rebalanced()?;
+        let owned: Vec<(String, i32)> = self
+            .cursors
+            .keys()
+            .filter_map(|(role, p)| {
+                let topic = self.roles.iter().find(|(_, r)| r == role).map(|(t, _)| t.clone());
+                topic.map(|t| (t, *p))
+            })
+            .collect();
+        self.pipeline.restamp(&owned, self.cfg.txn_restamp_every).await?;
         Ok(())
     }
 

@@ -6,7 +6,11 @@
 //! from 0 again) and reports a new id, so its offsets never collide with those a previous run
 //! stored in the same tables. librdkafka's mock cluster derives its id from a heap address,
 //! which is unique per process in practice but not guaranteed; `--offsets-namespace` overrides
-//! the id where that matters (or for a real cluster that was rebuilt under the same id).
+//! the id where that matters (or for a real cluster that was rebuilt under the same id). Each
+//! table records the namespace it was written under and a changed one is refused at start-up
+//! ([`super::namespace_guard`]). Txn actions carry `lastUpdated` and expire after the tables'
+//! `delta.setTransactionRetentionDuration`; owned idle partitions are re-stamped before that
+//! (`flush::Pipeline::restamp`).
 //!
 //! A table's [`TxnMap`] is exact as of the table's loaded version: entries come from the log
 //! (kernel replay, on first use of an app id), then from our own commits and from parsing the

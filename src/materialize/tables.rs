@@ -129,7 +129,7 @@ impl TableKind {
         match self {
             TableKind::PositionEvents => position_events_layout().schema.clone(),
             TableKind::PositionsCurrent => positions_current_layout().schema.clone(),
-            TableKind::PositionQueue => queue_schema(),
+            TableKind::PositionQueue => super::upsert::queue::schema(),
             TableKind::StrategyRegistry => registry_schema(),
             TableKind::DeadLetters => dead_letter_schema(),
             // The decoded registry rows as they are: event fields + Kafka coordinates.
@@ -138,6 +138,15 @@ impl TableKind {
     }
 
     fn configuration(self) -> Vec<(&'static str, &'static str)> {
+        let mut c = self.own_configuration();
+        // Txn actions of app ids not written for this long are dropped (from checkpoints, and
+        // ignored on reading): dead namespaces fade out. A live partition is re-stamped long
+        // before (see `flush::Pipeline::restamp` and docs/materialize.md).
+        c.push((TXN_RETENTION_PROPERTY, DEFAULT_TXN_RETENTION));
+        c
+    }
+
+    fn own_configuration(self) -> Vec<(&'static str, &'static str)> {
         match self {
             TableKind::PositionEvents => {
                 vec![
@@ -151,7 +160,7 @@ impl TableKind {
                 ("delta.deletedFileRetentionDuration", "interval 1 days"),
                 (
                     "delta.dataSkippingStatsColumns",
-                    "kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
+                    "kafka_namespace,kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
                 ),
             ],
             TableKind::RegistryEvents => vec![
@@ -163,6 +172,12 @@ impl TableKind {
         }
     }
 }
+
+/// The Delta property that bounds how long a txn action (a partition's stored offset) lives
+/// without being written again.
+pub const TXN_RETENTION_PROPERTY: &str = "delta.setTransactionRetentionDuration";
+/// What every table is created with (see docs/materialize.md, "Txn retention").
+pub const DEFAULT_TXN_RETENTION: &str = "interval 30 days";
 
 /// Decoding layout of `PositionEvent` rows for `position_events` (with `event_date`).
 pub fn position_events_layout() -> &'static Arc<Layout> {
@@ -190,28 +205,6 @@ pub fn registry_layout() -> &'static Arc<Layout> {
 fn position_plan() -> RecordPlan {
     RecordPlan::from_schema(schema::position_event(), schema::ids().position_event)
         .expect("schemas/position_event.avsc is a flat record")
-}
-
-fn queue_schema() -> SchemaRef {
-    let ts = timestamp_type;
-    Arc::new(ArrowSchema::new(vec![
-        Field::new("account", DataType::Utf8, false),
-        Field::new("con_id", DataType::Int64, false),
-        Field::new("status", DataType::Utf8, false),
-        Field::new("enqueued_at", ts(), true),
-        Field::new("last_refreshed_at", ts(), true),
-        Field::new("refresh_count", DataType::Int64, false),
-        Field::new("queued_events", DataType::Int64, false),
-        Field::new("last_event_id", DataType::Utf8, true),
-        Field::new("last_source", DataType::Utf8, true),
-        Field::new("last_event_at", ts(), true),
-        Field::new("last_session_id", DataType::Utf8, true),
-        Field::new("last_sequence", DataType::Int64, true),
-        Field::new("position", DataType::Float64, true),
-        Field::new("avg_cost", DataType::Float64, true),
-        Field::new("last_active_at", ts(), true),
-        Field::new("updated_at", ts(), false),
-    ]))
 }
 
 fn registry_schema() -> SchemaRef {
@@ -263,6 +256,8 @@ pub struct Table {
     /// A checkpoint is due (its turn came, or the last attempt failed): tried after each commit
     /// until one succeeds.
     checkpoint_due: bool,
+    /// When this process last wrote each txn app id (its `lastUpdated`); drives re-stamping.
+    stamps: HashMap<String, std::time::Instant>,
 }
 
 impl Table {
@@ -308,6 +303,7 @@ impl Table {
             delta,
             commits: 0,
             checkpoint_due: false,
+            stamps: HashMap::new(),
         };
         t.check_schema(url.as_str())?;
         t.export_version();
@@ -377,6 +373,20 @@ impl Table {
         Ok(true)
     }
 
+    /// The table's `delta.setTransactionRetentionDuration` (`None`: txn actions never expire).
+    ///
+    /// # Errors
+    /// When no snapshot is loaded.
+    pub fn txn_retention(&self) -> Result<Option<std::time::Duration>, TableError> {
+        let snap = self.delta.snapshot().map_err(self.err())?;
+        Ok(snap.snapshot().table_properties().set_transaction_retention_duration)
+    }
+
+    /// Whether this process wrote `app_id` less than `within` ago.
+    pub fn stamped_within(&self, app_id: &str, within: std::time::Duration) -> bool {
+        self.stamps.get(app_id).is_some_and(|t| t.elapsed() < within)
+    }
+
     /// The version stored for `app_id` as of our snapshot (`None` = never written).
     ///
     /// # Errors
@@ -435,6 +445,10 @@ impl Table {
         let version = finalized.version() as i64;
         self.delta.state = Some(finalized.snapshot());
         self.txn.committed(version, txns);
+        let stamped = std::time::Instant::now();
+        for (id, _) in txns {
+            self.stamps.insert(id.clone(), stamped);
+        }
         self.commits += 1;
         crate::metrics::global()
             .delta_commits

@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use super::{exists, open_existing};
 use crate::kafka::Topics;
+use crate::materialize::namespace_guard;
 use crate::materialize::offsets::app_id;
 use crate::materialize::tables::{rewrite_operation, Table, TableError};
 use crate::materialize::upsert::{self, CurrentState, QueueState};
@@ -269,9 +270,24 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
 
     let queue_batch = upsert::queue_batch(&queue)?;
     let registry_batch = upsert::registry_batch(&registry)?;
-    write(&cfg.to, TableKind::PositionsCurrent, current.batch(), &position_txns).await?;
-    write(&cfg.to, TableKind::PositionQueue, &queue_batch, &position_txns).await?;
-    write(&cfg.to, TableKind::StrategyRegistry, &registry_batch, &registry_txns).await?;
+    let ns = cfg.offsets_namespace.as_deref();
+    write(
+        &cfg.to,
+        TableKind::PositionsCurrent,
+        current.batch(),
+        &position_txns,
+        ns,
+    )
+    .await?;
+    write(&cfg.to, TableKind::PositionQueue, &queue_batch, &position_txns, ns).await?;
+    write(
+        &cfg.to,
+        TableKind::StrategyRegistry,
+        &registry_batch,
+        &registry_txns,
+        ns,
+    )
+    .await?;
     Ok(RebuildReport {
         events_version: events.version(),
         events: folded,
@@ -296,14 +312,23 @@ fn collect_partitions(b: &RecordBatch, seen: &mut BTreeSet<(String, i32)>) {
     }
 }
 
-/// Creates `kind` under `base` with `batch` as its one file, in one commit with `txns`.
-async fn write(base: &str, kind: TableKind, batch: &RecordBatch, txns: &[(String, i64)]) -> Result<(), TableError> {
+/// Creates `kind` under `base` with `batch` as its one file, in one commit with `txns`; with a
+/// namespace, the table records it (so a materializer under another one is refused).
+async fn write(
+    base: &str,
+    kind: TableKind,
+    batch: &RecordBatch,
+    txns: &[(String, i64)],
+    namespace: Option<&str>,
+) -> Result<(), TableError> {
     let mut t = Table::open(base, kind).await?;
     let adds = t.write_files(std::slice::from_ref(batch)).await?;
-    if adds.is_empty() && txns.is_empty() {
-        return Ok(());
+    if !adds.is_empty() || !txns.is_empty() {
+        let actions = adds.into_iter().map(Action::Add).collect();
+        t.commit(actions, txns, rewrite_operation(), 0).await?;
     }
-    let actions = adds.into_iter().map(Action::Add).collect();
-    t.commit(actions, txns, rewrite_operation(), 0).await?;
+    if let Some(ns) = namespace {
+        namespace_guard::record(&mut t, ns).await?;
+    }
     Ok(())
 }

@@ -254,6 +254,15 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         }
     }
 
+    // The materializer refuses to start on tables of another namespace; so does this report.
+    if let Some(t) = tables.get(&TableKind::PositionEvents) {
+        if let Some(recorded) = crate::materialize::namespace_guard::recorded(t)?.filter(|r| *r != namespace) {
+            problems.push(format!(
+                "the tables were last written under offsets namespace {recorded}, this report uses {namespace}: pass --offsets-namespace {recorded} (a materializer with {namespace} would refuse to start)"
+            ));
+        }
+    }
+
     // Per partition: what the tables hold, and what is behind.
     let mut partitions = Vec::new();
     for m in &marks {

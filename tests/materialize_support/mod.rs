@@ -631,3 +631,22 @@ pub fn python_readers(base: &str) -> anyhow::Result<serde_json::Value> {
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
+
+/// (kafka_namespace, topic, partition, offset) of every row of an append-only table
+/// (`position_events`, `registry_events`, `dead_letters`), duplicates kept, sorted.
+pub async fn namespaced_coordinates(base: &str, kind: TableKind) -> anyhow::Result<Vec<(String, String, i32, i64)>> {
+    let mut out = Vec::new();
+    for b in read_table(base, kind).await? {
+        let (ns, t, o) = (
+            strs(&b, "kafka_namespace"),
+            strs(&b, "kafka_topic"),
+            longs(&b, "kafka_offset"),
+        );
+        let p = b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>();
+        for i in 0..b.num_rows() {
+            out.push((ns.value(i).to_string(), t.value(i).to_string(), p.value(i), o.value(i)));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -3,6 +3,8 @@
 
 Usage: check_run.py <table base directory>  ->  one JSON object on stdout:
   event_rows, distinct_event_ids: rows of position_events, and distinct event ids among them
+  distinct_coordinates: distinct (kafka_namespace, kafka_topic, kafka_partition, kafka_offset)
+  namespaces:      distinct kafka_namespace values in position_events
   routes:          {route: event count} in position_events
   sources:         {route/source: event count}
   active_keys:     [[account, con_id], ...] that have ACTIVE-route events
@@ -29,6 +31,10 @@ def main(base: str) -> None:
     out = {
         "event_rows": q(f"SELECT count(*) FROM {t['position_events']}")[0][0],
         "distinct_event_ids": q(f"SELECT count(DISTINCT event_id) FROM {t['position_events']}")[0][0],
+        "distinct_coordinates": q(
+            "SELECT count(DISTINCT (kafka_namespace, kafka_topic, kafka_partition, kafka_offset)) "
+            f"FROM {t['position_events']}")[0][0],
+        "namespaces": q(f"SELECT count(DISTINCT kafka_namespace) FROM {t['position_events']}")[0][0],
         "routes": dict(q(f"SELECT route, count(*) FROM {t['position_events']} GROUP BY route")),
         "sources": {f"{r}/{s}": n for r, s, n in
                     q(f"SELECT route, source, count(*) FROM {t['position_events']} GROUP BY ALL")},

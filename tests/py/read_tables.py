@@ -59,14 +59,14 @@ def main(base):
         }
         if name == "position_events":
             info["duckdb_distinct_coordinates"] = con.execute(
-                f"SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
+                f"SELECT count(DISTINCT (kafka_namespace, kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
             ).fetchone()[0]
             info["duckdb_event_dates"] = con.execute(
                 f"SELECT count(DISTINCT event_date) FROM {scan}"
             ).fetchone()[0]
         if name == "registry_events":
             info["duckdb_distinct_coordinates"] = con.execute(
-                f"SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
+                f"SELECT count(DISTINCT (kafka_namespace, kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
             ).fetchone()[0]
             info["duckdb_actions"] = sorted(
                 r[0] for r in con.execute(f"SELECT DISTINCT action FROM {scan}").fetchall()
@@ -79,7 +79,7 @@ def main(base):
             rows = con.execute(f"SELECT status, count(*) FROM {scan} GROUP BY status ORDER BY status").fetchall()
             info["duckdb_status_counts"] = {s: n for s, n in rows}
         if name == "dead_letters":
-            info["duckdb_errors"] = [r[0] for r in con.execute(f"SELECT error FROM {scan} ORDER BY kafka_topic, kafka_offset").fetchall()]
+            info["duckdb_errors"] = [r[0] for r in con.execute(f"SELECT error FROM {scan} ORDER BY kafka_namespace, kafka_topic, kafka_offset").fetchall()]
         out[name] = info
     print(json.dumps(out, sort_keys=True))
 

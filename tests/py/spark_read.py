@@ -36,12 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # The key of each table: unique, so "the first N rows by key" is the same set for both readers.
 KEYS = {
-    "position_events": ["kafka_topic", "kafka_partition", "kafka_offset"],
+    "position_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
     "positions_current": ["account", "con_id"],
     "position_queue": ["account", "con_id"],
     "strategy_registry": ["strategy", "account", "con_id"],
-    "dead_letters": ["kafka_topic", "kafka_partition", "kafka_offset"],
-    "registry_events": ["kafka_topic", "kafka_partition", "kafka_offset"],
+    "dead_letters": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
+    "registry_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
 }
 
 
@@ -97,6 +97,12 @@ def norm(v):
         return "NaN"
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).hex()
+    if hasattr(v, "asDict"):  # a Spark struct (Row); DuckDB gives a dict
+        v = v.asDict(recursive=False)
+    if isinstance(v, dict):
+        return {k: norm(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [norm(x) for x in v]
     return v
 
 

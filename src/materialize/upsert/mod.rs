@@ -1,0 +1,375 @@
+//! The upsert tables: `positions_current`, `position_queue` ([`queue`]), `strategy_registry`.
+//!
+//! Each is small (one row per key) and kept in memory; a commit rewrites it as remove-all +
+//! add-one-file against the snapshot it was read from. Every state here is a *join
+//! semilattice*: [`merge`](CurrentState::merge) is commutative, associative and idempotent, so
+//! when another member committed first the materializer reloads the table, merges its rows in,
+//! re-applies its own (still unwritten) events, and retries; replaying events changes nothing.
+//!
+//! Ordering: an event is newer than another by `(ingest_time, session_id, sequence, event_id)`;
+//! registry events by `(time, event_id)`. An older event never overwrites a newer one.
+
+pub mod queue;
+
+pub use queue::{
+    fold_queue, join_queue, queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState, QueuedPart,
+};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::compute::interleave;
+use deltalake::arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMicrosecondType};
+use deltalake::arrow::error::ArrowError;
+
+use super::decode::UTC;
+use super::tables::{positions_current_layout, TableKind};
+
+/// Newest-wins order of position events.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventOrder {
+    pub ingest_time: i64,
+    pub session_id: String,
+    pub sequence: i64,
+    pub event_id: String,
+}
+
+/// Column accessors over a batch of position rows (`position_events` / `positions_current`).
+pub(crate) struct Cols<'a> {
+    account: &'a deltalake::arrow::array::StringArray,
+    con_id: &'a deltalake::arrow::array::Int64Array,
+    ingest_time: &'a deltalake::arrow::array::TimestampMicrosecondArray,
+    session_id: &'a deltalake::arrow::array::StringArray,
+    sequence: &'a deltalake::arrow::array::Int64Array,
+    event_id: &'a deltalake::arrow::array::StringArray,
+}
+
+pub(crate) fn col<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
+    b.column_by_name(name)
+        .ok_or_else(|| ArrowError::SchemaError(format!("missing column {name}")))
+}
+
+impl<'a> Cols<'a> {
+    pub(crate) fn of(b: &'a RecordBatch) -> Result<Self, ArrowError> {
+        Ok(Self {
+            account: col(b, "account")?.as_string::<i32>(),
+            con_id: col(b, "con_id")?.as_primitive::<Int64Type>(),
+            ingest_time: col(b, "ingest_time")?.as_primitive::<TimestampMicrosecondType>(),
+            session_id: col(b, "session_id")?.as_string::<i32>(),
+            sequence: col(b, "sequence")?.as_primitive::<Int64Type>(),
+            event_id: col(b, "event_id")?.as_string::<i32>(),
+        })
+    }
+
+    pub(crate) fn key(&self, i: usize) -> (&'a str, i64) {
+        (self.account.value(i), self.con_id.value(i))
+    }
+
+    pub(crate) fn order(&self, i: usize) -> (i64, &'a str, i64, &'a str) {
+        (
+            self.ingest_time.value(i),
+            self.session_id.value(i),
+            self.sequence.value(i),
+            self.event_id.value(i),
+        )
+    }
+
+    fn owned_order(&self, i: usize) -> EventOrder {
+        let (t, s, q, e) = self.order(i);
+        EventOrder {
+            ingest_time: t,
+            session_id: s.to_string(),
+            sequence: q,
+            event_id: e.to_string(),
+        }
+    }
+}
+
+pub(crate) fn newer(a: (i64, &str, i64, &str), b: &EventOrder) -> bool {
+    a > (b.ingest_time, b.session_id.as_str(), b.sequence, b.event_id.as_str())
+}
+
+/// `positions_current`: the newest event per (account, con_id), as rows of one batch.
+#[derive(Debug, Clone)]
+pub struct CurrentState {
+    batch: RecordBatch,
+    index: BTreeMap<(String, i64), (EventOrder, usize)>,
+}
+
+impl Default for CurrentState {
+    fn default() -> Self {
+        Self {
+            batch: RecordBatch::new_empty(Self::schema()),
+            index: BTreeMap::new(),
+        }
+    }
+}
+
+impl CurrentState {
+    fn schema() -> SchemaRef {
+        positions_current_layout().schema.clone()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// No keys.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The state as one batch (sorted by key).
+    pub fn batch(&self) -> &RecordBatch {
+        &self.batch
+    }
+
+    /// The state merged with event rows (`position_events` or `positions_current` layout);
+    /// `None` when no row is newer than what the state holds.
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    pub fn merge(&self, rows: &[RecordBatch]) -> Result<Option<CurrentState>, ArrowError> {
+        let schema = Self::schema();
+        // Project every input to the positions_current columns (drops `event_date`).
+        let inputs: Vec<RecordBatch> = rows
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let idx: Result<Vec<usize>, _> =
+                    schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
+                let p = b.project(&idx?)?;
+                RecordBatch::try_new(schema.clone(), p.columns().to_vec())
+            })
+            .collect::<Result<_, _>>()?;
+        // Newest row per key among the inputs (borrowed keys, no allocation per row).
+        let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
+        let mut best: std::collections::HashMap<(&str, i64), (usize, usize)> = std::collections::HashMap::new();
+        for (bi, c) in cols.iter().enumerate() {
+            for i in 0..c.account.len() {
+                match best.entry(c.key(i)) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((bi, i));
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        let (ob, oi) = *o.get();
+                        if c.order(i) > cols[ob].order(oi) {
+                            o.insert((bi, i));
+                        }
+                    }
+                }
+            }
+        }
+        let mut index = self.index.clone();
+        let mut changed = false;
+        for ((acct, con), (bi, i)) in best {
+            let c = &cols[bi];
+            match index.get_mut(&(acct.to_string(), con)) {
+                Some(cur) if !newer(c.order(i), &cur.0) => {}
+                Some(cur) => {
+                    *cur = (c.owned_order(i), encode_src(bi + 1, i));
+                    changed = true;
+                }
+                None => {
+                    index.insert((acct.to_string(), con), (c.owned_order(i), encode_src(bi + 1, i)));
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        // Source 0 = the current state batch, 1.. = inputs.
+        let mut sources: Vec<&RecordBatch> = vec![&self.batch];
+        sources.extend(inputs.iter());
+        let picks: Vec<(usize, usize)> = index.values().map(|(_, s)| decode_src(*s)).collect();
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
+                interleave(&arrays, &picks)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new(schema, columns)?;
+        let index = index
+            .into_iter()
+            .enumerate()
+            .map(|(row, (k, (o, _)))| (k, (o, row)))
+            .collect();
+        Ok(Some(CurrentState { batch, index }))
+    }
+}
+
+// Row references pack (source batch, row) into one usize for the index.
+fn encode_src(batch: usize, row: usize) -> usize {
+    (batch << 40) | row
+}
+
+fn decode_src(s: usize) -> (usize, usize) {
+    (s >> 40, s & ((1 << 40) - 1))
+}
+
+/// One `strategy_registry` row (without its key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryRow {
+    pub active: bool,
+    pub priority: i32,
+    pub updated_at: i64,
+    pub actor: String,
+    pub event_id: String,
+}
+
+impl RegistryRow {
+    fn order(&self) -> (i64, &str) {
+        (self.updated_at, &self.event_id)
+    }
+}
+
+/// Registry key: (strategy, account or `None` = all accounts, con_id).
+pub type RegistryKey = (String, Option<String>, i64);
+/// `strategy_registry` state.
+pub type RegistryState = BTreeMap<RegistryKey, RegistryRow>;
+
+/// Newest-wins upsert of one row; returns whether it changed the state.
+pub fn upsert_registry(state: &mut RegistryState, key: RegistryKey, row: RegistryRow) -> bool {
+    match state.get(&key) {
+        Some(cur) if cur.order() >= row.order() => false,
+        _ => {
+            state.insert(key, row);
+            true
+        }
+    }
+}
+
+/// Folds registry event rows (registry layout) into a copy of the state (`None` = unchanged).
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn fold_registry(state: &RegistryState, rows: &[RecordBatch]) -> Result<Option<RegistryState>, ArrowError> {
+    let mut next = state.clone();
+    let mut changed = false;
+    for b in rows.iter().filter(|b| b.num_rows() > 0) {
+        let s = |n| col(b, n).map(|c| c.as_string::<i32>());
+        let (strategy, account, action, actor, event_id) =
+            (s("strategy")?, s("account")?, s("action")?, s("actor")?, s("event_id")?);
+        let con_id = col(b, "con_id")?.as_primitive::<Int64Type>();
+        let priority = col(b, "priority")?.as_primitive::<Int32Type>();
+        let time = col(b, "time")?.as_primitive::<TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            let key = (
+                strategy.value(i).to_string(),
+                account.is_valid(i).then(|| account.value(i).to_string()),
+                con_id.value(i),
+            );
+            let row = RegistryRow {
+                active: action.value(i) == "ACTIVATE",
+                priority: priority.value(i),
+                updated_at: time.value(i),
+                actor: actor.value(i).to_string(),
+                event_id: event_id.value(i).to_string(),
+            };
+            changed |= upsert_registry(&mut next, key, row);
+        }
+    }
+    Ok(changed.then_some(next))
+}
+
+/// The registry state as a batch of the `strategy_registry` schema.
+///
+/// # Errors
+/// Arrow errors (a bug).
+pub fn registry_batch(state: &RegistryState) -> Result<RecordBatch, ArrowError> {
+    let (mut strategy, mut account, mut con_id) = (StringBuilder::new(), StringBuilder::new(), Int64Builder::new());
+    let (mut active, mut priority) = (BooleanBuilder::new(), Int32Builder::new());
+    let mut updated = TimestampMicrosecondBuilder::new().with_timezone(UTC);
+    let (mut actor, mut event_id) = (StringBuilder::new(), StringBuilder::new());
+    for ((s, a, c), r) in state {
+        strategy.append_value(s);
+        account.append_option(a.as_ref());
+        con_id.append_value(*c);
+        active.append_value(r.active);
+        priority.append_value(r.priority);
+        updated.append_value(r.updated_at);
+        actor.append_value(&r.actor);
+        event_id.append_value(&r.event_id);
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(strategy.finish()),
+        Arc::new(account.finish()),
+        Arc::new(con_id.finish()),
+        Arc::new(active.finish()),
+        Arc::new(priority.finish()),
+        Arc::new(updated.finish()),
+        Arc::new(actor.finish()),
+        Arc::new(event_id.finish()),
+    ];
+    RecordBatch::try_new(TableKind::StrategyRegistry.schema(), cols)
+}
+
+/// Reads `strategy_registry` rows back into state.
+///
+/// # Errors
+/// Arrow errors (schema mismatch).
+pub fn registry_from_batches(batches: &[RecordBatch]) -> Result<RegistryState, ArrowError> {
+    let mut out = RegistryState::new();
+    for b in batches {
+        let s = |n| col(b, n).map(|c| c.as_string::<i32>());
+        let (strategy, account, actor, event_id) = (s("strategy")?, s("account")?, s("actor")?, s("event_id")?);
+        let con_id = col(b, "con_id")?.as_primitive::<Int64Type>();
+        let active = col(b, "active")?.as_boolean();
+        let priority = col(b, "priority")?.as_primitive::<Int32Type>();
+        let updated = col(b, "updated_at")?.as_primitive::<TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            let key = (
+                strategy.value(i).to_string(),
+                account.is_valid(i).then(|| account.value(i).to_string()),
+                con_id.value(i),
+            );
+            let row = RegistryRow {
+                active: active.value(i),
+                priority: priority.value(i),
+                updated_at: updated.value(i),
+                actor: actor.value(i).to_string(),
+                event_id: event_id.value(i).to_string(),
+            };
+            upsert_registry(&mut out, key, row);
+        }
+    }
+    Ok(out)
+}
+
+/// Joins registry rows read from the table into `state`; returns whether anything changed.
+pub fn join_registry(state: &mut RegistryState, other: RegistryState) -> bool {
+    let mut changed = false;
+    for (k, r) in other {
+        changed |= upsert_registry(state, k, r);
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_newest_wins() {
+        let mut s = RegistryState::new();
+        let k = ("w".to_string(), None, 5);
+        let row = |t, active| RegistryRow {
+            active,
+            priority: 1,
+            updated_at: t,
+            actor: "a".into(),
+            event_id: format!("e{t}"),
+        };
+        assert!(upsert_registry(&mut s, k.clone(), row(10, true)));
+        assert!(!upsert_registry(&mut s, k.clone(), row(5, false)));
+        assert!(upsert_registry(&mut s, k.clone(), row(11, false)));
+        let back = registry_from_batches(&[registry_batch(&s).unwrap()]).unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,517 @@
+//! `position_queue`: the queue state per (account, con_id), a join semilattice.
+//!
+//! Semantics (one row per (account, con_id) ever seen on either route):
+//! - QUEUED-route events with source STREAM / SNAPSHOT / RECONCILE *enqueue*: `enqueued_at` is
+//!   the newest of them; POLL events *refresh*: `refresh_count` counts them and
+//!   `last_refreshed_at` is the newest. `last_*`, `position`, `avg_cost` come from the newest
+//!   QUEUED-route event.
+//! - ACTIVE-route events do not delete the row: they set `last_active_at` (newest). Deleting
+//!   would need tombstones to stay order-independent; a status is simpler to query.
+//! - `status` = `active` when the newest ACTIVE-route event is newer than the newest QUEUED-route
+//!   event, else `closed` when the newest queued event has position 0 (the queue worker never
+//!   polls a closed item), else `refreshed` when it is a POLL, else `pending`. So `pending` is
+//!   exactly the worker's work list.
+//!
+//! Merging two versions of a row (another member's commit, a reload) orders by the events
+//! themselves: the `last_*` part comes from the newer last event, every timestamp is a max.
+//! The counts are kept per Kafka partition of the queued topic (`partition_counts`): every
+//! version of a row counts, for each partition, the key's events in a *prefix* of that
+//! partition's log (each table holds a prefix per partition, exactly once), so the join takes
+//! the larger count per partition and the totals are sums over partitions. No assumption that a
+//! key stays in one partition: adding partitions to the queued topic moves keys, and the
+//! history of each partition survives the merge (a grow-only counter with one slot per
+//! partition).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    StructBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::datatypes::{
+    DataType, Field, Fields, Float64Type, Int32Type, Int64Type, Schema as ArrowSchema, SchemaRef,
+    TimestampMicrosecondType,
+};
+use deltalake::arrow::error::ArrowError;
+
+use super::{col, newer, Cols, EventOrder};
+use crate::materialize::decode::{list_element, timestamp_type, UTC};
+
+/// Per queued-topic partition: (queued events, POLL events) of the key in that partition.
+pub type PartitionCounts = BTreeMap<i32, (i64, i64)>;
+
+/// The queued-route part of a `position_queue` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedPart {
+    pub enqueued_at: Option<i64>,
+    pub last_refreshed_at: Option<i64>,
+    /// Counts per partition of the queued topic (see the module docs).
+    pub counts: PartitionCounts,
+    pub last: EventOrder,
+    pub last_source: String,
+    pub position: f64,
+    pub avg_cost: f64,
+}
+
+impl QueuedPart {
+    /// Number of QUEUED-route events (all partitions).
+    pub fn queued_events(&self) -> i64 {
+        self.counts.values().map(|c| c.0).sum()
+    }
+
+    /// Number of POLL events (all partitions).
+    pub fn refresh_count(&self) -> i64 {
+        self.counts.values().map(|c| c.1).sum()
+    }
+
+    /// Semilattice join: newest last event, max timestamps, max count per partition.
+    fn join(&self, other: &QueuedPart) -> QueuedPart {
+        let newest = if other.last > self.last { other } else { self };
+        let mut counts = self.counts.clone();
+        for (p, (e, r)) in &other.counts {
+            let c = counts.entry(*p).or_default();
+            *c = (c.0.max(*e), c.1.max(*r));
+        }
+        QueuedPart {
+            enqueued_at: self.enqueued_at.max(other.enqueued_at),
+            last_refreshed_at: self.last_refreshed_at.max(other.last_refreshed_at),
+            counts,
+            last: newest.last.clone(),
+            last_source: newest.last_source.clone(),
+            position: newest.position,
+            avg_cost: newest.avg_cost,
+        }
+    }
+}
+
+/// One `position_queue` row (without its key).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueueRow {
+    pub queued: Option<QueuedPart>,
+    pub last_active_at: Option<i64>,
+}
+
+impl QueueRow {
+    /// `pending`, `refreshed`, `closed` or `active` (see the module docs).
+    pub fn status(&self) -> &'static str {
+        match (&self.queued, self.last_active_at) {
+            (None, _) => "active",
+            (Some(q), Some(a)) if a > q.last.ingest_time => "active",
+            (Some(q), _) if q.position == 0.0 => "closed",
+            (Some(q), _) if q.last_source == "POLL" => "refreshed",
+            _ => "pending",
+        }
+    }
+
+    fn updated_at(&self) -> i64 {
+        let q = self.queued.as_ref().map(|q| q.last.ingest_time);
+        q.max(self.last_active_at).unwrap_or_default()
+    }
+
+    /// Semilattice join of two versions of the same key.
+    pub fn join(&self, other: &QueueRow) -> QueueRow {
+        let queued = match (&self.queued, &other.queued) {
+            (Some(a), Some(b)) => Some(a.join(b)),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        QueueRow {
+            queued,
+            last_active_at: self.last_active_at.max(other.last_active_at),
+        }
+    }
+}
+
+/// One position event, as the queue fold needs it.
+pub struct QueueInput<'a> {
+    pub active_route: bool,
+    /// Kafka partition the event came from (its topic is the route's).
+    pub partition: i32,
+    pub source: &'a str,
+    pub order: (i64, &'a str, i64, &'a str),
+    pub position: f64,
+    pub avg_cost: f64,
+}
+
+fn max_opt(a: Option<i64>, b: i64) -> Option<i64> {
+    Some(a.map_or(b, |a| a.max(b)))
+}
+
+impl QueueRow {
+    /// Applies one event.
+    pub fn apply(&mut self, e: &QueueInput<'_>) {
+        let t = e.order.0;
+        if e.active_route {
+            self.last_active_at = max_opt(self.last_active_at, t);
+            return;
+        }
+        let owned = || EventOrder {
+            ingest_time: t,
+            session_id: e.order.1.to_string(),
+            sequence: e.order.2,
+            event_id: e.order.3.to_string(),
+        };
+        let fresh = self.queued.is_none();
+        let q = self.queued.get_or_insert_with(|| QueuedPart {
+            enqueued_at: None,
+            last_refreshed_at: None,
+            counts: PartitionCounts::new(),
+            last: owned(),
+            last_source: e.source.to_string(),
+            position: e.position,
+            avg_cost: e.avg_cost,
+        });
+        let c = q.counts.entry(e.partition).or_default();
+        c.0 += 1;
+        if e.source == "POLL" {
+            c.1 += 1;
+            q.last_refreshed_at = max_opt(q.last_refreshed_at, t);
+        } else {
+            q.enqueued_at = max_opt(q.enqueued_at, t);
+        }
+        if fresh || newer(e.order, &q.last) {
+            q.last = owned();
+            q.last_source = e.source.to_string();
+            q.position = e.position;
+            q.avg_cost = e.avg_cost;
+        }
+    }
+}
+
+/// `position_queue` state.
+pub type QueueState = BTreeMap<(String, i64), QueueRow>;
+
+/// Folds position event rows (`position_events` layout: they carry `kafka_partition`) into a
+/// copy of the touched queue rows; returns the new state (`None` when nothing changed).
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn fold_queue(state: &QueueState, rows: &[RecordBatch]) -> Result<Option<QueueState>, ArrowError> {
+    let mut next = state.clone();
+    let mut changed = false;
+    for b in rows.iter().filter(|b| b.num_rows() > 0) {
+        let c = Cols::of(b)?;
+        let route = col(b, "route")?.as_string::<i32>();
+        let source = col(b, "source")?.as_string::<i32>();
+        let position = col(b, "position")?.as_primitive::<Float64Type>();
+        let avg_cost = col(b, "avg_cost")?.as_primitive::<Float64Type>();
+        let partition = col(b, "kafka_partition")?.as_primitive::<Int32Type>();
+        for i in 0..b.num_rows() {
+            let (acct, con) = c.key(i);
+            let row = next.entry((acct.to_string(), con)).or_default();
+            let before = row.clone();
+            row.apply(&QueueInput {
+                active_route: route.value(i) == "ACTIVE",
+                partition: partition.value(i),
+                source: source.value(i),
+                order: c.order(i),
+                position: position.value(i),
+                avg_cost: avg_cost.value(i),
+            });
+            changed |= *row != before;
+        }
+    }
+    Ok(changed.then_some(next))
+}
+
+/// Joins rows read from the table into `state`; returns whether anything changed.
+pub fn join_queue(state: &mut QueueState, other: QueueState) -> bool {
+    let mut changed = false;
+    for (k, r) in other {
+        let e = state.entry(k).or_default();
+        let j = e.join(&r);
+        changed |= j != *e;
+        *e = j;
+    }
+    changed
+}
+
+fn count_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("partition", DataType::Int32, false),
+        Field::new("queued_events", DataType::Int64, false),
+        Field::new("refresh_count", DataType::Int64, false),
+    ])
+}
+
+fn counts_type() -> DataType {
+    DataType::List(list_element(DataType::Struct(count_fields())))
+}
+
+/// The Arrow schema of `position_queue`.
+pub fn schema() -> SchemaRef {
+    let ts = timestamp_type;
+    Arc::new(ArrowSchema::new(vec![
+        Field::new("account", DataType::Utf8, false),
+        Field::new("con_id", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("enqueued_at", ts(), true),
+        Field::new("last_refreshed_at", ts(), true),
+        Field::new("refresh_count", DataType::Int64, false),
+        Field::new("queued_events", DataType::Int64, false),
+        Field::new("partition_counts", counts_type(), false),
+        Field::new("last_event_id", DataType::Utf8, true),
+        Field::new("last_source", DataType::Utf8, true),
+        Field::new("last_event_at", ts(), true),
+        Field::new("last_session_id", DataType::Utf8, true),
+        Field::new("last_sequence", DataType::Int64, true),
+        Field::new("position", DataType::Float64, true),
+        Field::new("avg_cost", DataType::Float64, true),
+        Field::new("last_active_at", ts(), true),
+        Field::new("updated_at", ts(), false),
+    ]))
+}
+
+/// The queue state as a batch of the `position_queue` schema.
+///
+/// # Errors
+/// Arrow errors (a bug).
+pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
+    let n = state.len();
+    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
+    let (mut account, mut con_id, mut status) = (StringBuilder::new(), Int64Builder::new(), StringBuilder::new());
+    let (mut enq, mut refreshed, mut count, mut events) = (ts(), ts(), Int64Builder::new(), Int64Builder::new());
+    let item = list_element(DataType::Struct(count_fields()));
+    let mut per_partition = ListBuilder::new(StructBuilder::from_fields(count_fields(), n)).with_field(item);
+    let (mut ev_id, mut src, mut ev_at, mut sess, mut seq) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        ts(),
+        StringBuilder::new(),
+        Int64Builder::new(),
+    );
+    let (mut pos, mut cost, mut active, mut updated) = (Float64Builder::new(), Float64Builder::new(), ts(), ts());
+    for ((a, c), r) in state {
+        account.append_value(a);
+        con_id.append_value(*c);
+        status.append_value(r.status());
+        let q = r.queued.as_ref();
+        enq.append_option(q.and_then(|q| q.enqueued_at));
+        refreshed.append_option(q.and_then(|q| q.last_refreshed_at));
+        count.append_value(q.map_or(0, QueuedPart::refresh_count));
+        events.append_value(q.map_or(0, QueuedPart::queued_events));
+        for (p, (e, rc)) in q.map(|q| &q.counts).into_iter().flatten() {
+            let s = per_partition.values();
+            append_field::<Int32Builder>(s, 0).append_value(*p);
+            append_field::<Int64Builder>(s, 1).append_value(*e);
+            append_field::<Int64Builder>(s, 2).append_value(*rc);
+            s.append(true);
+        }
+        per_partition.append(true);
+        ev_id.append_option(q.map(|q| &q.last.event_id));
+        src.append_option(q.map(|q| &q.last_source));
+        ev_at.append_option(q.map(|q| q.last.ingest_time));
+        sess.append_option(q.map(|q| &q.last.session_id));
+        seq.append_option(q.map(|q| q.last.sequence));
+        pos.append_option(q.map(|q| q.position));
+        cost.append_option(q.map(|q| q.avg_cost));
+        active.append_option(r.last_active_at);
+        updated.append_value(r.updated_at());
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(account.finish()),
+        Arc::new(con_id.finish()),
+        Arc::new(status.finish()),
+        Arc::new(enq.finish()),
+        Arc::new(refreshed.finish()),
+        Arc::new(count.finish()),
+        Arc::new(events.finish()),
+        Arc::new(per_partition.finish()),
+        Arc::new(ev_id.finish()),
+        Arc::new(src.finish()),
+        Arc::new(ev_at.finish()),
+        Arc::new(sess.finish()),
+        Arc::new(seq.finish()),
+        Arc::new(pos.finish()),
+        Arc::new(cost.finish()),
+        Arc::new(active.finish()),
+        Arc::new(updated.finish()),
+    ];
+    RecordBatch::try_new(schema(), cols)
+}
+
+fn append_field<T: deltalake::arrow::array::ArrayBuilder>(s: &mut StructBuilder, i: usize) -> &mut T {
+    s.field_builder::<T>(i)
+        .expect("the struct's field builders follow count_fields()")
+}
+
+/// Reads `position_queue` rows back into state.
+///
+/// # Errors
+/// Arrow errors (schema mismatch).
+pub fn queue_from_batches(batches: &[RecordBatch]) -> Result<QueueState, ArrowError> {
+    let mut out = QueueState::new();
+    for b in batches {
+        let s = |n| col(b, n).map(|c| c.as_string::<i32>());
+        let l = |n| col(b, n).map(|c| c.as_primitive::<Int64Type>());
+        let t = |n| col(b, n).map(|c| c.as_primitive::<TimestampMicrosecondType>());
+        let f = |n| col(b, n).map(|c| c.as_primitive::<Float64Type>());
+        let (account, con_id) = (s("account")?, l("con_id")?);
+        let per_partition = col(b, "partition_counts")?.as_list::<i32>();
+        let (enq, refreshed, ev_at, active) = (
+            t("enqueued_at")?,
+            t("last_refreshed_at")?,
+            t("last_event_at")?,
+            t("last_active_at")?,
+        );
+        let (ev_id, src, sess, seq) = (
+            s("last_event_id")?,
+            s("last_source")?,
+            s("last_session_id")?,
+            l("last_sequence")?,
+        );
+        let (pos, cost) = (f("position")?, f("avg_cost")?);
+        let opt = |a: &dyn Array, i: usize| a.is_valid(i);
+        for i in 0..b.num_rows() {
+            let mut counts = PartitionCounts::new();
+            let items = per_partition.value(i);
+            let items = items.as_struct();
+            let (p, e, r) = (
+                items.column(0).as_primitive::<Int32Type>(),
+                items.column(1).as_primitive::<Int64Type>(),
+                items.column(2).as_primitive::<Int64Type>(),
+            );
+            for k in 0..items.len() {
+                let c = counts.entry(p.value(k)).or_default();
+                *c = (c.0.max(e.value(k)), c.1.max(r.value(k)));
+            }
+            let queued = (!counts.is_empty() && opt(ev_at, i)).then(|| QueuedPart {
+                enqueued_at: opt(enq, i).then(|| enq.value(i)),
+                last_refreshed_at: opt(refreshed, i).then(|| refreshed.value(i)),
+                counts,
+                last: EventOrder {
+                    ingest_time: ev_at.value(i),
+                    session_id: sess.value(i).to_string(),
+                    sequence: seq.value(i),
+                    event_id: ev_id.value(i).to_string(),
+                },
+                last_source: src.value(i).to_string(),
+                position: pos.value(i),
+                avg_cost: cost.value(i),
+            });
+            let row = QueueRow {
+                queued,
+                last_active_at: opt(active, i).then(|| active.value(i)),
+            };
+            let e = out.entry((account.value(i).to_string(), con_id.value(i))).or_default();
+            *e = e.join(&row);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(t: i64, seq: i64, source: &'static str, active: bool) -> QueueInput<'static> {
+        QueueInput {
+            active_route: active,
+            partition: 0,
+            source,
+            order: (t, "s", seq, "e"),
+            position: t as f64,
+            avg_cost: 1.0,
+        }
+    }
+
+    #[test]
+    fn queue_status_follows_newest_event_and_counts_polls() {
+        let mut r = QueueRow::default();
+        r.apply(&ev(10, 1, "SNAPSHOT", false));
+        assert_eq!(r.status(), "pending");
+        r.apply(&ev(20, 2, "POLL", false));
+        assert_eq!(r.status(), "refreshed");
+        // an older enqueue arriving late does not overwrite the newer poll
+        r.apply(&ev(15, 3, "STREAM", false));
+        assert_eq!(r.status(), "refreshed");
+        let q = r.queued.as_ref().unwrap();
+        assert_eq!(
+            (q.refresh_count(), q.queued_events(), q.enqueued_at, q.last_refreshed_at),
+            (1, 3, Some(15), Some(20))
+        );
+        r.apply(&ev(30, 4, "PNL", true));
+        assert_eq!(r.status(), "active");
+        r.apply(&ev(40, 5, "STREAM", false));
+        assert_eq!(r.status(), "pending");
+        // A close leaves the work list: the worker never polls it (issue 10 #11).
+        r.apply(&QueueInput {
+            position: 0.0,
+            ..ev(50, 6, "STREAM", false)
+        });
+        assert_eq!(r.status(), "closed");
+        r.apply(&ev(60, 7, "POLL", false));
+        assert_eq!(r.status(), "refreshed", "reopened and refreshed");
+    }
+
+    #[test]
+    fn queue_join_is_a_semilattice() {
+        let mut a = QueueRow::default();
+        a.apply(&ev(10, 1, "SNAPSHOT", false));
+        let mut b = a.clone();
+        b.apply(&ev(20, 2, "POLL", false));
+        let mut c = QueueRow::default();
+        c.apply(&ev(25, 9, "PNL", true));
+        // A version that saw the key in another partition (added partitions).
+        let mut d = a.clone();
+        d.apply(&QueueInput {
+            partition: 3,
+            ..ev(30, 10, "STREAM", false)
+        });
+        let rows = [&a, &b, &c, &d];
+        for x in rows {
+            assert_eq!(x.join(x), *x);
+            for y in rows {
+                assert_eq!(x.join(y), y.join(x));
+                for z in rows {
+                    assert_eq!(x.join(y).join(z), x.join(&y.join(z)));
+                }
+            }
+        }
+        assert_eq!(a.join(&b), b);
+        let st: QueueState = [(("A".to_string(), 1), a.join(&b).join(&c).join(&d))]
+            .into_iter()
+            .collect();
+        let back = queue_from_batches(&[queue_batch(&st).unwrap()]).unwrap();
+        assert_eq!(back, st);
+    }
+
+    /// Issue 10 #6: the queued topic gets more partitions, so a key's new events land in
+    /// another partition than its old ones. Member Y (old partition) and member X (new
+    /// partition) both start from the committed row and fold their own events; whichever
+    /// commits second merges the other's row. Nothing of either history may be lost.
+    #[test]
+    fn a_key_moved_to_an_added_partition_keeps_both_histories() {
+        let at = |t: i64, partition: i32, source: &'static str| QueueInput {
+            active_route: false,
+            partition,
+            source,
+            order: (t, "s", t, "e"),
+            position: t as f64,
+            avg_cost: 1.0,
+        };
+        let mut committed = QueueRow::default();
+        for t in 1..=5 {
+            committed.apply(&at(t, 0, "STREAM"));
+        }
+        let mut y = committed.clone();
+        for t in 6..=8 {
+            y.apply(&at(t, 0, "POLL"));
+        }
+        let mut x = committed.clone();
+        for t in 100..=101 {
+            x.apply(&at(t, 3, "POLL"));
+        }
+        for j in [y.join(&x), x.join(&y)] {
+            let q = j.queued.as_ref().unwrap();
+            assert_eq!(q.last.ingest_time, 101, "the newest event was dropped");
+            assert_eq!(
+                (q.queued_events(), q.refresh_count()),
+                (10, 5),
+                "an event counted twice or not at all"
+            );
+            assert_eq!((q.enqueued_at, q.last_refreshed_at), (Some(5), Some(101)));
+            assert_eq!(j.status(), "refreshed");
+        }
+    }
+}
