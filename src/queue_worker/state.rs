@@ -146,32 +146,30 @@ impl QueueState {
         now: Instant,
         in_flight_timeout: Duration,
     ) -> Vec<(PosKey, Item)> {
-        let mut oldest: HashMap<&str, (i64, &PosKey)> = HashMap::new();
-        for (k, it) in self
+        // Eligible items oldest first: an account's first appearance is its oldest item, so
+        // the first `max_accounts` accounts met are the sweep's.
+        let mut eligible: Vec<(i64, &PosKey)> = self
             .items
             .iter()
             .filter(|(_, it)| Self::eligible(it, now, in_flight_timeout))
-        {
-            let e = oldest.entry(k.account.as_str()).or_insert((it.enqueued_at, k));
-            if (it.enqueued_at, k) < (e.0, e.1) {
-                *e = (it.enqueued_at, k);
+            .map(|(k, it)| (it.enqueued_at, k))
+            .collect();
+        eligible.sort();
+        let mut chosen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for (_, k) in &eligible {
+            if !chosen.contains(k.account.as_str()) {
+                if chosen.len() == max_accounts {
+                    break;
+                }
+                chosen.insert(k.account.as_str());
             }
         }
-        let mut accounts: Vec<(i64, &PosKey, &str)> = oldest.into_iter().map(|(a, (t, k))| (t, k, a)).collect();
-        accounts.sort();
-        let chosen: std::collections::HashSet<String> = accounts
-            .into_iter()
-            .take(max_accounts)
-            .map(|(_, _, a)| a.to_string())
-            .collect();
-        let mut keys: Vec<(i64, PosKey)> = self
-            .items
+        let keys: Vec<PosKey> = eligible
             .iter()
-            .filter(|(k, it)| chosen.contains(&k.account) && Self::eligible(it, now, in_flight_timeout))
-            .map(|(k, it)| (it.enqueued_at, k.clone()))
+            .filter(|(_, k)| chosen.contains(k.account.as_str()))
+            .map(|(_, k)| (*k).clone())
             .collect();
-        keys.sort();
-        self.mark_in_flight(keys.into_iter().map(|(_, k)| k).collect(), now)
+        self.mark_in_flight(keys, now)
     }
 
     fn eligible(it: &Item, now: Instant, in_flight_timeout: Duration) -> bool {
