@@ -41,15 +41,7 @@ async fn reconnect_reconciles_and_resubscribes() -> anyhow::Result<()> {
     let active = truth.positions[0].clone();
     let closing = truth.positions[1].clone();
     let changing = truth.positions[2].clone();
-    possync::registry::activate(
-        &env.kafka,
-        "s",
-        Some(&active.account),
-        i64::from(active.contract.con_id),
-        1,
-        "test",
-    )
-    .await?;
+    activate(&env.kafka, &active, 1).await?;
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let mut cfg = env.ingest_config(CLIENT, 10);
     cfg.reconnect_initial = Duration::from_secs(1); // gives the squatter below a head start
@@ -274,15 +266,7 @@ async fn restart_resumes_from_the_topics() -> anyhow::Result<()> {
     let env = env(quiet_sim(), 1, 2).await?;
     let truth = env.sim.truth();
     let active = truth.positions[0].clone();
-    possync::registry::activate(
-        &env.kafka,
-        "s",
-        Some(&active.account),
-        i64::from(active.contract.con_id),
-        1,
-        "test",
-    )
-    .await?;
+    activate(&env.kafka, &active, 1).await?;
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let first = env.start_ingest(env.ingest_config(71, 10)).await?;
     wait_in_sync(&env.sim, &collector, &first.session).await?;

@@ -168,15 +168,7 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
     let truth = env.sim.truth();
     ensure!(truth.positions.len() >= 5, "the test world needs positions");
     for p in &truth.positions[..ACTIVE] {
-        possync::registry::activate(
-            &env.kafka,
-            "s",
-            Some(&p.account),
-            i64::from(p.contract.con_id),
-            1,
-            "test",
-        )
-        .await?;
+        activate(&env.kafka, p, 1).await?;
     }
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let dir = tempfile::tempdir()?;
@@ -360,15 +352,7 @@ async fn a_holder_cut_off_from_kafka_drops_ib_until_it_holds_the_lease_again() -
     let env = env(quiet_sim(), 1, 6).await?;
     let truth = env.sim.truth();
     let p = &truth.positions[0];
-    possync::registry::activate(
-        &env.kafka,
-        "s",
-        Some(&p.account),
-        i64::from(p.contract.con_id),
-        1,
-        "test",
-    )
-    .await?;
+    activate(&env.kafka, p, 1).await?;
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let stop = env.shutdown.child_token();
     let ingest = tokio::spawn(possync::ingest::run(

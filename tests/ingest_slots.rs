@@ -74,15 +74,7 @@ async fn budget_overflow_activation_and_deactivation() -> anyhow::Result<()> {
     ensure!(p.len() == 6);
     // Five covered positions with priorities 5..1 compete for three slots.
     for (i, pos) in p.iter().take(5).enumerate() {
-        possync::registry::activate(
-            &env.kafka,
-            "s",
-            Some(&pos.account),
-            i64::from(pos.contract.con_id),
-            5 - i as i32,
-            "test",
-        )
-        .await?;
+        activate(&env.kafka, pos, 5 - i as i32).await?;
     }
     let overflow_before = possync::metrics::global().slot_overflow.load(Relaxed);
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
@@ -211,15 +203,7 @@ async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
     let truth = env.sim.truth();
     let both = [truth.positions[0].clone(), truth.positions[1].clone()];
     for p in &both {
-        possync::registry::activate(
-            &env.kafka,
-            "s",
-            Some(&p.account),
-            i64::from(p.contract.con_id),
-            1,
-            "test",
-        )
-        .await?;
+        activate(&env.kafka, p, 1).await?;
     }
     let collector = Collector::start(&env.kafka, &env.shutdown).await?;
     let ingest = env.start_ingest(env.ingest_config(C, 2)).await?;

@@ -279,3 +279,17 @@ pub async fn wait_in_sync(
     .await
     .context("ingest never caught up with the simulator")
 }
+
+/// Activates `p` for strategy "s" on its own account (actor "test").
+pub async fn activate(kafka: &possync::kafka::KafkaConfig, p: &TruthPosition, priority: i32) -> anyhow::Result<()> {
+    possync::registry::activate(
+        kafka,
+        "s",
+        Some(&p.account),
+        i64::from(p.contract.con_id),
+        priority,
+        "test",
+    )
+    .await?;
+    Ok(())
+}
