@@ -53,6 +53,8 @@ pub struct Metrics {
     pub commit_conflicts: AtomicU64,
     /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
     pub checkpoint_failures: AtomicU64,
+    /// Closed rows deleted from the upsert tables past `--closed-retention`.
+    pub closed_expired: AtomicU64,
     /// 1 while an IB connection is up (ingest, queue worker), else 0.
     pub ib_connected: AtomicI64,
     /// 1 while this ingest holds the ingest lease (it alone connects to IB and publishes);
@@ -205,6 +207,12 @@ impl Metrics {
             "commit_conflicts_total",
             "Delta commits that met another writer's commit (reloaded and retried)",
             self.commit_conflicts.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "closed_rows_expired_total",
+            "Closed rows deleted from positions_current / position_queue past --closed-retention",
+            self.closed_expired.load(Relaxed),
         );
         c(
             &mut s,

@@ -396,6 +396,9 @@ async fn pipeline(
             // fresh namespace must replace the previous run's (the rows stay apart by their
             // `kafka_namespace`).
             allow_namespace_change: true,
+            // The simulator stamps real time: closed positions leave after `possync
+            // materialize`'s default.
+            closed_retention: Some(materialize::config::DEFAULT_CLOSED_RETENTION),
             ..materialize::MaterializeConfig::default()
         };
         let (k, t) = (kafka.clone(), consumers.clone());

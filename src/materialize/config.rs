@@ -67,7 +67,15 @@ pub struct MaterializeArgs {
     /// (e.g. when an external `possync maintain` is scheduled instead).
     #[arg(long, env = "POSSYNC_MAINTAIN_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub maintain_every: Duration,
+    /// Closed positions (position 0) whose last event is older than this leave
+    /// `positions_current` and `position_queue` (a Delta delete by deletion vectors; checked at
+    /// most once a minute). `position_events` keeps everything. `0s` = keep them forever.
+    #[arg(long, env = "POSSYNC_CLOSED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub closed_retention: Duration,
 }
+
+/// `--closed-retention`'s default: closed positions leave the upsert tables after a week.
+pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 
 /// Where the tables live; shared by `materialize`, `maintain` and `bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -106,6 +114,9 @@ pub struct MaterializeConfig {
     /// Run [`MaintainConfig::default`] maintenance on the tables this often while materializing
     /// (`None` = never; see [`MaterializeArgs::maintain_every`]).
     pub maintain_every: Option<Duration>,
+    /// Delete closed rows of the upsert tables older than this (`None` = never; see
+    /// [`MaterializeArgs::closed_retention`]).
+    pub closed_retention: Option<Duration>,
 }
 
 impl Default for MaterializeConfig {
@@ -122,6 +133,9 @@ impl Default for MaterializeConfig {
             replay_from_beginning: false,
             txn_restamp_every: Duration::from_secs(3600),
             maintain_every: Some(Duration::from_secs(3600)),
+            // The library default keeps closed rows (tests replay synthetic, months-old event
+            // times); `possync materialize` and `possync run` pass the 7-day flag default.
+            closed_retention: None,
         }
     }
 }
@@ -140,6 +154,7 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             replay_from_beginning: a.replay_from_beginning,
             txn_restamp_every: a.txn_restamp_every.max(Duration::from_millis(100)),
             maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
+            closed_retention: (!a.closed_retention.is_zero()).then_some(a.closed_retention),
         }
     }
 }

@@ -17,13 +17,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use deltalake::arrow::array::{AsArray, RecordBatch};
 use deltalake::arrow::datatypes::Int64Type;
 use deltalake::kernel::Action;
+use deltalake::protocol::DeltaOperation;
 use rdkafka::producer::FutureProducer;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
 use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
-use super::upsert::{self, CurrentState, QueueState, RegistryState};
+use super::upsert::core::{Key, RowValue, Staged, Upsert};
+use super::upsert::{self, Current, Queue, RegistryState};
 use super::MaterializeError;
 use crate::kafka::Topics;
 
@@ -47,9 +49,12 @@ pub struct Pipeline {
     pub topics: Topics,
     /// Checkpoint every N commits.
     pub checkpoint_every: u64,
-    current: CurrentState,
-    queue: QueueState,
+    current: Current,
+    queue: Queue,
     registry: RegistryState,
+    /// Closed rows older than this leave `positions_current` and `position_queue`.
+    closed_retention: Option<std::time::Duration>,
+    last_expiry: Option<std::time::Instant>,
     dlq: deadletter::TopicCopy,
     conflicts: u64,
 }
@@ -76,9 +81,11 @@ impl Pipeline {
             namespace,
             topics,
             checkpoint_every,
-            current: CurrentState::default(),
-            queue: QueueState::new(),
+            current: Current::default(),
+            queue: Queue::default(),
             registry: RegistryState::new(),
+            closed_retention: None,
+            last_expiry: None,
             dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic),
             conflicts: 0,
         };
@@ -101,26 +108,31 @@ impl Pipeline {
         self.tables.get_mut(&kind).expect("every table is open")
     }
 
-    /// Merges the rows of an upsert table (as of its loaded snapshot) into our state.
+    /// Brings the in-memory state of an upsert table up to its loaded snapshot (reading only
+    /// what changed since the state was last in sync).
     async fn absorb(&mut self, kind: TableKind) -> Result<(), MaterializeError> {
-        let rows = self.table(kind).read_all().await?;
+        let t = self.tables.get(&kind).expect("every table is open");
         match kind {
             TableKind::PositionsCurrent => {
-                if let Some(s) = self.current.merge(&rows).map_err(arrow(kind))? {
-                    self.current = s;
-                }
+                self.current.sync(t).await?;
             }
             TableKind::PositionQueue => {
-                let other = upsert::queue_from_batches(&rows).map_err(arrow(kind))?;
-                upsert::join_queue(&mut self.queue, other);
+                self.queue.sync(t).await?;
             }
             TableKind::StrategyRegistry => {
+                let rows = t.read_all().await?;
                 let other = upsert::registry_from_batches(&rows).map_err(arrow(kind))?;
                 upsert::join_registry(&mut self.registry, other);
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Deletes closed rows older than `retention` from `positions_current` and
+    /// `position_queue` (checked at most once a minute, after a flush).
+    pub fn set_closed_retention(&mut self, retention: Option<std::time::Duration>) {
+        self.closed_retention = retention;
     }
 
     /// Rows of `part` the table does not hold yet, and the txn to record (`None`: all held).
@@ -157,13 +169,13 @@ impl Pipeline {
         let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
         if !positions.is_empty() {
             self.commit_events(&positions).await?;
-            for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
-                self.commit_upsert(kind, &positions).await?;
-            }
+            self.commit_current(&positions).await?;
+            self.commit_queue(&positions).await?;
+            self.expire_closed().await?;
         }
         if !registry.is_empty() {
             self.commit_registry_events(&registry).await?;
-            self.commit_upsert(TableKind::StrategyRegistry, &registry).await?;
+            self.commit_registry(&registry).await?;
         }
         Ok(())
     }
@@ -350,41 +362,118 @@ impl Pipeline {
         unreachable!("the attempt loop returns")
     }
 
-    async fn commit_upsert(&mut self, kind: TableKind, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
-        for attempt in 0.. {
-            let mut batches = Vec::new();
-            let mut txns = Vec::new();
-            for p in parts {
-                if let Some((rows, txn)) = self.unseen(kind, p).await? {
-                    batches.push(rows);
-                    txns.push(txn);
-                }
+    /// Rows of `parts` some table does not hold yet, and the txn actions to record.
+    async fn unseen_all(
+        &mut self,
+        kind: TableKind,
+        parts: &[&FrozenPartition],
+    ) -> Result<(Vec<RecordBatch>, Vec<(String, i64)>), MaterializeError> {
+        let (mut batches, mut txns) = (Vec::new(), Vec::new());
+        for p in parts {
+            if let Some((rows, txn)) = self.unseen(kind, p).await? {
+                batches.push(rows);
+                txns.push(txn);
             }
+        }
+        Ok((batches, txns))
+    }
+
+    async fn commit_current(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::PositionsCurrent;
+        for attempt in 0.. {
+            let (batches, txns) = self.unseen_all(kind, parts).await?;
             if txns.is_empty() {
                 return Ok(());
             }
-            // The new state, as a batch, when the rows change anything.
-            enum Next {
-                Current(CurrentState),
-                Queue(QueueState),
-                Registry(RegistryState),
+            let (rows, changed) = upsert::current::changes(&self.current, &batches)
+                .map_err(arrow(kind))?
+                .map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let t = self.tables.get_mut(&kind).expect("every table is open");
+            let staged = self.current.stage(t, rows, changed, vec![]).await?;
+            match commit_staged(t, &mut self.current, staged, &txns, self.checkpoint_every).await {
+                Ok(()) => return Ok(()),
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
             }
-            let next = match kind {
-                TableKind::PositionsCurrent => self.current.merge(&batches).map_err(arrow(kind))?.map(Next::Current),
-                TableKind::PositionQueue => upsert::fold_queue(&self.queue, &batches)
-                    .map_err(arrow(kind))?
-                    .map(Next::Queue),
-                _ => upsert::fold_registry(&self.registry, &batches)
-                    .map_err(arrow(kind))?
-                    .map(Next::Registry),
-            };
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    async fn commit_queue(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::PositionQueue;
+        for attempt in 0.. {
+            let (batches, txns) = self.unseen_all(kind, parts).await?;
+            if txns.is_empty() {
+                return Ok(());
+            }
+            let (rows, changed) = upsert::queue_changes(&self.queue, &batches)
+                .map_err(arrow(kind))?
+                .map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let t = self.tables.get_mut(&kind).expect("every table is open");
+            let staged = self.queue.stage(t, rows, changed, vec![]).await?;
+            match commit_staged(t, &mut self.queue, staged, &txns, self.checkpoint_every).await {
+                Ok(()) => return Ok(()),
+                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the attempt loop returns")
+    }
+
+    /// The retention delete of closed rows (at most once a minute).
+    async fn expire_closed(&mut self) -> Result<(), MaterializeError> {
+        let Some(retention) = self.closed_retention else {
+            return Ok(());
+        };
+        if self
+            .last_expiry
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+        {
+            return Ok(());
+        }
+        self.last_expiry = Some(std::time::Instant::now());
+        let cutoff = crate::events::now_micros() - retention.as_micros() as i64;
+        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+            for attempt in 0.. {
+                let keys = match kind {
+                    TableKind::PositionsCurrent => upsert::current::expired(&self.current, cutoff),
+                    _ => upsert::queue_expired(&self.queue, cutoff),
+                };
+                if keys.is_empty() {
+                    break;
+                }
+                let n = keys.len();
+                let t = self.tables.get_mut(&kind).expect("every table is open");
+                let result = match kind {
+                    TableKind::PositionsCurrent => delete_keys(t, &mut self.current, keys).await,
+                    _ => delete_keys(t, &mut self.queue, keys).await,
+                };
+                match result {
+                    Ok(()) => {
+                        crate::metrics::global().closed_expired.fetch_add(n as u64, Relaxed);
+                        tracing::info!(table = kind.name(), rows = n, "closed positions past retention deleted");
+                        break;
+                    }
+                    Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_registry(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
+        let kind = TableKind::StrategyRegistry;
+        for attempt in 0.. {
+            let (batches, txns) = self.unseen_all(kind, parts).await?;
+            if txns.is_empty() {
+                return Ok(());
+            }
+            // The registry is small (one row per strategy entry): rewritten whole.
+            let next = upsert::fold_registry(&self.registry, &batches).map_err(arrow(kind))?;
             let mut actions = Vec::new();
             if let Some(n) = &next {
-                let batch = match n {
-                    Next::Current(s) => s.batch().clone(),
-                    Next::Queue(s) => upsert::queue_batch(s).map_err(arrow(kind))?,
-                    Next::Registry(s) => upsert::registry_batch(s).map_err(arrow(kind))?,
-                };
+                let batch = upsert::registry_batch(n).map_err(arrow(kind))?;
                 let t = self.table(kind);
                 actions.extend(t.files()?.into_iter().map(|f| Action::Remove(f.remove)));
                 actions.extend(t.write_files(&[batch]).await?.into_iter().map(Action::Add));
@@ -396,11 +485,8 @@ impl Pipeline {
                 .await
             {
                 Ok(_) => {
-                    match next {
-                        Some(Next::Current(s)) => self.current = s,
-                        Some(Next::Queue(s)) => self.queue = s,
-                        Some(Next::Registry(s)) => self.registry = s,
-                        None => {}
+                    if let Some(n) = next {
+                        self.registry = n;
                     }
                     return Ok(());
                 }
@@ -410,6 +496,49 @@ impl Pipeline {
         }
         unreachable!("the attempt loop returns")
     }
+}
+
+/// Commits a staged upsert plan with its txn actions; on success the state remembers it and,
+/// when due, a compaction follows (its own `OPTIMIZE` commit; a lost race skips it: the next
+/// flush re-plans).
+async fn commit_staged<V: RowValue>(
+    t: &mut Table,
+    state: &mut Upsert<V>,
+    staged: Staged<V>,
+    txns: &[(String, i64)],
+    every: u64,
+) -> Result<(), TableError> {
+    let op = DeltaOperation::Update { predicate: None };
+    t.commit(staged.actions.clone(), txns, op, every).await?;
+    state.committed(staged);
+    if let Some(c) = state.compaction(t).await? {
+        let op = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: 0,
+        };
+        match t.commit(c.actions.clone(), &[], op, every).await {
+            Ok(_) => state.committed(c),
+            Err(TableError::Conflict(_)) => tracing::debug!(table = t.kind.name(), "compaction lost a race; skipped"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the live rows of `keys` (deletion vectors only; no txn: retention is not an offset).
+async fn delete_keys<V: RowValue>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
+    let staged = state.stage(t, None, vec![], keys).await?;
+    let op = DeltaOperation::Delete {
+        predicate: Some("position = 0 AND closed longer than --closed-retention".into()),
+    };
+    t.commit(staged.actions.clone(), &[], op, every_none()).await?;
+    state.committed(staged);
+    Ok(())
+}
+
+/// Checkpoints follow the data commits only.
+fn every_none() -> u64 {
+    0
 }
 
 fn arrow(kind: TableKind) -> impl Fn(deltalake::arrow::error::ArrowError) -> MaterializeError {

@@ -32,6 +32,7 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod decode;
+pub mod dv;
 pub mod flush;
 pub mod maintain;
 pub mod namespace_guard;
@@ -215,6 +216,7 @@ impl Materializer {
         let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
         let buffers = Buffers::new(&ns);
         let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        pipeline.set_closed_retention(cfg.closed_retention);
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
         for t in pipeline.tables.values() {

@@ -1,8 +1,10 @@
 //! The six Delta tables: their Arrow schemas, creation on first use, reading, and commits.
 //!
-//! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates; all
-//! tables use protocol reader 1 / writer 2 and `Timestamp(µs, "UTC")` timestamps, so DuckDB's
-//! `delta_scan`, Python `deltalake` and Spark read them. Commits never retry blindly: the
+//! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates, with
+//! `Timestamp(µs, "UTC")` timestamps. The append-only tables and `strategy_registry` use
+//! protocol reader 1 / writer 2; `positions_current` and `position_queue` enable deletion
+//! vectors (reader 3 / writer 7, see [`super::upsert::core`]). DuckDB's `delta_scan`, Python
+//! `deltalake` and Spark read all of them. Commits never retry blindly: the
 //! materializer commits against the snapshot it read (`max_retries = 0`), and a concurrent
 //! commit comes back as [`TableError::Conflict`] so the caller can reload, drop what is already
 //! written, and try again (see [`super::offsets`]).
@@ -42,6 +44,11 @@ pub enum TableError {
         found: String,
         expected: String,
     },
+    /// An upsert table written by a build before deletion vectors.
+    #[error(
+        "table {table} at {uri} was created without deletion vectors by an older possync; move it away (or use another --table-uri) and recreate it with `possync rebuild`"
+    )]
+    NoDeletionVectors { table: &'static str, uri: String },
     /// The base URI cannot be turned into a table location.
     #[error("bad table location {uri}: {source}")]
     Location {
@@ -146,6 +153,22 @@ impl TableKind {
         c
     }
 
+    /// The protocol of tables with deletion vectors: reader 3 / writer 7 with that feature
+    /// alone (delta-rs would otherwise carry writer-2 `invariants` into the feature list, which
+    /// it cannot write without DataFusion). `None`: delta-rs' default (reader 1 / writer 2).
+    fn protocol(self) -> Option<deltalake::kernel::Protocol> {
+        if !matches!(self, TableKind::PositionsCurrent | TableKind::PositionQueue) {
+            return None;
+        }
+        let p = serde_json::json!({
+            "minReaderVersion": 3,
+            "minWriterVersion": 7,
+            "readerFeatures": ["deletionVectors"],
+            "writerFeatures": ["deletionVectors"],
+        });
+        Some(serde_json::from_value(p).expect("a valid protocol action"))
+    }
+
     fn own_configuration(self) -> Vec<(&'static str, &'static str)> {
         match self {
             TableKind::PositionEvents => {
@@ -166,6 +189,11 @@ impl TableKind {
             TableKind::RegistryEvents => vec![
                 ("delta.appendOnly", "true"),
                 ("delta.deletedFileRetentionDuration", "interval 1 days"),
+            ],
+            // Superseded rows are marked deleted by deletion vectors (see `upsert::core`).
+            TableKind::PositionsCurrent | TableKind::PositionQueue => vec![
+                ("delta.enableDeletionVectors", "true"),
+                ("delta.deletedFileRetentionDuration", "interval 1 hours"),
             ],
             // Rewritten on every commit: keep tombstones (and checkpoints) small.
             _ => vec![("delta.deletedFileRetentionDuration", "interval 1 hours")],
@@ -280,17 +308,22 @@ impl Table {
             .map_err(err)?;
         if !delta.verify_deltatable_existence().await.map_err(err)? {
             let columns: StructType = kind.schema().as_ref().try_into_kernel().map_err(|e| err(e.into()))?;
-            let create = CreateBuilder::new()
-                .with_location(url.to_string())
-                .with_table_name(kind.name())
-                .with_columns(columns.fields().cloned())
-                .with_partition_columns(kind.partition_columns())
-                .with_configuration(kind.configuration().into_iter().map(|(k, v)| (k, Some(v))))
-                .with_save_mode(SaveMode::Ignore)
-                // Exactly one creator wins version 0; the others load its table.
-                .with_commit_properties(CommitProperties::default().with_max_retries(0));
-            match create.await {
-                Ok(_) => tracing::info!(table, %url, "created Delta table"),
+            let created = match kind.protocol() {
+                Some(protocol) => create_with(&delta, &url, kind, &columns, protocol).await,
+                None => CreateBuilder::new()
+                    .with_location(url.to_string())
+                    .with_table_name(kind.name())
+                    .with_columns(columns.fields().cloned())
+                    .with_partition_columns(kind.partition_columns())
+                    .with_configuration(kind.configuration().into_iter().map(|(k, v)| (k, Some(v))))
+                    .with_save_mode(SaveMode::Ignore)
+                    // Exactly one creator wins version 0; the others load its table.
+                    .with_commit_properties(CommitProperties::default().with_max_retries(0))
+                    .await
+                    .map(drop),
+            };
+            match created {
+                Ok(()) => tracing::info!(table, %url, "created Delta table"),
                 // Another member created it at the same moment.
                 Err(DeltaTableError::VersionAlreadyExists(_)) | Err(DeltaTableError::Transaction { .. }) => {}
                 Err(e) => return Err(err(e)),
@@ -306,6 +339,7 @@ impl Table {
             stamps: HashMap::new(),
         };
         t.check_schema(url.as_str())?;
+        t.check_deletion_vectors(url.as_str())?;
         t.export_version();
         Ok(t)
     }
@@ -334,6 +368,21 @@ impl Table {
             uri: uri.to_string(),
             found: show(&found),
             expected: show(&expected),
+        })
+    }
+
+    /// The upsert tables must allow deletion vectors (tables of builds before them do not).
+    fn check_deletion_vectors(&self, uri: &str) -> Result<(), TableError> {
+        if !matches!(self.kind, TableKind::PositionsCurrent | TableKind::PositionQueue) {
+            return Ok(());
+        }
+        let snap = self.delta.snapshot().map_err(self.err())?;
+        if snap.snapshot().table_properties().enable_deletion_vectors == Some(true) {
+            return Ok(());
+        }
+        Err(TableError::NoDeletionVectors {
+            table: self.kind.name(),
+            uri: uri.to_string(),
         })
     }
 
@@ -483,8 +532,47 @@ impl Table {
                 path: f.object_store_path(),
                 size: f.size(),
                 partition_values: f.partition_values_map(),
+                // The Add (with its deletion vector) is what the upsert core keeps per file.
+                #[allow(deprecated)]
+                add: f.add_action(),
             })
             .collect())
+    }
+
+    /// The [`FileRef`] of an add action of this table.
+    pub fn file_ref(&self, add: &Add) -> FileRef {
+        FileRef {
+            remove: deltalake::kernel::Remove {
+                path: add.path.clone(),
+                data_change: true,
+                deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
+                extended_file_metadata: Some(true),
+                partition_values: Some(add.partition_values.clone()),
+                size: Some(add.size),
+                deletion_vector: add.deletion_vector.clone(),
+                tags: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            },
+            path: deltalake::Path::parse(&add.path).unwrap_or_else(|_| deltalake::Path::from(add.path.as_str())),
+            size: add.size,
+            partition_values: add.partition_values.clone(),
+            add: add.clone(),
+        }
+    }
+
+    /// Every physical row of one file (deleted rows included), as one batch of the table's
+    /// schema.
+    ///
+    /// # Errors
+    /// Storage and parquet errors.
+    pub async fn read_physical(&self, f: &FileRef) -> Result<RecordBatch, TableError> {
+        let batches = self.read_file(f).await?;
+        let schema = self.kind.schema();
+        deltalake::arrow::compute::concat_batches(&schema, &batches).map_err(|source| TableError::Arrow {
+            table: self.kind.name(),
+            source,
+        })
     }
 
     /// Reads files back as batches of the table's schema (partition columns restored).
@@ -492,10 +580,43 @@ impl Table {
     /// # Errors
     /// Storage and parquet errors.
     pub async fn read(&self, files: &[FileRef]) -> Result<Vec<RecordBatch>, TableError> {
+        let mut out = Vec::new();
+        for f in files {
+            let batches = self.read_file(f).await?;
+            let Some(d) = &f.add.deletion_vector else {
+                out.extend(batches);
+                continue;
+            };
+            // Rows its deletion vector marks are not part of the table.
+            let deleted = super::dv::read(self.delta.object_store().as_ref(), d)
+                .await
+                .map_err(|e| self.err()(DeltaTableError::Generic(e.to_string())))?;
+            let mut first = 0u64;
+            for b in batches {
+                let n = b.num_rows() as u64;
+                let keep: Vec<u32> = (0..n)
+                    .filter(|r| !deleted.contains(first + r))
+                    .map(|r| r as u32)
+                    .collect();
+                first += n;
+                let kept =
+                    deltalake::arrow::compute::take_record_batch(&b, &deltalake::arrow::array::UInt32Array::from(keep))
+                        .map_err(|source| TableError::Arrow {
+                            table: self.kind.name(),
+                            source,
+                        })?;
+                out.push(kept);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The physical rows of one file, in order, in batches (partition columns restored).
+    async fn read_file(&self, f: &FileRef) -> Result<Vec<RecordBatch>, TableError> {
         let store = self.delta.object_store();
         let schema = self.kind.schema();
         let mut out = Vec::new();
-        for f in files {
+        {
             // Files read back are small (upsert tables, compaction inputs): read whole.
             let bytes = store
                 .get(&f.path)
@@ -555,6 +676,41 @@ impl Table {
     }
 }
 
+/// Commits version 0 of a table with exactly `protocol`. delta-rs' `CreateBuilder` adds the
+/// `invariants` and `appendOnly` writer features to any writer-7 protocol, and without
+/// DataFusion it then refuses to write the table it made (`UnsupportedTableFeatures`).
+async fn create_with(
+    delta: &DeltaTable,
+    url: &url::Url,
+    kind: TableKind,
+    columns: &StructType,
+    protocol: deltalake::kernel::Protocol,
+) -> Result<(), DeltaTableError> {
+    use deltalake::kernel::MetadataExt as _;
+    // Top-level columns are declared nullable: Spark counts a NOT NULL column as the
+    // `invariants` feature, which a writer-7 protocol must then list, and which delta-rs
+    // cannot write without DataFusion. The writer never produces nulls where the Arrow schema
+    // has none.
+    let columns = StructType::try_new(
+        columns
+            .fields()
+            .map(|f| deltalake::kernel::StructField::new(f.name(), f.data_type().clone(), true)),
+    )?;
+    let metadata = deltalake::kernel::new_metadata(&columns, kind.partition_columns(), kind.configuration())?
+        .with_name(kind.name().to_string())?;
+    let operation = DeltaOperation::Create {
+        mode: SaveMode::Ignore,
+        metadata: metadata.clone(),
+        location: url.clone(),
+        protocol: protocol.clone(),
+    };
+    CommitBuilder::from(CommitProperties::default().with_max_retries(0))
+        .with_actions(vec![Action::Protocol(protocol), Action::Metadata(metadata)])
+        .build(None, delta.log_store(), operation)
+        .await?;
+    Ok(())
+}
+
 /// A data file of a snapshot.
 #[derive(Debug, Clone)]
 pub struct FileRef {
@@ -566,6 +722,8 @@ pub struct FileRef {
     pub size: i64,
     /// Partition values.
     pub partition_values: HashMap<String, Option<String>>,
+    /// Its add action as of the snapshot (with its deletion vector, if any).
+    pub add: Add,
 }
 
 /// A checkpoint or log cleanup failed after a good commit: log it and count it; the table
@@ -634,14 +792,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tables_are_created_reader1_writer2_and_reopen() {
+    async fn tables_are_created_with_their_protocol_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().to_str().unwrap();
         for kind in TableKind::ALL {
             let t = Table::open(base, kind).await.unwrap();
             let snap = t.delta.snapshot().unwrap();
-            assert_eq!(snap.protocol().min_reader_version(), 1, "{kind:?}");
-            assert_eq!(snap.protocol().min_writer_version(), 2, "{kind:?}");
+            let dv = matches!(kind, TableKind::PositionsCurrent | TableKind::PositionQueue);
+            let p = snap.protocol();
+            assert_eq!(
+                (p.min_reader_version(), p.min_writer_version()),
+                if dv { (3, 7) } else { (1, 2) },
+                "{kind:?}"
+            );
+            if dv {
+                let json = serde_json::to_value(p).unwrap();
+                assert_eq!(
+                    json["readerFeatures"],
+                    serde_json::json!(["deletionVectors"]),
+                    "{kind:?}"
+                );
+                assert_eq!(
+                    json["writerFeatures"],
+                    serde_json::json!(["deletionVectors"]),
+                    "{kind:?}"
+                );
+            }
             assert_eq!(snap.metadata().partition_columns().to_vec(), kind.partition_columns());
             // reopen checks the schema round trip
             Table::open(base, kind).await.unwrap();

@@ -9,10 +9,14 @@
 //! Ordering: an event is newer than another by `(ingest_time, session_id, sequence, event_id)`;
 //! registry events by `(time, event_id)`. An older event never overwrites a newer one.
 
+pub mod core;
+pub mod current;
 pub mod queue;
 
+pub use current::{Current, CurrentMeta};
 pub use queue::{
-    fold_queue, join_queue, queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState, QueuedPart,
+    fold_queue, join_queue, queue_batch, queue_changes, queue_expired, queue_from_batches, Queue, QueueInput, QueueRow,
+    QueueState, QueuedPart,
 };
 
 use std::collections::BTreeMap;
@@ -63,6 +67,10 @@ impl<'a> Cols<'a> {
             sequence: col(b, "sequence")?.as_primitive::<Int64Type>(),
             event_id: col(b, "event_id")?.as_string::<i32>(),
         })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.account.len()
     }
 
     pub(crate) fn key(&self, i: usize) -> (&'a str, i64) {

@@ -35,6 +35,7 @@ use deltalake::arrow::datatypes::{
 };
 use deltalake::arrow::error::ArrowError;
 
+use super::core::{Changes, Key, RowValue, Upsert};
 use super::{col, newer, Cols, EventOrder};
 use crate::materialize::decode::{list_element, timestamp_type, UTC};
 
@@ -104,7 +105,8 @@ impl QueueRow {
         }
     }
 
-    fn updated_at(&self) -> i64 {
+    /// When the row last changed (its newest event, µs).
+    pub fn updated_at(&self) -> i64 {
         let q = self.queued.as_ref().map(|q| q.last.ingest_time);
         q.max(self.last_active_at).unwrap_or_default()
     }
@@ -342,6 +344,74 @@ fn append_field<T: deltalake::arrow::array::ArrayBuilder>(s: &mut StructBuilder,
 pub fn queue_from_batches(batches: &[RecordBatch]) -> Result<QueueState, ArrowError> {
     let mut out = QueueState::new();
     for b in batches {
+        for (key, row) in queue_rows(b)? {
+            let e = out.entry(key).or_default();
+            *e = e.join(&row);
+        }
+    }
+    Ok(out)
+}
+
+impl RowValue for QueueRow {
+    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, ArrowError> {
+        Ok(queue_rows(batch)?.into_iter().map(|(_, r)| r).collect())
+    }
+}
+
+/// The live `position_queue` of a materializer.
+pub type Queue = Upsert<QueueRow>;
+
+/// The rows `events` (`position_events` layout) change, folded over `state`: one batch of the
+/// `position_queue` schema and each changed key's new row (same order). `None`: no change.
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Changes<QueueRow>>, ArrowError> {
+    let mut touched = QueueState::new();
+    for b in events.iter().filter(|b| b.num_rows() > 0) {
+        let c = Cols::of(b)?;
+        let route = col(b, "route")?.as_string::<i32>();
+        let source = col(b, "source")?.as_string::<i32>();
+        let position = col(b, "position")?.as_primitive::<Float64Type>();
+        let avg_cost = col(b, "avg_cost")?.as_primitive::<Float64Type>();
+        let partition = col(b, "kafka_partition")?.as_primitive::<Int32Type>();
+        for i in 0..b.num_rows() {
+            let (acct, con) = c.key(i);
+            let key = (acct.to_string(), con);
+            let row = touched
+                .entry(key)
+                .or_insert_with_key(|k| state.get(k).cloned().unwrap_or_default());
+            row.apply(&QueueInput {
+                active_route: route.value(i) == "ACTIVE",
+                partition: partition.value(i),
+                source: source.value(i),
+                order: c.order(i),
+                position: position.value(i),
+                avg_cost: avg_cost.value(i),
+            });
+        }
+    }
+    touched.retain(|k, r| state.get(k) != Some(r));
+    if touched.is_empty() {
+        return Ok(None);
+    }
+    let batch = queue_batch(&touched)?;
+    Ok(Some((batch, touched.into_iter().collect())))
+}
+
+/// Keys whose row is `closed` and unchanged since before `cutoff` (µs): the retention delete.
+pub fn queue_expired(state: &Queue, cutoff: i64) -> Vec<Key> {
+    state
+        .iter()
+        .filter(|(_, r)| r.status() == "closed" && r.updated_at() < cutoff)
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Every row of one `position_queue` batch, in order.
+fn queue_rows(b: &RecordBatch) -> Result<Vec<(Key, QueueRow)>, ArrowError> {
+    let mut out = Vec::with_capacity(b.num_rows());
+    {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());
         let l = |n| col(b, n).map(|c| c.as_primitive::<Int64Type>());
         let t = |n| col(b, n).map(|c| c.as_primitive::<TimestampMicrosecondType>());
@@ -393,8 +463,7 @@ pub fn queue_from_batches(batches: &[RecordBatch]) -> Result<QueueState, ArrowEr
                 queued,
                 last_active_at: opt(active, i).then(|| active.value(i)),
             };
-            let e = out.entry((account.value(i).to_string(), con_id.value(i))).or_default();
-            *e = e.join(&row);
+            out.push(((account.value(i).to_string(), con_id.value(i)), row));
         }
     }
     Ok(out)

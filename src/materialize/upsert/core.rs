@@ -1,0 +1,610 @@
+//! The copy-on-write core shared by `positions_current` and `position_queue`: one live row per
+//! key, spread over files, where a commit costs what it changes, not the table.
+//!
+//! A commit writes the changed keys' new rows as **one new file** and marks their old rows
+//! deleted with **deletion vectors** on the files that held them (remove + re-add of those
+//! files with a new vector; a file with no live row left is just removed). Nothing else is
+//! read or written, so a flush costs O(changed keys + files touched), never O(table).
+//! [`Upsert::compaction`] keeps the file count bounded: when there are more than
+//! [`MAX_FILES`] files it rewrites the live rows of the smallest ones (and of any file that is
+//! mostly deleted) into one, as an `OPTIMIZE` commit (`dataChange = false`). Each row is
+//! rewritten O(log n) times over its life, so compaction is amortized O(changes) too.
+//!
+//! In memory, per key: where its live row is ([`Loc`]) and the table's own value `V` (the
+//! event order for `positions_current`, the whole row for `position_queue`). Per file: its add
+//! action, its deleted rows and the key of each physical row, so a vector written by another
+//! member can be mapped back to keys. [`Upsert::sync`] brings all of it up to a newer snapshot
+//! by reading only what changed: new files, and new vectors of known files.
+//!
+//! Invariant (kept because every commit is made against the latest snapshot, `max_retries =
+//! 0`, and re-planned after a conflict): a key has at most one live row in the table.
+
+use std::collections::{HashMap, HashSet};
+
+use deltalake::arrow::array::{AsArray, RecordBatch, UInt32Array};
+use deltalake::arrow::compute::take_record_batch;
+use deltalake::arrow::datatypes::Int64Type;
+use deltalake::arrow::error::ArrowError;
+use deltalake::kernel::{Action, Add, Remove};
+use roaring::RoaringTreemap;
+
+use super::col;
+use crate::materialize::dv;
+use crate::materialize::tables::{Table, TableError};
+
+/// Key of an upsert row: (account, con_id).
+pub type Key = (String, i64);
+
+/// More files than this triggers a compaction.
+pub const MAX_FILES: usize = 24;
+
+/// What a flush changes in one upsert table: the new rows (table schema, one per key) and each
+/// key's new value, in the same order.
+pub type Changes<V> = (RecordBatch, Vec<(Key, V)>);
+
+/// Where a live row is: file id and physical row index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    pub file: u32,
+    pub row: u32,
+}
+
+struct LiveFile {
+    add: Add,
+    deleted: RoaringTreemap,
+    /// Key of every physical row.
+    keys: Vec<Key>,
+}
+
+impl LiveFile {
+    fn live(&self) -> u64 {
+        self.keys.len() as u64 - self.deleted.len()
+    }
+}
+
+/// How a table turns its rows into the per-key value it keeps in memory.
+pub trait RowValue: Sized + Clone {
+    /// The value of every row of `batch` (the table's schema).
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, ArrowError>;
+}
+
+/// What [`Upsert::sync`] found changed in the table.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Keys whose live row was deleted or replaced by someone else.
+    pub gone: usize,
+    /// Live rows read from files this process did not know.
+    pub added: usize,
+}
+
+/// A planned commit: its actions, and what to remember once it is committed.
+pub struct Staged<V> {
+    /// The actions to commit.
+    pub actions: Vec<Action>,
+    new_file: Option<(Add, Vec<(Key, V)>)>,
+    deleted: Vec<Key>,
+    touched: Vec<(u32, RoaringTreemap, Option<Add>)>,
+    compacted: Vec<u32>,
+}
+
+impl<V> Staged<V> {
+    /// Whether the commit changes data at all.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// One upsert table's live rows: files, deletion vectors and the per-key index.
+pub struct Upsert<V> {
+    files: HashMap<u32, LiveFile>,
+    ids: HashMap<String, u32>,
+    next: u32,
+    index: HashMap<Key, (Loc, V)>,
+}
+
+impl<V> Default for Upsert<V> {
+    fn default() -> Self {
+        Self {
+            files: HashMap::new(),
+            ids: HashMap::new(),
+            next: 0,
+            index: HashMap::new(),
+        }
+    }
+}
+
+fn remove_of(add: &Add, data_change: bool) -> Remove {
+    Remove {
+        path: add.path.clone(),
+        data_change,
+        deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
+        extended_file_metadata: Some(true),
+        partition_values: Some(add.partition_values.clone()),
+        size: Some(add.size),
+        deletion_vector: add.deletion_vector.clone(),
+        tags: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    }
+}
+
+/// The file's statistics with `tightBounds: false`: once rows are deleted, min/max are bounds.
+fn loosen(stats: &Option<String>) -> Option<String> {
+    let s = stats.as_ref()?;
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("tightBounds".into(), serde_json::Value::Bool(false));
+            Some(serde_json::Value::Object(m).to_string())
+        }
+        _ => Some(s.clone()),
+    }
+}
+
+fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
+    let account = col(batch, "account")?.as_string::<i32>();
+    let con = col(batch, "con_id")?.as_primitive::<Int64Type>();
+    Ok((0..batch.num_rows())
+        .map(|i| (account.value(i).to_string(), con.value(i)))
+        .collect())
+}
+
+/// Writes `batch` as exactly one data file (the row positions of the file are its keys').
+async fn write_one(t: &Table, batch: RecordBatch) -> Result<Add, TableError> {
+    let mut adds = t.write_files(&[batch]).await?;
+    if adds.len() != 1 {
+        return Err(TableError::Delta {
+            table: t.kind.name(),
+            source: deltalake::DeltaTableError::Generic(format!(
+                "expected one data file per upsert commit, the writer made {}",
+                adds.len()
+            )),
+        });
+    }
+    Ok(adds.pop().expect("one add"))
+}
+
+fn arrow(t: &Table) -> impl Fn(ArrowError) -> TableError {
+    let table = t.kind.name();
+    move |source| TableError::Arrow { table, source }
+}
+
+fn dv_err(t: &Table) -> impl Fn(dv::DvError) -> TableError {
+    let table = t.kind.name();
+    move |e| TableError::Delta {
+        table,
+        source: deltalake::DeltaTableError::Generic(e.to_string()),
+    }
+}
+
+impl<V: RowValue> Upsert<V> {
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// No live key.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Number of live files.
+    pub fn files(&self) -> usize {
+        self.files.len()
+    }
+
+    /// The value of a key.
+    pub fn get(&self, key: &Key) -> Option<&V> {
+        self.index.get(key).map(|(_, v)| v)
+    }
+
+    /// Every key and value (unordered).
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
+        self.index.iter().map(|(k, (_, v))| (k, v))
+    }
+
+    fn forget(&mut self, key: &Key, at: Loc) -> bool {
+        if self.index.get(key).is_some_and(|(l, _)| *l == at) {
+            self.index.remove(key);
+            return true;
+        }
+        false
+    }
+
+    /// Brings the state up to the table's loaded snapshot, reading only new files and new
+    /// deletion vectors.
+    ///
+    /// # Errors
+    /// Storage, parquet and deletion-vector errors.
+    pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
+        let mut out = Synced::default();
+        let store = t.delta.object_store();
+        let mut seen = HashSet::new();
+        let mut fresh = Vec::new();
+        for f in t.files()? {
+            let Some(&id) = self.ids.get(&f.add.path) else {
+                fresh.push(f);
+                continue;
+            };
+            seen.insert(id);
+            let known = &self.files[&id];
+            if known.add.deletion_vector == f.add.deletion_vector {
+                continue;
+            }
+            let now = match &f.add.deletion_vector {
+                Some(d) => dv::read(store.as_ref(), d).await.map_err(dv_err(t))?,
+                None => RoaringTreemap::new(),
+            };
+            let newly = &now - &known.deleted;
+            let keys: Vec<(Key, u32)> = newly
+                .iter()
+                .map(|r| (known.keys[r as usize].clone(), r as u32))
+                .collect();
+            for (k, row) in keys {
+                out.gone += usize::from(self.forget(&k, Loc { file: id, row }));
+            }
+            let lf = self.files.get_mut(&id).expect("known file");
+            lf.deleted = now;
+            lf.add = f.add.clone();
+        }
+        let dropped: Vec<u32> = self.files.keys().filter(|id| !seen.contains(id)).copied().collect();
+        for id in dropped {
+            let lf = self.files.remove(&id).expect("known file");
+            self.ids.remove(&lf.add.path);
+            for (row, k) in lf.keys.iter().enumerate() {
+                if !lf.deleted.contains(row as u64) {
+                    out.gone += usize::from(self.forget(
+                        k,
+                        Loc {
+                            file: id,
+                            row: row as u32,
+                        },
+                    ));
+                }
+            }
+        }
+        for f in fresh {
+            let batch = t.read_physical(&f).await?;
+            let deleted = match &f.add.deletion_vector {
+                Some(d) => dv::read(store.as_ref(), d).await.map_err(dv_err(t))?,
+                None => RoaringTreemap::new(),
+            };
+            let keys = keys_of(&batch).map_err(arrow(t))?;
+            let values = V::of_rows(&batch).map_err(arrow(t))?;
+            let id = self.next;
+            self.next += 1;
+            for (row, (k, v)) in keys.iter().zip(values).enumerate() {
+                if !deleted.contains(row as u64) {
+                    self.index.insert(
+                        k.clone(),
+                        (
+                            Loc {
+                                file: id,
+                                row: row as u32,
+                            },
+                            v,
+                        ),
+                    );
+                    out.added += 1;
+                }
+            }
+            self.ids.insert(f.add.path.clone(), id);
+            self.files.insert(
+                id,
+                LiveFile {
+                    add: f.add.clone(),
+                    deleted,
+                    keys,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Plans a commit that makes `rows` (one per key of `changed`, in that order; the table's
+    /// schema) the live rows of their keys and deletes the keys of `deleted`.
+    ///
+    /// # Errors
+    /// Storage errors (the new data file and deletion vectors are written here).
+    pub async fn stage(
+        &self,
+        t: &Table,
+        rows: Option<RecordBatch>,
+        changed: Vec<(Key, V)>,
+        deleted: Vec<Key>,
+    ) -> Result<Staged<V>, TableError> {
+        let mut actions = Vec::new();
+        let new_file = match rows {
+            Some(b) if b.num_rows() > 0 => {
+                assert_eq!(b.num_rows(), changed.len(), "one row per changed key");
+                let add = write_one(t, b).await?;
+                actions.push(Action::Add(add.clone()));
+                Some((add, changed))
+            }
+            _ => None,
+        };
+        let superseded = new_file
+            .iter()
+            .flat_map(|(_, c)| c.iter().map(|(k, _)| k))
+            .chain(deleted.iter());
+        let mut bitmaps: HashMap<u32, RoaringTreemap> = HashMap::new();
+        for k in superseded {
+            if let Some((loc, _)) = self.index.get(k) {
+                bitmaps
+                    .entry(loc.file)
+                    .or_insert_with(|| self.files[&loc.file].deleted.clone())
+                    .insert(u64::from(loc.row));
+            }
+        }
+        let mut ids: Vec<u32> = bitmaps.keys().copied().collect();
+        ids.sort_unstable();
+        let partial: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| bitmaps[id].len() < self.files[id].keys.len() as u64)
+            .collect();
+        let store = t.delta.object_store();
+        let vectors = dv::write(
+            store.as_ref(),
+            &partial.iter().map(|id| &bitmaps[id]).collect::<Vec<_>>(),
+        )
+        .await
+        .map_err(dv_err(t))?;
+        let mut vectors: HashMap<u32, _> = partial.into_iter().zip(vectors).collect();
+        let mut touched = Vec::new();
+        for id in ids {
+            let old = &self.files[&id].add;
+            actions.push(Action::Remove(remove_of(old, true)));
+            let bitmap = bitmaps.remove(&id).expect("bitmap of a touched file");
+            let re_add = vectors.remove(&id).map(|d| Add {
+                deletion_vector: Some(d),
+                data_change: true,
+                stats: loosen(&old.stats),
+                modification_time: chrono::Utc::now().timestamp_millis(),
+                ..old.clone()
+            });
+            if let Some(a) = &re_add {
+                actions.push(Action::Add(a.clone()));
+            }
+            touched.push((id, bitmap, re_add));
+        }
+        Ok(Staged {
+            actions,
+            new_file,
+            deleted,
+            touched,
+            compacted: vec![],
+        })
+    }
+
+    /// Remembers a committed plan.
+    pub fn committed(&mut self, s: Staged<V>) {
+        for (id, bitmap, re_add) in s.touched {
+            match re_add {
+                Some(a) => {
+                    let lf = self.files.get_mut(&id).expect("touched file");
+                    lf.deleted = bitmap;
+                    lf.add = a;
+                }
+                None => {
+                    let lf = self.files.remove(&id).expect("touched file");
+                    self.ids.remove(&lf.add.path);
+                }
+            }
+        }
+        for id in s.compacted {
+            if let Some(lf) = self.files.remove(&id) {
+                self.ids.remove(&lf.add.path);
+            }
+        }
+        for k in &s.deleted {
+            self.index.remove(k);
+        }
+        if let Some((add, changed)) = s.new_file {
+            let id = self.next;
+            self.next += 1;
+            let mut keys = Vec::with_capacity(changed.len());
+            for (row, (k, v)) in changed.into_iter().enumerate() {
+                self.index.insert(
+                    k.clone(),
+                    (
+                        Loc {
+                            file: id,
+                            row: row as u32,
+                        },
+                        v,
+                    ),
+                );
+                keys.push(k);
+            }
+            self.ids.insert(add.path.clone(), id);
+            self.files.insert(
+                id,
+                LiveFile {
+                    add,
+                    deleted: RoaringTreemap::new(),
+                    keys,
+                },
+            );
+        }
+    }
+
+    /// Plans a compaction when one is due: the live rows of the smallest files (and of files
+    /// more than half deleted) rewritten as one file. `None` when the table is in shape.
+    ///
+    /// # Errors
+    /// Storage and parquet errors.
+    pub async fn compaction(&self, t: &Table) -> Result<Option<Staged<V>>, TableError> {
+        let mut victims: Vec<u32> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.deleted.len() * 2 > f.keys.len() as u64)
+            .map(|(id, _)| *id)
+            .collect();
+        if self.files.len() > MAX_FILES {
+            let mut by_size: Vec<(u64, u32)> = self.files.iter().map(|(id, f)| (f.live(), *id)).collect();
+            by_size.sort_unstable();
+            let excess = self.files.len() - MAX_FILES / 2;
+            victims.extend(by_size.into_iter().take(excess + 1).map(|(_, id)| id));
+        }
+        victims.sort_unstable();
+        victims.dedup();
+        if victims.is_empty() || (victims.len() == 1 && self.files[&victims[0]].deleted.is_empty()) {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        let mut changed = Vec::new();
+        for id in &victims {
+            let lf = &self.files[id];
+            let f = t.file_ref(&lf.add);
+            let batch = t.read_physical(&f).await?;
+            let live: Vec<u32> = (0..lf.keys.len() as u32)
+                .filter(|r| !lf.deleted.contains(u64::from(*r)))
+                .collect();
+            for r in &live {
+                let k = &lf.keys[*r as usize];
+                let v = self.index.get(k).map(|(_, v)| v.clone());
+                // A live row always has its key indexed here (the invariant).
+                changed.push((k.clone(), v.expect("a live row's key is indexed")));
+            }
+            parts.push(take_record_batch(&batch, &UInt32Array::from(live)).map_err(arrow(t))?);
+        }
+        let mut actions: Vec<Action> = victims
+            .iter()
+            .map(|id| Action::Remove(remove_of(&self.files[id].add, false)))
+            .collect();
+        let rows: Vec<RecordBatch> = parts.into_iter().filter(|b| b.num_rows() > 0).collect();
+        let new_file = if rows.is_empty() {
+            None
+        } else {
+            let schema = rows[0].schema();
+            let one = deltalake::arrow::compute::concat_batches(&schema, &rows).map_err(arrow(t))?;
+            let mut add = write_one(t, one).await?;
+            add.data_change = false;
+            actions.push(Action::Add(add.clone()));
+            Some((add, changed))
+        };
+        Ok(Some(Staged {
+            actions,
+            new_file,
+            deleted: vec![],
+            touched: vec![],
+            compacted: victims,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materialize::tables::TableKind;
+    use crate::materialize::upsert::queue::{queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState};
+
+    fn row(t: i64) -> QueueRow {
+        let mut r = QueueRow::default();
+        r.apply(&QueueInput {
+            active_route: false,
+            partition: 0,
+            source: "STREAM",
+            order: (t, "s", t, "e"),
+            position: t as f64,
+            avg_cost: 1.0,
+        });
+        r
+    }
+
+    async fn put(t: &mut Table, u: &mut Upsert<QueueRow>, rows: &[(i64, i64)]) -> Result<(), TableError> {
+        let m: QueueState = rows.iter().map(|(k, v)| (("A".to_string(), *k), row(*v))).collect();
+        let batch = queue_batch(&m).unwrap();
+        let staged = u.stage(t, Some(batch), m.into_iter().collect(), vec![]).await?;
+        t.commit(
+            staged.actions.clone(),
+            &[],
+            DeltaOperation::Update { predicate: None },
+            0,
+        )
+        .await?;
+        u.committed(staged);
+        Ok(())
+    }
+
+    async fn table_state(t: &Table) -> QueueState {
+        queue_from_batches(&t.read_all().await.unwrap()).unwrap()
+    }
+
+    fn state_of(u: &Upsert<QueueRow>) -> QueueState {
+        u.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    use deltalake::protocol::DeltaOperation;
+
+    /// Two writers on one table: commits cost what they change (one new file plus deletion
+    /// vectors), a stale writer catches up by reading only what changed, deletes and
+    /// compaction keep exactly one live row per key.
+    #[tokio::test]
+    async fn two_writers_keep_one_live_row_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let mut ta = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let mut tb = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let (mut a, mut b) = (Upsert::<QueueRow>::default(), Upsert::<QueueRow>::default());
+        put(&mut ta, &mut a, &(0..100).map(|k| (k, 1)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        put(&mut ta, &mut a, &(0..10).map(|k| (k, 2)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(a.files(), 2);
+        let want = state_of(&a);
+        assert_eq!(table_state(&ta).await, want, "the table is the state");
+        assert_eq!(table_state(&ta).await.len(), 100);
+        // b is stale: its commit conflicts; it reloads and reads only what changed.
+        let err = put(&mut tb, &mut b, &[(5, 3)]).await.unwrap_err();
+        assert!(matches!(err, TableError::Conflict(_)), "{err}");
+        tb.refresh().await.unwrap();
+        let s = b.sync(&tb).await.unwrap();
+        assert_eq!((s.gone, s.added), (0, 100), "first sync reads every live row once");
+        assert_eq!(state_of(&b), want);
+        put(&mut tb, &mut b, &[(5, 3), (200, 3)]).await.unwrap();
+        // a catches up: key 5's row in a's second file is gone, two rows added.
+        ta.refresh().await.unwrap();
+        let s = a.sync(&ta).await.unwrap();
+        assert_eq!((s.gone, s.added), (1, 2));
+        assert_eq!(state_of(&a), state_of(&b));
+        assert_eq!(table_state(&ta).await, state_of(&a));
+        // Deletes are deletion vectors too.
+        let staged = a
+            .stage(&ta, None, vec![], vec![("A".to_string(), 7), ("A".to_string(), 200)])
+            .await
+            .unwrap();
+        ta.commit(
+            staged.actions.clone(),
+            &[],
+            DeltaOperation::Delete { predicate: None },
+            0,
+        )
+        .await
+        .unwrap();
+        a.committed(staged);
+        assert_eq!(table_state(&ta).await.len(), 99);
+        assert_eq!(table_state(&ta).await, state_of(&a));
+        // Many small commits: compaction keeps the file count bounded and the rows exact.
+        for i in 0..(MAX_FILES as i64 * 2) {
+            put(&mut ta, &mut a, &[(i % 50, 10 + i), (1000 + i, 1)]).await.unwrap();
+            if let Some(c) = a.compaction(&ta).await.unwrap() {
+                ta.commit(c.actions.clone(), &[], DeltaOperation::Update { predicate: None }, 0)
+                    .await
+                    .unwrap();
+                a.committed(c);
+            }
+            assert!(a.files() <= MAX_FILES + 1, "{} files", a.files());
+        }
+        assert_eq!(table_state(&ta).await, state_of(&a));
+        let mut c = Upsert::<QueueRow>::default();
+        ta.refresh().await.unwrap();
+        c.sync(&ta).await.unwrap();
+        assert_eq!(state_of(&c), state_of(&a), "a fresh reader sees the same rows");
+    }
+}
