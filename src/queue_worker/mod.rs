@@ -229,6 +229,7 @@ pub async fn run(
                 }
             },
             ticked = tick.tick() => {
+                metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
                 if batch.is_some() {
                     tracing::debug!("previous batch still running; tick skipped");
                     continue;
@@ -324,7 +325,8 @@ fn apply(queue: &mut QueueState, m: &rdkafka::message::OwnedMessage) {
         }
         None => {}
     }
-    metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
+    // No queue-depth update here: `pending()` walks every item, once per message would make a
+    // replay quadratic (the gauge is set at start-up and at every tick).
 }
 
 /// Publishes one POLL event per item whose account poll succeeded and whose result is not
