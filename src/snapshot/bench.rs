@@ -74,13 +74,31 @@ pub enum BenchError {
     #[error(transparent)]
     Topics(#[from] crate::topics::TopicsError),
     #[error(transparent)]
-    Ingest(#[from] crate::ingest::IngestError),
+    Ingest(Box<crate::ingest::IngestError>),
     #[error(transparent)]
-    Queue(#[from] queue_worker::QueueWorkerError),
+    Queue(Box<queue_worker::QueueWorkerError>),
     #[error(transparent)]
-    Materialize(#[from] crate::materialize::MaterializeError),
+    Materialize(Box<crate::materialize::MaterializeError>),
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<crate::ingest::IngestError> for BenchError {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        Self::Ingest(Box::new(e))
+    }
+}
+
+impl From<queue_worker::QueueWorkerError> for BenchError {
+    fn from(e: queue_worker::QueueWorkerError) -> Self {
+        Self::Queue(Box::new(e))
+    }
+}
+
+impl From<crate::materialize::MaterializeError> for BenchError {
+    fn from(e: crate::materialize::MaterializeError) -> Self {
+        Self::Materialize(Box::new(e))
+    }
 }
 
 /// One start-up measured.
@@ -151,7 +169,11 @@ impl ProducerContext for Deliveries {
 /// Event `i` of `total`: contract `i % contracts`, times spread evenly over `span_us` ending now.
 fn event(args: &BenchStartupArgs, i: u64, total: u64, t0: i64, span_us: i64) -> PositionEvent {
     let k = (i.wrapping_mul(2_654_435_761)) % args.contracts.max(1);
-    let route = if k % 10 == 0 { Route::Active } else { Route::Queued };
+    let route = if k.is_multiple_of(10) {
+        Route::Active
+    } else {
+        Route::Queued
+    };
     let mut e = crate::materialize::bench::synthetic_event(i, k, route, "startup-bench");
     e.account = format!("DU{:07}", k % args.accounts.max(1));
     e.con_id = 1_000_000 + k as i64;

@@ -155,16 +155,11 @@ pub async fn read(
     }
     let k = kafka.clone();
     let names: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
-    let partitions = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, KafkaError> {
-        let c: BaseConsumer = k
-            .consumer("possync-snapshot-probe")
-            .create()
-            .map_err(KafkaError::client("create metadata client"))?;
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        offsets::partitions_of(&c, &refs, timeout)
-    })
-    .await
-    .map_err(|e| SnapshotError::Task(e.to_string()))??;
+    let partitions = if names.is_empty() {
+        vec![]
+    } else {
+        partitions(k, names, timeout).await?
+    };
     for (topic, p) in partitions {
         if let Some(v) = t.txn_version(&app_id(&namespace, &topic, p)).await.map_err(table_err)? {
             snap.next.entry(topic).or_default().insert(p, v + 1);
@@ -173,6 +168,25 @@ pub async fn read(
     snap.version = Some(t.version());
     snap.batches = t.read_all().await.map_err(table_err)?;
     Ok(snap)
+}
+
+/// The partitions of `topics`, from cluster metadata.
+async fn partitions(
+    k: KafkaConfig,
+    names: Vec<String>,
+    timeout: Duration,
+) -> Result<Vec<(String, i32)>, SnapshotError> {
+    tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, KafkaError> {
+        let c: BaseConsumer = k
+            .consumer("possync-snapshot-probe")
+            .create()
+            .map_err(KafkaError::client("create metadata client"))?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        offsets::partitions_of(&c, &refs, timeout)
+    })
+    .await
+    .map_err(|e| SnapshotError::Task(e.to_string()))?
+    .map_err(SnapshotError::from)
 }
 
 /// A stretch of a partition that was deleted before anyone read it.
