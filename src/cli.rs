@@ -76,6 +76,9 @@ pub enum BenchCommand {
     /// Queue staleness at desk size: N queued contracts over A accounts, enqueue → POLL
     /// visible in Delta, and the worker's IB message rate and pacing errors.
     Queue(crate::queue_worker::bench::BenchQueueArgs),
+    /// Start-up of ingest and the queue worker with weeks of history on a real Kafka cluster:
+    /// from the Delta snapshot (`--table-uri`) vs a full replay of the topics.
+    Startup(crate::snapshot::bench::BenchStartupArgs),
 }
 
 /// The `--schema-registry-url` flags and the Kafka flags of a subcommand that produces or consumes
@@ -265,6 +268,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             which: BenchCommand::Queue(args),
         } => {
             println!("{}", crate::queue_worker::bench::run(args).await?);
+        }
+        Command::Bench {
+            which: BenchCommand::Startup(args),
+        } => {
+            println!("{}", crate::snapshot::bench::run(args).await?);
         }
         Command::Bench {
             which: BenchCommand::Materialize(args),

@@ -17,6 +17,8 @@
 //! - [`registry`]: the strategy registry, event-sourced from its compacted topic.
 //! - [`ingest`]: IB positions → routed events on Kafka, within the streaming-slot budget.
 //! - [`queue_worker`]: drains the position queue with snapshot polls (no streaming slot).
+//! - [`snapshot`]: start-up of ingest and the queue worker from the Delta tables and the tail
+//!   of the topics after the offsets they hold (no whole-topic replay).
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`ops`]: operator commands over brokers and tables: `status`, `book`, `rebuild`.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
@@ -35,4 +37,5 @@ pub mod run;
 pub mod schema;
 pub mod schema_registry;
 pub mod sim;
+pub mod snapshot;
 pub mod topics;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ib_reconnects: AtomicU64,
     /// RECONCILE events emitted after reconnects.
     pub reconcile_closes: AtomicU64,
+    /// Reconciliations of ingest's book with IB's full position list (after each PositionEnd).
+    pub reconciliations: AtomicU64,
     /// Pending items in the position queue (queue worker's view).
     pub queue_depth: AtomicI64,
     /// Items refreshed by the queue worker.
@@ -171,6 +173,12 @@ impl Metrics {
             "reconcile_closes_total",
             "RECONCILE events after reconnects",
             self.reconcile_closes.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "reconciliations_total",
+            "Reconciliations of ingest's book with IB's full position list",
+            self.reconciliations.load(Relaxed),
         );
         g(
             &mut s,

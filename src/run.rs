@@ -361,11 +361,19 @@ async fn pipeline(
 
     // Fenced by the ingest lease like a standalone ingest: the embedded broker has a group
     // coordinator, so a `possync ingest` attached to it stands by while this one runs.
+    // Both start from the tables (the previous run's rows; this broker's offsets once the
+    // materializer has committed some), so a position closed between two runs gets its
+    // RECONCILE close although the new embedded broker starts empty.
+    let snapshot = crate::snapshot::SnapshotConfig {
+        table_uri: table_uri.to_string(),
+        namespace: Some(namespace.to_string()),
+    };
     let ingest_cfg = ingest::IngestConfig {
         ib_host: sim.addr().ip().to_string(),
         ib_port: sim.addr().port(),
         client_id: 101,
         slot_budget: cfg.slot_budget,
+        snapshot: Some(snapshot.clone()),
         ..ingest::IngestConfig::default()
     };
     let (k, t) = (kafka.clone(), producers.clone());
@@ -377,6 +385,7 @@ async fn pipeline(
         client_id: 102,
         tick: cfg.queue_tick,
         batch: cfg.queue_batch,
+        snapshot: Some(snapshot),
         ..queue_worker::QueueWorkerConfig::default()
     };
     let (k, t) = (kafka.clone(), producers.clone());
@@ -415,11 +424,12 @@ async fn pipeline(
     progress.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut fills = interval(Duration::from_secs_f64(1.0 / cfg.fill_rate.max(0.001)));
     fills.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    // Fills start once ingest has published its initial snapshot (one event per open
-    // position): a position closed before ingest first saw the book would otherwise leave a
-    // stale row from a previous run, since the embedded broker starts empty.
+    // Fills start once ingest has reconciled its first position list with what it last
+    // published (the previous run's tables): a fill before would be part of that list, not a
+    // change of its own.
     let published = || m.published_active.load(Relaxed) + m.published_queued.load(Relaxed);
-    let snapshot_done = published() + sim.truth().positions.len() as u64;
+    let reconciled = || m.reconciliations.load(Relaxed);
+    let before = reconciled();
     let mut trading = false;
     let mut ready_check = interval(Duration::from_millis(100));
     let until = cfg.duration.map(|d| Instant::now() + d);
@@ -436,7 +446,7 @@ async fn pipeline(
                 break;
             }
             _ = ready_check.tick(), if !trading => {
-                trading = published() >= snapshot_done;
+                trading = reconciled() > before;
                 if trading {
                     fills.reset();
                 }

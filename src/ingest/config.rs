@@ -57,14 +57,18 @@ pub struct IngestArgs {
     /// reconciliation, so a stop never hangs on an outage.
     #[arg(long, env = "POSSYNC_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
-    /// How long to wait for Kafka while reading the registry topic at start.
+    /// How long to wait for Kafka while reading the registry topic and the last published
+    /// state at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
-    /// At start, read the last published state back from the position topics, so the first
-    /// reconciliation closes positions that vanished while ingest was down and republishes
-    /// nothing unchanged. Costs one replay of both topics; `false` publishes everything again.
+    /// At start, read the last published state back, so the first reconciliation closes
+    /// positions that vanished while ingest was down and republishes nothing unchanged. With
+    /// --table-uri it comes from `positions_current` plus the topics' tail; without, from one
+    /// replay of both position topics. `false` publishes everything again.
     #[arg(long, env = "POSSYNC_RESUME", default_value_t = true, action = clap::ArgAction::Set)]
     pub resume: bool,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotArgs,
     /// Consumer group of the ingest lease (default `<topic-prefix>ingest-lease`). Of all
     /// ingests in the group, only the one holding the lease connects to IB and publishes; the
     /// others stand by and take over when it stops or dies (after the group's session timeout,
@@ -120,6 +124,9 @@ pub struct IngestConfig {
     pub kafka_timeout: Duration,
     /// Resume from the last published state.
     pub resume: bool,
+    /// Resume from this snapshot (`positions_current` + the topics' tail) rather than from the
+    /// whole topics.
+    pub snapshot: Option<crate::snapshot::SnapshotConfig>,
     /// Hold the ingest lease before connecting to IB (see [`super::lease`]); `false` only for
     /// deployments that guarantee a single ingest otherwise.
     pub lease: bool,
@@ -148,6 +155,7 @@ impl Default for IngestConfig {
             shutdown_grace: Duration::from_secs(10),
             kafka_timeout: Duration::from_secs(30),
             resume: true,
+            snapshot: None,
             lease: true,
             lease_group: None,
             lease_takeover_delay: Duration::from_secs(2),
@@ -189,6 +197,7 @@ impl From<&IngestArgs> for IngestConfig {
             shutdown_grace: a.shutdown_grace,
             kafka_timeout: a.kafka_timeout,
             resume: a.resume,
+            snapshot: a.snapshot.config(),
             lease: !a.no_lease,
             lease_group: a.lease_group.clone(),
             lease_takeover_delay: a.lease_takeover_delay,

@@ -98,6 +98,11 @@ impl Engine {
         }
     }
 
+    /// Open positions whose last published route is ACTIVE.
+    pub(crate) fn active_count(&self) -> usize {
+        self.active_routes.len()
+    }
+
     fn last_route(&self, key: &PosKey) -> Route {
         if self.active_routes.contains(key) {
             Route::Active
@@ -288,6 +293,7 @@ impl Engine {
                 }
             }
         }
+        metrics::global().reconciliations.fetch_add(1, Relaxed);
         tracing::info!(
             open = self.book.len(),
             snapshots,

@@ -21,7 +21,8 @@
 //! X); standing by", `possync_ingest_lease_held 0` and a 503 `/readyz` saying so. When it gets
 //! the lease (the holder stopped and left the group, or died and its session expired after
 //! 6 s), it waits `--lease-takeover-delay` (2 s), then starts as a fresh run: new session id,
-//! registry and last published state replayed from the topics (`--resume`), IB connected and
+//! registry replayed, last published state read back (`--resume`: from `positions_current` and
+//! the topics' tail with `--table-uri`, else from the whole topics), IB connected and
 //! reconciled. A holder that loses the lease (cut off from Kafka, or stalled, longer than the
 //! session timeout) cancels its run at once: no further event is produced, the producer's
 //! unsent queue is purged, its PnL streams and IB connection are dropped, and it stands by
@@ -32,7 +33,9 @@
 //! Files: [`config`] (flags), [`lease`] (the ingest lease), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
-//! connection and event loop), [`resume`] (state after a restart), [`bench`] (`possync bench ingest`).
+//! connection and event loop), [`resume`] (state after a restart: from the snapshot of
+//! [`crate::snapshot`] and the topics' tail, or the whole topics), [`bench`] (`possync bench
+//! ingest`).
 
 pub mod backoff;
 pub mod bench;
@@ -77,6 +80,9 @@ pub enum IngestError {
     /// The ingest lease group could not be joined.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// The start-up snapshot (`--table-uri`) could not be read.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Counts of one ingest run (the process-wide ones are in [`crate::metrics`]), so tests and
@@ -100,7 +106,9 @@ pub struct Ingest {
 
 impl Ingest {
     /// Seeds the registry from the bootstrap file (if any), replays the registry topic (and,
-    /// with `resume`, the position topics), and creates the producer.
+    /// with `resume`, the last published state: `positions_current` and the tail of the
+    /// position topics with a snapshot, else the position topics whole), and creates the
+    /// producer.
     ///
     /// # Errors
     /// [`IngestError::Registry`] when the registry topic cannot be read (is Kafka up, are the
@@ -124,12 +132,18 @@ impl Ingest {
             reconnects: Arc::default(),
         };
         let (book, active) = if cfg.resume {
-            let r = resume::load(&kafka, cfg.kafka_timeout).await?;
+            let started = std::time::Instant::now();
+            let r = resume::load(&kafka, cfg.kafka_timeout, cfg.snapshot.as_ref()).await?;
+            let (rows, version) = r.table.unwrap_or_default();
             tracing::info!(
                 events = r.events,
+                table_rows = rows,
+                table_version = version,
                 open = r.book.len(),
                 active = r.active.len(),
-                "resumed the last published state from the position topics"
+                took = ?started.elapsed(),
+                "resumed the last published state ({})",
+                if r.table.is_some() { "positions_current and the topics' tail" } else { "whole position topics" }
             );
             (r.book, r.active)
         } else {
@@ -149,6 +163,11 @@ impl Ingest {
     /// This run's counts (live while it runs).
     pub fn stats(&self) -> IngestStats {
         self.stats.clone()
+    }
+
+    /// (open positions, of which last routed active) as resumed at start.
+    pub fn resumed(&self) -> (usize, usize) {
+        (self.engine.book.len(), self.engine.active_count())
     }
 
     /// The session id stamped on every event of this run.
@@ -263,6 +282,7 @@ fn is_transient(e: &IngestError) -> bool {
     matches!(
         e,
         IngestError::Registry(RegistryError::Kafka(_) | RegistryError::CatchUpTimeout { .. })
+            | IngestError::Snapshot(crate::snapshot::SnapshotError::Kafka(_))
     )
 }
 

@@ -2,8 +2,9 @@
 //! streaming slot.
 //!
 //! The queue is event-sourced from `positions.queued` ([`state`]): ingest's enqueue events
-//! make items pending, the worker's own POLL events make them refreshed. The worker replays
-//! the topic from the beginning, then follows it. Every tick (5 s by default) it takes a
+//! make items pending, the worker's own POLL events make them refreshed. At start the worker
+//! reads the queue ([`start`]): from `position_queue` and the topic's tail after the offsets it
+//! holds (`--table-uri`), or by replaying the topic from the beginning; then it follows it. Every tick (5 s by default) it takes a
 //! *sweep*: the `batch` (50) accounts whose oldest pending item is oldest, and every pending
 //! item of those accounts that is not already in flight. It polls each of those accounts once
 //! with `reqPositionsMulti` on its own client id ([`poller`]): the answer lists every position
@@ -15,6 +16,7 @@
 
 pub mod bench;
 pub mod poller;
+pub mod start;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,7 +36,7 @@ use crate::ingest::book::{ContractInfo, PosKey};
 use crate::ingest::{PublishError, Publisher};
 use crate::kafka::{KafkaArgs, KafkaConfig};
 use crate::metrics;
-use crate::registry::{RegistryError, TopicReplay};
+use crate::registry::RegistryError;
 use poller::{AccountPoll, PollError};
 use state::{Item, QueueState};
 
@@ -50,6 +52,9 @@ pub enum QueueWorkerError {
     /// Bad Kafka settings.
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaError),
+    /// The start-up snapshot (`--table-uri`) could not be read.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Flags of `possync queue-worker`.
@@ -80,9 +85,11 @@ pub struct QueueWorkerArgs {
     /// An item whose POLL event has not come back from Kafka within this is polled again.
     #[arg(long, env = "POSSYNC_QUEUE_IN_FLIGHT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub in_flight_timeout: Duration,
-    /// How long to wait for Kafka while replaying the queue topic at start.
+    /// How long to wait for Kafka while reading the queue topic (or its tail) at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -114,6 +121,8 @@ pub struct QueueWorkerConfig {
     pub poll_timeout: Duration,
     pub in_flight_timeout: Duration,
     pub kafka_timeout: Duration,
+    /// Start from this snapshot (`position_queue` + the topic's tail), not the whole topic.
+    pub snapshot: Option<crate::snapshot::SnapshotConfig>,
     /// Receives a report of every batch taken (dropped when the receiver is full).
     pub batch_observer: Option<mpsc::Sender<BatchReport>>,
 }
@@ -130,6 +139,7 @@ impl Default for QueueWorkerConfig {
             poll_timeout: Duration::from_secs(10),
             in_flight_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
+            snapshot: None,
             batch_observer: None,
         }
     }
@@ -147,6 +157,7 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             poll_timeout: a.poll_timeout,
             in_flight_timeout: a.in_flight_timeout,
             kafka_timeout: a.kafka_timeout,
+            snapshot: a.snapshot.config(),
             batch_observer: None,
         }
     }
@@ -164,20 +175,21 @@ pub async fn run(
     kafka: KafkaConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueWorkerError> {
-    let mut replay = TopicReplay::start(&kafka, &kafka.topics.queued, cfg.kafka_timeout).await?;
-    let mut queue = QueueState::new();
-    let deadline = tokio::time::Instant::now() + cfg.kafka_timeout;
-    while !replay.caught_up() {
-        let m = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            m = tokio::time::timeout_at(deadline, replay.next()) => m.map_err(|_| RegistryError::CatchUpTimeout {
-                topic: kafka.topics.queued.clone(),
-                timeout: cfg.kafka_timeout,
-            })??,
-        };
-        apply(&mut queue, &m);
-    }
-    tracing::info!(pending = queue.pending(), "queue replayed");
+    let Some(started) = start::load(&kafka, cfg.kafka_timeout, cfg.snapshot.as_ref(), &shutdown).await? else {
+        return Ok(());
+    };
+    let (rows, version) = started.table.unwrap_or_default();
+    tracing::info!(
+        pending = started.queue.pending(),
+        events = started.events,
+        table_rows = rows,
+        table_version = version,
+        took = ?started.took,
+        "queue loaded ({})",
+        if started.table.is_some() { "position_queue and the topic's tail" } else { "whole topic" }
+    );
+    let (mut queue, mut replay) = (started.queue, started.replay);
+    metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
     let mut publisher = Publisher::new(&kafka, 10_000, false)?.with_shutdown(shutdown.clone());
     let limiter = RateLimiter::per_second(cfg.ib_pacing.max(1));
     let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
@@ -217,6 +229,7 @@ pub async fn run(
                 }
             },
             ticked = tick.tick() => {
+                metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
                 if batch.is_some() {
                     tracing::debug!("previous batch still running; tick skipped");
                     continue;
@@ -312,7 +325,8 @@ fn apply(queue: &mut QueueState, m: &rdkafka::message::OwnedMessage) {
         }
         None => {}
     }
-    metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
+    // No queue-depth update here: `pending()` walks every item, once per message would make a
+    // replay quadratic (the gauge is set at start-up and at every tick).
 }
 
 /// Publishes one POLL event per item whose account poll succeeded and whose result is not

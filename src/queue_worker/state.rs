@@ -59,6 +59,16 @@ impl QueueState {
         Self::default()
     }
 
+    /// Puts `item` in as it stands (start-up from a snapshot, [`super::start`]).
+    pub fn restore(&mut self, key: PosKey, item: Item) {
+        self.items.insert(key, item);
+    }
+
+    /// Every item.
+    pub fn items(&self) -> impl Iterator<Item = (&PosKey, &Item)> {
+        self.items.iter()
+    }
+
     /// Applies one event of `positions.queued`.
     pub fn apply(&mut self, e: PositionEvent) {
         let key = PosKey::new(e.account.clone(), e.con_id);

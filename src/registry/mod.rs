@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::events::{RegistryAction, RegistryEvent};
 
 pub use commands::{activate, deactivate, list, seed_from_file, BootstrapEntry, RegistryArgs, RegistryCommand};
-pub use reader::{follow, TopicReplay};
+pub use reader::{follow, PartitionStart, TopicReplay};
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]

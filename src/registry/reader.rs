@@ -2,8 +2,9 @@
 //!
 //! Used for every event-sourced state possync keeps in memory: the registry (ingest, `registry
 //! list`) and the position queue (queue worker). The reader assigns every partition itself (no
-//! consumer-group membership, no offset commits: each reader rebuilds its state from offset 0),
-//! records the high watermarks at start, and reports when it has read up to them.
+//! consumer-group membership, no offset commits: each reader rebuilds its state from offset 0,
+//! or from the offsets of a snapshot, see [`TopicReplay::start_from`]), records the high
+//! watermarks at start, and reports when it has read up to them.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,12 +19,55 @@ use super::{Registry, RegistryError};
 use crate::events::RegistryEvent;
 use crate::kafka::{KafkaConfig, KafkaError};
 
-/// A replay of one topic: every partition from its beginning, with catch-up tracking.
+/// A replay of one topic: every partition from its beginning (or a given offset), with
+/// catch-up tracking.
 pub struct TopicReplay {
     consumer: StreamConsumer,
     topic: String,
     /// Partition → high watermark at start, for partitions not yet read up to it.
     pending: HashMap<i32, i64>,
+    /// Where each partition was found and started at.
+    starts: Vec<PartitionStart>,
+}
+
+/// One partition of a replay at its start: the log's bounds and the first offset read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStart {
+    /// Partition id.
+    pub partition: i32,
+    /// The offset asked for (0 for a replay from the beginning).
+    pub wanted: i64,
+    /// Earliest offset the broker still holds (the low watermark).
+    pub low: i64,
+    /// Offset of the next message to be written (the high watermark) at start.
+    pub high: i64,
+}
+
+impl PartitionStart {
+    /// The first offset read: `wanted` when the log holds it, else the log's start (history
+    /// dropped by retention, or a `wanted` beyond the log's end: the topic was recreated).
+    pub fn first(&self) -> i64 {
+        if self.wanted >= self.low && self.wanted <= self.high {
+            self.wanted
+        } else {
+            self.low
+        }
+    }
+
+    /// Offsets `wanted..low` were deleted from the log before this reader got to them.
+    pub fn dropped(&self) -> Option<std::ops::Range<i64>> {
+        (self.wanted < self.low).then_some(self.wanted..self.low)
+    }
+
+    /// `wanted` lies beyond the log's end (the topic was recreated or truncated).
+    pub fn beyond_end(&self) -> bool {
+        self.wanted > self.high
+    }
+
+    /// Messages to read to catch up.
+    pub fn backlog(&self) -> i64 {
+        (self.high - self.first()).max(0)
+    }
 }
 
 impl TopicReplay {
@@ -33,14 +77,34 @@ impl TopicReplay {
     /// [`RegistryError::NoSuchTopic`] when the topic is missing, [`RegistryError::Kafka`] when
     /// the broker cannot be reached within `timeout`.
     pub async fn start(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Self, RegistryError> {
+        Self::start_from(kafka, topic, timeout, HashMap::new()).await
+    }
+
+    /// Like [`TopicReplay::start`], but each partition in `from` starts at the given offset
+    /// (the rest at their beginning): the tail after a snapshot. A partition whose log no
+    /// longer holds that offset starts at its beginning; [`TopicReplay::starts`] tells.
+    ///
+    /// # Errors
+    /// As [`TopicReplay::start`].
+    pub async fn start_from(
+        kafka: &KafkaConfig,
+        topic: &str,
+        timeout: Duration,
+        from: HashMap<i32, i64>,
+    ) -> Result<Self, RegistryError> {
         let kafka = kafka.clone();
         let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || Self::start_blocking(&kafka, &topic, timeout))
+        tokio::task::spawn_blocking(move || Self::start_blocking(&kafka, &topic, timeout, &from))
             .await
             .map_err(|e| RegistryError::Invalid(format!("replay setup task failed: {e}")))?
     }
 
-    fn start_blocking(kafka: &KafkaConfig, topic: &str, timeout: Duration) -> Result<Self, RegistryError> {
+    fn start_blocking(
+        kafka: &KafkaConfig,
+        topic: &str,
+        timeout: Duration,
+        from: &HashMap<i32, i64>,
+    ) -> Result<Self, RegistryError> {
         let group = format!("possync-replay-{}", crate::events::new_id());
         let consumer: StreamConsumer = kafka
             .consumer(&group)
@@ -60,16 +124,30 @@ impl TopicReplay {
         }
         let mut assignment = TopicPartitionList::new();
         let mut pending = HashMap::new();
+        let mut starts = Vec::new();
         for p in partitions {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, timeout)
                 .map_err(KafkaError::client(format!("fetch watermarks of {topic}/{p}")))?;
-            if high > low {
+            let start = PartitionStart {
+                partition: p,
+                wanted: from.get(&p).copied().unwrap_or(0),
+                low,
+                high,
+            };
+            if start.backlog() > 0 {
                 pending.insert(p, high);
             }
+            // The log's start when `wanted` is not in it: Beginning follows later deletions too.
+            let offset = if start.first() == start.wanted && start.wanted > low {
+                Offset::Offset(start.wanted)
+            } else {
+                Offset::Beginning
+            };
             assignment
-                .add_partition_offset(topic, p, Offset::Beginning)
+                .add_partition_offset(topic, p, offset)
                 .map_err(KafkaError::client("build assignment"))?;
+            starts.push(start);
         }
         consumer
             .assign(&assignment)
@@ -78,7 +156,18 @@ impl TopicReplay {
             consumer,
             topic: topic.to_string(),
             pending,
+            starts,
         })
+    }
+
+    /// Each partition's bounds and first offset at start.
+    pub fn starts(&self) -> &[PartitionStart] {
+        &self.starts
+    }
+
+    /// Messages to read to catch up, as of the start (all partitions).
+    pub fn backlog(&self) -> i64 {
+        self.starts.iter().map(PartitionStart::backlog).sum()
     }
 
     /// Whether every message that existed at [`TopicReplay::start`] has been read.
