@@ -64,6 +64,20 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// Produce → visible in `position_queue`, the last upsert commit of a flush (so also in
+    /// `positions_current`).
+    pub upsert_p50_ms: f64,
+    pub upsert_p99_ms: f64,
+    /// Live keys in `positions_current` at the end.
+    pub keys: u64,
+    /// Materializer CPU per flush during the latency phase (seconds), and flushes counted.
+    pub cpu_per_flush_s: f64,
+    pub flushes: usize,
+    /// Events per CPU-second during the latency phase (steady `--rate`).
+    pub phase_events_per_cpu_s: f64,
+    /// Materializer resident memory: peak (VmHWM) and at the end (VmRSS), MiB.
+    pub rss_peak_mib: f64,
+    pub rss_end_mib: f64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -86,12 +100,42 @@ impl std::fmt::Display for BenchReport {
             self.total_cpu_s,
             self.events as f64 / self.total_cpu_s.max(1e-9)
         )?;
-        write!(
+        writeln!(
             f,
             "  latency produce -> visible in position_events ({} events): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             self.latency_events, self.latency_p50_ms, self.latency_p99_ms, self.latency_max_ms
+        )?;
+        writeln!(
+            f,
+            "  latency produce -> visible in positions_current and position_queue: p50 {:.0} ms, p99 {:.0} ms",
+            self.upsert_p50_ms, self.upsert_p99_ms
+        )?;
+        writeln!(
+            f,
+            "  steady phase: {} keys in positions_current, {} flushes, {:.1} ms CPU per flush, {:.0} events per CPU-second",
+            self.keys,
+            self.flushes,
+            self.cpu_per_flush_s * 1000.0,
+            self.phase_events_per_cpu_s
+        )?;
+        write!(
+            f,
+            "  materialize RSS: peak {:.0} MiB, at the end {:.0} MiB",
+            self.rss_peak_mib, self.rss_end_mib
         )
     }
+}
+
+/// A `/proc/<pid>/status` memory field (`VmHWM`, `VmRSS`) in MiB.
+pub fn process_mem_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn quantile(sorted: &[f64], x: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * x) as usize]
 }
 
 /// A synthetic event for key `k` of `keys` (`i` makes it unique).
@@ -303,6 +347,9 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
 
     // Latency phase.
     let first_version = events_table.version() + 1;
+    let mut queue_table = Table::open(&table_uri, TableKind::PositionQueue).await?;
+    let first_queue_version = queue_table.version() + 1;
+    let phase_cpu0 = process_cpu_seconds(pid).unwrap_or_default();
     let n = args.rate * args.latency_phase.as_secs().max(1);
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut sent: Vec<(String, i32, i64, i64)> = Vec::with_capacity(n as usize);
@@ -336,10 +383,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     let total = args.events + n;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        events_table.refresh().await?;
+        queue_table.refresh().await?;
         let mut committed = 0u64;
         for (t, p) in &parts {
-            committed += events_table
+            committed += queue_table
                 .txn_version(&app_id(&ns, t, *p))
                 .await?
                 .map_or(0, |v| v as u64 + 1);
@@ -349,25 +396,47 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let visible = commit_times(&events_table, first_version, &ns).await?;
-    let mut lat: Vec<f64> = sent
-        .iter()
-        .filter_map(|(t, p, off, at)| {
-            let id = app_id(&ns, t, *p);
-            visible
-                .iter()
-                .find(|(_, txns)| txns.get(&id).is_some_and(|v| v >= off))
-                .map(|(ts, _)| (*ts * 1000 - at) as f64 / 1000.0)
-        })
-        .collect();
-    lat.sort_by(f64::total_cmp);
+    let phase_cpu = process_cpu_seconds(pid).unwrap_or_default() - phase_cpu0;
+    events_table.refresh().await?;
+    let latencies = |visible: &[(i64, HashMap<String, i64>)]| {
+        let mut lat: Vec<f64> = sent
+            .iter()
+            .filter_map(|(t, p, off, at)| {
+                let id = app_id(&ns, t, *p);
+                visible
+                    .iter()
+                    .find(|(_, txns)| txns.get(&id).is_some_and(|v| v >= off))
+                    .map(|(ts, _)| (*ts * 1000 - at) as f64 / 1000.0)
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        lat
+    };
+    let lat = latencies(&commit_times(&events_table, first_version, &ns).await?);
     if !lat.is_empty() {
-        let q = |x: f64| lat[((lat.len() - 1) as f64 * x) as usize];
         report.latency_events = lat.len();
-        report.latency_p50_ms = q(0.5);
-        report.latency_p99_ms = q(0.99);
-        report.latency_max_ms = q(1.0);
+        report.latency_p50_ms = quantile(&lat, 0.5);
+        report.latency_p99_ms = quantile(&lat, 0.99);
+        report.latency_max_ms = quantile(&lat, 1.0);
     }
+    let queue_commits = commit_times(&queue_table, first_queue_version, &ns).await?;
+    let lat = latencies(&queue_commits);
+    if !lat.is_empty() {
+        report.upsert_p50_ms = quantile(&lat, 0.5);
+        report.upsert_p99_ms = quantile(&lat, 0.99);
+    }
+    report.flushes = queue_commits.iter().filter(|(_, txns)| !txns.is_empty()).count();
+    report.cpu_per_flush_s = phase_cpu / report.flushes.max(1) as f64;
+    report.phase_events_per_cpu_s = n as f64 / phase_cpu.max(1e-9);
+    report.rss_peak_mib = process_mem_mib(pid, "VmHWM:").unwrap_or_default();
+    report.rss_end_mib = process_mem_mib(pid, "VmRSS:").unwrap_or_default();
+    let current = Table::open(&table_uri, TableKind::PositionsCurrent).await?;
+    report.keys = current
+        .read_all()
+        .await?
+        .iter()
+        .map(|b| b.num_rows() as u64)
+        .sum();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     drop(child);
@@ -415,7 +484,7 @@ async fn commit_times(t: &Table, from: i64, _ns: &str) -> Result<Vec<(i64, HashM
                 .read_commit_entry(v as u64)
                 .await
                 .map_err(|source| super::tables::TableError::Delta {
-                    table: "position_events",
+                    table: t.kind.name(),
                     source,
                 })?
         else {
