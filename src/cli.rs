@@ -79,6 +79,10 @@ pub enum BenchCommand {
     /// Start-up of ingest and the queue worker with weeks of history on a real Kafka cluster:
     /// from the Delta snapshot (`--table-uri`) vs a full replay of the topics.
     Startup(crate::snapshot::bench::BenchStartupArgs),
+    /// Desk size in one go: the materializer at 10k/100k/1M keys, the queue at 10k contracts
+    /// over 20 accounts, and (with `--startup-brokers`) start-up with 10M events of history;
+    /// prints one table of figures.
+    Scale(crate::scale::BenchScaleArgs),
 }
 
 /// The `--schema-registry-url` flags and the Kafka flags of a subcommand that produces or consumes
@@ -273,6 +277,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             which: BenchCommand::Startup(args),
         } => {
             println!("{}", crate::snapshot::bench::run(args).await?);
+        }
+        Command::Bench {
+            which: BenchCommand::Scale(args),
+        } => {
+            println!("{}", crate::scale::run(args).await?);
         }
         Command::Bench {
             which: BenchCommand::Materialize(args),

@@ -21,6 +21,7 @@
 //!   of the topics after the offsets they hold (no whole-topic replay).
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`ops`]: operator commands over brokers and tables: `status`, `book`, `rebuild`.
+//! - [`scale`]: `possync bench scale`, the component benchmarks at desk size in one table.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
 
@@ -34,6 +35,7 @@ pub mod ops;
 pub mod queue_worker;
 pub mod registry;
 pub mod run;
+pub mod scale;
 pub mod schema;
 pub mod schema_registry;
 pub mod sim;
