@@ -192,6 +192,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
+            args.tables.probe().await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
             let ready = Readiness {
@@ -203,6 +204,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
         Command::Maintain(args) => {
+            args.tables.probe().await?;
             let report = crate::materialize::maintain::run(&(&args).into()).await?;
             for (table, r) in report {
                 println!(
@@ -231,6 +233,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Topics(args) => crate::topics::run(args).await?,
         Command::Registry(args) => crate::registry::commands::run(args).await?,
         Command::Status(args) => {
+            args.tables.probe().await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             let status = crate::ops::status::check(&(&args).into(), &kafka).await?;
             if args.json {
@@ -245,6 +248,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             );
         }
         Command::Book(args) => {
+            args.tables.probe().await?;
             let book = crate::ops::book::load(&(&args).into()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&book)?);
