@@ -231,7 +231,12 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
         Command::Topics(args) => crate::topics::run(args).await?,
-        Command::Registry(args) => crate::registry::commands::run(args).await?,
+        Command::Registry(args) => {
+            if let crate::registry::commands::RegistryCommand::History(h) = &args.command {
+                h.tables.probe().await?;
+            }
+            crate::registry::commands::run(args).await?
+        }
         Command::Status(args) => {
             args.tables.probe().await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
@@ -257,6 +262,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             }
         }
         Command::Rebuild(args) => {
+            for uri in [&args.from, &args.to] {
+                let timeout = crate::materialize::storage::DEFAULT_STORAGE_TIMEOUT;
+                crate::materialize::storage::probe(uri, timeout).await?;
+            }
             let report = crate::ops::rebuild::run(&(&args).into()).await?;
             println!("rebuilt under {}:\n{report}", args.to);
         }

@@ -59,7 +59,13 @@ fn spawn_member(env: &Env, s3: &S3Server, base: &str, name: &str) -> anyhow::Res
     let metrics: SocketAddr = ([127, 0, 0, 1], TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()).into();
     let log = env.dir.path().join(format!("{name}.log"));
     let child = Command::new(BIN)
-        .args(["materialize", "--brokers", env.broker.bootstrap(), "--topic-prefix", &prefix])
+        .args([
+            "materialize",
+            "--brokers",
+            env.broker.bootstrap(),
+            "--topic-prefix",
+            &prefix,
+        ])
         .args(["--table-uri", base, "--group", GROUP, "--flush-latency", "300ms"])
         .args(["--checkpoint-every", "10", "--metrics-addr", &metrics.to_string()])
         .envs(s3.env())

@@ -74,7 +74,11 @@ impl Failure {
             self.stderr
         );
         for n in names {
-            ensure!(self.error_lines[0].contains(n), "{:?} does not name {n}", self.error_lines[0]);
+            ensure!(
+                self.error_lines[0].contains(n),
+                "{:?} does not name {n}",
+                self.error_lines[0]
+            );
         }
         println!("{:.1}s: {}", self.took.as_secs_f64(), self.error_lines[0]);
         Ok(())
@@ -106,7 +110,11 @@ fn wrong_credentials_name_the_key_or_the_secret() -> anyhow::Result<()> {
     let unknown_key = materialize_fails(&uri, &with("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1"), &[])?;
     unknown_key.names(&["refused the credentials", "InvalidAccessKeyId", "AWS_ACCESS_KEY_ID"])?;
     let wrong_secret = materialize_fails(&uri, &with("AWS_SECRET_ACCESS_KEY", "not-the-secret"), &[])?;
-    wrong_secret.names(&["refused the credentials", "SignatureDoesNotMatch", "AWS_SECRET_ACCESS_KEY"])
+    wrong_secret.names(&[
+        "refused the credentials",
+        "SignatureDoesNotMatch",
+        "AWS_SECRET_ACCESS_KEY",
+    ])
 }
 
 #[test]
@@ -129,7 +137,12 @@ fn unreachable_endpoint_names_the_endpoint_and_ends_in_time() -> anyhow::Result<
     let silent = TcpListener::bind("127.0.0.1:0")?;
     let endpoint = format!("http://{}", silent.local_addr()?);
     let f = materialize_fails("s3://b/t", &env(endpoint), &["--storage-timeout", "3s"])?;
-    f.names(&["unreachable", "no answer within 3s", "AWS_ENDPOINT_URL", "POSSYNC_STORAGE_TIMEOUT"])?;
+    f.names(&[
+        "unreachable",
+        "no answer within 3s",
+        "AWS_ENDPOINT_URL",
+        "POSSYNC_STORAGE_TIMEOUT",
+    ])?;
     ensure!(f.took < Duration::from_secs(30), "took {:?} for a 3 s timeout", f.took);
     drop(silent);
     Ok(())
@@ -162,7 +175,10 @@ fn put_if_absent(mut opts: S3Options, trials: u32) -> anyhow::Result<serde_json:
 #[test]
 fn serialized_moto_put_if_absent_is_atomic() -> anyhow::Result<()> {
     let v = put_if_absent(S3Options::default(), 200)?;
-    ensure!(v["sequential_refused"] == true, "a second If-None-Match PUT was not refused: {v}");
+    ensure!(
+        v["sequential_refused"] == true,
+        "a second If-None-Match PUT was not refused: {v}"
+    );
     ensure!(v["double_winners"] == 0, "two writers won one key: {v}");
     Ok(())
 }
@@ -177,7 +193,10 @@ fn moto_put_if_absent_is_atomic() -> anyhow::Result<()> {
         },
         200,
     )?;
-    ensure!(v["sequential_refused"] == true, "a second If-None-Match PUT was not refused: {v}");
+    ensure!(
+        v["sequential_refused"] == true,
+        "a second If-None-Match PUT was not refused: {v}"
+    );
     ensure!(v["double_winners"] == 0, "two writers won one key: {v}");
     Ok(())
 }

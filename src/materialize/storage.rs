@@ -81,6 +81,7 @@ pub fn endpoint() -> Option<String> {
         .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
 }
 
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
 fn endpoint_name() -> String {
     endpoint().unwrap_or_else(|| {
         let region = std::env::var("AWS_REGION")
@@ -90,7 +91,8 @@ fn endpoint_name() -> String {
     })
 }
 
-/// One line of an error chain: sources joined, whitespace collapsed, cut at 300 characters.
+/// An error chain on one line: sources joined, whitespace collapsed.
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
 fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();
@@ -101,14 +103,20 @@ fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = s.source();
     }
-    let text = parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ");
+    parts.join(": ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `text` cut at 300 characters, for a message.
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
+fn clip(text: &str) -> String {
     match text.char_indices().nth(300) {
         Some((i, _)) => format!("{}…", &text[..i]),
-        None => text,
+        None => text.to_string(),
     }
 }
 
 /// The S3 error code (`<Code>…</Code>` of the XML body) somewhere in an error's text.
+#[cfg_attr(not(feature = "s3"), allow(dead_code))]
 fn s3_code(text: &str) -> Option<&str> {
     let start = text.find("<Code>")? + "<Code>".len();
     let len = text[start..].find("</Code>")?;
@@ -121,7 +129,7 @@ mod s3 {
 
     use deltalake::logstore::object_store::{self, client::HttpError, path::Path, ObjectStoreExt};
 
-    use super::{endpoint, endpoint_name, one_line, s3_code, StorageError};
+    use super::{clip, endpoint, endpoint_name, one_line, s3_code, StorageError};
 
     pub(super) async fn probe(uri: &str, timeout: Duration) -> Result<(), StorageError> {
         let config = |cause: String| StorageError::Config {
@@ -145,7 +153,7 @@ mod s3 {
                 humantime::format_duration(timeout).to_string(),
             ),
         ];
-        let store = deltalake::logstore::store_for(&url, options).map_err(|e| config(one_line(&e)))?;
+        let store = deltalake::logstore::store_for(&url, options).map_err(|e| config(clip(&one_line(&e))))?;
         // The store is rooted at the table prefix of `uri`.
         let key = Path::from(format!("_possync_probe_{}", uuid::Uuid::new_v4().simple()));
         let endpoint = endpoint_name();
@@ -196,13 +204,25 @@ mod s3 {
                     fix,
                 })
             }
-            _ if is_connection(&e) => Err(StorageError::Unreachable { endpoint, cause: text }),
+            _ if is_connection(&e) => Err(StorageError::Unreachable {
+                endpoint,
+                cause: clip(&root_cause(&e)),
+            }),
             _ => Err(StorageError::Other {
                 uri: uri.to_string(),
                 endpoint,
-                cause: text,
+                cause: clip(&text),
             }),
         }
+    }
+
+    /// The innermost error of a chain (e.g. "tcp connect error: Connection refused").
+    fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut cur = e;
+        while let Some(s) = cur.source() {
+            cur = s;
+        }
+        cur.to_string()
     }
 
     /// Whether the request never got an HTTP answer (connect, DNS, timeout).

@@ -52,7 +52,12 @@ impl S3Server {
             cmd.args(["--switch-interval", &s.to_string()]);
         }
         // The server must not sign its own setup requests with the test's AWS settings.
-        for k in ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
+        for k in [
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_PROFILE",
+        ] {
             cmd.env_remove(k);
         }
         let mut child = cmd
@@ -77,7 +82,8 @@ impl S3Server {
                 anyhow::bail!("s3_server.py did not start (got {other:?}); see its stderr above");
             }
         };
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("s3_server.py said {line:?}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("s3_server.py said {line:?}"))?;
         let field = |k: &str| v[k].as_str().map(str::to_string).context(k.to_string());
         Ok(S3Server {
             endpoint: field("endpoint")?,
