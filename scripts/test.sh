@@ -2,8 +2,9 @@
 # The whole test suite, on a fresh machine or a warm one: installs what is missing (Debian and
 # PyPI packages), checks formatting and lints, validates the compose file, then runs every
 # Rust test (unit, integration against the embedded Kafka broker + IB simulator, against a real
-# Apache Kafka cluster started by scripts/kafka.sh, and the independent DuckDB / deltalake /
-# Spark readers). This is what `.ci/run` calls.
+# Apache Kafka cluster started by scripts/kafka.sh, against a local S3 server (moto), and the
+# independent DuckDB / deltalake / Spark readers), built with `--features s3`. This is what
+# `.ci/run` calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,10 +34,10 @@ if ((${#need[@]})); then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-step "python readers (duckdb + delta extension, deltalake, pyspark + delta-spark, fastavro, confluent-kafka)"
+step "python readers and servers (duckdb + delta/httpfs extensions, deltalake, pyspark + delta-spark, fastavro, confluent-kafka, moto S3 server)"
 # pyspark is a ~430 MB source package: about 1.5 min cold, seconds once installed.
 python3 -m pip install -q --disable-pip-version-check -r tests/py/requirements.txt 2>&1 | grep -v "Running pip as the 'root' user" || true
-python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext, pyspark, delta"
+python3 -c "import duckdb, deltalake, fastavro, confluent_kafka, duckdb_ext, pyspark, delta, moto.server"
 
 step "Apache Kafka jars (Maven Central, cached under ~/.cache/possync-kafka)"
 t0=$SECONDS
@@ -66,11 +67,12 @@ echo "docker-compose.yml is valid"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy (release profile, all targets, warnings are errors)"
-cargo clippy --release --all-targets --locked -- -D warnings
+step "cargo clippy (release profile, all targets, S3 support, warnings are errors)"
+cargo clippy --release --all-targets --locked --features s3 -- -D warnings
 
-step "cargo test (release profile)"
+step "cargo test (release profile, S3 support)"
 # Integration tests start brokers, simulators and subprocesses; two at a time fits 2 cores.
-cargo test --release --locked -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
+# `--features s3`: the S3 tests run against moto's server mode (tests/common/s3.rs).
+cargo test --release --locked --features s3 -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
 
 step "done in ${SECONDS}s"

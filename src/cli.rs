@@ -199,6 +199,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
+            args.tables.probe().await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
             let ready = Readiness {
@@ -210,6 +211,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
         Command::Maintain(args) => {
+            args.tables.probe().await?;
             let report = crate::materialize::maintain::run(&(&args).into()).await?;
             for (table, r) in report {
                 println!(
@@ -236,8 +238,14 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }
         Command::Topics(args) => crate::topics::run(args).await?,
-        Command::Registry(args) => crate::registry::commands::run(args).await?,
+        Command::Registry(args) => {
+            if let crate::registry::commands::RegistryCommand::History(h) = &args.command {
+                h.tables.probe().await?;
+            }
+            crate::registry::commands::run(args).await?
+        }
         Command::Status(args) => {
+            args.tables.probe().await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             let status = crate::ops::status::check(&(&args).into(), &kafka).await?;
             if args.json {
@@ -252,6 +260,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             );
         }
         Command::Book(args) => {
+            args.tables.probe().await?;
             let book = crate::ops::book::load(&(&args).into()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&book)?);
@@ -260,6 +269,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             }
         }
         Command::Rebuild(args) => {
+            for uri in [&args.from, &args.to] {
+                let timeout = crate::materialize::storage::DEFAULT_STORAGE_TIMEOUT;
+                crate::materialize::storage::probe(uri, timeout).await?;
+            }
             let report = crate::ops::rebuild::run(&(&args).into()).await?;
             println!("rebuilt under {}:\n{report}", args.to);
         }

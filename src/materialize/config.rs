@@ -84,6 +84,20 @@ pub struct TableArgs {
     /// build feature; credentials come from the usual `AWS_*` environment variables).
     #[arg(long = "table-uri", env = "POSSYNC_TABLE_URI", default_value = DEFAULT_TABLE_URI)]
     pub table_uri: String,
+    /// How long the start-up check of an `s3://` location may take (bucket exists, answers,
+    /// takes the credentials) before the command stops with an error naming the setting.
+    #[arg(long, env = "POSSYNC_STORAGE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub storage_timeout: Duration,
+}
+
+impl TableArgs {
+    /// Checks the location once, within `--storage-timeout` (see [`super::storage::probe`]).
+    ///
+    /// # Errors
+    /// A [`super::storage::StorageError`] naming the setting to change.
+    pub async fn probe(&self) -> Result<(), super::storage::StorageError> {
+        super::storage::probe(&self.table_uri, self.storage_timeout).await
+    }
 }
 
 /// Plain settings of the materializer.

@@ -25,6 +25,10 @@
 //! shutdown (the token) flushes and commits what is buffered. Maintenance: a checkpoint every
 //! N commits per table, and compaction + vacuum ([`maintain`]) every `maintain_every` in a task
 //! beside the consume loop (or externally with `possync maintain`).
+//!
+//! Storage: a local directory or `s3://` (the `s3` build feature); an S3 location is probed once
+//! at start-up within `--storage-timeout`, so a missing bucket, refused credentials or an
+//! unreachable endpoint is a one-line error naming the setting ([`storage`]).
 
 pub mod bench;
 pub mod buffer;
@@ -37,6 +41,7 @@ pub mod flush;
 pub mod maintain;
 pub mod namespace_guard;
 pub mod offsets;
+pub mod storage;
 pub mod tables;
 pub mod upsert;
 

@@ -1,2 +1,3 @@
 pub mod kafka_cluster;
 pub mod process;
+pub mod s3;
