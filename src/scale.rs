@@ -65,9 +65,7 @@ fn failed(run: impl Into<String>) -> impl FnOnce(String) -> ScaleError {
 /// # Errors
 /// [`ScaleError`] naming the run that failed.
 pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
-    let mut table = String::from(
-        "| run | figures |\n|---|---|\n",
-    );
+    let mut table = String::from("| run | figures |\n|---|---|\n");
     for keys in &args.keys {
         let m = BenchMaterializeArgs {
             events: (*keys).max(200_000),
@@ -99,7 +97,10 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
         flush_latency: Duration::from_secs(1),
         partitions: 6,
     };
-    eprintln!("== bench queue, {} contracts over {} accounts ==", args.contracts, args.accounts);
+    eprintln!(
+        "== bench queue, {} contracts over {} accounts ==",
+        args.contracts, args.accounts
+    );
     let r = crate::queue_worker::bench::run(q)
         .await
         .map_err(|e| failed("queue")(e.to_string()))?;

@@ -431,12 +431,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     report.rss_peak_mib = process_mem_mib(pid, "VmHWM:").unwrap_or_default();
     report.rss_end_mib = process_mem_mib(pid, "VmRSS:").unwrap_or_default();
     let current = Table::open(&table_uri, TableKind::PositionsCurrent).await?;
-    report.keys = current
-        .read_all()
-        .await?
-        .iter()
-        .map(|b| b.num_rows() as u64)
-        .sum();
+    report.keys = current.read_all().await?.iter().map(|b| b.num_rows() as u64).sum();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     drop(child);
