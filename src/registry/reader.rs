@@ -126,8 +126,7 @@ impl TopicReplay {
         let mut pending = HashMap::new();
         let mut starts = Vec::new();
         for p in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, timeout)
+            let (low, high) = watermarks(&consumer, topic, p, timeout)
                 .map_err(KafkaError::client(format!("fetch watermarks of {topic}/{p}")))?;
             let start = PartitionStart {
                 partition: p,
@@ -294,4 +293,30 @@ pub async fn follow(
         }
     });
     Ok((registry, rx))
+}
+
+/// A partition's watermarks, retrying while its leadership settles (a topic just created, a
+/// leader moving: `NotLeaderForPartition`, `LeaderNotAvailable`) until `timeout`.
+fn watermarks(
+    consumer: &StreamConsumer,
+    topic: &str,
+    p: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), rdkafka::error::KafkaError> {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match consumer.fetch_watermarks(topic, p, timeout) {
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        e.rdkafka_error_code(),
+                        Some(C::NotLeaderForPartition | C::LeaderNotAvailable | C::UnknownTopicOrPartition)
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
 }

@@ -570,10 +570,26 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
             want.len()
         );
     }
-    anyhow::ensure!(
-        actual_current(base).await? == expected_current(produced),
-        "positions_current differs from the replay"
-    );
+    let (c, wc) = (actual_current(base).await?, expected_current(produced));
+    if c != wc {
+        let diff: Vec<_> = wc
+            .iter()
+            .filter(|(k, v)| c.get(*k) != Some(v))
+            .take(3)
+            .map(|(k, v)| (k, v, c.get(k)))
+            .collect();
+        let extra = c.keys().filter(|k| !wc.contains_key(*k)).count();
+        let rows: usize = read_table(base, TableKind::PositionsCurrent)
+            .await?
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        bail!(
+            "positions_current differs from the replay ({} keys, {rows} live rows, want {} keys; {extra} unexpected), e.g. {diff:?}",
+            c.len(),
+            wc.len()
+        );
+    }
     let (q, wq) = (actual_queue(base).await?, expected_queue(produced));
     if q != wq {
         let diff: Vec<_> = wq
