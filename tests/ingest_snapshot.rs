@@ -117,6 +117,8 @@ async fn state_from_the_snapshot_equals_a_full_replay() -> anyhow::Result<()> {
 
     // The tables hold everything so far; the changes below are the tail.
     materialize_all(&env.kafka, &table_uri).await?;
+    let filled = &truth.positions[2];
+    let fill_at = possync::events::now_micros();
     let fill = env
         .sim
         .apply_fill(&truth.positions[2].account, truth.positions[2].contract.con_id, 2.0)?;
@@ -125,9 +127,20 @@ async fn state_from_the_snapshot_equals_a_full_replay() -> anyhow::Result<()> {
         .set_position(&closed.account, closed.contract.con_id, 0.0, 0.0)?;
     activate(&env.kafka, &truth.positions[5], 2).await?;
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    let seen = polls();
-    wait_for("POLL events of the tail", DEADLINE, || async {
-        (polls() > seen).then_some(())
+    // The filled (queued) position is polled again: a POLL asked after the fill. Waiting for
+    // that one event, not for "more POLLs than a moment ago", cannot miss a POLL that came
+    // before the count was taken.
+    wait_for("the POLL of the filled position", DEADLINE, || async {
+        collector
+            .all()
+            .iter()
+            .any(|s| {
+                s.event.source == Source::Poll
+                    && s.event.account == filled.account
+                    && s.event.con_id == i64::from(filled.contract.con_id)
+                    && s.event.ingest_time >= fill_at
+            })
+            .then_some(())
     })
     .await?;
     ensure!(fill.quantity != truth.positions[2].quantity);
