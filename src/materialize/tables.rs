@@ -542,18 +542,7 @@ impl Table {
     /// The [`FileRef`] of an add action of this table.
     pub fn file_ref(&self, add: &Add) -> FileRef {
         FileRef {
-            remove: deltalake::kernel::Remove {
-                path: add.path.clone(),
-                data_change: true,
-                deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
-                extended_file_metadata: Some(true),
-                partition_values: Some(add.partition_values.clone()),
-                size: Some(add.size),
-                deletion_vector: add.deletion_vector.clone(),
-                tags: None,
-                base_row_id: None,
-                default_row_commit_version: None,
-            },
+            remove: remove_of(add, true),
             path: deltalake::Path::parse(&add.path).unwrap_or_else(|_| deltalake::Path::from(add.path.as_str())),
             size: add.size,
             partition_values: add.partition_values.clone(),
@@ -616,26 +605,24 @@ impl Table {
         let store = self.delta.object_store();
         let schema = self.kind.schema();
         let mut out = Vec::new();
-        {
-            // Files read back are small (upsert tables, compaction inputs): read whole.
-            let bytes = store
-                .get(&f.path)
-                .await
-                .map_err(|e| self.err()(e.into()))?
-                .bytes()
-                .await
-                .map_err(|e| self.err()(e.into()))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .map_err(|e| self.err()(e.into()))?
-                .build()
-                .map_err(|e| self.err()(e.into()))?;
-            let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
-                table: self.kind.name(),
-                source,
-            })?;
-            for b in batches {
-                out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
-            }
+        // Files read back are small (upsert tables, compaction inputs): read whole.
+        let bytes = store
+            .get(&f.path)
+            .await
+            .map_err(|e| self.err()(e.into()))?
+            .bytes()
+            .await
+            .map_err(|e| self.err()(e.into()))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| self.err()(e.into()))?
+            .build()
+            .map_err(|e| self.err()(e.into()))?;
+        let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
+            table: self.kind.name(),
+            source,
+        })?;
+        for b in batches {
+            out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
         }
         Ok(out)
     }
@@ -709,6 +696,22 @@ async fn create_with(
         .build(None, delta.log_store(), operation)
         .await?;
     Ok(())
+}
+
+/// The remove action that drops the file of `add` (with its deletion vector, if any).
+pub fn remove_of(add: &Add, data_change: bool) -> deltalake::kernel::Remove {
+    deltalake::kernel::Remove {
+        path: add.path.clone(),
+        data_change,
+        deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
+        extended_file_metadata: Some(true),
+        partition_values: Some(add.partition_values.clone()),
+        size: Some(add.size),
+        deletion_vector: add.deletion_vector.clone(),
+        tags: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    }
 }
 
 /// A data file of a snapshot.

@@ -25,12 +25,12 @@ use deltalake::arrow::array::{AsArray, RecordBatch, UInt32Array};
 use deltalake::arrow::compute::take_record_batch;
 use deltalake::arrow::datatypes::Int64Type;
 use deltalake::arrow::error::ArrowError;
-use deltalake::kernel::{Action, Add, Remove};
+use deltalake::kernel::{Action, Add};
 use roaring::RoaringTreemap;
 
 use super::col;
 use crate::materialize::dv;
-use crate::materialize::tables::{Table, TableError};
+use crate::materialize::tables::{remove_of, Table, TableError};
 
 /// Key of an upsert row: (account, con_id).
 pub type Key = (String, i64);
@@ -113,21 +113,6 @@ impl<V> Default for Upsert<V> {
             next: 0,
             index: HashMap::new(),
         }
-    }
-}
-
-fn remove_of(add: &Add, data_change: bool) -> Remove {
-    Remove {
-        path: add.path.clone(),
-        data_change,
-        deletion_timestamp: Some(chrono::Utc::now().timestamp_millis()),
-        extended_file_metadata: Some(true),
-        partition_values: Some(add.partition_values.clone()),
-        size: Some(add.size),
-        deletion_vector: add.deletion_vector.clone(),
-        tags: None,
-        base_row_id: None,
-        default_row_commit_version: None,
     }
 }
 

@@ -7,7 +7,7 @@ use deltalake::arrow::datatypes::Float64Type;
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key, RowValue, Upsert};
-use super::{col, newer, Cols, EventOrder};
+use super::{as_current, col, newer, newest_per_key, Cols, EventOrder};
 use crate::materialize::tables::positions_current_layout;
 
 /// What the materializer keeps per `positions_current` key.
@@ -43,26 +43,9 @@ pub type Current = Upsert<CurrentMeta>;
 /// Arrow errors (schema mismatch: a bug).
 pub fn changes(state: &Current, rows: &[RecordBatch]) -> Result<Option<Changes<CurrentMeta>>, ArrowError> {
     let schema = positions_current_layout().schema.clone();
-    let inputs: Vec<RecordBatch> = rows
-        .iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(|b| {
-            let idx: Result<Vec<usize>, _> = schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
-            let p = b.project(&idx?)?;
-            RecordBatch::try_new(schema.clone(), p.columns().to_vec())
-        })
-        .collect::<Result<_, _>>()?;
+    let inputs = as_current(rows)?;
     let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
-    // Newest row per key among the inputs (borrowed keys).
-    let mut best: std::collections::HashMap<(&str, i64), (usize, usize)> = std::collections::HashMap::new();
-    for (bi, c) in cols.iter().enumerate() {
-        for i in 0..c.len() {
-            let e = best.entry(c.key(i)).or_insert((bi, i));
-            if c.order(i) > cols[e.0].order(e.1) {
-                *e = (bi, i);
-            }
-        }
-    }
+    let best = newest_per_key(&cols);
     let mut picks: Vec<(usize, usize)> = Vec::new();
     let mut changed = Vec::new();
     for ((acct, con), (bi, i)) in best {

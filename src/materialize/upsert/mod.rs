@@ -97,6 +97,34 @@ impl<'a> Cols<'a> {
     }
 }
 
+/// The non-empty `rows` (`position_events` or `positions_current` layout) projected to the
+/// `positions_current` columns (drops `event_date`).
+pub(crate) fn as_current(rows: &[RecordBatch]) -> Result<Vec<RecordBatch>, ArrowError> {
+    let schema = positions_current_layout().schema.clone();
+    rows.iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| {
+            let idx: Result<Vec<usize>, _> = schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
+            let p = b.project(&idx?)?;
+            RecordBatch::try_new(schema.clone(), p.columns().to_vec())
+        })
+        .collect()
+}
+
+/// The newest row of each key among `cols`: key → (batch, row). Keys are borrowed.
+pub(crate) fn newest_per_key<'a>(cols: &[Cols<'a>]) -> std::collections::HashMap<(&'a str, i64), (usize, usize)> {
+    let mut best: std::collections::HashMap<(&'a str, i64), (usize, usize)> = std::collections::HashMap::new();
+    for (bi, c) in cols.iter().enumerate() {
+        for i in 0..c.len() {
+            let e = best.entry(c.key(i)).or_insert((bi, i));
+            if c.order(i) > cols[e.0].order(e.1) {
+                *e = (bi, i);
+            }
+        }
+    }
+    best
+}
+
 pub(crate) fn newer(a: (i64, &str, i64, &str), b: &EventOrder) -> bool {
     a > (b.ingest_time, b.session_id.as_str(), b.sequence, b.event_id.as_str())
 }
@@ -144,35 +172,9 @@ impl CurrentState {
     /// Arrow errors (schema mismatch: a bug).
     pub fn merge(&self, rows: &[RecordBatch]) -> Result<Option<CurrentState>, ArrowError> {
         let schema = Self::schema();
-        // Project every input to the positions_current columns (drops `event_date`).
-        let inputs: Vec<RecordBatch> = rows
-            .iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| {
-                let idx: Result<Vec<usize>, _> =
-                    schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect();
-                let p = b.project(&idx?)?;
-                RecordBatch::try_new(schema.clone(), p.columns().to_vec())
-            })
-            .collect::<Result<_, _>>()?;
-        // Newest row per key among the inputs (borrowed keys, no allocation per row).
+        let inputs = as_current(rows)?;
         let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
-        let mut best: std::collections::HashMap<(&str, i64), (usize, usize)> = std::collections::HashMap::new();
-        for (bi, c) in cols.iter().enumerate() {
-            for i in 0..c.account.len() {
-                match best.entry(c.key(i)) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((bi, i));
-                    }
-                    std::collections::hash_map::Entry::Occupied(mut o) => {
-                        let (ob, oi) = *o.get();
-                        if c.order(i) > cols[ob].order(oi) {
-                            o.insert((bi, i));
-                        }
-                    }
-                }
-            }
-        }
+        let best = newest_per_key(&cols);
         let mut index = self.index.clone();
         let mut changed = false;
         for ((acct, con), (bi, i)) in best {

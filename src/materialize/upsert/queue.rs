@@ -183,14 +183,9 @@ impl QueueRow {
 /// `position_queue` state.
 pub type QueueState = BTreeMap<(String, i64), QueueRow>;
 
-/// Folds position event rows (`position_events` layout: they carry `kafka_partition`) into a
-/// copy of the touched queue rows; returns the new state (`None` when nothing changed).
-///
-/// # Errors
-/// Arrow errors (schema mismatch: a bug).
-pub fn fold_queue(state: &QueueState, rows: &[RecordBatch]) -> Result<Option<QueueState>, ArrowError> {
-    let mut next = state.clone();
-    let mut changed = false;
+/// Calls `f` with the key and queue input of every position event row (`position_events`
+/// layout: the rows carry `kafka_partition`), in order.
+fn each_event(rows: &[RecordBatch], mut f: impl FnMut((&str, i64), &QueueInput<'_>)) -> Result<(), ArrowError> {
     for b in rows.iter().filter(|b| b.num_rows() > 0) {
         let c = Cols::of(b)?;
         let route = col(b, "route")?.as_string::<i32>();
@@ -199,20 +194,36 @@ pub fn fold_queue(state: &QueueState, rows: &[RecordBatch]) -> Result<Option<Que
         let avg_cost = col(b, "avg_cost")?.as_primitive::<Float64Type>();
         let partition = col(b, "kafka_partition")?.as_primitive::<Int32Type>();
         for i in 0..b.num_rows() {
-            let (acct, con) = c.key(i);
-            let row = next.entry((acct.to_string(), con)).or_default();
-            let before = row.clone();
-            row.apply(&QueueInput {
-                active_route: route.value(i) == "ACTIVE",
-                partition: partition.value(i),
-                source: source.value(i),
-                order: c.order(i),
-                position: position.value(i),
-                avg_cost: avg_cost.value(i),
-            });
-            changed |= *row != before;
+            f(
+                c.key(i),
+                &QueueInput {
+                    active_route: route.value(i) == "ACTIVE",
+                    partition: partition.value(i),
+                    source: source.value(i),
+                    order: c.order(i),
+                    position: position.value(i),
+                    avg_cost: avg_cost.value(i),
+                },
+            );
         }
     }
+    Ok(())
+}
+
+/// Folds position event rows (`position_events` layout: they carry `kafka_partition`) into a
+/// copy of the touched queue rows; returns the new state (`None` when nothing changed).
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn fold_queue(state: &QueueState, rows: &[RecordBatch]) -> Result<Option<QueueState>, ArrowError> {
+    let mut next = state.clone();
+    let mut changed = false;
+    each_event(rows, |(acct, con), e| {
+        let row = next.entry((acct.to_string(), con)).or_default();
+        let before = row.clone();
+        row.apply(e);
+        changed |= *row != before;
+    })?;
     Ok(changed.then_some(next))
 }
 
@@ -368,29 +379,12 @@ pub type Queue = Upsert<QueueRow>;
 /// Arrow errors (schema mismatch: a bug).
 pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Changes<QueueRow>>, ArrowError> {
     let mut touched = QueueState::new();
-    for b in events.iter().filter(|b| b.num_rows() > 0) {
-        let c = Cols::of(b)?;
-        let route = col(b, "route")?.as_string::<i32>();
-        let source = col(b, "source")?.as_string::<i32>();
-        let position = col(b, "position")?.as_primitive::<Float64Type>();
-        let avg_cost = col(b, "avg_cost")?.as_primitive::<Float64Type>();
-        let partition = col(b, "kafka_partition")?.as_primitive::<Int32Type>();
-        for i in 0..b.num_rows() {
-            let (acct, con) = c.key(i);
-            let key = (acct.to_string(), con);
-            let row = touched
-                .entry(key)
-                .or_insert_with_key(|k| state.get(k).cloned().unwrap_or_default());
-            row.apply(&QueueInput {
-                active_route: route.value(i) == "ACTIVE",
-                partition: partition.value(i),
-                source: source.value(i),
-                order: c.order(i),
-                position: position.value(i),
-                avg_cost: avg_cost.value(i),
-            });
-        }
-    }
+    each_event(events, |(acct, con), e| {
+        touched
+            .entry((acct.to_string(), con))
+            .or_insert_with_key(|k| state.get(k).cloned().unwrap_or_default())
+            .apply(e);
+    })?;
     touched.retain(|k, r| state.get(k) != Some(r));
     if touched.is_empty() {
         return Ok(None);
