@@ -178,6 +178,11 @@ pub struct Staged<V> {
 }
 
 impl<V> Staged<V> {
+    /// Rows of the new file (0: none).
+    pub fn new_rows(&self) -> usize {
+        self.new_file.as_ref().map_or(0, |(_, c)| c.len())
+    }
+
     /// Whether the commit changes data at all.
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
@@ -587,9 +592,7 @@ impl<V: RowValue> Upsert<V> {
             let f = t.file_ref(&lf.add);
             let batch = t.read_physical(&f).await?;
             let keys = keys_of(&batch).map_err(arrow(t))?;
-            let live: Vec<u32> = (0..lf.rows)
-                .filter(|r| !lf.deleted.contains(u64::from(*r)))
-                .collect();
+            let live: Vec<u32> = (0..lf.rows).filter(|r| !lf.deleted.contains(u64::from(*r))).collect();
             for r in &live {
                 let k = &keys[*r as usize];
                 let v = self

@@ -83,7 +83,8 @@ impl PartitionCounts {
 
 impl<'a> IntoIterator for &'a PartitionCounts {
     type Item = (&'a i32, &'a (i64, i64));
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, (i32, (i64, i64))>, fn(&'a (i32, (i64, i64))) -> (&'a i32, &'a (i64, i64))>;
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (i32, (i64, i64))>, fn(&'a (i32, (i64, i64))) -> (&'a i32, &'a (i64, i64))>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter().map(|(p, c)| (p, c))
