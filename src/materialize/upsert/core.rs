@@ -601,7 +601,7 @@ impl<V: RowValue> Upsert<V> {
                     .filter(|e| e.loc == Loc { file: *id, row: *r })
                     .map(|e| e.value.clone());
                 // A live row always has its key indexed here (the invariant).
-                changed.push((k.clone(), v.expect("a live row's key is indexed")));
+                changed.push((*k, v.expect("a live row's key is indexed")));
             }
             parts.push(take_record_batch(&batch, &UInt32Array::from(live)).map_err(arrow(t))?);
         }

@@ -224,8 +224,11 @@ impl QueueRow {
     }
 }
 
+/// Key of a [`QueueState`] row: (account, con_id).
+pub type StateKey = (String, i64);
+
 /// `position_queue` state.
-pub type QueueState = BTreeMap<(String, i64), QueueRow>;
+pub type QueueState = BTreeMap<StateKey, QueueRow>;
 
 /// Folds position event rows (`position_events` layout: they carry `kafka_partition`) into a
 /// copy of the touched queue rows; returns the new state (`None` when nothing changed).
@@ -463,7 +466,7 @@ pub fn queue_expired(state: &Queue, cutoff: i64) -> Vec<Key> {
 }
 
 /// Every row of one `position_queue` batch, in order.
-fn queue_rows(b: &RecordBatch) -> Result<Vec<((String, i64), QueueRow)>, ArrowError> {
+fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
     let mut out = Vec::with_capacity(b.num_rows());
     {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());
