@@ -168,10 +168,23 @@ impl Pipeline {
         let positions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role != Role::Registry).collect();
         let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
         if !positions.is_empty() {
+            let t0 = std::time::Instant::now();
             self.commit_events(&positions).await?;
+            let t1 = std::time::Instant::now();
             self.commit_current(&positions).await?;
+            let t2 = std::time::Instant::now();
             self.commit_queue(&positions).await?;
+            let t3 = std::time::Instant::now();
             self.expire_closed().await?;
+            if t0.elapsed() > std::time::Duration::from_millis(500) {
+                tracing::warn!(
+                    events_ms = (t1 - t0).as_millis() as u64,
+                    current_ms = (t2 - t1).as_millis() as u64,
+                    queue_ms = (t3 - t2).as_millis() as u64,
+                    expire_ms = t3.elapsed().as_millis() as u64,
+                    "slow flush"
+                );
+            }
         }
         if !registry.is_empty() {
             self.commit_registry_events(&registry).await?;
@@ -511,13 +524,24 @@ async fn commit_staged<V: RowValue>(
     let op = DeltaOperation::Update { predicate: None };
     t.commit(staged.actions.clone(), txns, op, every).await?;
     state.committed(staged);
+    let started = std::time::Instant::now();
     if let Some(c) = state.compaction(t).await? {
+        let rewritten: usize = c.new_rows();
         let op = DeltaOperation::Optimize {
             predicate: None,
             target_size: 0,
         };
         match t.commit(c.actions.clone(), &[], op, every).await {
-            Ok(_) => state.committed(c),
+            Ok(_) => {
+                state.committed(c);
+                tracing::debug!(
+                    table = t.kind.name(),
+                    rows = rewritten,
+                    ms = started.elapsed().as_millis() as u64,
+                    files = state.files(),
+                    "compacted"
+                );
+            }
             Err(TableError::Conflict(_)) => tracing::debug!(table = t.kind.name(), "compaction lost a race; skipped"),
             Err(e) => return Err(e),
         }

@@ -248,6 +248,11 @@ impl Materializer {
         if !kafka.overrides_setting(crate::kafka::Role::Consumer, "fetch.wait.max.ms") {
             cc.set("fetch.wait.max.ms", "50");
         }
+        // librdkafka pre-fetches up to 64 MiB by default; a flush buffers at most
+        // `--flush-bytes` anyway, so 16 MiB keeps the consumer fed with a quarter of the memory.
+        if !kafka.overrides_setting(crate::kafka::Role::Consumer, "queued.max.messages.kbytes") {
+            cc.set("queued.max.messages.kbytes", "16384");
+        }
         let consumer: StreamConsumer<Ctx> = cc
             .create_with_context(Ctx::new(starts))
             .map_err(KafkaError::client("create consumer"))?;
@@ -355,6 +360,7 @@ impl Materializer {
         }
         let started = std::time::Instant::now();
         self.pipeline.commit(&parts).await?;
+        trim_heap();
         let mut tpl = TopicPartitionList::new();
         for part in &parts {
             let _ = tpl.add_partition_offset(&part.topic, part.partition, Offset::Offset(part.last_offset + 1));
@@ -512,5 +518,21 @@ fn consumer_error(e: RdKafkaError) -> Result<(), MaterializeError> {
             tracing::warn!(error = %e, "consumer error (librdkafka retries)");
             Ok(())
         }
+    }
+}
+
+/// Returns freed heap pages to the OS, at most every 10 s: glibc keeps what a big flush (or the
+/// catch-up) freed in its arenas, so RSS would otherwise stay at its peak.
+fn trim_heap() {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10)) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

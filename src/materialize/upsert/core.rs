@@ -11,15 +11,18 @@
 //! rewritten O(log n) times over its life, so compaction is amortized O(changes) too.
 //!
 //! In memory, per key: where its live row is ([`Loc`]) and the table's own value `V` (the
-//! event order for `positions_current`, the whole row for `position_queue`). Per file: its add
-//! action, its deleted rows and the key of each physical row, so a vector written by another
-//! member can be mapped back to keys. [`Upsert::sync`] brings all of it up to a newer snapshot
-//! by reading only what changed: new files, and new vectors of known files.
+//! event order for `positions_current`, the whole row for `position_queue`), in one dense
+//! vector of entries indexed by a hash table of 4-byte slots (a `HashMap` of the entries
+//! themselves would keep up to twice their size in empty buckets). Per file: its add action,
+//! its deleted rows and its row count. A vector written by another member is mapped back to
+//! keys through the entries' locations. [`Upsert::sync`] brings all of it up to a newer
+//! snapshot by reading only what changed: new files, and new vectors of known files.
 //!
 //! Invariant (kept because every commit is made against the latest snapshot, `max_retries =
 //! 0`, and re-planned after a conflict): a key has at most one live row in the table.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 
 use deltalake::arrow::array::{AsArray, RecordBatch, UInt32Array};
 use deltalake::arrow::compute::take_record_batch;
@@ -28,15 +31,21 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::kernel::{Action, Add};
 use roaring::RoaringTreemap;
 
-use super::col;
+use super::{col, Sym};
 use crate::materialize::dv;
 use crate::materialize::tables::{remove_of, Table, TableError};
 
 /// Key of an upsert row: (account, con_id).
-pub type Key = (String, i64);
+pub type Key = (Sym, i64);
 
 /// More files than this triggers a compaction.
 pub const MAX_FILES: usize = 24;
+
+/// Size ratio between compaction tiers (a power of two).
+pub const FANOUT: u64 = 4;
+
+/// Live rows one compaction rewrites at most, so a flush's cost stays bounded at any table size.
+pub const COMPACT_BUDGET: u64 = 200_000;
 
 /// What a flush changes in one upsert table: the new rows (table schema, one per key) and each
 /// key's new value, in the same order.
@@ -52,13 +61,91 @@ pub struct Loc {
 struct LiveFile {
     add: Add,
     deleted: RoaringTreemap,
-    /// Key of every physical row.
-    keys: Vec<Key>,
+    /// Physical rows.
+    rows: u32,
 }
 
 impl LiveFile {
     fn live(&self) -> u64 {
-        self.keys.len() as u64 - self.deleted.len()
+        u64::from(self.rows) - self.deleted.len()
+    }
+}
+
+struct Entry<V> {
+    key: Key,
+    loc: Loc,
+    value: V,
+}
+
+/// Per key (location, value): dense entries plus a hash table of their indexes.
+struct Index<V> {
+    entries: Vec<Entry<V>>,
+    slots: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl<V> Default for Index<V> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            slots: hashbrown::HashTable::new(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl<V> Index<V> {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn find(&self, key: &Key) -> Option<usize> {
+        let h = self.hasher.hash_one(key);
+        self.slots
+            .find(h, |&i| self.entries[i as usize].key == *key)
+            .map(|&i| i as usize)
+    }
+
+    fn get(&self, key: &Key) -> Option<&Entry<V>> {
+        self.find(key).map(|i| &self.entries[i])
+    }
+
+    fn insert(&mut self, key: Key, loc: Loc, value: V) {
+        if let Some(i) = self.find(&key) {
+            let e = &mut self.entries[i];
+            e.loc = loc;
+            e.value = value;
+            return;
+        }
+        let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 keys");
+        let h = self.hasher.hash_one(key);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.slots
+            .insert_unique(h, i, |&j| hasher.hash_one(entries[j as usize].key));
+        self.entries.push(Entry { key, loc, value });
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        let h = self.hasher.hash_one(key);
+        let entries = &self.entries;
+        let Ok(slot) = self.slots.find_entry(h, |&i| entries[i as usize].key == *key) else {
+            return false;
+        };
+        let (i, _) = slot.remove();
+        let i = i as usize;
+        let last = self.entries.len() - 1;
+        if i != last {
+            // The last entry moves into the hole: repoint its slot.
+            let moved = self.entries[last].key;
+            let h = self.hasher.hash_one(moved);
+            let slot = self
+                .slots
+                .find_mut(h, |&j| j as usize == last)
+                .expect("every entry has a slot");
+            *slot = i as u32;
+        }
+        self.entries.swap_remove(i);
+        true
     }
 }
 
@@ -91,6 +178,11 @@ pub struct Staged<V> {
 }
 
 impl<V> Staged<V> {
+    /// Rows of the new file (0: none).
+    pub fn new_rows(&self) -> usize {
+        self.new_file.as_ref().map_or(0, |(_, c)| c.len())
+    }
+
     /// Whether the commit changes data at all.
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
@@ -102,7 +194,7 @@ pub struct Upsert<V> {
     files: HashMap<u32, LiveFile>,
     ids: HashMap<String, u32>,
     next: u32,
-    index: HashMap<Key, (Loc, V)>,
+    index: Index<V>,
 }
 
 impl<V> Default for Upsert<V> {
@@ -111,7 +203,7 @@ impl<V> Default for Upsert<V> {
             files: HashMap::new(),
             ids: HashMap::new(),
             next: 0,
-            index: HashMap::new(),
+            index: Index::default(),
         }
     }
 }
@@ -131,8 +223,17 @@ fn loosen(stats: &Option<String>) -> Option<String> {
 fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
     let account = col(batch, "account")?.as_string::<i32>();
     let con = col(batch, "con_id")?.as_primitive::<Int64Type>();
+    let mut last: Option<(&str, Sym)> = None;
     Ok((0..batch.num_rows())
-        .map(|i| (account.value(i).to_string(), con.value(i)))
+        .map(|i| {
+            let a = account.value(i);
+            let sym = match last {
+                Some((s, sym)) if s == a => sym,
+                _ => Sym::new(a),
+            };
+            last = Some((a, sym));
+            (sym, con.value(i))
+        })
         .collect())
 }
 
@@ -172,7 +273,7 @@ impl<V: RowValue> Upsert<V> {
 
     /// No live key.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.index.len() == 0
     }
 
     /// Number of live files.
@@ -182,20 +283,28 @@ impl<V: RowValue> Upsert<V> {
 
     /// The value of a key.
     pub fn get(&self, key: &Key) -> Option<&V> {
-        self.index.get(key).map(|(_, v)| v)
+        self.index.get(key).map(|e| &e.value)
     }
 
     /// Every key and value (unordered).
     pub fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
-        self.index.iter().map(|(k, (_, v))| (k, v))
+        self.index.entries.iter().map(|e| (&e.key, &e.value))
     }
 
-    fn forget(&mut self, key: &Key, at: Loc) -> bool {
-        if self.index.get(key).is_some_and(|(l, _)| *l == at) {
-            self.index.remove(key);
-            return true;
+    /// Forgets the keys whose live row is one of `rows` of file `id` (`None`: any row of it);
+    /// returns how many. One pass over the entries: only after another member's commit.
+    fn forget_rows(&mut self, id: u32, rows: Option<&RoaringTreemap>) -> usize {
+        let gone: Vec<Key> = self
+            .index
+            .entries
+            .iter()
+            .filter(|e| e.loc.file == id && rows.is_none_or(|r| r.contains(u64::from(e.loc.row))))
+            .map(|e| e.key)
+            .collect();
+        for k in &gone {
+            self.index.remove(k);
         }
-        false
+        gone.len()
     }
 
     /// Brings the state up to the table's loaded snapshot, reading only new files and new
@@ -223,12 +332,8 @@ impl<V: RowValue> Upsert<V> {
                 None => RoaringTreemap::new(),
             };
             let newly = &now - &known.deleted;
-            let keys: Vec<(Key, u32)> = newly
-                .iter()
-                .map(|r| (known.keys[r as usize].clone(), r as u32))
-                .collect();
-            for (k, row) in keys {
-                out.gone += usize::from(self.forget(&k, Loc { file: id, row }));
+            if !newly.is_empty() {
+                out.gone += self.forget_rows(id, Some(&newly));
             }
             let lf = self.files.get_mut(&id).expect("known file");
             lf.deleted = now;
@@ -238,17 +343,7 @@ impl<V: RowValue> Upsert<V> {
         for id in dropped {
             let lf = self.files.remove(&id).expect("known file");
             self.ids.remove(&lf.add.path);
-            for (row, k) in lf.keys.iter().enumerate() {
-                if !lf.deleted.contains(row as u64) {
-                    out.gone += usize::from(self.forget(
-                        k,
-                        Loc {
-                            file: id,
-                            row: row as u32,
-                        },
-                    ));
-                }
-            }
+            out.gone += self.forget_rows(id, None);
         }
         for f in fresh {
             let batch = t.read_physical(&f).await?;
@@ -260,18 +355,14 @@ impl<V: RowValue> Upsert<V> {
             let values = V::of_rows(&batch).map_err(arrow(t))?;
             let id = self.next;
             self.next += 1;
-            for (row, (k, v)) in keys.iter().zip(values).enumerate() {
+            let rows = keys.len() as u32;
+            for (row, (k, v)) in keys.into_iter().zip(values).enumerate() {
                 if !deleted.contains(row as u64) {
-                    self.index.insert(
-                        k.clone(),
-                        (
-                            Loc {
-                                file: id,
-                                row: row as u32,
-                            },
-                            v,
-                        ),
-                    );
+                    let loc = Loc {
+                        file: id,
+                        row: row as u32,
+                    };
+                    self.index.insert(k, loc, v);
                     out.added += 1;
                 }
             }
@@ -281,7 +372,7 @@ impl<V: RowValue> Upsert<V> {
                 LiveFile {
                     add: f.add.clone(),
                     deleted,
-                    keys,
+                    rows,
                 },
             );
         }
@@ -316,7 +407,7 @@ impl<V: RowValue> Upsert<V> {
             .chain(deleted.iter());
         let mut bitmaps: HashMap<u32, RoaringTreemap> = HashMap::new();
         for k in superseded {
-            if let Some((loc, _)) = self.index.get(k) {
+            if let Some(Entry { loc, .. }) = self.index.get(k) {
                 bitmaps
                     .entry(loc.file)
                     .or_insert_with(|| self.files[&loc.file].deleted.clone())
@@ -328,7 +419,7 @@ impl<V: RowValue> Upsert<V> {
         let partial: Vec<u32> = ids
             .iter()
             .copied()
-            .filter(|id| bitmaps[id].len() < self.files[id].keys.len() as u64)
+            .filter(|id| bitmaps[id].len() < u64::from(self.files[id].rows))
             .collect();
         let store = t.delta.object_store();
         let vectors = dv::write(
@@ -390,19 +481,13 @@ impl<V: RowValue> Upsert<V> {
         if let Some((add, changed)) = s.new_file {
             let id = self.next;
             self.next += 1;
-            let mut keys = Vec::with_capacity(changed.len());
+            let rows = changed.len() as u32;
             for (row, (k, v)) in changed.into_iter().enumerate() {
-                self.index.insert(
-                    k.clone(),
-                    (
-                        Loc {
-                            file: id,
-                            row: row as u32,
-                        },
-                        v,
-                    ),
-                );
-                keys.push(k);
+                let loc = Loc {
+                    file: id,
+                    row: row as u32,
+                };
+                self.index.insert(k, loc, v);
             }
             self.ids.insert(add.path.clone(), id);
             self.files.insert(
@@ -410,10 +495,67 @@ impl<V: RowValue> Upsert<V> {
                 LiveFile {
                     add,
                     deleted: RoaringTreemap::new(),
-                    keys,
+                    rows,
                 },
             );
         }
+    }
+
+    /// The files a compaction rewrites (size-tiered, at most [`COMPACT_BUDGET`] live rows):
+    /// files more than half deleted, smallest first; and when there are more than
+    /// [`MAX_FILES`] files, the files of the lowest size tier (live rows, powers of
+    /// [`FANOUT`]) that holds [`FANOUT`] files, with the few of the tiers below it. A file is
+    /// only ever merged with files of about its size, so each row is rewritten O(log n) times,
+    /// and no compaction rewrites more than the budget: a big file waits until it is mostly
+    /// deleted and small enough, or until enough files of its size exist.
+    fn victims(&self) -> Vec<u32> {
+        let mut budget = COMPACT_BUDGET;
+        let mut victims = Vec::new();
+        let mut mostly: Vec<(u64, u32)> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.deleted.len() * 2 > u64::from(f.rows))
+            .map(|(id, f)| (f.live(), *id))
+            .collect();
+        mostly.sort_unstable();
+        for (live, id) in mostly {
+            if live <= budget {
+                budget -= live;
+                victims.push(id);
+            }
+        }
+        if self.files.len() <= MAX_FILES {
+            return victims;
+        }
+        let tier = |live: u64| (64 - live.max(1).leading_zeros()) / FANOUT.trailing_zeros();
+        let mut tiers: std::collections::BTreeMap<u32, Vec<(u64, u32)>> = std::collections::BTreeMap::new();
+        for (id, f) in &self.files {
+            if !victims.contains(id) {
+                tiers.entry(tier(f.live())).or_default().push((f.live(), *id));
+            }
+        }
+        let mut picked: Vec<(u64, u32)> = Vec::new();
+        let mut fallback: Option<usize> = None;
+        for files in tiers.into_values() {
+            let total: u64 = picked.iter().chain(&files).map(|(l, _)| l).sum();
+            if total > budget {
+                break;
+            }
+            let full = files.len() >= FANOUT as usize;
+            picked.extend(files);
+            if full {
+                victims.extend(picked.iter().map(|(_, id)| id));
+                return victims;
+            }
+            if picked.len() >= 2 {
+                fallback = Some(picked.len());
+            }
+        }
+        // No tier holds FANOUT files within the budget: merge the smallest that fit.
+        if let Some(n) = fallback {
+            victims.extend(picked[..n].iter().map(|(_, id)| id));
+        }
+        victims
     }
 
     /// Plans a compaction when one is due: the live rows of the smallest files (and of files
@@ -422,18 +564,7 @@ impl<V: RowValue> Upsert<V> {
     /// # Errors
     /// Storage and parquet errors.
     pub async fn compaction(&self, t: &Table) -> Result<Option<Staged<V>>, TableError> {
-        let mut victims: Vec<u32> = self
-            .files
-            .iter()
-            .filter(|(_, f)| f.deleted.len() * 2 > f.keys.len() as u64)
-            .map(|(id, _)| *id)
-            .collect();
-        if self.files.len() > MAX_FILES {
-            let mut by_size: Vec<(u64, u32)> = self.files.iter().map(|(id, f)| (f.live(), *id)).collect();
-            by_size.sort_unstable();
-            let excess = self.files.len() - MAX_FILES / 2;
-            victims.extend(by_size.into_iter().take(excess + 1).map(|(_, id)| id));
-        }
+        let mut victims = self.victims();
         victims.sort_unstable();
         victims.dedup();
         if victims.is_empty() || (victims.len() == 1 && self.files[&victims[0]].deleted.is_empty()) {
@@ -445,14 +576,17 @@ impl<V: RowValue> Upsert<V> {
             let lf = &self.files[id];
             let f = t.file_ref(&lf.add);
             let batch = t.read_physical(&f).await?;
-            let live: Vec<u32> = (0..lf.keys.len() as u32)
-                .filter(|r| !lf.deleted.contains(u64::from(*r)))
-                .collect();
+            let keys = keys_of(&batch).map_err(arrow(t))?;
+            let live: Vec<u32> = (0..lf.rows).filter(|r| !lf.deleted.contains(u64::from(*r))).collect();
             for r in &live {
-                let k = &lf.keys[*r as usize];
-                let v = self.index.get(k).map(|(_, v)| v.clone());
+                let k = &keys[*r as usize];
+                let v = self
+                    .index
+                    .get(k)
+                    .filter(|e| e.loc == Loc { file: *id, row: *r })
+                    .map(|e| e.value.clone());
                 // A live row always has its key indexed here (the invariant).
-                changed.push((k.clone(), v.expect("a live row's key is indexed")));
+                changed.push((*k, v.expect("a live row's key is indexed")));
             }
             parts.push(take_record_batch(&batch, &UInt32Array::from(live)).map_err(arrow(t))?);
         }
@@ -503,7 +637,8 @@ mod tests {
     async fn put(t: &mut Table, u: &mut Upsert<QueueRow>, rows: &[(i64, i64)]) -> Result<(), TableError> {
         let m: QueueState = rows.iter().map(|(k, v)| (("A".to_string(), *k), row(*v))).collect();
         let batch = queue_batch(&m).unwrap();
-        let staged = u.stage(t, Some(batch), m.into_iter().collect(), vec![]).await?;
+        let changed = m.into_iter().map(|((a, c), r)| ((Sym::new(&a), c), r)).collect();
+        let staged = u.stage(t, Some(batch), changed, vec![]).await?;
         t.commit(
             staged.actions.clone(),
             &[],
@@ -520,7 +655,7 @@ mod tests {
     }
 
     fn state_of(u: &Upsert<QueueRow>) -> QueueState {
-        u.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        u.iter().map(|(k, v)| ((k.0.to_string(), k.1), v.clone())).collect()
     }
 
     use deltalake::protocol::DeltaOperation;
@@ -561,7 +696,7 @@ mod tests {
         assert_eq!(table_state(&ta).await, state_of(&a));
         // Deletes are deletion vectors too.
         let staged = a
-            .stage(&ta, None, vec![], vec![("A".to_string(), 7), ("A".to_string(), 200)])
+            .stage(&ta, None, vec![], vec![(Sym::new("A"), 7), (Sym::new("A"), 200)])
             .await
             .unwrap();
         ta.commit(

@@ -7,7 +7,7 @@ use deltalake::arrow::datatypes::Float64Type;
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key, RowValue, Upsert};
-use super::{as_current, col, newer, newest_per_key, Cols, EventOrder};
+use super::{as_current, col, newer, newest_per_key, Cols, EventOrder, Sym};
 use crate::materialize::tables::positions_current_layout;
 
 /// What the materializer keeps per `positions_current` key.
@@ -49,7 +49,7 @@ pub fn changes(state: &Current, rows: &[RecordBatch]) -> Result<Option<Changes<C
     let mut picks: Vec<(usize, usize)> = Vec::new();
     let mut changed = Vec::new();
     for ((acct, con), (bi, i)) in best {
-        let key = (acct.to_string(), con);
+        let key = (Sym::new(acct), con);
         if state.get(&key).is_some_and(|m| !newer(cols[bi].order(i), &m.order)) {
             continue;
         }
@@ -75,6 +75,6 @@ pub fn expired(state: &Current, cutoff: i64) -> Vec<Key> {
     state
         .iter()
         .filter(|(_, m)| m.closed && m.order.ingest_time < cutoff)
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| *k)
         .collect()
 }

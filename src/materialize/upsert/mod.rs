@@ -12,6 +12,7 @@
 pub mod core;
 pub mod current;
 pub mod queue;
+pub mod sym;
 
 pub use current::{Current, CurrentMeta};
 pub use queue::{
@@ -30,6 +31,8 @@ use deltalake::arrow::compute::interleave;
 use deltalake::arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMicrosecondType};
 use deltalake::arrow::error::ArrowError;
 
+pub use sym::{EventId, Sym};
+
 use super::decode::UTC;
 use super::tables::{positions_current_layout, TableKind};
 
@@ -37,9 +40,30 @@ use super::tables::{positions_current_layout, TableKind};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EventOrder {
     pub ingest_time: i64,
-    pub session_id: String,
+    pub session_id: Sym,
     pub sequence: i64,
-    pub event_id: String,
+    pub event_id: EventId,
+}
+
+impl EventOrder {
+    /// The order of an event's `(ingest_time, session_id, sequence, event_id)`.
+    pub fn of(o: (i64, &str, i64, &str)) -> EventOrder {
+        EventOrder {
+            ingest_time: o.0,
+            session_id: Sym::new(o.1),
+            sequence: o.2,
+            event_id: EventId::new(o.3),
+        }
+    }
+
+    /// Orders `a` against this order, exactly as the tuples of strings order.
+    pub fn cmp_tuple(&self, a: (i64, &str, i64, &str)) -> std::cmp::Ordering {
+        self.ingest_time
+            .cmp(&a.0)
+            .then_with(|| self.session_id.as_str().cmp(a.1))
+            .then_with(|| self.sequence.cmp(&a.2))
+            .then_with(|| self.event_id.cmp_str(a.3))
+    }
 }
 
 /// Column accessors over a batch of position rows (`position_events` / `positions_current`).
@@ -87,13 +111,7 @@ impl<'a> Cols<'a> {
     }
 
     fn owned_order(&self, i: usize) -> EventOrder {
-        let (t, s, q, e) = self.order(i);
-        EventOrder {
-            ingest_time: t,
-            session_id: s.to_string(),
-            sequence: q,
-            event_id: e.to_string(),
-        }
+        EventOrder::of(self.order(i))
     }
 }
 
@@ -126,7 +144,7 @@ pub(crate) fn newest_per_key<'a>(cols: &[Cols<'a>]) -> std::collections::HashMap
 }
 
 pub(crate) fn newer(a: (i64, &str, i64, &str), b: &EventOrder) -> bool {
-    a > (b.ingest_time, b.session_id.as_str(), b.sequence, b.event_id.as_str())
+    b.cmp_tuple(a) == std::cmp::Ordering::Less
 }
 
 /// `positions_current`: the newest event per (account, con_id), as rows of one batch.

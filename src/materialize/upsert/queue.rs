@@ -36,11 +36,60 @@ use deltalake::arrow::datatypes::{
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key, RowValue, Upsert};
-use super::{col, newer, Cols, EventOrder};
+use super::{col, newer, Cols, EventOrder, Sym};
 use crate::materialize::decode::{list_element, timestamp_type, UTC};
 
-/// Per queued-topic partition: (queued events, POLL events) of the key in that partition.
-pub type PartitionCounts = BTreeMap<i32, (i64, i64)>;
+/// Per queued-topic partition: (queued events, POLL events) of the key in that partition,
+/// sorted by partition. A key usually has one partition: a boxed slice costs 16 bytes plus one
+/// 24-byte allocation per entry list (a `BTreeMap` allocates a ~270-byte leaf for one entry).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionCounts(Box<[(i32, (i64, i64))]>);
+
+impl PartitionCounts {
+    /// No partition.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether no partition has a count.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The counts of `partition`, inserted as (0, 0) when missing.
+    pub fn entry(&mut self, partition: i32) -> &mut (i64, i64) {
+        let i = match self.0.binary_search_by_key(&partition, |(p, _)| *p) {
+            Ok(i) => i,
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.insert(i, (partition, (0, 0)));
+                self.0 = v.into_boxed_slice();
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// (partition, counts), by partition.
+    pub fn iter(&self) -> impl Iterator<Item = (&i32, &(i64, i64))> {
+        self.0.iter().map(|(p, c)| (p, c))
+    }
+
+    /// The counts, by partition.
+    pub fn values(&self) -> impl Iterator<Item = &(i64, i64)> {
+        self.0.iter().map(|(_, c)| c)
+    }
+}
+
+impl<'a> IntoIterator for &'a PartitionCounts {
+    type Item = (&'a i32, &'a (i64, i64));
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (i32, (i64, i64))>, fn(&'a (i32, (i64, i64))) -> (&'a i32, &'a (i64, i64))>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(p, c)| (p, c))
+    }
+}
 
 /// The queued-route part of a `position_queue` row.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +99,7 @@ pub struct QueuedPart {
     /// Counts per partition of the queued topic (see the module docs).
     pub counts: PartitionCounts,
     pub last: EventOrder,
-    pub last_source: String,
+    pub last_source: Sym,
     pub position: f64,
     pub avg_cost: f64,
 }
@@ -71,7 +120,7 @@ impl QueuedPart {
         let newest = if other.last > self.last { other } else { self };
         let mut counts = self.counts.clone();
         for (p, (e, r)) in &other.counts {
-            let c = counts.entry(*p).or_default();
+            let c = counts.entry(*p);
             *c = (c.0.max(*e), c.1.max(*r));
         }
         QueuedPart {
@@ -79,7 +128,7 @@ impl QueuedPart {
             last_refreshed_at: self.last_refreshed_at.max(other.last_refreshed_at),
             counts,
             last: newest.last.clone(),
-            last_source: newest.last_source.clone(),
+            last_source: newest.last_source,
             position: newest.position,
             avg_cost: newest.avg_cost,
         }
@@ -100,7 +149,7 @@ impl QueueRow {
             (None, _) => "active",
             (Some(q), Some(a)) if a > q.last.ingest_time => "active",
             (Some(q), _) if q.position == 0.0 => "closed",
-            (Some(q), _) if q.last_source == "POLL" => "refreshed",
+            (Some(q), _) if q.last_source.as_str() == "POLL" => "refreshed",
             _ => "pending",
         }
     }
@@ -147,23 +196,18 @@ impl QueueRow {
             self.last_active_at = max_opt(self.last_active_at, t);
             return;
         }
-        let owned = || EventOrder {
-            ingest_time: t,
-            session_id: e.order.1.to_string(),
-            sequence: e.order.2,
-            event_id: e.order.3.to_string(),
-        };
+        let owned = || EventOrder::of(e.order);
         let fresh = self.queued.is_none();
         let q = self.queued.get_or_insert_with(|| QueuedPart {
             enqueued_at: None,
             last_refreshed_at: None,
             counts: PartitionCounts::new(),
             last: owned(),
-            last_source: e.source.to_string(),
+            last_source: Sym::new(e.source),
             position: e.position,
             avg_cost: e.avg_cost,
         });
-        let c = q.counts.entry(e.partition).or_default();
+        let c = q.counts.entry(e.partition);
         c.0 += 1;
         if e.source == "POLL" {
             c.1 += 1;
@@ -173,15 +217,18 @@ impl QueueRow {
         }
         if fresh || newer(e.order, &q.last) {
             q.last = owned();
-            q.last_source = e.source.to_string();
+            q.last_source = Sym::new(e.source);
             q.position = e.position;
             q.avg_cost = e.avg_cost;
         }
     }
 }
 
+/// Key of a [`QueueState`] row: (account, con_id).
+pub type StateKey = (String, i64);
+
 /// `position_queue` state.
-pub type QueueState = BTreeMap<(String, i64), QueueRow>;
+pub type QueueState = BTreeMap<StateKey, QueueRow>;
 
 /// Calls `f` with the key and queue input of every position event row (`position_events`
 /// layout: the rows carry `kafka_partition`), in order.
@@ -280,7 +327,14 @@ pub fn schema() -> SchemaRef {
 /// # Errors
 /// Arrow errors (a bug).
 pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
-    let n = state.len();
+    rows_batch(state.len(), state.iter().map(|((a, c), r)| ((a.as_str(), *c), r)))
+}
+
+/// Rows (key, row) as a batch of the `position_queue` schema.
+fn rows_batch<'a>(
+    n: usize,
+    rows: impl Iterator<Item = ((&'a str, i64), &'a QueueRow)>,
+) -> Result<RecordBatch, ArrowError> {
     let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
     let (mut account, mut con_id, mut status) = (StringBuilder::new(), Int64Builder::new(), StringBuilder::new());
     let (mut enq, mut refreshed, mut count, mut events) = (ts(), ts(), Int64Builder::new(), Int64Builder::new());
@@ -294,9 +348,9 @@ pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
         Int64Builder::new(),
     );
     let (mut pos, mut cost, mut active, mut updated) = (Float64Builder::new(), Float64Builder::new(), ts(), ts());
-    for ((a, c), r) in state {
+    for ((a, c), r) in rows {
         account.append_value(a);
-        con_id.append_value(*c);
+        con_id.append_value(c);
         status.append_value(r.status());
         let q = r.queued.as_ref();
         enq.append_option(q.and_then(|q| q.enqueued_at));
@@ -311,10 +365,13 @@ pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
             s.append(true);
         }
         per_partition.append(true);
-        ev_id.append_option(q.map(|q| &q.last.event_id));
-        src.append_option(q.map(|q| &q.last_source));
+        match q {
+            Some(q) => q.last.event_id.with_str(|s| ev_id.append_value(s)),
+            None => ev_id.append_null(),
+        }
+        src.append_option(q.map(|q| q.last_source.as_str()));
         ev_at.append_option(q.map(|q| q.last.ingest_time));
-        sess.append_option(q.map(|q| &q.last.session_id));
+        sess.append_option(q.map(|q| q.last.session_id.as_str()));
         seq.append_option(q.map(|q| q.last.sequence));
         pos.append_option(q.map(|q| q.position));
         cost.append_option(q.map(|q| q.avg_cost));
@@ -378,10 +435,10 @@ pub type Queue = Upsert<QueueRow>;
 /// # Errors
 /// Arrow errors (schema mismatch: a bug).
 pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Changes<QueueRow>>, ArrowError> {
-    let mut touched = QueueState::new();
+    let mut touched: BTreeMap<Key, QueueRow> = BTreeMap::new();
     each_event(events, |(acct, con), e| {
         touched
-            .entry((acct.to_string(), con))
+            .entry((Sym::new(acct), con))
             .or_insert_with_key(|k| state.get(k).cloned().unwrap_or_default())
             .apply(e);
     })?;
@@ -389,7 +446,7 @@ pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Cha
     if touched.is_empty() {
         return Ok(None);
     }
-    let batch = queue_batch(&touched)?;
+    let batch = rows_batch(touched.len(), touched.iter().map(|((a, c), r)| ((a.as_str(), *c), r)))?;
     Ok(Some((batch, touched.into_iter().collect())))
 }
 
@@ -398,12 +455,12 @@ pub fn queue_expired(state: &Queue, cutoff: i64) -> Vec<Key> {
     state
         .iter()
         .filter(|(_, r)| r.status() == "closed" && r.updated_at() < cutoff)
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| *k)
         .collect()
 }
 
 /// Every row of one `position_queue` batch, in order.
-fn queue_rows(b: &RecordBatch) -> Result<Vec<(Key, QueueRow)>, ArrowError> {
+fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
     let mut out = Vec::with_capacity(b.num_rows());
     {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());
@@ -436,20 +493,15 @@ fn queue_rows(b: &RecordBatch) -> Result<Vec<(Key, QueueRow)>, ArrowError> {
                 items.column(2).as_primitive::<Int64Type>(),
             );
             for k in 0..items.len() {
-                let c = counts.entry(p.value(k)).or_default();
+                let c = counts.entry(p.value(k));
                 *c = (c.0.max(e.value(k)), c.1.max(r.value(k)));
             }
             let queued = (!counts.is_empty() && opt(ev_at, i)).then(|| QueuedPart {
                 enqueued_at: opt(enq, i).then(|| enq.value(i)),
                 last_refreshed_at: opt(refreshed, i).then(|| refreshed.value(i)),
                 counts,
-                last: EventOrder {
-                    ingest_time: ev_at.value(i),
-                    session_id: sess.value(i).to_string(),
-                    sequence: seq.value(i),
-                    event_id: ev_id.value(i).to_string(),
-                },
-                last_source: src.value(i).to_string(),
+                last: EventOrder::of((ev_at.value(i), sess.value(i), seq.value(i), ev_id.value(i))),
+                last_source: Sym::new(src.value(i)),
                 position: pos.value(i),
                 avg_cost: cost.value(i),
             });
