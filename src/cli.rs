@@ -222,8 +222,9 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Ingest(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
-            require(&kafka, Process::Ingest, args.kafka_timeout).await?;
             let cfg: crate::ingest::IngestConfig = (&args).into();
+            let lease = cfg.lease_group(&kafka.topics).is_some();
+            require(&kafka, Process::Ingest { lease }, args.kafka_timeout).await?;
             let ready = Readiness {
                 lease: cfg.lease_group(&kafka.topics),
                 ..ib_client(&kafka)

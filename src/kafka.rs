@@ -330,16 +330,23 @@ pub struct Topics {
     pub registry: String,
     /// Undecodable or invalid input, original bytes plus error headers.
     pub deadletter: String,
+    /// The ingest lease's topic: exactly one partition, never written. Its own topic because
+    /// the lease is "partition 0 is assigned to me", and only a one-partition topic keeps that
+    /// partition with a live holder when members join (with more partitions the sticky
+    /// assignor rebalances some of them, partition 0 included, to a newcomer).
+    pub lease: String,
 }
 
 impl Topics {
-    /// `<prefix>positions.active`, `<prefix>positions.queued`, `<prefix>registry`, `<prefix>deadletter`.
+    /// `<prefix>positions.active`, `<prefix>positions.queued`, `<prefix>registry`,
+    /// `<prefix>deadletter`, and the lease topic `<prefix>ingest-lease`.
     pub fn new(prefix: &str) -> Self {
         Self {
             active: format!("{prefix}positions.active"),
             queued: format!("{prefix}positions.queued"),
             registry: format!("{prefix}registry"),
             deadletter: format!("{prefix}deadletter"),
+            lease: format!("{prefix}ingest-lease"),
         }
     }
 
@@ -353,9 +360,14 @@ impl Topics {
         self.registry.trim_end_matches("registry").to_string()
     }
 
-    /// All four topics.
+    /// The four data topics.
     pub fn all(&self) -> [&str; 4] {
         [&self.active, &self.queued, &self.registry, &self.deadletter]
+    }
+
+    /// The four data topics and the lease topic: what `possync topics create` makes.
+    pub fn every(&self) -> [&str; 5] {
+        [&self.active, &self.queued, &self.registry, &self.deadletter, &self.lease]
     }
 }
 
@@ -450,9 +462,11 @@ impl EmbeddedBroker {
         self.call(|r| BrokerCmd::CreateTopic(topic.to_string(), partitions, r))
     }
 
-    /// Creates all possync topics with `partitions` partitions each.
+    /// Creates the four data topics with `partitions` partitions each, and the one-partition
+    /// lease topic.
     pub fn create_topics(&self, topics: &Topics, partitions: i32) -> Result<(), KafkaError> {
-        topics.all().iter().try_for_each(|t| self.create_topic(t, partitions))
+        topics.all().iter().try_for_each(|t| self.create_topic(t, partitions))?;
+        self.create_topic(&topics.lease, 1)
     }
 
     /// Takes broker `id` (1-based) down: a broker outage for fault tests.

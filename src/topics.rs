@@ -1,14 +1,16 @@
 //! The possync topics on a real cluster: `possync topics create | check`, and the start-up
 //! check every Kafka process runs before it does anything else.
 //!
-//! The layout is fixed by the design: four topics under one prefix, the registry topic
+//! The layout is fixed by the design: four data topics under one prefix, the registry topic
 //! compacted (it is the registry's source of truth, and compaction keeps the latest word per
-//! entry), the others deleted by retention. Replication and `min.insync.replicas` are the
+//! entry), the others deleted by retention; plus the ingest lease's topic, one partition and
+//! never written (see [`crate::ingest::lease`]). Replication and `min.insync.replicas` are the
 //! operator's choice (defaults: RF 3, min ISR 2, the setting that survives one lost broker
 //! without losing an acknowledged write).
 //!
-//! Invariant: a process never starts against a missing topic or a registry topic that is not
-//! compacted; the error names the fix (`possync topics create` / `check`). Clusters that do not
+//! Invariant: a process never starts against a missing topic, a registry topic that is not
+//! compacted or a lease topic with more than one partition; the error names the fix
+//! (`possync topics create` / `check`). Clusters that do not
 //! answer `DescribeConfigs` (librdkafka's embedded mock broker, which `possync run` uses) skip
 //! the config checks, since no answer is not a wrong answer.
 
@@ -38,6 +40,9 @@ pub enum TopicsError {
     /// The registry topic would lose entries to retention.
     #[error("topic {topic:?} has cleanup.policy={policy}, but the registry topic must be compacted (cleanup.policy=compact) or registry entries expire; fix it with `kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact`, then `possync topics check`")]
     NotCompacted { topic: String, policy: String },
+    /// The lease topic has more than one partition: a newcomer could take the lease.
+    #[error("the ingest lease topic {topic:?} has {partitions} partitions, but it must have exactly 1 (with more, a standby joining can take the lease from a live holder); delete it and run `possync topics create` (it holds no data)")]
+    LeasePartitions { topic: String, partitions: i32 },
     /// `possync topics check` found differences.
     #[error("{0} topic setting(s) differ from the expected layout (listed above); fix them or recreate the topics")]
     Drift(usize),
@@ -67,20 +72,22 @@ impl Default for Layout {
     }
 }
 
-/// One expected topic: name and the configs that must hold.
+/// One expected topic: name, partitions and the configs that must hold.
 #[derive(Debug, Clone)]
 pub struct Spec {
     /// Topic name.
     pub name: String,
+    /// Partitions (the layout's, or 1 for the lease topic).
+    pub partitions: i32,
     /// Topic-level configs that must have these values.
     pub configs: BTreeMap<&'static str, String>,
 }
 
 impl Layout {
-    /// The four topics of `kafka.topics` with their expected configs.
+    /// The five topics of `kafka.topics` with their expected partitions and configs.
     pub fn specs(&self, kafka: &KafkaConfig) -> Vec<Spec> {
         let t = &kafka.topics;
-        t.all()
+        t.every()
             .iter()
             .map(|name| {
                 let mut configs = BTreeMap::new();
@@ -89,6 +96,7 @@ impl Layout {
                 configs.insert("min.insync.replicas", self.min_insync.to_string());
                 Spec {
                     name: name.to_string(),
+                    partitions: if *name == t.lease { 1 } else { self.partitions },
                     configs,
                 }
             })
@@ -155,7 +163,7 @@ pub async fn create(kafka: &KafkaConfig, layout: &Layout, timeout: Duration) -> 
         .iter()
         .map(|s| {
             s.configs.iter().fold(
-                NewTopic::new(&s.name, layout.partitions, TopicReplication::Fixed(layout.replication)),
+                NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(layout.replication)),
                 |t, (k, v)| t.set(k, v),
             )
         })
@@ -290,12 +298,7 @@ pub async fn check(kafka: &KafkaConfig, layout: &Layout, timeout: Duration) -> R
             differ(&spec.name, "presence", "present".into(), "missing".into());
             continue;
         };
-        differ(
-            &spec.name,
-            "partitions",
-            layout.partitions.to_string(),
-            f.partitions.to_string(),
-        );
+        differ(&spec.name, "partitions", spec.partitions.to_string(), f.partitions.to_string());
         differ(
             &spec.name,
             "replication factor",
@@ -315,8 +318,9 @@ pub async fn check(kafka: &KafkaConfig, layout: &Layout, timeout: Duration) -> R
 /// Which process is starting: each needs its own topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Process {
-    /// Publishes both position topics, follows the registry.
-    Ingest,
+    /// Publishes both position topics, follows the registry; with `lease`, joins the lease
+    /// group on the lease topic.
+    Ingest { lease: bool },
     /// Replays and publishes the queued topic.
     QueueWorker,
     /// Reads every topic, writes dead letters.
@@ -332,7 +336,10 @@ pub enum Process {
 pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -> Result<(), TopicsError> {
     let t = &kafka.topics;
     let needed: Vec<String> = match process {
-        Process::Ingest => vec![t.active.clone(), t.queued.clone(), t.registry.clone()],
+        Process::Ingest { lease: false } => vec![t.active.clone(), t.queued.clone(), t.registry.clone()],
+        Process::Ingest { lease: true } => {
+            vec![t.active.clone(), t.queued.clone(), t.registry.clone(), t.lease.clone()]
+        }
         Process::QueueWorker => vec![t.queued.clone()],
         Process::Materialize => t.all().iter().map(|s| s.to_string()).collect(),
     };
@@ -348,6 +355,12 @@ pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -
             topic: missing.clone(),
             brokers: kafka.brokers.clone(),
             prefix: t.prefix(),
+        });
+    }
+    if let Some(f) = found.get(&t.lease).filter(|f| f.partitions != 1) {
+        return Err(TopicsError::LeasePartitions {
+            topic: t.lease.clone(),
+            partitions: f.partitions,
         });
     }
     if needed.contains(&t.registry) {
@@ -378,7 +391,8 @@ pub struct TopicsArgs {
 /// What to do with the topics.
 #[derive(clap::Subcommand, Debug)]
 pub enum TopicsCommand {
-    /// Create the topics that are missing (the registry topic compacted), then check them all.
+    /// Create the topics that are missing (the registry topic compacted, the lease topic with
+    /// one partition), then check them all.
     Create(TopicsOpts),
     /// Print every difference from the expected layout; exit non-zero when there is one.
     Check(TopicsOpts),
@@ -432,12 +446,13 @@ pub async fn run(args: TopicsArgs) -> Result<(), TopicsError> {
     }
     if drift.is_empty() {
         println!(
-            "topics ok: {} with {} partitions, replication {}, min.insync.replicas {}, {} compacted",
+            "topics ok: {} with {} partitions, replication {}, min.insync.replicas {}, {} compacted; lease topic {} with 1 partition",
             kafka.topics.all().join(", "),
             layout.partitions,
             layout.replication,
             layout.min_insync,
-            kafka.topics.registry
+            kafka.topics.registry,
+            kafka.topics.lease
         );
         Ok(())
     } else {
@@ -453,7 +468,7 @@ mod tests {
     fn layout_compacts_only_the_registry() {
         let kafka = KafkaConfig::new("b:1");
         let specs = Layout::default().specs(&kafka);
-        assert_eq!(specs.len(), 4);
+        assert_eq!(specs.len(), 5);
         for s in specs {
             let want = if s.name == kafka.topics.registry {
                 "compact"
@@ -462,6 +477,8 @@ mod tests {
             };
             assert_eq!(s.configs["cleanup.policy"], want, "{}", s.name);
             assert_eq!(s.configs["min.insync.replicas"], "2");
+            let partitions = if s.name == kafka.topics.lease { 1 } else { 6 };
+            assert_eq!(s.partitions, partitions, "{}", s.name);
         }
     }
 
@@ -485,7 +502,7 @@ mod tests {
         require(&kafka, Process::QueueWorker, Duration::from_secs(10))
             .await
             .unwrap();
-        let err = require(&kafka, Process::Ingest, Duration::from_secs(10))
+        let err = require(&kafka, Process::Ingest { lease: true }, Duration::from_secs(10))
             .await
             .unwrap_err();
         let msg = err.to_string();
@@ -499,6 +516,22 @@ mod tests {
         require(&kafka, Process::Materialize, Duration::from_secs(10))
             .await
             .unwrap();
-        require(&kafka, Process::Ingest, Duration::from_secs(10)).await.unwrap();
+        require(&kafka, Process::Ingest { lease: false }, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // The lease topic: missing is named, more than one partition is refused.
+        let err = require(&kafka, Process::Ingest { lease: true }, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("req.ingest-lease"), "{err}");
+        broker.create_topic(&kafka.topics.lease, 2).unwrap();
+        let err = require(&kafka, Process::Ingest { lease: true }, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TopicsError::LeasePartitions { partitions: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exactly 1"), "{err}");
     }
 }

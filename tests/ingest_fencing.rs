@@ -312,7 +312,14 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
         (third.lease_held().await == Some(0) && third.says_standing_by()).then_some(())
     })
     .await
-    .with_context(|| third.log_text())?;
+    .with_context(|| {
+        format!(
+            "--- 203 (the third):\n{}\n--- {} (the holder):\n{}",
+            third.log_text(),
+            new_holder.client_id,
+            new_holder.log_text()
+        )
+    })?;
     ensure!(third.at_ib(&env.sim.truth()).is_none(), "a standby connected to IB");
     signal(&third.child.0, "INT")?;
     let asked = Instant::now();

@@ -2,11 +2,14 @@
 //! time, through Kafka's own group coordinator.
 //!
 //! Every ingest joins the consumer group `--lease-group` (default `<topic-prefix>ingest-lease`)
-//! subscribed to the registry topic, which every deployment already has. **The member assigned
-//! partition 0 of that topic holds the lease.** The group uses the `cooperative-sticky`
-//! assignor whatever `-K` says, so a newcomer joining never moves partition 0 away from a live
-//! holder (an eager assignor would revoke everything on every join, and a range assignor could
-//! hand partition 0 to the newcomer). The partitions are paused as soon as they are assigned
+//! subscribed to the lease topic `<topic-prefix>ingest-lease`, which has exactly one partition
+//! and is never written (`possync topics create` makes it). **The member assigned its partition
+//! 0 holds the lease.** The group uses the `cooperative-sticky` assignor whatever `-K` says, and
+//! with a single partition that assignor never moves it away from a live holder when a
+//! newcomer joins (an eager assignor would revoke everything on every join, and a range
+//! assignor could hand partition 0 to the newcomer). The lease once used the six-partition
+//! registry topic: there a newcomer made the sticky assignor rebalance three of the holder's
+//! six partitions to it, sometimes partition 0, and the holder lost the lease to a standby. The partitions are paused as soon as they are assigned
 //! and offsets are never committed: the group exists only for its membership.
 //!
 //! The consumer lives on its own thread and is polled every [`POLL_EVERY`], so rebalances
@@ -117,7 +120,7 @@ impl ConsumerContext for PauseOnAssign {
 }
 
 impl Lease {
-    /// Joins `group` (subscribed to the registry topic) on a dedicated thread. The lease is
+    /// Joins `group` (subscribed to the lease topic) on a dedicated thread. The lease is
     /// not held yet: watch [`Lease::changed`].
     ///
     /// # Errors
@@ -136,7 +139,7 @@ impl Lease {
                     group: group.to_string(),
                     source: Box::new(source),
                 })?;
-        let topic = kafka.topics.registry.clone();
+        let topic = kafka.topics.lease.clone();
         consumer.subscribe(&[&topic]).map_err(|source| LeaseError::Subscribe {
             group: group.to_string(),
             topic: topic.clone(),

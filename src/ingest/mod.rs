@@ -15,7 +15,7 @@
 //! same reconciliation on the live connection.
 //!
 //! **Fencing.** Only one ingest publishes at a time: [`run`] first takes the *ingest lease*
-//! ([`lease`]: partition 0 of the registry topic in the consumer group `--lease-group`,
+//! ([`lease`]: the one partition of the lease topic in the consumer group `--lease-group`,
 //! default `<topic-prefix>ingest-lease`, cooperative-sticky). Without it, ingest stands by:
 //! no IB connection, nothing published, one log line "another ingest holds the lease (group
 //! X); standing by", `possync_ingest_lease_held 0` and a 503 `/readyz` saying so. When it gets
@@ -267,7 +267,7 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
     };
     metrics::global().ingest_lease_held.store(0, Relaxed);
     let mut lease = lease::Lease::join(&kafka, &group)?;
-    tracing::info!(%group, topic = %kafka.topics.registry, "joining the ingest lease group");
+    tracing::info!(%group, topic = %kafka.topics.lease, "joining the ingest lease group");
     let result = fenced(&cfg, &kafka, &mut lease, &shutdown).await;
     // Leave only after the last event was flushed (or purged): the next holder starts after.
     lease.release(LEASE_RELEASE_TIMEOUT).await;

@@ -333,7 +333,7 @@ pub async fn run(args: BenchStartupArgs) -> Result<BenchReport, BenchError> {
             .admin()
             .create()
             .map_err(KafkaError::client("create admin client"))?;
-        let _ = admin.delete_topics(&kafka.topics.all(), &AdminOptions::new()).await;
+        let _ = admin.delete_topics(&kafka.topics.every(), &AdminOptions::new()).await;
         let _ = std::fs::remove_dir_all(&dir);
         if args.table_uri.is_some() {
             let _ = std::fs::remove_dir_all(&table_uri);
