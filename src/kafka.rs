@@ -367,7 +367,13 @@ impl Topics {
 
     /// The four data topics and the lease topic: what `possync topics create` makes.
     pub fn every(&self) -> [&str; 5] {
-        [&self.active, &self.queued, &self.registry, &self.deadletter, &self.lease]
+        [
+            &self.active,
+            &self.queued,
+            &self.registry,
+            &self.deadletter,
+            &self.lease,
+        ]
     }
 }
 

@@ -298,7 +298,12 @@ pub async fn check(kafka: &KafkaConfig, layout: &Layout, timeout: Duration) -> R
             differ(&spec.name, "presence", "present".into(), "missing".into());
             continue;
         };
-        differ(&spec.name, "partitions", spec.partitions.to_string(), f.partitions.to_string());
+        differ(
+            &spec.name,
+            "partitions",
+            spec.partitions.to_string(),
+            f.partitions.to_string(),
+        );
         differ(
             &spec.name,
             "replication factor",
