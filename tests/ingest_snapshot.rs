@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use ingest_support::*;
-use possync::events::Source;
+use possync::events::{Route, Source};
 use possync::ingest::resume;
 use possync::ingest::IngestConfig;
 use possync::kafka::KafkaConfig;
@@ -129,35 +129,41 @@ async fn state_from_the_snapshot_equals_a_full_replay() -> anyhow::Result<()> {
     // an item still pending at that moment would be polled afterwards, and that POLL (queued
     // route) would be its newest event: not active in either replay. Activate it only once its
     // POLL is in, as a desk's strategy does with a position that has been queued a while.
+    // A POLL of `p` asked at or after `since` (µs) has been published.
+    let polled_since = |p: &possync::sim::TruthPosition, since: i64| {
+        collector.all().iter().any(|s| {
+            s.event.source == Source::Poll
+                && s.event.account == p.account
+                && s.event.con_id == i64::from(p.contract.con_id)
+                && s.event.ingest_time >= since
+        })
+    };
     let polled = &truth.positions[5];
     wait_for("the POLL of the position to activate", DEADLINE, || async {
+        polled_since(polled, 0).then_some(())
+    })
+    .await?;
+    activate(&env.kafka, &truth.positions[5], 2).await?;
+    wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    // The activation is in the tail once ingest has published positions[5] on the active
+    // route (the book above matches without it: activating changes no quantity).
+    wait_for("positions[5] on the active route", DEADLINE, || async {
         collector
-            .all()
+            .session(&ingest.session)
             .iter()
             .any(|s| {
-                s.event.source == Source::Poll
+                s.event.route == Route::Active
                     && s.event.account == polled.account
                     && s.event.con_id == i64::from(polled.contract.con_id)
             })
             .then_some(())
     })
     .await?;
-    activate(&env.kafka, &truth.positions[5], 2).await?;
-    wait_in_sync(&env.sim, &collector, &ingest.session).await?;
     // The filled (queued) position is polled again: a POLL asked after the fill. Waiting for
     // that one event, not for "more POLLs than a moment ago", cannot miss a POLL that came
     // before the count was taken.
     wait_for("the POLL of the filled position", DEADLINE, || async {
-        collector
-            .all()
-            .iter()
-            .any(|s| {
-                s.event.source == Source::Poll
-                    && s.event.account == filled.account
-                    && s.event.con_id == i64::from(filled.contract.con_id)
-                    && s.event.ingest_time >= fill_at
-            })
-            .then_some(())
+        polled_since(filled, fill_at).then_some(())
     })
     .await?;
     ensure!(fill.quantity != truth.positions[2].quantity);
