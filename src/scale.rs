@@ -11,7 +11,8 @@
 //!   start-up of ingest and the queue worker with `--startup-events` of history, from the
 //!   snapshot and by full replay.
 //!
-//! Each run prints its own report as it finishes; the summary table comes last.
+//! The queue run goes first (its RSS is this process's peak). Each run prints its own report as
+//! it finishes; the summary table comes last.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -66,6 +67,41 @@ fn failed(run: impl Into<String>) -> impl FnOnce(String) -> ScaleError {
 /// [`ScaleError`] naming the run that failed.
 pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
     let mut table = String::from("| run | figures |\n|---|---|\n");
+    // The queue run first: its four components live in this process, whose peak RSS would
+    // otherwise include what producing the materializer runs' events left on the heap (the
+    // materializers themselves are child processes, measured on their own).
+    let q = BenchQueueArgs {
+        contracts: args.contracts,
+        accounts: args.accounts,
+        fill_rate: 20.0,
+        duration: args.phase,
+        tick: Duration::from_secs(5),
+        batch: 50,
+        flush_latency: Duration::from_secs(1),
+        partitions: 6,
+    };
+    eprintln!(
+        "== bench queue, {} contracts over {} accounts ==",
+        args.contracts, args.accounts
+    );
+    let r = crate::queue_worker::bench::run(q)
+        .await
+        .map_err(|e| failed("queue")(e.to_string()))?;
+    println!("{r}");
+    let mut queue_row = String::new();
+    let _ = writeln!(
+        queue_row,
+        "| queue, {} queued contracts over {} accounts | start-up sweep staleness p50 {:.1} s, p99 {:.1} s; steady p50 {:.1} s, p99 {:.1} s; worker {:.1} IB messages/s; {} pacing errors; RSS peak (sim + ingest + worker + materialize in one process) {:.0} MiB |",
+        r.contracts,
+        r.accounts,
+        r.startup.p50_ms / 1000.0,
+        r.startup.p99_ms / 1000.0,
+        r.steady.p50_ms / 1000.0,
+        r.steady.p99_ms / 1000.0,
+        r.worker_msgs_per_s,
+        r.pacing_errors,
+        process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default()
+    );
     for keys in &args.keys {
         let m = BenchMaterializeArgs {
             events: (*keys).max(200_000),
@@ -87,44 +123,7 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
             r.keys, args.rate, r.cpu_per_flush_s * 1000.0, r.upsert_p50_ms, r.upsert_p99_ms, r.steady_events_per_cpu_s, r.rss_peak_mib
         );
     }
-    let q = BenchQueueArgs {
-        contracts: args.contracts,
-        accounts: args.accounts,
-        fill_rate: 20.0,
-        duration: args.phase,
-        tick: Duration::from_secs(5),
-        batch: 50,
-        flush_latency: Duration::from_secs(1),
-        partitions: 6,
-    };
-    eprintln!(
-        "== bench queue, {} contracts over {} accounts ==",
-        args.contracts, args.accounts
-    );
-    // The queue run's components live in this process, which also produced the materializer
-    // runs' events: reset the peak (Linux: "5" clears VmHWM) so the figure is the queue run's.
-    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
-        eprintln!(
-            "(could not reset the peak RSS before the queue run: {e}; its RSS figure includes the runs before it)"
-        );
-    }
-    let r = crate::queue_worker::bench::run(q)
-        .await
-        .map_err(|e| failed("queue")(e.to_string()))?;
-    println!("{r}");
-    let _ = writeln!(
-        table,
-        "| queue, {} queued contracts over {} accounts | start-up sweep staleness p50 {:.1} s, p99 {:.1} s; steady p50 {:.1} s, p99 {:.1} s; worker {:.1} IB messages/s; {} pacing errors; RSS peak (sim + ingest + worker + materialize in one process) {:.0} MiB |",
-        r.contracts,
-        r.accounts,
-        r.startup.p50_ms / 1000.0,
-        r.startup.p99_ms / 1000.0,
-        r.steady.p50_ms / 1000.0,
-        r.steady.p99_ms / 1000.0,
-        r.worker_msgs_per_s,
-        r.pacing_errors,
-        process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default()
-    );
+    table.push_str(&queue_row);
     match &args.startup_brokers {
         None => table.push_str(
             "| start-up with history | skipped: pass `--startup-brokers \"$(scripts/kafka.sh bootstrap)\"` (a real cluster from `scripts/kafka.sh start 1`) |\n",
