@@ -20,6 +20,9 @@ use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::operations::create::CreateBuilder;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -200,6 +203,28 @@ impl TableKind {
         }
     }
 }
+
+/// Parquet settings of every file possync writes: snappy, column-chunk statistics (what Delta's
+/// file statistics are made of; no page index), and dictionary encoding only for the string
+/// columns that repeat (account, symbol, route, ...). Unique values (event ids, offsets,
+/// timestamps, quantities) gain nothing from a dictionary but the hashing: in a catch-up flush
+/// at 100k keys that interning took about 6% of the materializer's CPU.
+fn writer_properties(schema: &ArrowSchema) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_created_by(concat!("possync ", env!("CARGO_PKG_VERSION")).to_string())
+        .set_compression(Compression::SNAPPY)
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_dictionary_enabled(false);
+    for f in schema.fields() {
+        if matches!(f.data_type(), DataType::Utf8) && !UNIQUE_STRINGS.contains(&f.name().as_str()) {
+            b = b.set_column_dictionary_enabled(ColumnPath::from(f.name().as_str()), true);
+        }
+    }
+    b.build()
+}
+
+/// String columns whose values (nearly) never repeat within a file.
+const UNIQUE_STRINGS: [&str; 2] = ["event_id", "local_symbol"];
 
 /// The Delta property that bounds how long a txn action (a partition's stored offset) lives
 /// without being written again.
@@ -453,7 +478,9 @@ impl Table {
         if batches.iter().all(|b| b.num_rows() == 0) {
             return Ok(vec![]);
         }
-        let mut w = RecordBatchWriter::for_table(&self.delta).map_err(self.err())?;
+        let mut w = RecordBatchWriter::for_table(&self.delta)
+            .map_err(self.err())?
+            .with_writer_properties(writer_properties(&batches[0].schema()));
         for b in batches.iter().filter(|b| b.num_rows() > 0) {
             w.write(b.clone()).await.map_err(self.err())?;
         }
