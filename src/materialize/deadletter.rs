@@ -22,7 +22,8 @@ use deltalake::arrow::array::{
 };
 use deltalake::arrow::error::ArrowError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
 use super::decode::UTC;
@@ -98,10 +99,23 @@ pub struct TopicCopy {
 
 impl TopicCopy {
     /// Starts the sending task (it ends once this handle is dropped and its queue is drained).
-    pub fn spawn(producer: FutureProducer, topic: String) -> Self {
+    ///
+    /// The producer is made from `config` at the first dead letter, not before: an idle
+    /// rdkafka producer costs about 1% of a core (its poll thread spins through the last
+    /// millisecond of every 100 ms poll, rdkafka 0.39), and most materializers never see a dead
+    /// letter. `config` is checked here, so a bad `-K` setting still fails at start.
+    ///
+    /// # Errors
+    /// [`KafkaError::Client`] when `config` does not make a producer.
+    pub fn spawn(config: ClientConfig, topic: String) -> Result<Self, KafkaError> {
+        drop(
+            config
+                .create::<BaseProducer>()
+                .map_err(KafkaError::client("create dead-letter producer"))?,
+        );
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(send_loop(producer, topic, rx));
-        Self { tx }
+        tokio::spawn(send_loop(config, topic, rx));
+        Ok(Self { tx })
     }
 
     /// Queues letters whose table commit succeeded; never waits.
@@ -132,14 +146,27 @@ fn topic_copy_failed(d: &DeadLetter, why: &str) {
     );
 }
 
-async fn send_loop(producer: FutureProducer, topic: String, mut rx: mpsc::Receiver<DeadLetter>) {
+async fn send_loop(config: ClientConfig, topic: String, mut rx: mpsc::Receiver<DeadLetter>) {
     let mut batch = Vec::new();
+    let mut made: Option<FutureProducer> = None;
     while rx.recv_many(&mut batch, 1000).await > 0 {
+        let producer = match &made {
+            Some(p) => p,
+            None => match config.create::<FutureProducer>() {
+                Ok(p) => made.insert(p),
+                Err(e) => {
+                    for d in batch.drain(..) {
+                        topic_copy_failed(&d, &format!("create dead-letter producer: {e}"));
+                    }
+                    continue;
+                }
+            },
+        };
         let mut pending: Vec<DeadLetter> = std::mem::take(&mut batch);
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=ATTEMPTS {
             let refs: Vec<&DeadLetter> = pending.iter().collect();
-            let results = produce_each(&producer, &topic, &refs).await;
+            let results = produce_each(producer, &topic, &refs).await;
             let failed: Vec<(DeadLetter, String)> = pending
                 .into_iter()
                 .zip(results)

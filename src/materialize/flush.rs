@@ -18,7 +18,7 @@ use deltalake::arrow::array::{AsArray, RecordBatch};
 use deltalake::arrow::datatypes::Int64Type;
 use deltalake::kernel::Action;
 use deltalake::protocol::DeltaOperation;
-use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
@@ -69,7 +69,7 @@ impl Pipeline {
         namespace: String,
         topics: Topics,
         checkpoint_every: u64,
-        dlq: FutureProducer,
+        dlq: ClientConfig,
     ) -> Result<Self, MaterializeError> {
         let mut tables = HashMap::new();
         for kind in TableKind::ALL {
@@ -86,7 +86,7 @@ impl Pipeline {
             registry: RegistryState::new(),
             closed_retention: None,
             last_expiry: None,
-            dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic),
+            dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic)?,
             conflicts: 0,
         };
         for kind in [

@@ -51,7 +51,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::watch;
@@ -218,9 +217,8 @@ impl Materializer {
         if !kafka.overrides_setting(crate::kafka::Role::Producer, "message.timeout.ms") {
             pc.set("message.timeout.ms", "30000");
         }
-        let dlq: FutureProducer = pc.create().map_err(KafkaError::client("create dead-letter producer"))?;
         let buffers = Buffers::new(&ns);
-        let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, dlq).await?;
+        let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, pc).await?;
         pipeline.set_closed_retention(cfg.closed_retention);
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;

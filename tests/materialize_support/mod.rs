@@ -56,6 +56,11 @@ impl Env {
         Ok(self.kafka.producer().create()?)
     }
 
+    /// The producer settings a pipeline makes its dead-letter producer from.
+    pub fn producer_config(&self) -> rdkafka::ClientConfig {
+        self.kafka.producer()
+    }
+
     pub async fn namespace(&self) -> anyhow::Result<String> {
         Ok(possync::materialize::namespace(&self.kafka, None).await?)
     }

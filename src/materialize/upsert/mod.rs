@@ -16,8 +16,8 @@ pub mod sym;
 
 pub use current::{Current, CurrentMeta};
 pub use queue::{
-    fold_queue, join_queue, queue_batch, queue_changes, queue_expired, queue_from_batches, Queue, QueueInput, QueueRow,
-    QueueState, QueuedPart,
+    fold_queue, join_queue, queue_batch, queue_changes, queue_expired, queue_from_batches, OptTime, Queue, QueueInput,
+    QueueRow, QueueState, QueuedPart,
 };
 
 use std::collections::BTreeMap;

@@ -39,11 +39,28 @@ use super::core::{Changes, Key, RowValue, Upsert};
 use super::{col, newer, Cols, EventOrder, Sym};
 use crate::materialize::decode::{list_element, timestamp_type, UTC};
 
+/// One partition's counts: (partition, (queued events, POLL events)).
+type Count = (i32, (i64, i64));
+
 /// Per queued-topic partition: (queued events, POLL events) of the key in that partition,
-/// sorted by partition. A key usually has one partition: a boxed slice costs 16 bytes plus one
-/// 24-byte allocation per entry list (a `BTreeMap` allocates a ~270-byte leaf for one entry).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PartitionCounts(Box<[(i32, (i64, i64))]>);
+/// sorted by partition. A key usually has one partition, kept inline (32 bytes, no
+/// allocation); keys seen in several partitions (partitions were added) keep a boxed slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionCounts(Slots);
+
+/// Normalized: exactly one partition is always `One`, so equal counts compare equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slots {
+    One([Count; 1]),
+    /// None, or two or more.
+    Many(Box<[Count]>),
+}
+
+impl Default for PartitionCounts {
+    fn default() -> Self {
+        Self(Slots::Many(Box::default()))
+    }
+}
 
 impl PartitionCounts {
     /// No partition.
@@ -51,51 +68,95 @@ impl PartitionCounts {
         Self::default()
     }
 
+    fn as_slice(&self) -> &[Count] {
+        match &self.0 {
+            Slots::One(one) => one,
+            Slots::Many(many) => many,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Count] {
+        match &mut self.0 {
+            Slots::One(one) => one,
+            Slots::Many(many) => many,
+        }
+    }
+
     /// Whether no partition has a count.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_slice().is_empty()
     }
 
     /// The counts of `partition`, inserted as (0, 0) when missing.
     pub fn entry(&mut self, partition: i32) -> &mut (i64, i64) {
-        let i = match self.0.binary_search_by_key(&partition, |(p, _)| *p) {
+        let i = match self.as_slice().binary_search_by_key(&partition, |(p, _)| *p) {
             Ok(i) => i,
             Err(i) => {
-                let mut v = std::mem::take(&mut self.0).into_vec();
+                let mut v = self.as_slice().to_vec();
                 v.insert(i, (partition, (0, 0)));
-                self.0 = v.into_boxed_slice();
+                self.0 = match v.as_slice() {
+                    [one] => Slots::One([*one]),
+                    _ => Slots::Many(v.into_boxed_slice()),
+                };
                 i
             }
         };
-        &mut self.0[i].1
+        &mut self.as_mut_slice()[i].1
     }
 
     /// (partition, counts), by partition.
     pub fn iter(&self) -> impl Iterator<Item = (&i32, &(i64, i64))> {
-        self.0.iter().map(|(p, c)| (p, c))
+        self.into_iter()
     }
 
     /// The counts, by partition.
     pub fn values(&self) -> impl Iterator<Item = &(i64, i64)> {
-        self.0.iter().map(|(_, c)| c)
+        self.as_slice().iter().map(|(_, c)| c)
     }
 }
 
 impl<'a> IntoIterator for &'a PartitionCounts {
     type Item = (&'a i32, &'a (i64, i64));
-    type IntoIter =
-        std::iter::Map<std::slice::Iter<'a, (i32, (i64, i64))>, fn(&'a (i32, (i64, i64))) -> (&'a i32, &'a (i64, i64))>;
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Count>, fn(&'a Count) -> (&'a i32, &'a (i64, i64))>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(p, c)| (p, c))
+        self.as_slice().iter().map(|(p, c)| (p, c))
+    }
+}
+
+/// An optional µs timestamp in 8 bytes (an `Option<i64>` takes 16): `i64::MIN`, an instant no
+/// event has, is "none". It orders like the `Option` (none first), so a max is a max.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OptTime(i64);
+
+impl Default for OptTime {
+    fn default() -> Self {
+        OptTime(i64::MIN)
+    }
+}
+
+impl OptTime {
+    /// The time, if any.
+    pub fn get(self) -> Option<i64> {
+        (self.0 != i64::MIN).then_some(self.0)
+    }
+
+    /// `t` as an `OptTime`.
+    pub fn of(t: Option<i64>) -> OptTime {
+        t.map_or_else(OptTime::default, OptTime)
+    }
+
+    /// The later of this and `t`.
+    fn max_with(self, t: i64) -> OptTime {
+        OptTime(self.0.max(t))
     }
 }
 
 /// The queued-route part of a `position_queue` row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedPart {
-    pub enqueued_at: Option<i64>,
-    pub last_refreshed_at: Option<i64>,
+    pub enqueued_at: OptTime,
+    pub last_refreshed_at: OptTime,
     /// Counts per partition of the queued topic (see the module docs).
     pub counts: PartitionCounts,
     pub last: EventOrder,
@@ -139,13 +200,13 @@ impl QueuedPart {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct QueueRow {
     pub queued: Option<QueuedPart>,
-    pub last_active_at: Option<i64>,
+    pub last_active_at: OptTime,
 }
 
 impl QueueRow {
     /// `pending`, `refreshed`, `closed` or `active` (see the module docs).
     pub fn status(&self) -> &'static str {
-        match (&self.queued, self.last_active_at) {
+        match (&self.queued, self.last_active_at.get()) {
             (None, _) => "active",
             (Some(q), Some(a)) if a > q.last.ingest_time => "active",
             (Some(q), _) if q.position == 0.0 => "closed",
@@ -157,7 +218,7 @@ impl QueueRow {
     /// When the row last changed (its newest event, µs).
     pub fn updated_at(&self) -> i64 {
         let q = self.queued.as_ref().map(|q| q.last.ingest_time);
-        q.max(self.last_active_at).unwrap_or_default()
+        q.max(self.last_active_at.get()).unwrap_or_default()
     }
 
     /// Semilattice join of two versions of the same key.
@@ -184,23 +245,19 @@ pub struct QueueInput<'a> {
     pub avg_cost: f64,
 }
 
-fn max_opt(a: Option<i64>, b: i64) -> Option<i64> {
-    Some(a.map_or(b, |a| a.max(b)))
-}
-
 impl QueueRow {
     /// Applies one event.
     pub fn apply(&mut self, e: &QueueInput<'_>) {
         let t = e.order.0;
         if e.active_route {
-            self.last_active_at = max_opt(self.last_active_at, t);
+            self.last_active_at = self.last_active_at.max_with(t);
             return;
         }
         let owned = || EventOrder::of(e.order);
         let fresh = self.queued.is_none();
         let q = self.queued.get_or_insert_with(|| QueuedPart {
-            enqueued_at: None,
-            last_refreshed_at: None,
+            enqueued_at: OptTime::default(),
+            last_refreshed_at: OptTime::default(),
             counts: PartitionCounts::new(),
             last: owned(),
             last_source: Sym::new(e.source),
@@ -211,9 +268,9 @@ impl QueueRow {
         c.0 += 1;
         if e.source == "POLL" {
             c.1 += 1;
-            q.last_refreshed_at = max_opt(q.last_refreshed_at, t);
+            q.last_refreshed_at = q.last_refreshed_at.max_with(t);
         } else {
-            q.enqueued_at = max_opt(q.enqueued_at, t);
+            q.enqueued_at = q.enqueued_at.max_with(t);
         }
         if fresh || newer(e.order, &q.last) {
             q.last = owned();
@@ -353,8 +410,8 @@ fn rows_batch<'a>(
         con_id.append_value(c);
         status.append_value(r.status());
         let q = r.queued.as_ref();
-        enq.append_option(q.and_then(|q| q.enqueued_at));
-        refreshed.append_option(q.and_then(|q| q.last_refreshed_at));
+        enq.append_option(q.and_then(|q| q.enqueued_at.get()));
+        refreshed.append_option(q.and_then(|q| q.last_refreshed_at.get()));
         count.append_value(q.map_or(0, QueuedPart::refresh_count));
         events.append_value(q.map_or(0, QueuedPart::queued_events));
         for (p, (e, rc)) in q.map(|q| &q.counts).into_iter().flatten() {
@@ -375,7 +432,7 @@ fn rows_batch<'a>(
         seq.append_option(q.map(|q| q.last.sequence));
         pos.append_option(q.map(|q| q.position));
         cost.append_option(q.map(|q| q.avg_cost));
-        active.append_option(r.last_active_at);
+        active.append_option(r.last_active_at.get());
         updated.append_value(r.updated_at());
     }
     let cols: Vec<ArrayRef> = vec![
@@ -497,8 +554,8 @@ fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> 
                 *c = (c.0.max(e.value(k)), c.1.max(r.value(k)));
             }
             let queued = (!counts.is_empty() && opt(ev_at, i)).then(|| QueuedPart {
-                enqueued_at: opt(enq, i).then(|| enq.value(i)),
-                last_refreshed_at: opt(refreshed, i).then(|| refreshed.value(i)),
+                enqueued_at: OptTime::of(opt(enq, i).then(|| enq.value(i))),
+                last_refreshed_at: OptTime::of(opt(refreshed, i).then(|| refreshed.value(i))),
                 counts,
                 last: EventOrder::of((ev_at.value(i), sess.value(i), seq.value(i), ev_id.value(i))),
                 last_source: Sym::new(src.value(i)),
@@ -507,7 +564,7 @@ fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> 
             });
             let row = QueueRow {
                 queued,
-                last_active_at: opt(active, i).then(|| active.value(i)),
+                last_active_at: OptTime::of(opt(active, i).then(|| active.value(i))),
             };
             out.push(((account.value(i).to_string(), con_id.value(i)), row));
         }
@@ -542,7 +599,12 @@ mod tests {
         assert_eq!(r.status(), "refreshed");
         let q = r.queued.as_ref().unwrap();
         assert_eq!(
-            (q.refresh_count(), q.queued_events(), q.enqueued_at, q.last_refreshed_at),
+            (
+                q.refresh_count(),
+                q.queued_events(),
+                q.enqueued_at.get(),
+                q.last_refreshed_at.get()
+            ),
             (1, 3, Some(15), Some(20))
         );
         r.apply(&ev(30, 4, "PNL", true));
@@ -557,6 +619,28 @@ mod tests {
         assert_eq!(r.status(), "closed");
         r.apply(&ev(60, 7, "POLL", false));
         assert_eq!(r.status(), "refreshed", "reopened and refreshed");
+    }
+
+    /// The per-key state is most of a materializer's memory at a desk's size (issue 9).
+    #[test]
+    fn queue_rows_stay_compact() {
+        assert_eq!(std::mem::size_of::<PartitionCounts>(), 32);
+        assert_eq!(std::mem::size_of::<OptTime>(), 8);
+        assert!(
+            std::mem::size_of::<QueueRow>() <= 128,
+            "{}",
+            std::mem::size_of::<QueueRow>()
+        );
+        let mut c = PartitionCounts::new();
+        *c.entry(2) = (1, 1);
+        *c.entry(0) = (5, 0);
+        *c.entry(2) = (3, 2);
+        let mut one = PartitionCounts::new();
+        *one.entry(0) = (5, 0);
+        assert_ne!(c, one);
+        assert_eq!(c.iter().collect::<Vec<_>>(), [(&0, &(5, 0)), (&2, &(3, 2))]);
+        assert_eq!(OptTime::of(None).max_with(7).get(), Some(7));
+        assert!(OptTime::of(None) < OptTime::of(Some(i64::MIN + 1)));
     }
 
     #[test]
@@ -625,7 +709,7 @@ mod tests {
                 (10, 5),
                 "an event counted twice or not at all"
             );
-            assert_eq!((q.enqueued_at, q.last_refreshed_at), (Some(5), Some(101)));
+            assert_eq!((q.enqueued_at.get(), q.last_refreshed_at.get()), (Some(5), Some(101)));
             assert_eq!(j.status(), "refreshed");
         }
     }
