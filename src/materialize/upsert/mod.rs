@@ -129,9 +129,13 @@ pub(crate) fn as_current(rows: &[RecordBatch]) -> Result<Vec<RecordBatch>, Arrow
         .collect()
 }
 
+/// Key → (batch, row) of its newest row.
+pub(crate) type NewestPerKey<'a> =
+    std::collections::HashMap<(&'a str, i64), (usize, usize), foldhash::fast::RandomState>;
+
 /// The newest row of each key among `cols`: key → (batch, row). Keys are borrowed.
-pub(crate) fn newest_per_key<'a>(cols: &[Cols<'a>]) -> std::collections::HashMap<(&'a str, i64), (usize, usize)> {
-    let mut best: std::collections::HashMap<(&'a str, i64), (usize, usize)> = std::collections::HashMap::new();
+pub(crate) fn newest_per_key<'a>(cols: &[Cols<'a>]) -> NewestPerKey<'a> {
+    let mut best = NewestPerKey::default();
     for (bi, c) in cols.iter().enumerate() {
         for i in 0..c.len() {
             let e = best.entry(c.key(i)).or_insert((bi, i));

@@ -22,7 +22,7 @@
 //! history of each partition survives the merge (a grow-only counter with one slot per
 //! partition).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
@@ -492,7 +492,8 @@ pub type Queue = Upsert<QueueRow>;
 /// # Errors
 /// Arrow errors (schema mismatch: a bug).
 pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Changes<QueueRow>>, ArrowError> {
-    let mut touched: BTreeMap<Key, QueueRow> = BTreeMap::new();
+    // A hash map, not a BTreeMap: ordering keys compares account strings (interner lookups).
+    let mut touched: HashMap<Key, QueueRow, foldhash::fast::RandomState> = HashMap::default();
     each_event(events, |(acct, con), e| {
         touched
             .entry((Sym::new(acct), con))

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 
 struct Interner {
-    ids: HashMap<&'static str, u32>,
+    ids: HashMap<&'static str, u32, foldhash::fast::RandomState>,
     strs: Vec<&'static str>,
 }
 
@@ -20,7 +20,7 @@ fn interner() -> &'static RwLock<Interner> {
     static I: OnceLock<RwLock<Interner>> = OnceLock::new();
     I.get_or_init(|| {
         RwLock::new(Interner {
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             strs: Vec::new(),
         })
     })
