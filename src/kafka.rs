@@ -375,6 +375,16 @@ impl Topics {
             &self.lease,
         ]
     }
+
+    /// Partitions topic `name` gets when created with `data` partitions per data topic: the
+    /// lease topic always exactly one (see [`Topics::lease`]).
+    pub fn partitions_of(&self, name: &str, data: i32) -> i32 {
+        if name == self.lease {
+            1
+        } else {
+            data
+        }
+    }
 }
 
 enum BrokerCmd {
@@ -471,8 +481,10 @@ impl EmbeddedBroker {
     /// Creates the four data topics with `partitions` partitions each, and the one-partition
     /// lease topic.
     pub fn create_topics(&self, topics: &Topics, partitions: i32) -> Result<(), KafkaError> {
-        topics.all().iter().try_for_each(|t| self.create_topic(t, partitions))?;
-        self.create_topic(&topics.lease, 1)
+        topics
+            .every()
+            .iter()
+            .try_for_each(|t| self.create_topic(t, topics.partitions_of(t, partitions)))
     }
 
     /// Takes broker `id` (1-based) down: a broker outage for fault tests.

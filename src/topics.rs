@@ -96,7 +96,7 @@ impl Layout {
                 configs.insert("min.insync.replicas", self.min_insync.to_string());
                 Spec {
                     name: name.to_string(),
-                    partitions: if *name == t.lease { 1 } else { self.partitions },
+                    partitions: t.partitions_of(name, self.partitions),
                     configs,
                 }
             })
