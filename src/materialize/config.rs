@@ -76,6 +76,12 @@ pub struct MaterializeArgs {
     /// most once a minute). `position_events` keeps everything. `0s` = keep them forever.
     #[arg(long, env = "POSSYNC_CLOSED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub closed_retention: Duration,
+    /// Directory of the local spill file that holds the `position_queue` rows (about 100 bytes
+    /// per key, up to twice that with garbage; the materializer keeps only their places in
+    /// memory). The file is a cache: it is unlinked at once, leaves nothing behind, and is
+    /// rebuilt from the table at start. Default: the system's temporary directory.
+    #[arg(long, env = "POSSYNC_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// `--closed-retention`'s default: closed positions leave the upsert tables after a week.
@@ -135,6 +141,8 @@ pub struct MaterializeConfig {
     /// Delete closed rows of the upsert tables older than this (`None` = never; see
     /// [`MaterializeArgs::closed_retention`]).
     pub closed_retention: Option<Duration>,
+    /// Directory of the spill file (see [`MaterializeArgs::state_dir`]).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl Default for MaterializeConfig {
@@ -154,6 +162,7 @@ impl Default for MaterializeConfig {
             // The library default keeps closed rows (tests replay synthetic, months-old event
             // times); `possync materialize` and `possync run` pass the 7-day flag default.
             closed_retention: None,
+            state_dir: std::env::temp_dir(),
         }
     }
 }
@@ -173,6 +182,7 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             txn_restamp_every: a.txn_restamp_every.max(Duration::from_millis(100)),
             maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
             closed_retention: (!a.closed_retention.is_zero()).then_some(a.closed_retention),
+            state_dir: a.state_dir.clone().unwrap_or_else(std::env::temp_dir),
         }
     }
 }

@@ -24,7 +24,7 @@ use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
 use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
-use super::upsert::core::{Key, RowValue, Staged, Upsert};
+use super::upsert::core::{Key, Staged, Upsert};
 use super::upsert::{self, Current, Queue, RegistryState};
 use super::MaterializeError;
 use crate::kafka::Topics;
@@ -70,6 +70,7 @@ impl Pipeline {
         topics: Topics,
         checkpoint_every: u64,
         dlq: ClientConfig,
+        state_dir: &std::path::Path,
     ) -> Result<Self, MaterializeError> {
         let mut tables = HashMap::new();
         for kind in TableKind::ALL {
@@ -81,8 +82,8 @@ impl Pipeline {
             namespace,
             topics,
             checkpoint_every,
-            current: Current::default(),
-            queue: Queue::default(),
+            current: Current::new("positions_current", state_dir)?,
+            queue: Queue::new("position_queue", state_dir)?,
             registry: RegistryState::new(),
             closed_retention: None,
             last_expiry: None,
@@ -398,13 +399,12 @@ impl Pipeline {
             if txns.is_empty() {
                 return Ok(());
             }
-            let (rows, changed) = upsert::current::changes(&self.current, &batches)
-                .map_err(arrow(kind))?
-                .map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let (rows, changed) =
+                upsert::current::changes(&mut self.current, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
             let t = self.tables.get_mut(&kind).expect("every table is open");
-            let staged = self.current.stage(t, rows, changed, vec![]).await?;
-            match commit_staged(t, &mut self.current, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => return Ok(()),
+            let staged = self.current.rows.stage(t, rows, changed, vec![]).await?;
+            match commit_staged(t, &mut self.current.rows, staged, &txns, self.checkpoint_every).await {
+                Ok(()) => return Ok(self.current.collect_garbage()?),
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }
@@ -419,13 +419,12 @@ impl Pipeline {
             if txns.is_empty() {
                 return Ok(());
             }
-            let (rows, changed) = upsert::queue_changes(&self.queue, &batches)
-                .map_err(arrow(kind))?
-                .map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let (rows, changed) =
+                upsert::queue_table::changes(&mut self.queue, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
             let t = self.tables.get_mut(&kind).expect("every table is open");
-            let staged = self.queue.stage(t, rows, changed, vec![]).await?;
-            match commit_staged(t, &mut self.queue, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => return Ok(()),
+            let staged = self.queue.rows.stage(t, rows, changed, vec![]).await?;
+            match commit_staged(t, &mut self.queue.rows, staged, &txns, self.checkpoint_every).await {
+                Ok(()) => return Ok(self.queue.collect_garbage()?),
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }
@@ -449,8 +448,8 @@ impl Pipeline {
         for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
             for attempt in 0.. {
                 let keys = match kind {
-                    TableKind::PositionsCurrent => upsert::current::expired(&self.current, cutoff),
-                    _ => upsert::queue_expired(&self.queue, cutoff),
+                    TableKind::PositionsCurrent => self.current.expired(cutoff),
+                    _ => self.queue.expired(cutoff),
                 };
                 if keys.is_empty() {
                     break;
@@ -458,8 +457,8 @@ impl Pipeline {
                 let n = keys.len();
                 let t = self.tables.get_mut(&kind).expect("every table is open");
                 let result = match kind {
-                    TableKind::PositionsCurrent => delete_keys(t, &mut self.current, keys).await,
-                    _ => delete_keys(t, &mut self.queue, keys).await,
+                    TableKind::PositionsCurrent => delete_keys(t, &mut self.current.rows, keys).await,
+                    _ => delete_keys(t, &mut self.queue.rows, keys).await,
                 };
                 match result {
                     Ok(()) => {
@@ -514,7 +513,7 @@ impl Pipeline {
 /// Commits a staged upsert plan with its txn actions; on success the state remembers it and,
 /// when due, a compaction follows (its own `OPTIMIZE` commit; a lost race skips it: the next
 /// flush re-plans).
-async fn commit_staged<V: RowValue>(
+async fn commit_staged<V: Clone>(
     t: &mut Table,
     state: &mut Upsert<V>,
     staged: Staged<V>,
@@ -550,7 +549,7 @@ async fn commit_staged<V: RowValue>(
 }
 
 /// Deletes the live rows of `keys` (deletion vectors only; no txn: retention is not an offset).
-async fn delete_keys<V: RowValue>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
+async fn delete_keys<V: Clone>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
     let staged = state.stage(t, None, vec![], keys).await?;
     let op = DeltaOperation::Delete {
         predicate: Some("position = 0 AND closed longer than --closed-retention".into()),

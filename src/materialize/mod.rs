@@ -218,7 +218,15 @@ impl Materializer {
             pc.set("message.timeout.ms", "30000");
         }
         let buffers = Buffers::new(&ns);
-        let mut pipeline = Pipeline::open(&cfg.table_uri, ns.clone(), t.clone(), cfg.checkpoint_every, pc).await?;
+        let mut pipeline = Pipeline::open(
+            &cfg.table_uri,
+            ns.clone(),
+            t.clone(),
+            cfg.checkpoint_every,
+            pc,
+            &cfg.state_dir,
+        )
+        .await?;
         pipeline.set_closed_retention(cfg.closed_retention);
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
@@ -246,10 +254,18 @@ impl Materializer {
         if !kafka.overrides_setting(crate::kafka::Role::Consumer, "fetch.wait.max.ms") {
             cc.set("fetch.wait.max.ms", "50");
         }
-        // librdkafka pre-fetches up to 64 MiB by default; a flush buffers at most
-        // `--flush-bytes` anyway, so 16 MiB keeps the consumer fed with a quarter of the memory.
+        // librdkafka pre-fetches up to 64 MiB by default, and keeps a ~300-byte op per message
+        // on top (not counted in that limit). 8 MiB of values (~0.25 s of a catch-up) keeps the
+        // consumer fed: at 1M keys the catch-up rate was the same as with 16 MiB and the RSS
+        // peak ~20 MiB lower.
         if !kafka.overrides_setting(crate::kafka::Role::Consumer, "queued.max.messages.kbytes") {
-            cc.set("queued.max.messages.kbytes", "16384");
+            cc.set("queued.max.messages.kbytes", "8192");
+        }
+        // When that queue is full librdkafka waits `fetch.queue.backoff.ms` (default 1 s) before
+        // it fetches the partition again: a catch-up then idles in 1 s steps. 20 ms measured
+        // 1.7x the wall-clock catch-up rate at 1M keys, and a lower RSS peak.
+        if !kafka.overrides_setting(crate::kafka::Role::Consumer, "fetch.queue.backoff.ms") {
+            cc.set("fetch.queue.backoff.ms", "20");
         }
         let consumer: StreamConsumer<Ctx> = cc
             .create_with_context(Ctx::new(starts))

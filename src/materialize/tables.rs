@@ -76,6 +76,13 @@ pub enum TableError {
         #[source]
         source: deltalake::arrow::error::ArrowError,
     },
+    /// The local spill file of an upsert table's per-key values failed.
+    #[error("table {table}: {source}")]
+    Spill {
+        table: &'static str,
+        #[source]
+        source: crate::materialize::upsert::spill::SpillError,
+    },
 }
 
 /// The tables materialize writes.

@@ -10,9 +10,9 @@
 //! mostly deleted) into one, as an `OPTIMIZE` commit (`dataChange = false`). Each row is
 //! rewritten O(log n) times over its life, so compaction is amortized O(changes) too.
 //!
-//! In memory, per key: where its live row is ([`Loc`]) and the table's own value `V` (the
-//! event order for `positions_current`, the whole row for `position_queue`), in one dense
-//! vector of entries indexed by a hash table of 4-byte slots (a `HashMap` of the entries
+//! In memory, per key: where its live row is ([`Loc`]) and the table's own value `V` (for the
+//! materializer's tables a [`super::Hot`]: where the merge value is in the spill file), in one
+//! dense vector of entries indexed by a hash table of 4-byte slots (a `HashMap` of the entries
 //! themselves would keep up to twice their size in empty buckets). Per file: its add action,
 //! its deleted rows and its row count. A vector written by another member is mapped back to
 //! keys through the entries' locations. [`Upsert::sync`] brings all of it up to a newer
@@ -274,6 +274,17 @@ fn dv_err(t: &Table) -> impl Fn(dv::DvError) -> TableError {
 }
 
 impl<V: RowValue> Upsert<V> {
+    /// Brings the state up to the table's loaded snapshot, reading only new files and new
+    /// deletion vectors (values by [`RowValue::of_rows`]).
+    ///
+    /// # Errors
+    /// Storage, parquet and deletion-vector errors.
+    pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
+        self.sync_with(t, |b| V::of_rows(b).map_err(arrow(t))).await
+    }
+}
+
+impl<V: Clone> Upsert<V> {
     /// Number of live keys.
     pub fn len(&self) -> usize {
         self.index.len()
@@ -315,12 +326,21 @@ impl<V: RowValue> Upsert<V> {
         gone.len()
     }
 
+    /// Every value, mutable (their keys and locations stay).
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.index.entries.iter_mut().map(|e| &mut e.value)
+    }
+
     /// Brings the state up to the table's loaded snapshot, reading only new files and new
-    /// deletion vectors.
+    /// deletion vectors; `of_rows` makes the values of a file's rows.
     ///
     /// # Errors
-    /// Storage, parquet and deletion-vector errors.
-    pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
+    /// Storage, parquet and deletion-vector errors; those of `of_rows`.
+    pub async fn sync_with(
+        &mut self,
+        t: &Table,
+        mut of_rows: impl FnMut(&RecordBatch) -> Result<Vec<V>, TableError>,
+    ) -> Result<Synced, TableError> {
         let mut out = Synced::default();
         let store = t.delta.object_store();
         let mut seen = HashSet::new();
@@ -360,7 +380,7 @@ impl<V: RowValue> Upsert<V> {
                 None => RoaringTreemap::new(),
             };
             let keys = keys_of(&batch).map_err(arrow(t))?;
-            let values = V::of_rows(&batch).map_err(arrow(t))?;
+            let values = of_rows(&batch)?;
             let id = self.next;
             self.next += 1;
             let rows = keys.len() as u32;

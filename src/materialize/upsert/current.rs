@@ -1,14 +1,16 @@
-//! `positions_current` over the copy-on-write core: per key, the newest event's order (and
-//! whether it closed the position); the row itself lives only in the table.
+//! `positions_current` as a [`Spilled`] table: per key, the newest event's order (and whether
+//! it closed the position), kept in the spill file; the row itself lives only in the table.
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::interleave;
 use deltalake::arrow::datatypes::Float64Type;
 use deltalake::arrow::error::ArrowError;
 
-use super::core::{Changes, Key, RowValue, Upsert};
+use super::core::{Changes, Key, RowValue};
+use super::spill::{Codec, Reader};
+use super::spilled::{Hot, SpillValue, Spilled};
 use super::{as_current, col, newer, newest_per_key, Cols, EventOrder, Sym};
-use crate::materialize::tables::positions_current_layout;
+use crate::materialize::tables::{positions_current_layout, TableError};
 
 /// What the materializer keeps per `positions_current` key.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,25 +34,70 @@ impl RowValue for CurrentMeta {
     }
 }
 
+impl SpillValue for CurrentMeta {
+    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, ArrowError> {
+        <CurrentMeta as RowValue>::of_rows(batch)
+    }
+
+    fn closed_since(&self) -> Option<i64> {
+        self.closed.then_some(self.order.ingest_time)
+    }
+}
+
+// The record: 1 when closed (else 0), then the order ([`EventOrder::encode`]).
+impl Codec for CurrentMeta {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(self.closed));
+        self.order.encode(out);
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let mut r = Reader(b);
+        let closed = match r.take::<1>()? {
+            [0] => false,
+            [1] => true,
+            _ => return None,
+        };
+        let order = EventOrder::decode(&mut r)?;
+        r.done().then_some(CurrentMeta { order, closed })
+    }
+}
+
 /// The live `positions_current` of a materializer.
-pub type Current = Upsert<CurrentMeta>;
+pub type Current = Spilled<CurrentMeta>;
+
+fn arrow_err(source: ArrowError) -> TableError {
+    TableError::Arrow {
+        table: "positions_current",
+        source,
+    }
+}
 
 /// The changes `rows` (`position_events` or `positions_current` layout) make: the newest row of
 /// each key that is newer than what `state` holds, as one batch of the `positions_current`
-/// schema, and each such key's new value (same order). `None` when nothing is newer.
+/// schema, and each such key's new [`Hot`] value (same order; already in the spill file).
+/// `None` when nothing is newer.
 ///
 /// # Errors
-/// Arrow errors (schema mismatch: a bug).
-pub fn changes(state: &Current, rows: &[RecordBatch]) -> Result<Option<Changes<CurrentMeta>>, ArrowError> {
+/// Arrow errors (schema mismatch: a bug) and spill errors.
+pub fn changes(state: &mut Current, rows: &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError> {
     let schema = positions_current_layout().schema.clone();
-    let inputs = as_current(rows)?;
-    let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
-    let best = newest_per_key(&cols);
+    let inputs = as_current(rows).map_err(arrow_err)?;
+    let cols: Vec<Cols<'_>> = inputs
+        .iter()
+        .map(Cols::of)
+        .collect::<Result<_, _>>()
+        .map_err(arrow_err)?;
+    let best: Vec<(Key, (usize, usize))> = newest_per_key(&cols)
+        .into_iter()
+        .map(|((acct, con), at)| ((Sym::new(acct), con), at))
+        .collect();
+    let keys: Vec<Key> = best.iter().map(|(k, _)| *k).collect();
+    let old = state.get(&keys)?;
     let mut picks: Vec<(usize, usize)> = Vec::new();
     let mut changed = Vec::new();
-    for ((acct, con), (bi, i)) in best {
-        let key = (Sym::new(acct), con);
-        if state.get(&key).is_some_and(|m| !newer(cols[bi].order(i), &m.order)) {
+    for ((key, (bi, i)), old) in best.into_iter().zip(old) {
+        if old.is_some_and(|m| !newer(cols[bi].order(i), &m.order)) {
             continue;
         }
         picks.push((bi, i));
@@ -64,17 +111,33 @@ pub fn changes(state: &Current, rows: &[RecordBatch]) -> Result<Option<Changes<C
             let arrays: Vec<&dyn Array> = inputs.iter().map(|b| b.column(c).as_ref()).collect();
             interleave(&arrays, &picks)
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let batch = RecordBatch::try_new(schema, columns)?;
-    let metas = CurrentMeta::of_rows(&batch)?;
-    Ok(Some((batch, changed.into_iter().zip(metas).collect())))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(arrow_err)?;
+    let batch = RecordBatch::try_new(schema, columns).map_err(arrow_err)?;
+    let metas = <CurrentMeta as RowValue>::of_rows(&batch).map_err(arrow_err)?;
+    let hot = state.append(&metas)?;
+    Ok(Some((batch, changed.into_iter().zip(hot).collect())))
 }
 
-/// Keys closed (position 0) by an event older than `cutoff` (µs): the retention delete.
-pub fn expired(state: &Current, cutoff: i64) -> Vec<Key> {
-    state
-        .iter()
-        .filter(|(_, m)| m.closed && m.order.ingest_time < cutoff)
-        .map(|(k, _)| *k)
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metas_round_trip_through_the_codec() {
+        for (closed, id) in [(false, "0a1b2c3d-4e5f-6789-abcd-ef0123456789"), (true, "evt-7")] {
+            let m = CurrentMeta {
+                order: EventOrder::of((17, "session-9", 4, id)),
+                closed,
+            };
+            let mut b = Vec::new();
+            m.encode(&mut b);
+            assert_eq!(CurrentMeta::decode(&b), Some(m.clone()));
+            for cut in 0..b.len() {
+                assert_eq!(CurrentMeta::decode(&b[..cut]), None, "a truncated record is refused");
+            }
+            b.push(0);
+            assert_eq!(CurrentMeta::decode(&b), None, "trailing bytes are refused");
+        }
+    }
 }

@@ -1,10 +1,14 @@
-//! The upsert tables: `positions_current`, `position_queue` ([`queue`]), `strategy_registry`.
+//! The upsert tables: `positions_current` ([`current`]), `position_queue` ([`queue`] for the
+//! row semantics, [`queue_table`] for the table), `strategy_registry` (here).
 //!
-//! Each is small (one row per key) and kept in memory; a commit rewrites it as remove-all +
-//! add-one-file against the snapshot it was read from. Every state here is a *join
-//! semilattice*: [`merge`](CurrentState::merge) is commutative, associative and idempotent, so
-//! when another member committed first the materializer reloads the table, merges its rows in,
-//! re-applies its own (still unwritten) events, and retries; replaying events changes nothing.
+//! The two big ones share one copy-on-write core ([`core`]: a commit writes one file of the
+//! changed keys' rows and deletion vectors for their old rows) and keep their per-key merge
+//! values in a local spill file ([`spilled`] over [`spill`]), so memory holds ~40 bytes per key
+//! and table. `strategy_registry` is small and rewritten whole. Every state here is a *join
+//! semilattice*: merging is commutative, associative and idempotent, so when another member
+//! committed first the materializer reads what it added, re-plans its own (still unwritten)
+//! events, and retries; replaying events changes nothing. [`CurrentState`] is the whole-table
+//! fold that `possync rebuild` and the tests use.
 //!
 //! Ordering: an event is newer than another by `(ingest_time, session_id, sequence, event_id)`;
 //! registry events by `(time, event_id)`. An older event never overwrites a newer one.
@@ -12,13 +16,17 @@
 pub mod core;
 pub mod current;
 pub mod queue;
+pub mod queue_table;
+pub mod spill;
+pub mod spilled;
 pub mod sym;
 
 pub use current::{Current, CurrentMeta};
 pub use queue::{
-    fold_queue, join_queue, queue_batch, queue_changes, queue_expired, queue_from_batches, OptTime, Queue, QueueInput,
-    QueueRow, QueueState, QueuedPart,
+    fold_queue, join_queue, queue_batch, queue_from_batches, OptTime, QueueInput, QueueRow, QueueState, QueuedPart,
 };
+pub use queue_table::Queue;
+pub use spilled::{Hot, SpillValue, Spilled};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +62,47 @@ impl EventOrder {
             sequence: o.2,
             event_id: EventId::new(o.3),
         }
+    }
+
+    /// Appends the order to a spill record: ingest time, session symbol (this process's
+    /// number), sequence, then the id: 0 and its 16 UUID bytes, or 1, a u32 length and the
+    /// string.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.ingest_time.to_le_bytes());
+        out.extend_from_slice(&self.session_id.id().to_le_bytes());
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        match &self.event_id {
+            EventId::Uuid(b) => {
+                out.push(0);
+                out.extend_from_slice(b);
+            }
+            EventId::Other(s) => {
+                out.push(1);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+
+    /// The order [`EventOrder::encode`] wrote; `None` when the bytes are not one.
+    pub(crate) fn decode(r: &mut spill::Reader<'_>) -> Option<EventOrder> {
+        let ingest_time = r.i64()?;
+        let session_id = Sym::from_id(r.u32()?)?;
+        let sequence = r.i64()?;
+        let event_id = match r.take::<1>()? {
+            [0] => EventId::Uuid(r.take::<16>()?),
+            [1] => {
+                let n = r.u32()? as usize;
+                EventId::Other(std::str::from_utf8(r.bytes(n)?).ok()?.into())
+            }
+            _ => return None,
+        };
+        Some(EventOrder {
+            ingest_time,
+            session_id,
+            sequence,
+            event_id,
+        })
     }
 
     /// Orders `a` against this order, exactly as the tuples of strings order.

@@ -22,7 +22,7 @@
 //! history of each partition survives the merge (a grow-only counter with one slot per
 //! partition).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
@@ -35,7 +35,7 @@ use deltalake::arrow::datatypes::{
 };
 use deltalake::arrow::error::ArrowError;
 
-use super::core::{Changes, Key, RowValue, Upsert};
+use super::core::RowValue;
 use super::{col, newer, Cols, EventOrder, Sym};
 use crate::materialize::decode::{list_element, timestamp_type, UTC};
 
@@ -144,6 +144,16 @@ impl OptTime {
     /// `t` as an `OptTime`.
     pub fn of(t: Option<i64>) -> OptTime {
         t.map_or_else(OptTime::default, OptTime)
+    }
+
+    /// The stored word (`i64::MIN` for none).
+    pub(super) fn raw(self) -> i64 {
+        self.0
+    }
+
+    /// The `OptTime` of a stored word.
+    pub(super) fn from_raw(w: i64) -> OptTime {
+        OptTime(w)
     }
 
     /// The later of this and `t`.
@@ -289,7 +299,10 @@ pub type QueueState = BTreeMap<StateKey, QueueRow>;
 
 /// Calls `f` with the key and queue input of every position event row (`position_events`
 /// layout: the rows carry `kafka_partition`), in order.
-fn each_event(rows: &[RecordBatch], mut f: impl FnMut((&str, i64), &QueueInput<'_>)) -> Result<(), ArrowError> {
+pub(super) fn each_event(
+    rows: &[RecordBatch],
+    mut f: impl FnMut((&str, i64), &QueueInput<'_>),
+) -> Result<(), ArrowError> {
     for b in rows.iter().filter(|b| b.num_rows() > 0) {
         let c = Cols::of(b)?;
         let route = col(b, "route")?.as_string::<i32>();
@@ -388,7 +401,7 @@ pub fn queue_batch(state: &QueueState) -> Result<RecordBatch, ArrowError> {
 }
 
 /// Rows (key, row) as a batch of the `position_queue` schema.
-fn rows_batch<'a>(
+pub(super) fn rows_batch<'a>(
     n: usize,
     rows: impl Iterator<Item = ((&'a str, i64), &'a QueueRow)>,
 ) -> Result<RecordBatch, ArrowError> {
@@ -483,42 +496,8 @@ impl RowValue for QueueRow {
     }
 }
 
-/// The live `position_queue` of a materializer.
-pub type Queue = Upsert<QueueRow>;
-
-/// The rows `events` (`position_events` layout) change, folded over `state`: one batch of the
-/// `position_queue` schema and each changed key's new row (same order). `None`: no change.
-///
-/// # Errors
-/// Arrow errors (schema mismatch: a bug).
-pub fn queue_changes(state: &Queue, events: &[RecordBatch]) -> Result<Option<Changes<QueueRow>>, ArrowError> {
-    // A hash map, not a BTreeMap: ordering keys compares account strings (interner lookups).
-    let mut touched: HashMap<Key, QueueRow, foldhash::fast::RandomState> = HashMap::default();
-    each_event(events, |(acct, con), e| {
-        touched
-            .entry((Sym::new(acct), con))
-            .or_insert_with_key(|k| state.get(k).cloned().unwrap_or_default())
-            .apply(e);
-    })?;
-    touched.retain(|k, r| state.get(k) != Some(r));
-    if touched.is_empty() {
-        return Ok(None);
-    }
-    let batch = rows_batch(touched.len(), touched.iter().map(|((a, c), r)| ((a.as_str(), *c), r)))?;
-    Ok(Some((batch, touched.into_iter().collect())))
-}
-
-/// Keys whose row is `closed` and unchanged since before `cutoff` (µs): the retention delete.
-pub fn queue_expired(state: &Queue, cutoff: i64) -> Vec<Key> {
-    state
-        .iter()
-        .filter(|(_, r)| r.status() == "closed" && r.updated_at() < cutoff)
-        .map(|(k, _)| *k)
-        .collect()
-}
-
 /// Every row of one `position_queue` batch, in order.
-fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
+pub(super) fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
     let mut out = Vec::with_capacity(b.num_rows());
     {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());

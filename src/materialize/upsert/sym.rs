@@ -47,6 +47,16 @@ impl Sym {
         Sym(id)
     }
 
+    /// The symbol's number in this process (stable while the process runs).
+    pub(crate) fn id(self) -> u32 {
+        self.0
+    }
+
+    /// The symbol numbered `id` in this process, if there is one.
+    pub(crate) fn from_id(id: u32) -> Option<Sym> {
+        ((id as usize) < interner().read().expect("interner lock").strs.len()).then_some(Sym(id))
+    }
+
     /// The string.
     pub fn as_str(self) -> &'static str {
         interner().read().expect("interner lock").strs[self.0 as usize]

@@ -1,0 +1,275 @@
+//! An upsert table whose per-key values live in a [`Spill`] file: the shared part of
+//! `positions_current` ([`super::current`]) and `position_queue` ([`super::queue_table`]).
+//!
+//! In memory, per key, the copy-on-write core keeps the key, the live row's location and a
+//! [`Hot`] value: where the key's value is in the spill file (8 bytes) and, for a closed row,
+//! since when (8 bytes, for the retention delete, which so never reads the file). A flush reads
+//! the values of the keys it changes ([`Spilled::get`], coalesced reads), decides, and appends
+//! the new values ([`Spilled::append`]); a flush that changes k keys reads and writes O(k)
+//! records. The tables differ only in their value and in how events change it.
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use deltalake::arrow::array::RecordBatch;
+
+use super::core::{Key, Synced, Upsert};
+use super::spill::{Codec, Spill, SpillError, SpillRef};
+use crate::materialize::tables::{Table, TableError};
+
+/// A value of a spilled table.
+pub trait SpillValue: Codec {
+    /// The values of every row of `batch` (the table's schema).
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, deltalake::arrow::error::ArrowError>;
+
+    /// Since when (µs) the row is closed and may leave the table after the retention; `None`
+    /// when it is open.
+    fn closed_since(&self) -> Option<i64>;
+}
+
+/// What stays in memory per key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hot {
+    /// The value, in the spill file.
+    pub value: SpillRef,
+    /// See [`SpillValue::closed_since`]; `i64::MAX` when open.
+    closed_since: i64,
+}
+
+/// The live rows of an upsert table, values in a spill file.
+pub struct Spilled<T> {
+    /// The table's files and per-key places.
+    pub rows: Upsert<Hot>,
+    spill: Spill,
+    table: &'static str,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T: SpillValue> Spilled<T> {
+    /// An empty state of `table` whose spill file is in `dir`.
+    ///
+    /// # Errors
+    /// The spill file cannot be created there.
+    pub fn new(table: &'static str, dir: &Path) -> Result<Self, TableError> {
+        Ok(Self {
+            rows: Upsert::default(),
+            spill: Spill::create(dir).map_err(|source| TableError::Spill { table, source })?,
+            table,
+            _value: PhantomData,
+        })
+    }
+
+    fn err(&self) -> impl Fn(SpillError) -> TableError {
+        let table = self.table;
+        move |source| TableError::Spill { table, source }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// No key.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Whether `key` has a live row.
+    pub fn contains(&self, key: &Key) -> bool {
+        self.rows.get(key).is_some()
+    }
+
+    /// Brings the state up to the table's loaded snapshot (see [`Upsert::sync_with`]).
+    ///
+    /// # Errors
+    /// Storage, parquet, deletion-vector and spill errors.
+    pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
+        let table = self.table;
+        let spill = &mut self.spill;
+        self.rows
+            .sync_with(t, |b| {
+                let values = T::of_rows(b).map_err(|source| TableError::Arrow { table, source })?;
+                hot(spill, &values).map_err(|source| TableError::Spill { table, source })
+            })
+            .await
+    }
+
+    /// The values of `keys` (`None` for a key not in the table), in that order.
+    ///
+    /// # Errors
+    /// Spill read errors.
+    pub fn get(&self, keys: &[Key]) -> Result<Vec<Option<T>>, TableError> {
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+        let (mut at, mut refs) = (Vec::new(), Vec::new());
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(h) = self.rows.get(k) {
+                at.push(i);
+                refs.push(h.value);
+            }
+        }
+        for (i, v) in at.into_iter().zip(self.spill.read::<T>(&refs).map_err(self.err())?) {
+            out[i] = Some(v);
+        }
+        Ok(out)
+    }
+
+    /// Every key and value (unordered; reads the whole spill file).
+    ///
+    /// # Errors
+    /// Spill read errors.
+    pub fn all(&self) -> Result<Vec<(Key, T)>, TableError> {
+        let keys: Vec<Key> = self.rows.iter().map(|(k, _)| *k).collect();
+        let values = self.get(&keys)?;
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect())
+    }
+
+    /// Writes `values` to the spill file; their [`Hot`] values, in order (for
+    /// [`Upsert::stage`]).
+    ///
+    /// # Errors
+    /// Spill write errors.
+    pub fn append(&mut self, values: &[T]) -> Result<Vec<Hot>, TableError> {
+        hot(&mut self.spill, values).map_err(self.err())
+    }
+
+    /// Keys closed since before `cutoff` (µs): the retention delete. Reads no value.
+    pub fn expired(&self, cutoff: i64) -> Vec<Key> {
+        self.rows
+            .iter()
+            .filter(|(_, h)| h.closed_since < cutoff)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Rewrites the spill file when more than half of it is garbage (cheap when it is not).
+    /// Call between commits only: a staged plan holds places in the current file.
+    ///
+    /// # Errors
+    /// Spill read and write errors (the old file stays in use).
+    pub fn collect_garbage(&mut self) -> Result<(), TableError> {
+        if !self.spill.check_due() {
+            return Ok(());
+        }
+        let live: u64 = self.rows.iter().map(|(_, h)| h.value.len() as u64).sum();
+        let (before, started) = (self.spill.size(), std::time::Instant::now());
+        let rewritten = self
+            .spill
+            .collect(live, self.rows.values_mut().map(|h| &mut h.value))
+            .map_err(self.err())?;
+        if rewritten {
+            tracing::debug!(
+                table = self.table,
+                before,
+                after = self.spill.size(),
+                ms = started.elapsed().as_millis() as u64,
+                "spill file rewritten"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn hot<T: SpillValue>(spill: &mut Spill, values: &[T]) -> Result<Vec<Hot>, SpillError> {
+    let refs = spill.append(values)?;
+    Ok(refs
+        .into_iter()
+        .zip(values)
+        .map(|(value, v)| Hot {
+            value,
+            closed_since: v.closed_since().unwrap_or(i64::MAX),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materialize::tables::TableKind;
+    use crate::materialize::upsert::queue::{queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState};
+    use crate::materialize::upsert::Sym;
+    use deltalake::protocol::DeltaOperation;
+
+    fn row(t: i64, position: f64) -> QueueRow {
+        let mut r = QueueRow::default();
+        r.apply(&QueueInput {
+            active_route: false,
+            partition: 0,
+            source: "STREAM",
+            order: (t, "s", t, "0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+            position,
+            avg_cost: 1.0,
+        });
+        r
+    }
+
+    async fn put(t: &mut Table, q: &mut Spilled<QueueRow>, m: &QueueState) {
+        let batch = queue_batch(m).unwrap();
+        let rows: Vec<QueueRow> = m.values().cloned().collect();
+        let hot = q.append(&rows).unwrap();
+        let changed = m.keys().map(|(a, c)| (Sym::new(a), *c)).zip(hot).collect();
+        let staged = q.rows.stage(t, Some(batch), changed, vec![]).await.unwrap();
+        let op = DeltaOperation::Update { predicate: None };
+        t.commit(staged.actions.clone(), &[], op, 0).await.unwrap();
+        q.rows.committed(staged);
+    }
+
+    fn sorted(mut v: Vec<(Key, QueueRow)>) -> Vec<((String, i64), QueueRow)> {
+        v.sort_by_key(|(k, _)| (k.0.to_string(), k.1));
+        v.into_iter().map(|(k, r)| ((k.0.to_string(), k.1), r)).collect()
+    }
+
+    /// Values rewritten many times: the spill file's garbage collection keeps exactly the live
+    /// values, which equal the table's rows and what a fresh reader of the table builds; the
+    /// retention delete finds closed rows without reading the file.
+    #[tokio::test]
+    async fn garbage_collection_keeps_the_live_values() {
+        let (tables, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut t = Table::open(tables.path().to_str().unwrap(), TableKind::PositionQueue)
+            .await
+            .unwrap();
+        let mut q = Spilled::<QueueRow>::new("position_queue", state.path()).unwrap();
+        for round in 0..6i64 {
+            let m: QueueState = (0..3000i64)
+                .filter(|k| round == 0 || k % 3 != 0)
+                .map(|k| {
+                    let position = if k % 5 == 0 { 0.0 } else { (k + round) as f64 };
+                    (("DU1".to_string(), k), row(100 * round + k, position))
+                })
+                .collect();
+            put(&mut t, &mut q, &m).await;
+        }
+        let before = q.spill.size();
+        q.spill.force_check();
+        q.collect_garbage().unwrap();
+        assert!(q.spill.size() * 2 < before, "rewritten: {before} -> {}", q.spill.size());
+        let table = queue_from_batches(&t.read_all().await.unwrap()).unwrap();
+        let table: Vec<((String, i64), QueueRow)> = table.into_iter().collect();
+        assert_eq!(table.len(), 3000);
+        assert_eq!(sorted(q.all().unwrap()), table, "the state is the table");
+        let mut fresh = Spilled::<QueueRow>::new("position_queue", state.path()).unwrap();
+        fresh.sync(&t).await.unwrap();
+        assert_eq!(
+            sorted(fresh.all().unwrap()),
+            table,
+            "a fresh reader builds the same state"
+        );
+        // Closed rows: k % 5 == 0, last written at t = k (k % 3 == 0: round 0 only) or 500 + k.
+        let mut expired: Vec<i64> = q.expired(1_000).into_iter().map(|k| k.1).collect();
+        expired.sort_unstable();
+        let last_t = |k: i64| if k % 3 == 0 { k } else { 500 + k };
+        let want: Vec<i64> = (0..3000).filter(|&k| k % 5 == 0 && last_t(k) < 1_000).collect();
+        assert_eq!(expired, want);
+        // After the rewrite, new versions still land and read back.
+        let m: QueueState = [(("DU1".to_string(), 7), row(10_000, 3.0))].into();
+        put(&mut t, &mut q, &m).await;
+        let got = q.get(&[(Sym::new("DU1"), 7), (Sym::new("DU1"), 99_999)]).unwrap();
+        assert_eq!(got, vec![Some(row(10_000, 3.0)), None]);
+    }
+}
