@@ -62,7 +62,9 @@ fn queue_worker_config(sim: &SimHandle, client_id: i32) -> QueueWorkerConfig {
 }
 
 /// What the queue worker knows of each item (the restored `enqueued_at` differs by design).
-type QueueView = BTreeMap<(String, i64), (String, f64, f64, i64, String, u64)>;
+/// Per item: status, position, avg cost, newest event's time and id, POLL count, and whether it
+/// is on the active route (not polled).
+type QueueView = BTreeMap<(String, i64), (String, f64, f64, i64, String, u64, bool)>;
 
 async fn queue_view(kafka: &KafkaConfig, snapshot: Option<&SnapshotConfig>) -> anyhow::Result<(QueueView, u64)> {
     let s = queue_worker::start::load(kafka, T, snapshot, &CancellationToken::new())
@@ -81,6 +83,7 @@ async fn queue_view(kafka: &KafkaConfig, snapshot: Option<&SnapshotConfig>) -> a
                     it.last.ingest_time,
                     it.last.event_id.clone(),
                     it.refresh_count,
+                    s.queue.is_active(k),
                 ),
             )
         })
@@ -125,10 +128,9 @@ async fn state_from_the_snapshot_equals_a_full_replay() -> anyhow::Result<()> {
     let closed = &truth.positions[1];
     env.sim
         .set_position(&closed.account, closed.contract.con_id, 0.0, 0.0)?;
-    // positions[5] is activated below. The queue worker does not follow the active route, so
-    // an item still pending at that moment would be polled afterwards, and that POLL (queued
-    // route) would be its newest event: not active in either replay. Activate it only once its
-    // POLL is in, as a desk's strategy does with a position that has been queued a while.
+    // positions[5] is activated below, once its POLL is in (as a desk's strategy does with a
+    // position that has been queued a while), so that its queue item exists in both replays
+    // and is on the active route in both (`is_active`).
     // A POLL of `p` asked at or after `since` (µs) has been published.
     let polled_since = |p: &possync::sim::TruthPosition, since: i64| {
         collector.all().iter().any(|s| {
@@ -215,6 +217,12 @@ async fn state_from_the_snapshot_equals_a_full_replay() -> anyhow::Result<()> {
         "queues differ:\nsnapshot {snap_q:#?}\nreplay {full_q:#?}"
     );
     ensure!(full_q.values().any(|v| v.0 == "Refreshed") && full_q.values().any(|v| v.0 == "Closed"));
+    let key5 = (polled.account.clone(), i64::from(polled.contract.con_id));
+    ensure!(
+        full_q.get(&key5).is_some_and(|v| v.6),
+        "positions[5] is active in the queue worker's state: {:?}",
+        full_q.get(&key5)
+    );
     Ok(())
 }
 

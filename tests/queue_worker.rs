@@ -193,3 +193,79 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     ingest.stop().await?;
     Ok(())
 }
+
+/// An item a strategy took over while it was pending (ingest moved it to the active route) is
+/// not polled: the worker follows `positions.active` too. The worker starts after the
+/// activation is published, and its start-up reads both topics to their end before its first
+/// sweep, so the outcome does not depend on timing. (Before, the worker read only the queued
+/// topic: the item got a POLL, which turned its `position_queue` row from `active` to
+/// `refreshed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_on_the_active_route_are_not_polled() -> anyhow::Result<()> {
+    let env = env(quiet_sim(), 1, 2).await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(71, 10)).await?;
+    wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    let truth = env.sim.truth();
+    ensure!(truth.positions.len() >= 4, "the test world needs positions");
+    let taken = &truth.positions[0];
+    let key = (taken.account.clone(), i64::from(taken.contract.con_id));
+    let on_route = |route: possync::events::Route| {
+        collector
+            .session(&ingest.session)
+            .iter()
+            .filter(|s| s.event.route == route)
+            .map(|s| (s.event.account.clone(), s.event.con_id))
+            .collect::<BTreeSet<_>>()
+    };
+    ensure!(
+        on_route(possync::events::Route::Queued).contains(&key),
+        "the position starts queued (pending)"
+    );
+    activate(&env.kafka, taken, 1).await?;
+    wait_for("the position on the active route", DEADLINE, || async {
+        on_route(possync::events::Route::Active).contains(&key).then_some(())
+    })
+    .await?;
+    let others: BTreeSet<(String, i64)> = on_route(possync::events::Route::Queued)
+        .into_iter()
+        .filter(|k| *k != key)
+        .collect();
+
+    let (tx, mut rx) = mpsc::channel::<BatchReport>(1024);
+    let cfg = QueueWorkerConfig {
+        ib_host: env.sim.addr().ip().to_string(),
+        ib_port: env.sim.addr().port(),
+        client_id: 72,
+        tick: TICK,
+        batch: BATCH,
+        batch_observer: Some(tx),
+        ..QueueWorkerConfig::default()
+    };
+    let stop = env.shutdown.child_token();
+    let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+    wait_for("every other queued item refreshed", DEADLINE, || async {
+        let p = polls(&collector);
+        others.iter().all(|k| p.contains_key(k)).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(TICK * 3).await; // a few more sweeps
+    let mut taken_items = BTreeSet::new();
+    while let Ok(b) = rx.try_recv() {
+        taken_items.extend(b.items.iter().map(|(k, _)| (k.account.clone(), k.con_id)));
+    }
+    ensure!(
+        taken_items == others,
+        "sweeps took {taken_items:?}, expected {others:?}"
+    );
+    ensure!(
+        !polls(&collector).contains_key(&key),
+        "the item on the active route was polled"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await??
+        .context("worker result")?;
+    ingest.stop().await?;
+    Ok(())
+}

@@ -2,7 +2,9 @@
 //! streaming slot.
 //!
 //! The queue is event-sourced from `positions.queued` ([`state`]): ingest's enqueue events
-//! make items pending, the worker's own POLL events make them refreshed. At start the worker
+//! make items pending, the worker's own POLL events make them refreshed. It also reads
+//! `positions.active`: an item a strategy took over (ingest streams it on the active route) is
+//! not polled until it is enqueued again. At start the worker
 //! reads the queue ([`start`]): from `position_queue` and the topic's tail after the offsets it
 //! holds (`--table-uri`), or by replaying the topic from the beginning; then it follows it. Every tick (5 s by default) it takes a
 //! *sweep*: the `batch` (50) accounts whose oldest pending item is oldest, and every pending
@@ -188,7 +190,7 @@ pub async fn run(
         "queue loaded ({})",
         if started.table.is_some() { "position_queue and the topic's tail" } else { "whole topic" }
     );
-    let (mut queue, mut replay) = (started.queue, started.replay);
+    let (mut queue, mut replay, mut active) = (started.queue, started.replay, started.active);
     metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
     let mut publisher = Publisher::new(&kafka, 10_000, false)?.with_shutdown(shutdown.clone());
     let limiter = RateLimiter::per_second(cfg.ib_pacing.max(1));
@@ -225,6 +227,13 @@ pub async fn run(
                 Ok(m) => apply(&mut queue, &m),
                 Err(e) => {
                     tracing::warn!(error = %e, "queue topic read error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+            m = active.next() => match m {
+                Ok(m) => apply(&mut queue, &m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "active topic read error; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },

@@ -1,10 +1,12 @@
-//! The queue worker's start-up: its queue state, then the replay that keeps following
-//! `positions.queued`.
+//! The queue worker's start-up: its queue state, then the replays that keep following
+//! `positions.queued` and `positions.active` (an item on the active route is not polled, see
+//! [`super::state`]).
 //!
 //! With a snapshot ([`crate::snapshot`]) the state comes from `position_queue` (its
 //! queued-route part: the newest queued event's source, order and figures, the POLL count) with
 //! the contract fields of `positions_current`, and only the tail of the topic after the offsets
-//! `position_queue` holds is read; without, the topic is replayed whole. Either way the same
+//! `position_queue` holds is read (of both topics: the table's commits hold offsets of both);
+//! without, the topics are replayed whole. Either way the same
 //! fold ([`QueueState::apply`]) continues from there, so both give the same items, statuses
 //! and figures. One difference: `enqueued_at` of a pending item restored from the table is its
 //! *newest* enqueue (the table keeps no older one), where a replay keeps the first since the
@@ -28,8 +30,10 @@ use crate::snapshot::{self, Gap, SnapshotConfig, SnapshotError};
 pub struct Started {
     /// The queue.
     pub queue: QueueState,
-    /// Follows the topic from where the start-up read stopped.
+    /// Follows the queued topic from where the start-up read stopped.
     pub replay: TopicReplay,
+    /// Follows the active topic from where the start-up read stopped.
+    pub active: TopicReplay,
     /// Events read from Kafka.
     pub events: u64,
     /// Rows read from `position_queue`, and its version (`None`: no snapshot used).
@@ -54,11 +58,12 @@ pub async fn load(
 ) -> Result<Option<Started>, QueueWorkerError> {
     let started = Instant::now();
     let topic = kafka.topics.queued.clone();
+    let active_topic = kafka.topics.active.clone();
     let mut queue = QueueState::new();
-    let mut from = Default::default();
+    let (mut from, mut from_active) = Default::default();
     let mut table = None;
     if let Some(cfg) = snapshot {
-        let q = snapshot::read(cfg, kafka, TableKind::PositionQueue, &[&topic], timeout).await?;
+        let q = snapshot::read(cfg, kafka, TableKind::PositionQueue, &[&topic, &active_topic], timeout).await?;
         if q.version.is_some() {
             // Contract fields: the queue table has none; the newest event of the key has them.
             let current = snapshot::read(cfg, kafka, TableKind::PositionsCurrent, &[], timeout).await?;
@@ -67,28 +72,38 @@ pub async fn load(
                 let item = restore(&row, current.get(&row.key));
                 queue.restore(row.key, item);
             }
+            for (key, t) in rows::active_rows(&q.batches) {
+                queue.restore_active(key, t);
+            }
         }
         from = q.tail_of(&topic);
+        from_active = q.tail_of(&active_topic);
         table = Some((q.rows(), q.version));
     }
     let mut replay = TopicReplay::start_from(kafka, &topic, timeout, from).await?;
-    let gaps = snapshot::report_gaps(&replay, table.map(|_| TableKind::PositionQueue));
+    let mut active = TopicReplay::start_from(kafka, &active_topic, timeout, from_active).await?;
+    let mut gaps = snapshot::report_gaps(&replay, table.map(|_| TableKind::PositionQueue));
+    gaps.extend(snapshot::report_gaps(&active, table.map(|_| TableKind::PositionQueue)));
     let deadline = tokio::time::Instant::now() + timeout;
     let mut events = 0;
-    while !replay.caught_up() {
-        let m = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            m = tokio::time::timeout_at(deadline, replay.next()) => m.map_err(|_| RegistryError::CatchUpTimeout {
-                topic: topic.clone(),
-                timeout,
-            })??,
-        };
-        events += 1;
-        super::apply(&mut queue, &m);
+    // The state does not depend on the order of the two topics (see `state`): one, then the other.
+    for (name, r) in [(&topic, &mut replay), (&active_topic, &mut active)] {
+        while !r.caught_up() {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                m = tokio::time::timeout_at(deadline, r.next()) => m.map_err(|_| RegistryError::CatchUpTimeout {
+                    topic: name.clone(),
+                    timeout,
+                })??,
+            };
+            events += 1;
+            super::apply(&mut queue, &m);
+        }
     }
     Ok(Some(Started {
         queue,
         replay,
+        active,
         events,
         table,
         gaps,

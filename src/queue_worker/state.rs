@@ -8,6 +8,12 @@
 //! the in-flight timeout). An enqueue that arrives while the item is in flight marks the poll
 //! stale: its result must not be published, as it may be older than the enqueued change.
 //!
+//! The worker also reads `positions.active`: an item whose newest ACTIVE-route event is newer
+//! than its newest queued one is *active* (a strategy holds it and ingest streams it), exactly
+//! as `position_queue`'s status says, and is not polled; an active-route event during its poll
+//! makes the poll stale. A newer enqueue (ingest moved it back to the queue) makes it pending
+//! again.
+//!
 //! Events count in `ingest_time` order, as in the materialized tables: a POLL event carries
 //! the time its poll was *requested*, so a POLL read after a change that was observed later
 //! (its publish raced ingest's) refreshes nothing and the item stays pending; an enqueue older
@@ -16,7 +22,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::events::{PositionEvent, Source};
+use crate::events::{PositionEvent, Route, Source};
 use crate::ingest::book::PosKey;
 
 /// Where an item stands.
@@ -51,6 +57,8 @@ pub struct Item {
 #[derive(Debug, Default)]
 pub struct QueueState {
     items: HashMap<PosKey, Item>,
+    /// Newest ACTIVE-route event per key (µs), for keys seen on the active route.
+    active_at: HashMap<PosKey, i64>,
 }
 
 impl QueueState {
@@ -64,14 +72,38 @@ impl QueueState {
         self.items.insert(key, item);
     }
 
+    /// Records that `key`'s newest ACTIVE-route event is at `t` (start-up from a snapshot).
+    pub fn restore_active(&mut self, key: PosKey, t: i64) {
+        let at = self.active_at.entry(key).or_insert(t);
+        *at = (*at).max(t);
+    }
+
+    /// Whether `key` is on the active route now: its newest ACTIVE-route event is newer than
+    /// its newest queued one (`position_queue`'s status `active`).
+    pub fn is_active(&self, key: &PosKey) -> bool {
+        self.active_at
+            .get(key)
+            .is_some_and(|&a| self.items.get(key).is_none_or(|it| a > it.last.ingest_time))
+    }
+
     /// Every item.
     pub fn items(&self) -> impl Iterator<Item = (&PosKey, &Item)> {
         self.items.iter()
     }
 
-    /// Applies one event of `positions.queued`.
+    /// Applies one event of `positions.queued` or `positions.active`.
     pub fn apply(&mut self, e: PositionEvent) {
         let key = PosKey::new(e.account.clone(), e.con_id);
+        if e.route == Route::Active {
+            let t = e.ingest_time;
+            if let Some(item) = self.items.get_mut(&key) {
+                if item.in_flight_since.is_some() && t > item.last.ingest_time {
+                    item.stale_poll = true;
+                }
+            }
+            self.restore_active(key, t);
+            return;
+        }
         match e.source {
             Source::Pnl => {}
             Source::Poll => {
@@ -161,7 +193,7 @@ impl QueueState {
         let mut eligible: Vec<(i64, &PosKey)> = self
             .items
             .iter()
-            .filter(|(_, it)| Self::eligible(it, now, in_flight_timeout))
+            .filter(|(k, it)| Self::eligible(it, now, in_flight_timeout) && !self.is_active(k))
             .map(|(k, it)| (it.enqueued_at, k))
             .collect();
         eligible.sort();
@@ -200,11 +232,13 @@ impl QueueState {
             .collect()
     }
 
-    /// Whether a poll result for `key` may be published (in flight, no newer enqueue).
+    /// Whether a poll result for `key` may be published (in flight, no newer enqueue, not
+    /// active).
     pub fn may_publish(&self, key: &PosKey) -> bool {
         self.items
             .get(key)
             .is_some_and(|it| it.in_flight_since.is_some() && !it.stale_poll && it.status == Status::Pending)
+            && !self.is_active(key)
     }
 
     /// Abandons the poll of `key` (failed, stale, or its event was lost): eligible again.
@@ -215,9 +249,12 @@ impl QueueState {
         }
     }
 
-    /// Pending items (in flight or not).
+    /// Pending items (in flight or not; active ones are not pending).
     pub fn pending(&self) -> usize {
-        self.items.values().filter(|it| it.status == Status::Pending).count()
+        self.items
+            .iter()
+            .filter(|(k, it)| it.status == Status::Pending && !self.is_active(k))
+            .count()
     }
 
     /// Items in flight.
@@ -336,6 +373,49 @@ mod tests {
         let s: Vec<i64> = q.take_sweep(2, now, T).into_iter().map(|(k, _)| k.con_id).collect();
         assert_eq!(s, vec![3], "in-flight items are not taken again");
         assert!(q.take_sweep(2, now, T).is_empty());
+    }
+
+    /// A pending item a strategy takes over (ingest moves it to the active route) is not polled
+    /// while it is active, in whatever order the two topics are read; a poll in flight when it
+    /// becomes active is not published; moved back to the queue, it is pending again.
+    #[test]
+    fn active_items_are_not_polled() {
+        let active = |con: i64, t: i64| {
+            let mut e = ev(con, Source::Pnl, 1.0, t);
+            e.route = Route::Active;
+            e
+        };
+        let mut q = QueueState::new();
+        q.apply(ev(1, Source::Snapshot, 1.0, 10));
+        q.apply(ev(2, Source::Snapshot, 1.0, 10));
+        q.apply(active(1, 20));
+        // Key 3: the active topic is read first, its older enqueue after.
+        q.apply(active(3, 20));
+        q.apply(ev(3, Source::Snapshot, 1.0, 15));
+        // Key 4: active once, enqueued again since.
+        q.apply(active(4, 5));
+        q.apply(ev(4, Source::Stream, 1.0, 12));
+        assert!(q.is_active(&PosKey::new("A", 1)) && q.is_active(&PosKey::new("A", 3)));
+        assert_eq!(q.pending(), 2, "active items are not pending");
+        let now = Instant::now();
+        let taken: Vec<i64> = q.take_sweep(5, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(taken, vec![2, 4]);
+        // Key 2 is taken over while its poll is in flight: the result is dropped.
+        q.apply(active(2, 30));
+        assert!(!q.may_publish(&PosKey::new("A", 2)));
+        assert!(q.may_publish(&PosKey::new("A", 4)));
+        q.release(&PosKey::new("A", 2));
+        assert!(q.take_sweep(5, now, T).is_empty(), "key 2 is active now");
+        // Back to the queue (ingest's enqueue is newer than the last active event): pending.
+        q.apply(ev(1, Source::Snapshot, 3.0, 40));
+        let taken: Vec<i64> = q.take_sweep(5, now, T).into_iter().map(|(k, _)| k.con_id).collect();
+        assert_eq!(taken, vec![1]);
+        // Restored from a snapshot: the same.
+        let mut r = QueueState::new();
+        r.apply(ev(9, Source::Snapshot, 1.0, 10));
+        r.restore_active(PosKey::new("A", 9), 11);
+        assert!(r.take_sweep(5, now, T).is_empty());
+        assert_eq!(r.pending(), 0);
     }
 
     #[test]

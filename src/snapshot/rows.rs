@@ -99,7 +99,7 @@ pub struct QueuedRow {
 }
 
 /// `position_queue` rows with a queued part (rows that only ever saw the active route are
-/// left out: the queue worker does not read that topic).
+/// left out; [`active_rows`] has them).
 ///
 /// # Errors
 /// [`RowError`] for a source this build does not know.
@@ -135,6 +135,22 @@ pub fn queued_rows(batches: &[RecordBatch]) -> Result<Vec<QueuedRow>, RowError> 
         }
     }
     Ok(out)
+}
+
+/// The newest ACTIVE-route event time (`last_active_at`, µs) of every `position_queue` row
+/// that has one.
+pub fn active_rows(batches: &[RecordBatch]) -> Vec<(PosKey, i64)> {
+    let mut out = Vec::new();
+    for b in batches {
+        let r = Row(b);
+        for i in 0..b.num_rows() {
+            if let Some(t) = r.ts("last_active_at", i) {
+                let account = r.str("account", i).unwrap_or_default();
+                out.push((PosKey::new(account, r.i64("con_id", i).unwrap_or_default()), t));
+            }
+        }
+    }
+    out
 }
 
 /// Events by key.
