@@ -122,24 +122,10 @@ async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::R
 
     // Both writers load every table at the same version before either commits.
     let ns = TWO_WRITERS.to_string();
-    let mut first = Pipeline::open(
-        &env.base,
-        ns.clone(),
-        t.clone(),
-        10,
-        env.producer_config(),
-        &std::env::temp_dir(),
-    )
-    .await?;
-    let mut second = Pipeline::open(
-        &env.base,
-        ns.clone(),
-        t.clone(),
-        10,
-        env.producer_config(),
-        &std::env::temp_dir(),
-    )
-    .await?;
+    let (base, state_dir) = (&env.base, std::env::temp_dir());
+    let open = || Pipeline::open(base, ns.clone(), t.clone(), 10, env.producer_config(), &state_dir);
+    let mut first = open().await?;
+    let mut second = open().await?;
     // The first holds the first 60% of each partition, the second the last 70%: they overlap.
     let first_part = frozen(&env, &msgs, |p| p.offset * 10 < end(p) * 6)?;
     let second_part = frozen(&env, &msgs, |p| p.offset * 10 >= end(p) * 3)?;

@@ -32,6 +32,28 @@ fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::Position
     out
 }
 
+type Worker = tokio::task::JoinHandle<Result<(), possync::queue_worker::QueueWorkerError>>;
+
+/// Starts a queue worker (tick [`TICK`], [`BATCH`] accounts per sweep) that reports its sweeps.
+fn start_worker(
+    env: &Env,
+    client_id: i32,
+) -> (Worker, tokio_util::sync::CancellationToken, mpsc::Receiver<BatchReport>) {
+    let (tx, rx) = mpsc::channel::<BatchReport>(1024);
+    let cfg = QueueWorkerConfig {
+        ib_host: env.sim.addr().ip().to_string(),
+        ib_port: env.sim.addr().port(),
+        client_id,
+        tick: TICK,
+        batch: BATCH,
+        batch_observer: Some(tx),
+        ..QueueWorkerConfig::default()
+    };
+    let stop = env.shutdown.child_token();
+    let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+    (worker, stop, rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     let sim = possync::sim::SimConfig {
@@ -50,18 +72,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
         queued.len()
     );
 
-    let (tx, mut rx) = mpsc::channel::<BatchReport>(1024);
-    let cfg = QueueWorkerConfig {
-        ib_host: env.sim.addr().ip().to_string(),
-        ib_port: env.sim.addr().port(),
-        client_id: WORKER,
-        tick: TICK,
-        batch: BATCH,
-        batch_observer: Some(tx),
-        ..QueueWorkerConfig::default()
-    };
-    let stop = env.shutdown.child_token();
-    let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+    let (worker, stop, mut rx) = start_worker(&env, WORKER);
 
     // Every queued position gets exactly one POLL refresh matching the truth.
     wait_for("every queued position to be refreshed", DEADLINE, || async {
@@ -232,18 +243,7 @@ async fn items_on_the_active_route_are_not_polled() -> anyhow::Result<()> {
         .filter(|k| *k != key)
         .collect();
 
-    let (tx, mut rx) = mpsc::channel::<BatchReport>(1024);
-    let cfg = QueueWorkerConfig {
-        ib_host: env.sim.addr().ip().to_string(),
-        ib_port: env.sim.addr().port(),
-        client_id: 72,
-        tick: TICK,
-        batch: BATCH,
-        batch_observer: Some(tx),
-        ..QueueWorkerConfig::default()
-    };
-    let stop = env.shutdown.child_token();
-    let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+    let (worker, stop, mut rx) = start_worker(&env, 72);
     wait_for("every other queued item refreshed", DEADLINE, || async {
         let p = polls(&collector);
         others.iter().all(|k| p.contains_key(k)).then_some(())
