@@ -310,6 +310,7 @@ async fn book_as_of_and_version_and_rebuild_match_truth_and_live_tables() -> any
         kafka.clone(),
         producers.clone(),
     ));
+    let worker_stop = producers.child_token();
     let worker = tokio::spawn(queue_worker::run(
         queue_worker::QueueWorkerConfig {
             ib_host: addr.ip().to_string(),
@@ -320,7 +321,7 @@ async fn book_as_of_and_version_and_rebuild_match_truth_and_live_tables() -> any
             ..queue_worker::QueueWorkerConfig::default()
         },
         kafka.clone(),
-        producers.clone(),
+        worker_stop.clone(),
     ));
     let mat = tokio::spawn(materialize::run(
         materialize::MaterializeConfig {
@@ -338,6 +339,11 @@ async fn book_as_of_and_version_and_rebuild_match_truth_and_live_tables() -> any
     for _ in 0..10 {
         sim.random_fill();
     }
+    // A POLL carries the time its poll was asked and the figures IB answered a moment later: a
+    // poll in flight at T1 would carry a fill made right after T1 into `--as-of T1` (seen once
+    // in CI). The queue has been refreshed by now; the worker stops before T1.
+    worker_stop.cancel();
+    worker.await??;
     let truth1 = caught_up_with(&base, &sim).await?;
     let t1 = chrono::Utc::now();
     let mut all = cfg(&base, At::Current);
@@ -408,7 +414,6 @@ async fn book_as_of_and_version_and_rebuild_match_truth_and_live_tables() -> any
     // Stop: producers first, then the materializer once it holds everything.
     producers.cancel();
     ingest.await??;
-    worker.await??;
     materialize::wait_caught_up(&base, &ns, &kafka, Duration::from_secs(60)).await?;
     consumers.cancel();
     mat.await??;
