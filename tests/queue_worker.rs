@@ -54,6 +54,14 @@ fn start_worker(
     (worker, stop, rx)
 }
 
+/// Stops a worker from [`start_worker`] and checks it ended cleanly.
+async fn stop_worker(stop: tokio_util::sync::CancellationToken, worker: Worker) -> anyhow::Result<()> {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await??
+        .context("worker result")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     let sim = possync::sim::SimConfig {
@@ -197,10 +205,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     ensure!(w.max_streams == 0, "polls use no streaming slot");
     ensure!(w.pacing_violations == 0, "IB pacing respected");
     collector.check_integrity(&ingest.session)?;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(60), worker)
-        .await??
-        .context("worker result")?;
+    stop_worker(stop, worker).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -262,10 +267,7 @@ async fn items_on_the_active_route_are_not_polled() -> anyhow::Result<()> {
         !polls(&collector).contains_key(&key),
         "the item on the active route was polled"
     );
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(60), worker)
-        .await??
-        .context("worker result")?;
+    stop_worker(stop, worker).await?;
     ingest.stop().await?;
     Ok(())
 }

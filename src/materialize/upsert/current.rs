@@ -35,10 +35,6 @@ impl RowValue for CurrentMeta {
 }
 
 impl SpillValue for CurrentMeta {
-    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, ArrowError> {
-        <CurrentMeta as RowValue>::of_rows(batch)
-    }
-
     fn closed_since(&self) -> Option<i64> {
         self.closed.then_some(self.order.ingest_time)
     }
@@ -53,11 +49,7 @@ impl Codec for CurrentMeta {
 
     fn decode(b: &[u8]) -> Option<Self> {
         let mut r = Reader(b);
-        let closed = match r.take::<1>()? {
-            [0] => false,
-            [1] => true,
-            _ => return None,
-        };
+        let closed = r.flag()?;
         let order = EventOrder::decode(&mut r)?;
         r.done().then_some(CurrentMeta { order, closed })
     }
@@ -114,7 +106,7 @@ pub fn changes(state: &mut Current, rows: &[RecordBatch]) -> Result<Option<Chang
         .collect::<Result<Vec<_>, _>>()
         .map_err(arrow_err)?;
     let batch = RecordBatch::try_new(schema, columns).map_err(arrow_err)?;
-    let metas = <CurrentMeta as RowValue>::of_rows(&batch).map_err(arrow_err)?;
+    let metas = CurrentMeta::of_rows(&batch).map_err(arrow_err)?;
     let hot = state.append(&metas)?;
     Ok(Some((batch, changed.into_iter().zip(hot).collect())))
 }

@@ -497,7 +497,7 @@ impl RowValue for QueueRow {
 }
 
 /// Every row of one `position_queue` batch, in order.
-pub(super) fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
+fn queue_rows(b: &RecordBatch) -> Result<Vec<(StateKey, QueueRow)>, ArrowError> {
     let mut out = Vec::with_capacity(b.num_rows());
     {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());

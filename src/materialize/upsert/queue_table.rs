@@ -9,7 +9,7 @@ use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key};
-use super::queue::{each_event, queue_rows, rows_batch, OptTime, PartitionCounts, QueueRow, QueuedPart};
+use super::queue::{each_event, rows_batch, OptTime, PartitionCounts, QueueRow, QueuedPart};
 use super::spill::{Codec, Reader};
 use super::spilled::{Hot, SpillValue, Spilled};
 use super::{EventOrder, Sym};
@@ -19,10 +19,6 @@ use crate::materialize::tables::TableError;
 pub type Queue = Spilled<QueueRow>;
 
 impl SpillValue for QueueRow {
-    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, ArrowError> {
-        Ok(queue_rows(batch)?.into_iter().map(|(_, r)| r).collect())
-    }
-
     fn closed_since(&self) -> Option<i64> {
         (self.status() == "closed").then(|| self.updated_at())
     }
@@ -103,11 +99,7 @@ impl Codec for QueueRow {
 
     fn decode(b: &[u8]) -> Option<Self> {
         let mut r = Reader(b);
-        let queued = match r.take::<1>()? {
-            [0] => false,
-            [1] => true,
-            _ => return None,
-        };
+        let queued = r.flag()?;
         let last_active_at = OptTime::from_raw(r.i64()?);
         if !queued {
             return r.done().then_some(QueueRow {

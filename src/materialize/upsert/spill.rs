@@ -113,6 +113,15 @@ impl<'a> Reader<'a> {
         self.take::<8>().map(i64::from_le_bytes)
     }
 
+    /// A flag byte: 0 or 1 (anything else is not a flag).
+    pub fn flag(&mut self) -> Option<bool> {
+        match self.take::<1>()? {
+            [0] => Some(false),
+            [1] => Some(true),
+            _ => None,
+        }
+    }
+
     /// A little-endian u32.
     pub fn u32(&mut self) -> Option<u32> {
         self.take::<4>().map(u32::from_le_bytes)
@@ -334,11 +343,6 @@ impl Spill {
         Ok(())
     }
 
-    #[cfg(test)]
-    fn set_next_check(&mut self, at: u64) {
-        self.next_check = at;
-    }
-
     /// Makes the next [`Spill::check_due`] true (tests: files far below the minimum size).
     #[cfg(test)]
     pub(crate) fn force_check(&mut self) {
@@ -394,7 +398,7 @@ mod tests {
         let before = s.size();
         let mut kept: Vec<SpillRef> = refs.iter().copied().step_by(3).collect();
         let live: u64 = kept.iter().map(|r| r.len() as u64).sum();
-        s.set_next_check(0);
+        s.force_check();
         assert!(s.check_due());
         assert!(s.collect(live, kept.iter_mut()).unwrap(), "mostly garbage: rewritten");
         assert_eq!(s.size(), live);

@@ -11,20 +11,13 @@
 use std::marker::PhantomData;
 use std::path::Path;
 
-use deltalake::arrow::array::RecordBatch;
-
-use super::core::{Key, Synced, Upsert};
+use super::core::{Key, RowValue, Synced, Upsert};
 use super::spill::{Codec, Spill, SpillError, SpillRef};
 use crate::materialize::tables::{Table, TableError};
 
-/// A value of a spilled table.
-pub trait SpillValue: Codec {
-    /// The values of every row of `batch` (the table's schema).
-    ///
-    /// # Errors
-    /// Arrow errors (schema mismatch: a bug).
-    fn of_rows(batch: &RecordBatch) -> Result<Vec<Self>, deltalake::arrow::error::ArrowError>;
-
+/// A value of a spilled table: made from the table's rows ([`RowValue`]), stored in the spill
+/// file ([`Codec`]).
+pub trait SpillValue: RowValue + Codec {
     /// Since when (µs) the row is closed and may leave the table after the retention; `None`
     /// when it is open.
     fn closed_since(&self) -> Option<i64>;
@@ -75,11 +68,6 @@ impl<T: SpillValue> Spilled<T> {
     /// No key.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
-    }
-
-    /// Whether `key` has a live row.
-    pub fn contains(&self, key: &Key) -> bool {
-        self.rows.get(key).is_some()
     }
 
     /// Brings the state up to the table's loaded snapshot (see [`Upsert::sync_with`]).
