@@ -14,6 +14,8 @@
 //! - [`topics`]: `possync topics create | check` and the start-up check of every Kafka process.
 //! - [`metrics`]: counters, gauges, `/metrics` endpoint, progress line.
 //! - [`sim`]: the IB Gateway simulator (TWS protocol, protobuf era).
+//! - [`ib`]: what ingest and the queue worker share of the `ibapi` client: buffer sizing, lag
+//!   notices, the heartbeat.
 //! - [`registry`]: the strategy registry, event-sourced from its compacted topic.
 //! - [`ingest`]: IB positions → routed events on Kafka, within the streaming-slot budget.
 //! - [`queue_worker`]: drains the position queue with snapshot polls (no streaming slot).
@@ -27,6 +29,7 @@
 
 pub mod cli;
 pub mod events;
+pub mod ib;
 pub mod ingest;
 pub mod kafka;
 pub mod materialize;

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub closed_expired: AtomicU64,
     /// 1 while an IB connection is up (ingest, queue worker), else 0.
     pub ib_connected: AtomicI64,
+    /// IB connections given up because the gateway went silent: a heartbeat, a position list
+    /// or a poll answer did not arrive within its bound although the socket stayed open.
+    pub ib_silent: AtomicU64,
     /// 1 while this ingest holds the ingest lease (it alone connects to IB and publishes);
     /// 0 while it stands by.
     pub ingest_lease_held: AtomicI64,
@@ -233,6 +236,12 @@ impl Metrics {
             "ib_connected",
             "1 while the IB connection is up",
             self.ib_connected.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "ib_silent_total",
+            "IB connections given up because the gateway stopped answering (heartbeat, position list or poll answer overdue) while the socket stayed open",
+            self.ib_silent.load(Relaxed),
         );
         g(
             &mut s,

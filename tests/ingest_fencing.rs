@@ -35,6 +35,11 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn spawn_ingest(env: &Env, client_id: i32, dir: &Path) -> anyhow::Result<IngestProc> {
+    spawn_ingest_via(env, client_id, dir, env.sim.addr().port(), &[])
+}
+
+/// [`spawn_ingest`] with IB at `ib_port` (the simulator's, or a proxy's) and `extra` flags.
+fn spawn_ingest_via(env: &Env, client_id: i32, dir: &Path, ib_port: u16, extra: &[&str]) -> anyhow::Result<IngestProc> {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let log = dir.join(format!("ingest-{client_id}.log"));
     let child = Command::new(BIN)
@@ -42,10 +47,11 @@ fn spawn_ingest(env: &Env, client_id: i32, dir: &Path) -> anyhow::Result<IngestP
         .args(["--brokers", &env.kafka.brokers])
         .args(["--topic-prefix", &env.kafka.topics.prefix()])
         .args(["--ib-host", &env.sim.addr().ip().to_string()])
-        .args(["--ib-port", &env.sim.addr().port().to_string()])
+        .args(["--ib-port", &ib_port.to_string()])
         .args(["--client-id", &client_id.to_string()])
         .args(["--metrics-addr", &metrics.to_string()])
         .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"])
+        .args(extra)
         .env("POSSYNC_LOG", "warn,possync=info")
         .env_remove("POSSYNC_KAFKA_CONFIG")
         .env_remove("POSSYNC_LEASE_GROUP")
@@ -409,5 +415,93 @@ async fn a_holder_cut_off_from_kafka_drops_ib_until_it_holds_the_lease_again() -
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(60), ingest).await???;
     env.shutdown.cancel();
+    Ok(())
+}
+
+/// A TCP proxy to the simulator that can be cut: its connections dropped and its port closed
+/// (one ingest's path to IB broken while another's works).
+struct Proxy {
+    port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+            // The listener drops here: the port refuses connections.
+        });
+        Ok(Proxy { port, cut })
+    }
+}
+
+/// Issue 18 #3: a holder that cannot reach IB (its path to the gateway broken, Kafka fine)
+/// gives the lease up after `--ib-unreachable-release`, so a standby that reaches IB takes over
+/// and the published book follows IB again. Before, the holder kept the lease while blind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_reach_ib_hands_the_lease_to_a_standby() -> anyhow::Result<()> {
+    let env = env(quiet_sim(), 1, 6).await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let dir = tempfile::tempdir()?;
+    let proxy = Proxy::start(env.sim.addr()).await?;
+    let release = ["--ib-unreachable-release", "4s"];
+    let a = spawn_ingest_via(&env, 211, dir.path(), proxy.port, &release)?;
+    wait_for("the first ingest to hold the lease and publish the book", DEADLINE, || async {
+        (a.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(())
+    })
+    .await
+    .with_context(|| a.log_text())?;
+    let b = spawn_ingest_via(&env, 212, dir.path(), env.sim.addr().port(), &release)?;
+    wait_for("the second ingest to stand by", DEADLINE, || async {
+        (b.says_standing_by() && b.lease_held().await == Some(0)).then_some(())
+    })
+    .await
+    .with_context(|| b.log_text())?;
+
+    // The holder's path to IB breaks; IB's book changes meanwhile.
+    proxy.cut.cancel();
+    let truth = env.sim.truth();
+    let p = &truth.positions[1];
+    env.sim.apply_fill(&p.account, p.contract.con_id, 4.0)?;
+    wait_for("the standby to take over and publish IB's book", Duration::from_secs(90), || async {
+        (b.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(())
+    })
+    .await
+    .with_context(|| format!("--- 211:\n{}\n--- 212:\n{}", a.log_text(), b.log_text()))?;
+    ensure!(
+        a.log_text().contains("gave the ingest lease up"),
+        "the blind holder says why it gave the lease up:\n{}",
+        a.log_text()
+    );
+    let held_a = a.lease_held().await;
+    ensure!(held_a == Some(0), "the blind ingest stands by again: lease gauge {held_a:?}");
+    for ing in [a, b] {
+        signal(&ing.child.0, "INT")?;
+        let mut child = ing.child;
+        let status = wait_exit(&mut child.0, Duration::from_secs(30))?;
+        ensure!(status.success(), "ingest {} exited with {status}", ing.client_id);
+    }
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use ingest_support::*;
 use possync::events::Source;
+use possync::queue_worker::poller::{self, PollError};
 use possync::queue_worker::{BatchReport, QueueWorkerConfig};
 use tokio::sync::mpsc;
 
@@ -269,5 +270,58 @@ async fn items_on_the_active_route_are_not_polled() -> anyhow::Result<()> {
     );
     stop_worker(stop, worker).await?;
     ingest.stop().await?;
+    Ok(())
+}
+
+/// Issue 18 #2: a poll answer that lost frames is never taken as the account's book. ibapi
+/// buffers each request in a lossy ring; an answer larger than the ring can lose frames when
+/// the worker reads slower than the socket delivers, and the worker used to turn every contract
+/// missing from such an answer into a close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_is_whole_or_fails_never_partial() -> anyhow::Result<()> {
+    // Positions of the one account: far more than the small ring below.
+    const POSITIONS: usize = 20_000;
+    let sim = possync::sim::start(possync::sim::SimConfig {
+        accounts: 1,
+        initial_positions: POSITIONS,
+        // 200 options per expiry: twice the positions.
+        expiries: POSITIONS / 100 + 1,
+        strikes: 20,
+        price_tick: Duration::ZERO,
+        ..possync::sim::SimConfig::for_tests()
+    })
+    .await?;
+    let n = sim.truth().positions.len();
+    assert_eq!(n, POSITIONS);
+    let account = sim.accounts()[0].clone();
+    let addr = sim.addr().to_string();
+    let limiter = ibapi::RateLimiter::per_second(40);
+
+    // A ring of 64 frames for an answer of 20,000: whichever of ibapi's reader and the poll
+    // is faster on this machine, each poll is either the whole book or an error. No outcome
+    // of that race makes the test fail; only a partial book taken as whole does.
+    let small = poller::connect(&addr, 71, 64, &limiter, Duration::from_secs(10)).await?;
+    let mut lagged = 0;
+    for _ in 0..3 {
+        match poller::poll_account(&small, &account, Duration::from_secs(60)).await {
+            Ok(poll) => assert_eq!(poll.positions.len(), n, "a poll answer taken as whole lacks positions"),
+            Err(PollError::Lagged { seen, dropped }) => {
+                assert!(dropped > 0 && seen >= dropped, "lag of {dropped} frames of {seen}");
+                assert!(PollError::Lagged { seen, dropped }.needs_reconnect());
+                lagged += 1;
+            }
+            Err(e) => anyhow::bail!("poll failed otherwise: {e}"),
+        }
+    }
+    eprintln!("{lagged} of 3 polls through a 64-frame ring lost frames and failed");
+    small.disconnect().await;
+
+    // A ring sized for the account (what the worker connects with) holds the whole answer.
+    let buffer = possync::ib::buffer_for(poller::MIN_BUFFER, n);
+    let sized = poller::connect(&addr, 72, buffer, &limiter, Duration::from_secs(10)).await?;
+    for _ in 0..2 {
+        let poll = poller::poll_account(&sized, &account, Duration::from_secs(60)).await?;
+        assert_eq!(poll.positions.len(), n);
+    }
     Ok(())
 }

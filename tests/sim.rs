@@ -781,3 +781,40 @@ async fn random_fills_reach_subscribers_and_truth_file() -> TestResult {
     assert!(from_file.client(1).is_some_and(|c| c.connected));
     Ok(())
 }
+
+/// Issue 18 #3: a frozen connection stays open (no reset, no end of stream) but answers
+/// nothing; a connection made after the freeze is served; the frozen one ends when its client
+/// closes it, which frees its client id.
+#[tokio::test]
+async fn a_frozen_connection_stays_open_and_answers_nothing() -> TestResult {
+    let sim = start(quiet()).await?;
+    let client = connect(&sim, 21).await?;
+    possync::ib::heartbeat(&client, DEADLINE).await?;
+    let mut positions = client.positions().await?;
+    position_list(&mut positions).await?;
+
+    sim.freeze_connections();
+    let silent = possync::ib::heartbeat(&client, Duration::from_millis(1500)).await;
+    assert!(
+        matches!(silent, Err(possync::ib::HeartbeatError::Silent(_))),
+        "a frozen connection must not answer: {silent:?}"
+    );
+    assert!(client.is_connected(), "the socket of a frozen connection stays open");
+    let p = &sim.truth().positions[0];
+    sim.apply_fill(&p.account, p.contract.con_id, 1.0)?;
+    let update = timeout(Duration::from_millis(1500), positions.next()).await;
+    assert!(update.is_err(), "a frozen connection sends nothing: {update:?}");
+
+    let other = connect(&sim, 22).await?;
+    possync::ib::heartbeat(&other, DEADLINE).await?;
+
+    drop(positions);
+    client.disconnect().await;
+    wait_for_truth(&sim, "the frozen client's id freed", |t| {
+        t.client(21).is_none_or(|c| !c.connected)
+    })
+    .await?;
+    let again = connect(&sim, 21).await?;
+    possync::ib::heartbeat(&again, DEADLINE).await?;
+    Ok(())
+}

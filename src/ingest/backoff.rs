@@ -2,9 +2,12 @@
 //!
 //! Exponential with "equal jitter": each delay is drawn between half and all of a ceiling that
 //! doubles per attempt up to `max`, so many clients restarting together do not reconnect in
-//! lockstep. The ceiling is kept across sessions: a gateway that accepts connections and drops
-//! them at once is retried ever more slowly, like one that refuses them. Only a session that
-//! stayed up for `healthy_after` resets it.
+//! lockstep. The delay grows with *failures*: a refused or timed-out connect, and a session that
+//! ended before it was of any use (no complete position list received), so a gateway that
+//! accepts connections and drops them at once is retried ever more slowly, like one that
+//! refuses them. A session that synced (its position list arrived whole), or that stayed up
+//! for `healthy_after`, resets it: a flapping gateway that drops working sessions is reconnected
+//! to within `initial` each time (issue 18 #4), instead of ever more slowly.
 
 use std::time::Duration;
 
@@ -47,9 +50,10 @@ impl Backoff {
         half + Duration::from_micros(jitter)
     }
 
-    /// A connected session ended after `lasted`: only a healthy one resets the ceiling.
-    pub fn session_ended(&mut self, lasted: Duration) {
-        if lasted >= self.healthy_after {
+    /// A connected session ended after `lasted`; `synced` when it received a whole position
+    /// list. A synced or long session resets the ceiling; one that was of no use keeps it.
+    pub fn session_ended(&mut self, lasted: Duration, synced: bool) {
+        if synced || lasted >= self.healthy_after {
             self.ceiling = self.initial;
         }
     }
@@ -101,15 +105,33 @@ mod tests {
         let mut delays = Vec::new();
         for _ in 0..6 {
             delays.push(b.next_delay()); // the attempt connects ...
-            b.session_ended(Duration::from_secs(1)); // ... and the gateway drops it at once
+            b.session_ended(Duration::from_secs(1), false); // ... the gateway drops it before its list
         }
         assert!(
             delays[5] >= 1600 * MS,
             "still hammering after 6 dropped sessions: {delays:?}"
         );
         assert_eq!(b.ceiling(), 3200 * MS);
-        b.session_ended(Duration::from_secs(61));
+        b.session_ended(Duration::from_secs(61), false);
         assert_eq!(b.ceiling(), 100 * MS, "a healthy session resets the backoff");
         assert!(b.next_delay() <= 100 * MS);
+    }
+
+    /// Issue 18 #4: a flapping gateway (every connect works, every session synced, then
+    /// dropped) is reconnected to within `initial` each time; the earlier policy grew the delay
+    /// with each dropped session (0.7 → 3.8 → 12.6 → 25.6 s) and left ingest disconnected.
+    #[test]
+    fn sessions_that_synced_reset_the_backoff() {
+        let mut b = backoff();
+        for _ in 0..10 {
+            let d = b.next_delay();
+            assert!(d <= 100 * MS, "a dropped synced session waits {d:?}");
+            b.session_ended(Duration::from_secs(2), true);
+        }
+        // Failed connects in between still grow it.
+        let grown: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        assert!(grown[4] >= 800 * MS, "{grown:?}");
+        b.session_ended(Duration::from_millis(10), true);
+        assert_eq!(b.ceiling(), 100 * MS);
     }
 }

@@ -22,11 +22,11 @@ use crate::sim::{SimConfig, SimError};
 /// Flags of `possync bench ingest`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchIngestArgs {
-    /// Positions in the simulated world at start (spread over the accounts).
-    #[arg(long, env = "POSSYNC_BENCH_POSITIONS", default_value_t = 1000)]
+    /// Positions in the simulated world at start (spread over the accounts): a desk's book.
+    #[arg(long, env = "POSSYNC_BENCH_POSITIONS", default_value_t = 100_000)]
     pub positions: usize,
     /// Simulated accounts.
-    #[arg(long, env = "POSSYNC_BENCH_ACCOUNTS", default_value_t = 5)]
+    #[arg(long, env = "POSSYNC_BENCH_ACCOUNTS", default_value_t = 20)]
     pub accounts: usize,
     /// Position changes driven through ingest in the throughput phase.
     #[arg(long, env = "POSSYNC_BENCH_FILLS", default_value_t = 50_000)]
@@ -79,8 +79,15 @@ pub enum BenchError {
 #[derive(Debug, Clone, Default)]
 pub struct BenchIngestReport {
     pub positions: usize,
+    pub accounts: usize,
     pub snapshot_events: u64,
     pub snapshot_secs: f64,
+    /// CPU of the whole process during the first sync (simulator and broker included).
+    pub snapshot_cpu_secs: f64,
+    /// Reconnects during the first sync (an overflowing list costs one).
+    pub snapshot_reconnects: u64,
+    /// Peak resident memory of the whole process (simulator, broker, ingest), MiB.
+    pub rss_peak_mib: f64,
     pub fills: u64,
     pub events: u64,
     pub secs: f64,
@@ -100,8 +107,14 @@ impl fmt::Display for BenchIngestReport {
         )?;
         writeln!(
             f,
-            "  initial snapshot: {} events in {:.2} s",
-            self.snapshot_events, self.snapshot_secs
+            "  initial sync of {} positions over {} accounts: {} events in {:.2} s, {:.2} CPU-s ({:.1} µs CPU per position, whole process), {} reconnects",
+            self.positions,
+            self.accounts,
+            self.snapshot_events,
+            self.snapshot_secs,
+            self.snapshot_cpu_secs,
+            self.snapshot_cpu_secs * 1e6 / (self.snapshot_events.max(1) as f64),
+            self.snapshot_reconnects
         )?;
         writeln!(
             f,
@@ -112,6 +125,13 @@ impl fmt::Display for BenchIngestReport {
             self.events as f64 / self.secs.max(1e-9),
             self.events as f64 / self.cpu_secs.max(1e-9),
             self.cpu_secs
+        )?;
+        writeln!(
+            f,
+            "  per-frame cost at {} positions: {:.1} µs CPU per change (whole process); RSS peak {:.0} MiB",
+            self.positions,
+            self.cpu_secs * 1e6 / (self.events.max(1) as f64),
+            self.rss_peak_mib
         )?;
         write!(
             f,
@@ -170,9 +190,13 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 /// # Errors
 /// [`BenchError`] when a component fails to start or the pipeline stalls.
 pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError> {
+    // Twice the contracts of each account's share of the positions (5 underlyings, 20 strikes,
+    // calls and puts: 200 options per expiry), so the random world holds them all.
+    let per_account = args.positions.div_ceil(args.accounts.max(1));
     let sim = crate::sim::start(SimConfig {
         accounts: args.accounts.max(1),
         strikes: 20,
+        expiries: (per_account / 100 + 1).max(3),
         initial_positions: args.positions,
         fill_rate: 0.0,
         max_streams: 1000,
@@ -207,15 +231,21 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     };
     let shutdown = CancellationToken::new();
     let base = published();
+    eprintln!("syncing {} positions over {} accounts ...", truth.positions.len(), args.accounts);
     let t0 = Instant::now();
+    let cpu0 = cpu_seconds();
     let ingest = Ingest::start(cfg, kafka.clone(), shutdown.clone()).await?;
     let latency = ingest.latency_log();
+    let stats = ingest.stats();
     let task = tokio::spawn(ingest.run());
     wait_published(base + truth.positions.len() as u64, Duration::from_secs(60)).await?;
     let mut report = BenchIngestReport {
         positions: truth.positions.len(),
+        accounts: args.accounts,
         snapshot_events: published() - base,
         snapshot_secs: t0.elapsed().as_secs_f64(),
+        snapshot_cpu_secs: cpu_seconds() - cpu0,
+        snapshot_reconnects: stats.reconnects.load(Relaxed),
         fills: args.fills,
         ..Default::default()
     };
@@ -281,6 +311,7 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     report.p99_us = percentile(&samples, 0.99);
     report.max_us = samples.last().copied().unwrap_or(0);
 
+    report.rss_peak_mib = crate::materialize::bench::process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default();
     shutdown.cancel();
     match task.await {
         Ok(r) => r?,

@@ -44,11 +44,30 @@ pub struct IngestArgs {
     /// reading IB until acknowledgements free room (backpressure, bounded memory).
     #[arg(long, env = "POSSYNC_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
-    /// IB frames buffered per subscription while ingest waits on Kafka (at least 64; keep it
-    /// well above the number of positions, whose list arrives in one burst). If it overflows,
-    /// ingest reconnects and reconciles, so the published state still converges to IB's.
+    /// Least IB frames buffered per subscription (at least 64). Ingest sizes the buffer of each
+    /// connection from the position list it expects (the last list, or the state resumed at
+    /// start: 1.25 × its size + 1024 when that is larger), so a desk's list of 100k positions
+    /// needs no tuning. If it still overflows (a first start with no state, or a book that
+    /// grew), ingest reconnects at once with a buffer sized from what it saw and reconciles.
     #[arg(long, env = "POSSYNC_IB_BUFFER", default_value_t = 16_384)]
     pub ib_buffer: usize,
+    /// How often ingest asks IB for its time (`reqCurrentTime`) to prove the connection alive.
+    #[arg(long, env = "POSSYNC_IB_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub ib_heartbeat: Duration,
+    /// An IB heartbeat unanswered this long means the gateway went silent (a hung TWS, a dead
+    /// NAT entry, a half-open socket): the connection is dropped and made again. So a silent
+    /// gateway is noticed within --ib-heartbeat + --ib-timeout.
+    #[arg(long, env = "POSSYNC_IB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub ib_timeout: Duration,
+    /// The position list (up to PositionEnd) must arrive within this of the request, or the
+    /// connection is dropped and made again.
+    #[arg(long, env = "POSSYNC_IB_SYNC_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
+    pub ib_sync_timeout: Duration,
+    /// With the lease: a holder that has not had a working IB connection (one whose position
+    /// list arrived) for this long gives the lease up, so a standby that may reach IB takes
+    /// over; it rejoins the group as a standby. 0 = never.
+    #[arg(long, env = "POSSYNC_IB_UNREACHABLE_RELEASE", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub ib_unreachable_release: Duration,
     /// Messages per second ingest may send to IB (IB allows 50 per client; error 100 beyond).
     #[arg(long, env = "POSSYNC_IB_PACING", default_value_t = 40)]
     pub ib_pacing: u32,
@@ -114,8 +133,16 @@ pub struct IngestConfig {
     pub reconnect_healthy: Duration,
     /// Unacknowledged events at most.
     pub max_in_flight: usize,
-    /// IB frames buffered per subscription.
+    /// Least IB frames buffered per subscription.
     pub ib_buffer: usize,
+    /// Interval of the IB heartbeat.
+    pub ib_heartbeat: Duration,
+    /// An overdue IB answer (heartbeat) drops the connection.
+    pub ib_timeout: Duration,
+    /// Bound on the arrival of the whole position list.
+    pub ib_sync_timeout: Duration,
+    /// Give the lease up after this long without a working IB connection (zero = never).
+    pub ib_unreachable_release: Duration,
     /// Messages per second to IB.
     pub ib_pacing: u32,
     /// Wait for acknowledgements at shutdown, at most.
@@ -151,6 +178,10 @@ impl Default for IngestConfig {
             reconnect_healthy: Duration::from_secs(60),
             max_in_flight: 10_000,
             ib_buffer: 16_384,
+            ib_heartbeat: Duration::from_secs(5),
+            ib_timeout: Duration::from_secs(10),
+            ib_sync_timeout: Duration::from_secs(120),
+            ib_unreachable_release: Duration::from_secs(60),
             ib_pacing: 40,
             shutdown_grace: Duration::from_secs(10),
             kafka_timeout: Duration::from_secs(30),
@@ -193,6 +224,10 @@ impl From<&IngestArgs> for IngestConfig {
             reconnect_healthy: a.reconnect_healthy,
             max_in_flight: a.max_in_flight,
             ib_buffer: a.ib_buffer,
+            ib_heartbeat: a.ib_heartbeat,
+            ib_timeout: a.ib_timeout,
+            ib_sync_timeout: a.ib_sync_timeout,
+            ib_unreachable_release: a.ib_unreachable_release,
             ib_pacing: a.ib_pacing,
             shutdown_grace: a.shutdown_grace,
             kafka_timeout: a.kafka_timeout,

@@ -54,6 +54,9 @@ pub(crate) struct Engine {
     pub(crate) book: Book,
     /// Coverage of the open positions the registry names.
     covered: BTreeMap<PosKey, Coverage>,
+    /// Every account the book has held a position of (a handful): a registry change looks its
+    /// conId up in each, instead of scanning the book.
+    accounts: BTreeSet<String>,
     /// Open positions whose last published route is ACTIVE.
     active_routes: BTreeSet<PosKey>,
     /// Covered positions currently flagged as overflow.
@@ -71,6 +74,8 @@ pub(crate) struct Engine {
     /// The session should end and reconnect (frames were lost: only a fresh connection's
     /// list is known to be whole).
     pub(crate) reconnect_wanted: Option<String>,
+    /// Frames the next position list is expected to hold (sizes the connection's buffer).
+    expected_list: usize,
 }
 
 impl Engine {
@@ -82,10 +87,12 @@ impl Engine {
         book: Book,
         active_routes: BTreeSet<PosKey>,
     ) -> Self {
+        let accounts = book.keys().map(|k| k.account.clone()).collect();
         Self {
             registry,
             book,
             covered: BTreeMap::new(),
+            accounts,
             active_routes,
             overflow: BTreeSet::new(),
             refused: HashMap::new(),
@@ -95,7 +102,19 @@ impl Engine {
             synced: false,
             resync_wanted: false,
             reconnect_wanted: None,
+            expected_list: 0,
         }
+    }
+
+    /// Frames the next position list is expected to hold: the last list's size, the resumed
+    /// book's, or what an overflowing list showed.
+    pub(crate) fn expected_list(&self) -> usize {
+        self.expected_list.max(self.book.len())
+    }
+
+    /// Sets [`Engine::expected_list`].
+    pub(crate) fn expect_list(&mut self, frames: usize) {
+        self.expected_list = frames;
     }
 
     /// Open positions whose last published route is ACTIVE.
@@ -118,12 +137,26 @@ impl Engine {
         };
     }
 
-    fn update_coverage(&mut self, key: &PosKey) {
+    /// Brings `key`'s coverage up to date; returns whether it changed (a change of the
+    /// candidates of the slot plan).
+    fn update_coverage(&mut self, key: &PosKey) -> bool {
         let open = self.book.get(key).is_some_and(Held::is_open);
-        match self.registry.coverage(&key.account, key.con_id).filter(|_| open) {
+        let now = self.registry.coverage(&key.account, key.con_id).filter(|_| open);
+        if self.covered.get(key) == now.as_ref() {
+            return false;
+        }
+        match now {
             Some(c) => self.covered.insert(key.clone(), c),
             None => self.covered.remove(key),
         };
+        true
+    }
+
+    fn insert_held(&mut self, key: &PosKey, held: Held) {
+        if !self.accounts.contains(&key.account) {
+            self.accounts.insert(key.account.clone());
+        }
+        self.book.insert(key.clone(), held);
     }
 
     fn rebuild_coverage(&mut self) {
@@ -180,7 +213,10 @@ impl Engine {
         }
         self.overflow.clone_from(&self.plan.overflow);
 
-        let check: BTreeSet<PosKey> = self.covered.keys().chain(self.active_routes.iter()).cloned().collect();
+        // Only a position on the plan's active list or last published active can change route
+        // (the route is ACTIVE exactly on the plan's active list): at most the budget plus the
+        // active routes, whatever the size of the book or of the covered set.
+        let check: BTreeSet<PosKey> = self.plan.active.iter().chain(self.active_routes.iter()).cloned().collect();
         for key in check {
             if skip.contains(&key) {
                 continue;
@@ -215,7 +251,9 @@ impl Engine {
         Ok(())
     }
 
-    /// A live update of the positions subscription.
+    /// A live update of the positions subscription. Its cost does not grow with the book: the
+    /// slot plan is recomputed only when the update changes the set of covered open positions
+    /// (a covered position opened or closed), which is what the plan is made of.
     pub(crate) async fn on_stream(
         &mut self,
         client: &Arc<Client>,
@@ -230,22 +268,31 @@ impl Engine {
             Some(old) => held.pnl = old.pnl.filter(|_| held.is_open()),
             None => {}
         }
-        if held.is_open() {
-            self.book.insert(key.clone(), held.clone());
-            self.update_coverage(&key);
-            self.compute_plan();
+        let replan = if held.is_open() {
+            self.insert_held(&key, held.clone());
+            let replan = self.update_coverage(&key);
+            if replan {
+                self.compute_plan();
+            }
             let route = self.plan.route(&key);
             self.emit(&key, &held, route, Source::Stream, Some(observed)).await?;
             self.set_route(&key, route);
+            replan
         } else {
             let route = self.last_route(&key);
             self.emit(&key, &held, route, Source::Stream, Some(observed)).await?;
             self.book.remove(&key);
-            self.covered.remove(&key);
             self.active_routes.remove(&key);
-            self.compute_plan();
+            let replan = self.covered.remove(&key).is_some();
+            if replan {
+                self.compute_plan();
+            }
+            replan
+        };
+        if replan {
+            self.apply_plan(Some(client), &HashSet::from([key])).await?;
         }
-        self.apply_plan(Some(client), &HashSet::from([key])).await
+        Ok(())
     }
 
     /// IB's full position list (everything up to PositionEnd): reconcile, then re-plan.
@@ -257,6 +304,11 @@ impl Engine {
         let mut book: Book = after.into_iter().filter(|(_, h)| h.is_open()).collect();
         for (k, h) in &mut book {
             h.pnl = self.book.get(k).and_then(|old| old.pnl);
+        }
+        for k in book.keys() {
+            if !self.accounts.contains(&k.account) {
+                self.accounts.insert(k.account.clone());
+            }
         }
         let before = std::mem::replace(&mut self.book, book);
         self.refused.clear();
@@ -314,11 +366,18 @@ impl Engine {
             return Ok(());
         }
         tracing::info!(strategy = %event.strategy, account = ?event.account, con_id = event.con_id, action = ?event.action, priority = event.priority, "registry change");
-        let keys: Vec<PosKey> = self.book.keys().filter(|k| k.con_id == event.con_id).cloned().collect();
-        for key in &keys {
-            self.update_coverage(key);
+        // The positions of this conId: one lookup per account (a handful), not a scan of the book.
+        let keys: Vec<PosKey> = match &event.account {
+            Some(a) => vec![PosKey::new(a.clone(), event.con_id)],
+            None => self.accounts.iter().map(|a| PosKey::new(a.clone(), event.con_id)).collect(),
+        };
+        let mut changed = false;
+        for key in keys {
+            if self.book.contains_key(&key) {
+                changed |= self.update_coverage(&key);
+            }
         }
-        if self.synced {
+        if changed && self.synced {
             self.compute_plan();
             self.apply_plan(client, &HashSet::new()).await?;
         }

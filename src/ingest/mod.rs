@@ -188,12 +188,18 @@ impl Ingest {
     /// # Errors
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
     pub async fn run(self) -> Result<(), IngestError> {
-        self.run_term(None).await
+        self.run_term(None, None).await.map(|_| ())
     }
 
     /// [`Ingest::run`]; when `lost` is cancelled (the lease is gone, and `shutdown` with it),
-    /// the unacknowledged events are purged instead of flushed.
-    async fn run_term(mut self, lost: Option<&CancellationToken>) -> Result<(), IngestError> {
+    /// the unacknowledged events are purged instead of flushed. With `release_after`, a run
+    /// that has had no working IB connection (one whose position list arrived) for that long
+    /// ends with [`TermEnd::IbUnreachable`], so the lease can go to a standby.
+    async fn run_term(
+        mut self,
+        lost: Option<&CancellationToken>,
+        release_after: Option<std::time::Duration>,
+    ) -> Result<TermEnd, IngestError> {
         let limiter = RateLimiter::per_second(self.cfg.ib_pacing.max(1));
         let mut backoff = backoff::Backoff::new(
             self.cfg.reconnect_initial,
@@ -202,11 +208,17 @@ impl Ingest {
             None,
         );
         let mut first = true;
+        // When ingest last had a working connection (or started).
+        let mut last_working = std::time::Instant::now();
         let result = loop {
-            let Some((client, notices)) = session::connect(&self.cfg, &limiter, &mut backoff, &self.shutdown).await
-            else {
-                break Ok(());
-            };
+            let buffer = crate::ib::buffer_for(self.cfg.ib_buffer, self.engine.expected_list());
+            let give_up_at = release_after.map(|d| last_working + d);
+            let (client, notices) =
+                match session::connect(&self.cfg, buffer, &limiter, &mut backoff, give_up_at, &self.shutdown).await {
+                    session::Connected::Yes(client, notices) => (client, notices),
+                    session::Connected::Shutdown => break Ok(TermEnd::Stopped),
+                    session::Connected::GaveUp => break Ok(TermEnd::IbUnreachable),
+                };
             let connected = std::time::Instant::now();
             metrics::global().ib_connected.store(1, Relaxed);
             if !first {
@@ -216,28 +228,47 @@ impl Ingest {
             first = false;
             let end = session::run_session(
                 &mut self.engine,
+                &self.cfg,
                 &client,
                 notices,
                 &mut self.registry_rx,
                 &self.shutdown,
             )
             .await;
+            let synced = self.engine.synced;
+            if synced {
+                last_working = std::time::Instant::now();
+            }
             self.engine.disconnected();
             metrics::global().ib_connected.store(0, Relaxed);
-            client.disconnect().await;
-            match end {
-                Ok(session::SessionEnd::Shutdown) => break Ok(()),
-                Ok(session::SessionEnd::Disconnected(why)) => {
-                    backoff.session_ended(connected.elapsed());
-                    let delay = backoff.next_delay();
-                    tracing::warn!(reason = %why, retry_in = ?delay, "IB connection lost; reconnecting");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => break Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+            // A silent gateway may not take the close either: do not wait on it for long.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.disconnect()).await;
+            let overflow = matches!(end, Ok(session::SessionEnd::Overflow));
+            let (why, useful) = match end {
+                Ok(session::SessionEnd::Shutdown) => break Ok(TermEnd::Stopped),
+                Ok(session::SessionEnd::Disconnected(why)) => (why, synced),
+                Ok(session::SessionEnd::Silent(why)) => {
+                    metrics::global().ib_silent.fetch_add(1, Relaxed);
+                    tracing::warn!(reason = %why, "IB went silent on an open connection (hung gateway, dead NAT entry or half-open socket): dropping it");
+                    (why, synced)
                 }
-                Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(()),
+                // Nothing wrong with the gateway: the buffer of this connection was too small.
+                Ok(session::SessionEnd::Overflow) => ("IB buffer overflow".to_string(), true),
+                Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(TermEnd::Stopped),
                 Err(e) => break Err(e),
+            };
+            backoff.session_ended(connected.elapsed(), useful);
+            if release_after.is_some_and(|d| last_working.elapsed() >= d) {
+                tracing::warn!(reason = %why, since = ?last_working.elapsed(), "no working IB connection for too long");
+                break Ok(TermEnd::IbUnreachable);
+            }
+            // An overflow is no trouble of the gateway's: the next connection, with a buffer
+            // that fits, is made at once.
+            let delay = if overflow { std::time::Duration::ZERO } else { backoff.next_delay() };
+            tracing::warn!(reason = %why, retry_in = ?delay, "IB connection lost; reconnecting");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(TermEnd::Stopped),
+                _ = tokio::time::sleep(delay) => {}
             }
         };
         if lost.is_some_and(CancellationToken::is_cancelled) {
@@ -249,6 +280,15 @@ impl Ingest {
         self.engine.log_stats();
         result
     }
+}
+
+/// How a run (a lease term) ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TermEnd {
+    /// Shutdown, or the lease was lost.
+    Stopped,
+    /// No working IB connection for `--ib-unreachable-release`: give the lease up.
+    IbUnreachable,
 }
 
 /// How long a stopping ingest waits for its lease consumer to leave the group.
@@ -266,13 +306,29 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
         return Ingest::start(cfg, kafka, shutdown).await?.run().await;
     };
     metrics::global().ingest_lease_held.store(0, Relaxed);
-    let mut lease = lease::Lease::join(&kafka, &group)?;
-    tracing::info!(%group, topic = %kafka.topics.lease, "joining the ingest lease group");
-    let result = fenced(&cfg, &kafka, &mut lease, &shutdown).await;
-    // Leave only after the last event was flushed (or purged): the next holder starts after.
-    lease.release(LEASE_RELEASE_TIMEOUT).await;
-    result
+    loop {
+        let mut lease = lease::Lease::join(&kafka, &group)?;
+        tracing::info!(%group, topic = %kafka.topics.lease, "joining the ingest lease group");
+        let result = fenced(&cfg, &kafka, &mut lease, &shutdown).await;
+        // Leave only after the last event was flushed (or purged): the next holder starts after.
+        lease.release(LEASE_RELEASE_TIMEOUT).await;
+        match result {
+            Ok(TermEnd::IbUnreachable) => {
+                tracing::warn!(%group, after = ?cfg.ib_unreachable_release, "cannot reach IB: gave the ingest lease up so that a standby that may reach it takes over; joining again as a standby");
+                // Rejoin after the group has handed the partition over to a waiting standby.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(UNREACHABLE_REJOIN_DELAY) => {}
+                }
+            }
+            Ok(TermEnd::Stopped) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }
+
+/// After giving the lease up for want of IB, wait this long before joining again.
+const UNREACHABLE_REJOIN_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Wait before starting a lease term again after Kafka failed it.
 const TERM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -292,7 +348,7 @@ async fn fenced(
     kafka: &KafkaConfig,
     lease: &mut lease::Lease,
     shutdown: &CancellationToken,
-) -> Result<(), IngestError> {
+) -> Result<TermEnd, IngestError> {
     use lease::LeaseState;
     let m = metrics::global();
     let group = lease.group().to_string();
@@ -305,7 +361,7 @@ async fn fenced(
                 tracing::info!(%group, "another ingest holds the lease (group {group}); standing by");
             }
             state = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(TermEnd::Stopped),
                 s = lease.changed(state) => s,
             };
         }
@@ -313,7 +369,7 @@ async fn fenced(
         if !cfg.lease_takeover_delay.is_zero() {
             tracing::info!(%group, delay = ?cfg.lease_takeover_delay, "got the ingest lease; waiting before connecting to IB, so that a previous holder cut off from Kafka has stopped");
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(TermEnd::Stopped),
                 s = lease::wait_until(&mut watch, |s| s != LeaseState::Held) => {
                     state = s;
                     continue;
@@ -338,8 +394,9 @@ async fn fenced(
         });
         m.ingest_lease_held.store(1, Relaxed);
         tracing::info!(%group, "holding the ingest lease (group {group}); starting");
+        let release_after = Some(cfg.ib_unreachable_release).filter(|d| !d.is_zero());
         let (result, started) = match Ingest::start(cfg.clone(), kafka.clone(), term.clone()).await {
-            Ok(ingest) => (ingest.run_term(Some(&lost)).await, true),
+            Ok(ingest) => (ingest.run_term(Some(&lost), release_after).await, true),
             Err(e) => (Err(e), false),
         };
         term.cancel();
@@ -351,7 +408,7 @@ async fn fenced(
             if let Err(e) = &result {
                 tracing::info!(%group, error = %e, "stopped while the lease term was starting");
             }
-            return if started { result } else { Ok(()) };
+            return if started { result } else { Ok(TermEnd::Stopped) };
         }
         if !lost.is_cancelled() {
             match result {
@@ -360,7 +417,7 @@ async fn fenced(
                 Err(e) if !started && is_transient(&e) => {
                     tracing::warn!(%group, error = %e, "could not start the lease term (is Kafka reachable?); retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = shutdown.cancelled() => return Ok(TermEnd::Stopped),
                         _ = tokio::time::sleep(TERM_RETRY) => {}
                     }
                     state = lease.state();
@@ -371,7 +428,7 @@ async fn fenced(
         }
         m.ingest_lease_lost.fetch_add(1, Relaxed);
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::warn!(%group, "lost the ingest lease (cut off from Kafka or stalled longer than the session timeout): stopped publishing and dropped the IB connection; another ingest may hold it now")
             }
             Err(e) => {

@@ -5,6 +5,19 @@
 //! module reconnects with its own backoff (so 326 "client id in use" while IB still holds the
 //! dead session, and a gateway refusing connections during its nightly restart, are simply
 //! retried), then resubscribes positions and PnL streams and reconciles after PositionEnd.
+//!
+//! **Sizing.** ibapi buffers each subscription in a lossy ring that evicts the oldest frames
+//! when ingest falls behind, and the position list arrives in one burst. Each connection's ring
+//! is sized from the list ingest expects ([`buffer_for`]: the last list, or the resumed book),
+//! so a desk's 100k positions fit at default flags; a list that still overflows (first start
+//! with no state, a book that grew) ends the session with the size it saw, and the next one,
+//! made at once, fits it.
+//!
+//! **Liveness.** A socket can stay open while nothing comes through it (a hung TWS, a dead NAT
+//! entry). A heartbeat (`reqCurrentTime` every `--ib-heartbeat`) unanswered within
+//! `--ib-timeout`, or a position list not ended within `--ib-sync-timeout`, ends the session
+//! as silent ([`SessionEnd::Silent`]): `ib_connected` falls to 0 (so `/readyz` says so), the
+//! connection is dropped and made again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,18 +42,55 @@ pub(crate) enum SessionEnd {
     Shutdown,
     /// The connection is gone; reconnect.
     Disconnected(String),
+    /// The socket is open but IB stopped answering; reconnect.
+    Silent(String),
+    /// The position list overflowed the buffer of this connection; reconnect at once with one
+    /// sized from what was seen.
+    Overflow,
 }
 
-/// The smallest per-subscription IB buffer: a position list arrives in one burst.
-const MIN_IB_BUFFER: usize = 64;
+/// Ends the heartbeat task with the session.
+struct AbortOnDrop(tokio::task::JoinHandle<String>);
 
-/// Connects to IB, retrying with `backoff` (kept across sessions) until it works or `shutdown`.
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks IB for its time every `every`; returns why once an answer is overdue or fails.
+async fn heartbeat(client: Arc<Client>, every: Duration, timeout: Duration) -> String {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = crate::ib::heartbeat(&client, timeout).await {
+            return e.to_string();
+        }
+    }
+}
+
+/// What [`connect`] ended with.
+pub(crate) enum Connected {
+    /// A connection, and its notice stream.
+    Yes(Arc<Client>, NoticeStream),
+    /// Shutdown was requested.
+    Shutdown,
+    /// `give_up_at` passed.
+    GaveUp,
+}
+
+/// Connects to IB with `buffer` frames per subscription, retrying with `backoff` (kept across
+/// sessions) until it works, `shutdown`, or a failed attempt after `give_up_at`.
 pub(crate) async fn connect(
     cfg: &IngestConfig,
+    buffer: usize,
     limiter: &RateLimiter,
     backoff: &mut Backoff,
+    give_up_at: Option<Instant>,
     shutdown: &CancellationToken,
-) -> Option<(Arc<Client>, NoticeStream)> {
+) -> Connected {
     let address = cfg.ib_address();
     let mut attempt = 1u64;
     loop {
@@ -49,17 +99,17 @@ pub(crate) async fn connect(
             .address(address.clone())
             .client_id(cfg.client_id)
             .max_reconnect_attempts(0)
-            .channel_capacity(cfg.ib_buffer.max(MIN_IB_BUFFER))
+            .channel_capacity(buffer)
             .rate_limiter(limiter.clone())
             .connect_with_notice_stream();
         let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Connected::Shutdown,
             r = tokio::time::timeout(Duration::from_secs(15), connecting) => r,
         };
         match outcome {
             Ok(Ok((client, notices))) => {
-                tracing::info!(%address, client_id = cfg.client_id, server_version = client.server_version(), accounts = ?client.handshake_managed_accounts(), "connected to IB");
-                return Some((Arc::new(client), notices));
+                tracing::info!(%address, client_id = cfg.client_id, server_version = client.server_version(), accounts = ?client.handshake_managed_accounts(), buffer, "connected to IB");
+                return Connected::Yes(Arc::new(client), notices);
             }
             Ok(Err(ibapi::Error::ClientIdInUse { .. })) => {
                 tracing::warn!(%address, client_id = cfg.client_id, attempt, retry_in = ?delay, "IB says client id in use (326); if the old session is still closing this clears by itself, otherwise give ingest another --client-id");
@@ -69,8 +119,11 @@ pub(crate) async fn connect(
             }
             Err(_) => tracing::warn!(%address, attempt, retry_in = ?delay, "IB handshake timed out; retrying"),
         }
+        if give_up_at.is_some_and(|t| Instant::now() >= t) {
+            return Connected::GaveUp;
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Connected::Shutdown,
             _ = tokio::time::sleep(delay) => {}
         }
         attempt += 1;
@@ -84,11 +137,13 @@ fn describe(e: &ibapi::Error) -> String {
 /// Runs one connected session until the connection drops or shutdown.
 pub(crate) async fn run_session(
     engine: &mut Engine,
+    cfg: &IngestConfig,
     client: &Arc<Client>,
     mut notices: NoticeStream,
     registry: &mut mpsc::Receiver<RegistryEvent>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, IngestError> {
+    let mut beat = AbortOnDrop(tokio::spawn(heartbeat(client.clone(), cfg.ib_heartbeat, cfg.ib_timeout)));
     let mut positions = match client.positions().await {
         Ok(p) => p,
         Err(e) => {
@@ -98,8 +153,10 @@ pub(crate) async fn run_session(
             )))
         }
     };
-    // Some(book) while the position list is being received (until PositionEnd).
+    // Some(book) while the position list is being received (until PositionEnd), and by when
+    // it must have ended.
     let mut snapshot: Option<Book> = Some(Book::new());
+    let mut list_deadline = Instant::now() + cfg.ib_sync_timeout;
     let mut stats = tokio::time::interval(Duration::from_secs(30));
     stats.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut registry_open = true;
@@ -122,11 +179,17 @@ pub(crate) async fn run_session(
                 }
             }
             snapshot = Some(Book::new());
+            list_deadline = Instant::now() + cfg.ib_sync_timeout;
         }
         let retry_refused = engine.next_refused_retry();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            why = &mut beat.0 => return Ok(SessionEnd::Silent(why.unwrap_or_else(|e| format!("heartbeat task: {e}")))),
+            _ = tokio::time::sleep_until(list_deadline.into()), if snapshot.is_some() => {
+                let got = snapshot.as_ref().map_or(0, Book::len);
+                return Ok(SessionEnd::Silent(format!("the position list did not end within {:?} ({got} positions received)", cfg.ib_sync_timeout)));
+            }
             failed = engine.publisher.failed() => engine.on_failures(failed),
             event = engine.slots.recv() => engine.on_slot_event(client, event).await?,
             event = registry.recv(), if registry_open => match event {
@@ -148,14 +211,21 @@ pub(crate) async fn run_session(
                     },
                     Some(Ok(SubscriptionItem::Data(PositionUpdate::PositionEnd))) => {
                         if let Some(book) = snapshot.take() {
+                            engine.expect_list(book.len());
                             engine.sync(client, book).await?;
                         }
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
                         // Frames were dropped (possibly a PositionEnd): only a fresh connection
-                        // gives a list that is known to be whole.
-                        tracing::warn!(message = %n.message, "position updates overflowed the IB buffer while Kafka was slow; reconnecting to reconcile (raise --ib-buffer to avoid)");
-                        engine.reconnect_wanted = Some("IB buffer overflow".into());
+                        // gives a list that is known to be whole. The next one's buffer holds
+                        // at least what this one saw.
+                        if let Some(list) = &snapshot {
+                            // The list is at least what arrived and was dropped; allow for twice.
+                            let seen = list.len() + crate::ib::dropped_frames(&n.message);
+                            engine.expect_list(engine.expected_list().max(seen * 2));
+                        }
+                        tracing::warn!(message = %n.message, during_list = snapshot.is_some(), next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.expected_list()), "position updates overflowed the IB buffer; reconnecting at once with a larger buffer to reconcile");
+                        return Ok(SessionEnd::Overflow);
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "positions notice"),
                     Some(Err(e)) => return Ok(SessionEnd::Disconnected(format!("positions stream: {}", describe(&e)))),

@@ -81,9 +81,16 @@ pub struct QueueWorkerArgs {
     /// Messages per second the worker may send to IB (IB allows 50 per client).
     #[arg(long, env = "POSSYNC_QUEUE_IB_PACING", default_value_t = 40)]
     pub ib_pacing: u32,
-    /// How long one account's poll may take before it is abandoned (its items stay pending).
+    /// How long one account's poll may take before it is abandoned (its items stay pending);
+    /// an overdue answer also means a silent gateway: the connection is made again.
     #[arg(long, env = "POSSYNC_QUEUE_POLL_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub poll_timeout: Duration,
+    /// While no poll is due, ask IB for its time this often to prove the connection alive.
+    #[arg(long, env = "POSSYNC_IB_HEARTBEAT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub ib_heartbeat: Duration,
+    /// A heartbeat unanswered this long means the gateway went silent: reconnect.
+    #[arg(long, env = "POSSYNC_IB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub ib_timeout: Duration,
     /// An item whose POLL event has not come back from Kafka within this is polled again.
     #[arg(long, env = "POSSYNC_QUEUE_IN_FLIGHT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub in_flight_timeout: Duration,
@@ -121,6 +128,8 @@ pub struct QueueWorkerConfig {
     pub batch: usize,
     pub ib_pacing: u32,
     pub poll_timeout: Duration,
+    pub ib_heartbeat: Duration,
+    pub ib_timeout: Duration,
     pub in_flight_timeout: Duration,
     pub kafka_timeout: Duration,
     /// Start from this snapshot (`position_queue` + the topic's tail), not the whole topic.
@@ -139,6 +148,8 @@ impl Default for QueueWorkerConfig {
             batch: 50,
             ib_pacing: 40,
             poll_timeout: Duration::from_secs(10),
+            ib_heartbeat: Duration::from_secs(5),
+            ib_timeout: Duration::from_secs(10),
             in_flight_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
             snapshot: None,
@@ -157,6 +168,8 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             batch: a.batch,
             ib_pacing: a.ib_pacing,
             poll_timeout: a.poll_timeout,
+            ib_heartbeat: a.ib_heartbeat,
+            ib_timeout: a.ib_timeout,
             in_flight_timeout: a.in_flight_timeout,
             kafka_timeout: a.kafka_timeout,
             snapshot: a.snapshot.config(),
@@ -197,6 +210,11 @@ pub async fn run(
     let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
     let mut client: Option<Arc<Client>> = None;
     let mut batch: Option<JoinHandle<BatchResult>> = None;
+    // A heartbeat in flight, and when IB last answered this connection.
+    let mut beat: Option<JoinHandle<Result<(), crate::ib::HeartbeatError>>> = None;
+    let mut last_answer = Instant::now();
+    // Frames an account's answer held when it overflowed the buffer (sizes the next one).
+    let mut overflowed = 0usize;
     let mut tick = tokio::time::interval(cfg.tick.max(Duration::from_millis(1)));
     // Delay, not Skip: a late tick pushes the next one a full period out, so batches are never
     // closer together than `tick` (Skip could fire the next one right after a late one).
@@ -210,9 +228,20 @@ pub async fn run(
                 batch = None;
                 match done {
                     Ok((items, polls)) => {
-                        if polls.values().any(|r| matches!(r, Err(PollError::ConnectionLost(_)))) {
-                            client = None;
-                            metrics::global().ib_connected.store(0, Relaxed);
+                        if polls.values().any(|r| r.as_ref().is_err_and(PollError::needs_reconnect)) {
+                            for e in polls.values().filter_map(|r| r.as_ref().err()) {
+                                match e {
+                                    PollError::Lagged { seen, .. } => overflowed = overflowed.max(seen * 2),
+                                    PollError::Timeout(_) => {
+                                        metrics::global().ib_silent.fetch_add(1, Relaxed);
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            tracing::warn!("dropping the IB connection (lost, silent, or its buffer too small for an account's answer); reconnecting at the next tick");
+                            drop_client(&mut client).await;
+                        } else if polls.values().any(Result::is_ok) {
+                            last_answer = Instant::now();
                         }
                         match publish_batch(&mut queue, &mut publisher, items, polls).await {
                             Err(QueueWorkerError::Publish(e)) if e.is_cancelled() => break Ok(()),
@@ -221,6 +250,20 @@ pub async fn run(
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "poll task failed"),
+                }
+            }
+            alive = async { beat.as_mut().expect("guarded").await }, if beat.is_some() => {
+                beat = None;
+                match alive {
+                    Ok(Ok(())) => last_answer = Instant::now(),
+                    Ok(Err(e)) => {
+                        if matches!(e, crate::ib::HeartbeatError::Silent(_)) {
+                            metrics::global().ib_silent.fetch_add(1, Relaxed);
+                        }
+                        tracing::warn!(error = %e, "IB connection of the queue worker does not answer; reconnecting at the next tick");
+                        drop_client(&mut client).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "heartbeat task failed"),
                 }
             }
             m = replay.next() => match m {
@@ -244,14 +287,18 @@ pub async fn run(
                     continue;
                 }
                 if client.as_ref().is_none_or(|c| !c.is_connected()) {
-                    let connecting = poller::connect(&address, cfg.client_id, &limiter, Duration::from_secs(5).min(cfg.poll_timeout));
+                    // Each request's buffer holds the largest account's answer.
+                    let buffer = crate::ib::buffer_for(poller::MIN_BUFFER, queue.largest_account().max(overflowed));
+                    let connecting = poller::connect(&address, cfg.client_id, buffer, &limiter, Duration::from_secs(5).min(cfg.poll_timeout));
                     let connected = tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
                         c = connecting => c,
                     };
                     match connected {
                         Ok(c) => {
+                            tracing::info!(%address, client_id = cfg.client_id, buffer, "queue worker connected to IB");
                             client = Some(c);
+                            last_answer = Instant::now();
                             metrics::global().ib_connected.store(1, Relaxed);
                         }
                         Err(e) => {
@@ -263,6 +310,11 @@ pub async fn run(
                 let items = queue.take_sweep(cfg.batch, Instant::now(), cfg.in_flight_timeout);
                 metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
                 if items.is_empty() {
+                    // Nothing to poll: prove the connection alive now and then.
+                    if beat.is_none() && last_answer.elapsed() >= cfg.ib_heartbeat {
+                        let (c, timeout) = (client.clone().expect("connected above"), cfg.ib_timeout);
+                        beat = Some(tokio::spawn(async move { crate::ib::heartbeat(&c, timeout).await }));
+                    }
                     continue;
                 }
                 if let Some(observer) = &cfg.batch_observer {
@@ -287,13 +339,22 @@ pub async fn run(
     if let Some(b) = batch.take() {
         b.abort();
     }
-    let flushed = publisher.flush(Duration::from_secs(30)).await;
-    if let Some(c) = client {
-        c.disconnect().await;
+    if let Some(b) = beat.take() {
+        b.abort();
     }
+    let flushed = publisher.flush(Duration::from_secs(30)).await;
+    drop_client(&mut client).await;
     result?;
     flushed?;
     Ok(())
+}
+
+/// Drops the worker's IB connection (a silent gateway may not take the close: bounded wait).
+async fn drop_client(client: &mut Option<Arc<Client>>) {
+    metrics::global().ib_connected.store(0, Relaxed);
+    if let Some(c) = client.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.disconnect()).await;
+    }
 }
 
 /// The POLL event of `item` from its account's `poll`: the polled figures (quantity 0 when the

@@ -1,6 +1,12 @@
 //! Snapshot polls: `reqPositionsMulti` per account, read to its end marker, then cancelled.
 //! A positions-multi request holds no streaming slot; each poll costs two messages (request
 //! and cancel), paced by the client's rate limiter.
+//!
+//! An answer is taken as the account's book only when it is *whole*: every frame up to the end
+//! marker arrived. ibapi buffers each request in a lossy ring; when the worker falls behind it
+//! drops frames and says so with a lag notice, and such an answer fails the poll
+//! ([`PollError::Lagged`]) instead of turning the dropped contracts into closes (issue 18 #2).
+//! The worker then reconnects with a ring sized from what it saw.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +44,22 @@ pub enum PollError {
     /// No end marker within the poll timeout.
     #[error("no end of the position list within {0:?}")]
     Timeout(Duration),
+    /// The answer lost frames (the worker fell behind ibapi's buffer): not a whole book.
+    #[error("the answer lost {dropped} of at least {seen} frames (buffer overflow); polled again with a larger buffer")]
+    Lagged {
+        /// Frames that arrived plus those dropped: the answer held at least this many.
+        seen: usize,
+        /// Frames dropped.
+        dropped: usize,
+    },
+}
+
+impl PollError {
+    /// Whether the connection is no longer to be trusted: lost, or silent (a poll answer
+    /// overdue while the socket stays open), or its buffer too small.
+    pub fn needs_reconnect(&self) -> bool {
+        !matches!(self, PollError::Refused(_))
+    }
 }
 
 impl From<ibapi::Error> for PollError {
@@ -50,13 +72,18 @@ impl From<ibapi::Error> for PollError {
     }
 }
 
-/// Connects the worker's own client (no auto-reconnect: the worker reconnects at its next tick).
+/// The smallest per-request buffer of the worker's connection, in frames.
+pub const MIN_BUFFER: usize = 16_384;
+
+/// Connects the worker's own client (no auto-reconnect: the worker reconnects at its next tick)
+/// with `buffer` frames per request (see [`crate::ib::buffer_for`]).
 ///
 /// # Errors
 /// The `ibapi` connect error, or [`PollError::Timeout`].
 pub async fn connect(
     address: &str,
     client_id: i32,
+    buffer: usize,
     limiter: &RateLimiter,
     timeout: Duration,
 ) -> Result<Arc<Client>, PollError> {
@@ -64,6 +91,7 @@ pub async fn connect(
         .address(address)
         .client_id(client_id)
         .max_reconnect_attempts(0)
+        .channel_capacity(buffer)
         .rate_limiter(limiter.clone())
         .connect();
     match tokio::time::timeout(timeout, connecting).await {
@@ -102,6 +130,13 @@ pub async fn poll_account(client: &Client, account: &str, timeout: Duration) -> 
                     at: Instant::now(),
                 })
             }
+            Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
+                let dropped = crate::ib::dropped_frames(&n.message);
+                break Err(PollError::Lagged {
+                    seen: positions.len() + dropped,
+                    dropped,
+                });
+            }
             Some(Ok(SubscriptionItem::Notice(n))) => {
                 tracing::debug!(account, code = n.code, message = %n.message, "positions-multi notice")
             }
@@ -122,7 +157,8 @@ pub async fn poll_accounts(
     let mut out = HashMap::new();
     for account in accounts {
         let result = poll_account(&client, &account, timeout).await;
-        let lost = matches!(result, Err(PollError::ConnectionLost(_)));
+        // A lost, silent or overflowing connection: the next accounts wait for a new one.
+        let lost = result.as_ref().is_err_and(PollError::needs_reconnect);
         out.insert(account, result);
         if lost {
             break;

@@ -249,6 +249,16 @@ impl QueueState {
         }
     }
 
+    /// Items of the account with the most (every status): a bound on its poll answer's size
+    /// as far as the queue knows. Walks every item: for connects, not per message.
+    pub fn largest_account(&self) -> usize {
+        let mut per: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for k in self.items.keys() {
+            *per.entry(k.account.as_str()).or_default() += 1;
+        }
+        per.into_values().max().unwrap_or(0)
+    }
+
     /// Pending items (in flight or not; active ones are not pending).
     pub fn pending(&self) -> usize {
         self.items

@@ -84,6 +84,11 @@ pub struct SimArgs {
     #[arg(long, env = "POSSYNC_SIM_RESTART_EVERY", value_parser = humantime::parse_duration)]
     pub restart_every: Option<Duration>,
 
+    /// Freeze every open connection this often: it stays open but answers and sends nothing
+    /// (a hung gateway, a dead NAT entry); new connections are served. Unset = never.
+    #[arg(long, env = "POSSYNC_SIM_FREEZE_EVERY", value_parser = humantime::parse_duration)]
+    pub freeze_every: Option<Duration>,
+
     /// How long connections are refused during a simulated restart.
     #[arg(long, env = "POSSYNC_SIM_RESTART_REFUSE_FOR", value_parser = humantime::parse_duration, default_value = "30s")]
     pub restart_refuse_for: Duration,
@@ -134,6 +139,8 @@ pub struct SimConfig {
     pub drop_every: Option<Duration>,
     /// Scheduled restarts.
     pub restart_every: Option<Duration>,
+    /// Scheduled freezes of every open connection.
+    pub freeze_every: Option<Duration>,
     /// Refusal window of a scheduled restart.
     pub restart_refuse_for: Duration,
     /// Truth file path.
@@ -158,6 +165,7 @@ impl Default for SimConfig {
             pacing_limit: 50,
             drop_every: None,
             restart_every: None,
+            freeze_every: None,
             restart_refuse_for: Duration::from_secs(30),
             truth_file: None,
         }
@@ -194,6 +202,7 @@ impl From<SimArgs> for SimConfig {
             pacing_limit: args.pacing_limit,
             drop_every: args.drop_every,
             restart_every: args.restart_every,
+            freeze_every: args.freeze_every,
             restart_refuse_for: args.restart_refuse_for,
             truth_file: args.truth_file,
         }

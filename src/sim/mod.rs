@@ -26,6 +26,7 @@
 //! - more than `pacing_limit` messages in one second from a client: error 100 on the request, which is dropped (cancels pass);
 //! - a second connection with a connected client id: error 326, then the socket closes;
 //! - [`SimHandle::drop_connections`] and `drop_every`: every connection closes;
+//! - [`SimHandle::freeze_connections`] and `freeze_every`: every connection stays open but answers and sends nothing until its client closes it;
 //! - [`SimHandle::restart`] and `restart_every`: every connection closes and the port refuses connections for a while;
 //! - [`SimHandle::send_notice`]: 1100 / 1101 / 1102 (1101 also ends the connection's PnL streams, as data was lost);
 //! - a malformed frame (bad length prefix, bad handshake, undecodable protobuf) closes that connection only;
@@ -196,6 +197,13 @@ impl SimHandle {
     pub fn drop_connections(&self) {
         info!("dropping every connection");
         self.shared.drop_connections();
+    }
+
+    /// Freezes every connection open now: each stays open but answers and sends nothing (a
+    /// hung gateway, a dead NAT entry) until its client closes it; new connections are served.
+    pub fn freeze_connections(&self) {
+        info!("freezing every connection");
+        self.shared.freeze_connections();
     }
 
     /// Simulates a gateway restart: every connection is closed and the port

@@ -81,7 +81,8 @@ pub async fn accept_loop(
                 match accepted {
                     Ok((socket, peer)) => {
                         let token = shared.connection_token();
-                        sessions.spawn(session::serve(shared.clone(), socket, peer, token));
+                        let freeze = shared.freeze_token();
+                        sessions.spawn(session::serve(shared.clone(), socket, peer, token, freeze));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off briefly.
@@ -128,6 +129,12 @@ pub fn spawn_background(shared: &Arc<Shared>, restarts: &mpsc::Sender<RestartReq
         tasks.spawn(every(shared.clone(), period, |shared| {
             info!("scheduled connection drop");
             shared.drop_connections();
+        }));
+    }
+    if let Some(period) = config.freeze_every.filter(|p| !p.is_zero()) {
+        tasks.spawn(every(shared.clone(), period, |shared| {
+            info!("scheduled connection freeze");
+            shared.freeze_connections();
         }));
     }
     if let Some(period) = config.restart_every.filter(|p| !p.is_zero()) {

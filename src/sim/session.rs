@@ -73,15 +73,27 @@ pub enum SessionError {
     Lagged(u64),
 }
 
-/// Serves one accepted connection until it closes, fails or `kill` fires.
-pub async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, kill: CancellationToken) {
-    match start(shared, socket, &kill).await {
+/// Serves one accepted connection until it closes, fails or `kill` fires; from `freeze` on,
+/// it answers nothing (see [`Shared::freeze_connections`]).
+pub async fn serve(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    kill: CancellationToken,
+    freeze: CancellationToken,
+) {
+    match start(shared, socket, &kill, &freeze).await {
         Ok(()) => debug!(%peer, "connection closed"),
         Err(e) => info!(%peer, error = %e, "connection closed"),
     }
 }
 
-async fn start(shared: Arc<Shared>, socket: TcpStream, kill: &CancellationToken) -> Result<(), SessionError> {
+async fn start(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    kill: &CancellationToken,
+    freeze: &CancellationToken,
+) -> Result<(), SessionError> {
     socket.set_nodelay(true)?;
     let (mut reader, mut writer) = socket.into_split();
     let handshake = async {
@@ -132,11 +144,28 @@ async fn start(shared: Arc<Shared>, socket: TcpStream, kill: &CancellationToken)
         next_order_id: 1,
     };
     info!(client_id, "client connected");
-    let result = session.run(inbound, events, notices, kill).await;
+    let result = session.run(inbound, events, notices, kill, freeze).await;
     reader_task.abort();
     lock(&shared.clients).release(client_id);
     info!(client_id, "client disconnected");
     result
+}
+
+/// A frozen connection: reads (and ignores) the client's frames until it closes the socket
+/// or `kill` fires; writes nothing.
+async fn frozen(
+    inbound: &mut mpsc::Receiver<Result<Frame, WireError>>,
+    kill: &CancellationToken,
+) -> Result<(), SessionError> {
+    loop {
+        tokio::select! {
+            _ = kill.cancelled() => return Ok(()),
+            frame = inbound.recv() => match frame {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Ok(()),
+            },
+        }
+    }
 }
 
 /// A positions-multi subscription: account filter and the world sequence its
@@ -172,6 +201,7 @@ impl Session {
         mut events: broadcast::Receiver<PositionChange>,
         mut notices: broadcast::Receiver<i32>,
         kill: &CancellationToken,
+        freeze: &CancellationToken,
     ) -> Result<(), SessionError> {
         self.send_hello().await?;
         let period = self.shared.config.pnl_tick.max(Duration::from_millis(10));
@@ -181,6 +211,10 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = kill.cancelled() => return Ok(()),
+                _ = freeze.cancelled() => {
+                    info!(client_id = self.client_id, "connection frozen: nothing answered or sent until the client closes it");
+                    return frozen(&mut inbound, kill).await;
+                }
                 frame = inbound.recv() => match frame {
                     Some(Ok(frame)) => {
                         let idle = self.pnl.is_empty();

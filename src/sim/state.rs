@@ -34,6 +34,8 @@ pub struct Shared {
     pub notices: broadcast::Sender<i32>,
     /// Cancelled to drop every current connection; replaced afterwards.
     generation: Mutex<CancellationToken>,
+    /// Cancelled to freeze every current connection; replaced afterwards.
+    freezes: Mutex<CancellationToken>,
     /// Cancelled when the simulator stops.
     pub shutdown: CancellationToken,
 }
@@ -48,6 +50,7 @@ impl Shared {
             clients: Mutex::new(Clients::default()),
             notices,
             generation: Mutex::new(shutdown.child_token()),
+            freezes: Mutex::new(CancellationToken::new()),
             shutdown,
         }
     }
@@ -62,6 +65,20 @@ impl Shared {
         let mut generation = lock(&self.generation);
         generation.cancel();
         *generation = self.shutdown.child_token();
+    }
+
+    /// The token a new connection freezes on: cancelled by the next freeze.
+    pub fn freeze_token(&self) -> CancellationToken {
+        lock(&self.freezes).clone()
+    }
+
+    /// Freezes every connection open now: each stops answering and sending (requests are read
+    /// and ignored) while its socket stays open, until the client closes it or the simulator
+    /// drops it. New connections are served as usual.
+    pub fn freeze_connections(&self) {
+        let mut freezes = lock(&self.freezes);
+        freezes.cancel();
+        *freezes = CancellationToken::new();
     }
 
     /// The current ground truth.

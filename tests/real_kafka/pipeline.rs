@@ -42,6 +42,12 @@ pub struct Options {
     pub processes: bool,
     /// Talk to the cluster's SASL/SCRAM listener, credentials through `-K`.
     pub sasl: bool,
+    /// The simulated world (`None`: 4 accounts, 60 positions).
+    pub sim: Option<SimConfig>,
+    /// Every how many positions one is held by a strategy (registry entry).
+    pub active_every: usize,
+    /// Run ingest and the queue worker at their default flags (no quicker reconnects or ticks).
+    pub default_flags: bool,
 }
 
 impl Default for Options {
@@ -55,6 +61,9 @@ impl Default for Options {
             fill_rate: 20.0,
             processes: true,
             sasl: false,
+            sim: None,
+            active_every: 4,
+            default_flags: false,
         }
     }
 }
@@ -128,22 +137,24 @@ impl Pipeline {
                 .args(kafka_flags(&kafka)),
         )?;
         let sim = Arc::new(
-            possync::sim::start(SimConfig {
+            possync::sim::start(opts.sim.clone().unwrap_or_else(|| SimConfig {
                 accounts: 4,
                 initial_positions: 60,
                 pnl_tick: Duration::from_millis(500),
                 ..SimConfig::for_tests()
-            })
+            }))
             .await?,
         );
-        // Every fourth position is held by a strategy: the active route gets traffic too. One
-        // producer for all of them (a producer per entry costs seconds on a real cluster).
+        // Every fourth position (by default) is held by a strategy: the active route gets
+        // traffic too. One producer for all of them (a producer per entry costs seconds on a
+        // real cluster).
+        let every = opts.active_every.max(1);
         let entries: Vec<_> = sim
             .truth()
             .positions
             .iter()
             .enumerate()
-            .filter(|(i, _)| i % 4 == 0)
+            .filter(|(i, _)| i % every == 0)
             .map(|(i, p)| {
                 possync::registry::event(
                     "faults",
@@ -236,9 +247,12 @@ impl Pipeline {
         if let Some(addr) = &self.ingest_metrics {
             cmd.args(["--metrics-addr", addr]);
         }
+        cmd.args(["--ib-port", &port, "--client-id", "11"]);
+        if !self.opts.default_flags {
+            cmd.args(["--slot-budget", "10"])
+                .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"]);
+        }
         let child = cmd
-            .args(["--ib-port", &port, "--client-id", "11", "--slot-budget", "10"])
-            .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"])
             .args(&self.opts.ingest_args)
             .args(self.producer_k())
             .spawn()
@@ -250,9 +264,12 @@ impl Pipeline {
     /// (Re)starts the queue worker.
     pub fn start_queue_worker(&mut self) -> anyhow::Result<()> {
         let port = self.sim.addr().port().to_string();
-        let child = self
-            .command("queue-worker", "queue-worker")?
-            .args(["--ib-port", &port, "--client-id", "12", "--tick", "1s"])
+        let mut cmd = self.command("queue-worker", "queue-worker")?;
+        cmd.args(["--ib-port", &port, "--client-id", "12"]);
+        if !self.opts.default_flags {
+            cmd.args(["--tick", "1s"]);
+        }
+        let child = cmd
             .args(self.producer_k())
             .spawn()
             .context("spawn queue-worker")?;
@@ -495,6 +512,32 @@ impl Pipeline {
         to.display().to_string()
     }
 
+    /// Waits until `positions_current` equals the simulator's truth now (the book is quiet);
+    /// returns how long that took.
+    pub async fn wait_tables_equal_truth(&self, what: &str, within: Duration) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let truth = self.truth();
+        loop {
+            let table = open_positions(&self.base).await.unwrap_or_default();
+            if table == truth {
+                eprintln!("[faults] {what}: positions_current equals the truth ({} open) after {:.1} s", truth.len(), t0.elapsed().as_secs_f64());
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > within {
+                let wrong = truth.iter().filter(|(k, v)| table.get(*k) != Some(v)).count();
+                let extra = table.keys().filter(|k| !truth.contains_key(*k)).count();
+                bail!(
+                    "{what}: positions_current ({} open) did not reach the truth ({} open) within {within:?}: {wrong} differ, {extra} not open in the truth\ningest log:\n{}\nqueue-worker log:\n{}",
+                    table.len(),
+                    truth.len(),
+                    self.log_tail("ingest"),
+                    self.log_tail("queue-worker")
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Open positions of the simulator now: (account, conId) → quantity.
     pub fn truth(&self) -> BTreeMap<(String, i64), f64> {
         self.sim
@@ -630,4 +673,54 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
         }
     }
     Ok(())
+}
+
+/// The queue's refresh lags, in seconds, from the topics: for each queued change (an enqueue
+/// event of ingest: SNAPSHOT or STREAM on the queued route, not a close), the time until the
+/// queue worker's next POLL of that position was requested. A position that moves to the
+/// active route or closes needs no refresh. A change still unrefreshed in the topics counts
+/// with its age at `end_micros` (the end of the observed period) when it was made more than
+/// 10 s before that, and is left out otherwise (not yet due).
+pub fn refresh_lags(produced: &[Produced], end_micros: i64) -> Vec<f64> {
+    use possync::events::{Route, Source};
+    let mut per_key: BTreeMap<(String, i64), Vec<&PositionEvent>> = BTreeMap::new();
+    for p in produced {
+        if let Payload::Position(e) = &p.payload {
+            if e.source != Source::Pnl {
+                per_key.entry((e.account.clone(), e.con_id)).or_default().push(e);
+            }
+        }
+    }
+    let mut lags = Vec::new();
+    for events in per_key.values_mut() {
+        events.sort_by_key(|e| e.ingest_time);
+        let mut pending: Option<i64> = None;
+        for e in events.iter() {
+            match (e.source, e.route) {
+                (Source::Poll, _) => {
+                    if let Some(t) = pending.take() {
+                        lags.push((e.ingest_time - t) as f64 / 1e6);
+                    }
+                }
+                (_, Route::Active) => pending = None,
+                _ if e.position == 0.0 => pending = None,
+                _ => {
+                    pending.get_or_insert(e.ingest_time);
+                }
+            }
+        }
+        if let Some(t) = pending.filter(|t| *t < end_micros - 10_000_000) {
+            lags.push((end_micros - t) as f64 / 1e6);
+        }
+    }
+    lags
+}
+
+/// The `q` quantile (0..=1) of `v` (sorted in place).
+pub fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
