@@ -50,7 +50,9 @@ pub enum HeartbeatError {
 pub async fn heartbeat(client: &Client, timeout: Duration) -> Result<(), HeartbeatError> {
     match tokio::time::timeout(timeout, client.server_time()).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed) => {
+        Ok(Err(e))
+            if e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed) =>
+        {
             Err(HeartbeatError::Lost(e))
         }
         Ok(Err(e)) => {
@@ -70,7 +72,7 @@ mod tests {
         assert_eq!(buffer_for(16_384, 0), 16_384);
         assert_eq!(buffer_for(0, 0), MIN_BUFFER);
         let b = buffer_for(16_384, 100_000);
-        assert!(b >= 125_000 && b < 126_000, "{b}");
+        assert!((125_000..126_000).contains(&b), "{b}");
         assert_eq!(buffer_for(64, 40), 40 + 10 + 64);
     }
 

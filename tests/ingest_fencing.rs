@@ -468,9 +468,11 @@ async fn a_holder_that_cannot_reach_ib_hands_the_lease_to_a_standby() -> anyhow:
     let proxy = Proxy::start(env.sim.addr()).await?;
     let release = ["--ib-unreachable-release", "4s"];
     let a = spawn_ingest_via(&env, 211, dir.path(), proxy.port, &release)?;
-    wait_for("the first ingest to hold the lease and publish the book", DEADLINE, || async {
-        (a.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(())
-    })
+    wait_for(
+        "the first ingest to hold the lease and publish the book",
+        DEADLINE,
+        || async { (a.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(()) },
+    )
     .await
     .with_context(|| a.log_text())?;
     let b = spawn_ingest_via(&env, 212, dir.path(), env.sim.addr().port(), &release)?;
@@ -485,9 +487,11 @@ async fn a_holder_that_cannot_reach_ib_hands_the_lease_to_a_standby() -> anyhow:
     let truth = env.sim.truth();
     let p = &truth.positions[1];
     env.sim.apply_fill(&p.account, p.contract.con_id, 4.0)?;
-    wait_for("the standby to take over and publish IB's book", Duration::from_secs(90), || async {
-        (b.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(())
-    })
+    wait_for(
+        "the standby to take over and publish IB's book",
+        Duration::from_secs(90),
+        || async { (b.lease_held().await == Some(1) && book_matches(&collector, &env.sim.truth())).then_some(()) },
+    )
     .await
     .with_context(|| format!("--- 211:\n{}\n--- 212:\n{}", a.log_text(), b.log_text()))?;
     ensure!(
@@ -496,7 +500,10 @@ async fn a_holder_that_cannot_reach_ib_hands_the_lease_to_a_standby() -> anyhow:
         a.log_text()
     );
     let held_a = a.lease_held().await;
-    ensure!(held_a == Some(0), "the blind ingest stands by again: lease gauge {held_a:?}");
+    ensure!(
+        held_a == Some(0),
+        "the blind ingest stands by again: lease gauge {held_a:?}"
+    );
     for ing in [a, b] {
         signal(&ing.child.0, "INT")?;
         let mut child = ing.child;

@@ -44,12 +44,17 @@ async fn a_frozen_connection_is_noticed_and_nothing_is_lost() -> anyhow::Result<
     let last = env.sim.truth().positions.last().cloned().expect("a position");
     env.sim.set_position(&last.account, last.contract.con_id, 0.0, 0.0)?;
 
-    wait_for("ingest to give the frozen connection up and reconnect", DEADLINE, || async {
-        (reconnects.load(Relaxed) > before).then_some(())
-    })
+    wait_for(
+        "ingest to give the frozen connection up and reconnect",
+        DEADLINE,
+        || async { (reconnects.load(Relaxed) > before).then_some(()) },
+    )
     .await?;
     let noticed = frozen_at.elapsed();
-    eprintln!("frozen connection replaced after {:.1} s (bound {bound:?} + reconnect)", noticed.as_secs_f64());
+    eprintln!(
+        "frozen connection replaced after {:.1} s (bound {bound:?} + reconnect)",
+        noticed.as_secs_f64()
+    );
     // The bound plus the reconnect delay and generous slack for a loaded 2-core machine: the
     // point is "noticed", where the earlier build never noticed at all.
     ensure!(
@@ -102,7 +107,11 @@ async fn a_flapping_gateway_keeps_the_published_state_exact() -> anyhow::Result<
         })
         .await?;
         let back = t0.elapsed();
-        eprintln!("drop {round} ({}): back after {:.2} s", if restart { "restart, port refused 1 s" } else { "plain" }, back.as_secs_f64());
+        eprintln!(
+            "drop {round} ({}): back after {:.2} s",
+            if restart { "restart, port refused 1 s" } else { "plain" },
+            back.as_secs_f64()
+        );
         if !restart {
             plain.push(back);
         }

@@ -206,7 +206,11 @@ async fn desk_of_100k_positions_at_default_flags() -> anyhow::Result<()> {
         ..Options::default()
     })
     .await?;
-    ensure!(p.truth().len() == POSITIONS, "the world holds {} positions", p.truth().len());
+    ensure!(
+        p.truth().len() == POSITIONS,
+        "the world holds {} positions",
+        p.truth().len()
+    );
     let synced = p
         .wait_tables_equal_truth("first sync of 100k positions", Duration::from_secs(300))
         .await?;

@@ -231,7 +231,11 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     };
     let shutdown = CancellationToken::new();
     let base = published();
-    eprintln!("syncing {} positions over {} accounts ...", truth.positions.len(), args.accounts);
+    eprintln!(
+        "syncing {} positions over {} accounts ...",
+        truth.positions.len(),
+        args.accounts
+    );
     let t0 = Instant::now();
     let cpu0 = cpu_seconds();
     let ingest = Ingest::start(cfg, kafka.clone(), shutdown.clone()).await?;

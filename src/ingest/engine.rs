@@ -216,7 +216,13 @@ impl Engine {
         // Only a position on the plan's active list or last published active can change route
         // (the route is ACTIVE exactly on the plan's active list): at most the budget plus the
         // active routes, whatever the size of the book or of the covered set.
-        let check: BTreeSet<PosKey> = self.plan.active.iter().chain(self.active_routes.iter()).cloned().collect();
+        let check: BTreeSet<PosKey> = self
+            .plan
+            .active
+            .iter()
+            .chain(self.active_routes.iter())
+            .cloned()
+            .collect();
         for key in check {
             if skip.contains(&key) {
                 continue;
@@ -369,7 +375,11 @@ impl Engine {
         // The positions of this conId: one lookup per account (a handful), not a scan of the book.
         let keys: Vec<PosKey> = match &event.account {
             Some(a) => vec![PosKey::new(a.clone(), event.con_id)],
-            None => self.accounts.iter().map(|a| PosKey::new(a.clone(), event.con_id)).collect(),
+            None => self
+                .accounts
+                .iter()
+                .map(|a| PosKey::new(a.clone(), event.con_id))
+                .collect(),
         };
         let mut changed = false;
         for key in keys {

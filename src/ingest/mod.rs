@@ -264,7 +264,11 @@ impl Ingest {
             }
             // An overflow is no trouble of the gateway's: the next connection, with a buffer
             // that fits, is made at once.
-            let delay = if overflow { std::time::Duration::ZERO } else { backoff.next_delay() };
+            let delay = if overflow {
+                std::time::Duration::ZERO
+            } else {
+                backoff.next_delay()
+            };
             tracing::warn!(reason = %why, retry_in = ?delay, "IB connection lost; reconnecting");
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ok(TermEnd::Stopped),

@@ -143,7 +143,11 @@ pub(crate) async fn run_session(
     registry: &mut mpsc::Receiver<RegistryEvent>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, IngestError> {
-    let mut beat = AbortOnDrop(tokio::spawn(heartbeat(client.clone(), cfg.ib_heartbeat, cfg.ib_timeout)));
+    let mut beat = AbortOnDrop(tokio::spawn(heartbeat(
+        client.clone(),
+        cfg.ib_heartbeat,
+        cfg.ib_timeout,
+    )));
     let mut positions = match client.positions().await {
         Ok(p) => p,
         Err(e) => {

@@ -45,7 +45,9 @@ pub enum PollError {
     #[error("no end of the position list within {0:?}")]
     Timeout(Duration),
     /// The answer lost frames (the worker fell behind ibapi's buffer): not a whole book.
-    #[error("the answer lost {dropped} of at least {seen} frames (buffer overflow); polled again with a larger buffer")]
+    #[error(
+        "the answer lost {dropped} of at least {seen} frames (buffer overflow); polled again with a larger buffer"
+    )]
     Lagged {
         /// Frames that arrived plus those dropped: the answer held at least this many.
         seen: usize,

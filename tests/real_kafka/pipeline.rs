@@ -269,10 +269,7 @@ impl Pipeline {
         if !self.opts.default_flags {
             cmd.args(["--tick", "1s"]);
         }
-        let child = cmd
-            .args(self.producer_k())
-            .spawn()
-            .context("spawn queue-worker")?;
+        let child = cmd.args(self.producer_k()).spawn().context("spawn queue-worker")?;
         self.queue = Some(Reap(child));
         Ok(())
     }
@@ -520,7 +517,11 @@ impl Pipeline {
         loop {
             let table = open_positions(&self.base).await.unwrap_or_default();
             if table == truth {
-                eprintln!("[faults] {what}: positions_current equals the truth ({} open) after {:.1} s", truth.len(), t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "[faults] {what}: positions_current equals the truth ({} open) after {:.1} s",
+                    truth.len(),
+                    t0.elapsed().as_secs_f64()
+                );
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > within {
