@@ -88,6 +88,10 @@ pub struct BenchIngestReport {
     pub snapshot_reconnects: u64,
     /// Peak resident memory of the whole process (simulator, broker, ingest), MiB.
     pub rss_peak_mib: f64,
+    /// A resync after a dropped connection: time to the reconciled book, and the reconnects
+    /// it took (1 when the list fit the buffer sized from the book).
+    pub resync_secs: f64,
+    pub resync_reconnects: u64,
     pub fills: u64,
     pub events: u64,
     pub secs: f64,
@@ -132,6 +136,11 @@ impl fmt::Display for BenchIngestReport {
             self.positions,
             self.cpu_secs * 1e6 / (self.events.max(1) as f64),
             self.rss_peak_mib
+        )?;
+        writeln!(
+            f,
+            "  resync after a dropped connection: {} positions reconciled in {:.2} s with {} reconnect(s)",
+            self.positions, self.resync_secs, self.resync_reconnects
         )?;
         write!(
             f,
@@ -315,6 +324,26 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     report.p99_us = percentile(&samples, 0.99);
     report.max_us = samples.last().copied().unwrap_or(0);
 
+    // Phase 3: a resync of the whole book (the gateway drops the connection): the new
+    // connection's buffer is sized from the book, so the list fits at once.
+    eprintln!(
+        "dropping the IB connection: resync of {} positions ...",
+        truth.positions.len()
+    );
+    let reconciled = || metrics::global().reconciliations.load(Relaxed);
+    let (r0, c0) = (reconciled(), stats.reconnects.load(Relaxed));
+    let t3 = Instant::now();
+    sim.drop_connections();
+    while reconciled() == r0 {
+        if t3.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Stalled(
+                "no resync within 120 s of the dropped connection".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    report.resync_secs = t3.elapsed().as_secs_f64();
+    report.resync_reconnects = stats.reconnects.load(Relaxed) - c0;
     report.rss_peak_mib = crate::materialize::bench::process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default();
     shutdown.cancel();
     match task.await {

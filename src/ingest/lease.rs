@@ -202,11 +202,17 @@ impl Lease {
 }
 
 /// Completes with the state once `rx` shows one that satisfies `cond` (at once if it already
-/// does); never if the sender is gone without showing one.
+/// does). The lease fails closed: if the lease thread is gone without saying so (it panicked),
+/// the lease counts as not held, so this completes with `Standby` when that satisfies `cond`
+/// (a holder's watcher stops the term) and never otherwise (a standby stays one).
 pub async fn wait_until(rx: &mut LeaseWatch, cond: impl Fn(LeaseState) -> bool) -> LeaseState {
     let seen = rx.wait_for(|s| cond(*s)).await.map(|s| *s);
     match seen {
         Ok(s) => s,
+        Err(_) if cond(LeaseState::Standby) => {
+            tracing::error!("the ingest lease thread is gone: counting the lease as lost");
+            LeaseState::Standby
+        }
         Err(_) => std::future::pending().await,
     }
 }
@@ -252,5 +258,32 @@ fn hold(
             *was = state;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20 #9: a lease thread that ends without saying Standby (a panic) must not leave
+    /// its holder believing it holds the lease (before: the watcher waited forever).
+    #[tokio::test]
+    async fn the_lease_fails_closed_when_its_thread_is_gone() {
+        let (tx, mut rx) = watch::channel(LeaseState::Held);
+        drop(tx);
+        let state = tokio::time::timeout(Duration::from_secs(5), wait_until(&mut rx, |s| s != LeaseState::Held))
+            .await
+            .expect("a holder's watcher sees the lease lost");
+        assert_eq!(state, LeaseState::Standby);
+
+        // A standby waiting for the lease keeps waiting: a dead thread never grants it.
+        let (tx, mut rx) = watch::channel(LeaseState::Standby);
+        drop(tx);
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            wait_until(&mut rx, |s| s == LeaseState::Held),
+        )
+        .await;
+        assert!(waited.is_err(), "a dead lease thread granted the lease: {waited:?}");
     }
 }

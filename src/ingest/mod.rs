@@ -210,6 +210,8 @@ impl Ingest {
         let mut first = true;
         // When ingest last had a working connection (or started).
         let mut last_working = std::time::Instant::now();
+        // Events purged because the lease was lost.
+        let mut purged = 0;
         let result = loop {
             let buffer = crate::ib::buffer_for(self.cfg.ib_buffer, self.engine.expected_list());
             let give_up_at = release_after.map(|d| last_working + d);
@@ -235,6 +237,11 @@ impl Ingest {
                 &self.shutdown,
             )
             .await;
+            if lost.is_some_and(CancellationToken::is_cancelled) {
+                // The lease is gone: purge before anything else (the IB disconnect below may
+                // take a while), so no event of this term leaves after it (issue 20 #9).
+                purged += self.engine.publisher.abandon();
+            }
             let synced = self.engine.synced;
             if synced {
                 last_working = std::time::Instant::now();
@@ -243,7 +250,7 @@ impl Ingest {
             metrics::global().ib_connected.store(0, Relaxed);
             // A silent gateway may not take the close either: do not wait on it for long.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.disconnect()).await;
-            let overflow = matches!(end, Ok(session::SessionEnd::Overflow));
+            let list_overflow = matches!(end, Ok(session::SessionEnd::Overflow { during_list: true }));
             let (why, useful) = match end {
                 Ok(session::SessionEnd::Shutdown) => break Ok(TermEnd::Stopped),
                 Ok(session::SessionEnd::Disconnected(why)) => (why, synced),
@@ -253,7 +260,7 @@ impl Ingest {
                     (why, synced)
                 }
                 // Nothing wrong with the gateway: the buffer of this connection was too small.
-                Ok(session::SessionEnd::Overflow) => ("IB buffer overflow".to_string(), true),
+                Ok(session::SessionEnd::Overflow { .. }) => ("IB buffer overflow".to_string(), true),
                 Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(TermEnd::Stopped),
                 Err(e) => break Err(e),
             };
@@ -262,9 +269,10 @@ impl Ingest {
                 tracing::warn!(reason = %why, since = ?last_working.elapsed(), "no working IB connection for too long");
                 break Ok(TermEnd::IbUnreachable);
             }
-            // An overflow is no trouble of the gateway's: the next connection, with a buffer
-            // that fits, is made at once.
-            let delay = if overflow {
+            // A list that overflowed is no trouble of the gateway's: the next connection, with a
+            // buffer that fits, is made at once. (A live overflow waits the reset backoff step:
+            // Kafka is holding ingest up, and a new list will not be read faster.)
+            let delay = if list_overflow {
                 std::time::Duration::ZERO
             } else {
                 backoff.next_delay()
@@ -276,7 +284,7 @@ impl Ingest {
             }
         };
         if lost.is_some_and(CancellationToken::is_cancelled) {
-            let purged = self.engine.publisher.abandon();
+            purged += self.engine.publisher.abandon();
             tracing::warn!(purged, "ingest lease lost: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
         } else if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
             tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
@@ -319,10 +327,14 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
         match result {
             Ok(TermEnd::IbUnreachable) => {
                 tracing::warn!(%group, after = ?cfg.ib_unreachable_release, "cannot reach IB: gave the ingest lease up so that a standby that may reach it takes over; joining again as a standby");
-                // Rejoin after the group has handed the partition over to a waiting standby.
+                // Rejoin only once the group has handed the partition to a waiting standby: the
+                // rebalance after a leave waits up to the session timeout for members to rejoin,
+                // and a member that joins within it competes for the partition as a newcomer
+                // (seen on the embedded broker: the blind holder got it back every time).
+                let rejoin = rejoin_delay(&kafka, &group);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(UNREACHABLE_REJOIN_DELAY) => {}
+                    _ = tokio::time::sleep(rejoin) => {}
                 }
             }
             Ok(TermEnd::Stopped) => return Ok(()),
@@ -331,8 +343,19 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
     }
 }
 
-/// After giving the lease up for want of IB, wait this long before joining again.
-const UNREACHABLE_REJOIN_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
+/// After giving the lease up for want of IB: the lease group's session timeout plus this.
+const UNREACHABLE_REJOIN_MARGIN: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How long a holder that gave the lease up waits before joining again: past the rebalance
+/// that hands the lease to a standby (the group's session timeout) and a margin.
+fn rejoin_delay(kafka: &KafkaConfig, group: &str) -> std::time::Duration {
+    let session_ms = kafka
+        .consumer(group)
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(6_000);
+    std::time::Duration::from_millis(session_ms) + UNREACHABLE_REJOIN_MARGIN
+}
 
 /// Wait before starting a lease term again after Kafka failed it.
 const TERM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -44,9 +44,12 @@ pub(crate) enum SessionEnd {
     Disconnected(String),
     /// The socket is open but IB stopped answering; reconnect.
     Silent(String),
-    /// The position list overflowed the buffer of this connection; reconnect at once with one
-    /// sized from what was seen.
-    Overflow,
+    /// Frames overflowed the buffer of this connection: during the position list (reconnect
+    /// at once, with a buffer sized from what was seen), or live while Kafka held ingest up.
+    Overflow {
+        /// Whether the position list was being received.
+        during_list: bool,
+    },
 }
 
 /// Ends the heartbeat task with the session.
@@ -229,7 +232,7 @@ pub(crate) async fn run_session(
                             engine.expect_list(engine.expected_list().max(seen * 2));
                         }
                         tracing::warn!(message = %n.message, during_list = snapshot.is_some(), next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.expected_list()), "position updates overflowed the IB buffer; reconnecting at once with a larger buffer to reconcile");
-                        return Ok(SessionEnd::Overflow);
+                        return Ok(SessionEnd::Overflow { during_list: snapshot.is_some() });
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "positions notice"),
                     Some(Err(e)) => return Ok(SessionEnd::Disconnected(format!("positions stream: {}", describe(&e)))),
