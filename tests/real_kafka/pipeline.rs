@@ -681,8 +681,9 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
 /// queue worker's next POLL of that position was requested. A position that moves to the
 /// active route or closes needs no refresh. A change still unrefreshed in the topics counts
 /// with its age at `end_micros` (the end of the observed period) when it was made more than
-/// 10 s before that, and is left out otherwise (not yet due).
-pub fn refresh_lags(produced: &[Produced], end_micros: i64) -> Vec<f64> {
+/// 10 s before that, and is left out otherwise (not yet due). Each lag comes with the time
+/// (µs) its change was enqueued.
+pub fn refresh_lags(produced: &[Produced], end_micros: i64) -> Vec<(i64, f64)> {
     use possync::events::{Route, Source};
     let mut per_key: BTreeMap<(String, i64), Vec<&PositionEvent>> = BTreeMap::new();
     for p in produced {
@@ -700,7 +701,7 @@ pub fn refresh_lags(produced: &[Produced], end_micros: i64) -> Vec<f64> {
             match (e.source, e.route) {
                 (Source::Poll, _) => {
                     if let Some(t) = pending.take() {
-                        lags.push((e.ingest_time - t) as f64 / 1e6);
+                        lags.push((t, (e.ingest_time - t) as f64 / 1e6));
                     }
                 }
                 (_, Route::Active) => pending = None,
@@ -711,7 +712,7 @@ pub fn refresh_lags(produced: &[Produced], end_micros: i64) -> Vec<f64> {
             }
         }
         if let Some(t) = pending.filter(|t| *t < end_micros - 10_000_000) {
-            lags.push((end_micros - t) as f64 / 1e6);
+            lags.push((t, (end_micros - t) as f64 / 1e6));
         }
     }
     lags
