@@ -31,6 +31,12 @@ pub fn dropped_frames(message: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Whether `e` means the connection itself is gone (dropped, shut down, or refused), as
+/// opposed to one request refused or misunderstood on a live connection.
+pub fn connection_gone(e: &ibapi::Error) -> bool {
+    e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed)
+}
+
 /// Why a heartbeat failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
@@ -50,11 +56,7 @@ pub enum HeartbeatError {
 pub async fn heartbeat(client: &Client, timeout: Duration) -> Result<(), HeartbeatError> {
     match tokio::time::timeout(timeout, client.server_time()).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e))
-            if e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed) =>
-        {
-            Err(HeartbeatError::Lost(e))
-        }
+        Ok(Err(e)) if connection_gone(&e) => Err(HeartbeatError::Lost(e)),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "IB heartbeat answer not understood (the connection answers)");
             Ok(())

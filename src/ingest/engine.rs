@@ -152,10 +152,15 @@ impl Engine {
         true
     }
 
-    fn insert_held(&mut self, key: &PosKey, held: Held) {
-        if !self.accounts.contains(&key.account) {
-            self.accounts.insert(key.account.clone());
+    /// Remembers `account` among the book's accounts (cloned only when new).
+    fn note_account(&mut self, account: &str) {
+        if !self.accounts.contains(account) {
+            self.accounts.insert(account.to_string());
         }
+    }
+
+    fn insert_held(&mut self, key: &PosKey, held: Held) {
+        self.note_account(&key.account);
         self.book.insert(key.clone(), held);
     }
 
@@ -312,9 +317,7 @@ impl Engine {
             h.pnl = self.book.get(k).and_then(|old| old.pnl);
         }
         for k in book.keys() {
-            if !self.accounts.contains(&k.account) {
-                self.accounts.insert(k.account.clone());
-            }
+            self.note_account(&k.account);
         }
         let before = std::mem::replace(&mut self.book, book);
         self.refused.clear();

@@ -239,6 +239,11 @@ pub async fn run(
                                 }
                             }
                             tracing::warn!("dropping the IB connection (lost, silent, or its buffer too small for an account's answer); reconnecting at the next tick");
+                            // A heartbeat still in flight is about this connection: its failure
+                            // must not drop the next one.
+                            if let Some(b) = beat.take() {
+                                b.abort();
+                            }
                             drop_client(&mut client).await;
                         } else if polls.values().any(Result::is_ok) {
                             last_answer = Instant::now();

@@ -66,7 +66,7 @@ impl PollError {
 
 impl From<ibapi::Error> for PollError {
     fn from(e: ibapi::Error) -> Self {
-        if e.is_connection_lost() || matches!(e, ibapi::Error::Shutdown | ibapi::Error::ConnectionFailed) {
+        if crate::ib::connection_gone(&e) {
             PollError::ConnectionLost(e)
         } else {
             PollError::Refused(e)
