@@ -179,9 +179,27 @@ pub fn position_key(account: &str, con_id: i64) -> String {
     format!("{account}:{con_id}")
 }
 
-/// Microseconds since the Unix epoch, now (UTC).
+/// Microseconds since the Unix epoch, now (UTC), never less than an earlier call's result plus
+/// one in this process: when the wall clock steps back (NTP, a VM resumed), the times this
+/// process stamps (`ingest_time`, a poll's request time) keep increasing, so its own events
+/// keep their newest-wins order.
 pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
+    monotonic_after(chrono::Utc::now().timestamp_micros(), &LAST_STAMP)
+}
+
+static LAST_STAMP: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+
+/// `wall`, or one more than the last value handed out by `last` when `wall` is not later.
+fn monotonic_after(wall: i64, last: &std::sync::atomic::AtomicI64) -> i64 {
+    use std::sync::atomic::Ordering::AcqRel;
+    let mut prev = last.load(std::sync::atomic::Ordering::Acquire);
+    loop {
+        let next = wall.max(prev.saturating_add(1));
+        match last.compare_exchange_weak(prev, next, AcqRel, std::sync::atomic::Ordering::Acquire) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
 }
 
 /// A fresh UUID v4 as text.
@@ -311,5 +329,18 @@ mod tests {
         let mut ok = sample().encode().unwrap();
         ok.push(0);
         assert!(matches!(PositionEvent::decode(&ok), Err(EventError::Trailing(1))));
+    }
+
+    #[test]
+    fn stamps_keep_increasing_when_the_wall_clock_steps_back() {
+        let last = std::sync::atomic::AtomicI64::new(i64::MIN);
+        assert_eq!(super::monotonic_after(1_000, &last), 1_000);
+        assert_eq!(super::monotonic_after(2_000, &last), 2_000);
+        // The clock stepped back by 1.5 ms: still later than everything handed out.
+        assert_eq!(super::monotonic_after(500, &last), 2_001);
+        assert_eq!(super::monotonic_after(501, &last), 2_002);
+        assert_eq!(super::monotonic_after(5_000, &last), 5_000);
+        let a = super::now_micros();
+        assert!(super::now_micros() > a);
     }
 }

@@ -234,6 +234,31 @@ impl KafkaConfig {
         self.producer_with_linger(0)
     }
 
+    /// [`KafkaConfig::realtime_producer`], transactional with `transactional_id` (fencing of
+    /// a predecessor with the same id, see `ingest::publisher`). `message.timeout.ms` defaults
+    /// to 60 s here (a transaction may not outlive `transaction.timeout.ms`, which is the
+    /// larger of 60 s and `message.timeout.ms`): that bounds how long read_committed consumers
+    /// wait behind the open transaction of a producer that froze with no successor.
+    pub fn transactional_producer(&self, transactional_id: &str) -> ClientConfig {
+        let mut c = self.realtime_producer();
+        let message_timeout = if self.overrides_setting(Role::Producer, "message.timeout.ms") {
+            c.get("message.timeout.ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(60_000)
+        } else {
+            60_000
+        };
+        let txn_timeout = if self.overrides_setting(Role::Producer, "transaction.timeout.ms") {
+            c.get("transaction.timeout.ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(60_000)
+        } else {
+            message_timeout.max(60_000)
+        };
+        c.set("transactional.id", transactional_id)
+            .set("message.timeout.ms", message_timeout.min(txn_timeout).to_string())
+            .set("transaction.timeout.ms", txn_timeout.to_string());
+        c
+    }
+
     fn producer_with_linger(&self, linger_ms: u32) -> ClientConfig {
         let mut c = self.base();
         c.set("enable.idempotence", "true")
@@ -255,7 +280,8 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed");
         self.with_overrides(c, Role::Consumer)
     }
 
@@ -314,7 +340,8 @@ fn reserved(key: &str) -> Option<&'static str> {
         "enable.idempotence" | "acks" | "request.required.acks" => Some("producers are idempotent with acks=all"),
         "enable.auto.commit" | "enable.auto.offset.store" => Some("offsets live in the Delta commit"),
         "group.id" => Some("use the subcommand's --group flag"),
-        "transactional.id" => Some("possync does not use Kafka transactions"),
+        "transactional.id" => Some("ingest and the queue worker use <topic-prefix>ingest and <topic-prefix>queue-worker, to fence their predecessors"),
+        "isolation.level" => Some("consumers read committed data only: events of a fenced producer must count nowhere"),
         _ => None,
     }
 }

@@ -62,6 +62,16 @@ pub struct Metrics {
     /// IB connections given up because the gateway went silent: a heartbeat, a position list
     /// or a poll answer did not arrive within its bound although the socket stayed open.
     pub ib_silent: AtomicU64,
+    /// Times this process's transactional producer was fenced: another process with the same
+    /// transactional id (a successor) started, so this one stopped publishing.
+    pub producer_fenced: AtomicU64,
+    /// Events a fenced producer tried to publish (its aborted transaction and later sends):
+    /// refused by the broker, they count nowhere.
+    pub producer_refused: AtomicU64,
+    /// Kafka transactions committed / aborted (an aborted one's positions are republished).
+    pub txn_committed: AtomicU64,
+    /// See [`Metrics::txn_committed`].
+    pub txn_aborted: AtomicU64,
     /// 1 while this ingest holds the ingest lease (it alone connects to IB and publishes);
     /// 0 while it stands by.
     pub ingest_lease_held: AtomicI64,
@@ -242,6 +252,30 @@ impl Metrics {
             "ib_silent_total",
             "IB connections given up because the gateway stopped answering (heartbeat, position list or poll answer overdue) while the socket stayed open",
             self.ib_silent.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "producer_fenced_total",
+            "Times this process's transactional producer was fenced by a successor with the same transactional id (it stopped publishing)",
+            self.producer_fenced.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "producer_refused_total",
+            "Events a fenced producer tried to publish (aborted or refused by the broker; they count nowhere)",
+            self.producer_refused.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "txn_committed_total",
+            "Kafka transactions of position events committed",
+            self.txn_committed.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "txn_aborted_total",
+            "Kafka transactions of position events aborted (their positions are republished)",
+            self.txn_aborted.load(Relaxed),
         );
         g(
             &mut s,

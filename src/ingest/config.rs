@@ -104,6 +104,12 @@ pub struct IngestArgs {
     /// consumer group, with a single ingest guaranteed by other means.
     #[arg(long, env = "POSSYNC_NO_LEASE")]
     pub no_lease: bool,
+    /// How often the open Kafka transaction of position events is committed while it holds
+    /// events. Events are visible to consumers (read_committed) once committed: this bounds the
+    /// added latency. The transactional id is `<topic-prefix>ingest`: starting an ingest fences
+    /// every earlier one of these topics, so a paused ingest that wakes up publishes nothing.
+    #[arg(long, env = "POSSYNC_TXN_INTERVAL", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub txn_interval: Duration,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -161,8 +167,10 @@ pub struct IngestConfig {
     pub lease_group: Option<String>,
     /// Wait after getting the lease, before connecting to IB.
     pub lease_takeover_delay: Duration,
-    /// Record the active route's IB-to-ack latency (for `possync bench ingest`).
+    /// Record the active route's IB-to-commit latency (for `possync bench ingest`).
     pub record_latency: bool,
+    /// Commit the open Kafka transaction this often while it holds events.
+    pub txn_interval: Duration,
 }
 
 impl Default for IngestConfig {
@@ -191,6 +199,7 @@ impl Default for IngestConfig {
             lease_group: None,
             lease_takeover_delay: Duration::from_secs(2),
             record_latency: false,
+            txn_interval: Duration::from_millis(100),
         }
     }
 }
@@ -199,6 +208,11 @@ impl IngestConfig {
     /// `host:port` of the gateway.
     pub fn ib_address(&self) -> String {
         format!("{}:{}", self.ib_host, self.ib_port)
+    }
+
+    /// The transactional id of ingest's producer: `<topic-prefix>ingest`.
+    pub fn transactional_id(topics: &Topics) -> String {
+        format!("{}ingest", topics.prefix())
     }
 
     /// The lease group to join, `None` when the lease is off.
@@ -237,6 +251,7 @@ impl From<&IngestArgs> for IngestConfig {
             lease_group: a.lease_group.clone(),
             lease_takeover_delay: a.lease_takeover_delay,
             record_latency: false,
+            txn_interval: a.txn_interval,
         }
     }
 }

@@ -126,7 +126,15 @@ impl Ingest {
         }
         let (registry, registry_rx) = registry::follow(&kafka, cfg.kafka_timeout, shutdown.child_token()).await?;
         tracing::info!(entries = registry.len(), "registry loaded");
-        let publisher = Publisher::new(&kafka, cfg.max_in_flight, cfg.record_latency)?.with_shutdown(shutdown.clone());
+        // Fence every earlier ingest of these topics before reading what they published: the
+        // broker aborts a predecessor's open transaction, so the resume below sees its final
+        // state, and nothing it sends from now on counts.
+        let txn_id = IngestConfig::transactional_id(&kafka.topics);
+        let publisher = tokio::select! {
+            _ = shutdown.cancelled() => return Err(IngestError::Publish(PublishError::Cancelled)),
+            p = Publisher::transactional(&kafka, &txn_id, cfg.txn_interval, cfg.kafka_timeout, cfg.max_in_flight, cfg.record_latency) => p?,
+        }
+        .with_shutdown(shutdown.clone());
         let stats = IngestStats {
             publish: publisher.stats(),
             reconnects: Arc::default(),
@@ -188,7 +196,11 @@ impl Ingest {
     /// # Errors
     /// [`IngestError::Publish`] when an event cannot be encoded or the producer refuses it.
     pub async fn run(self) -> Result<(), IngestError> {
-        self.run_term(None, None).await.map(|_| ())
+        let id = IngestConfig::transactional_id(&self.engine.publisher.topics().clone());
+        match self.run_term(None, None).await? {
+            TermEnd::Fenced => Err(IngestError::Publish(PublishError::Fenced(id))),
+            TermEnd::Stopped | TermEnd::IbUnreachable => Ok(()),
+        }
     }
 
     /// [`Ingest::run`]; when `lost` is cancelled (the lease is gone, and `shutdown` with it),
@@ -212,6 +224,17 @@ impl Ingest {
         let mut last_working = std::time::Instant::now();
         // Events purged because the lease was lost.
         let mut purged = 0;
+        // A fenced publisher (a successor runs) ends the term like a lost lease.
+        let fenced = self.engine.publisher.fenced();
+        let stop_on_fence = tokio::spawn({
+            let (fenced, term) = (fenced.clone(), self.shutdown.clone());
+            async move {
+                tokio::select! {
+                    _ = term.cancelled() => {}
+                    _ = fenced.cancelled() => term.cancel(),
+                }
+            }
+        });
         let result = loop {
             let buffer = crate::ib::buffer_for(self.cfg.ib_buffer, self.engine.expected_list());
             let give_up_at = release_after.map(|d| last_working + d);
@@ -237,7 +260,7 @@ impl Ingest {
                 &self.shutdown,
             )
             .await;
-            if lost.is_some_and(CancellationToken::is_cancelled) {
+            if lost.is_some_and(CancellationToken::is_cancelled) || fenced.is_cancelled() {
                 // The lease is gone: purge before anything else (the IB disconnect below may
                 // take a while), so no event of this term leaves after it (issue 20 #9).
                 purged += self.engine.publisher.abandon();
@@ -262,6 +285,7 @@ impl Ingest {
                 // Nothing wrong with the gateway: the buffer of this connection was too small.
                 Ok(session::SessionEnd::Overflow { .. }) => ("IB buffer overflow".to_string(), true),
                 Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(TermEnd::Stopped),
+                Err(IngestError::Publish(e)) if e.is_fenced() => break Ok(TermEnd::Fenced),
                 Err(e) => break Err(e),
             };
             backoff.session_ended(connected.elapsed(), useful);
@@ -283,9 +307,19 @@ impl Ingest {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        if lost.is_some_and(CancellationToken::is_cancelled) {
+        stop_on_fence.abort();
+        let result = if fenced.is_cancelled() {
+            match result {
+                Ok(_) => Ok(TermEnd::Fenced),
+                Err(IngestError::Publish(e)) if e.is_fenced() || e.is_cancelled() => Ok(TermEnd::Fenced),
+                other => other,
+            }
+        } else {
+            result
+        };
+        if lost.is_some_and(CancellationToken::is_cancelled) || fenced.is_cancelled() {
             purged += self.engine.publisher.abandon();
-            tracing::warn!(purged, "ingest lease lost: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
+            tracing::warn!(purged, "ingest lease lost or producer fenced: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
         } else if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
             tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
         }
@@ -301,6 +335,9 @@ enum TermEnd {
     Stopped,
     /// No working IB connection for `--ib-unreachable-release`: give the lease up.
     IbUnreachable,
+    /// The broker fenced the producer: another ingest started with the same transactional id
+    /// (a successor that took the lease while this one was paused).
+    Fenced,
 }
 
 /// How long a stopping ingest waits for its lease consumer to leave the group.
@@ -331,6 +368,17 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
                 // rebalance after a leave waits up to the session timeout for members to rejoin,
                 // and a member that joins within it competes for the partition as a newcomer
                 // (seen on the embedded broker: the blind holder got it back every time).
+                let rejoin = rejoin_delay(&kafka, &group);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(rejoin) => {}
+                }
+            }
+            Ok(TermEnd::Fenced) => {
+                // A successor runs (this one was paused past its session, or another ingest
+                // without the lease started): leave the group, and join again as a standby only
+                // once the successor holds the lease, never competing for it as a newcomer.
+                tracing::warn!(%group, "fenced by a newer ingest of these topics; gave the lease up and joining again as a standby");
                 let rejoin = rejoin_delay(&kafka, &group);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),

@@ -10,6 +10,19 @@
 //! (`possync_delivery_failures_total`) and reported through [`Publisher::failed`] so the owner
 //! can republish that position's current state.
 //!
+//! **Fencing** ([`Publisher::transactional`], what ingest and the queue worker use): the producer
+//! is transactional with a `transactional.id` fixed per role (`<topic-prefix>ingest`,
+//! `<topic-prefix>queue-worker`). Creating it (`init_transactions`) makes the broker abort the
+//! previous holder's open transaction and bump the producer epoch: a predecessor that was paused
+//! (SIGSTOP, a frozen VM) and wakes up has every later send and commit refused
+//! (`ProducerFenced`), so nothing it publishes after its successor began counts anywhere
+//! (consumers read `read_committed`, librdkafka's default). Events go into a transaction that a
+//! committer task commits every `txn_interval` (100 ms by default) while events are pending;
+//! an aborted transaction (a delivery failed) reports each of its positions through
+//! [`Publisher::failed`] for republishing, and a fenced publisher cancels
+//! [`Publisher::fenced`], refuses every later event with [`PublishError::Fenced`], and
+//! counts what it was refused (`possync_producer_refused_total`).
+//!
 //! Invariants that keep a Kafka outage from hanging the caller:
 //! - a permit is released as soon as librdkafka reports the delivery, success or failure:
 //!   the delivery task never waits for the owner, since failures go to a map keyed by position
@@ -52,12 +65,29 @@ pub enum PublishError {
     /// Shutdown was requested while waiting for Kafka; the event was not sent.
     #[error("publishing stopped: shutdown requested")]
     Cancelled,
+    /// Another process with the same transactional id started: this one must stop publishing.
+    #[error("fenced: another process with transactional id {0:?} took over (a successor after a pause or a lost lease, or a second process of the same role on these topics); this one stops publishing")]
+    Fenced(String),
+    /// A Kafka transaction could not be started or ended.
+    #[error("Kafka transaction of {id:?}: {source}; is Kafka reachable, and does the cluster allow transactions (transaction.state.log.* settings, ACLs on the transactional id)?")]
+    Txn {
+        /// The transactional id.
+        id: String,
+        /// librdkafka's error.
+        #[source]
+        source: RdKafkaError,
+    },
 }
 
 impl PublishError {
     /// Whether this is [`PublishError::Cancelled`] (a requested stop, not a failure).
     pub fn is_cancelled(&self) -> bool {
         matches!(self, PublishError::Cancelled)
+    }
+
+    /// Whether this is [`PublishError::Fenced`] (a successor took over).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, PublishError::Fenced(_))
     }
 }
 
@@ -114,9 +144,47 @@ impl FailedDeliveries {
     }
 }
 
+/// An event of the open transaction (kept until it commits, to be republished if it aborts).
+struct Pending {
+    key: PosKey,
+    sequence: i64,
+    route: Route,
+    observed: Option<Instant>,
+    event: PositionEvent,
+}
+
+/// The transaction state shared by the publisher and its committer task.
+struct Txn {
+    id: String,
+    /// Sends hold it shared; ending a transaction holds it exclusively.
+    gate: tokio::sync::RwLock<()>,
+    /// Events sent in the open transaction.
+    open: Mutex<Vec<Pending>>,
+    /// Cancelled once the broker fenced this producer.
+    fenced: CancellationToken,
+    /// Cancelled when the publisher is dropped or abandoned: the committer stops.
+    closed: CancellationToken,
+    /// How long one commit or abort may take.
+    timeout: Duration,
+}
+
+impl Txn {
+    fn take_open(&self) -> Vec<Pending> {
+        std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts events of a commit to retry back in front of those sent since.
+    fn restore(&self, mut events: Vec<Pending>) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        events.append(&mut open);
+        *open = events;
+    }
+}
+
 /// A session's producer: sequence numbers, bounded in-flight, delivery tracking.
 pub struct Publisher {
     producer: FutureProducer,
+    txn: Option<Arc<Txn>>,
     topics: Topics,
     permits: Arc<Semaphore>,
     max_in_flight: usize,
@@ -136,13 +204,20 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::Kafka`] when librdkafka rejects the configuration.
     pub fn new(kafka: &KafkaConfig, max_in_flight: usize, record_latency: bool) -> Result<Self, PublishError> {
-        let producer: FutureProducer = kafka
-            .realtime_producer()
-            .create()
-            .map_err(KafkaError::client("create producer"))?;
+        Self::new_with(kafka, kafka.realtime_producer(), max_in_flight, record_latency)
+    }
+
+    fn new_with(
+        kafka: &KafkaConfig,
+        config: rdkafka::ClientConfig,
+        max_in_flight: usize,
+        record_latency: bool,
+    ) -> Result<Self, PublishError> {
+        let producer: FutureProducer = config.create().map_err(KafkaError::client("create producer"))?;
         let max_in_flight = max_in_flight.max(1);
         Ok(Self {
             producer,
+            txn: None,
             topics: kafka.topics.clone(),
             permits: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
@@ -153,6 +228,65 @@ impl Publisher {
             shutdown: CancellationToken::new(),
             latency: record_latency.then(|| Arc::new(Mutex::new(Vec::new()))),
         })
+    }
+
+    /// A transactional publisher (see the module docs): creating it fences every earlier
+    /// producer of `transactional_id` and aborts its open transaction. Its committer task
+    /// commits the open transaction every `interval` while events are pending.
+    ///
+    /// # Errors
+    /// [`PublishError::Kafka`] when librdkafka rejects the configuration,
+    /// [`PublishError::Txn`] when the transactions cannot be initialised within `timeout`.
+    pub async fn transactional(
+        kafka: &KafkaConfig,
+        transactional_id: &str,
+        interval: Duration,
+        timeout: Duration,
+        max_in_flight: usize,
+        record_latency: bool,
+    ) -> Result<Self, PublishError> {
+        let mut publisher = Self::new_with(kafka, kafka.transactional_producer(transactional_id), max_in_flight, record_latency)?;
+        let producer = publisher.producer.clone();
+        let id = transactional_id.to_string();
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            producer.init_transactions(timeout)?;
+            producer.begin_transaction()
+        })
+        .await
+        .map_err(|_| PublishError::Txn {
+            id: id.clone(),
+            source: RdKafkaError::Canceled,
+        })
+        .and_then(|r| r.map_err(|source| PublishError::Txn { id: id.clone(), source }))?;
+        tracing::info!(transactional_id = %id, took = ?started.elapsed(), "transactional producer ready (earlier producers of this id are fenced)");
+        let txn = Arc::new(Txn {
+            id,
+            gate: tokio::sync::RwLock::new(()),
+            open: Mutex::new(Vec::new()),
+            fenced: CancellationToken::new(),
+            closed: CancellationToken::new(),
+            timeout,
+        });
+        publisher.txn = Some(txn.clone());
+        tokio::spawn(committer(
+            txn,
+            publisher.producer.clone(),
+            publisher.failed.clone(),
+            publisher.latency.clone(),
+            interval.max(Duration::from_millis(1)),
+        ));
+        Ok(publisher)
+    }
+
+    /// Cancelled once the broker fenced this (transactional) publisher: a successor runs.
+    pub fn fenced(&self) -> CancellationToken {
+        self.txn.as_ref().map_or_else(CancellationToken::new, |t| t.fenced.clone())
+    }
+
+    /// Whether the broker fenced this publisher.
+    pub fn is_fenced(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| t.fenced.is_cancelled())
     }
 
     /// Makes every wait of [`Publisher::publish`] end with [`PublishError::Cancelled`] once
@@ -166,6 +300,11 @@ impl Publisher {
     /// This publisher's delivery counts.
     pub fn stats(&self) -> Arc<PublishStats> {
         self.stats.clone()
+    }
+
+    /// The topics it publishes to.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
     }
 
     /// This session's id (stamped on every event).
@@ -218,6 +357,11 @@ impl Publisher {
     /// shutdown is requested while waiting. The sequence number is consumed only when the event
     /// was queued.
     pub async fn publish(&mut self, mut event: PositionEvent, observed: Option<Instant>) -> Result<i64, PublishError> {
+        let txn = self.txn.clone();
+        if let Some(t) = txn.as_deref().filter(|t| t.fenced.is_cancelled()) {
+            metrics::global().producer_refused.fetch_add(1, Relaxed);
+            return Err(PublishError::Fenced(t.id.clone()));
+        }
         let permit = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
@@ -234,11 +378,35 @@ impl Publisher {
             Route::Queued => &self.topics.queued,
         };
         let mut pause = Duration::from_millis(1);
+        let mut resolves = 0u32;
         let delivery = loop {
+            // Sends hold the gate shared: a transaction never ends between a send and its
+            // record in `open`.
+            let gate = match txn.as_deref() {
+                Some(t) => Some(tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                    g = t.gate.read() => g,
+                }),
+                None => None,
+            };
             let record = FutureRecord::to(topic).key(&key).payload(&payload);
             match self.producer.send_result(record) {
-                Ok(d) => break d,
+                Ok(d) => {
+                    if let Some(t) = txn.as_deref() {
+                        t.open.lock().unwrap_or_else(|p| p.into_inner()).push(Pending {
+                            key: PosKey::new(event.account.clone(), event.con_id),
+                            sequence,
+                            route,
+                            observed,
+                            event: event.clone(),
+                        });
+                    }
+                    drop(gate);
+                    break d;
+                }
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    drop(gate);
                     tokio::select! {
                         biased;
                         _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
@@ -246,14 +414,41 @@ impl Publisher {
                     }
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
-                Err((e, _)) => return Err(PublishError::Send(e)),
+                Err((e, _)) => {
+                    drop(gate);
+                    let Some(t) = txn.as_deref() else {
+                        return Err(PublishError::Send(e));
+                    };
+                    // The transaction is in an error state (a delivery failed, a commit timed
+                    // out while Kafka is away): end it (which waits for Kafka: backpressure),
+                    // then send again. A fenced producer stops here.
+                    resolves += 1;
+                    if resolves > 1 {
+                        tracing::debug!(error = %e, resolves, "send refused while the transaction recovers; retrying");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                        r = end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), true) => r?,
+                    }
+                    if resolves > 1 {
+                        tokio::select! {
+                            biased;
+                            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
             }
         };
         self.next_sequence += 1;
         self.stats.sent.fetch_add(1, Relaxed);
         let failed = self.failed.clone();
         let stats = self.stats.clone();
-        let latency = self.latency.clone().filter(|_| route == Route::Active);
+        // With transactions an event counts (metrics, latency) when its transaction commits.
+        let transactional = txn.is_some();
+        let latency = self.latency.clone().filter(|_| route == Route::Active && !transactional);
         tokio::spawn(async move {
             let result = match delivery.await {
                 Ok(Ok(_)) => Ok(()),
@@ -263,16 +458,11 @@ impl Publisher {
             match result {
                 Ok(()) => {
                     stats.delivered.fetch_add(1, Relaxed);
-                    let m = metrics::global();
-                    match route {
-                        Route::Active => m.published_active.fetch_add(1, Relaxed),
-                        Route::Queued => m.published_queued.fetch_add(1, Relaxed),
-                    };
+                    if !transactional {
+                        count_published(route, 1);
+                    }
                     if let (Some(log), Some(t)) = (latency, observed) {
-                        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-                        if log.len() < MAX_LATENCY_SAMPLES {
-                            log.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        }
+                        record_latency(&log, t);
                     }
                 }
                 Err(error) => {
@@ -300,12 +490,20 @@ impl Publisher {
     /// [`PublishError::FlushTimeout`] when `timeout` passes first.
     pub async fn flush(&self, timeout: Duration) -> Result<(), PublishError> {
         let n = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
-        match tokio::time::timeout(timeout, self.permits.acquire_many(n)).await {
-            Ok(Ok(all)) => {
-                drop(all);
-                Ok(())
-            }
-            _ => Err(PublishError::FlushTimeout(self.in_flight())),
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.permits.acquire_many(n)).await {
+            Ok(Ok(all)) => drop(all),
+            _ => return Err(PublishError::FlushTimeout(self.in_flight())),
+        }
+        let Some(t) = self.txn.as_deref() else {
+            return Ok(());
+        };
+        // Commit what is open; an aborted transaction reports its events as failed, which
+        // nobody republishes at shutdown: the next start reconciles them.
+        let pending = t.open.lock().unwrap_or_else(|p| p.into_inner()).len();
+        match tokio::time::timeout_at(deadline, end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), false)).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::FlushTimeout(pending)),
         }
     }
 
@@ -314,6 +512,11 @@ impl Publisher {
     /// many were unacknowledged. For a lost ingest lease: the new holder reconciles with IB,
     /// and anything this publisher delivered later would land after the new holder's events.
     pub fn abandon(&self) -> usize {
+        if let Some(t) = &self.txn {
+            // No commit after this: the open transaction is aborted by the successor's
+            // init_transactions (or by the broker after `transaction.timeout.ms`).
+            t.closed.cancel();
+        }
         let unacknowledged = self.in_flight();
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
@@ -324,4 +527,176 @@ impl Publisher {
     pub fn close(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);
     }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some(t) = &self.txn {
+            t.closed.cancel();
+        }
+    }
+}
+
+fn count_published(route: Route, n: u64) {
+    let m = metrics::global();
+    match route {
+        Route::Active => m.published_active.fetch_add(n, Relaxed),
+        Route::Queued => m.published_queued.fetch_add(n, Relaxed),
+    };
+}
+
+fn record_latency(log: &LatencyLog, since: Instant) {
+    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+    if log.len() < MAX_LATENCY_SAMPLES {
+        log.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+}
+
+/// Commits the open transaction every `interval` while it holds events, until the publisher
+/// is dropped or abandoned, or the broker fences it.
+async fn committer(
+    txn: Arc<Txn>,
+    producer: FutureProducer,
+    failed: Arc<FailedDeliveries>,
+    latency: Option<LatencyLog>,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = txn.closed.cancelled() => return,
+            _ = txn.fenced.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let ended = tokio::select! {
+            biased;
+            _ = txn.closed.cancelled() => return,
+            r = end_txn(&txn, &producer, &failed, latency.as_ref(), false) => r,
+        };
+        match ended {
+            Ok(()) => {}
+            Err(PublishError::Fenced(_)) => return,
+            Err(e) => tracing::warn!(error = %e, "could not end a Kafka transaction; retrying"),
+        }
+    }
+}
+
+/// The fatal error of `producer`, if librdkafka raised one (fenced, or unusable).
+fn fatal(producer: &FutureProducer) -> Option<String> {
+    producer
+        .client()
+        .fatal_error()
+        .map(|(code, why)| format!("{code:?}: {why}"))
+}
+
+/// Ends the open transaction: commits it (when it holds events, or `force`); on an abortable
+/// error aborts it and reports each of its events through `failed` (their positions get
+/// republished); then begins the next one. A retriable error (Kafka away) keeps the events for
+/// the next attempt. Fencing cancels `txn.fenced` and returns [`PublishError::Fenced`].
+async fn end_txn(
+    txn: &Txn,
+    producer: &FutureProducer,
+    failed: &FailedDeliveries,
+    latency: Option<&LatencyLog>,
+    force: bool,
+) -> Result<(), PublishError> {
+    if txn.fenced.is_cancelled() {
+        return Err(PublishError::Fenced(txn.id.clone()));
+    }
+    let _exclusive = txn.gate.write().await;
+    let events = txn.take_open();
+    if events.is_empty() && !force {
+        return Ok(());
+    }
+    let timeout = txn.timeout;
+    let p = producer.clone();
+    let committed = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+        .await
+        .unwrap_or(Err(RdKafkaError::Canceled));
+    let error = match committed {
+        Ok(()) => {
+            metrics::global().txn_committed.fetch_add(1, Relaxed);
+            let active = events.iter().filter(|e| e.route == Route::Active).count() as u64;
+            count_published(Route::Active, active);
+            count_published(Route::Queued, events.len() as u64 - active);
+            if let Some(log) = latency {
+                for e in events.iter().filter(|e| e.route == Route::Active) {
+                    if let Some(t) = e.observed {
+                        record_latency(log, t);
+                    }
+                }
+            }
+            return begin(txn, producer, Vec::new()).map(|_| ());
+        }
+        Err(e) => e,
+    };
+    let (is_fatal, retriable, abortable) = match &error {
+        RdKafkaError::Transaction(t) => (t.is_fatal(), t.is_retriable(), t.txn_requires_abort()),
+        _ => (false, false, true),
+    };
+    if is_fatal || fatal(producer).is_some() {
+        return Err(fence(txn, producer, events.len(), &error));
+    }
+    if retriable {
+        tracing::warn!(error = %error, events = events.len(), "Kafka transaction commit not confirmed yet; retrying (is Kafka reachable?)");
+        txn.restore(events);
+        return Ok(());
+    }
+    if !abortable {
+        tracing::warn!(error = %error, events = events.len(), "Kafka transaction commit failed; aborting it");
+    }
+    let p = producer.clone();
+    let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout))
+        .await
+        .unwrap_or(Err(RdKafkaError::Canceled));
+    match aborted {
+        Ok(()) => {
+            metrics::global().txn_aborted.fetch_add(1, Relaxed);
+            tracing::warn!(error = %error, events = events.len(), "Kafka transaction aborted; its positions will be republished");
+            begin(txn, producer, events).map(|events| report_failed(failed, events, &error))
+        }
+        Err(e) if fatal(producer).is_some() => Err(fence(txn, producer, events.len(), &e)),
+        Err(e) => {
+            // Kafka away: abort again on the next attempt (the commit error stays).
+            tracing::warn!(error = %e, events = events.len(), "could not abort a Kafka transaction yet; retrying");
+            txn.restore(events);
+            Ok(())
+        }
+    }
+}
+
+/// Begins the next transaction; `events` (of an aborted one) come back to be reported.
+fn begin(txn: &Txn, producer: &FutureProducer, events: Vec<Pending>) -> Result<Vec<Pending>, PublishError> {
+    match producer.begin_transaction() {
+        Ok(()) => Ok(events),
+        Err(e) if fatal(producer).is_some() => Err(fence(txn, producer, events.len(), &e)),
+        Err(source) => Err(PublishError::Txn {
+            id: txn.id.clone(),
+            source,
+        }),
+    }
+}
+
+fn report_failed(failed: &FailedDeliveries, events: Vec<Pending>, error: &RdKafkaError) {
+    for e in events {
+        failed.push(Failure {
+            key: e.key,
+            sequence: e.sequence,
+            error: error.clone(),
+            event: e.event,
+        });
+    }
+}
+
+/// Marks the publisher fenced (once) and says so.
+fn fence(txn: &Txn, producer: &FutureProducer, refused: usize, error: &RdKafkaError) -> PublishError {
+    if !txn.fenced.is_cancelled() {
+        let m = metrics::global();
+        m.producer_fenced.fetch_add(1, Relaxed);
+        m.producer_refused.fetch_add(refused as u64, Relaxed);
+        let why = fatal(producer).unwrap_or_else(|| error.to_string());
+        tracing::warn!(transactional_id = %txn.id, refused, reason = %why, "fenced: a newer producer of this transactional id took over; stopped publishing (the refused events count nowhere)");
+        txn.fenced.cancel();
+    }
+    PublishError::Fenced(txn.id.clone())
 }

@@ -78,12 +78,15 @@ pub async fn load(
         ));
         let deadline = tokio::time::Instant::now() + timeout;
         while !replay.caught_up() {
-            let m = tokio::time::timeout_at(deadline, replay.next()).await.map_err(|_| {
-                RegistryError::CatchUpTimeout {
+            let Some(m) = tokio::time::timeout_at(deadline, replay.next_in_backlog())
+                .await
+                .map_err(|_| RegistryError::CatchUpTimeout {
                     topic: topic.to_string(),
                     timeout,
-                }
-            })??;
+                })??
+            else {
+                break;
+            };
             let Some(Ok(e)) = m.payload().map(PositionEvent::decode) else {
                 continue;
             };

@@ -97,6 +97,11 @@ pub struct QueueWorkerArgs {
     /// How long to wait for Kafka while reading the queue topic (or its tail) at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
+    /// How often the open Kafka transaction of POLL events is committed while it holds events.
+    /// The transactional id is `<topic-prefix>queue-worker`: starting a worker fences every
+    /// earlier one of these topics (a paused one that wakes up publishes nothing more).
+    #[arg(long, env = "POSSYNC_TXN_INTERVAL", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub txn_interval: Duration,
     #[command(flatten)]
     pub snapshot: crate::snapshot::SnapshotArgs,
     #[command(flatten)]
@@ -132,6 +137,8 @@ pub struct QueueWorkerConfig {
     pub ib_timeout: Duration,
     pub in_flight_timeout: Duration,
     pub kafka_timeout: Duration,
+    /// Commit the open Kafka transaction this often while it holds events.
+    pub txn_interval: Duration,
     /// Start from this snapshot (`position_queue` + the topic's tail), not the whole topic.
     pub snapshot: Option<crate::snapshot::SnapshotConfig>,
     /// Receives a report of every batch taken (dropped when the receiver is full).
@@ -152,6 +159,7 @@ impl Default for QueueWorkerConfig {
             ib_timeout: Duration::from_secs(10),
             in_flight_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
+            txn_interval: Duration::from_millis(100),
             snapshot: None,
             batch_observer: None,
         }
@@ -172,6 +180,7 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             ib_timeout: a.ib_timeout,
             in_flight_timeout: a.in_flight_timeout,
             kafka_timeout: a.kafka_timeout,
+            txn_interval: a.txn_interval,
             snapshot: a.snapshot.config(),
             batch_observer: None,
         }
@@ -179,6 +188,11 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
 }
 
 type BatchResult = (Vec<(PosKey, Item)>, BTreeMap<String, Result<AccountPoll, PollError>>);
+
+/// The transactional id of the worker's producer: `<topic-prefix>queue-worker`.
+pub fn transactional_id(topics: &crate::kafka::Topics) -> String {
+    format!("{}queue-worker", topics.prefix())
+}
 
 /// Runs the queue worker until `shutdown`.
 ///
@@ -190,6 +204,15 @@ pub async fn run(
     kafka: KafkaConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueWorkerError> {
+    // First fence every earlier worker (and have the broker abort its open transaction), so
+    // the replay below reads its final committed state.
+    let txn_id = transactional_id(&kafka.topics);
+    let mut publisher = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        p = Publisher::transactional(&kafka, &txn_id, cfg.txn_interval, cfg.kafka_timeout, 10_000, false) => p?,
+    }
+    .with_shutdown(shutdown.clone());
+    let fenced = publisher.fenced();
     let Some(started) = start::load(&kafka, cfg.kafka_timeout, cfg.snapshot.as_ref(), &shutdown).await? else {
         return Ok(());
     };
@@ -205,7 +228,6 @@ pub async fn run(
     );
     let (mut queue, mut replay, mut active) = (started.queue, started.replay, started.active);
     metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
-    let mut publisher = Publisher::new(&kafka, 10_000, false)?.with_shutdown(shutdown.clone());
     let limiter = RateLimiter::per_second(cfg.ib_pacing.max(1));
     let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
     let mut client: Option<Arc<Client>> = None;
@@ -223,6 +245,7 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
+            _ = fenced.cancelled() => break Err(PublishError::Fenced(txn_id.clone()).into()),
             failed = publisher.failed() => failed.iter().for_each(|f| queue.release(&f.key)),
             done = async { batch.as_mut().expect("guarded").await }, if batch.is_some() => {
                 batch = None;

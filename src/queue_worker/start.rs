@@ -91,11 +91,12 @@ pub async fn load(
         while !r.caught_up() {
             let m = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
-                m = tokio::time::timeout_at(deadline, r.next()) => m.map_err(|_| RegistryError::CatchUpTimeout {
+                m = tokio::time::timeout_at(deadline, r.next_in_backlog()) => m.map_err(|_| RegistryError::CatchUpTimeout {
                     topic: name.clone(),
                     timeout,
                 })??,
             };
+            let Some(m) = m else { break };
             events += 1;
             super::apply(&mut queue, &m);
         }

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::ClientContext;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -22,7 +23,7 @@ use crate::kafka::{KafkaConfig, KafkaError};
 /// A replay of one topic: every partition from its beginning (or a given offset), with
 /// catch-up tracking.
 pub struct TopicReplay {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<EofQuiet>,
     topic: String,
     /// Partition → high watermark at start, for partitions not yet read up to it.
     pending: HashMap<i32, i64>,
@@ -106,9 +107,12 @@ impl TopicReplay {
         from: &HashMap<i32, i64>,
     ) -> Result<Self, RegistryError> {
         let group = format!("possync-replay-{}", crate::events::new_id());
-        let consumer: StreamConsumer = kafka
+        // Partition EOF tells the end of the backlog: with transactions the last offsets of a
+        // partition can be commit markers, which are never delivered as messages.
+        let consumer: StreamConsumer<EofQuiet> = kafka
             .consumer(&group)
-            .create()
+            .set("enable.partition.eof", "true")
+            .create_with_context(EofQuiet)
             .map_err(KafkaError::client("create replay consumer"))?;
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
@@ -185,18 +189,69 @@ impl TopicReplay {
     /// [`RegistryError::Kafka`] when the consumer reports an error (for example an offset out
     /// of range: messages were evicted before this reader saw them).
     pub async fn next(&mut self) -> Result<OwnedMessage, RegistryError> {
-        let message = self
-            .consumer
-            .recv()
-            .await
-            .map_err(KafkaError::client(format!("read {}", self.topic)))?
-            .detach();
-        if let Some(high) = self.pending.get(&message.partition()) {
-            if message.offset() + 1 >= *high {
-                self.pending.remove(&message.partition());
+        loop {
+            if let Some(m) = self.recv_one().await? {
+                return Ok(m);
             }
         }
-        Ok(message)
+    }
+
+    /// The next message of the backlog (what existed at the start), or `None` once all of it
+    /// was read ([`TopicReplay::caught_up`]); a partition whose backlog ends in commit markers
+    /// or an aborted transaction is caught up at its end (partition EOF), with no message.
+    ///
+    /// # Errors
+    /// As [`TopicReplay::next`].
+    pub async fn next_in_backlog(&mut self) -> Result<Option<OwnedMessage>, RegistryError> {
+        loop {
+            if self.caught_up() {
+                return Ok(None);
+            }
+            if let Some(m) = self.recv_one().await? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// One message, or `None` for a partition EOF (which may end that partition's backlog).
+    async fn recv_one(&mut self) -> Result<Option<OwnedMessage>, RegistryError> {
+        match self.consumer.recv().await {
+            Ok(m) => {
+                let message = m.detach();
+                if let Some(high) = self.pending.get(&message.partition()) {
+                    if message.offset() + 1 >= *high {
+                        self.pending.remove(&message.partition());
+                    }
+                }
+                Ok(Some(message))
+            }
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                self.reached_end(p);
+                Ok(None)
+            }
+            Err(e) => Err(KafkaError::Client {
+                context: format!("read {}", self.topic),
+                source: e,
+            }
+            .into()),
+        }
+    }
+
+    /// At a partition's end: its backlog is read when the position (past commit markers and
+    /// aborted batches) has reached the high watermark of the start.
+    fn reached_end(&mut self, partition: i32) {
+        let Some(high) = self.pending.get(&partition).copied() else {
+            return;
+        };
+        let position = self.consumer.position().ok().and_then(|tpl| {
+            tpl.find_partition(&self.topic, partition).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+        });
+        if position.is_some_and(|o| o >= high) {
+            self.pending.remove(&partition);
+        }
     }
 
     /// Like [`TopicReplay::next`], but returns `Ok(None)` once caught up and nothing arrives
@@ -211,6 +266,21 @@ impl TopicReplay {
         }
     }
 }
+
+/// The replay consumer's context: a partition EOF is how the reader finds the end of its
+/// backlog, not an error worth a log line (rdkafka logs every consumer error it passes on).
+pub struct EofQuiet;
+
+impl ClientContext for EofQuiet {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError as E, RDKafkaErrorCode};
+        if !matches!(error, E::PartitionEOF(_) | E::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for EofQuiet {}
 
 /// Decodes a registry message; `None` (with a warning) for tombstones and undecodable values.
 pub fn decode_registry(message: &OwnedMessage) -> Option<RegistryEvent> {
@@ -239,9 +309,10 @@ pub async fn load(kafka: &KafkaConfig, timeout: Duration) -> Result<Registry, Re
 async fn catch_up(replay: &mut TopicReplay, registry: &mut Registry, timeout: Duration) -> Result<(), RegistryError> {
     let deadline = tokio::time::Instant::now() + timeout;
     while !replay.caught_up() {
-        match tokio::time::timeout_at(deadline, replay.next()).await {
+        match tokio::time::timeout_at(deadline, replay.next_in_backlog()).await {
             Ok(m) => {
-                if let Some(e) = decode_registry(&m?) {
+                let Some(m) = m? else { break };
+                if let Some(e) = decode_registry(&m) {
                     registry.apply(&e);
                 }
             }
@@ -298,7 +369,7 @@ pub async fn follow(
 /// A partition's watermarks, retrying while its leadership settles (a topic just created, a
 /// leader moving: `NotLeaderForPartition`, `LeaderNotAvailable`) until `timeout`.
 fn watermarks(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<EofQuiet>,
     topic: &str,
     p: i32,
     timeout: Duration,
