@@ -184,7 +184,30 @@ pub fn position_key(account: &str, con_id: i64) -> String {
 /// process stamps (`ingest_time`, a poll's request time) keep increasing, so its own events
 /// keep their newest-wins order.
 pub fn now_micros() -> i64 {
-    monotonic_after(chrono::Utc::now().timestamp_micros(), &LAST_STAMP)
+    let skew = CLOCK_SKEW.load(std::sync::atomic::Ordering::Relaxed);
+    monotonic_after(chrono::Utc::now().timestamp_micros().saturating_add(skew), &LAST_STAMP)
+}
+
+/// Shifts this process's clock ([`now_micros`]) by `micros`: for fault tests of a host whose
+/// clock is off (`possync queue-worker --clock-skew`).
+pub fn set_clock_skew(micros: i64) {
+    CLOCK_SKEW.store(micros, std::sync::atomic::Ordering::Relaxed);
+}
+
+static CLOCK_SKEW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A signed duration: `2s`, `+2s`, `-1500ms` (humantime units), in microseconds.
+///
+/// # Errors
+/// The humantime parse error, as text.
+pub fn parse_signed_micros(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (sign, rest) = match s.strip_prefix('-') {
+        Some(r) => (-1, r),
+        None => (1, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let d = humantime::parse_duration(rest).map_err(|e| e.to_string())?;
+    Ok(sign * i64::try_from(d.as_micros()).map_err(|e| e.to_string())?)
 }
 
 static LAST_STAMP: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);

@@ -242,7 +242,9 @@ impl KafkaConfig {
     pub fn transactional_producer(&self, transactional_id: &str) -> ClientConfig {
         let mut c = self.realtime_producer();
         let message_timeout = if self.overrides_setting(Role::Producer, "message.timeout.ms") {
-            c.get("message.timeout.ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(60_000)
+            c.get("message.timeout.ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(60_000)
         } else {
             60_000
         };
@@ -311,6 +313,68 @@ impl KafkaConfig {
     pub fn admin(&self) -> ClientConfig {
         self.with_overrides(self.base(), Role::Admin)
     }
+}
+
+/// Context of consumers that read to a partition's end: a partition EOF is how they find it,
+/// not an error worth a log line (rdkafka logs every consumer error it passes on).
+pub struct EofQuiet;
+
+impl rdkafka::ClientContext for EofQuiet {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError as E, RDKafkaErrorCode};
+        if !matches!(error, E::PartitionEOF(_) | E::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EofQuiet {}
+
+/// Broker timestamps (ms) of the first *committed* message at or after each (topic, partition,
+/// offset) (blocking). `None` when the partition ends before one: what lies between the offset
+/// and the high watermark is only transaction markers or aborted events, so a reader at that
+/// offset is caught up although the high watermark is ahead of it. A partition whose message
+/// cannot be fetched within 10 s is left out.
+///
+/// # Errors
+/// [`KafkaError::Client`] when the probe consumer cannot be created or assigned.
+pub fn first_committed(
+    kafka: &KafkaConfig,
+    at: &[(String, i32, i64)],
+) -> Result<BTreeMap<(String, i32), Option<i64>>, KafkaError> {
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer<EofQuiet> = kafka
+        .consumer("possync-committed-probe")
+        .set("enable.partition.eof", "true")
+        .create_with_context(EofQuiet)
+        .map_err(KafkaError::client("create committed-data probe"))?;
+    let mut out = BTreeMap::new();
+    for (topic, partition, offset) in at {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
+        c.assign(&tpl)
+            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == *partition && m.offset() >= *offset => {
+                    if let Some(ts) = m.timestamp().to_millis() {
+                        out.insert((topic.clone(), *partition), Some(ts));
+                    }
+                    break;
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == *partition => {
+                    out.insert((topic.clone(), *partition), None);
+                    break;
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, %topic, partition, "committed-data probe fetch"),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Which kind of client a setting is for.
@@ -566,6 +630,35 @@ mod tests {
             KafkaConfig::from_args(&args(&["nonsense"])),
             Err(KafkaError::BadSetting { position: 1, .. })
         ));
+    }
+
+    /// Issue 19: the transactional producer's timeouts fit together (librdkafka refuses a
+    /// `message.timeout.ms` above `transaction.timeout.ms`), consumers read committed data only,
+    /// and neither can be changed by -K.
+    #[test]
+    fn transactional_producer_and_read_committed_consumers() {
+        let c = KafkaConfig::new("b:1");
+        let p = c.transactional_producer("x.ingest");
+        assert_eq!(p.get("transactional.id"), Some("x.ingest"));
+        assert_eq!(p.get("message.timeout.ms"), Some("60000"));
+        assert_eq!(p.get("transaction.timeout.ms"), Some("60000"));
+        assert!(p.create::<rdkafka::producer::BaseProducer>().is_ok());
+        let short = KafkaConfig::from_args(&args(&["producer.message.timeout.ms=5000"])).unwrap();
+        let p = short.transactional_producer("x.ingest");
+        assert_eq!(p.get("message.timeout.ms"), Some("5000"));
+        assert_eq!(p.get("transaction.timeout.ms"), Some("60000"));
+        let long = KafkaConfig::from_args(&args(&["producer.message.timeout.ms=300000"])).unwrap();
+        let p = long.transactional_producer("x.ingest");
+        assert_eq!(p.get("message.timeout.ms"), Some("300000"));
+        assert_eq!(p.get("transaction.timeout.ms"), Some("300000"));
+        assert!(p.create::<rdkafka::producer::BaseProducer>().is_ok());
+        assert_eq!(c.consumer("g").get("isolation.level"), Some("read_committed"));
+        for reserved in ["transactional.id=x", "consumer.isolation.level=read_uncommitted"] {
+            assert!(matches!(
+                KafkaConfig::from_args(&args(&[reserved])),
+                Err(KafkaError::ReservedSetting { .. })
+            ));
+        }
     }
 
     /// Issue 10 #18: a secret is taken whole and never printed.

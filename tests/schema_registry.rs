@@ -71,30 +71,45 @@ impl Drop for Registry {
 /// A message read back: topic, partition, offset, value.
 type Read = (String, i32, i64, Vec<u8>);
 
-/// Every message of `topics` (from the beginning to the high watermark).
+/// Every committed message of `topics`, each partition from its beginning to librdkafka's
+/// partition EOF (not the high watermark: a transactional producer's last offsets may be commit
+/// markers, never delivered). One consumer per topic: `PartitionEOF` names the partition only.
 fn read_all(kafka: &KafkaConfig, topics: &[&str]) -> anyhow::Result<Vec<Read>> {
-    let consumer: BaseConsumer = kafka.consumer("schema-registry-test-reader").create()?;
-    let mut tpl = TopicPartitionList::new();
-    let mut want = 0i64;
+    let mut out = Vec::new();
     for t in topics {
+        let consumer: BaseConsumer = kafka
+            .consumer("schema-registry-test-reader")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()?;
         let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut open = std::collections::BTreeSet::new();
         for p in md.topics()[0].partitions() {
             let (lo, hi) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10))?;
-            want += hi - lo;
-            tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
+            if hi > lo {
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
+                open.insert(p.id());
+            }
         }
-    }
-    consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while (out.len() as i64) < want {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "read {} of {want} messages",
-            out.len()
-        );
-        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-            let m = m?;
+        if open.is_empty() {
+            continue;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !open.is_empty() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "could not read {t} to its end: partitions {open:?} left"
+            );
+            let m = match consumer.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                    continue;
+                }
+                Some(m) => m?,
+            };
             let v = m.payload().context("message without value")?.to_vec();
             out.push((m.topic().to_string(), m.partition(), m.offset(), v));
         }

@@ -19,18 +19,21 @@
 //! lease over at once; a SIGKILLed holder's lease moves after `session.timeout.ms` (6 s, `-K
 //! consumer.session.timeout.ms=…`).
 //!
-//! Residual windows (what this lease does not guarantee):
+//! The lease decides *who should* publish; the broker enforces it (issue 19). Ingest's producer
+//! is transactional with the id `<topic-prefix>ingest`: a new holder's `init_transactions`
+//! aborts the previous holder's open transaction and bumps the producer epoch, so whatever a
+//! paused holder sends or commits when it wakes up is refused (`ProducerFenced`) and counts
+//! nowhere (consumers read committed data only). A fenced holder ends its term, leaves the group
+//! and joins again as a standby after the session timeout + 4 s (so it never competes for the
+//! lease with its successor as a newcomer). What the lease alone left open, and how it is closed:
 //! - librdkafka notices a lost session from its *own* clock, about a heartbeat round trip plus
-//!   its 1 s group timer after the coordinator expired it. A new holder waits
-//!   `--lease-takeover-delay` (2 s) after it got partition 0 before it connects to IB, to cover
-//!   that skew.
+//!   its 1 s group timer after the coordinator expired it. A new holder still waits
+//!   `--lease-takeover-delay` (2 s) before it connects to IB (one IB connection at a time);
+//!   events the old holder sends meanwhile are refused once the new one's producer starts.
 //! - A holder whose whole process stalls (SIGSTOP, swapped out) longer than the session timeout
-//!   may, when it resumes, publish what its threads had already prepared before its lease
-//!   thread runs. Only broker-side fencing (a transactional producer id, whose epoch the new
-//!   holder bumps) would refuse those writes; possync does not use Kafka transactions.
-//! - On a lost lease the producer's queue is purged, but messages already on the wire may still
-//!   be written. They are older (by `ingest_time`) than anything the new holder publishes, so
-//!   `positions_current` keeps the new holder's figures; the audit log shows them.
+//!   publishes, when it resumes, what its threads had prepared: refused by the broker.
+//! - Messages already on the wire when the lease is lost: in a transaction the new holder's
+//!   start aborted.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;

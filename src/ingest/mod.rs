@@ -414,6 +414,7 @@ fn is_transient(e: &IngestError) -> bool {
         e,
         IngestError::Registry(RegistryError::Kafka(_) | RegistryError::CatchUpTimeout { .. })
             | IngestError::Snapshot(crate::snapshot::SnapshotError::Kafka(_))
+            | IngestError::Publish(PublishError::Txn { .. })
     )
 }
 

@@ -198,6 +198,10 @@ pub struct Publisher {
 
 const MAX_LATENCY_SAMPLES: usize = 1 << 20;
 
+/// How long one commit or abort call may block (a thread of the blocking pool) before it is
+/// retried: short, so that a stop during a Kafka outage is not held up by it.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Publisher {
     /// A publisher with a fresh session id.
     ///
@@ -245,7 +249,12 @@ impl Publisher {
         max_in_flight: usize,
         record_latency: bool,
     ) -> Result<Self, PublishError> {
-        let mut publisher = Self::new_with(kafka, kafka.transactional_producer(transactional_id), max_in_flight, record_latency)?;
+        let mut publisher = Self::new_with(
+            kafka,
+            kafka.transactional_producer(transactional_id),
+            max_in_flight,
+            record_latency,
+        )?;
         let producer = publisher.producer.clone();
         let id = transactional_id.to_string();
         let started = Instant::now();
@@ -266,7 +275,7 @@ impl Publisher {
             open: Mutex::new(Vec::new()),
             fenced: CancellationToken::new(),
             closed: CancellationToken::new(),
-            timeout,
+            timeout: timeout.min(TXN_CALL_TIMEOUT),
         });
         publisher.txn = Some(txn.clone());
         tokio::spawn(committer(
@@ -281,7 +290,9 @@ impl Publisher {
 
     /// Cancelled once the broker fenced this (transactional) publisher: a successor runs.
     pub fn fenced(&self) -> CancellationToken {
-        self.txn.as_ref().map_or_else(CancellationToken::new, |t| t.fenced.clone())
+        self.txn
+            .as_ref()
+            .map_or_else(CancellationToken::new, |t| t.fenced.clone())
     }
 
     /// Whether the broker fenced this publisher.
@@ -416,7 +427,13 @@ impl Publisher {
                 }
                 Err((e, _)) => {
                     drop(gate);
-                    let Some(t) = txn.as_deref() else {
+                    // Refused for the transaction's state (`_STATE`: a commit or abort is due)
+                    // or because the producer is fenced (`_FATAL`); anything else is final.
+                    let txn_state = matches!(
+                        e,
+                        RdKafkaError::MessageProduction(RDKafkaErrorCode::State | RDKafkaErrorCode::Fatal)
+                    );
+                    let Some(t) = txn.as_deref().filter(|_| txn_state) else {
                         return Err(PublishError::Send(e));
                     };
                     // The transaction is in an error state (a delivery failed, a commit timed
@@ -448,7 +465,10 @@ impl Publisher {
         let stats = self.stats.clone();
         // With transactions an event counts (metrics, latency) when its transaction commits.
         let transactional = txn.is_some();
-        let latency = self.latency.clone().filter(|_| route == Route::Active && !transactional);
+        let latency = self
+            .latency
+            .clone()
+            .filter(|_| route == Route::Active && !transactional);
         tokio::spawn(async move {
             let result = match delivery.await {
                 Ok(Ok(_)) => Ok(()),
@@ -500,10 +520,21 @@ impl Publisher {
         };
         // Commit what is open; an aborted transaction reports its events as failed, which
         // nobody republishes at shutdown: the next start reconciles them.
-        let pending = t.open.lock().unwrap_or_else(|p| p.into_inner()).len();
-        match tokio::time::timeout_at(deadline, end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), false)).await {
+        let commit_all = async {
+            loop {
+                end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), false).await?;
+                // A commit Kafka has not confirmed yet put its events back: try again.
+                if t.open.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        match tokio::time::timeout_at(deadline, commit_all).await {
             Ok(r) => r,
-            Err(_) => Err(PublishError::FlushTimeout(pending)),
+            Err(_) => Err(PublishError::FlushTimeout(
+                t.open.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            )),
         }
     }
 

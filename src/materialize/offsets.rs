@@ -174,7 +174,8 @@ pub fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
 }
 
 /// Offsets still to materialize: for each (topic, partition) of the input topics, the high
-/// watermark minus the committed restart position, as (total, per-partition detail).
+/// watermark minus the committed restart position (0 when only transaction markers or aborted
+/// events lie between them), as (total, per-partition detail).
 ///
 /// # Errors
 /// Kafka or table errors.
@@ -215,10 +216,23 @@ pub async fn lag(
     }
     let parts: Vec<(String, i32)> = watermarks.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
     let next = restart_positions(&mut tables, namespace, &kafka.topics, &parts).await?;
+    // Behind the high watermark may lie only commit markers (transactions): no lag.
+    let behind: Vec<(String, i32, i64)> = watermarks
+        .iter()
+        .filter(|(t, p, high)| *high > next[&(t.clone(), *p)])
+        .map(|(t, p, _)| (t.clone(), *p, next[&(t.clone(), *p)]))
+        .collect();
+    let k = kafka.clone();
+    let data = tokio::task::spawn_blocking(move || crate::kafka::first_committed(&k, &behind))
+        .await
+        .map_err(|e| MaterializeError::Task(e.to_string()))??;
     let mut total = 0;
     let mut detail = Vec::new();
     for (t, p, high) in watermarks {
-        let behind = (high - next[&(t.clone(), p)]).max(0);
+        let behind = match data.get(&(t.clone(), p)) {
+            Some(None) => 0,
+            _ => (high - next[&(t.clone(), p)]).max(0),
+        };
         total += behind;
         detail.push((t, p, behind));
     }

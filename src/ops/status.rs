@@ -28,8 +28,6 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use super::{open_existing, rfc3339_micros, Row};
@@ -317,13 +315,19 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         .collect();
     if !behind.is_empty() {
         let k = kafka.clone();
-        let stamps = tokio::task::spawn_blocking(move || oldest_timestamps(&k, &behind))
+        let stamps = tokio::task::spawn_blocking(move || crate::kafka::first_committed(&k, &behind))
             .await
             .map_err(|e| StatusError::Task(e.to_string()))??;
         let now = chrono::Utc::now().timestamp_millis();
         for p in partitions.iter_mut() {
-            if let Some(ts) = stamps.get(&(p.topic.clone(), p.partition)) {
-                p.lag_seconds = Some((now - ts).max(0) as f64 / 1000.0);
+            match stamps.get(&(p.topic.clone(), p.partition)) {
+                Some(Some(ts)) => p.lag_seconds = Some((now - ts).max(0) as f64 / 1000.0),
+                // Only commit markers (or aborted events) lie behind: nothing to materialize.
+                Some(None) => {
+                    p.lag_events = 0;
+                    p.lag_seconds = Some(0.0);
+                }
+                None => {}
             }
         }
     }
@@ -497,40 +501,6 @@ fn watermarks(kafka: &KafkaConfig) -> Result<Vec<Watermark>, KafkaError> {
             })
         })
         .collect()
-}
-
-/// Broker timestamps (ms) of the message at each (topic, partition, offset); a partition whose
-/// message cannot be fetched within 10 s is left out.
-fn oldest_timestamps(
-    kafka: &KafkaConfig,
-    at: &[(String, i32, i64)],
-) -> Result<BTreeMap<(String, i32), i64>, KafkaError> {
-    let c: BaseConsumer = kafka
-        .consumer("possync-status-probe")
-        .create()
-        .map_err(KafkaError::client("create status probe"))?;
-    let mut out = BTreeMap::new();
-    for (topic, partition, offset) in at {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
-        c.assign(&tpl)
-            .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            match c.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) if m.topic() == topic && m.partition() == *partition && m.offset() >= *offset => {
-                    if let Some(ts) = m.timestamp().to_millis() {
-                        out.insert((topic.clone(), *partition), ts);
-                    }
-                    break;
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, %topic, partition, "status probe fetch"),
-                _ => {}
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// One `GET` of a Prometheus text endpoint: unlabelled samples by name.

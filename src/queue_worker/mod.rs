@@ -102,6 +102,11 @@ pub struct QueueWorkerArgs {
     /// earlier one of these topics (a paused one that wakes up publishes nothing more).
     #[arg(long, env = "POSSYNC_TXN_INTERVAL", value_parser = humantime::parse_duration, default_value = "100ms")]
     pub txn_interval: Duration,
+    /// Shift this process's clock (`2s`, `-2s`): a fault-test knob for a host whose clock is
+    /// off. The order of events does not depend on it (POLL events are stamped on ingest's
+    /// clock); only the `ib_time` of POLL events moves.
+    #[arg(long, env = "POSSYNC_CLOCK_SKEW", value_parser = crate::events::parse_signed_micros, allow_hyphen_values = true, hide = true)]
+    pub clock_skew: Option<i64>,
     #[command(flatten)]
     pub snapshot: crate::snapshot::SnapshotArgs,
     #[command(flatten)]
@@ -139,6 +144,8 @@ pub struct QueueWorkerConfig {
     pub kafka_timeout: Duration,
     /// Commit the open Kafka transaction this often while it holds events.
     pub txn_interval: Duration,
+    /// Shift of this process's clock, µs (fault tests; see [`QueueWorkerArgs::clock_skew`]).
+    pub clock_skew_micros: i64,
     /// Start from this snapshot (`position_queue` + the topic's tail), not the whole topic.
     pub snapshot: Option<crate::snapshot::SnapshotConfig>,
     /// Receives a report of every batch taken (dropped when the receiver is full).
@@ -160,6 +167,7 @@ impl Default for QueueWorkerConfig {
             in_flight_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
             txn_interval: Duration::from_millis(100),
+            clock_skew_micros: 0,
             snapshot: None,
             batch_observer: None,
         }
@@ -181,6 +189,7 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             in_flight_timeout: a.in_flight_timeout,
             kafka_timeout: a.kafka_timeout,
             txn_interval: a.txn_interval,
+            clock_skew_micros: a.clock_skew.unwrap_or(0),
             snapshot: a.snapshot.config(),
             batch_observer: None,
         }
@@ -204,6 +213,13 @@ pub async fn run(
     kafka: KafkaConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueWorkerError> {
+    if cfg.clock_skew_micros != 0 {
+        tracing::warn!(
+            skew_micros = cfg.clock_skew_micros,
+            "this process's clock is shifted (--clock-skew, a fault-test knob)"
+        );
+        crate::events::set_clock_skew(cfg.clock_skew_micros);
+    }
     // First fence every earlier worker (and have the broker abort its open transaction), so
     // the replay below reads its final committed state.
     let txn_id = transactional_id(&kafka.topics);
@@ -232,6 +248,8 @@ pub async fn run(
     let address = format!("{}:{}", cfg.ib_host, cfg.ib_port);
     let mut client: Option<Arc<Client>> = None;
     let mut batch: Option<JoinHandle<BatchResult>> = None;
+    // Ingest's clock as the worker knew it when the running batch was taken: its POLL stamps.
+    let mut batch_clock = 0i64;
     // A heartbeat in flight, and when IB last answered this connection.
     let mut beat: Option<JoinHandle<Result<(), crate::ib::HeartbeatError>>> = None;
     let mut last_answer = Instant::now();
@@ -271,7 +289,7 @@ pub async fn run(
                         } else if polls.values().any(Result::is_ok) {
                             last_answer = Instant::now();
                         }
-                        match publish_batch(&mut queue, &mut publisher, items, polls).await {
+                        match publish_batch(&mut queue, &mut publisher, items, polls, batch_clock).await {
                             Err(QueueWorkerError::Publish(e)) if e.is_cancelled() => break Ok(()),
                             Err(e) => break Err(e),
                             Ok(()) => {}
@@ -357,6 +375,7 @@ pub async fn run(
                 tracing::debug!(items = items.len(), accounts = accounts.len(), "polling a batch");
                 let client = client.clone().expect("connected above");
                 let timeout = cfg.poll_timeout;
+                batch_clock = queue.ingest_clock();
                 batch = Some(tokio::spawn(async move {
                     let polls = poller::poll_accounts(client, accounts.into_iter().collect(), timeout).await;
                     (items, polls.into_iter().collect())
@@ -386,14 +405,20 @@ async fn drop_client(client: &mut Option<Arc<Client>>) {
 }
 
 /// The POLL event of `item` from its account's `poll`: the polled figures (quantity 0 when the
-/// account no longer holds the contract), stamped with the time the poll was *requested*.
+/// account no longer holds the contract). `ingest_clock` is [`QueueState::ingest_clock`] when
+/// the batch was taken (before the poll was requested).
 ///
-/// Events are ordered newest-wins by `ingest_time` (see `materialize::upsert`). A poll
-/// answered before a change but published after it (the worker's publish waited for Kafka, or
-/// it had not read ingest's event yet) must lose to that change: stamping it with its request
-/// time orders it before every change ingest observed after the request, whatever the order
-/// in which the two reach Kafka.
-pub fn poll_event(item: &Item, poll: &AccountPoll) -> PositionEvent {
+/// Events are ordered newest-wins by `ingest_time` (see `materialize::upsert`), which ingest
+/// stamps from its host's clock. The POLL's `ingest_time` is on that same clock, never on the
+/// worker's (issue 19: the order must hold with the worker's clock seconds off): it is the
+/// later of `item.last.ingest_time + 1` (the poll answer is at least as new as everything the
+/// worker knew of the item) and `ingest_clock` (the newest stamp ingest had put on any event the
+/// worker read before asking; ingest stamped it before, so it is not after the request). Every
+/// change ingest observes after the request gets a later stamp and wins over the POLL, whatever
+/// the order in which the two reach Kafka; a change observed before the answer that the worker
+/// had not read yet may sort after the POLL, but then the poll answer already holds it. The
+/// worker's own clock only fills `ib_time` (when the poll was requested, for people).
+pub fn poll_event(item: &Item, poll: &AccountPoll, ingest_clock: i64) -> PositionEvent {
     let mut e = item.last.clone();
     match poll.positions.get(&e.con_id) {
         Some(p) => {
@@ -411,7 +436,7 @@ pub fn poll_event(item: &Item, poll: &AccountPoll) -> PositionEvent {
     e.realized_pnl = None;
     e.market_value = None;
     e.ib_time = poll.requested_at;
-    e.ingest_time = poll.requested_at;
+    e.ingest_time = item.last.ingest_time.saturating_add(1).max(ingest_clock);
     e
 }
 
@@ -434,6 +459,7 @@ async fn publish_batch(
     publisher: &mut Publisher,
     items: Vec<(PosKey, Item)>,
     polls: BTreeMap<String, Result<AccountPoll, PollError>>,
+    ingest_clock: i64,
 ) -> Result<(), QueueWorkerError> {
     for (account, r) in &polls {
         if let Err(e) = r {
@@ -450,7 +476,7 @@ async fn publish_batch(
             queue.release(&key);
             continue;
         }
-        let e = poll_event(&item, poll);
+        let e = poll_event(&item, poll, ingest_clock);
         publisher.publish(e, None).await?;
         metrics::global().queue_refreshed.fetch_add(1, Relaxed);
     }
@@ -464,12 +490,7 @@ mod tests {
     use super::*;
     use crate::events::now_micros;
 
-    /// Review issue 10 #10: a poll answered before a change and published after it must not
-    /// win. Before the fix the POLL event was stamped at publish time, so it sorted after the
-    /// change and `positions_current` showed the polled (old) quantity.
-    #[test]
-    fn a_poll_sorts_before_every_change_observed_after_it_was_asked() {
-        let mut q = QueueState::new();
+    fn queued_item(q: &mut QueueState, ingest_time: i64) -> (PosKey, Item) {
         let held = crate::ingest::book::Held {
             contract: crate::ingest::book::ContractInfo::default(),
             position: -6.0,
@@ -484,9 +505,19 @@ mod tests {
             Route::Queued,
             Source::Snapshot,
             vec![],
-            now_micros(),
+            ingest_time,
         ));
-        let (key, item) = q.take_sweep(1, Instant::now(), Duration::from_secs(60)).remove(0);
+        q.take_sweep(1, Instant::now(), Duration::from_secs(60)).remove(0)
+    }
+
+    /// Review issue 10 #10: a poll answered before a change and published after it must not
+    /// win. Before the fix the POLL event was stamped at publish time, so it sorted after the
+    /// change and `positions_current` showed the polled (old) quantity.
+    #[test]
+    fn a_poll_sorts_before_every_change_observed_after_it_was_asked() {
+        let mut q = QueueState::new();
+        let (key, item) = queued_item(&mut q, now_micros());
+        let clock = q.ingest_clock();
         let poll = AccountPoll {
             positions: HashMap::new(),
             requested_at: now_micros(),
@@ -497,12 +528,10 @@ mod tests {
         let mut change = item.last.clone();
         change.position = -5.0;
         change.ingest_time = now_micros();
-        let polled = poll_event(&item, &poll);
+        let polled = poll_event(&item, &poll, clock);
         assert_eq!(polled.source, Source::Poll);
-        assert_eq!(
-            (polled.ib_time, polled.ingest_time),
-            (poll.requested_at, poll.requested_at)
-        );
+        assert_eq!(polled.ib_time, poll.requested_at);
+        assert_eq!(polled.ingest_time, item.last.ingest_time + 1);
         assert!(
             polled.ingest_time < change.ingest_time,
             "the change must sort newer than the stale poll"
@@ -511,5 +540,64 @@ mod tests {
         q.apply(polled);
         assert_eq!(q.get(&key).unwrap().last.position, -5.0);
         assert_eq!(q.get(&key).unwrap().status, state::Status::Pending);
+    }
+
+    /// Issue 19: the order holds with the worker's clock 2 s ahead of ingest's or 2 s behind.
+    /// Before, a POLL carried the worker's request time: 2 s ahead, it beat every change ingest
+    /// observed in the 2 s after the poll (the table kept the polled, old quantity, and the
+    /// queue took the change for an old one: never polled again); 2 s behind, it lost to the
+    /// change it had already seen, and the item stayed pending.
+    #[test]
+    fn the_poll_order_does_not_depend_on_the_workers_clock() {
+        const T: i64 = 1_800_000_000_000_000;
+        for skew in [2_000_000i64, -2_000_000] {
+            let mut q = QueueState::new();
+            // Ingest's clock: the item's enqueue at T; an active-route PnL of another key at T+40ms.
+            let (key, item) = queued_item(&mut q, T);
+            let mut pnl = item.last.clone();
+            pnl.con_id = 8;
+            pnl.route = Route::Active;
+            pnl.source = Source::Pnl;
+            pnl.ingest_time = T + 40_000;
+            q.apply(pnl);
+            let clock = q.ingest_clock();
+            assert_eq!(clock, T + 40_000);
+            // The worker asks at T+50ms on ingest's clock; its own clock says otherwise.
+            let poll = AccountPoll {
+                positions: HashMap::new(),
+                requested_at: T + 50_000 + skew,
+                at: Instant::now(),
+            };
+            let polled = poll_event(&item, &poll, clock);
+            assert!(
+                polled.ingest_time > item.last.ingest_time,
+                "skew {skew}: the poll is newer than what it saw"
+            );
+            // A fill ingest observes 0.5 s after the request (inside the skew).
+            let mut change = item.last.clone();
+            change.position = -5.0;
+            change.ingest_time = T + 550_000;
+            assert!(
+                polled.ingest_time < change.ingest_time,
+                "skew {skew}: the later fill must win"
+            );
+            // Either arrival order: the change wins, and the item waits for the next poll.
+            let mut q2 = QueueState::new();
+            let _ = queued_item(&mut q2, T);
+            q2.apply(change.clone());
+            q2.apply(polled.clone());
+            q.apply(polled.clone());
+            q.apply(change.clone());
+            for q in [&q, &q2] {
+                assert_eq!(q.get(&key).unwrap().last.position, -5.0, "skew {skew}");
+                assert_eq!(q.get(&key).unwrap().status, state::Status::Pending, "skew {skew}");
+            }
+            // With no later change, the poll settles the item (closed: it found no holding).
+            let mut q3 = QueueState::new();
+            let _ = queued_item(&mut q3, T);
+            q3.apply(polled);
+            assert_eq!(q3.get(&key).unwrap().status, state::Status::Closed, "skew {skew}");
+            assert_eq!(q3.get(&key).unwrap().last.position, 0.0, "skew {skew}");
+        }
     }
 }

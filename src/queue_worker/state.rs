@@ -15,7 +15,8 @@
 //! again.
 //!
 //! Events count in `ingest_time` order, as in the materialized tables: a POLL event carries
-//! the time its poll was *requested*, so a POLL read after a change that was observed later
+//! a time on *ingest's* clock no later than when its poll was requested (see
+//! `super::poll_event`), so a POLL read after a change that was observed later
 //! (its publish raced ingest's) refreshes nothing and the item stays pending; an enqueue older
 //! than the item's newest event changes nothing either.
 
@@ -59,6 +60,9 @@ pub struct QueueState {
     items: HashMap<PosKey, Item>,
     /// Newest ACTIVE-route event per key (µs), for keys seen on the active route.
     active_at: HashMap<PosKey, i64>,
+    /// The newest `ingest_time` of an ingest event read (any key, either topic): a reading of
+    /// ingest's clock that is never ahead of now (see [`QueueState::ingest_clock`]).
+    ingest_clock: i64,
 }
 
 impl QueueState {
@@ -91,8 +95,18 @@ impl QueueState {
         self.items.iter()
     }
 
+    /// The newest `ingest_time` ingest has stamped on an event this worker read. Ingest stamped
+    /// it before the worker read it, so on ingest's clock it is not later than now, whatever
+    /// this host's clock says: POLL events are stamped from it (see `super::poll_event`).
+    pub fn ingest_clock(&self) -> i64 {
+        self.ingest_clock
+    }
+
     /// Applies one event of `positions.queued` or `positions.active`.
     pub fn apply(&mut self, e: PositionEvent) {
+        if e.source != Source::Poll {
+            self.ingest_clock = self.ingest_clock.max(e.ingest_time);
+        }
         let key = PosKey::new(e.account.clone(), e.con_id);
         if e.route == Route::Active {
             let t = e.ingest_time;

@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::ClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Registry, RegistryError};
 use crate::events::RegistryEvent;
-use crate::kafka::{KafkaConfig, KafkaError};
+use crate::kafka::{EofQuiet, KafkaConfig, KafkaError};
 
 /// A replay of one topic: every partition from its beginning (or a given offset), with
 /// catch-up tracking.
@@ -244,10 +243,11 @@ impl TopicReplay {
             return;
         };
         let position = self.consumer.position().ok().and_then(|tpl| {
-            tpl.find_partition(&self.topic, partition).and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
+            tpl.find_partition(&self.topic, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
         });
         if position.is_some_and(|o| o >= high) {
             self.pending.remove(&partition);
@@ -266,21 +266,6 @@ impl TopicReplay {
         }
     }
 }
-
-/// The replay consumer's context: a partition EOF is how the reader finds the end of its
-/// backlog, not an error worth a log line (rdkafka logs every consumer error it passes on).
-pub struct EofQuiet;
-
-impl ClientContext for EofQuiet {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        use rdkafka::error::{KafkaError as E, RDKafkaErrorCode};
-        if !matches!(error, E::PartitionEOF(_) | E::Global(RDKafkaErrorCode::PartitionEOF)) {
-            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
-        }
-    }
-}
-
-impl ConsumerContext for EofQuiet {}
 
 /// Decodes a registry message; `None` (with a warning) for tombstones and undecodable values.
 pub fn decode_registry(message: &OwnedMessage) -> Option<RegistryEvent> {
