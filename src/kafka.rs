@@ -42,10 +42,30 @@ pub enum KafkaError {
 }
 
 impl KafkaError {
-    /// Wraps a librdkafka error with what was being done.
+    /// Wraps a librdkafka error with what was being done (a setting's value [`scrub`]bed).
     pub fn client(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
         let context = context.into();
-        move |source| KafkaError::Client { context, source }
+        move |source| KafkaError::Client {
+            context,
+            source: scrub(source),
+        }
+    }
+}
+
+/// A librdkafka error fit to print: a refused setting's value is replaced by [`REDACTED`] when
+/// its key names a secret or is unknown to librdkafka (`sasl.jaas.config` is Java's, and a
+/// typo such as `sasl.pasword` may hold a password); rdkafka prints the value otherwise
+/// (issue 20 #10).
+pub fn scrub(e: rdkafka::error::KafkaError) -> rdkafka::error::KafkaError {
+    use rdkafka::error::KafkaError as E;
+    use rdkafka::types::RDKafkaConfRes;
+    match e {
+        E::ClientConfig(code, desc, key, value)
+            if !value.is_empty() && (code == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN || is_secret_key(&key)) =>
+        {
+            E::ClientConfig(code, desc.replace(&value, REDACTED), key, REDACTED.to_string())
+        }
+        other => other,
     }
 }
 
@@ -90,6 +110,9 @@ impl std::fmt::Debug for KafkaArgs {
             .finish()
     }
 }
+
+/// Clients the readiness probes of this process have made (see [`KafkaConfig::probe`]).
+pub static PROBE_CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What is shown instead of a secret.
 pub const REDACTED: &str = "[redacted]";
@@ -303,9 +326,26 @@ impl KafkaConfig {
     }
 
     /// A blocking "does the cluster answer?" check for `/readyz` (a metadata request, 3 s).
+    /// One client serves every call (issue 20 #15: a new client every 5 s cost a connection
+    /// to each broker and a thread set each time); it is made at the first call.
     pub fn probe(&self) -> crate::metrics::KafkaProbe {
         let kafka = self.clone();
-        std::sync::Arc::new(move || kafka.cluster_id(Duration::from_secs(3)).is_ok())
+        let client: std::sync::Mutex<Option<BaseConsumer>> = std::sync::Mutex::new(None);
+        std::sync::Arc::new(move || {
+            let mut slot = client.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                match kafka.admin().create::<BaseConsumer>() {
+                    Ok(c) => {
+                        PROBE_CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        *slot = Some(c);
+                    }
+                    Err(_) => return false,
+                }
+            }
+            slot.as_ref()
+                .and_then(|c| c.client().fetch_cluster_id(Duration::from_secs(3)))
+                .is_some()
+        })
     }
 
     /// Settings of admin and metadata-only clients (topic administration, cluster id): plain
@@ -661,6 +701,38 @@ mod tests {
         }
     }
 
+    /// Issue 20 #10: a setting librdkafka refuses is named, its value never printed when the
+    /// key is unknown (Java's `sasl.jaas.config`, a typo of `sasl.password`) or names a secret.
+    #[test]
+    fn refused_settings_never_print_their_value() {
+        for kv in [
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"u\" password=\"hunter2-secret\";",
+            "sasl.pasword=hunter2-secret",
+            "producer.sasl.pasword=hunter2-secret",
+        ] {
+            let c = KafkaConfig::from_args(&args(&[kv])).unwrap();
+            let e = c
+                .producer()
+                .create::<rdkafka::producer::BaseProducer>()
+                .map(|_| ())
+                .map_err(KafkaError::client("create producer"))
+                .unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("hunter2-secret"), "{kv}: {text}");
+            assert!(text.contains(REDACTED), "{text}");
+            assert!(text.contains("sasl."), "the key is named: {text}");
+        }
+        // A plain setting's bad value is still shown: it helps and hides nothing.
+        let c = KafkaConfig::from_args(&args(&["linger.ms=soon"])).unwrap();
+        let e = c
+            .producer()
+            .create::<rdkafka::producer::BaseProducer>()
+            .map(|_| ())
+            .map_err(KafkaError::client("create producer"))
+            .unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+    }
+
     /// Issue 10 #18: a secret is taken whole and never printed.
     #[test]
     fn secrets_are_kept_whole_and_never_printed() {
@@ -695,6 +767,18 @@ mod tests {
         assert!(!e.to_string().contains("w0rd"), "{e}");
         assert!(is_secret_key("sasl.oauthbearer.client.secret") && is_secret_key("consumer.sasl.password"));
         assert!(!is_secret_key("sasl.mechanism"));
+    }
+
+    /// Issue 20 #15: the readiness probe keeps one client, whatever the number of probes.
+    #[test]
+    fn the_readiness_probe_reuses_its_client() {
+        let b = EmbeddedBroker::start(1).unwrap();
+        let probe = KafkaConfig::new(b.bootstrap()).probe();
+        let before = PROBE_CLIENTS.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..3 {
+            assert!(probe(), "the embedded broker answers");
+        }
+        assert_eq!(PROBE_CLIENTS.load(std::sync::atomic::Ordering::Relaxed) - before, 1);
     }
 
     #[test]

@@ -408,6 +408,7 @@ async fn pipeline(
             // The simulator stamps real time: closed positions leave after `possync
             // materialize`'s default.
             closed_retention: Some(materialize::config::DEFAULT_CLOSED_RETENTION),
+            state_dir: cfg.data_dir.join("state"),
             ..materialize::MaterializeConfig::default()
         };
         let (k, t) = (kafka.clone(), consumers.clone());

@@ -23,20 +23,59 @@ use crate::schema::{self, SchemaIds};
 /// The media type of the Confluent schema registry API.
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
-/// `--schema-registry-url` and its timeout; flattened into every subcommand that produces or
-/// consumes possync's Avro values.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// `--schema-registry-url`, its credentials and timeout; flattened into every subcommand that
+/// produces or consumes possync's Avro values.
+#[derive(clap::Args, Clone, Default)]
 pub struct SchemaRegistryArgs {
     /// Confluent-compatible schema registry to register `schemas/*.avsc` with (subjects
     /// `<topic>-value`); values are then framed with the ids it returns instead of the fixed
     /// ids 1 and 2. Give the base of its Confluent API, e.g. `http://127.0.0.1:8081`, or
     /// `http://host:port/apis/ccompat/v7` for Apicurio Registry. Producers and consumers of one
-    /// pipeline must all use it, or none.
-    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_URL")]
+    /// pipeline must all use it, or none. Credentials go in the user and password flags (a
+    /// `user:password@` in the URL works too, and is never printed).
+    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_URL", hide_env_values = true)]
     pub schema_registry_url: Option<String>,
+    /// User for the schema registry's HTTP basic authentication.
+    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_USER")]
+    pub schema_registry_user: Option<String>,
+    /// Password for the schema registry's HTTP basic authentication (prefer the environment
+    /// variable: a flag shows in the process list). Never printed.
+    #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub schema_registry_password: Option<String>,
     /// How long one request to the schema registry may take.
     #[arg(long, env = "POSSYNC_SCHEMA_REGISTRY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub schema_registry_timeout: Duration,
+}
+
+impl std::fmt::Debug for SchemaRegistryArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistryArgs")
+            .field("schema_registry_url", &self.schema_registry_url.as_deref().map(shown))
+            .field("schema_registry_user", &self.schema_registry_user)
+            .field(
+                "schema_registry_password",
+                &self.schema_registry_password.as_ref().map(|_| crate::kafka::REDACTED),
+            )
+            .field("schema_registry_timeout", &self.schema_registry_timeout)
+            .finish()
+    }
+}
+
+/// `url` fit to print: any `user:password@` replaced (issue 20 #11).
+pub fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}{}@{}", &url[..scheme + 3], crate::kafka::REDACTED, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Basic-authentication credentials.
+#[derive(Clone)]
+struct Credentials {
+    user: String,
+    password: Option<String>,
 }
 
 /// Why the schema registry could not give possync its ids.
@@ -85,10 +124,21 @@ pub enum SchemaRegistryError {
 }
 
 /// A client of one schema registry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SchemaRegistry {
+    /// The base URL, without credentials.
     base: String,
+    auth: Option<Credentials>,
     http: reqwest::Client,
+}
+
+impl std::fmt::Debug for SchemaRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistry")
+            .field("base", &self.base)
+            .field("user", &self.auth.as_ref().map(|a| &a.user))
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,21 +157,61 @@ struct ErrorReply {
 }
 
 impl SchemaRegistry {
-    /// A client of the registry at `url` (the base of its Confluent API).
+    /// A client of the registry at `url` (the base of its Confluent API); credentials in the
+    /// URL (`http://user:password@host`) are taken out of it and sent as basic authentication.
     ///
     /// # Errors
     /// [`SchemaRegistryError::BadUrl`] when `url` is not http(s).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, SchemaRegistryError> {
-        let base = url.trim().trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() <= "https://".len() {
-            return Err(SchemaRegistryError::BadUrl(url.to_string()));
+        Self::with_auth(url, None, None, timeout)
+    }
+
+    /// [`SchemaRegistry::new`] with basic-authentication credentials (they win over any in the
+    /// URL).
+    ///
+    /// # Errors
+    /// [`SchemaRegistryError::BadUrl`] when `url` is not http(s).
+    pub fn with_auth(
+        url: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, SchemaRegistryError> {
+        let trimmed = url.trim().trim_end_matches('/');
+        let bad = || SchemaRegistryError::BadUrl(shown(url));
+        if !(trimmed.starts_with("http://") || trimmed.starts_with("https://")) || trimmed.len() <= "https://".len() {
+            return Err(bad());
         }
+        let mut parsed = url::Url::parse(trimmed).map_err(|_| bad())?;
+        let decode = |s: &str| percent_decode(s);
+        let mut auth = (!parsed.username().is_empty()).then(|| Credentials {
+            user: decode(parsed.username()),
+            password: parsed.password().map(decode),
+        });
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        if let Some(user) = user.filter(|u| !u.is_empty()) {
+            auth = Some(Credentials {
+                user: user.to_string(),
+                password: password.map(str::to_string),
+            });
+        }
+        let base = parsed.as_str().trim_end_matches('/').to_string();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
-            .map_err(|e| SchemaRegistryError::BadUrl(format!("{url} ({})", chain(&e))))?;
-        Ok(Self { base, http })
+            .map_err(|e| SchemaRegistryError::BadUrl(format!("{} ({})", shown(url), chain(&e))))?;
+        Ok(Self { base, auth, http })
+    }
+
+    /// A request to `url` with the credentials, if any.
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
+        match &self.auth {
+            Some(a) => req.basic_auth(&a.user, a.password.as_deref()),
+            None => req,
+        }
     }
 
     /// The base URL requests go to.
@@ -139,8 +229,7 @@ impl SchemaRegistry {
         let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" }).to_string();
         let url = format!("{}/subjects/{}/versions", self.base, path_segment(subject));
         let req = self
-            .http
-            .post(url)
+            .request(reqwest::Method::POST, url)
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .body(body);
@@ -155,8 +244,7 @@ impl SchemaRegistry {
     pub async fn schema(&self, id: u32) -> Result<String, SchemaRegistryError> {
         let what = format!("looking up schema id {id}");
         let req = self
-            .http
-            .get(format!("{}/schemas/ids/{id}", self.base))
+            .request(reqwest::Method::GET, format!("{}/schemas/ids/{id}", self.base))
             .header(reqwest::header::ACCEPT, CONTENT_TYPE);
         let reply: SchemaReply = self.call(req, &what).await?;
         Ok(reply.schema)
@@ -244,7 +332,12 @@ pub async fn apply(args: &SchemaRegistryArgs, topics: &Topics) -> Result<SchemaI
     let Some(url) = args.schema_registry_url.as_deref().filter(|u| !u.trim().is_empty()) else {
         return Ok(schema::ids());
     };
-    let registry = SchemaRegistry::new(url, args.schema_registry_timeout)?;
+    let registry = SchemaRegistry::with_auth(
+        url,
+        args.schema_registry_user.as_deref(),
+        args.schema_registry_password.as_deref(),
+        args.schema_registry_timeout,
+    )?;
     let ids = registry.register_all(topics).await?;
     schema::use_ids(ids).map_err(SchemaRegistryError::AlreadySet)?;
     tracing::info!(
@@ -268,6 +361,31 @@ fn path_segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// `%XX` escapes decoded (the user and password of a URL's userinfo).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An error and its sources on one line (reqwest's own text names only the outermost).
@@ -320,5 +438,76 @@ mod tests {
         let text = e.to_string();
         assert!(matches!(e, SchemaRegistryError::Unreachable { .. }), "{text}");
         assert!(text.contains("--schema-registry-url") && !text.contains('\n'), "{text}");
+    }
+
+    /// Issue 20 #11: credentials in the URL never reach a log line, an error or `Debug`; they
+    /// are sent as basic authentication, as are those of the user and password flags.
+    #[tokio::test]
+    async fn credentials_are_sent_never_shown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 16 * 1024];
+                let n = c.read(&mut buf).await.unwrap();
+                heads.push(String::from_utf8_lossy(&buf[..n]).to_lowercase());
+                let body = r#"{"id":5}"#;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                c.write_all(reply.as_bytes()).await.unwrap();
+            }
+            heads
+        });
+        let url = format!("http://u%40x:hunter2-secret@127.0.0.1:{port}/apis/ccompat/v7");
+        let r = SchemaRegistry::new(&url, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.url(), format!("http://127.0.0.1:{port}/apis/ccompat/v7"));
+        assert!(!format!("{r:?}").contains("hunter2"));
+        assert_eq!(r.register("s-value", "\"string\"").await.unwrap(), 5);
+        let flags = SchemaRegistry::with_auth(
+            &format!("http://127.0.0.1:{port}"),
+            Some("svc"),
+            Some("pw-from-flag"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(flags.register("s-value", "\"string\"").await.unwrap(), 5);
+        let heads = server.await.unwrap();
+        // base64("u@x:hunter2-secret"), base64("svc:pw-from-flag")
+        assert!(
+            heads[0].contains("authorization: basic dub4omh1bnrlcjitc2vjcmv0"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[1].contains("authorization: basic c3zjonb3lwzyb20tzmxhzw=="),
+            "{}",
+            heads[1]
+        );
+        // Unreachable: the error names the registry without the password.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let r = SchemaRegistry::new(
+            &format!("http://u:hunter2-secret@127.0.0.1:{closed}"),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let e = r.register_all(&Topics::new("p.")).await.unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let bad = SchemaRegistry::new("ftp://u:hunter2-secret@x", Duration::from_secs(1)).unwrap_err();
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
+        let args = SchemaRegistryArgs {
+            schema_registry_url: Some("http://u:hunter2-secret@h:1".into()),
+            schema_registry_password: Some("hunter2-secret".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{args:?}").contains("hunter2"));
     }
 }

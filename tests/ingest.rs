@@ -154,5 +154,17 @@ async fn registry_commands_and_bootstrap_file() -> anyhow::Result<()> {
     possync::registry::activate(&env.kafka, "hedge", Some("DU0000001"), 2, 9, "test").await?;
     let entries = possync::registry::list(&env.kafka, timeout).await?;
     ensure!(entries.len() == 2 && entries[0].priority == 9, "{entries:?}");
+    // Issue 20 #12: seeding again (every lease term does) neither re-activates what the
+    // operator deactivated nor undoes a priority the operator set.
+    ensure!(
+        possync::registry::seed_from_file(&env.kafka, &json, "test", timeout).await? == 0,
+        "the bootstrap file must not undo the operator's decisions"
+    );
+    let again = possync::registry::list(&env.kafka, timeout).await?;
+    ensure!(again.len() == 2 && again[0].priority == 9, "{again:?}");
+    ensure!(!again.iter().any(|e| e.strategy == "wheel"), "{again:?}");
+    // Re-activated by the operator, it is the registry's again.
+    possync::registry::activate(&env.kafka, "wheel", Some("*"), 1, 3, "test").await?;
+    ensure!(possync::registry::list(&env.kafka, timeout).await?.len() == 3);
     Ok(())
 }

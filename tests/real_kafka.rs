@@ -347,12 +347,18 @@ async fn paused_processes_never_change_the_tables() -> anyhow::Result<()> {
     // Committed data (read_committed), also when finish failed, for the figures.
     let produced = pipeline::read_topics(&p.kafka)?;
     let order = pipeline::session_order(&produced);
-    let fenced_lines: usize = p
-        .logs()?
+    let logs = p.logs()?;
+    let fenced_lines: usize = logs
         .iter()
         .filter(|(name, _)| name.contains("ingest"))
         .map(|(_, text)| text.lines().filter(|l| l.contains("fenced")).count())
         .sum();
+    // What each woken holder was refused (the publisher's warning carries the count).
+    for (name, text) in logs.iter().filter(|(name, _)| name.contains("ingest")) {
+        for l in text.lines().filter(|l| l.contains("fenced: a newer producer")) {
+            eprintln!("[faults] {name}: {l}");
+        }
+    }
     let mut late_per_session: std::collections::BTreeMap<&str, usize> = Default::default();
     for l in &order.late {
         *late_per_session.entry(l.session.as_str()).or_default() += 1;

@@ -212,6 +212,7 @@ async fn ingest_and_materialize_frame_with_the_registry_ids() -> anyhow::Result<
     let args = SchemaRegistryArgs {
         schema_registry_url: Some(registry.url.clone()),
         schema_registry_timeout: Duration::from_secs(10),
+        ..Default::default()
     };
     let ids = possync::schema_registry::apply(&args, &kafka.topics).await?;
     ensure!(schema::ids() == ids);

@@ -308,9 +308,7 @@ impl Engine {
 
     /// IB's full position list (everything up to PositionEnd): reconcile, then re-plan.
     pub(crate) async fn sync(&mut self, client: &Arc<Client>, after: Book) -> Result<(), IngestError> {
-        // Failures reported while the loop was busy or disconnected: dirty before the diff.
-        let failed = self.publisher.take_failed();
-        self.on_failures(failed);
+        self.absorb_failures();
         let changes = reconcile(&self.book, &after);
         let mut book: Book = after.into_iter().filter(|(_, h)| h.is_open()).collect();
         for (k, h) in &mut book {
@@ -474,6 +472,17 @@ impl Engine {
         self.apply_plan(Some(client), &HashSet::new()).await
     }
 
+    /// Before a sync's diff: failures reported while the loop was busy or disconnected mark
+    /// their positions dirty, and this sync (a whole list) is the resync they asked for; a
+    /// resync requested before it is answered by it too (issue 20 #14: failures taken during
+    /// the list made a second full resync right after it). Failures reported after this point
+    /// ask again.
+    fn absorb_failures(&mut self) {
+        let failed = self.publisher.take_failed();
+        self.on_failures(failed);
+        self.resync_wanted = false;
+    }
+
     /// Deliveries failed for good: mark their positions dirty and resync, which republishes
     /// their current state (a lost close included).
     pub(crate) fn on_failures(&mut self, failures: Vec<Failure>) {
@@ -557,6 +566,33 @@ mod tests {
         assert_eq!(held.pnl, None, "stale PnL kept across a reconnect");
         let event = book::event(&key, held, Route::Active, Source::Stream, vec![], 0);
         assert_eq!(event.daily_pnl, None);
+    }
+
+    /// Issue 20 #14: failures reported while a position list arrives ask for a resync; the
+    /// sync of that list answers it (its diff republishes the dirty positions), so no second
+    /// full resync follows.
+    #[test]
+    fn a_sync_answers_the_resync_that_failures_asked_for() {
+        let key = PosKey::new("A", 1);
+        let held = Held {
+            contract: ContractInfo::default(),
+            position: 2.0,
+            avg_cost: 10.0,
+            pnl: None,
+            dirty: false,
+        };
+        let mut e = engine(Book::from([(key.clone(), held.clone())]), BTreeSet::new());
+        let event = book::event(&key, &held, Route::Queued, Source::Stream, vec![], 0);
+        e.on_failures(vec![Failure {
+            key: key.clone(),
+            sequence: 1,
+            error: rdkafka::error::KafkaError::Canceled,
+            event,
+        }]);
+        assert!(e.resync_wanted && e.book[&key].dirty);
+        e.absorb_failures();
+        assert!(!e.resync_wanted, "the sync under way is the resync");
+        assert!(e.book[&key].dirty, "and its diff republishes the position");
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Lease {
                 .create_with_context(PauseOnAssign::default())
                 .map_err(|source| LeaseError::Create {
                     group: group.to_string(),
-                    source: Box::new(source),
+                    source: Box::new(crate::kafka::scrub(source)),
                 })?;
         let topic = kafka.topics.lease.clone();
         consumer.subscribe(&[&topic]).map_err(|source| LeaseError::Subscribe {

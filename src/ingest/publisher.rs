@@ -166,11 +166,30 @@ struct Txn {
     closed: CancellationToken,
     /// How long one commit or abort may take.
     timeout: Duration,
+    /// An abort is under way (it timed out while Kafka was away): resume it, do not commit.
+    aborting: std::sync::atomic::AtomicBool,
+    /// A commit or abort has been failing since the last success (warn once per episode).
+    troubled: std::sync::atomic::AtomicBool,
 }
 
 impl Txn {
     fn take_open(&self) -> Vec<Pending> {
         std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Says that ending the transaction did not work yet: a warning the first time, then debug.
+    fn trouble(&self, error: &RdKafkaError, events: usize, what: &str) {
+        if self.troubled.swap(true, Relaxed) {
+            tracing::debug!(error = %error, events, "{what}");
+        } else {
+            tracing::warn!(error = %error, events, "{what}");
+        }
+    }
+
+    fn trouble_over(&self) {
+        if self.troubled.swap(false, Relaxed) {
+            tracing::info!(transactional_id = %self.id, "Kafka transactions work again");
+        }
     }
 
     /// Puts events of a commit to retry back in front of those sent since.
@@ -276,6 +295,8 @@ impl Publisher {
             fenced: CancellationToken::new(),
             closed: CancellationToken::new(),
             timeout: timeout.min(TXN_CALL_TIMEOUT),
+            aborting: std::sync::atomic::AtomicBool::new(false),
+            troubled: std::sync::atomic::AtomicBool::new(false),
         });
         publisher.txn = Some(txn.clone());
         tokio::spawn(committer(
@@ -622,8 +643,9 @@ fn fatal(producer: &FutureProducer) -> Option<String> {
 
 /// Ends the open transaction: commits it (when it holds events, or `force`); on an abortable
 /// error aborts it and reports each of its events through `failed` (their positions get
-/// republished); then begins the next one. A retriable error (Kafka away) keeps the events for
-/// the next attempt. Fencing cancels `txn.fenced` and returns [`PublishError::Fenced`].
+/// republished); then begins the next one. While Kafka is away a commit or an abort does not
+/// complete: the events stay for the next attempt (an abort under way is resumed, never
+/// followed by a commit). Fencing cancels `txn.fenced` and returns [`PublishError::Fenced`].
 async fn end_txn(
     txn: &Txn,
     producer: &FutureProducer,
@@ -636,45 +658,56 @@ async fn end_txn(
     }
     let _exclusive = txn.gate.write().await;
     let events = txn.take_open();
-    if events.is_empty() && !force {
+    let aborting = txn.aborting.load(Relaxed);
+    if events.is_empty() && !force && !aborting {
         return Ok(());
     }
     let timeout = txn.timeout;
-    let p = producer.clone();
-    let committed = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
-        .await
-        .unwrap_or(Err(RdKafkaError::Canceled));
-    let error = match committed {
-        Ok(()) => {
-            metrics::global().txn_committed.fetch_add(1, Relaxed);
-            let active = events.iter().filter(|e| e.route == Route::Active).count() as u64;
-            count_published(Route::Active, active);
-            count_published(Route::Queued, events.len() as u64 - active);
-            if let Some(log) = latency {
-                for e in events.iter().filter(|e| e.route == Route::Active) {
-                    if let Some(t) = e.observed {
-                        record_latency(log, t);
+    let mut error = RdKafkaError::Canceled;
+    if !aborting {
+        let p = producer.clone();
+        let committed = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+            .await
+            .unwrap_or(Err(RdKafkaError::Canceled));
+        let e = match committed {
+            Ok(()) => {
+                txn.trouble_over();
+                metrics::global().txn_committed.fetch_add(1, Relaxed);
+                let active = events.iter().filter(|e| e.route == Route::Active).count() as u64;
+                count_published(Route::Active, active);
+                count_published(Route::Queued, events.len() as u64 - active);
+                if let Some(log) = latency {
+                    for e in events.iter().filter(|e| e.route == Route::Active) {
+                        if let Some(t) = e.observed {
+                            record_latency(log, t);
+                        }
                     }
                 }
+                return begin(txn, producer, Vec::new()).map(|_| ());
             }
-            return begin(txn, producer, Vec::new()).map(|_| ());
+            Err(e) => e,
+        };
+        let (is_fatal, retriable) = match &e {
+            RdKafkaError::Transaction(t) => (t.is_fatal(), t.is_retriable()),
+            // rdkafka flushes before it commits: messages still waiting for the broker.
+            RdKafkaError::Flush(_) => (false, true),
+            _ => (false, false),
+        };
+        if is_fatal || fatal(producer).is_some() {
+            return Err(fence(txn, producer, events.len(), &e));
         }
-        Err(e) => e,
-    };
-    let (is_fatal, retriable, abortable) = match &error {
-        RdKafkaError::Transaction(t) => (t.is_fatal(), t.is_retriable(), t.txn_requires_abort()),
-        _ => (false, false, true),
-    };
-    if is_fatal || fatal(producer).is_some() {
-        return Err(fence(txn, producer, events.len(), &error));
-    }
-    if retriable {
-        tracing::warn!(error = %error, events = events.len(), "Kafka transaction commit not confirmed yet; retrying (is Kafka reachable?)");
-        txn.restore(events);
-        return Ok(());
-    }
-    if !abortable {
-        tracing::warn!(error = %error, events = events.len(), "Kafka transaction commit failed; aborting it");
+        if retriable {
+            txn.trouble(
+                &e,
+                events.len(),
+                "Kafka transaction commit not confirmed yet; retrying (is Kafka reachable?)",
+            );
+            txn.restore(events);
+            return Ok(());
+        }
+        tracing::warn!(error = %e, events = events.len(), "Kafka transaction commit failed (a delivery failed or timed out); aborting it");
+        txn.aborting.store(true, Relaxed);
+        error = e;
     }
     let p = producer.clone();
     let aborted = tokio::task::spawn_blocking(move || p.abort_transaction(timeout))
@@ -682,14 +715,23 @@ async fn end_txn(
         .unwrap_or(Err(RdKafkaError::Canceled));
     match aborted {
         Ok(()) => {
+            txn.aborting.store(false, Relaxed);
+            txn.trouble_over();
             metrics::global().txn_aborted.fetch_add(1, Relaxed);
-            tracing::warn!(error = %error, events = events.len(), "Kafka transaction aborted; its positions will be republished");
+            tracing::warn!(
+                events = events.len(),
+                "Kafka transaction aborted; its positions will be republished"
+            );
             begin(txn, producer, events).map(|events| report_failed(failed, events, &error))
         }
         Err(e) if fatal(producer).is_some() => Err(fence(txn, producer, events.len(), &e)),
         Err(e) => {
-            // Kafka away: abort again on the next attempt (the commit error stays).
-            tracing::warn!(error = %e, events = events.len(), "could not abort a Kafka transaction yet; retrying");
+            // Kafka away: the abort is resumed on the next attempt.
+            txn.trouble(
+                &e,
+                events.len(),
+                "could not abort a Kafka transaction yet; retrying (is Kafka reachable?)",
+            );
             txn.restore(events);
             Ok(())
         }

@@ -79,9 +79,31 @@ pub struct MaterializeArgs {
     /// Directory of the local spill file that holds the `position_queue` rows (about 100 bytes
     /// per key, up to twice that with garbage; the materializer keeps only their places in
     /// memory). The file is a cache: it is unlinked at once, leaves nothing behind, and is
-    /// rebuilt from the table at start. Default: the system's temporary directory.
+    /// rebuilt from the table at start. Default: `$XDG_STATE_HOME/possync`, else
+    /// `$HOME/.local/state/possync`, else `./possync-state` (created if missing). Not the
+    /// temporary directory: that is memory (tmpfs) on some systems. `possync run` uses
+    /// `<data-dir>/state`.
     #[arg(long, env = "POSSYNC_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// The default directory of the spill file (see [`MaterializeArgs::state_dir`]): on disk, in
+/// the user's state directory, never the temporary directory (tmpfs on some systems: the
+/// spill file would take memory it exists to save; issue 20 #17).
+pub fn default_state_dir() -> std::path::PathBuf {
+    state_dir_from(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+}
+
+fn state_dir_from(xdg_state_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> std::path::PathBuf {
+    let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    // XDG: a relative XDG_STATE_HOME is invalid and ignored.
+    if let Some(x) = nonempty(xdg_state_home).filter(|p| p.is_absolute()) {
+        return x.join("possync");
+    }
+    if let Some(h) = nonempty(home) {
+        return h.join(".local").join("state").join("possync");
+    }
+    std::path::PathBuf::from("possync-state")
 }
 
 /// `--closed-retention`'s default: closed positions leave the upsert tables after a week.
@@ -162,7 +184,7 @@ impl Default for MaterializeConfig {
             // The library default keeps closed rows (tests replay synthetic, months-old event
             // times); `possync materialize` and `possync run` pass the 7-day flag default.
             closed_retention: None,
-            state_dir: std::env::temp_dir(),
+            state_dir: default_state_dir(),
         }
     }
 }
@@ -182,7 +204,7 @@ impl From<&MaterializeArgs> for MaterializeConfig {
             txn_restamp_every: a.txn_restamp_every.max(Duration::from_millis(100)),
             maintain_every: (!a.maintain_every.is_zero()).then_some(a.maintain_every),
             closed_retention: (!a.closed_retention.is_zero()).then_some(a.closed_retention),
-            state_dir: a.state_dir.clone().unwrap_or_else(std::env::temp_dir),
+            state_dir: a.state_dir.clone().unwrap_or_else(default_state_dir),
         }
     }
 }
@@ -267,6 +289,34 @@ mod tests {
     fn maintain_every(flags: &[&str]) -> Option<Duration> {
         let cli = Cli::try_parse_from(std::iter::once("possync").chain(flags.iter().copied())).unwrap();
         MaterializeConfig::from(&cli.args).maintain_every
+    }
+
+    /// Issue 20 #17: the spill file's default directory is the user's state directory, never
+    /// the temporary directory (tmpfs on some systems).
+    #[test]
+    fn the_spill_file_defaults_to_the_state_directory() {
+        use std::ffi::OsString;
+        use std::path::PathBuf;
+        let os = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            state_dir_from(os("/var/lib/x"), os("/home/u")),
+            PathBuf::from("/var/lib/x/possync")
+        );
+        assert_eq!(
+            state_dir_from(None, os("/home/u")),
+            PathBuf::from("/home/u/.local/state/possync")
+        );
+        assert_eq!(
+            state_dir_from(os("relative"), os("/home/u")),
+            PathBuf::from("/home/u/.local/state/possync")
+        );
+        assert_eq!(state_dir_from(os(""), None), PathBuf::from("possync-state"));
+        let cli = Cli::try_parse_from(["possync"]).unwrap();
+        let dir = MaterializeConfig::from(&cli.args).state_dir;
+        assert_ne!(dir, std::env::temp_dir());
+        assert_eq!(dir, default_state_dir());
+        let cli = Cli::try_parse_from(["possync", "--state-dir", "/srv/s"]).unwrap();
+        assert_eq!(MaterializeConfig::from(&cli.args).state_dir, PathBuf::from("/srv/s"));
     }
 
     #[test]

@@ -155,6 +155,7 @@ async fn send_loop(config: ClientConfig, topic: String, mut rx: mpsc::Receiver<D
             None => match config.create::<FutureProducer>() {
                 Ok(p) => made.insert(p),
                 Err(e) => {
+                    let e = crate::kafka::scrub(e);
                     for d in batch.drain(..) {
                         topic_copy_failed(&d, &format!("create dead-letter producer: {e}"));
                     }

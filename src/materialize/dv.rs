@@ -82,6 +82,13 @@ pub async fn read(store: &dyn ObjectStore, d: &DeletionVectorDescriptor) -> Resu
         StorageType::UuidRelativePath => {
             let path = relative_path(d)?;
             let shown = path.to_string();
+            // A vector holds at least its 4-byte magic (issue 20 #5: a smaller size panicked).
+            if d.size_in_bytes < 4 || d.offset.is_some_and(|o| o < 0) {
+                return Err(corrupt(
+                    &shown,
+                    format!("size {} at offset {:?} in the log", d.size_in_bytes, d.offset),
+                ));
+            }
             let start = d.offset.unwrap_or(1) as u64;
             let size = d.size_in_bytes as u64;
             let bytes = store
@@ -179,5 +186,16 @@ mod tests {
         let mut bad = ds[1].clone();
         bad.cardinality += 1;
         assert!(matches!(read(&store, &bad).await, Err(DvError::Corrupt { .. })));
+        // Issue 20 #5: a descriptor too small for the magic, or with a negative size or offset,
+        // is a clear error, never a panic.
+        for (size, offset) in [(0, Some(1)), (3, Some(1)), (-8, Some(1)), (8, Some(-5))] {
+            let mut bad = ds[0].clone();
+            bad.size_in_bytes = size;
+            bad.offset = offset;
+            assert!(
+                matches!(read(&store, &bad).await, Err(DvError::Corrupt { .. })),
+                "size {size} offset {offset:?}"
+            );
+        }
     }
 }

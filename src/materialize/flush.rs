@@ -404,7 +404,13 @@ impl Pipeline {
             let t = self.tables.get_mut(&kind).expect("every table is open");
             let staged = self.current.rows.stage(t, rows, changed, vec![]).await?;
             match commit_staged(t, &mut self.current.rows, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => return Ok(self.current.collect_garbage()?),
+                Ok(()) => {
+                    // Optional too: a failed rewrite keeps the old spill file in use.
+                    if let Err(e) = self.current.collect_garbage() {
+                        tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+                    }
+                    return Ok(());
+                }
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }
@@ -424,7 +430,13 @@ impl Pipeline {
             let t = self.tables.get_mut(&kind).expect("every table is open");
             let staged = self.queue.rows.stage(t, rows, changed, vec![]).await?;
             match commit_staged(t, &mut self.queue.rows, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => return Ok(self.queue.collect_garbage()?),
+                Ok(()) => {
+                    // Optional too: a failed rewrite keeps the old spill file in use.
+                    if let Err(e) = self.queue.collect_garbage() {
+                        tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+                    }
+                    return Ok(());
+                }
                 Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
                 Err(e) => return Err(e.into()),
             }
@@ -523,8 +535,17 @@ async fn commit_staged<V: Clone>(
     let op = DeltaOperation::Update { predicate: None };
     t.commit(staged.actions.clone(), txns, op, every).await?;
     state.committed(staged);
+    // The flush is done. Compaction is optional work: a failure is a warning, the next
+    // commit tries again (issue 20 #8: it stopped the process after a good commit).
     let started = std::time::Instant::now();
-    if let Some(c) = state.compaction(t).await? {
+    let compaction = match state.compaction(t).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(table = t.kind.name(), error = %e, "compaction could not read the files it would rewrite; skipped (the commit stands)");
+            None
+        }
+    };
+    if let Some(c) = compaction {
         let rewritten: usize = c.new_rows();
         let op = DeltaOperation::Optimize {
             predicate: None,
@@ -542,7 +563,9 @@ async fn commit_staged<V: Clone>(
                 );
             }
             Err(TableError::Conflict(_)) => tracing::debug!(table = t.kind.name(), "compaction lost a race; skipped"),
-            Err(e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(table = t.kind.name(), error = %e, "compaction commit failed; skipped (the commit stands)")
+            }
         }
     }
     Ok(())
@@ -571,5 +594,56 @@ fn arrow(kind: TableKind) -> impl Fn(deltalake::arrow::error::ArrowError) -> Mat
             source,
         }
         .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materialize::upsert::queue::{queue_batch, QueueInput, QueueRow, QueueState};
+    use crate::materialize::upsert::sym::Sym;
+
+    fn row(t: i64) -> QueueRow {
+        let mut r = QueueRow::default();
+        r.apply(&QueueInput {
+            active_route: false,
+            partition: 0,
+            source: "STREAM",
+            order: (t, "s", t, "e"),
+            position: t as f64,
+            avg_cost: 1.0,
+        });
+        r
+    }
+
+    async fn staged(t: &Table, u: &Upsert<QueueRow>, rows: &[(i64, i64)]) -> Staged<QueueRow> {
+        let m: QueueState = rows.iter().map(|(k, v)| (("A".to_string(), *k), row(*v))).collect();
+        let batch = queue_batch(&m).unwrap();
+        let changed = m.into_iter().map(|((a, c), r)| ((Sym::new(&a), c), r)).collect();
+        u.stage(t, Some(batch), changed, vec![]).await.unwrap()
+    }
+
+    /// Issue 20 #8: compaction after a good commit is optional work; a file it cannot read is
+    /// a warning, not a stopped materializer (the commit stands).
+    #[tokio::test]
+    async fn a_failed_compaction_after_a_good_commit_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let mut t = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let mut u = Upsert::<QueueRow>::default();
+        let s = staged(&t, &u, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await;
+        commit_staged(&mut t, &mut u, s, &[], 100).await.unwrap();
+        // The first data file is gone (a lifecycle rule, a bad disk): compaction, which wants to
+        // rewrite it once most of its rows are replaced, cannot read it.
+        let files = t.files().unwrap();
+        assert_eq!(files.len(), 1);
+        let path = dir.path().join("position_queue").join(files[0].path.as_ref());
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let before = t.version();
+        let s = staged(&t, &u, &[(1, 2), (2, 2), (3, 2)]).await;
+        commit_staged(&mut t, &mut u, s, &[], 100)
+            .await
+            .expect("the commit stands; only the compaction is skipped");
+        assert_eq!(t.version(), before + 1, "committed, not compacted");
     }
 }

@@ -52,6 +52,12 @@ pub enum TableError {
         "table {table} at {uri} was created without deletion vectors by an older possync; move it away (or use another --table-uri) and recreate it with `possync rebuild`"
     )]
     NoDeletionVectors { table: &'static str, uri: String },
+    /// An upsert table holds one key in two live rows: written by something else than possync
+    /// (a Spark INSERT, a RESTORE to a version another writer made).
+    #[error(
+        "table {table} holds {key} in more than one live row (written outside possync: a Spark INSERT, a RESTORE?); possync cannot tell which is right: rebuild the table from the topics with `possync rebuild`"
+    )]
+    DuplicateKey { table: &'static str, key: String },
     /// The base URI cannot be turned into a table location.
     #[error("bad table location {uri}: {source}")]
     Location {

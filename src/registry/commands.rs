@@ -271,9 +271,10 @@ pub fn parse_bootstrap(path: &Path, text: &str) -> Result<Vec<BootstrapEntry>, R
     Ok(entries)
 }
 
-/// Seeds the registry from a bootstrap file: activates every entry that is not already active
-/// with the same priority. Returns how many events were written (0 when all were present, so
-/// seeding at every start is harmless).
+/// Seeds the registry from a bootstrap file: activates every entry the registry has no record
+/// of. An entry that is active (at any priority) or that an operator deactivated is left as it
+/// is: the file seeds, the registry commands decide. Returns how many events were written (0
+/// when all were known, so seeding at every start is harmless).
 ///
 /// # Errors
 /// [`RegistryError::BootstrapIo`] / [`RegistryError::BootstrapSyntax`] for the file, and the
@@ -292,13 +293,17 @@ pub async fn seed_from_file(
         })?;
     let wanted = parse_bootstrap(path, &text)?;
     let current = reader::load(kafka, timeout).await?;
-    let have = current.entries();
     let events: Vec<RegistryEvent> = wanted
         .iter()
         .filter(|w| {
-            !have.iter().any(|h| {
-                h.strategy == w.strategy && h.account == w.account && h.con_id == w.con_id && h.priority == w.priority
-            })
+            // Only entries the registry never decided on: one an operator deactivated or
+            // re-prioritised stays as the operator left it (issue 20 #12: every lease term
+            // re-activated a deactivated entry).
+            let known = current.knows(&w.strategy, w.account.as_deref(), w.con_id);
+            if known {
+                tracing::debug!(strategy = %w.strategy, account = ?w.account, con_id = w.con_id, "bootstrap entry already decided in the registry (active or deactivated); left as it is");
+            }
+            !known
         })
         .map(|w| {
             super::event(

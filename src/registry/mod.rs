@@ -101,6 +101,9 @@ pub struct Coverage {
 pub struct Registry {
     /// conId → (strategy, account) → entry; indexed by conId because routing asks per contract.
     by_con: HashMap<i64, BTreeMap<(String, Option<String>), Entry>>,
+    /// Entries whose last event is a deactivation (an operator's decision the bootstrap file
+    /// must not undo): (conId, strategy, account).
+    deactivated: std::collections::HashSet<(i64, String, Option<String>)>,
 }
 
 impl Registry {
@@ -112,8 +115,10 @@ impl Registry {
     /// Applies one event; returns whether the registry changed.
     pub fn apply(&mut self, event: &RegistryEvent) -> bool {
         let slot = (event.strategy.clone(), event.account.clone());
+        let retired = (event.con_id, event.strategy.clone(), event.account.clone());
         match event.action {
             RegistryAction::Activate => {
+                self.deactivated.remove(&retired);
                 let entry = Entry {
                     strategy: event.strategy.clone(),
                     account: event.account.clone(),
@@ -128,6 +133,7 @@ impl Registry {
                 changed
             }
             RegistryAction::Deactivate => {
+                self.deactivated.insert(retired);
                 let Some(map) = self.by_con.get_mut(&event.con_id) else {
                     return false;
                 };
@@ -138,6 +144,16 @@ impl Registry {
                 changed
             }
         }
+    }
+
+    /// Whether the registry has decided on this entry: it is active (at any priority), or its
+    /// last event deactivated it.
+    pub fn knows(&self, strategy: &str, account: Option<&str>, con_id: i64) -> bool {
+        let account = account.map(str::to_string);
+        self.by_con
+            .get(&con_id)
+            .is_some_and(|m| m.contains_key(&(strategy.to_string(), account.clone())))
+            || self.deactivated.contains(&(con_id, strategy.to_string(), account))
     }
 
     /// Whether some entry covers (`account`, `con_id`), and with what priority and strategies.

@@ -613,8 +613,13 @@ impl<V: Clone> Upsert<V> {
                     .get(k)
                     .filter(|e| e.loc == Loc { file: *id, row: *r })
                     .map(|e| e.value.clone());
-                // A live row always has its key indexed here (the invariant).
-                changed.push((*k, v.expect("a live row's key is indexed")));
+                // A live row has its key indexed here, unless the table holds the key twice
+                // (issue 20 #5: that panicked at every restart): say so.
+                let v = v.ok_or_else(|| TableError::DuplicateKey {
+                    table: t.kind.name(),
+                    key: format!("account {} conId {}", k.0.as_str(), k.1),
+                })?;
+                changed.push((*k, v));
             }
             parts.push(take_record_batch(&batch, &UInt32Array::from(live)).map_err(arrow(t))?);
         }
@@ -687,6 +692,33 @@ mod tests {
     }
 
     use deltalake::protocol::DeltaOperation;
+
+    /// Issue 20 #5: a key in two live rows (another writer that knows nothing of the table
+    /// added it again: a Spark INSERT) made compaction panic at every restart; now a clear error
+    /// that names the key and the way out.
+    #[tokio::test]
+    async fn a_key_twice_in_the_table_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let mut ta = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let mut tx = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let mut a = Upsert::<QueueRow>::default();
+        put(&mut ta, &mut a, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await.unwrap();
+        tx.refresh().await.unwrap();
+        put(&mut tx, &mut Upsert::<QueueRow>::default(), &[(0, 9)])
+            .await
+            .unwrap();
+        ta.refresh().await.unwrap();
+        a.sync(&ta).await.unwrap();
+        // Most of the first file is replaced: compaction wants to rewrite it, row 0 included.
+        put(&mut ta, &mut a, &[(1, 2), (2, 2), (3, 2)]).await.unwrap();
+        let err = a.compaction(&ta).await.err().expect("a duplicate key is reported");
+        assert!(matches!(err, TableError::DuplicateKey { .. }), "{err}");
+        assert!(
+            err.to_string().contains("conId 0") && err.to_string().contains("possync rebuild"),
+            "{err}"
+        );
+    }
 
     /// Two writers on one table: commits cost what they change (one new file plus deletion
     /// vectors), a stale writer catches up by reading only what changed, deletes and

@@ -183,12 +183,14 @@ impl Spill {
     /// A new, empty spill file in `dir` (already unlinked: nothing is left behind).
     ///
     /// # Errors
-    /// [`SpillError::Io`] when `dir` is missing or not writable.
+    /// [`SpillError::Io`] when `dir` cannot be created or written.
     pub fn create(dir: &Path) -> Result<Spill, SpillError> {
-        let file = unlinked_file(dir).map_err(|source| SpillError::Io {
-            dir: dir.display().to_string(),
-            source,
-        })?;
+        let file = std::fs::create_dir_all(dir)
+            .and_then(|()| unlinked_file(dir))
+            .map_err(|source| SpillError::Io {
+                dir: dir.display().to_string(),
+                source,
+            })?;
         Ok(Spill {
             file,
             dir: dir.to_path_buf(),
@@ -411,10 +413,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_directory() {
-        let e = Spill::create(Path::new("/nonexistent/possync-state")).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/possync-state"), "{e}");
-        assert!(e.to_string().contains("--state-dir"), "{e}");
+        // A directory that cannot be created (its parent is a file), even by root.
         let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let bad = file.join("possync-state");
+        let e = Spill::create(&bad).unwrap_err();
+        assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
+        assert!(e.to_string().contains("--state-dir"), "{e}");
         let mut s = Spill::create(dir.path()).unwrap();
         #[derive(Debug)]
         struct Bad;
