@@ -324,11 +324,24 @@ async fn a_position_whose_history_left_retention_still_gets_its_reconcile_close(
     );
     let y_key = possync::ingest::book::PosKey::new(y.account.clone(), i64::from(y.contract.con_id));
     ensure!(resumed.book.contains_key(&y_key), "Y's close was never materialized");
+    // Exactly Y's lost close among the events is reported. (Ingest publishes in transactions,
+    // issue 19: a transaction's commit marker takes an offset too, so a reported range may also
+    // hold markers, and a partition whose only unmaterialized offsets were markers is reported
+    // as well; no other *event* may fall in a reported range.)
+    let first_events = collector.all();
+    let in_gap = |s: &ingest_support::Seen| {
+        resumed
+            .gaps
+            .iter()
+            .any(|g| g.topic == s.topic && g.partition == s.partition && g.offsets.contains(&s.offset))
+    };
+    let lost: Vec<_> = first_events.iter().filter(|s| in_gap(s)).map(|s| &s.event).collect();
     ensure!(
-        resumed.gaps.len() == 1
-            && resumed.gaps[0].offsets.end - resumed.gaps[0].offsets.start == 1
-            && resumed.gaps[0].offsets.start > 0,
-        "exactly Y's lost close is reported: {:?}",
+        lost.len() == 1
+            && (lost[0].account.clone(), lost[0].con_id) == key(&y)
+            && lost[0].position == 0.0
+            && resumed.gaps.iter().all(|g| g.offsets.start > 0),
+        "exactly Y's lost close is reported: {:?}, events in them: {lost:#?}",
         resumed.gaps
     );
 

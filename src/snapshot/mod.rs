@@ -217,7 +217,7 @@ pub fn report_gaps(replay: &TopicReplay, table: Option<TableKind>) -> Vec<Gap> {
                 lost_from = lost.start,
                 lost_to = lost.end,
                 table = kind.name(),
-                "offsets {}..{} of {topic}/{} were deleted by retention before {} held them: their events are lost; the state is what the table holds plus the rest of the log (keep the topics' retention longer than any materializer outage)",
+                "offsets {}..{} of {topic}/{} were deleted by retention before {} held them: the events among them are lost (some of these offsets may be transaction commit markers, which hold no event); the state is what the table holds plus the rest of the log (keep the topics' retention longer than any materializer outage)",
                 lost.start,
                 lost.end,
                 s.partition,

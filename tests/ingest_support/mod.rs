@@ -114,6 +114,10 @@ pub struct Seen {
     pub topic_route: Route,
     pub event: PositionEvent,
     pub at: Instant,
+    /// Its Kafka coordinates.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Every event on both position topics, decoded, in arrival order (per partition order kept).
@@ -146,6 +150,9 @@ impl Collector {
                             topic_route: route,
                             event,
                             at: Instant::now(),
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
                         }),
                         Some(Err(e)) => c.undecodable.lock().unwrap().push(e.to_string()),
                         None => c.undecodable.lock().unwrap().push("null payload".into()),
