@@ -113,7 +113,7 @@ async fn routing_follows_the_registry() -> anyhow::Result<()> {
         .await?;
     }
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    let n = collector.check_integrity(&ingest.session)?;
+    let n = collector.settled_integrity(&ingest.session).await?;
     ensure!(n > latest.len(), "expected snapshots, PnL and stream events, got {n}");
     ingest.stop().await?;
     Ok(())

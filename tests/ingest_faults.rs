@@ -153,7 +153,7 @@ async fn reconnect_reconciles_and_resubscribes() -> anyhow::Result<()> {
         .client(CLIENT)
         .is_some_and(|c| c.max_streams <= 10 && c.pacing_violations == 0));
 
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -220,7 +220,7 @@ async fn broker_outage_loses_nothing() -> anyhow::Result<()> {
     .await
     .with_context(|| format!("missing: {:?}", all_seen(&collector, &ingest.session, &made)))?;
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -256,7 +256,7 @@ async fn buffer_overflow_during_outage_resyncs_to_the_truth() -> anyhow::Result<
         latest.get(&key(closed)).is_some_and(|e| e.position == 0.0),
         "the close made during the outage is published"
     );
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -302,7 +302,7 @@ async fn restart_resumes_from_the_topics() -> anyhow::Result<()> {
     ensure!(evs.iter().any(|e| e.source == Source::Snapshot
         && (e.account.clone(), e.con_id) == key(&changed)
         && e.position == changed.quantity));
-    collector.check_integrity(&second.session)?;
+    collector.settled_integrity(&second.session).await?;
     second.stop().await?;
     Ok(())
 }

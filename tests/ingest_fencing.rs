@@ -351,7 +351,7 @@ async fn a_second_ingest_stands_by_and_takes_over_when_the_holder_dies() -> anyh
     signal(&new_holder.child.0, "INT")?;
     let status = wait_exit(&mut new_holder.child.0, Duration::from_secs(60))?;
     ensure!(status.success(), "the holder exits 0 on SIGINT: {status}");
-    collector.check_integrity(&second_session)?;
+    collector.settled_integrity(&second_session).await?;
     env.shutdown.cancel();
     Ok(())
 }

@@ -68,7 +68,7 @@ async fn a_frozen_connection_is_noticed_and_nothing_is_lost() -> anyhow::Result<
             .is_some_and(|e| e.position == 0.0),
         "the close made while the connection was frozen is published"
     );
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -127,7 +127,7 @@ async fn a_flapping_gateway_keeps_the_published_state_exact() -> anyhow::Result<
         "a dropped session that had synced was reconnected only after {worst:?}: {plain:?}"
     );
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }

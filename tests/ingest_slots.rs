@@ -184,7 +184,7 @@ async fn budget_overflow_activation_and_deactivation() -> anyhow::Result<()> {
     )
     .await?;
     assert_budget(&env.sim)?;
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }
@@ -254,7 +254,7 @@ async fn refused_stream_is_retried_once_ib_has_room() -> anyhow::Result<()> {
     ensure!(possync::metrics::global()
         .render()
         .contains("possync_pnl_refused_total"));
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     ingest.stop().await?;
     Ok(())
 }

@@ -368,7 +368,7 @@ async fn a_position_whose_history_left_retention_still_gets_its_reconcile_close(
             key(p)
         );
     }
-    collector.check_integrity(&second.session)?;
+    collector.settled_integrity(&second.session).await?;
     second.stop().await?;
     shutdown.cancel();
     sim.shutdown().await?;

@@ -205,7 +205,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     let w = t.client(WORKER).context("worker connected")?;
     ensure!(w.max_streams == 0, "polls use no streaming slot");
     ensure!(w.pacing_violations == 0, "IB pacing respected");
-    collector.check_integrity(&ingest.session)?;
+    collector.settled_integrity(&ingest.session).await?;
     stop_worker(stop, worker).await?;
     ingest.stop().await?;
     Ok(())
