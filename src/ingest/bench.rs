@@ -107,7 +107,7 @@ impl fmt::Display for BenchIngestReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "possync bench ingest (simulator -> ingest -> embedded Kafka, acks=all, idempotent)"
+            "possync bench ingest (simulator -> ingest -> embedded Kafka, acks=all, transactional)"
         )?;
         writeln!(
             f,
@@ -144,7 +144,7 @@ impl fmt::Display for BenchIngestReport {
         )?;
         write!(
             f,
-            "  active route latency, IB frame -> broker ack ({} samples): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "  active route latency, IB frame -> transaction committed ({} samples): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             self.latency_samples,
             f64::from(self.p50_us) / 1e3,
             f64::from(self.p90_us) / 1e3,
