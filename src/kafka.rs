@@ -705,31 +705,28 @@ mod tests {
     /// key is unknown (Java's `sasl.jaas.config`, a typo of `sasl.password`) or names a secret.
     #[test]
     fn refused_settings_never_print_their_value() {
+        let refused = |kv: &str| {
+            KafkaConfig::from_args(&args(&[kv]))
+                .unwrap()
+                .producer()
+                .create::<rdkafka::producer::BaseProducer>()
+                .map(|_| ())
+                .map_err(KafkaError::client("create producer"))
+                .unwrap_err()
+        };
         for kv in [
             "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"u\" password=\"hunter2-secret\";",
             "sasl.pasword=hunter2-secret",
             "producer.sasl.pasword=hunter2-secret",
         ] {
-            let c = KafkaConfig::from_args(&args(&[kv])).unwrap();
-            let e = c
-                .producer()
-                .create::<rdkafka::producer::BaseProducer>()
-                .map(|_| ())
-                .map_err(KafkaError::client("create producer"))
-                .unwrap_err();
+            let e = refused(kv);
             let text = format!("{e} {e:?}");
             assert!(!text.contains("hunter2-secret"), "{kv}: {text}");
             assert!(text.contains(REDACTED), "{text}");
             assert!(text.contains("sasl."), "the key is named: {text}");
         }
         // A plain setting's bad value is still shown: it helps and hides nothing.
-        let c = KafkaConfig::from_args(&args(&["linger.ms=soon"])).unwrap();
-        let e = c
-            .producer()
-            .create::<rdkafka::producer::BaseProducer>()
-            .map(|_| ())
-            .map_err(KafkaError::client("create producer"))
-            .unwrap_err();
+        let e = refused("linger.ms=soon");
         assert!(e.to_string().contains("soon"), "{e}");
     }
 

@@ -600,28 +600,8 @@ fn arrow(kind: TableKind) -> impl Fn(deltalake::arrow::error::ArrowError) -> Mat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::materialize::upsert::queue::{queue_batch, QueueInput, QueueRow, QueueState};
-    use crate::materialize::upsert::sym::Sym;
-
-    fn row(t: i64) -> QueueRow {
-        let mut r = QueueRow::default();
-        r.apply(&QueueInput {
-            active_route: false,
-            partition: 0,
-            source: "STREAM",
-            order: (t, "s", t, "e"),
-            position: t as f64,
-            avg_cost: 1.0,
-        });
-        r
-    }
-
-    async fn staged(t: &Table, u: &Upsert<QueueRow>, rows: &[(i64, i64)]) -> Staged<QueueRow> {
-        let m: QueueState = rows.iter().map(|(k, v)| (("A".to_string(), *k), row(*v))).collect();
-        let batch = queue_batch(&m).unwrap();
-        let changed = m.into_iter().map(|((a, c), r)| ((Sym::new(&a), c), r)).collect();
-        u.stage(t, Some(batch), changed, vec![]).await.unwrap()
-    }
+    use crate::materialize::upsert::core::tests::staged;
+    use crate::materialize::upsert::queue::QueueRow;
 
     /// Issue 20 #8: compaction after a good commit is optional work; a file it cannot read is
     /// a warning, not a stopped materializer (the commit stands).
@@ -631,7 +611,7 @@ mod tests {
         let base = dir.path().to_str().unwrap();
         let mut t = Table::open(base, TableKind::PositionQueue).await.unwrap();
         let mut u = Upsert::<QueueRow>::default();
-        let s = staged(&t, &u, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await;
+        let s = staged(&t, &u, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await.unwrap();
         commit_staged(&mut t, &mut u, s, &[], 100).await.unwrap();
         // The first data file is gone (a lifecycle rule, a bad disk): compaction, which wants to
         // rewrite it once most of its rows are replaced, cannot read it.
@@ -640,7 +620,7 @@ mod tests {
         let path = dir.path().join("position_queue").join(files[0].path.as_ref());
         std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let before = t.version();
-        let s = staged(&t, &u, &[(1, 2), (2, 2), (3, 2)]).await;
+        let s = staged(&t, &u, &[(1, 2), (2, 2), (3, 2)]).await.unwrap();
         commit_staged(&mut t, &mut u, s, &[], 100)
             .await
             .expect("the commit stands; only the compaction is skipped");

@@ -649,12 +649,13 @@ impl<V: Clone> Upsert<V> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::materialize::tables::TableKind;
     use crate::materialize::upsert::queue::{queue_batch, queue_from_batches, QueueInput, QueueRow, QueueState};
 
-    fn row(t: i64) -> QueueRow {
+    /// A `position_queue` value whose order and figures are `t` (shared with `flush`'s tests).
+    pub(crate) fn row(t: i64) -> QueueRow {
         let mut r = QueueRow::default();
         r.apply(&QueueInput {
             active_route: false,
@@ -667,11 +668,20 @@ mod tests {
         r
     }
 
-    async fn put(t: &mut Table, u: &mut Upsert<QueueRow>, rows: &[(i64, i64)]) -> Result<(), TableError> {
+    /// Plans a commit of `rows` ((conId, value) of account "A"); shared with `flush`'s tests.
+    pub(crate) async fn staged(
+        t: &Table,
+        u: &Upsert<QueueRow>,
+        rows: &[(i64, i64)],
+    ) -> Result<Staged<QueueRow>, TableError> {
         let m: QueueState = rows.iter().map(|(k, v)| (("A".to_string(), *k), row(*v))).collect();
         let batch = queue_batch(&m).unwrap();
         let changed = m.into_iter().map(|((a, c), r)| ((Sym::new(&a), c), r)).collect();
-        let staged = u.stage(t, Some(batch), changed, vec![]).await?;
+        u.stage(t, Some(batch), changed, vec![]).await
+    }
+
+    async fn put(t: &mut Table, u: &mut Upsert<QueueRow>, rows: &[(i64, i64)]) -> Result<(), TableError> {
+        let staged = staged(t, u, rows).await?;
         t.commit(
             staged.actions.clone(),
             &[],
