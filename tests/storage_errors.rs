@@ -1,5 +1,6 @@
 //! S3 set up wrong, as a user meets it: `possync materialize` against a missing bucket, wrong
-//! credentials, an unreachable or a silent endpoint, or plain http not allowed, stops within
+//! credentials, a key that may only read, a store without conditional writes, an unreachable
+//! or a silent endpoint, or plain http not allowed, stops within
 //! seconds with a one-line error naming the setting to fix (never retries without end).
 //!
 //! And what the local S3 server (moto) does with put-if-absent, which delta-rs relies on for
@@ -115,6 +116,44 @@ fn wrong_credentials_name_the_key_or_the_secret() -> anyhow::Result<()> {
         "SignatureDoesNotMatch",
         "AWS_SECRET_ACCESS_KEY",
     ])
+}
+
+/// Issue 20 #4: a key that may only read passed the start-up probe (one GET), and failed at
+/// the first commit.
+#[test]
+fn read_only_key_names_the_permissions_it_needs() -> anyhow::Result<()> {
+    let bucket = unique_bucket("readonly");
+    let s3 = S3Server::start(&S3Options {
+        buckets: vec![bucket.clone()],
+        read_only: true,
+        ..S3Options::default()
+    })?;
+    let f = materialize_fails(&format!("s3://{bucket}/tables"), &s3.env(), &[])?;
+    f.names(&["refused a put", "AccessDenied", "s3:PutObject", "s3:DeleteObject"])
+}
+
+/// Issue 20 #4: a store that ignores `If-None-Match` (or has conditional writes switched off)
+/// would let two writers' Delta commits overwrite each other; possync refuses to start on it.
+#[test]
+fn a_store_without_conditional_writes_is_refused() -> anyhow::Result<()> {
+    let bucket = unique_bucket("nocond");
+    let s3 = S3Server::start(&S3Options {
+        buckets: vec![bucket.clone()],
+        ignore_if_none_match: true,
+        ..S3Options::default()
+    })?;
+    let uri = format!("s3://{bucket}/tables");
+    let f = materialize_fails(&uri, &s3.env(), &[])?;
+    f.names(&["second put-if-absent", "conditional writes", "AWS_CONDITIONAL_PUT"])?;
+
+    let ok = S3Server::start(&S3Options {
+        buckets: vec![bucket.clone()],
+        ..S3Options::default()
+    })?;
+    let mut env = ok.env();
+    env.push(("AWS_CONDITIONAL_PUT", "disabled".to_string()));
+    let f = materialize_fails(&uri, &env, &[])?;
+    f.names(&["conditional writes are disabled", "AWS_CONDITIONAL_PUT"])
 }
 
 #[test]

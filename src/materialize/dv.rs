@@ -64,6 +64,15 @@ fn relative_path(d: &DeletionVectorDescriptor) -> Result<Path, DvError> {
     })
 }
 
+/// The file (relative to the table root) a descriptor points to: `None` for inline vectors,
+/// absolute paths and descriptors that do not decode.
+pub fn file_path(d: &DeletionVectorDescriptor) -> Option<Path> {
+    match d.storage_type {
+        StorageType::UuidRelativePath => relative_path(d).ok(),
+        _ => None,
+    }
+}
+
 /// Reads the bitmap a descriptor points to (`store` is rooted at the table).
 ///
 /// # Errors

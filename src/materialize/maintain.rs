@@ -10,13 +10,16 @@
 //! `delta.deletedFileRetentionDuration`: 1 day for append-only tables, 1 hour for upserts),
 //! including orphans of crashed writers, never a file a running writer is about to commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
+use deltalake::table::config::TablePropertiesExt as _;
+use deltalake::Path;
+use futures::StreamExt;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -67,14 +70,7 @@ pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, Maintain
         }
         if cfg.vacuum {
             t.refresh().await?;
-            let mut v = t.delta.clone().vacuum().with_mode(VacuumMode::Full);
-            if let Some(r) = cfg.vacuum_retention {
-                let r = chrono::Duration::from_std(r).unwrap_or(chrono::Duration::MAX);
-                v = v.with_retention_period(r).with_enforce_retention_duration(false);
-            }
-            let table = kind.name();
-            let (_, metrics) = v.await.map_err(|source| TableError::Delta { table, source })?;
-            report.files_vacuumed = metrics.files_deleted.len();
+            report.files_vacuumed = vacuum(&t, cfg.vacuum_retention).await?;
         }
         // A checkpoint at the end keeps the next load of the table short.
         t.refresh().await?;
@@ -85,6 +81,119 @@ pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, Maintain
         out.insert(kind.name(), report);
     }
     Ok(out)
+}
+
+/// Vacuums one table (full mode: tombstones past the retention and unreferenced files older
+/// than it) and returns how many files it deleted.
+///
+/// delta-rs protects the data files of recent tombstones but not their deletion vectors: a
+/// remove action is the only place that names the vector a superseded file version pointed to
+/// (the file itself is re-added with a new one). On the tables with deletion vectors the
+/// vacuum is therefore planned first, and the vectors that a remove within the retention names
+/// are kept, so every version within the retention stays readable (time travel,
+/// `book --version`, a reader mid-query).
+///
+/// # Errors
+/// Storage errors.
+async fn vacuum(t: &Table, retention: Option<Duration>) -> Result<usize, TableError> {
+    let table = t.kind.name();
+    let err = move |source| TableError::Delta { table, source };
+    let mut v = t.delta.clone().vacuum().with_mode(VacuumMode::Full);
+    let retention = match retention {
+        Some(r) => {
+            let r = chrono::Duration::from_std(r).unwrap_or(chrono::Duration::MAX);
+            v = v.with_retention_period(r).with_enforce_retention_duration(false);
+            r
+        }
+        None => {
+            let snap = t.delta.snapshot().map_err(err)?;
+            chrono::Duration::from_std(snap.snapshot().table_properties().deleted_file_retention_duration())
+                .unwrap_or(chrono::Duration::MAX)
+        }
+    };
+    if !t.kind.deletion_vectors() {
+        let (_, metrics) = v.await.map_err(err)?;
+        return Ok(metrics.files_deleted.len());
+    }
+    let (_, plan) = v.with_dry_run(true).await.map_err(err)?;
+    let vectors = plan.files_deleted.iter().filter(|p| is_deletion_vector(p)).count();
+    let keep = if vectors == 0 {
+        HashSet::new()
+    } else {
+        let cutoff = chrono::Utc::now().timestamp_millis().saturating_sub(retention.num_milliseconds());
+        vectors_removed_since(t, cutoff).await?
+    };
+    let doomed: Vec<Path> = plan
+        .files_deleted
+        .iter()
+        .filter(|p| !keep.contains(p.as_str()))
+        .map(|p| Path::parse(p).unwrap_or_else(|_| Path::from(p.as_str())))
+        .collect();
+    let kept = plan.files_deleted.len() - doomed.len();
+    if kept > 0 {
+        tracing::debug!(table, kept, "vacuum kept deletion vectors of versions within the retention");
+    }
+    let store = t.delta.log_store().object_store(None);
+    let n = doomed.len();
+    let mut deleted = store.delete_stream(futures::stream::iter(doomed.into_iter().map(Ok)).boxed());
+    while let Some(r) = deleted.next().await {
+        match r {
+            Ok(_) | Err(deltalake::logstore::object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(err(e.into())),
+        }
+    }
+    Ok(n)
+}
+
+fn is_deletion_vector(path: &str) -> bool {
+    path.rsplit('/').next().is_some_and(|name| name.starts_with("deletion_vector_") && name.ends_with(".bin"))
+}
+
+/// The deletion-vector files (paths relative to the table root) named by remove actions whose
+/// deletion time is at or after `cutoff_ms`: the vectors of file versions that a version within
+/// the retention still reads. Walks the log back from the newest commit until a commit older
+/// than the cutoff.
+async fn vectors_removed_since(t: &Table, cutoff_ms: i64) -> Result<HashSet<String>, TableError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        remove: Option<deltalake::kernel::Remove>,
+        #[serde(rename = "commitInfo")]
+        commit_info: Option<serde_json::Value>,
+    }
+    let table = t.kind.name();
+    let store = t.delta.log_store();
+    let mut keep = HashSet::new();
+    for v in (0..=t.version()).rev() {
+        let Some(bytes) = store
+            .read_commit_entry(v as u64)
+            .await
+            .map_err(|source| TableError::Delta { table, source })?
+        else {
+            break; // older commits are cleaned up; their removes are past any retention
+        };
+        let mut older = false;
+        for line in bytes.split(|b| *b == b'\n') {
+            let Ok(l) = serde_json::from_slice::<Line>(line) else {
+                continue;
+            };
+            if let Some(ts) = l.commit_info.as_ref().and_then(|c| c.get("timestamp")).and_then(|t| t.as_i64()) {
+                older = ts < cutoff_ms;
+            }
+            let Some(r) = l.remove else { continue };
+            if r.deletion_timestamp.unwrap_or(i64::MAX) < cutoff_ms {
+                continue;
+            }
+            if let Some(d) = &r.deletion_vector {
+                if let Some(p) = super::dv::file_path(d) {
+                    keep.insert(p.to_string());
+                }
+            }
+        }
+        if older {
+            break;
+        }
+    }
+    Ok(keep)
 }
 
 /// Runs [`run`] every `period` (first pass one period from now) until `shutdown` is cancelled.

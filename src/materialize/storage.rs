@@ -48,6 +48,21 @@ pub enum StorageError {
     /// The location or the `AWS_*` settings do not make an object store.
     #[error("S3 settings for {uri} are invalid: {cause}")]
     Config { uri: String, cause: String },
+    /// The key may read but not write (or delete).
+    #[error("{endpoint} refused a {what} in bucket {bucket:?} ({code}): the key must read, write and delete objects (s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket); check its policy or AWS_ACCESS_KEY_ID")]
+    ReadOnly {
+        bucket: String,
+        endpoint: String,
+        what: &'static str,
+        code: String,
+    },
+    /// A second put-if-absent of one key succeeded: the store does not make conditional writes
+    /// atomic, and two writers' commits could overwrite each other.
+    #[error("{endpoint} accepted a second put-if-absent of one key (If-None-Match ignored): Delta commits need conditional writes, or two writers overwrite each other's commits. Use a store that supports them (AWS S3, MinIO, R2) and leave AWS_CONDITIONAL_PUT unset (etag)")]
+    NoConditionalPut { endpoint: String },
+    /// Conditional writes are switched off in the settings.
+    #[error("conditional writes are disabled ({cause}): Delta commits need them; unset AWS_CONDITIONAL_PUT (default etag)")]
+    ConditionalPutDisabled { cause: String },
     /// Any other answer.
     #[error("S3 check of {uri} at {endpoint} failed: {cause}")]
     Other {
@@ -166,10 +181,96 @@ mod s3 {
             }
             Ok(answer) => answer,
         };
-        let e = match answer {
-            Ok(_) => return Ok(()),
-            Err(e) => e,
+        match answer {
+            // Absent, as it should be (a bucket that is missing is a NotFound too).
+            Ok(_) => {}
+            Err(ref e @ object_store::Error::NotFound { .. }) if s3_code(&one_line(e)) != Some("NoSuchBucket") => {}
+            Err(e) => return classify(e, uri, bucket),
+        }
+        write_probe(store.as_ref(), &key, bucket, timeout).await
+    }
+
+    /// Puts a probe object if absent twice: the first must succeed (the key may write), the
+    /// second must be refused (the store makes conditional writes atomic, which Delta commits
+    /// rely on); then deletes it (the key may delete, which vacuum needs).
+    async fn write_probe(
+        store: &dyn object_store::ObjectStore,
+        key: &Path,
+        bucket: String,
+        timeout: Duration,
+    ) -> Result<(), StorageError> {
+        use object_store::{PutMode, PutOptions, PutPayload};
+        let endpoint = endpoint_name();
+        let bounded = |what: String| StorageError::Unreachable {
+            endpoint: endpoint.clone(),
+            cause: format!("{what}: no answer within {}", humantime::format_duration(timeout)),
         };
+        let refused = |what: &'static str, e: &object_store::Error| -> Option<StorageError> {
+            let text = one_line(e);
+            matches!(
+                e,
+                object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+            )
+            .then(|| StorageError::ReadOnly {
+                bucket: bucket.clone(),
+                endpoint: endpoint.clone(),
+                what,
+                code: s3_code(&text).unwrap_or("403").to_string(),
+            })
+        };
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = || PutPayload::from_static(b"possync start-up probe: safe to delete");
+        let first = tokio::time::timeout(timeout, store.put_opts(key, payload(), create()))
+            .await
+            .map_err(|_| bounded("put".into()))?;
+        match first {
+            Ok(_) => {}
+            Err(e @ object_store::Error::NotImplemented { .. }) => {
+                return Err(StorageError::ConditionalPutDisabled { cause: clip(&one_line(&e)) })
+            }
+            Err(e) => {
+                return Err(refused("put", &e).unwrap_or_else(|| StorageError::Other {
+                    uri: format!("s3://{bucket}"),
+                    endpoint: endpoint.clone(),
+                    cause: clip(&one_line(&e)),
+                }))
+            }
+        }
+        let second = tokio::time::timeout(timeout, store.put_opts(key, payload(), create()))
+            .await
+            .map_err(|_| bounded("second put".into()));
+        let outcome = match second {
+            Err(e) => Err(e),
+            Ok(Ok(_)) => Err(StorageError::NoConditionalPut {
+                endpoint: endpoint.clone(),
+            }),
+            Ok(Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. })) => Ok(()),
+            Ok(Err(e)) => Err(StorageError::Other {
+                uri: format!("s3://{bucket}"),
+                endpoint: endpoint.clone(),
+                cause: clip(&one_line(&e)),
+            }),
+        };
+        let deleted = tokio::time::timeout(timeout, store.delete(key))
+            .await
+            .map_err(|_| bounded("delete".into()))?;
+        outcome?;
+        match deleted {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(refused("delete", &e).unwrap_or_else(|| StorageError::Other {
+                uri: format!("s3://{bucket}"),
+                endpoint,
+                cause: clip(&one_line(&e)),
+            })),
+        }
+    }
+
+    /// The error of a failed read probe, naming the setting to change.
+    fn classify(e: object_store::Error, uri: &str, bucket: String) -> Result<(), StorageError> {
+        let endpoint = endpoint_name();
         let text = one_line(&e);
         let code = s3_code(&text).unwrap_or_default().to_string();
         match &e {
@@ -178,7 +279,6 @@ mod s3 {
                 endpoint,
                 uri: uri.to_string(),
             }),
-            object_store::Error::NotFound { .. } => Ok(()),
             _ if code == "AuthorizationHeaderMalformed"
                 || code == "PermanentRedirect"
                 || text.contains("incorrectly configured region") =>

@@ -139,6 +139,11 @@ impl TableKind {
         )
     }
 
+    /// Tables whose superseded rows are marked by deletion vectors (the upsert tables).
+    pub fn deletion_vectors(self) -> bool {
+        matches!(self, TableKind::PositionsCurrent | TableKind::PositionQueue)
+    }
+
     /// Partition columns.
     pub fn partition_columns(self) -> Vec<String> {
         match self {
@@ -173,7 +178,7 @@ impl TableKind {
     /// alone (delta-rs would otherwise carry writer-2 `invariants` into the feature list, which
     /// it cannot write without DataFusion). `None`: delta-rs' default (reader 1 / writer 2).
     fn protocol(self) -> Option<deltalake::kernel::Protocol> {
-        if !matches!(self, TableKind::PositionsCurrent | TableKind::PositionQueue) {
+        if !self.deletion_vectors() {
             return None;
         }
         let p = serde_json::json!({

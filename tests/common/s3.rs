@@ -17,6 +17,10 @@ pub struct S3Options {
     pub buckets: Vec<String>,
     /// IAM checks on: only the server's own key pair is accepted.
     pub auth: bool,
+    /// With `auth`: the key may only read and list.
+    pub read_only: bool,
+    /// A store without conditional writes: `If-None-Match` is dropped from every request.
+    pub ignore_if_none_match: bool,
     /// Moto as shipped: conditional PUTs not serialized (see `tests/py/s3_server.py`).
     pub unserialized: bool,
     /// Interpreter thread switch interval of the server (widens moto's race window).
@@ -44,6 +48,12 @@ impl S3Server {
         }
         if opts.auth {
             cmd.arg("--auth");
+        }
+        if opts.read_only {
+            cmd.arg("--read-only");
+        }
+        if opts.ignore_if_none_match {
+            cmd.arg("--ignore-if-none-match");
         }
         if opts.unserialized {
             cmd.arg("--unserialized");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A local S3 server for the tests: moto's server mode on a free loopback port.
 
-Usage: s3_server.py [--bucket NAME]... [--auth] [--unserialized] [--switch-interval SECONDS]
+Usage: s3_server.py [--bucket NAME]... [--auth] [--read-only] [--unserialized]
+                    [--ignore-if-none-match] [--switch-interval SECONDS]
 
 Prints one JSON line once it serves: {"endpoint", "region", "access_key_id",
 "secret_access_key"}, then serves until stdin closes (the test process died or dropped its
@@ -10,6 +11,9 @@ handle) or SIGTERM/SIGINT.
 - `--bucket NAME` creates the bucket before the line is printed.
 - `--auth` turns moto's IAM checks on: only the printed key pair is accepted (an IAM user with
   an allow-all policy); without it moto accepts any credentials.
+- `--read-only` (implies `--auth`): the printed key may only read and list (s3:Get*, s3:List*).
+- `--ignore-if-none-match` drops the `If-None-Match` header of every request: a store that
+  does not support conditional writes, where a second put-if-absent of a key succeeds.
 - Writes (PUT, POST, DELETE) are served one at a time unless `--unserialized`: moto 5.2 checks
   `If-None-Match: *` and then stores the object without a lock between the two, so two
   concurrent conditional PUTs of one key can both succeed (see tests/py/s3_put_if_absent.py).
@@ -56,6 +60,17 @@ class SerializedWrites:
             return [body]
 
 
+class IgnoreIfNoneMatch:
+    """WSGI middleware: the store ignores conditional-write headers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        environ.pop("HTTP_IF_NONE_MATCH", None)
+        return self.app(environ, start_response)
+
+
 def client(service, endpoint, key):
     return boto3.client(
         service,
@@ -70,7 +85,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bucket", action="append", default=[])
     ap.add_argument("--auth", action="store_true")
+    ap.add_argument("--read-only", action="store_true")
     ap.add_argument("--unserialized", action="store_true")
+    ap.add_argument("--ignore-if-none-match", action="store_true")
     ap.add_argument("--switch-interval", type=float)
     args = ap.parse_args()
     # One line per request would flood the test's output; errors still show.
@@ -81,6 +98,9 @@ def main():
     app = DomainDispatcherApplication(create_backend_app)
     if not args.unserialized:
         app = SerializedWrites(app)
+    if args.ignore_if_none_match:
+        app = IgnoreIfNoneMatch(app)
+    args.auth = args.auth or args.read_only
     server = make_server("127.0.0.1", 0, app, threaded=True)
     endpoint = f"http://127.0.0.1:{server.server_port}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -89,11 +109,12 @@ def main():
     if args.auth:
         iam = client("iam", endpoint, SETUP_KEY)
         iam.create_user(UserName="possync")
+        actions = ["s3:Get*", "s3:List*"] if args.read_only else "*"
         iam.put_user_policy(
             UserName="possync",
             PolicyName="all",
             PolicyDocument=json.dumps(
-                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
             ),
         )
         k = iam.create_access_key(UserName="possync")["AccessKey"]
