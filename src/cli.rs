@@ -4,6 +4,7 @@
 //! each knob. This module only maps parsed flags to plain config structs and calls the
 //! library; the work happens in the subcommand's own module.
 
+use crate::materialize::storage::Access;
 use crate::metrics::Readiness;
 use crate::topics::{require, Process};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -199,7 +200,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Sim(args) => crate::sim::run(args.into(), shutdown).await?,
         Command::Materialize(args) => {
-            args.tables.probe().await?;
+            args.tables.probe(Access::Write).await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
             let ready = Readiness {
@@ -211,7 +212,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             crate::materialize::run((&args).into(), kafka, shutdown).await?
         }
         Command::Maintain(args) => {
-            args.tables.probe().await?;
+            args.tables.probe(Access::Write).await?;
             let report = crate::materialize::maintain::run(&(&args).into()).await?;
             for (table, r) in report {
                 println!(
@@ -241,12 +242,12 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Topics(args) => crate::topics::run(args).await?,
         Command::Registry(args) => {
             if let crate::registry::commands::RegistryCommand::History(h) = &args.command {
-                h.tables.probe().await?;
+                h.tables.probe(Access::Read).await?;
             }
             crate::registry::commands::run(args).await?
         }
         Command::Status(args) => {
-            args.tables.probe().await?;
+            args.tables.probe(Access::Read).await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             let status = crate::ops::status::check(&(&args).into(), &kafka).await?;
             if args.json {
@@ -261,7 +262,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             );
         }
         Command::Book(args) => {
-            args.tables.probe().await?;
+            args.tables.probe(Access::Read).await?;
             let book = crate::ops::book::load(&(&args).into()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&book)?);
@@ -270,9 +271,9 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             }
         }
         Command::Rebuild(args) => {
-            for uri in [&args.from, &args.to] {
+            for (uri, access) in [(&args.from, Access::Read), (&args.to, Access::Write)] {
                 let timeout = crate::materialize::storage::DEFAULT_STORAGE_TIMEOUT;
-                crate::materialize::storage::probe(uri, timeout).await?;
+                crate::materialize::storage::probe(uri, timeout, access).await?;
             }
             let report = crate::ops::rebuild::run(&(&args).into()).await?;
             println!("rebuilt under {}:\n{report}", args.to);

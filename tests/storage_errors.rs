@@ -128,8 +128,24 @@ fn read_only_key_names_the_permissions_it_needs() -> anyhow::Result<()> {
         read_only: true,
         ..S3Options::default()
     })?;
-    let f = materialize_fails(&format!("s3://{bucket}/tables"), &s3.env(), &[])?;
-    f.names(&["refused a put", "AccessDenied", "s3:PutObject", "s3:DeleteObject"])
+    let uri = format!("s3://{bucket}/tables");
+    let f = materialize_fails(&uri, &s3.env(), &[])?;
+    f.names(&["refused a put", "AccessDenied", "s3:PutObject", "s3:DeleteObject"])?;
+    // Readers need no write permission: `book` gets past the check to the (absent) tables.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["book", "--table-uri", &uri]).env("POSSYNC_LOG", "warn");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let out = cmd.envs(s3.env()).stdin(Stdio::null()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("positions_current") && !stderr.contains("refused"),
+        "book with a read-only key: {stderr}"
+    );
+    Ok(())
 }
 
 /// Issue 20 #4: a store that ignores `If-None-Match` (or has conditional writes switched off)

@@ -127,8 +127,8 @@ impl TableArgs {
     ///
     /// # Errors
     /// A [`super::storage::StorageError`] naming the setting to change.
-    pub async fn probe(&self) -> Result<(), super::storage::StorageError> {
-        super::storage::probe(&self.table_uri, self.storage_timeout).await
+    pub async fn probe(&self, access: super::storage::Access) -> Result<(), super::storage::StorageError> {
+        super::storage::probe(&self.table_uri, self.storage_timeout, access).await
     }
 }
 

@@ -77,16 +77,27 @@ pub fn is_s3(uri: &str) -> bool {
     uri.starts_with("s3://") || uri.starts_with("s3a://")
 }
 
-/// Checks that the tables' location can be used, within `timeout`: for `s3://` locations, the
-/// bucket exists, answers and takes the credentials. Local paths pass at once.
+/// What a command does with the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (`status`, `book`, `registry history`): a read-only key is enough.
+    Read,
+    /// Writes Delta commits (`materialize`, `maintain`, `rebuild`'s target).
+    Write,
+}
+
+/// Checks that the tables' location can be used, within `timeout` per request: for `s3://`
+/// locations, the bucket exists, answers and takes the credentials; for [`Access::Write`]
+/// also that the key may write and delete and that the store makes conditional writes atomic
+/// (a probe object put if absent twice, then deleted). Local paths pass at once.
 ///
 /// # Errors
 /// A [`StorageError`] naming the setting to change.
-pub async fn probe(uri: &str, timeout: Duration) -> Result<(), StorageError> {
+pub async fn probe(uri: &str, timeout: Duration, access: Access) -> Result<(), StorageError> {
     if !is_s3(uri) {
         return Ok(());
     }
-    s3::probe(uri, timeout).await
+    s3::probe(uri, timeout, access).await
 }
 
 /// The endpoint as configured (`AWS_ENDPOINT_URL`, or its aliases), for messages and checks.
@@ -144,9 +155,9 @@ mod s3 {
 
     use deltalake::logstore::object_store::{self, client::HttpError, path::Path, ObjectStoreExt};
 
-    use super::{clip, endpoint, endpoint_name, one_line, s3_code, StorageError};
+    use super::{clip, endpoint, endpoint_name, one_line, s3_code, Access, StorageError};
 
-    pub(super) async fn probe(uri: &str, timeout: Duration) -> Result<(), StorageError> {
+    pub(super) async fn probe(uri: &str, timeout: Duration, access: Access) -> Result<(), StorageError> {
         let config = |cause: String| StorageError::Config {
             uri: uri.to_string(),
             cause,
@@ -187,7 +198,10 @@ mod s3 {
             Err(ref e @ object_store::Error::NotFound { .. }) if s3_code(&one_line(e)) != Some("NoSuchBucket") => {}
             Err(e) => return classify(e, uri, bucket),
         }
-        write_probe(store.as_ref(), &key, bucket, timeout).await
+        match access {
+            Access::Read => Ok(()),
+            Access::Write => write_probe(store.as_ref(), &key, bucket, timeout).await,
+        }
     }
 
     /// Puts a probe object if absent twice: the first must succeed (the key may write), the
@@ -342,9 +356,9 @@ mod s3 {
 mod s3 {
     use std::time::Duration;
 
-    use super::StorageError;
+    use super::{Access, StorageError};
 
-    pub(super) async fn probe(uri: &str, _timeout: Duration) -> Result<(), StorageError> {
+    pub(super) async fn probe(uri: &str, _timeout: Duration, _access: Access) -> Result<(), StorageError> {
         Err(StorageError::NoS3Support { uri: uri.to_string() })
     }
 }
@@ -362,13 +376,13 @@ mod tests {
 
     #[tokio::test]
     async fn local_paths_need_no_probe() {
-        assert!(probe("/tmp/somewhere", Duration::from_millis(1)).await.is_ok());
+        assert!(probe("/tmp/somewhere", Duration::from_millis(1), Access::Write).await.is_ok());
     }
 
     #[cfg(not(feature = "s3"))]
     #[tokio::test]
     async fn s3_without_the_feature_names_the_feature() {
-        let e = probe("s3://b/p", Duration::from_secs(1)).await.unwrap_err();
+        let e = probe("s3://b/p", Duration::from_secs(1), Access::Read).await.unwrap_err();
         assert!(e.to_string().contains("--features s3"), "{e}");
     }
 }
