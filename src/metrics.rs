@@ -125,11 +125,14 @@ impl IbClient {
 /// served (0 until connected); dropped, the series leaves `/metrics`.
 #[must_use = "the client counts as running while this lives"]
 #[derive(Debug)]
-pub struct IbClientRunning(IbClient);
+pub struct IbClientRunning<'a> {
+    metrics: &'a Metrics,
+    client: IbClient,
+}
 
-impl Drop for IbClientRunning {
+impl Drop for IbClientRunning<'_> {
     fn drop(&mut self) {
-        global().ib_client(self.0).store(-1, Relaxed);
+        self.metrics.ib_client(self.client).store(-1, Relaxed);
     }
 }
 
@@ -221,9 +224,9 @@ impl Metrics {
     }
 
     /// `client` runs in this process from now on, not connected yet, until the guard drops.
-    pub fn ib_client_running(&self, client: IbClient) -> IbClientRunning {
+    pub fn ib_client_running(&self, client: IbClient) -> IbClientRunning<'_> {
         self.ib_client(client).store(0, Relaxed);
-        IbClientRunning(client)
+        IbClientRunning { metrics: self, client }
     }
 
     /// `client`'s IB connection went up or down; also sets the process-wide `ib_connected`.
@@ -909,8 +912,7 @@ mod tests {
     /// `/metrics` with the client; the process-wide `ib_connected` follows too.
     #[test]
     fn ib_client_series_follow_connections() {
-        // The guard resets the global metrics' series: use them (no other test touches IB).
-        let m = global();
+        let m = Metrics::new();
         {
             let _ingest = m.ib_client_running(IbClient::Ingest);
             let text = m.render();
