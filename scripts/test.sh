@@ -28,6 +28,9 @@ dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+# promtool checks and unit-tests ops/prometheus; tests/prometheus.rs runs a real Prometheus. With no
+# init system here the package starts no daemon (the test picks a free port all the same).
+command -v promtool >/dev/null || need+=(prometheus)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -56,9 +59,15 @@ t0=$SECONDS
 scripts/spark-jars.sh >/dev/null
 echo "delta-spark $(sed -n 's:.*<delta.version>\(.*\)</delta.version>.*:\1:p' tests/spark/pom.xml) jars ready in $((SECONDS - t0))s"
 
+step "Prometheus rules: promtool check + unit tests"
+promtool check rules ops/prometheus/rules.yml
+promtool check config ops/prometheus/prometheus.yml
+promtool test rules ops/prometheus/tests/*.yml
+
 step "docker-compose config"
 tmp=$(mktemp -d)
 cp docker-compose.yml Dockerfile "$tmp/"
+cp -r ops "$tmp/"
 cp .env.example "$tmp/.env"
 docker-compose -f "$tmp/docker-compose.yml" --project-directory "$tmp" config -q
 rm -rf "$tmp"

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -89,25 +89,162 @@ pub struct Metrics {
     pub table_version_current: AtomicI64,
     /// Latest version of `position_queue`.
     pub table_version_queue: AtomicI64,
+    /// The ingest IB client of this process: -1 = none runs here, 0 = down, 1 = connected
+    /// (see [`IbClient`]).
+    pub ib_client_ingest: AtomicI64,
+    /// The queue worker's IB client, as [`Metrics::ib_client_ingest`].
+    pub ib_client_queue_worker: AtomicI64,
+    /// Active positions without a streaming slot now (routed queued until one frees).
+    pub slot_waiting: AtomicI64,
+    /// Time from a queue item's enqueue (its enqueue event's ingest time) to its POLL.
+    pub queue_refresh_lag: LagHistogram,
+    /// Per-partition figures of the materializer, replaced whole at each update.
+    pub partitions: Mutex<Vec<PartitionLag>>,
+}
+
+/// An IB client a process may run; each has its own `possync_ib_client_connected` series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IbClient {
+    /// Ingest's client (positions and PnL streams).
+    Ingest,
+    /// The queue worker's client (position polls).
+    QueueWorker,
+}
+
+impl IbClient {
+    /// The `client` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            IbClient::Ingest => "ingest",
+            IbClient::QueueWorker => "queue-worker",
+        }
+    }
+}
+
+/// While alive, `client` runs in this process: its `possync_ib_client_connected` series is
+/// served (0 until connected); dropped, the series leaves `/metrics`.
+#[must_use = "the client counts as running while this lives"]
+#[derive(Debug)]
+pub struct IbClientRunning<'a> {
+    metrics: &'a Metrics,
+    client: IbClient,
+}
+
+impl Drop for IbClientRunning<'_> {
+    fn drop(&mut self) {
+        self.metrics.ib_client(self.client).store(-1, Relaxed);
+    }
+}
+
+/// Upper bounds (seconds) of [`LagHistogram`]'s buckets; 10 s is the queue refresh alert's.
+pub const LAG_BUCKETS: [f64; 12] = [0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// A Prometheus histogram of durations over [`LAG_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct LagHistogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    counts: [AtomicU64; LAG_BUCKETS.len() + 1],
+    /// Sum of the observations in µs.
+    sum_micros: AtomicU64,
+}
+
+impl LagHistogram {
+    /// Records one duration (negative ones, from clock skew, count as 0).
+    pub fn observe_micros(&self, micros: i64) {
+        let micros = micros.max(0) as u64;
+        let secs = micros as f64 / 1e6;
+        let i = LAG_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LAG_BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    /// Appends the `_bucket` (cumulative), `_sum` and `_count` lines of `name`.
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Relaxed);
+            let le = LAG_BUCKETS.get(i).map_or("+Inf".to_string(), f64::to_string);
+            let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {total}");
+        }
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(s, "{name}_sum {sum}\n{name}_count {total}");
+    }
+}
+
+/// One input partition a materializer owns, as `/metrics` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Events in Kafka not in the tables yet: not fetched (the high watermark Kafka last
+    /// reported minus the consumer's position) plus taken and not committed.
+    pub lag_events: i64,
+    /// Broker timestamp (ms since the epoch) of the oldest message taken and not committed
+    /// yet; `None` when none waits.
+    pub oldest_waiting_ms: Option<i64>,
+    /// Wall-clock time (ms since the epoch) of the last Delta commit that held this
+    /// partition's messages, or of its assignment before the first.
+    pub last_commit_ms: i64,
 }
 
 /// The process-wide metrics.
 pub fn global() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| {
+    M.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    /// Metrics of a process that has done nothing yet: table versions unknown (-1); Kafka not
+    /// probed, no ingest lease taken part in and no IB client running (their series are left
+    /// out of `/metrics` until a process sets them).
+    pub fn new() -> Self {
         let m = Metrics::default();
         for v in [
             &m.table_version_events,
             &m.table_version_current,
             &m.table_version_queue,
+            &m.kafka_reachable,
+            &m.ingest_lease_held,
+            &m.ib_client_ingest,
+            &m.ib_client_queue_worker,
         ] {
             v.store(-1, Relaxed);
         }
         m
-    })
-}
+    }
 
-impl Metrics {
+    fn ib_client(&self, client: IbClient) -> &AtomicI64 {
+        match client {
+            IbClient::Ingest => &self.ib_client_ingest,
+            IbClient::QueueWorker => &self.ib_client_queue_worker,
+        }
+    }
+
+    /// `client` runs in this process from now on, not connected yet, until the guard drops.
+    pub fn ib_client_running(&self, client: IbClient) -> IbClientRunning<'_> {
+        self.ib_client(client).store(0, Relaxed);
+        IbClientRunning { metrics: self, client }
+    }
+
+    /// `client`'s IB connection went up or down; also sets the process-wide `ib_connected`.
+    pub fn ib_state(&self, client: IbClient, up: bool) {
+        self.ib_connected.store(i64::from(up), Relaxed);
+        let c = self.ib_client(client);
+        // A client that stopped (its guard dropped) stays out of `/metrics`.
+        let _ = c.fetch_update(Relaxed, Relaxed, |v| (v >= 0).then_some(i64::from(up)));
+    }
+
+    /// Replaces the materializer's per-partition figures.
+    pub fn set_partitions(&self, rows: Vec<PartitionLag>) {
+        *self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rows;
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -277,24 +414,33 @@ impl Metrics {
             "Kafka transactions of position events aborted (their positions are republished)",
             self.txn_aborted.load(Relaxed),
         );
-        g(
-            &mut s,
-            "ingest_lease_held",
-            "1 while this ingest holds the ingest lease (publishes), 0 while it stands by",
-            self.ingest_lease_held.load(Relaxed),
-        );
+        // Only an ingest that takes part in the lease has this series (not --no-lease, not the
+        // other processes), so "held by nobody" is the sum over the ingests being 0.
+        let lease = self.ingest_lease_held.load(Relaxed);
+        if lease >= 0 {
+            g(
+                &mut s,
+                "ingest_lease_held",
+                "1 while this ingest holds the ingest lease (publishes), 0 while it stands by",
+                lease,
+            );
+        }
         c(
             &mut s,
             "ingest_lease_lost_total",
             "Times this ingest lost the ingest lease while holding it (it stopped publishing)",
             self.ingest_lease_lost.load(Relaxed),
         );
-        g(
-            &mut s,
-            "kafka_reachable",
-            "1 when the last Kafka probe was answered",
-            self.kafka_reachable.load(Relaxed),
-        );
+        // Only a process that probes Kafka (the standalone ones) knows; unprobed is no series.
+        let kafka = self.kafka_reachable.load(Relaxed);
+        if kafka >= 0 {
+            g(
+                &mut s,
+                "kafka_reachable",
+                "1 when the last Kafka probe (every 5 s) was answered",
+                kafka,
+            );
+        }
         g(
             &mut s,
             "last_commit_age_seconds",
@@ -318,7 +464,71 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "possync_table_version{{table=\"{t}\"}} {}", v.load(Relaxed));
         }
+        let clients: Vec<(IbClient, i64)> = [IbClient::Ingest, IbClient::QueueWorker]
+            .into_iter()
+            .map(|c| (c, self.ib_client(c).load(Relaxed)))
+            .filter(|(_, v)| *v >= 0)
+            .collect();
+        if !clients.is_empty() {
+            let _ = writeln!(s, "# HELP possync_ib_client_connected 1 while this IB client (ingest, queue-worker) is connected, 0 while it is not (a standby ingest: 0); no series for clients the process does not run\n# TYPE possync_ib_client_connected gauge");
+            for (c, v) in clients {
+                let _ = writeln!(s, "possync_ib_client_connected{{client=\"{}\"}} {v}", c.label());
+            }
+        }
+        g(
+            &mut s,
+            "slot_waiting_positions",
+            "Active positions without a streaming slot now (routed queued until a slot frees)",
+            self.slot_waiting.load(Relaxed),
+        );
+        self.queue_refresh_lag.render(
+            &mut s,
+            "possync_queue_refresh_lag_seconds",
+            "Time from a queue item's enqueue to its refresh (the POLL event published)",
+        );
+        self.render_partitions(&mut s, chrono::Utc::now().timestamp_millis());
         s
+    }
+
+    /// The materializer's per-partition series, ages as of `now_ms`.
+    fn render_partitions(&self, s: &mut String, now_ms: i64) {
+        let rows = self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rows.is_empty() {
+            return;
+        }
+        type Figure = fn(&PartitionLag, i64) -> f64;
+        let families: [(&str, &str, Figure); 3] = [
+            (
+                "materialize_lag_events",
+                "Events of this partition in Kafka and not in the Delta tables yet (fetched or not)",
+                |r, _| r.lag_events.max(0) as f64,
+            ),
+            (
+                "materialize_lag_seconds",
+                "Age (broker timestamp) of this partition's oldest message taken and not committed to Delta; 0 when none waits",
+                |r, now| r.oldest_waiting_ms.map_or(0, |t| now - t).max(0) as f64 / 1000.0,
+            ),
+            (
+                "materialize_commit_age_seconds",
+                "Seconds since the last Delta commit that held this partition's messages (or since its assignment)",
+                |r, now| (now - r.last_commit_ms).max(0) as f64 / 1000.0,
+            ),
+        ];
+        for (name, help, figure) in families {
+            let _ = writeln!(s, "# HELP possync_{name} {help}\n# TYPE possync_{name} gauge");
+            for r in rows.iter() {
+                let topic = r.topic.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(
+                    s,
+                    "possync_{name}{{topic=\"{topic}\",partition=\"{}\"}} {}",
+                    r.partition,
+                    figure(r, now_ms)
+                );
+            }
+        }
     }
 
     /// Records a Delta commit made now.
@@ -672,5 +882,111 @@ mod tests {
         m.ib_connected.store(1, Relaxed);
         assert_eq!(respond(b"GET /readyz HTTP/1.1", &ready, &m).0, "200 OK");
         assert!(m.render().contains("possync_ingest_lease_held 1"));
+    }
+
+    /// The series an operator's rules need: present only where they mean something.
+    #[test]
+    fn series_are_served_only_where_they_mean_something() {
+        let m = Metrics::new();
+        let text = m.render();
+        for absent in [
+            "possync_kafka_reachable",
+            "possync_ingest_lease_held",
+            "possync_ib_client_connected",
+            "possync_materialize_lag_events",
+        ] {
+            assert!(
+                !text.contains(absent),
+                "{absent} without a prober/participant/client:\n{text}"
+            );
+        }
+        m.kafka_reachable.store(0, Relaxed);
+        m.ingest_lease_held.store(0, Relaxed);
+        let text = m.render();
+        assert!(text.contains("\npossync_kafka_reachable 0\n"), "{text}");
+        assert!(text.contains("\npossync_ingest_lease_held 0\n"), "{text}");
+        assert!(text.contains("\npossync_slot_waiting_positions 0\n"), "{text}");
+    }
+
+    /// `possync_ib_client_connected{client}` follows each client's connection and leaves
+    /// `/metrics` with the client; the process-wide `ib_connected` follows too.
+    #[test]
+    fn ib_client_series_follow_connections() {
+        let m = Metrics::new();
+        {
+            let _ingest = m.ib_client_running(IbClient::Ingest);
+            let text = m.render();
+            assert!(
+                text.contains("possync_ib_client_connected{client=\"ingest\"} 0\n"),
+                "{text}"
+            );
+            assert!(!text.contains("client=\"queue-worker\""), "{text}");
+            let _worker = m.ib_client_running(IbClient::QueueWorker);
+            m.ib_state(IbClient::QueueWorker, true);
+            let text = m.render();
+            assert!(
+                text.contains("possync_ib_client_connected{client=\"queue-worker\"} 1\n"),
+                "{text}"
+            );
+            assert!(
+                text.contains("possync_ib_client_connected{client=\"ingest\"} 0\n"),
+                "{text}"
+            );
+            assert_eq!(m.ib_connected.load(Relaxed), 1);
+            m.ib_state(IbClient::QueueWorker, false);
+            assert!(m
+                .render()
+                .contains("possync_ib_client_connected{client=\"queue-worker\"} 0\n"));
+            assert_eq!(m.ib_connected.load(Relaxed), 0);
+        }
+        // Both stopped: no series, and a late state change does not bring one back.
+        m.ib_state(IbClient::Ingest, true);
+        assert!(!m.render().contains("possync_ib_client_connected"));
+    }
+
+    #[test]
+    fn refresh_lag_histogram_is_cumulative() {
+        let m = Metrics::new();
+        for micros in [100_000, 3_000_000, 10_000_000, 12_000_000, 900_000_000, -5] {
+            m.queue_refresh_lag.observe_micros(micros);
+        }
+        let text = m.render();
+        for line in [
+            "# TYPE possync_queue_refresh_lag_seconds histogram",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"0.5\"} 2\n",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"5\"} 3\n",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"10\"} 4\n",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"15\"} 5\n",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"600\"} 5\n",
+            "possync_queue_refresh_lag_seconds_bucket{le=\"+Inf\"} 6\n",
+            "possync_queue_refresh_lag_seconds_sum 925.1\n",
+            "possync_queue_refresh_lag_seconds_count 6\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn partition_lag_series_carry_topic_and_partition() {
+        let m = Metrics::new();
+        m.set_partitions(vec![PartitionLag {
+            topic: "p.positions.active".into(),
+            partition: 3,
+            lag_events: 42,
+            oldest_waiting_ms: Some(10_000),
+            last_commit_ms: 4_000,
+        }]);
+        let mut text = String::new();
+        m.render_partitions(&mut text, 12_500);
+        for line in [
+            "# TYPE possync_materialize_lag_events gauge",
+            "possync_materialize_lag_events{topic=\"p.positions.active\",partition=\"3\"} 42\n",
+            "possync_materialize_lag_seconds{topic=\"p.positions.active\",partition=\"3\"} 2.5\n",
+            "possync_materialize_commit_age_seconds{topic=\"p.positions.active\",partition=\"3\"} 8.5\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        m.set_partitions(Vec::new());
+        assert!(!m.render().contains("possync_materialize_lag"));
     }
 }

@@ -217,6 +217,9 @@ impl Engine {
             tracing::warn!(%key, budget = self.slots.budget(), "active position without a streaming slot: routed queued until a slot frees");
         }
         self.overflow.clone_from(&self.plan.overflow);
+        metrics::global()
+            .slot_waiting
+            .store(self.overflow.len() as i64, Relaxed);
 
         // Only a position on the plan's active list or last published active can change route
         // (the route is ACTIVE exactly on the plan's active list): at most the budget plus the

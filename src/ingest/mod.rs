@@ -245,7 +245,7 @@ impl Ingest {
                     session::Connected::GaveUp => break Ok(TermEnd::IbUnreachable),
                 };
             let connected = std::time::Instant::now();
-            metrics::global().ib_connected.store(1, Relaxed);
+            metrics::global().ib_state(metrics::IbClient::Ingest, true);
             if !first {
                 metrics::global().ib_reconnects.fetch_add(1, Relaxed);
                 self.stats.reconnects.fetch_add(1, Relaxed);
@@ -270,7 +270,7 @@ impl Ingest {
                 last_working = std::time::Instant::now();
             }
             self.engine.disconnected();
-            metrics::global().ib_connected.store(0, Relaxed);
+            metrics::global().ib_state(metrics::IbClient::Ingest, false);
             // A silent gateway may not take the close either: do not wait on it for long.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.disconnect()).await;
             let list_overflow = matches!(end, Ok(session::SessionEnd::Overflow { during_list: true }));
@@ -350,6 +350,9 @@ const LEASE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// As [`Ingest::start`] and [`Ingest::run`]; [`IngestError::Lease`] when the lease group
 /// cannot be joined.
 pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationToken) -> Result<(), IngestError> {
+    // Served while ingest runs, standing by or not (a standby shows 0: alerts take the best
+    // connection over the ingests).
+    let _ib = metrics::global().ib_client_running(metrics::IbClient::Ingest);
     let Some(group) = cfg.lease_group(&kafka.topics) else {
         tracing::warn!("running without the ingest lease (--no-lease): a second ingest would publish every event twice and use twice the streaming slots");
         return Ingest::start(cfg, kafka, shutdown).await?.run().await;

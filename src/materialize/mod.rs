@@ -38,6 +38,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod dv;
 pub mod flush;
+pub mod lag;
 pub mod maintain;
 pub mod namespace_guard;
 pub mod offsets;
@@ -63,6 +64,7 @@ pub use tables::{read_table, TableKind};
 use buffer::{Buffers, Incoming, Role};
 use consumer::{Check, Ctx, Cursor, LogStart, RebalanceEvent, StartSource};
 use flush::Pipeline;
+use lag::LagWatch;
 
 use crate::kafka::{KafkaConfig, KafkaError};
 use crate::metrics;
@@ -201,6 +203,7 @@ struct Materializer {
     cursors: HashMap<(Role, i32), Cursor>,
     roles: [(String, Role); 3],
     progress: watch::Sender<Progress>,
+    lag: LagWatch,
 }
 
 impl Materializer {
@@ -286,6 +289,7 @@ impl Materializer {
             cursors: HashMap::new(),
             roles,
             progress,
+            lag: LagWatch::default(),
         })
     }
 
@@ -293,6 +297,8 @@ impl Materializer {
         let every = self.cfg.txn_restamp_every;
         let mut restamp = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut report = tokio::time::interval(LAG_REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let deadline = self
                 .buffers
@@ -304,14 +310,23 @@ impl Materializer {
                 _ = sleep_until(deadline) => self.flush().await?,
                 _ = self.consumer.context().rebalanced() => self.rebalanced()?,
                 _ = restamp.tick() => self.restamp().await?,
+                _ = report.tick() => self.report_lag(),
                 msg = self.consumer.recv() => {
                     // Fields, not `self`: the message borrows the consumer.
-                    if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
+                    if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &mut self.lag, &self.roles)? {
                         let assigned = self.cursors.len();
                         self.progress.send_modify(|p| p.assigned = assigned);
                     }
                     match msg {
-                        Ok(m) => take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?,
+                        Ok(m) => {
+                            let before = self.buffers.messages();
+                            take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?;
+                            if self.buffers.messages() > before {
+                                if let Some(role) = role_of(&self.roles, m.topic()) {
+                                    self.lag.taken(role, m.partition(), m.timestamp().to_millis(), now_ms());
+                                }
+                            }
+                        }
                         Err(e) => {
                             consumer_error(e)?;
                             continue;
@@ -335,12 +350,40 @@ impl Materializer {
             buffered = self.buffers.messages(),
             "shutdown: committing what is buffered"
         );
-        self.flush().await
+        let flushed = self.flush().await;
+        metrics::global().set_partitions(Vec::new());
+        flushed
+    }
+
+    /// Exports the owned partitions' lag ([`LagWatch`] plus the high watermark Kafka last
+    /// reported and the consumer's position, both known locally without a broker round trip).
+    fn report_lag(&mut self) {
+        let positions = self.consumer.position().ok();
+        let rows = self.lag.rows(|topic, role, partition| {
+            let high = cached_high_watermark(&self.consumer, topic, partition)?;
+            let fetched = positions
+                .as_ref()
+                .and_then(|tpl| tpl.find_partition(topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+            // Before the first message the position is the start the tables gave.
+            let position = fetched.or_else(|| self.cursors.get(&(role, partition)).and_then(|c| c.next))?;
+            Some(high - position)
+        });
+        metrics::global().set_partitions(rows);
     }
 
     /// Applies the rebalance events recorded since the last call.
     fn rebalanced(&mut self) -> Result<(), MaterializeError> {
-        if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &self.roles)? {
+        if handle_rebalance(
+            &self.consumer,
+            &mut self.cursors,
+            &mut self.buffers,
+            &mut self.lag,
+            &self.roles,
+        )? {
             let assigned = self.cursors.len();
             self.progress.send_modify(|p| p.assigned = assigned);
         }
@@ -384,6 +427,11 @@ impl Materializer {
             tracing::debug!(error = %e, "committing offsets to Kafka (monitoring only) failed");
         }
         metrics::global().buffered.store(0, Relaxed);
+        let now = now_ms();
+        for part in &parts {
+            self.lag.committed(part.role, part.partition, now);
+        }
+        self.report_lag();
         self.progress.send_modify(|p| {
             p.buffered = 0;
             p.flushes += 1;
@@ -397,6 +445,33 @@ impl Materializer {
         );
         Ok(())
     }
+}
+
+/// The high watermark librdkafka last got from a fetch response of `topic`/`partition`
+/// (`rd_kafka_get_watermark_offsets`: local, no broker round trip; the rdkafka crate only wraps
+/// the querying variant). `None` while none is known.
+fn cached_high_watermark(consumer: &StreamConsumer<Ctx>, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer lives as long as `consumer`; the call only reads librdkafka's
+    // cached offsets of the partition into the two locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
+/// How often the owned partitions' lag is exported to `/metrics` (and after every commit).
+const LAG_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -414,6 +489,7 @@ fn handle_rebalance(
     consumer: &StreamConsumer<Ctx>,
     cursors: &mut HashMap<(Role, i32), Cursor>,
     buffers: &mut Buffers,
+    lag: &mut LagWatch,
     roles: &[(String, Role); 3],
 ) -> Result<bool, MaterializeError> {
     let events = consumer.context().take_events();
@@ -425,6 +501,7 @@ fn handle_rebalance(
                     if let Some(r) = role_of(roles, &t) {
                         buffers.drop_partition(r, p);
                         cursors.insert((r, p), Cursor { next: start });
+                        lag.assigned(&t, r, p, now_ms());
                     }
                 }
             }
@@ -433,6 +510,7 @@ fn handle_rebalance(
                     if let Some(r) = role_of(roles, &t) {
                         buffers.drop_partition(r, p);
                         cursors.remove(&(r, p));
+                        lag.revoked(r, p);
                     }
                 }
             }

@@ -213,6 +213,7 @@ pub async fn run(
     kafka: KafkaConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueWorkerError> {
+    let _ib = metrics::global().ib_client_running(metrics::IbClient::QueueWorker);
     if cfg.clock_skew_micros != 0 {
         tracing::warn!(
             skew_micros = cfg.clock_skew_micros,
@@ -333,6 +334,8 @@ pub async fn run(
                     continue;
                 }
                 if client.as_ref().is_none_or(|c| !c.is_connected()) {
+                    // A connection IB closed is down from now on, not once a new one failed.
+                    metrics::global().ib_state(metrics::IbClient::QueueWorker, false);
                     // Each request's buffer holds the largest account's answer.
                     let buffer = crate::ib::buffer_for(poller::MIN_BUFFER, queue.largest_account().max(overflowed));
                     let connecting = poller::connect(&address, cfg.client_id, buffer, &limiter, Duration::from_secs(5).min(cfg.poll_timeout));
@@ -345,7 +348,7 @@ pub async fn run(
                             tracing::info!(%address, client_id = cfg.client_id, buffer, "queue worker connected to IB");
                             client = Some(c);
                             last_answer = Instant::now();
-                            metrics::global().ib_connected.store(1, Relaxed);
+                            metrics::global().ib_state(metrics::IbClient::QueueWorker, true);
                         }
                         Err(e) => {
                             tracing::warn!(%address, client_id = cfg.client_id, error = %e, "queue worker cannot reach IB; retrying next tick");
@@ -398,7 +401,7 @@ pub async fn run(
 
 /// Drops the worker's IB connection (a silent gateway may not take the close: bounded wait).
 async fn drop_client(client: &mut Option<Arc<Client>>) {
-    metrics::global().ib_connected.store(0, Relaxed);
+    metrics::global().ib_state(metrics::IbClient::QueueWorker, false);
     if let Some(c) = client.take() {
         let _ = tokio::time::timeout(Duration::from_secs(2), c.disconnect()).await;
     }
@@ -478,7 +481,11 @@ async fn publish_batch(
         }
         let e = poll_event(&item, poll, ingest_clock);
         publisher.publish(e, None).await?;
-        metrics::global().queue_refreshed.fetch_add(1, Relaxed);
+        let m = metrics::global();
+        m.queue_refreshed.fetch_add(1, Relaxed);
+        // Enqueued on ingest's clock, refreshed on this one: skew shows here (never below 0).
+        m.queue_refresh_lag
+            .observe_micros(chrono::Utc::now().timestamp_micros() - item.enqueued_at);
     }
     Ok(())
 }
