@@ -263,7 +263,10 @@ async fn vacuum_keeps_the_deletion_vectors_of_versions_within_the_retention() ->
     let vectors = |files: &[std::path::PathBuf]| {
         files
             .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("deletion_vector_")))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("deletion_vector_"))
+            })
             .count()
     };
     let on_disk = data_files(&table_dir)?;
@@ -284,7 +287,10 @@ async fn vacuum_keeps_the_deletion_vectors_of_versions_within_the_retention() ->
     std::fs::write(&orphan, b"not referenced by any version")?;
     let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
     for p in data_files(&table_dir)? {
-        std::fs::File::options().write(true).open(&p)?.set_modified(two_hours_ago)?;
+        std::fs::File::options()
+            .write(true)
+            .open(&p)?
+            .set_modified(two_hours_ago)?;
     }
 
     let report = maintain::run(&MaintainConfig {

@@ -120,7 +120,9 @@ async fn vacuum(t: &Table, retention: Option<Duration>) -> Result<usize, TableEr
     let keep = if vectors == 0 {
         HashSet::new()
     } else {
-        let cutoff = chrono::Utc::now().timestamp_millis().saturating_sub(retention.num_milliseconds());
+        let cutoff = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(retention.num_milliseconds());
         vectors_removed_since(t, cutoff).await?
     };
     let doomed: Vec<Path> = plan
@@ -131,7 +133,11 @@ async fn vacuum(t: &Table, retention: Option<Duration>) -> Result<usize, TableEr
         .collect();
     let kept = plan.files_deleted.len() - doomed.len();
     if kept > 0 {
-        tracing::debug!(table, kept, "vacuum kept deletion vectors of versions within the retention");
+        tracing::debug!(
+            table,
+            kept,
+            "vacuum kept deletion vectors of versions within the retention"
+        );
     }
     let store = t.delta.log_store().object_store(None);
     let n = doomed.len();
@@ -146,7 +152,9 @@ async fn vacuum(t: &Table, retention: Option<Duration>) -> Result<usize, TableEr
 }
 
 fn is_deletion_vector(path: &str) -> bool {
-    path.rsplit('/').next().is_some_and(|name| name.starts_with("deletion_vector_") && name.ends_with(".bin"))
+    path.rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with("deletion_vector_") && name.ends_with(".bin"))
 }
 
 /// The deletion-vector files (paths relative to the table root) named by remove actions whose
@@ -176,7 +184,12 @@ async fn vectors_removed_since(t: &Table, cutoff_ms: i64) -> Result<HashSet<Stri
             let Ok(l) = serde_json::from_slice::<Line>(line) else {
                 continue;
             };
-            if let Some(ts) = l.commit_info.as_ref().and_then(|c| c.get("timestamp")).and_then(|t| t.as_i64()) {
+            if let Some(ts) = l
+                .commit_info
+                .as_ref()
+                .and_then(|c| c.get("timestamp"))
+                .and_then(|t| t.as_i64())
+            {
                 older = ts < cutoff_ms;
             }
             let Some(r) = l.remove else { continue };

@@ -61,7 +61,9 @@ pub enum StorageError {
     #[error("{endpoint} accepted a second put-if-absent of one key (If-None-Match ignored): Delta commits need conditional writes, or two writers overwrite each other's commits. Use a store that supports them (AWS S3, MinIO, R2) and leave AWS_CONDITIONAL_PUT unset (etag)")]
     NoConditionalPut { endpoint: String },
     /// Conditional writes are switched off in the settings.
-    #[error("conditional writes are disabled ({cause}): Delta commits need them; unset AWS_CONDITIONAL_PUT (default etag)")]
+    #[error(
+        "conditional writes are disabled ({cause}): Delta commits need them; unset AWS_CONDITIONAL_PUT (default etag)"
+    )]
     ConditionalPutDisabled { cause: String },
     /// Any other answer.
     #[error("S3 check of {uri} at {endpoint} failed: {cause}")]
@@ -243,7 +245,9 @@ mod s3 {
         match first {
             Ok(_) => {}
             Err(e @ object_store::Error::NotImplemented { .. }) => {
-                return Err(StorageError::ConditionalPutDisabled { cause: clip(&one_line(&e)) })
+                return Err(StorageError::ConditionalPutDisabled {
+                    cause: clip(&one_line(&e)),
+                })
             }
             Err(e) => {
                 return Err(refused("put", &e).unwrap_or_else(|| StorageError::Other {
@@ -376,13 +380,17 @@ mod tests {
 
     #[tokio::test]
     async fn local_paths_need_no_probe() {
-        assert!(probe("/tmp/somewhere", Duration::from_millis(1), Access::Write).await.is_ok());
+        assert!(probe("/tmp/somewhere", Duration::from_millis(1), Access::Write)
+            .await
+            .is_ok());
     }
 
     #[cfg(not(feature = "s3"))]
     #[tokio::test]
     async fn s3_without_the_feature_names_the_feature() {
-        let e = probe("s3://b/p", Duration::from_secs(1), Access::Read).await.unwrap_err();
+        let e = probe("s3://b/p", Duration::from_secs(1), Access::Read)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("--features s3"), "{e}");
     }
 }
