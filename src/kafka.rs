@@ -417,6 +417,86 @@ pub fn first_committed(
     Ok(out)
 }
 
+/// What a partition's log holds at an offset (see [`log_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogAt {
+    /// First offset the broker still has.
+    pub low: i64,
+    /// Next offset the broker will assign.
+    pub high: i64,
+    /// The first committed message at or after the offset: `Some(Some((offset, timestamp_ms)))`;
+    /// `Some(None)` when only markers or aborted events follow it; `None` when the offset is
+    /// outside the log or the fetch gave no answer within 10 s.
+    pub first: Option<Option<(i64, Option<i64>)>>,
+}
+
+/// The watermarks of each (topic, partition) and the first committed message at or after its
+/// offset (blocking; the partitions of a topic are fetched together). A partition whose
+/// watermarks cannot be read within 10 s is left out.
+///
+/// # Errors
+/// [`KafkaError::Client`] when the probe consumer cannot be created or assigned.
+pub fn log_at(kafka: &KafkaConfig, at: &[(String, i32, i64)]) -> Result<BTreeMap<(String, i32), LogAt>, KafkaError> {
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut out = BTreeMap::new();
+    if at.is_empty() {
+        return Ok(out);
+    }
+    let c: BaseConsumer<EofQuiet> = kafka
+        .consumer("possync-log-probe")
+        .set("enable.partition.eof", "true")
+        .create_with_context(EofQuiet)
+        .map_err(KafkaError::client("create log probe"))?;
+    let mut by_topic: BTreeMap<&str, Vec<(i32, i64)>> = BTreeMap::new();
+    for (topic, partition, offset) in at {
+        // A partition whose watermarks cannot be read (leader moving) is left out.
+        let Ok((low, high)) = c.fetch_watermarks(topic, *partition, Duration::from_secs(10)) else {
+            continue;
+        };
+        out.insert((topic.clone(), *partition), LogAt { low, high, first: None });
+        if (low..high).contains(offset) {
+            by_topic.entry(topic).or_default().push((*partition, *offset));
+        }
+    }
+    // One topic at a time, each with a client of its own: a partition EOF names the partition
+    // only, and no event of an earlier assignment may be taken for this one.
+    for (topic, parts) in by_topic {
+        let c: BaseConsumer<EofQuiet> = kafka
+            .consumer("possync-log-probe")
+            .set("enable.partition.eof", "true")
+            .create_with_context(EofQuiet)
+            .map_err(KafkaError::client("create log probe"))?;
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in &parts {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(KafkaError::client(format!("assign {topic}/{partition}")))?;
+        }
+        c.assign(&tpl)
+            .map_err(KafkaError::client(format!("assign the log probe to {topic}")))?;
+        let mut open = parts.len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while open > 0 && std::time::Instant::now() < deadline {
+            let (partition, found) = match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.topic() == topic => (m.partition(), Some((m.offset(), m.timestamp().to_millis()))),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => (p, None),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, topic, "log probe fetch");
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Some(v) = out.get_mut(&(topic.to_string(), partition)) {
+                if v.first.is_none() {
+                    v.first = Some(found);
+                    open -= 1;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Which kind of client a setting is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

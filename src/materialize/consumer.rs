@@ -32,7 +32,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
 /// What a rebalance did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum RebalanceEvent {
     /// Partitions assigned (librdkafka accepted them), with the offset consumption starts at
     /// (`None`: log start, the partition is new to the tables or this is a replay).
@@ -41,6 +41,24 @@ pub enum RebalanceEvent {
     Revoked(Vec<(String, i32)>),
     /// The rebalance could not be applied exactly; the materializer must stop.
     Fatal(String),
+    /// A start position must not be used (e.g. the log was replaced); the materializer stops
+    /// with this error.
+    Stop(Box<super::MaterializeError>),
+}
+
+/// Why assigned partitions cannot start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The positions could not be read (restarting the member retries).
+    Unreadable(String),
+    /// The positions are known but must not be used.
+    Refused(super::MaterializeError),
+}
+
+impl From<String> for StartError {
+    fn from(why: String) -> Self {
+        StartError::Unreadable(why)
+    }
 }
 
 /// Where assigned partitions start.
@@ -49,7 +67,7 @@ pub trait StartSource: Send + Sync {
     ///
     /// # Errors
     /// A message saying why the positions are unknown (the materializer then stops).
-    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, String>;
+    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, StartError>;
 }
 
 /// Every partition from its log start (`--replay-from-beginning`; tables still drop what
@@ -58,7 +76,7 @@ pub trait StartSource: Send + Sync {
 pub struct LogStart;
 
 impl StartSource for LogStart {
-    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, String> {
+    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, StartError> {
         Ok(vec![None; parts.len()])
     }
 }
@@ -134,25 +152,28 @@ impl Ctx {
         &self,
         c: &impl Assignment,
         tpl: &mut TopicPartitionList,
-    ) -> Result<Vec<(String, i32, Option<i64>)>, String> {
+    ) -> Result<Vec<(String, i32, Option<i64>)>, RebalanceEvent> {
         let parts: Vec<(String, i32)> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
-        let starts = self
-            .starts
-            .starts(&parts)
-            .map_err(|e| format!("cannot read the start offsets of {parts:?} from Delta: {e}"))?;
+        let starts = self.starts.starts(&parts).map_err(|e| match e {
+            StartError::Unreadable(e) => {
+                RebalanceEvent::Fatal(format!("cannot read the start offsets of {parts:?} from Delta: {e}"))
+            }
+            StartError::Refused(e) => RebalanceEvent::Stop(Box::new(e)),
+        })?;
+        let fatal = RebalanceEvent::Fatal;
         if starts.len() != parts.len() {
-            return Err(format!("start offsets of {parts:?}: got {} values", starts.len()));
+            return Err(fatal(format!("start offsets of {parts:?}: got {} values", starts.len())));
         }
         let mut assigned = Vec::with_capacity(parts.len());
         for ((t, p), start) in parts.into_iter().zip(starts) {
             let start = start.filter(|n| *n > 0);
             let offset = start.map_or(Offset::Beginning, Offset::Offset);
             tpl.set_partition_offset(&t, p, offset)
-                .map_err(|e| format!("setting the start offset of {t}/{p}: {e}"))?;
+                .map_err(|e| fatal(format!("setting the start offset of {t}/{p}: {e}")))?;
             assigned.push((t, p, start));
         }
         let applied = if c.cooperative() {
@@ -160,7 +181,7 @@ impl Ctx {
         } else {
             c.assign(tpl)
         };
-        applied.map_err(|e| format!("librdkafka refused the assignment {assigned:?}: {e}"))?;
+        applied.map_err(|e| fatal(format!("librdkafka refused the assignment {assigned:?}: {e}")))?;
         tracing::info!(partitions = ?assigned, "partitions assigned; starting at the offsets stored in Delta");
         Ok(assigned)
     }
@@ -188,12 +209,17 @@ impl Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self
                 .on_assign(c, tpl)
                 .map(|a| self.events().push(RebalanceEvent::Assigned(a))),
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(c, tpl, lost),
-            other => Err(format!("unexpected rebalance event {other:?}")),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(c, tpl, lost).map_err(RebalanceEvent::Fatal)
+            }
+            other => Err(RebalanceEvent::Fatal(format!("unexpected rebalance event {other:?}"))),
         };
-        if let Err(why) = result {
-            tracing::error!(%why, "rebalance failed; the materializer stops");
-            self.events().push(RebalanceEvent::Fatal(why));
+        if let Err(event) = result {
+            match &event {
+                RebalanceEvent::Stop(e) => tracing::error!(error = %e, "partitions refused; the materializer stops"),
+                _ => tracing::error!(?event, "rebalance failed; the materializer stops"),
+            }
+            self.events().push(event);
         }
         self.wake.notify_one();
     }
@@ -302,8 +328,8 @@ mod tests {
     struct Fixed(Result<Vec<Option<i64>>, String>);
 
     impl StartSource for Fixed {
-        fn starts(&self, _: &[(String, i32)]) -> Result<Vec<Option<i64>>, String> {
-            self.0.clone()
+        fn starts(&self, _: &[(String, i32)]) -> Result<Vec<Option<i64>>, StartError> {
+            self.0.clone().map_err(StartError::Unreadable)
         }
     }
 
@@ -334,13 +360,15 @@ mod tests {
                 ("a".to_string(), 2, Offset::Beginning),
             ];
             assert_eq!(*fake.calls.borrow(), vec![(want, offsets)]);
-            assert_eq!(
-                ctx.take_events(),
-                vec![RebalanceEvent::Assigned(vec![
-                    ("a".into(), 0, Some(7)),
-                    ("a".into(), 1, None),
-                    ("a".into(), 2, None)
-                ])]
+            let events = ctx.take_events();
+            let want = vec![
+                ("a".to_string(), 0, Some(7)),
+                ("a".to_string(), 1, None),
+                ("a".to_string(), 2, None),
+            ];
+            assert!(
+                matches!(events.as_slice(), [RebalanceEvent::Assigned(a)] if *a == want),
+                "{events:?}"
             );
         }
     }

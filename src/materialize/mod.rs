@@ -39,6 +39,7 @@ pub mod decode;
 pub mod dv;
 pub mod flush;
 pub mod lag;
+pub mod log_check;
 pub mod maintain;
 pub mod namespace_guard;
 pub mod offsets;
@@ -86,6 +87,15 @@ pub enum MaterializeError {
         partition: i32,
         expected: i64,
         log_start: i64,
+    },
+    /// The log of a partition is not the one the tables were written from: the topic was
+    /// deleted and recreated, or its log truncated (see [`log_check`]).
+    #[error("{topic}/{partition}: the tables hold offsets up to {last}, but {why}: the topic was deleted and recreated, or its log truncated (unclean leader election). Nothing was written. Materialize the new log into new tables (another --table-uri), or under a new offset namespace (--offsets-namespace NAME with --allow-namespace-change) to keep these tables; never reuse the old offsets")]
+    LogReplaced {
+        topic: String,
+        partition: i32,
+        last: i64,
+        why: String,
     },
     /// The consumer reported that its position is out of range.
     #[error("consumer position out of range ({0}): events were lost before materialize read them")]
@@ -248,7 +258,7 @@ impl Materializer {
         let starts: Box<dyn StartSource> = if cfg.replay_from_beginning {
             Box::new(LogStart)
         } else {
-            Box::new(offsets::DeltaStarts::spawn(cfg.table_uri.clone(), ns, t.clone())?)
+            Box::new(offsets::DeltaStarts::spawn(cfg.table_uri.clone(), ns, kafka.clone())?)
         };
         let mut cc = kafka.consumer(&cfg.group);
         // Lost offsets are an error, never a silent jump (see `consumer`).
@@ -516,6 +526,7 @@ fn handle_rebalance(
             }
             // Nothing buffered is committed: the partitions' next owner starts from Delta.
             RebalanceEvent::Fatal(why) => return Err(MaterializeError::Rebalance(why)),
+            RebalanceEvent::Stop(e) => return Err(*e),
         }
     }
     Ok(changed)

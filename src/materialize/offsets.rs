@@ -284,7 +284,7 @@ const START_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct StartRequest {
     parts: Vec<(String, i32)>,
-    reply: std::sync::mpsc::SyncSender<Result<Vec<Option<i64>>, String>>,
+    reply: std::sync::mpsc::SyncSender<Result<Vec<Option<i64>>, super::consumer::StartError>>,
 }
 
 /// The restart positions of partitions, read fresh from the tables at every assignment.
@@ -303,7 +303,7 @@ impl DeltaStarts {
     ///
     /// # Errors
     /// [`MaterializeError::Task`] when the thread cannot be started.
-    pub fn spawn(base: String, namespace: String, topics: Topics) -> Result<Self, MaterializeError> {
+    pub fn spawn(base: String, namespace: String, kafka: KafkaConfig) -> Result<Self, MaterializeError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StartRequest>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -315,11 +315,14 @@ impl DeltaStarts {
                 rt.block_on(async move {
                     let mut tables: Option<HashMap<TableKind, Table>> = None;
                     while let Some(req) = rx.recv().await {
-                        let result = read_starts(&mut tables, &base, &namespace, &topics, &req.parts).await;
+                        let result = read_starts(&mut tables, &base, &namespace, &kafka, &req.parts).await;
                         if result.is_err() {
                             tables = None; // reopen on the next request
                         }
-                        let _ = req.reply.send(result.map_err(|e| e.to_string()));
+                        let _ = req.reply.send(result.map_err(|e| match e {
+                            e @ MaterializeError::LogReplaced { .. } => super::consumer::StartError::Refused(e),
+                            e => super::consumer::StartError::Unreadable(e.to_string()),
+                        }));
                     }
                 });
             })
@@ -332,7 +335,7 @@ async fn read_starts(
     tables: &mut Option<HashMap<TableKind, Table>>,
     base: &str,
     namespace: &str,
-    topics: &Topics,
+    kafka: &KafkaConfig,
     parts: &[(String, i32)],
 ) -> Result<Vec<Option<i64>>, MaterializeError> {
     let kinds = [
@@ -341,6 +344,7 @@ async fn read_starts(
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
         TableKind::RegistryEvents,
+        TableKind::DeadLetters,
     ];
     match tables {
         Some(open) => {
@@ -357,25 +361,36 @@ async fn read_starts(
         }
     }
     let open = tables.as_mut().expect("opened above");
-    let next = restart_positions(open, namespace, topics, parts).await?;
+    let next = restart_positions(open, namespace, &kafka.topics, parts).await?;
+    // The log must still be the one the stored offsets point into (this thread may block).
+    let stored: Vec<(String, i32, i64)> = parts
+        .iter()
+        .filter(|k| next[*k] > 0)
+        .map(|(t, p)| (t.clone(), *p, next[&(t.clone(), *p)] - 1))
+        .collect();
+    super::log_check::check(open, namespace, kafka, &stored).await?;
     Ok(parts.iter().map(|k| Some(next[k])).collect())
 }
 
 impl super::consumer::StartSource for DeltaStarts {
-    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, String> {
+    fn starts(&self, parts: &[(String, i32)]) -> Result<Vec<Option<i64>>, super::consumer::StartError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         self.tx
             .send(StartRequest {
                 parts: parts.to_vec(),
                 reply,
             })
-            .map_err(|_| "the start-offset reader thread is gone".to_string())?;
+            .map_err(|_| super::consumer::StartError::Unreadable("the start-offset reader thread is gone".into()))?;
         let wait = || answer.recv_timeout(START_READ_TIMEOUT);
         // Let the runtime move other tasks off this worker while we wait (multi-thread only).
         let answer = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
             _ => wait(),
         };
-        answer.map_err(|e| format!("no answer from the tables within {START_READ_TIMEOUT:?} ({e})"))?
+        answer.map_err(|e| {
+            super::consumer::StartError::Unreadable(format!(
+                "no answer from the tables within {START_READ_TIMEOUT:?} ({e})"
+            ))
+        })?
     }
 }

@@ -17,7 +17,8 @@
 //! statistics). *Last commit* is the commit timestamp of each table's newest version.
 //!
 //! Unhealthy (exit 1) when: a partition's lag exceeds `--max-lag-seconds`; the total lag
-//! exceeds `--max-lag-events`; offsets the tables still need are gone from the broker (loss);
+//! exceeds `--max-lag-events`; offsets the tables still need are gone from the broker (loss); the tables hold offsets
+//! past the end of the log (the topic was recreated or truncated);
 //! a table is missing; `position_events`' last commit is older than `--max-commit-age` (off by
 //! default: a quiet market commits nothing); the queue depth or dead letters exceed their
 //! maximum; ingest's metrics were asked for but cannot be read, or report more slots than the
@@ -282,6 +283,15 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         let next = txn_version.map_or(0, |v| v + 1);
         let lag_events = (m.high - next).max(0);
         let lost_events = if lag_events > 0 { (m.low - next).max(0) } else { 0 };
+        if next > m.high {
+            problems.push(format!(
+                "{}/{}: the tables hold offsets up to {} but the log ends at {}: the topic was deleted and recreated, or its log truncated; materialize stops on it (see `possync materialize`'s error)",
+                m.topic,
+                m.partition,
+                next - 1,
+                m.high - 1
+            ));
+        }
         if lost_events > 0 {
             problems.push(format!(
                 "{}/{}: offsets {next}..{} are gone from the broker before materialize read them ({lost_events} events lost)",
