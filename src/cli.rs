@@ -149,6 +149,22 @@ pub fn init_tracing(filter: &str) {
 }
 
 /// SIGINT and SIGTERM both cancel `shutdown`; a second signal exits at once.
+/// Runs a start-up step unless a stop is requested first: `None` then (the command ends
+/// cleanly; a blocking call the step made is left to end on its own).
+async fn unless_stopped<T, E>(
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Option<T>, E> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            Ok(None)
+        }
+        r = step => r.map(Some),
+    }
+}
+
 pub fn install_signal_handlers(shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -202,7 +218,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Materialize(args) => {
             args.tables.probe(Access::Write).await?;
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
-            require(&kafka, Process::Materialize, std::time::Duration::from_secs(30)).await?;
+            let needed = require(&kafka, Process::Materialize, std::time::Duration::from_secs(30));
+            if unless_stopped(&shutdown, needed).await?.is_none() {
+                return Ok(());
+            }
             let ready = Readiness {
                 kafka_probe: Some(kafka.probe()),
                 max_commit_age: Some(args.metrics.ready_max_commit_age),
@@ -225,7 +244,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
             let cfg: crate::ingest::IngestConfig = (&args).into();
             let lease = cfg.lease_group(&kafka.topics).is_some();
-            require(&kafka, Process::Ingest { lease }, args.kafka_timeout).await?;
+            let needed = require(&kafka, Process::Ingest { lease }, args.kafka_timeout);
+            if unless_stopped(&shutdown, needed).await?.is_none() {
+                return Ok(());
+            }
             let ready = Readiness {
                 lease: cfg.lease_group(&kafka.topics),
                 ..ib_client(&kafka)
@@ -235,7 +257,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::QueueWorker(args) => {
             let kafka = crate::kafka::KafkaConfig::from_args(&args.kafka)?;
-            require(&kafka, Process::QueueWorker, args.kafka_timeout).await?;
+            let needed = require(&kafka, Process::QueueWorker, args.kafka_timeout);
+            if unless_stopped(&shutdown, needed).await?.is_none() {
+                return Ok(());
+            }
             args.metrics.serve(shutdown.child_token(), ib_client(&kafka)).await?;
             crate::queue_worker::run((&args).into(), kafka, shutdown).await?
         }

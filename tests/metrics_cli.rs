@@ -87,3 +87,58 @@ fn standalone_help_documents_metrics_addr() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Issue 20 #7: a stop during start-up ends the process at once. Kafka here accepts
+/// connections and never answers, so every process is stuck in its start-up checks (for up to
+/// `--kafka-timeout`, 120 s here; materialize's is 30 s); SIGTERM must end each within 20 s,
+/// with exit code 0.
+#[test]
+fn sigterm_during_start_up_stops_at_once() -> anyhow::Result<()> {
+    let silent = TcpListener::bind("127.0.0.1:0")?;
+    silent.set_nonblocking(true)?;
+    let brokers = silent.local_addr()?.to_string();
+    let mut held = Vec::new();
+    for args in [
+        &["ingest", "--kafka-timeout", "120s"][..],
+        &["ingest", "--no-lease", "--kafka-timeout", "120s"],
+        &["queue-worker", "--kafka-timeout", "120s"],
+        &["materialize"],
+    ] {
+        let dir = tempfile::tempdir()?;
+        let stderr_path = dir.path().join("stderr");
+        let mut child = Reap(
+            Command::new(BIN)
+                .args(args)
+                .args(["--brokers", &brokers])
+                .env("POSSYNC_LOG", "info")
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&stderr_path)?)
+                .spawn()?,
+        );
+        // In start-up once it has connected to the (silent) broker.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match silent.accept() {
+                Ok((s, _)) => {
+                    held.push(s);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    anyhow::ensure!(Instant::now() < deadline, "{args:?} never connected to Kafka");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        signal(&child.0, "TERM")?;
+        let asked = Instant::now();
+        let status = wait_exit(&mut child.0, Duration::from_secs(20));
+        let stderr = std::fs::read_to_string(&stderr_path)?;
+        let status = status.map_err(|e| anyhow::anyhow!("{args:?}: {e}\n{stderr}"))?;
+        anyhow::ensure!(status.success(), "{args:?} exited with {status}:\n{stderr}");
+        println!("{args:?}: stopped {:.1}s after SIGTERM", asked.elapsed().as_secs_f64());
+    }
+    Ok(())
+}

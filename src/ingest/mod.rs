@@ -355,7 +355,12 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
     let _ib = metrics::global().ib_client_running(metrics::IbClient::Ingest);
     let Some(group) = cfg.lease_group(&kafka.topics) else {
         tracing::warn!("running without the ingest lease (--no-lease): a second ingest would publish every event twice and use twice the streaming slots");
-        return Ingest::start(cfg, kafka, shutdown).await?.run().await;
+        let ingest = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            i = Ingest::start(cfg, kafka, shutdown.clone()) => i?,
+        };
+        return ingest.run().await;
     };
     metrics::global().ingest_lease_held.store(0, Relaxed);
     loop {
@@ -474,7 +479,16 @@ async fn fenced(
         m.ingest_lease_held.store(1, Relaxed);
         tracing::info!(%group, "holding the ingest lease (group {group}); starting");
         let release_after = Some(cfg.ib_unreachable_release).filter(|d| !d.is_zero());
-        let (result, started) = match Ingest::start(cfg.clone(), kafka.clone(), term.clone()).await {
+        // The start (registry replay, resume) ends at once when the term does (a stop, or the
+        // lease lost meanwhile), not after its Kafka timeouts (issue 20 #7).
+        let start = async {
+            tokio::select! {
+                biased;
+                _ = term.cancelled() => Err(IngestError::Publish(PublishError::Cancelled)),
+                i = Ingest::start(cfg.clone(), kafka.clone(), term.clone()) => i,
+            }
+        };
+        let (result, started) = match start.await {
             Ok(ingest) => (ingest.run_term(Some(&lost), release_after).await, true),
             Err(e) => (Err(e), false),
         };

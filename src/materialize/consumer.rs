@@ -166,7 +166,10 @@ impl Ctx {
         })?;
         let fatal = RebalanceEvent::Fatal;
         if starts.len() != parts.len() {
-            return Err(fatal(format!("start offsets of {parts:?}: got {} values", starts.len())));
+            return Err(fatal(format!(
+                "start offsets of {parts:?}: got {} values",
+                starts.len()
+            )));
         }
         let mut assigned = Vec::with_capacity(parts.len());
         for ((t, p), start) in parts.into_iter().zip(starts) {

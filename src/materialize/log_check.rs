@@ -182,7 +182,9 @@ fn find(b: &RecordBatch, namespace: &str, topic: &str, partition: i32, offset: i
         .column_by_name("kafka_timestamp")?
         .as_primitive_opt::<TimestampMicrosecondType>()?;
     (0..b.num_rows())
-        .find(|&i| of.value(i) == offset && pa.value(i) == partition && tp.value(i) == topic && ns.value(i) == namespace)
+        .find(|&i| {
+            of.value(i) == offset && pa.value(i) == partition && tp.value(i) == topic && ns.value(i) == namespace
+        })
         .map(|i| (!ts.is_null(i)).then(|| ts.value(i)))
 }
 
@@ -199,11 +201,17 @@ mod tests {
         let t = Topics::new("x.");
         let ts = 1_700_000_000_000i64;
         let held = Held::Row(Some(ts * 1000));
-        assert_eq!(verdict(&t, &t.active, 9, &at(20, Some(Some((9, Some(ts))))), &held), None);
+        assert_eq!(
+            verdict(&t, &t.active, 9, &at(20, Some(Some((9, Some(ts))))), &held),
+            None
+        );
         // Retention took it, or the fetch gave no answer: nothing to compare.
         assert_eq!(verdict(&t, &t.active, 9, &at(20, None), &Held::Unknown), None);
         // Compaction removed it from the registry topic.
-        assert_eq!(verdict(&t, &t.registry, 9, &at(20, Some(Some((12, None)))), &Held::Unknown), None);
+        assert_eq!(
+            verdict(&t, &t.registry, 9, &at(20, Some(Some((12, None)))), &Held::Unknown),
+            None
+        );
     }
 
     #[test]

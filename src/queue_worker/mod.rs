@@ -97,6 +97,11 @@ pub struct QueueWorkerArgs {
     /// How long to wait for Kafka while reading the queue topic (or its tail) at start.
     #[arg(long, env = "POSSYNC_KAFKA_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub kafka_timeout: Duration,
+    /// Closed items (and active-route marks of keys without an item) are forgotten this long
+    /// after their newest event, so memory follows the open book, not every contract ever held
+    /// (a later event of such a key starts it again; `0s` = never).
+    #[arg(long, env = "POSSYNC_FORGET_CLOSED_AFTER", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub forget_closed_after: Duration,
     /// How often the open Kafka transaction of POLL events is committed while it holds events.
     /// The transactional id is `<topic-prefix>queue-worker`: starting a worker fences every
     /// earlier one of these topics (a paused one that wakes up publishes nothing more).
@@ -144,6 +149,8 @@ pub struct QueueWorkerConfig {
     pub kafka_timeout: Duration,
     /// Commit the open Kafka transaction this often while it holds events.
     pub txn_interval: Duration,
+    /// Forget closed items this long after their newest event (`ZERO` = never).
+    pub forget_closed_after: Duration,
     /// Shift of this process's clock, µs (fault tests; see [`QueueWorkerArgs::clock_skew`]).
     pub clock_skew_micros: i64,
     /// Start from this snapshot (`position_queue` + the topic's tail), not the whole topic.
@@ -167,6 +174,7 @@ impl Default for QueueWorkerConfig {
             in_flight_timeout: Duration::from_secs(60),
             kafka_timeout: Duration::from_secs(30),
             txn_interval: Duration::from_millis(100),
+            forget_closed_after: Duration::from_secs(3600),
             clock_skew_micros: 0,
             snapshot: None,
             batch_observer: None,
@@ -189,12 +197,16 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             in_flight_timeout: a.in_flight_timeout,
             kafka_timeout: a.kafka_timeout,
             txn_interval: a.txn_interval,
+            forget_closed_after: a.forget_closed_after,
             clock_skew_micros: a.clock_skew.unwrap_or(0),
             snapshot: a.snapshot.config(),
             batch_observer: None,
         }
     }
 }
+
+/// How often closed items are looked for ([`QueueWorkerConfig::forget_closed_after`]).
+const FORGET_EVERY: Duration = Duration::from_secs(60);
 
 type BatchResult = (Vec<(PosKey, Item)>, BTreeMap<String, Result<AccountPoll, PollError>>);
 
@@ -256,6 +268,7 @@ pub async fn run(
     let mut last_answer = Instant::now();
     // Frames an account's answer held when it overflowed the buffer (sizes the next one).
     let mut overflowed = 0usize;
+    let mut last_forget = Instant::now();
     let mut tick = tokio::time::interval(cfg.tick.max(Duration::from_millis(1)));
     // Delay, not Skip: a late tick pushes the next one a full period out, so batches are never
     // closer together than `tick` (Skip could fire the next one right after a late one).
@@ -329,6 +342,14 @@ pub async fn run(
             },
             ticked = tick.tick() => {
                 metrics::global().queue_depth.store(queue.pending() as i64, Relaxed);
+                if last_forget.elapsed() >= FORGET_EVERY && !cfg.forget_closed_after.is_zero() {
+                    last_forget = Instant::now();
+                    let cutoff = queue.ingest_clock() - cfg.forget_closed_after.as_micros() as i64;
+                    let n = queue.forget_before(cutoff);
+                    if n > 0 {
+                        tracing::debug!(forgotten = n, held = queue.held(), "closed items forgotten");
+                    }
+                }
                 if batch.is_some() {
                     tracing::debug!("previous batch still running; tick skipped");
                     continue;

@@ -191,6 +191,28 @@ impl QueueState {
         }
     }
 
+    /// Forgets what no poll will need: closed items and ACTIVE-route marks of keys without an
+    /// item, whose newest event is older than `cutoff` (µs, on ingest's clock). Returns how
+    /// many entries went. Without it both maps keep every key ever seen (issue 20 #13).
+    ///
+    /// Safe for what is published: a later event of a forgotten key makes a new item (pending
+    /// if open), whose poll publishes IB's answer, never a guess from the forgotten state; an
+    /// item in flight is never forgotten.
+    pub fn forget_before(&mut self, cutoff: i64) -> usize {
+        let before = self.items.len() + self.active_at.len();
+        self.items.retain(|_, it| {
+            !(it.status == Status::Closed && it.in_flight_since.is_none() && it.last.ingest_time < cutoff)
+        });
+        let items = &self.items;
+        self.active_at.retain(|k, at| *at >= cutoff || items.contains_key(k));
+        before - self.items.len() - self.active_at.len()
+    }
+
+    /// Entries held (items and ACTIVE-route marks): what [`QueueState::forget_before`] bounds.
+    pub fn held(&self) -> usize {
+        self.items.len() + self.active_at.len()
+    }
+
     /// Takes a *sweep*: the accounts whose oldest eligible pending item is oldest, at most
     /// `max_accounts` of them, and every eligible pending item of those accounts (one
     /// positions-multi poll answers for all of an account's items). Eligible = pending and
@@ -329,6 +351,29 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn closed_items_and_old_active_marks_are_forgotten() {
+        let mut q = QueueState::new();
+        // 1000 positions opened and closed (a day of expiring options), one open, one active.
+        for con in 0..1000 {
+            q.apply(ev(con, Source::Stream, 1.0, 10));
+            q.apply(ev(con, Source::Stream, 0.0, 20));
+        }
+        q.apply(ev(5000, Source::Stream, 3.0, 30));
+        let mut active = ev(6000, Source::Stream, 2.0, 40);
+        active.route = Route::Active;
+        q.apply(active);
+        assert_eq!(q.held(), 1002, "nothing is forgotten on its own");
+        // Before the cutoff only: nothing newer goes.
+        assert_eq!(q.forget_before(20), 0);
+        assert_eq!(q.forget_before(50), 1001, "closed items and the old active mark");
+        assert_eq!(q.held(), 1);
+        assert_eq!(q.pending(), 1, "the open item stays");
+        // A later event of a forgotten key makes a new item.
+        q.apply(ev(7, Source::Stream, 4.0, 60));
+        assert_eq!(q.pending(), 2);
+    }
 
     #[test]
     fn oldest_first_sweeps_never_retake_in_flight_items() {

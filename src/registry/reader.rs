@@ -228,6 +228,13 @@ impl TopicReplay {
                 self.reached_end(p);
                 Ok(None)
             }
+            Err(e) if is_retriable(&e) => {
+                // librdkafka reconnects by itself; the caller's deadline bounds the wait
+                // (issue 20 #6: a broker restart during start-up was fatal).
+                tracing::debug!(topic = %self.topic, error = %e, "consumer error while reading; librdkafka retries");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Ok(None)
+            }
             Err(e) => Err(KafkaError::Client {
                 context: format!("read {}", self.topic),
                 source: e,
@@ -277,6 +284,28 @@ pub fn decode_registry(message: &OwnedMessage) -> Option<RegistryEvent> {
             None
         }
     }
+}
+
+/// Consumer errors that librdkafka recovers from by itself (connection lost, every broker
+/// down, a request timed out, a leader moving): a reader waits them out within its caller's
+/// deadline. Any other error (an offset out of range, an unknown topic, authorization) is the
+/// caller's to report.
+pub fn is_retriable(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::BrokerNotAvailable
+                | C::Resolve
+        )
+    )
 }
 
 /// Reads the registry topic to its end and returns the folded registry.
@@ -374,5 +403,22 @@ fn watermarks(
             }
             r => return r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_trouble_is_waited_out_and_loss_is_not() {
+        use rdkafka::error::{KafkaError as K, RDKafkaErrorCode as C};
+        assert!(is_retriable(&K::MessageConsumption(C::BrokerTransportFailure)));
+        assert!(is_retriable(&K::MessageConsumption(C::AllBrokersDown)));
+        assert!(is_retriable(&K::MessageConsumption(C::NotLeaderForPartition)));
+        assert!(!is_retriable(&K::MessageConsumption(C::OffsetOutOfRange)));
+        assert!(!is_retriable(&K::MessageConsumption(C::AutoOffsetReset)));
+        assert!(!is_retriable(&K::MessageConsumption(C::TopicAuthorizationFailed)));
+        assert!(!is_retriable(&K::PartitionEOF(0)));
     }
 }
