@@ -426,13 +426,16 @@ pub struct LogAt {
     pub high: i64,
     /// The first committed message at or after the offset: `Some(Some((offset, timestamp_ms)))`;
     /// `Some(None)` when only markers or aborted events follow it; `None` when the offset is
-    /// outside the log or the fetch gave no answer within 10 s.
+    /// outside the log or the fetch gave no answer in time.
     pub first: Option<Option<(i64, Option<i64>)>>,
 }
 
+/// How long [`log_at`] may take in all.
+pub const LOG_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The watermarks of each (topic, partition) and the first committed message at or after its
-/// offset (blocking; the partitions of a topic are fetched together). A partition whose
-/// watermarks cannot be read within 10 s is left out.
+/// offset (blocking; the partitions of a topic are fetched together), within
+/// [`LOG_PROBE_TIMEOUT`] in all: a partition not answered by then is left out.
 ///
 /// # Errors
 /// [`KafkaError::Client`] when the probe consumer cannot be created or assigned.
@@ -449,9 +452,16 @@ pub fn log_at(kafka: &KafkaConfig, at: &[(String, i32, i64)]) -> Result<BTreeMap
         .create_with_context(EofQuiet)
         .map_err(KafkaError::client("create log probe"))?;
     let mut by_topic: BTreeMap<&str, Vec<(i32, i64)>> = BTreeMap::new();
+    // One deadline for the whole probe: it runs inside a rebalance, and a killed leader would
+    // otherwise cost a full timeout per partition.
+    let deadline = std::time::Instant::now() + LOG_PROBE_TIMEOUT;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     for (topic, partition, offset) in at {
-        // A partition whose watermarks cannot be read (leader moving) is left out.
-        let Ok((low, high)) = c.fetch_watermarks(topic, *partition, Duration::from_secs(10)) else {
+        // A partition whose watermarks cannot be read in time (leader moving) is left out.
+        if left().is_zero() {
+            break;
+        }
+        let Ok((low, high)) = c.fetch_watermarks(topic, *partition, left()) else {
             continue;
         };
         out.insert((topic.clone(), *partition), LogAt { low, high, first: None });
@@ -475,8 +485,7 @@ pub fn log_at(kafka: &KafkaConfig, at: &[(String, i32, i64)]) -> Result<BTreeMap
         c.assign(&tpl)
             .map_err(KafkaError::client(format!("assign the log probe to {topic}")))?;
         let mut open = parts.len();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while open > 0 && std::time::Instant::now() < deadline {
+        while open > 0 && !left().is_zero() {
             let (partition, found) = match c.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) if m.topic() == topic => (m.partition(), Some((m.offset(), m.timestamp().to_millis()))),
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => (p, None),
@@ -602,6 +611,7 @@ enum BrokerCmd {
     CreateTopic(String, i32, mpsc::Sender<Result<(), KafkaError>>),
     BrokerDown(i32, mpsc::Sender<Result<(), KafkaError>>),
     BrokerUp(i32, mpsc::Sender<Result<(), KafkaError>>),
+    RoundTrip(i32, Duration, mpsc::Sender<Result<(), KafkaError>>),
 }
 
 /// An embedded Kafka-protocol broker (librdkafka's mock cluster) on loopback TCP.
@@ -657,6 +667,13 @@ impl EmbeddedBroker {
                                     .map_err(KafkaError::client(format!("broker {id} up"))),
                             );
                         }
+                        BrokerCmd::RoundTrip(id, delay, r) => {
+                            let _ = r.send(
+                                cluster
+                                    .broker_round_trip_time(id, delay)
+                                    .map_err(KafkaError::client(format!("broker {id} round trip"))),
+                            );
+                        }
                     }
                 }
             })
@@ -682,6 +699,14 @@ impl EmbeddedBroker {
             .send(make(tx))
             .map_err(|_| KafkaError::EmbeddedGone)?;
         rx.recv().map_err(|_| KafkaError::EmbeddedGone)?
+    }
+
+    /// Delays every answer of broker `id` by `delay` (fault tests; `Duration::ZERO` ends it).
+    ///
+    /// # Errors
+    /// As [`EmbeddedBroker::create_topic`].
+    pub fn broker_round_trip(&self, id: i32, delay: Duration) -> Result<(), KafkaError> {
+        self.call(|r| BrokerCmd::RoundTrip(id, delay, r))
     }
 
     /// Creates a topic (the mock cluster has no CreateTopics API).

@@ -13,7 +13,7 @@
 //! - the message at `v` has another broker timestamp than the row the tables hold for `v`
 //!   (`kafka_timestamp` of `position_events`, `registry_events` or `dead_letters`): replaced;
 //! - `v` is gone by retention, compacted away, or no row or answer is found (Kafka unreachable
-//!   for the check, 10 s per request): nothing to compare (logged), the partition starts as
+//!   for the check, 10 s in all): nothing to compare (logged), the partition starts as
 //!   before.
 //!
 //! A replaced log stops the member before it takes a message ([`MaterializeError::LogReplaced`]);
