@@ -370,6 +370,16 @@ impl rdkafka::ClientContext for EofQuiet {
 
 impl rdkafka::consumer::ConsumerContext for EofQuiet {}
 
+/// A consumer that reports partition ends quietly ([`EofQuiet`]), for the probes that read a
+/// few messages at given offsets (`group` is never joined: they assign).
+fn eof_probe(kafka: &KafkaConfig, group: &str) -> Result<BaseConsumer<EofQuiet>, KafkaError> {
+    kafka
+        .consumer(group)
+        .set("enable.partition.eof", "true")
+        .create_with_context(EofQuiet)
+        .map_err(KafkaError::client(format!("create probe consumer {group}")))
+}
+
 /// Broker timestamps (ms) of the first *committed* message at or after each (topic, partition,
 /// offset) (blocking). `None` when the partition ends before one: what lies between the offset
 /// and the high watermark is only transaction markers or aborted events, so a reader at that
@@ -384,11 +394,7 @@ pub fn first_committed(
 ) -> Result<BTreeMap<(String, i32), Option<i64>>, KafkaError> {
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
-    let c: BaseConsumer<EofQuiet> = kafka
-        .consumer("possync-committed-probe")
-        .set("enable.partition.eof", "true")
-        .create_with_context(EofQuiet)
-        .map_err(KafkaError::client("create committed-data probe"))?;
+    let c = eof_probe(kafka, "possync-committed-probe")?;
     let mut out = BTreeMap::new();
     for (topic, partition, offset) in at {
         let mut tpl = TopicPartitionList::new();
@@ -446,11 +452,7 @@ pub fn log_at(kafka: &KafkaConfig, at: &[(String, i32, i64)]) -> Result<BTreeMap
     if at.is_empty() {
         return Ok(out);
     }
-    let c: BaseConsumer<EofQuiet> = kafka
-        .consumer("possync-log-probe")
-        .set("enable.partition.eof", "true")
-        .create_with_context(EofQuiet)
-        .map_err(KafkaError::client("create log probe"))?;
+    let c = eof_probe(kafka, "possync-log-probe")?;
     let mut by_topic: BTreeMap<&str, Vec<(i32, i64)>> = BTreeMap::new();
     // One deadline for the whole probe: it runs inside a rebalance, and a killed leader would
     // otherwise cost a full timeout per partition.
@@ -472,11 +474,7 @@ pub fn log_at(kafka: &KafkaConfig, at: &[(String, i32, i64)]) -> Result<BTreeMap
     // One topic at a time, each with a client of its own: a partition EOF names the partition
     // only, and no event of an earlier assignment may be taken for this one.
     for (topic, parts) in by_topic {
-        let c: BaseConsumer<EofQuiet> = kafka
-            .consumer("possync-log-probe")
-            .set("enable.partition.eof", "true")
-            .create_with_context(EofQuiet)
-            .map_err(KafkaError::client("create log probe"))?;
+        let c = eof_probe(kafka, "possync-log-probe")?;
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in &parts {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
