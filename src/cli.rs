@@ -59,6 +59,9 @@ pub enum Command {
     /// Recreate `positions_current`, `position_queue` and `strategy_registry` from the audit
     /// log into fresh tables under `--to` (never touches the live ones).
     Rebuild(crate::ops::rebuild::RebuildArgs),
+    /// Bring the tables written by an older possync to this build's layout: a dry run that
+    /// prints each step unless `--apply`; resumable (run it again after an interruption).
+    Migrate(crate::ops::migrate::MigrateArgs),
     /// Benchmarks (not tests): print throughput, CPU efficiency and latency figures.
     Bench {
         #[command(subcommand)]
@@ -302,6 +305,12 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             }
             let report = crate::ops::rebuild::run(&(&args).into()).await?;
             println!("rebuilt under {}:\n{report}", args.to);
+        }
+        Command::Migrate(args) => {
+            args.tables
+                .probe(if args.apply { Access::Write } else { Access::Read })
+                .await?;
+            println!("{}", crate::ops::migrate::run(&(&args).into()).await?);
         }
         Command::Bench {
             which: BenchCommand::Ingest(args),

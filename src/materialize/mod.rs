@@ -15,7 +15,9 @@
 //! concurrent commit (another member, `possync maintain`) means reload and retry ([`flush`]).
 //! Kafka's own committed offsets are written after each flush for lag monitoring only.
 //! Each table records the offset namespace it was written under; a materializer under another
-//! one stops at start-up unless allowed ([`namespace_guard`]). Owned partitions' txn actions
+//! one stops at start-up unless allowed ([`namespace_guard`]). Each table records its layout
+//! version; older tables take this build's in-place steps at start-up, newer ones are refused
+//! ([`layout`]). Owned partitions' txn actions
 //! are re-stamped every `txn_restamp_every`, so an idle partition's stored offset never expires
 //! under the tables' txn retention ([`flush::Pipeline::restamp`]).
 //! An offset the broker no longer has is a loud error ([`MaterializeError::OffsetOutOfRange`]),
@@ -39,6 +41,7 @@ pub mod decode;
 pub mod dv;
 pub mod flush;
 pub mod lag;
+pub mod layout;
 pub mod log_check;
 pub mod maintain;
 pub mod namespace_guard;
@@ -243,6 +246,8 @@ impl Materializer {
         pipeline.set_closed_retention(cfg.closed_retention);
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
+        // Older tables take this build's in-place layout steps before anything is written.
+        layout::upgrade_in_place(&mut pipeline.tables, &cfg.table_uri).await?;
         for t in pipeline.tables.values() {
             if let Some(retention) = t.txn_retention()? {
                 if cfg.txn_restamp_every * 2 > retention {

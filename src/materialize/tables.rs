@@ -52,6 +52,32 @@ pub enum TableError {
         "table {table} at {uri} was created without deletion vectors by an older possync; move it away (or use another --table-uri) and recreate it with `possync rebuild`"
     )]
     NoDeletionVectors { table: &'static str, uri: String },
+    /// The table records a layout this build does not know (a newer possync wrote it).
+    #[error(
+        "table {table} at {uri} has layout {found}, written by a newer possync (this build knows layouts up to {known}); run the newer build, or roll the tables back as the README's \"Upgrading\" section says"
+    )]
+    NewerLayout {
+        table: &'static str,
+        uri: String,
+        found: u32,
+        known: u32,
+    },
+    /// The table's layout is older and the next step cannot be done on the live table.
+    #[error(
+        "table {table} at {uri} has layout {found} and needs a migration ({step}); stop the materializers, then run `possync migrate --table-uri <base>` (a dry run; add --apply to do it)"
+    )]
+    NeedsMigration {
+        table: &'static str,
+        uri: String,
+        found: u32,
+        step: &'static str,
+    },
+    /// The layout property is not a number.
+    #[error("table {table}: table property possync.layoutVersion is {found:?}, not a layout number; was it set by hand?")]
+    BadLayout { table: &'static str, found: String },
+    /// Too many concurrent commits won in a row.
+    #[error("table {table}: {attempts} commit attempts in a row lost to concurrent commits; try again")]
+    Contention { table: &'static str, attempts: usize },
     /// An upsert table holds one key in two live rows: written by something else than possync
     /// (a Spark INSERT, a RESTORE to a version another writer made).
     #[error(
@@ -171,6 +197,7 @@ impl TableKind {
         // ignored on reading): dead namespaces fade out. A live partition is re-stamped long
         // before (see `flush::Pipeline::restamp` and docs/materialize.md).
         c.push((TXN_RETENTION_PROPERTY, DEFAULT_TXN_RETENTION));
+        c.push((super::layout::LAYOUT_PROPERTY, super::layout::CURRENT_TEXT));
         c
     }
 
@@ -340,8 +367,24 @@ impl Table {
     /// Opens the table, creating it (empty, with its schema) when missing.
     ///
     /// # Errors
-    /// [`TableError::SchemaChanged`] when the existing table has another schema; storage errors.
+    /// [`TableError::SchemaChanged`] when the existing table has another schema;
+    /// [`TableError::NewerLayout`] and [`TableError::NeedsMigration`] (see [`super::layout`]);
+    /// storage errors.
     pub async fn open(base: &str, kind: TableKind) -> Result<Self, TableError> {
+        let t = Self::open_unchecked(base, kind).await?;
+        let uri = table_url(base, kind)?;
+        super::layout::check_open(&t, uri.as_str())?;
+        t.check_schema(uri.as_str())?;
+        t.check_deletion_vectors(uri.as_str())?;
+        Ok(t)
+    }
+
+    /// Opens (or creates) the table without checking its layout, schema or features: for
+    /// `possync migrate`, which brings them up to date.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn open_unchecked(base: &str, kind: TableKind) -> Result<Self, TableError> {
         let url = table_url(base, kind)?;
         let table = kind.name();
         let err = move |source| TableError::Delta { table, source };
@@ -360,6 +403,8 @@ impl Table {
                     .with_partition_columns(kind.partition_columns())
                     .with_configuration(kind.configuration().into_iter().map(|(k, v)| (k, Some(v))))
                     .with_save_mode(SaveMode::Ignore)
+                    // `possync.*` properties are ours, not Delta's.
+                    .with_raise_if_key_not_exists(false)
                     // Exactly one creator wins version 0; the others load its table.
                     .with_commit_properties(CommitProperties::default().with_max_retries(0))
                     .await
@@ -381,8 +426,6 @@ impl Table {
             checkpoint_due: false,
             stamps: HashMap::new(),
         };
-        t.check_schema(url.as_str())?;
-        t.check_deletion_vectors(url.as_str())?;
         t.export_version();
         Ok(t)
     }

@@ -1,12 +1,14 @@
 //! Operator commands over the brokers and the Delta tables: `possync status`, `possync book`,
-//! `possync rebuild`.
+//! `possync rebuild`, `possync migrate`.
 //!
 //! They sit beside `run`, over the same lower layers (`materialize`'s tables, offsets and upsert
-//! folds, `kafka`), and never write a live table: `status` and `book` only read, `rebuild`
-//! writes fresh tables under another base URI. Opening a table that does not exist is an error
+//! folds, `kafka`), and never write a live table's rows: `status` and `book` only read,
+//! `rebuild` writes fresh tables under another base URI, `migrate` changes only the layout of
+//! existing tables, one commit per step. Opening a table that does not exist is an error
 //! here (the materializer's `Table::open` would create it, which a read-only command must not).
 
 pub mod book;
+pub mod migrate;
 pub mod rebuild;
 pub mod status;
 
