@@ -267,10 +267,15 @@ fn decode<T: for<'de> Deserialize<'de>>(
     name: &'static str,
 ) -> Result<T, EventError> {
     let (found, mut payload) = split_confluent(bytes)?;
-    if found != id {
-        return Err(EventError::UnknownSchemaId { found, expected: id });
-    }
-    let value = from_avro_datum(schema, &mut payload, None).map_err(avro_err(name))?;
+    let value = if found == id {
+        from_avro_datum(schema, &mut payload, None).map_err(avro_err(name))?
+    } else {
+        // Another version of the record: decoded by its writer schema, resolved to ours.
+        let writer = schema::writer(found)
+            .filter(|w| w.record.name() == name)
+            .ok_or(EventError::UnknownSchemaId { found, expected: id })?;
+        from_avro_datum(&writer.schema, &mut payload, Some(schema)).map_err(avro_err(name))?
+    };
     if !payload.is_empty() {
         return Err(EventError::Trailing(payload.len()));
     }

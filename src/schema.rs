@@ -6,7 +6,8 @@
 //! was started with `--schema-registry-url`, the ids that registry gave (see
 //! [`crate::schema_registry`] and [`use_ids`]).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, OnceLock, RwLock};
 
 use apache_avro::Schema;
 
@@ -73,6 +74,134 @@ pub fn registry_event() -> &'static Schema {
     S.get_or_init(|| {
         Schema::parse_str(REGISTRY_EVENT_AVSC).expect("schemas/registry_event.avsc is valid Avro (checked by tests)")
     })
+}
+
+/// Which record type a schema is a version of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Record {
+    /// `possync.PositionEvent` (the position topics).
+    PositionEvent,
+    /// `possync.RegistryEvent` (the registry topic).
+    RegistryEvent,
+}
+
+impl Record {
+    /// The record's name in the schemas.
+    pub fn name(self) -> &'static str {
+        match self {
+            Record::PositionEvent => "PositionEvent",
+            Record::RegistryEvent => "RegistryEvent",
+        }
+    }
+
+    /// This build's schema of the record (the reader schema of every decode).
+    pub fn schema(self) -> &'static Schema {
+        match self {
+            Record::PositionEvent => position_event(),
+            Record::RegistryEvent => registry_event(),
+        }
+    }
+
+    /// The id this process frames the record with.
+    pub fn id(self) -> u32 {
+        match self {
+            Record::PositionEvent => ids().position_event,
+            Record::RegistryEvent => ids().registry_event,
+        }
+    }
+}
+
+/// A schema that values were written with: any version of one of the records, named by the id
+/// in their Confluent frame.
+#[derive(Debug)]
+pub struct Writer {
+    /// The id in the frames.
+    pub id: u32,
+    /// Which record it is a version of.
+    pub record: Record,
+    /// The parsed schema.
+    pub schema: Schema,
+}
+
+/// Earlier versions of the schemas, read by the fixed id they were published with: when a
+/// schema changes, its previous text moves here with its id and the new text takes a new fixed
+/// id. Empty while no release has changed a schema (cc788eb published ids 1 and 2, as now).
+const EARLIER: &[(u32, Record, &str)] = &[];
+
+/// Writer schemas learned at run time (from a schema registry), by id.
+static LEARNED: LazyLock<RwLock<HashMap<u32, Arc<Writer>>>> = LazyLock::new(Default::default);
+
+/// Why a writer schema cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The text is not an Avro schema.
+    #[error("schema id {id} is not a valid Avro schema: {reason}")]
+    Invalid { id: u32, reason: String },
+    /// A schema of another record (not one of possync's events).
+    #[error("schema id {id} is a {found:?}, not a version of a possync event (PositionEvent, RegistryEvent)")]
+    Foreign { id: u32, found: String },
+}
+
+/// The writer schema of `id`, if this process knows it: this build's own schemas under the
+/// ids in use, the [`EARLIER`] versions under their fixed ids, and any [`learn`]ed one.
+pub fn writer(id: u32) -> Option<Arc<Writer>> {
+    if let Some(w) = LEARNED.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        return Some(w.clone());
+    }
+    if let Some(record) = [Record::PositionEvent, Record::RegistryEvent]
+        .into_iter()
+        .find(|r| r.id() == id)
+    {
+        return Some(Arc::new(Writer {
+            id,
+            record,
+            schema: record.schema().clone(),
+        }));
+    }
+    if uses_registry() {
+        return None;
+    }
+    let (_, record, text) = EARLIER.iter().find(|(i, _, _)| *i == id)?;
+    let schema = Schema::parse_str(text).expect("an earlier schema of this build is valid Avro");
+    Some(Arc::new(Writer {
+        id,
+        record: *record,
+        schema,
+    }))
+}
+
+/// Whether a value framed with `id` can be decoded without asking anyone (the hot-path check
+/// before [`crate::schema_registry::learn`]).
+pub fn knows(id: u32) -> bool {
+    let own = ids();
+    id == own.position_event
+        || id == own.registry_event
+        || LEARNED.read().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
+        || (!uses_registry() && EARLIER.iter().any(|(i, _, _)| *i == id))
+}
+
+/// Records `text` as the writer schema of `id` (a schema registry's answer).
+///
+/// # Errors
+/// [`WriterError`] when it is not Avro or not a version of one of the records.
+pub fn learn(id: u32, text: &str) -> Result<Arc<Writer>, WriterError> {
+    let schema = Schema::parse_str(text).map_err(|e| WriterError::Invalid {
+        id,
+        reason: e.to_string(),
+    })?;
+    let found = schema.name().map(|n| n.name.clone()).unwrap_or_default();
+    let record = [Record::PositionEvent, Record::RegistryEvent]
+        .into_iter()
+        .find(|r| r.name() == found)
+        .ok_or(WriterError::Foreign { id, found })?;
+    let w = Arc::new(Writer { id, record, schema });
+    LEARNED.write().unwrap_or_else(|e| e.into_inner()).insert(id, w.clone());
+    Ok(w)
+}
+
+/// Ids are a schema registry's (then the fixed ids of [`EARLIER`] mean nothing).
+fn uses_registry() -> bool {
+    IDS.get().is_some_and(|i| *i != SchemaIds::FIXED)
 }
 
 #[cfg(test)]

@@ -98,6 +98,18 @@ pub enum SchemaRegistryError {
         status: u16,
         message: String,
     },
+    /// The subject's compatibility level refuses this build's schema (HTTP 409).
+    #[error(
+        "schema registry {url} refuses this build's schema under subject {subject} as incompatible with the \
+         versions it holds ({message}); the subject was written by something other than possync, or its \
+         compatibility level is stricter than possync's rule (fields added with defaults): check GET \
+         /config/{subject} and /subjects/{subject}/versions, or use another --topic-prefix"
+    )]
+    Incompatible {
+        url: String,
+        subject: String,
+        message: String,
+    },
     /// The answer is not what the Confluent API returns.
     #[error(
         "schema registry {url} answered {what} with an unexpected body ({reason}); is --schema-registry-url the base \
@@ -233,8 +245,21 @@ impl SchemaRegistry {
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .body(body);
-        let reply: IdReply = self.call(req, &what).await?;
-        Ok(reply.id)
+        match self.call::<IdReply>(req, &what).await {
+            Ok(reply) => Ok(reply.id),
+            // 409: the subject's compatibility level refuses the schema.
+            Err(SchemaRegistryError::Refused {
+                url,
+                status: 409,
+                message,
+                ..
+            }) => Err(SchemaRegistryError::Incompatible {
+                url,
+                subject: subject.to_string(),
+                message: message.replace('\n', " "),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// The schema text the registry holds under `id`.
@@ -340,6 +365,7 @@ pub async fn apply(args: &SchemaRegistryArgs, topics: &Topics) -> Result<SchemaI
     )?;
     let ids = registry.register_all(topics).await?;
     schema::use_ids(ids).map_err(SchemaRegistryError::AlreadySet)?;
+    let _ = IN_USE.set(registry.clone());
     tracing::info!(
         registry = registry.url(),
         position_event = ids.position_event,
@@ -347,6 +373,60 @@ pub async fn apply(args: &SchemaRegistryArgs, topics: &Topics) -> Result<SchemaI
         "schema ids from the schema registry"
     );
     Ok(ids)
+}
+
+/// The registry this process registered with ([`apply`]), for [`learn`].
+static IN_USE: std::sync::OnceLock<SchemaRegistry> = std::sync::OnceLock::new();
+
+/// Ids the registry in use has no possync event under (asked once each).
+static NOT_OURS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<u32>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Makes the writer schema of `id` known to this process ([`schema::writer`]) by asking the
+/// registry in use for it: a value framed with an id this build did not register (a newer or
+/// older producer's version of the record) is then decoded by its own schema and resolved to
+/// this build's. Returns whether the schema is known now; `Ok(false)` without a registry or
+/// when the id names something else than possync's events (such values become dead letters,
+/// saying so).
+///
+/// # Errors
+/// [`SchemaRegistryError`] when the registry cannot answer: the caller must not decode the
+/// value yet (a dead letter would lose an event that is only unreadable for a moment).
+pub async fn learn(id: u32) -> Result<bool, SchemaRegistryError> {
+    if schema::knows(id) {
+        return Ok(true);
+    }
+    let Some(registry) = IN_USE.get() else {
+        return Ok(false);
+    };
+    let not_ours = || {
+        NOT_OURS.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+        Ok(false)
+    };
+    if NOT_OURS.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+        return Ok(false);
+    }
+    let text = match registry.schema(id).await {
+        Ok(text) => text,
+        // No such id: nothing to learn; the value becomes a dead letter naming the id.
+        Err(SchemaRegistryError::Refused { status: 404, .. }) => return not_ours(),
+        Err(e) => return Err(e),
+    };
+    match schema::learn(id, &text) {
+        Ok(w) => {
+            tracing::info!(
+                id,
+                record = w.record.name(),
+                registry = registry.url(),
+                "learned a writer schema from the schema registry"
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::warn!(id, error = %e, "schema id from the registry is not one of possync's events");
+            not_ours()
+        }
+    }
 }
 
 /// Percent-encodes everything but unreserved characters (topic names are `[a-zA-Z0-9._-]`, so

@@ -3,7 +3,10 @@
 //! activate`, `possync ingest` (against the IB simulator) and `possync materialize` all run as
 //! the binary with the flag; the frames on every topic carry the registry's ids (not the fixed
 //! 1 and 2: decoys registered first move them), the registry returns `schemas/*.avsc` for those
-//! ids, and the tables hold exactly what the topics hold, with no dead letter.
+//! ids, and the tables hold exactly what the topics hold, with no dead letter. Then a later
+//! release's schema version is registered and its values read by the running materializer
+//! (writer schema fetched by id, resolved to this build's), and a subject whose compatibility
+//! level refuses possync's schema stops a process at start with one line.
 //!
 //! Nothing is skipped: when the registry cannot be built or started, the test fails saying why.
 
@@ -279,6 +282,83 @@ async fn ingest_and_materialize_frame_with_the_registry_ids() -> anyhow::Result<
         bail!("dead letters: {dead:?}");
     }
 
+    // A later release's producer: PositionEvent v2 (a field added with default null) registered
+    // under the position subjects, values framed with its new id. The running materializer
+    // fetches that writer schema from the registry and reads them whole, beside the v1 ones.
+    let v2 = schema::POSITION_EVENT_AVSC.replacen(
+        r#"{"name": "con_id", "type": "long", "doc": "IB contract id"},"#,
+        r#"{"name": "con_id", "type": "long", "doc": "IB contract id"},
+    {"name": "venue", "type": ["null", "string"], "default": null},"#,
+        1,
+    );
+    ensure!(v2.contains("venue"), "the schema text changed: fix the test");
+    let v2_id = client
+        .register(&possync::schema_registry::value_subject(&topics.active), &v2)
+        .await?;
+    ensure!(
+        client
+            .register(&possync::schema_registry::value_subject(&topics.queued), &v2)
+            .await?
+            == v2_id,
+        "v2 got two ids"
+    );
+    ensure!(v2_id != ids.position_event, "v2 must get its own id");
+    let v2_schema = apache_avro::Schema::parse_str(&v2)?;
+    let producer: rdkafka::producer::FutureProducer = kafka.producer().create()?;
+    let mut later = Vec::new();
+    for (k, p) in produced
+        .iter()
+        .filter_map(|p| match &p.payload {
+            Payload::Position(e) => Some(e),
+            _ => None,
+        })
+        .take(20)
+        .enumerate()
+    {
+        let mut e = p.clone();
+        e.event_id = possync::events::new_id();
+        e.sequence += 1_000_000;
+        e.ingest_time += 1;
+        e.position += 1.0;
+        let apache_avro::types::Value::Record(mut fields) = apache_avro::to_value(&e)? else {
+            bail!("an event is a record");
+        };
+        let at = fields.iter().position(|(n, _)| n == "con_id").context("con_id")? + 1;
+        let venue = apache_avro::types::Value::String(format!("X{k}"));
+        fields.insert(
+            at,
+            ("venue".into(), apache_avro::types::Value::Union(1, Box::new(venue))),
+        );
+        let value = apache_avro::types::Value::Record(fields).resolve(&v2_schema)?;
+        let mut framed = vec![0];
+        framed.extend_from_slice(&v2_id.to_be_bytes());
+        framed.extend(apache_avro::to_avro_datum(&v2_schema, value)?);
+        let topic = if e.route == possync::events::Route::Active {
+            &topics.active
+        } else {
+            &topics.queued
+        };
+        later.push(materialize_support::Outgoing {
+            topic: topic.clone(),
+            key: Some(e.key().into_bytes()),
+            value: Some(framed),
+            payload: Payload::Position(e),
+        });
+    }
+    produced.extend(materialize_support::produce(&producer, later).await?);
+    let b = base.clone();
+    let p = produced.clone();
+    wait_for("the tables to hold the v2 events", Duration::from_secs(60), || {
+        let (b, p) = (b.clone(), p.clone());
+        async move { Ok(check_exact(&b, &p).await.is_ok()) }
+    })
+    .await?;
+    check_exact(&base, &produced).await?;
+    ensure!(
+        dead_letter_rows(&base).await?.is_empty(),
+        "v2 events were dead-lettered"
+    );
+
     signal(&mat.0, "INT")?;
     ensure!(
         wait_exit(&mut mat.0, Duration::from_secs(60))?.success(),
@@ -286,6 +366,44 @@ async fn ingest_and_materialize_frame_with_the_registry_ids() -> anyhow::Result<
     );
     drop(sim);
     drop(broker);
+
+    // A subject whose compatibility level refuses possync's schema: the process stops at start
+    // with one line naming the subject and what to check.
+    let http = reqwest::Client::new();
+    let subject = "inc.positions.active-value";
+    let retyped = schema::POSITION_EVENT_AVSC.replacen(
+        r#""name": "con_id", "type": "long""#,
+        r#""name": "con_id", "type": "string""#,
+        1,
+    );
+    ensure!(
+        retyped != schema::POSITION_EVENT_AVSC,
+        "the schema's con_id field is spelt otherwise"
+    );
+    client.register(subject, &retyped).await?;
+    let config = http
+        .put(format!("{}/config/{subject}", registry.url))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"compatibility":"BACKWARD"}"#)
+        .send()
+        .await?;
+    ensure!(
+        config.status().is_success(),
+        "setting the subject's compatibility: {}",
+        config.status()
+    );
+    let out = Command::new(BIN)
+        .args(["registry", "list", "--brokers", "127.0.0.1:1", "--topic-prefix", "inc."])
+        .args(["--schema-registry-url", &registry.url])
+        .env("POSSYNC_LOG", "warn")
+        .output()?;
+    ensure!(!out.status.success(), "an incompatible subject was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("incompatible")).unwrap_or_default();
+    ensure!(
+        line.contains(subject) && line.contains("compatibility level") && line.contains("--topic-prefix"),
+        "stderr: {err}"
+    );
     Ok(())
 }
 

@@ -40,6 +40,9 @@ pub enum DecodeError {
     /// A message without a value (a tombstone).
     #[error("message has no value")]
     NoValue,
+    /// The frame names a known writer schema that cannot be read as this build's record.
+    #[error("values of schema id {id} cannot be read as {record}: {reason}")]
+    Unreadable { id: u32, record: String, reason: String },
 }
 
 /// Why a schema cannot drive the decoder.
@@ -117,8 +120,104 @@ pub struct RecordPlan {
     pub name: String,
     /// Fields in schema order.
     pub fields: Vec<FieldPlan>,
-    /// Confluent schema id values must carry.
+    /// Confluent schema id of this (the reader's) schema.
     pub schema_id: u32,
+    /// How values of other writer schemas map onto this one, by their id (built on first use).
+    resolutions: Resolutions,
+}
+
+/// Per writer schema id: its resolution, or why it has none.
+type Resolutions = Arc<std::sync::RwLock<std::collections::HashMap<u32, Arc<Result<Resolution, String>>>>>;
+
+/// How a value written with another version of the record becomes a row of this one (Avro
+/// schema resolution, for the flat records of possync): fields are matched by name; a field
+/// the writer lacks is null (the evolution rule adds fields as `["null", T]` with default
+/// null); one the reader lacks is skipped; `int` widens to `long`, `float` to `double`,
+/// numbers to `double`; enum symbols are matched by name.
+#[derive(Debug)]
+struct Resolution {
+    /// The writer's fields, in its order.
+    writer: Vec<FieldPlan>,
+    /// Per reader field, where its value comes from.
+    from: Vec<From>,
+}
+
+#[derive(Debug)]
+enum From {
+    Writer(usize),
+    LongAsDouble(usize),
+    /// Writer symbol index → reader symbol index (`None`: a symbol this build lacks).
+    Enum(usize, Vec<Option<u32>>),
+    Null,
+}
+
+impl Resolution {
+    fn new(reader: &RecordPlan, writer: RecordPlan) -> Result<Self, String> {
+        let mut from = Vec::with_capacity(reader.fields.len());
+        for rf in &reader.fields {
+            let Some(j) = writer.index(rf.name) else {
+                if rf.null_branch.is_none() {
+                    return Err(format!(
+                        "field {} is missing from the writer schema and is not nullable here",
+                        rf.name
+                    ));
+                }
+                from.push(From::Null);
+                continue;
+            };
+            let wf = &writer.fields[j];
+            if wf.null_branch.is_some() && rf.null_branch.is_none() {
+                return Err(format!("field {} is nullable in the writer schema, not here", rf.name));
+            }
+            use FieldKind as K;
+            from.push(match (&wf.kind, &rf.kind) {
+                (a, b) if a == b => From::Writer(j),
+                (K::Int, K::Long)
+                | (K::Float, K::Double)
+                | (K::Long, K::TimestampMicros)
+                | (K::TimestampMicros, K::Long) => From::Writer(j),
+                (K::Int | K::Long, K::Float | K::Double) => From::LongAsDouble(j),
+                (K::Enum(ws), K::Enum(rs)) => From::Enum(
+                    j,
+                    ws.iter()
+                        .map(|w| rs.iter().position(|r| r == w).map(|i| i as u32))
+                        .collect(),
+                ),
+                (w, r) => return Err(format!("field {} is {w:?} in the writer schema, {r:?} here", rf.name)),
+            });
+        }
+        Ok(Self {
+            writer: writer.fields,
+            from,
+        })
+    }
+
+    /// Rearranges `scratch` (decoded with the writer's fields) into the reader's fields.
+    fn apply(&self, scratch: &mut Scratch, reader: &RecordPlan) -> Result<(), DecodeError> {
+        std::mem::swap(&mut scratch.vals, &mut scratch.spare);
+        scratch.vals.clear();
+        for (i, f) in self.from.iter().enumerate() {
+            let v = match f {
+                From::Writer(j) => scratch.spare[*j],
+                From::Null => Val::Null,
+                From::LongAsDouble(j) => match scratch.spare[*j] {
+                    Val::Long(x) => Val::Double(x as f64),
+                    v => v,
+                },
+                From::Enum(j, map) => match scratch.spare[*j] {
+                    Val::Enum(k) => Val::Enum(map[k as usize].ok_or_else(|| {
+                        DecodeError::Invalid(format!(
+                            "{}: a symbol of the writer schema this build does not know",
+                            reader.fields[i].name
+                        ))
+                    })?),
+                    v => v,
+                },
+            };
+            scratch.vals.push(v);
+        }
+        Ok(())
+    }
 }
 
 fn kind_of(field: &str, s: &Schema) -> Result<FieldKind, UnsupportedSchema> {
@@ -184,7 +283,30 @@ impl RecordPlan {
             name: rec.name.name.clone(),
             fields,
             schema_id,
+            resolutions: Resolutions::default(),
         })
+    }
+
+    /// The resolution of writer schema `id` onto this plan (built once per id).
+    fn resolution(&self, id: u32) -> Result<Arc<Result<Resolution, String>>, DecodeError> {
+        if let Some(r) = self.resolutions.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(r.clone());
+        }
+        let writer = crate::schema::writer(id)
+            .filter(|w| w.record.name() == self.name)
+            .ok_or(EventError::UnknownSchemaId {
+                found: id,
+                expected: self.schema_id,
+            })?;
+        let r = RecordPlan::from_schema(&writer.schema, id)
+            .map_err(|e| e.to_string())
+            .and_then(|w| Resolution::new(self, w));
+        let r = Arc::new(r);
+        self.resolutions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, r.clone());
+        Ok(r)
     }
 
     /// Index of a field by name.
@@ -204,112 +326,125 @@ impl RecordPlan {
     ///
     /// # Errors
     /// [`DecodeError`] when the frame, the payload or a UTF-8 string is bad.
+    ///
+    /// A value of another writer schema ([`crate::schema::writer`]: an earlier version, or one
+    /// a schema registry gave) is decoded by that schema and resolved to this one.
     pub fn decode<'a>(&self, value: &'a [u8], scratch: &mut Scratch) -> Result<&'a [u8], DecodeError> {
         let (id, payload) = split_confluent(value)?;
-        if id != self.schema_id {
-            return Err(EventError::UnknownSchemaId {
-                found: id,
-                expected: self.schema_id,
-            }
-            .into());
+        if id == self.schema_id {
+            decode_fields(&self.fields, payload, scratch)?;
+            return Ok(payload);
         }
-        scratch.vals.clear();
-        scratch.items.clear();
-        let mut c = Cursor { buf: payload, pos: 0 };
-        for f in &self.fields {
-            let field = f.name;
-            if let Some(nb) = f.null_branch {
-                let branch = c.long(field)?;
-                if branch == i64::from(nb) {
-                    scratch.vals.push(Val::Null);
-                    continue;
-                }
-                if branch != i64::from(1 - nb) {
-                    return Err(DecodeError::Malformed {
-                        field,
-                        what: "union branch out of range",
-                    });
-                }
-            }
-            let v = match &f.kind {
-                FieldKind::Bool => match c.byte(field)? {
-                    0 => Val::Bool(false),
-                    1 => Val::Bool(true),
-                    _ => {
-                        return Err(DecodeError::Malformed {
-                            field,
-                            what: "boolean is not 0 or 1",
-                        })
-                    }
-                },
-                FieldKind::Int => {
-                    let v = c.long(field)?;
-                    if i32::try_from(v).is_err() {
-                        return Err(DecodeError::Malformed {
-                            field,
-                            what: "int out of range",
-                        });
-                    }
-                    Val::Long(v)
-                }
-                FieldKind::Long | FieldKind::TimestampMicros => Val::Long(c.long(field)?),
-                FieldKind::Float => Val::Double(f64::from(f32::from_le_bytes(c.array::<4>(field)?))),
-                FieldKind::Double => Val::Double(f64::from_le_bytes(c.array::<8>(field)?)),
-                FieldKind::Str => {
-                    let (s, e) = c.span(field)?;
-                    utf8(&payload[s..e], field)?;
-                    Val::Span(s as u32, e as u32)
-                }
-                FieldKind::Bytes => {
-                    let (s, e) = c.span(field)?;
-                    Val::Span(s as u32, e as u32)
-                }
-                FieldKind::Enum(symbols) => {
-                    let i = c.long(field)?;
-                    if i < 0 || i as usize >= symbols.len() {
-                        return Err(DecodeError::Malformed {
-                            field,
-                            what: "enum index out of range",
-                        });
-                    }
-                    Val::Enum(i as u32)
-                }
-                FieldKind::StrArray => {
-                    let first = scratch.items.len() as u32;
-                    loop {
-                        let mut n = c.long(field)?;
-                        if n == 0 {
-                            break;
-                        }
-                        if n < 0 {
-                            n = n.checked_neg().ok_or(DecodeError::Malformed {
-                                field,
-                                what: "bad block count",
-                            })?;
-                            c.long(field)?; // block size in bytes, not needed
-                        }
-                        if n as usize > payload.len() {
-                            return Err(DecodeError::Malformed {
-                                field,
-                                what: "array block longer than the payload",
-                            });
-                        }
-                        for _ in 0..n {
-                            let (s, e) = c.span(field)?;
-                            utf8(&payload[s..e], field)?;
-                            scratch.items.push((s as u32, e as u32));
-                        }
-                    }
-                    Val::List(first, scratch.items.len() as u32 - first)
-                }
-            };
-            scratch.vals.push(v);
-        }
-        if c.pos != payload.len() {
-            return Err(DecodeError::Trailing(payload.len() - c.pos));
-        }
+        let resolution = self.resolution(id)?;
+        let r = resolution.as_ref().as_ref().map_err(|reason| DecodeError::Unreadable {
+            id,
+            record: self.name.clone(),
+            reason: reason.clone(),
+        })?;
+        decode_fields(&r.writer, payload, scratch)?;
+        r.apply(scratch, self)?;
         Ok(payload)
     }
+}
+
+/// Decodes one Avro record of `fields` from `payload` into `scratch` (cleared first).
+fn decode_fields(fields: &[FieldPlan], payload: &[u8], scratch: &mut Scratch) -> Result<(), DecodeError> {
+    scratch.vals.clear();
+    scratch.items.clear();
+    let mut c = Cursor { buf: payload, pos: 0 };
+    for f in fields {
+        let field = f.name;
+        if let Some(nb) = f.null_branch {
+            let branch = c.long(field)?;
+            if branch == i64::from(nb) {
+                scratch.vals.push(Val::Null);
+                continue;
+            }
+            if branch != i64::from(1 - nb) {
+                return Err(DecodeError::Malformed {
+                    field,
+                    what: "union branch out of range",
+                });
+            }
+        }
+        let v = match &f.kind {
+            FieldKind::Bool => match c.byte(field)? {
+                0 => Val::Bool(false),
+                1 => Val::Bool(true),
+                _ => {
+                    return Err(DecodeError::Malformed {
+                        field,
+                        what: "boolean is not 0 or 1",
+                    })
+                }
+            },
+            FieldKind::Int => {
+                let v = c.long(field)?;
+                if i32::try_from(v).is_err() {
+                    return Err(DecodeError::Malformed {
+                        field,
+                        what: "int out of range",
+                    });
+                }
+                Val::Long(v)
+            }
+            FieldKind::Long | FieldKind::TimestampMicros => Val::Long(c.long(field)?),
+            FieldKind::Float => Val::Double(f64::from(f32::from_le_bytes(c.array::<4>(field)?))),
+            FieldKind::Double => Val::Double(f64::from_le_bytes(c.array::<8>(field)?)),
+            FieldKind::Str => {
+                let (s, e) = c.span(field)?;
+                utf8(&payload[s..e], field)?;
+                Val::Span(s as u32, e as u32)
+            }
+            FieldKind::Bytes => {
+                let (s, e) = c.span(field)?;
+                Val::Span(s as u32, e as u32)
+            }
+            FieldKind::Enum(symbols) => {
+                let i = c.long(field)?;
+                if i < 0 || i as usize >= symbols.len() {
+                    return Err(DecodeError::Malformed {
+                        field,
+                        what: "enum index out of range",
+                    });
+                }
+                Val::Enum(i as u32)
+            }
+            FieldKind::StrArray => {
+                let first = scratch.items.len() as u32;
+                loop {
+                    let mut n = c.long(field)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if n < 0 {
+                        n = n.checked_neg().ok_or(DecodeError::Malformed {
+                            field,
+                            what: "bad block count",
+                        })?;
+                        c.long(field)?; // block size in bytes, not needed
+                    }
+                    if n as usize > payload.len() {
+                        return Err(DecodeError::Malformed {
+                            field,
+                            what: "array block longer than the payload",
+                        });
+                    }
+                    for _ in 0..n {
+                        let (s, e) = c.span(field)?;
+                        utf8(&payload[s..e], field)?;
+                        scratch.items.push((s as u32, e as u32));
+                    }
+                }
+                Val::List(first, scratch.items.len() as u32 - first)
+            }
+        };
+        scratch.vals.push(v);
+    }
+    if c.pos != payload.len() {
+        return Err(DecodeError::Trailing(payload.len() - c.pos));
+    }
+    Ok(())
 }
 
 fn utf8<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
@@ -403,6 +538,8 @@ pub enum Val {
 pub struct Scratch {
     vals: Vec<Val>,
     items: Vec<(u32, u32)>,
+    /// The writer-order values while a resolution rearranges them.
+    spare: Vec<Val>,
 }
 
 /// A decoded record: the scratch plus the payload its spans point into.
@@ -819,5 +956,147 @@ mod tests {
         assert_eq!(d.str(plan.index("account").unwrap()), None);
         assert_eq!(d.str(plan.index("action").unwrap()), Some("DEACTIVATE"));
         assert_eq!(d.long(plan.index("priority").unwrap()), Some(-3));
+    }
+
+    /// Version "2" of `PositionEvent` as a later release might publish it: a field added with
+    /// default null, an enum with its symbols in another order and one more symbol.
+    fn v2_text() -> String {
+        let v2 = schema::POSITION_EVENT_AVSC
+            .replacen(
+                r#"{"name": "con_id", "type": "long", "doc": "IB contract id"},"#,
+                r#"{"name": "con_id", "type": "long", "doc": "IB contract id"},
+    {"name": "venue", "type": ["null", "string"], "default": null},"#,
+                1,
+            )
+            .replacen(
+                r#"["STREAM", "SNAPSHOT", "POLL", "PNL", "RECONCILE"]"#,
+                r#"["POLL", "STREAM", "SNAPSHOT", "PNL", "RECONCILE", "EXPIRY"]"#,
+                1,
+            );
+        assert!(
+            v2.contains("venue") && v2.contains("EXPIRY"),
+            "the schema text changed: fix the test"
+        );
+        v2
+    }
+
+    /// `e` encoded with the v2 schema (venue set) and framed with `id`.
+    fn encode_v2(e: &crate::events::PositionEvent, v2: &Schema, id: u32, venue: Option<&str>) -> Vec<u8> {
+        use apache_avro::types::Value;
+        let Value::Record(mut fields) = apache_avro::to_value(e).unwrap() else {
+            unreachable!()
+        };
+        let at = fields.iter().position(|(n, _)| n == "con_id").unwrap() + 1;
+        let venue = match venue {
+            Some(v) => Value::Union(1, Box::new(Value::String(v.into()))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        fields.insert(at, ("venue".into(), venue));
+        let value = Value::Record(fields).resolve(v2).unwrap();
+        let mut out = vec![0];
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend(apache_avro::to_avro_datum(v2, value).unwrap());
+        out
+    }
+
+    fn rows_of(layout: &Arc<Layout>, values: &[Vec<u8>]) -> Result<RecordBatch, DecodeError> {
+        let mut rows = ArrowRows::new(layout.clone(), 4);
+        let mut scratch = Scratch::default();
+        for (k, v) in values.iter().enumerate() {
+            let payload = layout.plan.decode(v, &mut scratch)?;
+            let d = Decoded {
+                plan: &layout.plan,
+                payload,
+                scratch: &scratch,
+            };
+            rows.append(&d, k as i64, Some(5));
+        }
+        Ok(rows.finish("ns", "t", 0).unwrap())
+    }
+
+    #[test]
+    fn values_of_a_newer_writer_schema_read_as_this_build_would_write_them() {
+        let v2 = Schema::parse_str(&v2_text()).unwrap();
+        crate::schema::learn(9001, &v2_text()).unwrap();
+        let layout = position_layout();
+        let events: Vec<_> = (0..6).map(sample).collect();
+        let mut events_v1 = Vec::new();
+        let mut events_v2 = Vec::new();
+        for (k, e) in events.iter().enumerate() {
+            events_v1.push(e.encode().unwrap());
+            events_v2.push(encode_v2(e, &v2, 9001, (k % 2 == 0).then_some("XNYS")));
+        }
+        let a = rows_of(&layout, &events_v1).unwrap();
+        let b = rows_of(&layout, &events_v2).unwrap();
+        assert_eq!(a, b, "a v2 value must give the row its v1 twin gives");
+        // apache_avro's resolution (events.rs) agrees.
+        for (e, v) in events.iter().zip(&events_v2) {
+            assert_eq!(&crate::events::PositionEvent::decode(v).unwrap(), e);
+        }
+        // A symbol this build lacks is an invalid event, not a wrong row.
+        let mut expiry = encode_v2(&events[0], &v2, 9001, None);
+        let source = apache_avro::to_avro_datum(&v2, {
+            let apache_avro::types::Value::Record(f) =
+                apache_avro::from_avro_datum(&v2, &mut &expiry[5..], None).unwrap()
+            else {
+                unreachable!()
+            };
+            let f = f
+                .into_iter()
+                .map(|(n, v)| {
+                    if n == "source" {
+                        (n, apache_avro::types::Value::Enum(5, "EXPIRY".into()))
+                    } else {
+                        (n, v)
+                    }
+                })
+                .collect();
+            apache_avro::types::Value::Record(f)
+        })
+        .unwrap();
+        expiry.truncate(5);
+        expiry.extend(source);
+        let err = rows_of(&layout, &[expiry]).unwrap_err();
+        assert!(err.to_string().contains("source"), "{err}");
+    }
+
+    #[test]
+    fn values_of_an_older_writer_schema_read_with_the_added_field_null() {
+        let v2 = Schema::parse_str(&v2_text()).unwrap();
+        // This build as the newer reader: v2 is its schema (id 9002), v1 values carry id 1.
+        let reader = Arc::new(Layout::new(
+            RecordPlan::from_schema(&v2, 9002).unwrap(),
+            Some("ingest_time"),
+        ));
+        let events: Vec<_> = (0..4).map(sample).collect();
+        let old: Vec<_> = events.iter().map(|e| e.encode().unwrap()).collect();
+        let new: Vec<_> = events.iter().map(|e| encode_v2(e, &v2, 9002, None)).collect();
+        let a = rows_of(&reader, &old).unwrap();
+        assert_eq!(a, rows_of(&reader, &new).unwrap());
+        assert_eq!(a.column_by_name("venue").unwrap().null_count(), 4);
+        assert_eq!(a.column_by_name("source").unwrap().as_string::<i32>().value(0), "POLL");
+    }
+
+    #[test]
+    fn an_incompatible_or_unknown_writer_schema_is_a_clear_dead_letter() {
+        let retyped = schema::POSITION_EVENT_AVSC.replacen(
+            r#""name": "con_id", "type": "long""#,
+            r#""name": "con_id", "type": "string""#,
+            1,
+        );
+        crate::schema::learn(9003, &retyped).unwrap();
+        let layout = position_layout();
+        let mut v = sample(1).encode().unwrap();
+        v[1..5].copy_from_slice(&9003u32.to_be_bytes());
+        let err = rows_of(&layout, &[v.clone()]).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DecodeError::Unreadable { id: 9003, .. }), "{msg}");
+        assert!(msg.contains("con_id") && msg.contains("PositionEvent"), "{msg}");
+        v[1..5].copy_from_slice(&9004u32.to_be_bytes());
+        let err = rows_of(&layout, &[v]).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Frame(EventError::UnknownSchemaId { found: 9004, .. })),
+            "{err}"
+        );
     }
 }

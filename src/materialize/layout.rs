@@ -215,7 +215,9 @@ mod tests {
         let operation = DeltaOperation::SetTableProperties {
             properties: HashMap::new(),
         };
-        t.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await.unwrap();
+        t.commit(vec![Action::Metadata(metadata)], &[], operation, 0)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -263,7 +265,17 @@ mod tests {
         set_layout(&mut t, Some("3")).await;
         let err = Table::open(base, TableKind::PositionsCurrent).await.err().unwrap();
         let msg = err.to_string();
-        assert!(matches!(err, TableError::NewerLayout { found: 3, known: CURRENT, .. }), "{msg}");
+        assert!(
+            matches!(
+                err,
+                TableError::NewerLayout {
+                    found: 3,
+                    known: CURRENT,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
         for hint in ["positions_current", "layout 3", "newer possync", "up to 2", "Upgrading"] {
             assert!(msg.contains(hint), "{msg} lacks {hint}");
         }
@@ -288,8 +300,16 @@ mod tests {
         ];
         let err = check_open_in(&t, base, &later).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, TableError::NeedsMigration { found: CURRENT, .. }), "{msg}");
-        for hint in ["position_events", "needs a migration", "possync migrate --table-uri", "--apply"] {
+        assert!(
+            matches!(err, TableError::NeedsMigration { found: CURRENT, .. }),
+            "{msg}"
+        );
+        for hint in [
+            "position_events",
+            "needs a migration",
+            "possync migrate --table-uri",
+            "--apply",
+        ] {
             assert!(msg.contains(hint), "{msg} lacks {hint}");
         }
         // In-place steps alone never refuse.

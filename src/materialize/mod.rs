@@ -101,6 +101,9 @@ pub enum MaterializeError {
         why: String,
     },
     /// The consumer reported that its position is out of range.
+    /// A value's writer schema could not be fetched from the schema registry.
+    #[error("{0}; stopping before that message (nothing was written; restart once the registry answers)")]
+    SchemaRegistry(#[from] crate::schema_registry::SchemaRegistryError),
     #[error("consumer position out of range ({0}): events were lost before materialize read them")]
     OutOfRange(String),
     /// Too many commit conflicts in a row.
@@ -334,6 +337,13 @@ impl Materializer {
                     }
                     match msg {
                         Ok(m) => {
+                            // A value of a writer schema this process has not seen: learn it
+                            // from the schema registry first (no-op without one).
+                            if let Some((id, _)) = m.payload().and_then(|v| crate::events::split_confluent(v).ok()) {
+                                if !crate::schema::knows(id) {
+                                    crate::schema_registry::learn(id).await?;
+                                }
+                            }
                             let before = self.buffers.messages();
                             take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?;
                             if self.buffers.messages() > before {

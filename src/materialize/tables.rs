@@ -73,7 +73,9 @@ pub enum TableError {
         step: &'static str,
     },
     /// The layout property is not a number.
-    #[error("table {table}: table property possync.layoutVersion is {found:?}, not a layout number; was it set by hand?")]
+    #[error(
+        "table {table}: table property possync.layoutVersion is {found:?}, not a layout number; was it set by hand?"
+    )]
     BadLayout { table: &'static str, found: String },
     /// Too many concurrent commits won in a row.
     #[error("table {table}: {attempts} commit attempts in a row lost to concurrent commits; try again")]

@@ -107,7 +107,10 @@ impl std::fmt::Display for MigrateReport {
         } else if n == 0 {
             write!(f, "nothing to do: every table is at layout {}", layout::CURRENT)
         } else {
-            write!(f, "dry run: {n} step(s) to apply; nothing was changed. Run again with --apply")
+            write!(
+                f,
+                "dry run: {n} step(s) to apply; nothing was changed. Run again with --apply"
+            )
         }
     }
 }
@@ -170,7 +173,13 @@ pub async fn run(cfg: &MigrateConfig) -> Result<MigrateReport, MigrateError> {
                 continue;
             }
             let mine = layout::apply(&mut t, step).await?;
-            tracing::info!(table = kind.name(), layout = step.to, step = step.what, committed = mine, "migration step done");
+            tracing::info!(
+                table = kind.name(),
+                layout = step.to,
+                step = step.what,
+                committed = mine,
+                "migration step done"
+            );
             done.push((step, mine));
             if mine {
                 committed += 1;
@@ -199,4 +208,3 @@ pub async fn run(cfg: &MigrateConfig) -> Result<MigrateReport, MigrateError> {
         tables,
     })
 }
-
