@@ -39,6 +39,9 @@ pub enum RegistryError {
         timeout: std::time::Duration,
     },
     /// A registry event could not be encoded.
+    /// A value's writer schema could not be fetched from the schema registry.
+    #[error("{0}; the registry topic cannot be read until it answers")]
+    SchemaRegistry(#[from] crate::schema_registry::SchemaRegistryError),
     #[error("cannot encode a registry event: {0}")]
     Encode(#[from] crate::events::EventError),
     /// The broker did not acknowledge a registry write.
