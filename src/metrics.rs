@@ -57,6 +57,9 @@ pub struct Metrics {
     pub checkpoint_failures: AtomicU64,
     /// Closed rows deleted from the upsert tables past `--closed-retention`.
     pub closed_expired: AtomicU64,
+    /// Retention deletes put off because a position partition was not materialized past the
+    /// cutoff yet (an older event could still arrive).
+    pub closed_expiry_deferred: AtomicU64,
     /// 1 while an IB connection is up (ingest, queue worker), else 0.
     pub ib_connected: AtomicI64,
     /// IB connections given up because the gateway went silent: a heartbeat, a position list
@@ -371,6 +374,12 @@ impl Metrics {
             "closed_rows_expired_total",
             "Closed rows deleted from positions_current / position_queue past --closed-retention",
             self.closed_expired.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "closed_expiry_deferred_total",
+            "Retention deletes of closed rows put off until every position partition is materialized past the cutoff",
+            self.closed_expiry_deferred.load(Relaxed),
         );
         c(
             &mut s,

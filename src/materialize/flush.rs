@@ -22,6 +22,7 @@ use rdkafka::ClientConfig;
 
 use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
+use super::expiry_guard::ExpiryGuard;
 use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
 use super::upsert::core::{Key, Staged, Upsert};
@@ -54,6 +55,8 @@ pub struct Pipeline {
     registry: RegistryState,
     /// Closed rows older than this leave `positions_current` and `position_queue`.
     closed_retention: Option<std::time::Duration>,
+    /// Holds the retention delete back while older events may still arrive.
+    expiry_guard: Option<ExpiryGuard>,
     last_expiry: Option<std::time::Instant>,
     dlq: deadletter::TopicCopy,
     conflicts: u64,
@@ -86,6 +89,7 @@ impl Pipeline {
             queue: Queue::new("position_queue", state_dir)?,
             registry: RegistryState::new(),
             closed_retention: None,
+            expiry_guard: None,
             last_expiry: None,
             dlq: deadletter::TopicCopy::spawn(dlq, dead_letter_topic)?,
             conflicts: 0,
@@ -131,9 +135,11 @@ impl Pipeline {
     }
 
     /// Deletes closed rows older than `retention` from `positions_current` and
-    /// `position_queue` (checked at most once a minute, after a flush).
-    pub fn set_closed_retention(&mut self, retention: Option<std::time::Duration>) {
+    /// `position_queue` (checked at most once a minute, after a flush), once `guard` says no
+    /// older event of theirs can still arrive.
+    pub fn set_closed_retention(&mut self, retention: Option<std::time::Duration>, guard: ExpiryGuard) {
         self.closed_retention = retention;
+        self.expiry_guard = Some(guard);
     }
 
     /// Rows of `part` the table does not hold yet, and the txn to record (`None`: all held).
@@ -468,6 +474,19 @@ impl Pipeline {
                 }
                 let n = keys.len();
                 let t = self.tables.get_mut(&kind).expect("every table is open");
+                let Some(guard) = &self.expiry_guard else {
+                    break;
+                };
+                if let Some(why) = guard.blocker(t, &self.namespace, cutoff).await? {
+                    crate::metrics::global().closed_expiry_deferred.fetch_add(1, Relaxed);
+                    tracing::info!(
+                        table = kind.name(),
+                        rows = n,
+                        %why,
+                        "closed positions past retention kept until every position partition is materialized past the cutoff"
+                    );
+                    break;
+                }
                 let result = match kind {
                     TableKind::PositionsCurrent => delete_keys(t, &mut self.current.rows, keys).await,
                     _ => delete_keys(t, &mut self.queue.rows, keys).await,
@@ -625,5 +644,116 @@ mod tests {
             .await
             .expect("the commit stands; only the compaction is skipped");
         assert_eq!(t.version(), before + 1, "committed, not compacted");
+    }
+
+    /// Issue 20 #3: a closed row past retention stays while an older event of its key may
+    /// still arrive (here the active topic, not yet materialized past the cutoff), so that
+    /// event cannot open the position again; once every partition is past, the row goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_waits_until_no_older_event_can_arrive() {
+        use crate::events::{new_id, PositionEvent, Route};
+        use crate::materialize::buffer::{Buffers, Incoming};
+        use crate::materialize::decode::tests_support::sample;
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+
+        let broker = crate::kafka::EmbeddedBroker::start(1).unwrap();
+        let mut kafka = crate::kafka::KafkaConfig::new(broker.bootstrap());
+        kafka.topics = Topics::new("expiry.");
+        broker.create_topics(&kafka.topics, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("tables").to_string_lossy().into_owned();
+        let mut p = Pipeline::open(
+            &base,
+            "ns".into(),
+            kafka.topics.clone(),
+            10,
+            kafka.producer(),
+            &dir.path().join("state"),
+        )
+        .await
+        .unwrap();
+        p.set_closed_retention(
+            Some(std::time::Duration::from_secs(7 * 86_400)),
+            ExpiryGuard::new(&kafka),
+        );
+
+        let day = 86_400_000_000i64;
+        let now = crate::events::now_micros();
+        let event = |ingest_time: i64, position: f64, route: Route| PositionEvent {
+            event_id: new_id(),
+            ingest_time,
+            ib_time: ingest_time,
+            position,
+            route,
+            ..sample(1)
+        };
+        let opened = event(now - 9 * day, 3.0, Route::Queued);
+        let closed = event(now - 8 * day, 0.0, Route::Queued);
+        // Older than the close, on the other topic.
+        let older = event(now - 8 * day - day / 2, 5.0, Route::Active);
+        let producer: FutureProducer = kafka.producer().create().unwrap();
+        let mut sent = Vec::new();
+        for (topic, e) in [
+            (&kafka.topics.queued, &opened),
+            (&kafka.topics.queued, &closed),
+            (&kafka.topics.active, &older),
+        ] {
+            let (key, value) = (e.key(), e.encode().unwrap());
+            let rec = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .timestamp(e.ingest_time / 1000);
+            let d = producer.send(rec, std::time::Duration::from_secs(10)).await.unwrap();
+            sent.push((topic.clone(), d.offset, e.ingest_time, key, value));
+        }
+        let frozen = |which: &str, role: Role| {
+            let mut b = Buffers::new("ns");
+            for (topic, offset, ts, key, value) in sent.iter().filter(|s| s.0 == which) {
+                let m = Incoming {
+                    role,
+                    topic,
+                    partition: 0,
+                    offset: *offset,
+                    timestamp: Some(*ts),
+                    key: Some(key.as_bytes()),
+                    value: Some(value),
+                };
+                assert_eq!(b.push(&m), None);
+            }
+            b.freeze().unwrap()
+        };
+        let rows_of_key = |base: String| async move {
+            let mut positions = Vec::new();
+            for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+                for b in super::super::read_table(&base, kind).await.unwrap() {
+                    let con = b.column_by_name("con_id").unwrap().as_primitive::<Int64Type>();
+                    let pos = b.column_by_name("position").unwrap();
+                    let pos = pos.as_primitive::<deltalake::arrow::datatypes::Float64Type>();
+                    for i in 0..b.num_rows() {
+                        if con.value(i) == sample(1).con_id {
+                            positions.push((kind.name(), pos.value(i)));
+                        }
+                    }
+                }
+            }
+            positions
+        };
+
+        // The queued topic is materialized, close included; the active one lags behind.
+        p.commit(&frozen(&kafka.topics.queued, Role::Queued)).await.unwrap();
+        assert_eq!(
+            rows_of_key(base.clone()).await,
+            vec![("positions_current", 0.0), ("position_queue", 0.0)],
+            "the closed row stays while the active topic holds older events"
+        );
+        // The lagging topic arrives: its older event loses to the close, and every partition
+        // is now past the cutoff, so the closed row goes.
+        p.last_expiry = None;
+        p.commit(&frozen(&kafka.topics.active, Role::Active)).await.unwrap();
+        assert_eq!(
+            rows_of_key(base.clone()).await,
+            vec![],
+            "expired once nothing older can arrive"
+        );
     }
 }

@@ -39,6 +39,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod decode;
 pub mod dv;
+pub mod expiry_guard;
 pub mod flush;
 pub mod lag;
 pub mod layout;
@@ -246,7 +247,7 @@ impl Materializer {
             &cfg.state_dir,
         )
         .await?;
-        pipeline.set_closed_retention(cfg.closed_retention);
+        pipeline.set_closed_retention(cfg.closed_retention, expiry_guard::ExpiryGuard::new(&kafka));
         // Before anything is consumed: a changed namespace would re-append every event.
         namespace_guard::check(&mut pipeline.tables, &cfg.table_uri, &ns, cfg.allow_namespace_change).await?;
         // Older tables take this build's in-place layout steps before anything is written.

@@ -1,3 +1,4 @@
 pub mod kafka_cluster;
 pub mod process;
 pub mod s3;
+pub mod topic_dump;
