@@ -4,12 +4,10 @@
 
 mod materialize_support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::ensure;
-use deltalake::kernel::{Action, MetadataExt};
-use deltalake::protocol::DeltaOperation;
 use materialize_support::*;
 use possync::materialize::offsets::{app_id, tables_of};
 use possync::materialize::tables::{Table, TXN_RETENTION_PROPERTY};
@@ -20,16 +18,7 @@ use tokio_util::sync::CancellationToken;
 async fn set_retention(base: &str, retention: &str) -> anyhow::Result<()> {
     for kind in TableKind::ALL {
         let mut t = Table::open(base, kind).await?;
-        let metadata = t
-            .delta
-            .snapshot()?
-            .metadata()
-            .clone()
-            .add_config_key(TXN_RETENTION_PROPERTY.to_string(), retention.to_string())?;
-        let operation = DeltaOperation::SetTableProperties {
-            properties: HashMap::from([(TXN_RETENTION_PROPERTY.to_string(), retention.to_string())]),
-        };
-        t.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await?;
+        t.set_property(TXN_RETENTION_PROPERTY, retention).await?;
     }
     Ok(())
 }

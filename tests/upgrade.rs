@@ -5,15 +5,13 @@
 mod common;
 mod materialize_support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use common::topic_dump;
-use deltalake::kernel::{Action, MetadataExt};
-use deltalake::protocol::DeltaOperation;
 use materialize_support::{check_exact, produce, Gen, Payload, Produced};
 use possync::events::{PositionEvent, RegistryEvent};
 use possync::kafka::{EmbeddedBroker, KafkaConfig, Topics};
@@ -132,20 +130,7 @@ fn manifest() -> anyhow::Result<serde_json::Value> {
 
 /// Copies the fixture's tables to `to` (tests never write the checked-in copy).
 fn copy_tables(to: &Path) -> anyhow::Result<()> {
-    fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(to)?;
-        for e in std::fs::read_dir(from)? {
-            let e = e?;
-            let target = to.join(e.file_name());
-            if e.file_type()?.is_dir() {
-                copy_dir(&e.path(), &target)?;
-            } else {
-                std::fs::copy(e.path(), &target)?;
-            }
-        }
-        Ok(())
-    }
-    copy_dir(&fixture().join("tables"), to)
+    Ok(common::fs::copy_dir(&fixture().join("tables"), to)?)
 }
 
 /// The fixture's stored offsets carry the `lastUpdated` of the day it was made, and the tables
@@ -156,16 +141,7 @@ fn copy_tables(to: &Path) -> anyhow::Result<()> {
 async fn outlive_txn_retention(base: &str) -> anyhow::Result<()> {
     for kind in TableKind::ALL {
         let mut t = Table::open_unchecked(base, kind).await?;
-        let metadata = t
-            .delta
-            .snapshot()?
-            .metadata()
-            .clone()
-            .add_config_key(TXN_RETENTION_PROPERTY.into(), "interval 36500 days".into())?;
-        let operation = DeltaOperation::SetTableProperties {
-            properties: HashMap::from([(TXN_RETENTION_PROPERTY.to_string(), "interval 36500 days".to_string())]),
-        };
-        t.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await?;
+        t.set_property(TXN_RETENTION_PROPERTY, "interval 36500 days").await?;
     }
     Ok(())
 }

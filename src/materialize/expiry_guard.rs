@@ -117,17 +117,11 @@ fn offsets_for_time(
         .admin()
         .create()
         .map_err(KafkaError::client("create offsets client"))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let mut tpl = TopicPartitionList::new();
-    for topic in topics {
-        let md = c
-            .fetch_metadata(Some(topic), TIMEOUT)
-            .map_err(KafkaError::client(format!("read the metadata of {topic}")))?;
-        for t in md.topics() {
-            for p in t.partitions() {
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset(ms))
-                    .map_err(KafkaError::client("build a partition list"))?;
-            }
-        }
+    for (topic, partition) in super::offsets::partitions_of(&c, &names, TIMEOUT)? {
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(ms))
+            .map_err(KafkaError::client("build a partition list"))?;
     }
     let found = c
         .offsets_for_times(tpl, TIMEOUT)

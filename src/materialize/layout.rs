@@ -24,9 +24,6 @@
 
 use std::collections::HashMap;
 
-use deltalake::kernel::{Action, MetadataExt};
-use deltalake::protocol::DeltaOperation;
-
 use super::tables::{Table, TableError, TableKind};
 
 /// The table property holding a table's layout version.
@@ -76,16 +73,11 @@ pub const STEPS: &[Step] = &[Step {
 /// # Errors
 /// When no snapshot is loaded, or the property is not a number ([`TableError::BadLayout`]).
 pub fn recorded(t: &Table) -> Result<u32, TableError> {
-    let table = t.kind.name();
-    let snap = t
-        .delta
-        .snapshot()
-        .map_err(|source| TableError::Delta { table, source })?;
-    match snap.metadata().configuration().get(LAYOUT_PROPERTY) {
+    match t.property(LAYOUT_PROPERTY)? {
         None => Ok(UNRECORDED),
         Some(v) => v.trim().parse().map_err(|_| TableError::BadLayout {
-            table,
-            found: v.clone(),
+            table: t.kind.name(),
+            found: v,
         }),
     }
 }
@@ -159,24 +151,15 @@ pub async fn apply(t: &mut Table, step: Step) -> Result<bool, TableError> {
 }
 
 async fn commit_step(t: &mut Table, step: Step) -> Result<(), TableError> {
-    let table = t.kind.name();
-    let err = move |source: deltalake::DeltaTableError| TableError::Delta { table, source };
-    let version = step.to.to_string();
     // Every step so far is a property change; a rewrite step adds its remove and add actions
     // (and a changed schema) to this same commit.
-    let metadata = t
-        .delta
-        .snapshot()
-        .map_err(err)?
-        .metadata()
-        .clone()
-        .add_config_key(LAYOUT_PROPERTY.to_string(), version.clone())
-        .map_err(|e| err(e.into()))?;
-    let operation = DeltaOperation::SetTableProperties {
-        properties: HashMap::from([(LAYOUT_PROPERTY.to_string(), version)]),
-    };
-    t.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await?;
-    tracing::info!(table, layout = step.to, step = step.what, "table layout upgraded");
+    t.set_property(LAYOUT_PROPERTY, &step.to.to_string()).await?;
+    tracing::info!(
+        table = t.kind.name(),
+        layout = step.to,
+        step = step.what,
+        "table layout upgraded"
+    );
     Ok(())
 }
 
@@ -202,22 +185,24 @@ pub async fn upgrade_in_place(tables: &mut HashMap<TableKind, Table>, uri: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deltalake::kernel::{Action, MetadataExt};
+    use deltalake::protocol::DeltaOperation;
 
     /// Sets (or, with `None`, removes) the layout property in a metadata commit: what an older
     /// build's table (no property) or a newer build's looks like.
     async fn set_layout(t: &mut Table, value: Option<&str>) {
-        let metadata = t.delta.snapshot().unwrap().metadata().clone();
-        let metadata = match value {
-            Some(v) => metadata.add_config_key(LAYOUT_PROPERTY.into(), v.into()),
-            None => metadata.remove_config_key(LAYOUT_PROPERTY),
-        }
-        .unwrap();
-        let operation = DeltaOperation::SetTableProperties {
-            properties: HashMap::new(),
+        let Some(v) = value else {
+            let metadata = t.delta.snapshot().unwrap().metadata().clone();
+            let metadata = metadata.remove_config_key(LAYOUT_PROPERTY).unwrap();
+            let operation = DeltaOperation::SetTableProperties {
+                properties: HashMap::new(),
+            };
+            t.commit(vec![Action::Metadata(metadata)], &[], operation, 0)
+                .await
+                .unwrap();
+            return;
         };
-        t.commit(vec![Action::Metadata(metadata)], &[], operation, 0)
-            .await
-            .unwrap();
+        t.set_property(LAYOUT_PROPERTY, v).await.unwrap();
     }
 
     #[tokio::test]

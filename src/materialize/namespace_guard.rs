@@ -17,9 +17,6 @@
 
 use std::collections::HashMap;
 
-use deltalake::kernel::{Action, MetadataExt};
-use deltalake::protocol::DeltaOperation;
-
 use super::tables::{Table, TableError, TableKind};
 use super::MaterializeError;
 
@@ -34,12 +31,7 @@ const ATTEMPTS: usize = 20;
 /// # Errors
 /// When no snapshot is loaded.
 pub fn recorded(t: &Table) -> Result<Option<String>, TableError> {
-    let table = t.kind.name();
-    let snap = t
-        .delta
-        .snapshot()
-        .map_err(|source| TableError::Delta { table, source })?;
-    Ok(snap.metadata().configuration().get(NAMESPACE_PROPERTY).cloned())
+    t.property(NAMESPACE_PROPERTY)
 }
 
 /// Checks that every table was written under `namespace` and records it where none is, or,
@@ -104,21 +96,7 @@ async fn check_table(t: &mut Table, uri: &str, namespace: &str, allow_change: bo
 /// # Errors
 /// [`TableError::Conflict`] when another commit came first; storage errors.
 pub async fn record(t: &mut Table, namespace: &str) -> Result<(), TableError> {
-    let table = t.kind.name();
-    let err = move |source: deltalake::DeltaTableError| TableError::Delta { table, source };
-    let metadata = t
-        .delta
-        .snapshot()
-        .map_err(err)?
-        .metadata()
-        .clone()
-        .add_config_key(NAMESPACE_PROPERTY.to_string(), namespace.to_string())
-        .map_err(|e| err(e.into()))?;
-    let operation = DeltaOperation::SetTableProperties {
-        properties: HashMap::from([(NAMESPACE_PROPERTY.to_string(), namespace.to_string())]),
-    };
-    t.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await?;
-    Ok(())
+    t.set_property(NAMESPACE_PROPERTY, namespace).await
 }
 
 #[cfg(test)]

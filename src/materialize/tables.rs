@@ -510,6 +510,38 @@ impl Table {
         Ok(true)
     }
 
+    /// The value of table property `key` as of the loaded snapshot (`None`: not set).
+    ///
+    /// # Errors
+    /// When no snapshot is loaded.
+    pub fn property(&self, key: &str) -> Result<Option<String>, TableError> {
+        let snap = self.delta.snapshot().map_err(self.err())?;
+        Ok(snap.metadata().configuration().get(key).cloned())
+    }
+
+    /// Sets table property `key` to `value` in a metadata-only commit against the loaded
+    /// snapshot (every other property and the schema kept).
+    ///
+    /// # Errors
+    /// [`TableError::Conflict`] when another commit came first; storage errors.
+    pub async fn set_property(&mut self, key: &str, value: &str) -> Result<(), TableError> {
+        use deltalake::kernel::MetadataExt as _;
+        let err = self.err();
+        let metadata = self
+            .delta
+            .snapshot()
+            .map_err(&err)?
+            .metadata()
+            .clone()
+            .add_config_key(key.to_string(), value.to_string())
+            .map_err(|e| err(e.into()))?;
+        let operation = DeltaOperation::SetTableProperties {
+            properties: HashMap::from([(key.to_string(), value.to_string())]),
+        };
+        self.commit(vec![Action::Metadata(metadata)], &[], operation, 0).await?;
+        Ok(())
+    }
+
     /// The table's `delta.setTransactionRetentionDuration` (`None`: txn actions never expire).
     ///
     /// # Errors

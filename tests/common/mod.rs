@@ -1,3 +1,4 @@
+pub mod fs;
 pub mod kafka_cluster;
 pub mod process;
 pub mod s3;

@@ -761,7 +761,7 @@ impl Pipeline {
     /// Keeps the scenario's directory (logs, tables) past the test, for a post-mortem.
     fn keep_dir(&self) -> String {
         let to = std::env::temp_dir().join(format!("possync-faults-{}", possync::events::new_id()));
-        let _ = copy_dir(self.dir.path(), &to);
+        let _ = crate::common::fs::copy_dir(self.dir.path(), &to);
         to.display().to_string()
     }
 
@@ -1051,20 +1051,6 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         }
     }
     sum
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 /// The queue's refresh lags, in seconds, from the topics: for each queued change (an enqueue
