@@ -429,6 +429,20 @@ pub async fn learn(id: u32) -> Result<bool, SchemaRegistryError> {
     }
 }
 
+/// Before a consumer decodes `value`: when its frame names a writer schema this process does
+/// not know, [`learn`] it (a no-op without a registry, and for values it can decode already).
+///
+/// # Errors
+/// As [`learn`].
+pub async fn learn_writer_of(value: Option<&[u8]>) -> Result<(), SchemaRegistryError> {
+    if let Some((id, _)) = value.and_then(|v| crate::events::split_confluent(v).ok()) {
+        if !schema::knows(id) {
+            learn(id).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Percent-encodes everything but unreserved characters (topic names are `[a-zA-Z0-9._-]`, so
 /// this rarely changes anything).
 fn path_segment(s: &str) -> String {

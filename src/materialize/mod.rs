@@ -340,11 +340,7 @@ impl Materializer {
                         Ok(m) => {
                             // A value of a writer schema this process has not seen: learn it
                             // from the schema registry first (no-op without one).
-                            if let Some((id, _)) = m.payload().and_then(|v| crate::events::split_confluent(v).ok()) {
-                                if !crate::schema::knows(id) {
-                                    crate::schema_registry::learn(id).await?;
-                                }
-                            }
+                            crate::schema_registry::learn_writer_of(m.payload()).await?;
                             let before = self.buffers.messages();
                             take(&self.consumer, &mut self.buffers, &mut self.cursors, &self.roles, &m)?;
                             if self.buffers.messages() > before {

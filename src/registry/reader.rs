@@ -224,11 +224,7 @@ impl TopicReplay {
                 }
                 // A writer schema this process has not seen (another release's producer):
                 // learned from the schema registry before anyone decodes the value.
-                if let Some((id, _)) = message.payload().and_then(|v| crate::events::split_confluent(v).ok()) {
-                    if !crate::schema::knows(id) {
-                        crate::schema_registry::learn(id).await?;
-                    }
-                }
+                crate::schema_registry::learn_writer_of(message.payload()).await?;
                 Ok(Some(message))
             }
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
