@@ -48,7 +48,9 @@ use super::tables::{positions_current_layout, TableKind};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EventOrder {
     pub ingest_time: i64,
-    pub session_id: Sym,
+    /// Kept as its UUID bytes, not interned: sessions are unbounded over a process's life
+    /// (every ingest and queue-worker start makes one), accounts and sources are not.
+    pub session_id: EventId,
     pub sequence: i64,
     pub event_id: EventId,
 }
@@ -58,50 +60,28 @@ impl EventOrder {
     pub fn of(o: (i64, &str, i64, &str)) -> EventOrder {
         EventOrder {
             ingest_time: o.0,
-            session_id: Sym::new(o.1),
+            session_id: EventId::new(o.1),
             sequence: o.2,
             event_id: EventId::new(o.3),
         }
     }
 
-    /// Appends the order to a spill record: ingest time, session symbol (this process's
-    /// number), sequence, then the id: 0 and its 16 UUID bytes, or 1, a u32 length and the
-    /// string.
+    /// Appends the order to a spill record: ingest time, session id, sequence, event id; each
+    /// id as 0 and its 16 UUID bytes, or 1, a u32 length and the string.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.ingest_time.to_le_bytes());
-        out.extend_from_slice(&self.session_id.id().to_le_bytes());
+        encode_id(&self.session_id, out);
         out.extend_from_slice(&self.sequence.to_le_bytes());
-        match &self.event_id {
-            EventId::Uuid(b) => {
-                out.push(0);
-                out.extend_from_slice(b);
-            }
-            EventId::Other(s) => {
-                out.push(1);
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-        }
+        encode_id(&self.event_id, out);
     }
 
     /// The order [`EventOrder::encode`] wrote; `None` when the bytes are not one.
     pub(crate) fn decode(r: &mut spill::Reader<'_>) -> Option<EventOrder> {
-        let ingest_time = r.i64()?;
-        let session_id = Sym::from_id(r.u32()?)?;
-        let sequence = r.i64()?;
-        let event_id = match r.take::<1>()? {
-            [0] => EventId::Uuid(r.take::<16>()?),
-            [1] => {
-                let n = r.u32()? as usize;
-                EventId::Other(std::str::from_utf8(r.bytes(n)?).ok()?.into())
-            }
-            _ => return None,
-        };
         Some(EventOrder {
-            ingest_time,
-            session_id,
-            sequence,
-            event_id,
+            ingest_time: r.i64()?,
+            session_id: decode_id(r)?,
+            sequence: r.i64()?,
+            event_id: decode_id(r)?,
         })
     }
 
@@ -109,9 +89,34 @@ impl EventOrder {
     pub fn cmp_tuple(&self, a: (i64, &str, i64, &str)) -> std::cmp::Ordering {
         self.ingest_time
             .cmp(&a.0)
-            .then_with(|| self.session_id.as_str().cmp(a.1))
+            .then_with(|| self.session_id.cmp_str(a.1))
             .then_with(|| self.sequence.cmp(&a.2))
             .then_with(|| self.event_id.cmp_str(a.3))
+    }
+}
+
+fn encode_id(id: &EventId, out: &mut Vec<u8>) {
+    match id {
+        EventId::Uuid(b) => {
+            out.push(0);
+            out.extend_from_slice(b);
+        }
+        EventId::Other(s) => {
+            out.push(1);
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+fn decode_id(r: &mut spill::Reader<'_>) -> Option<EventId> {
+    match r.take::<1>()? {
+        [0] => Some(EventId::Uuid(r.take::<16>()?)),
+        [1] => {
+            let n = r.u32()? as usize;
+            Some(EventId::Other(std::str::from_utf8(r.bytes(n)?).ok()?.into()))
+        }
+        _ => None,
     }
 }
 
@@ -435,6 +440,28 @@ pub fn join_registry(state: &mut RegistryState, other: RegistryState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20 #13: session ids are not interned (they grow with every start), and an order
+    /// still compares and round-trips through a spill record as the strings do.
+    #[test]
+    fn session_ids_are_not_interned() {
+        let sessions = [
+            crate::events::new_id(),
+            format!("not-a-uuid-{}", crate::events::new_id()),
+        ];
+        let mut orders = Vec::new();
+        for s in &sessions {
+            let o = EventOrder::of((7, s, 3, "evt-1"));
+            assert!(Sym::existing(s).is_none(), "session {s} was interned");
+            assert_eq!(o.cmp_tuple((7, s, 3, "evt-1")), std::cmp::Ordering::Equal);
+            let mut b = Vec::new();
+            o.encode(&mut b);
+            assert_eq!(EventOrder::decode(&mut spill::Reader(&b)), Some(o.clone()));
+            orders.push(o);
+        }
+        // Ordered as the strings are.
+        assert_eq!(orders[0].cmp(&orders[1]), sessions[0].cmp(&sessions[1]), "{sessions:?}");
+    }
 
     #[test]
     fn registry_newest_wins() {

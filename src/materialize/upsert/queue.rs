@@ -441,7 +441,10 @@ pub(super) fn rows_batch<'a>(
         }
         src.append_option(q.map(|q| q.last_source.as_str()));
         ev_at.append_option(q.map(|q| q.last.ingest_time));
-        sess.append_option(q.map(|q| q.last.session_id.as_str()));
+        match q {
+            Some(q) => q.last.session_id.with_str(|s| sess.append_value(s)),
+            None => sess.append_null(),
+        }
         seq.append_option(q.map(|q| q.last.sequence));
         pos.append_option(q.map(|q| q.position));
         cost.append_option(q.map(|q| q.avg_cost));

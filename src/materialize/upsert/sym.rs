@@ -1,9 +1,11 @@
 //! Compact in-memory forms of the strings the upsert state keeps per key.
 //!
-//! - [`Sym`]: an interned string (accounts, session ids, event sources: few distinct values),
-//!   4 bytes instead of a `String` per key. Interned strings live for the whole process; their
-//!   number is the number of distinct accounts, ingest sessions and sources ever seen.
-//! - [`EventId`]: an event id; a canonical (lowercase, hyphenated) UUID is kept as its 16
+//! - [`Sym`]: an interned string (accounts and event sources: few distinct values), 4 bytes
+//!   instead of a `String` per key. Interned strings live for the whole process; their number
+//!   is the number of distinct accounts and sources ever seen. Session ids are not interned:
+//!   every ingest or queue-worker start makes one, so they would grow without bound (issue 20
+//!   #13).
+//! - [`EventId`]: an event id (or session id); a canonical (lowercase, hyphenated) UUID is kept as its 16
 //!   bytes, whose order is the order of its string form; any other id is kept as a string.
 //!   Comparisons are exactly those of the strings.
 
@@ -45,6 +47,11 @@ impl Sym {
         w.strs.push(leaked);
         w.ids.insert(leaked, id);
         Sym(id)
+    }
+
+    /// The symbol of `s` if it is interned already (never interns).
+    pub fn existing(s: &str) -> Option<Sym> {
+        interner().read().expect("interner lock").ids.get(s).map(|&id| Sym(id))
     }
 
     /// The symbol's number in this process (stable while the process runs).
