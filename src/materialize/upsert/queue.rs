@@ -604,13 +604,16 @@ mod tests {
         assert_eq!(r.status(), "refreshed", "reopened and refreshed");
     }
 
-    /// The per-key state is most of a materializer's memory at a desk's size (issue 9).
+    /// A `QueueRow` is in memory only for the keys one flush touches (the rows of every key
+    /// live in the spill file, with a 16-byte [`crate::materialize::upsert::spilled::Hot`] per key), so
+    /// its size bounds the memory per change, not per key. 160 bytes: the session id is
+    /// kept as its UUID bytes since issue 20 #13 (it was an interned symbol that never left).
     #[test]
     fn queue_rows_stay_compact() {
         assert_eq!(std::mem::size_of::<PartitionCounts>(), 32);
         assert_eq!(std::mem::size_of::<OptTime>(), 8);
         assert!(
-            std::mem::size_of::<QueueRow>() <= 128,
+            std::mem::size_of::<QueueRow>() <= 160,
             "{}",
             std::mem::size_of::<QueueRow>()
         );

@@ -1,4 +1,4 @@
-//! `position_queue` as a [`Spilled`] table: its rows ([`QueueRow`], about 130 bytes in memory,
+//! `position_queue` as a [`Spilled`] table: its rows ([`QueueRow`], about 145 bytes in memory,
 //! needed only when the key changes) live in the spill file; a flush reads the rows of the
 //! keys its events touch, applies the events ([`QueueRow::apply`]), and writes the rows that
 //! changed. The row semantics are in [`super::queue`].
