@@ -3,7 +3,8 @@
 # PyPI packages), checks formatting and lints, validates the compose file, then runs every
 # Rust test (unit, integration against the embedded Kafka broker + IB simulator, against a real
 # Apache Kafka cluster started by scripts/kafka.sh, against a local S3 server (moto), and the
-# independent DuckDB / deltalake / Spark readers), built with `--features s3`. This is what
+# independent DuckDB / deltalake / Spark readers), with the default features (S3 included), the
+# build scripts/run.sh makes. This is what
 # `.ci/run` calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ scripts/kafka.sh fetch
 echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml) ready in $((SECONDS - t0))s"
 
 step "Apicurio Registry (Maven Central, built once under ~/.cache/possync-schema-registry)"
-# A Confluent-compatible schema registry for tests/schema_registry.rs (--schema-registry-url).
+# A Confluent-compatible schema registry for tests/schemas/registry.rs (--schema-registry-url).
 t0=$SECONDS
 scripts/schema-registry.sh fetch
 echo "Apicurio Registry $(sed -n 's:.*<apicurio.version>\(.*\)</apicurio.version>.*:\1:p' tests/schema-registry/pom.xml) ready in $((SECONDS - t0))s"
@@ -76,12 +77,13 @@ echo "docker-compose.yml is valid"
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy (release profile, all targets, S3 support, warnings are errors)"
-cargo clippy --release --all-targets --locked --features s3 -- -D warnings
+step "cargo clippy (release profile, all targets, warnings are errors)"
+cargo clippy --release --all-targets --locked -- -D warnings
 
-step "cargo test (release profile, S3 support)"
+step "cargo test (release profile)"
 # Integration tests start brokers, simulators and subprocesses; two at a time fits 2 cores.
-# `--features s3`: the S3 tests run against moto's server mode (tests/common/s3.rs).
-cargo test --release --locked --features s3 -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
+# The default features include `s3`: the S3 tests run against moto's server mode
+# (tests/common/s3.rs). Same feature set as scripts/run.sh, so one build serves both.
+cargo test --release --locked -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
 
 step "done in ${SECONDS}s"

@@ -19,8 +19,14 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "possync", version, about, long_about)]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `possync=debug,rdkafka=warn`.
-    #[arg(long, global = true, env = "POSSYNC_LOG", default_value = "warn,possync=info")]
-    pub log: String,
+    /// Overrides `-v`. Default: `warn,possync=info`; for `run`, `warn` (its progress goes to
+    /// stdout), so a newcomer sees start, stop, progress and warnings only.
+    #[arg(long, global = true, env = "POSSYNC_LOG")]
+    pub log: Option<String>,
+    /// More log lines on stderr: `-v` possync's INFO lines (the default of every command but
+    /// `run`), `-vv` DEBUG. Ignored when `--log` is given.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, env = "POSSYNC_VERBOSE")]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -123,6 +129,22 @@ pub fn command() -> clap::Command {
 pub fn parse() -> Cli {
     let matches = command().get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+impl Cli {
+    /// The log filter: `--log` if given, else the command's default raised by `-v`.
+    pub fn log_filter(&self) -> String {
+        if let Some(f) = &self.log {
+            return f.clone();
+        }
+        let quiet = matches!(self.command, Command::Run(_));
+        match (quiet, self.verbose) {
+            (true, 0) => "warn".into(),
+            (false, 0) | (true, 1) => "warn,possync=info".into(),
+            (false, 1) | (true, 2) => "warn,possync=debug".into(),
+            _ => "info,possync=trace".into(),
+        }
+    }
 }
 
 /// Sets up `tracing` to stderr with the given filter.
@@ -339,4 +361,45 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let m = command().try_get_matches_from(args).expect("parses");
+        Cli::from_arg_matches(&m).expect("maps")
+    }
+
+    /// `run` shows a newcomer start, stop, progress (stdout) and warnings only; `-v` brings
+    /// back the INFO lines every other command logs by default (issue 24).
+    #[test]
+    fn run_is_quiet_by_default_and_v_raises_every_command() {
+        assert_eq!(parse(&["possync", "run"]).log_filter(), "warn");
+        assert_eq!(parse(&["possync", "run", "-v"]).log_filter(), "warn,possync=info");
+        assert_eq!(parse(&["possync", "-vv", "run"]).log_filter(), "warn,possync=debug");
+        assert_eq!(parse(&["possync", "status"]).log_filter(), "warn,possync=info");
+        assert_eq!(parse(&["possync", "status", "-v"]).log_filter(), "warn,possync=debug");
+        assert_eq!(parse(&["possync", "run", "-v", "--log", "debug"]).log_filter(), "debug");
+    }
+
+    /// Every flag of every subcommand can be set from the environment (design rule).
+    #[test]
+    fn every_flag_has_an_env_var() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && !a.is_positional() && a.get_env().is_none() {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap_or(a.get_id().as_str())));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&command(), "possync", &mut missing);
+        assert!(missing.is_empty(), "flags without an env var: {missing:?}");
+    }
 }

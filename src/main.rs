@@ -10,7 +10,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 fn main() -> anyhow::Result<()> {
     let cli = possync::cli::parse();
-    possync::cli::init_tracing(&cli.log);
+    possync::cli::init_tracing(&cli.log_filter());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();

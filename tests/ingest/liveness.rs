@@ -4,13 +4,11 @@
 //! from each drop of the second within about `--reconnect-initial` instead of ever more slowly.
 //! Both end with the published state equal to the simulator's truth.
 
-mod ingest_support;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use crate::ingest_support::*;
 use anyhow::ensure;
-use ingest_support::*;
 
 /// Applies one fill to each of the first `n` positions.
 fn fill_some(env: &Env, n: usize, qty: f64) -> anyhow::Result<()> {

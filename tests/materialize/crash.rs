@@ -2,13 +2,11 @@
 //! many times, while events stream in; afterwards `position_events` holds exactly the produced
 //! events by Kafka coordinates and every upsert table equals a replay.
 
-mod materialize_support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::Context;
-use materialize_support::*;
 use possync::materialize;
 use rand::{Rng, SeedableRng};
 

@@ -2,17 +2,16 @@
 //! the release's tables and a dump of its topics, continued by this build; `possync migrate`
 //! on them, cut after every step; and the dump/load tool the fixtures are made with.
 
-mod common;
-mod materialize_support;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::topic_dump;
+use crate::materialize_support::{check_exact, produce, Gen, Payload, Produced};
 use anyhow::{ensure, Context};
-use common::topic_dump;
-use materialize_support::{check_exact, produce, Gen, Payload, Produced};
 use possync::events::{PositionEvent, RegistryEvent};
 use possync::kafka::{EmbeddedBroker, KafkaConfig, Topics};
 use possync::materialize::layout;

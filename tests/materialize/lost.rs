@@ -1,12 +1,10 @@
 //! Offsets lost before materialize read them (the embedded broker keeps ~5 MiB per partition)
 //! stop the materializer with a loud error instead of a silent skip.
 
-mod materialize_support;
-
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::ensure;
-use materialize_support::*;
 use possync::materialize::{self, MaterializeError};
 use tokio_util::sync::CancellationToken;
 

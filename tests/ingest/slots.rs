@@ -2,12 +2,10 @@
 //! streams proves it), overflow goes by priority, and live activation / deactivation move
 //! slots at once.
 
-mod ingest_support;
-
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::ingest_support::*;
 use anyhow::ensure;
-use ingest_support::*;
 use possync::events::{Route, Source};
 use possync::sim::{SimHandle, TruthPosition};
 

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use possync::kafka::{EmbeddedBroker, Topics};
 
-mod common;
-use common::process::{signal, wait_exit, Reap, BIN};
+use crate::common::process::{signal, wait_exit, Reap, BIN};
 
 /// A port nobody listens on right now (bound, read, released).
 fn free_port() -> anyhow::Result<u16> {

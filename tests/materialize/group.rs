@@ -6,12 +6,10 @@
 //!   commit overlapping offset ranges: the second conflicts on every table by construction,
 //!   reloads, drops what the first wrote, and the tables stay exact.
 
-mod materialize_support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use materialize_support::*;
+use crate::materialize_support::*;
 use possync::materialize::{self, buffer::Buffers, buffer::Incoming, buffer::Role, flush::Pipeline};
 use tokio_util::sync::CancellationToken;
 

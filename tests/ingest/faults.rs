@@ -2,14 +2,12 @@
 //! 1101/1102 notices, a Kafka broker outage, and IB updates overflowing ingest's buffer while
 //! Kafka is down. Nothing is lost, nothing unchanged is republished.
 
-mod ingest_support;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use crate::ingest_support::*;
 use anyhow::{ensure, Context};
-use ingest_support::*;
 use possync::events::{PositionEvent, Route, Source};
 use possync::sim::TruthPosition;
 

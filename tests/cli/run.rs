@@ -6,8 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-mod common;
-use common::process::{signal, wait_exit, Reap, BIN};
+use crate::common::process::{signal, wait_exit, Reap, BIN};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 
-mod common;
-use common::process::{signal, wait_exit, Reap, BIN};
+use crate::common::process::{signal, wait_exit, Reap, BIN};
 
 const SECRET: &str = "S3cr,et;Pa55";
 

@@ -5,13 +5,11 @@
 //! at once: unpaced, its 2 messages per account would break IB's 50 messages per second, so
 //! the pacing check can fail.
 
-mod ingest_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::ingest_support::*;
 use anyhow::{ensure, Context};
-use ingest_support::*;
 use possync::events::Source;
 use possync::queue_worker::poller::{self, PollError};
 use possync::queue_worker::{BatchReport, QueueWorkerConfig};

@@ -22,10 +22,9 @@ use possync::schema_registry::{SchemaRegistry, SchemaRegistryArgs};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-mod common;
-mod materialize_support;
-use common::process::{signal, wait_exit, Reap, BIN};
-use materialize_support::{check_exact, dead_letter_rows, wait_for, Payload, Produced};
+use crate::common::process::{signal, wait_exit, Reap, BIN};
+use crate::materialize_support;
+use crate::materialize_support::{check_exact, dead_letter_rows, wait_for, Payload, Produced};
 
 /// The registry of this test, stopped when dropped (and by the script's watchdog if the test
 /// process dies first).

@@ -5,18 +5,15 @@
 //! 503 `/readyz`), takes over when the holder is SIGKILLed (the book converges to the
 //! simulator's truth), and a standby stops promptly with exit 0 on SIGINT.
 
-mod common;
-mod ingest_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::process::{signal, wait_exit, Reap, BIN};
+use crate::ingest_support::*;
 use anyhow::{bail, ensure, Context};
-use common::process::{signal, wait_exit, Reap, BIN};
-use ingest_support::*;
 use possync::events::{PositionEvent, Source};
 use possync::sim::Truth;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

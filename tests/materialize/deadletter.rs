@@ -2,13 +2,11 @@
 //! over the producer's `message.max.bytes`) is in the `dead_letters` table, counted in
 //! `possync_dead_letter_topic_failures_total`, and the stream goes on.
 
-mod materialize_support;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::ensure;
-use materialize_support::*;
 use possync::materialize;
 use tokio_util::sync::CancellationToken;
 

@@ -4,17 +4,14 @@
 //! materialize), compared with the simulator's truth recorded at a moment and with the live
 //! tables.
 
-mod common;
-mod materialize_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::process::BIN;
+use crate::materialize_support::*;
 use anyhow::{ensure, Context};
-use common::process::BIN;
 use deltalake::arrow::array::RecordBatch;
-use materialize_support::*;
 use possync::events::{RegistryAction, Route};
 use possync::kafka::{EmbeddedBroker, KafkaConfig};
 use possync::materialize::offsets::app_id;

@@ -10,14 +10,14 @@
 //!    offsets are reported, and nothing unchanged is published again.
 
 #[allow(dead_code)]
-mod common;
-mod ingest_support;
+use crate::common;
+use crate::ingest_support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::ingest_support::*;
 use anyhow::{ensure, Context};
-use ingest_support::*;
 use possync::events::{Route, Source};
 use possync::ingest::resume;
 use possync::ingest::IngestConfig;

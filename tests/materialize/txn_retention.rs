@@ -2,13 +2,11 @@
 //! gets no messages is re-stamped, so its stored offset outlives the tables'
 //! `delta.setTransactionRetentionDuration` for as long as a member owns it.
 
-mod materialize_support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::ensure;
-use materialize_support::*;
 use possync::materialize::offsets::{app_id, tables_of};
 use possync::materialize::tables::{Table, TXN_RETENTION_PROPERTY};
 use possync::materialize::{self, MaterializeConfig, TableKind};

@@ -2,12 +2,10 @@
 //! checkpoints are written every N commits, and the tables stay exact and readable. The
 //! materializer's own `maintain_every` schedule compacts while it materializes, just as exactly.
 
-mod materialize_support;
-
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::ensure;
-use materialize_support::*;
 use possync::materialize::{self, maintain, MaintainConfig, TableKind};
 use tokio_util::sync::CancellationToken;
 

@@ -2,12 +2,10 @@
 //! versions, read at that assignment: it neither re-reads what the other member committed nor
 //! misses anything. Run with the default (eager) assignor and with `cooperative-sticky`.
 
-mod materialize_support;
-
 use std::time::{Duration, Instant};
 
+use crate::materialize_support::*;
 use anyhow::{ensure, Context};
-use materialize_support::*;
 use possync::materialize::{self, Progress};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

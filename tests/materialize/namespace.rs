@@ -3,12 +3,10 @@
 //! offset 0 and append everything again); allowed explicitly, its rows stay apart by their
 //! `kafka_namespace`, so (namespace, topic, partition, offset) stays unique.
 
-mod materialize_support;
-
 use std::time::Duration;
 
+use crate::materialize_support::*;
 use anyhow::ensure;
-use materialize_support::*;
 use possync::materialize::{self, MaterializeConfig, MaterializeError, TableKind};
 use tokio_util::sync::CancellationToken;
 
