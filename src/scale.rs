@@ -26,25 +26,30 @@ use crate::snapshot::bench::BenchStartupArgs;
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchScaleArgs {
     /// Key counts of the materializer runs (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10000,100000,1000000",
+        env = "POSSYNC_BENCH_SCALE_KEYS"
+    )]
     pub keys: Vec<u64>,
     /// Changes per second during the measured phase of each materializer run.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, env = "POSSYNC_BENCH_SCALE_RATE")]
     pub rate: u64,
     /// Length of that phase.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_SCALE_PHASE")]
     pub phase: Duration,
     /// Queued contracts of the queue run.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "POSSYNC_BENCH_SCALE_CONTRACTS")]
     pub contracts: usize,
     /// Accounts the contracts are spread over.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, env = "POSSYNC_BENCH_SCALE_ACCOUNTS")]
     pub accounts: usize,
     /// Brokers of a real Kafka cluster for the start-up run (skipped without it).
     #[arg(long, env = "POSSYNC_BENCH_STARTUP_BROKERS")]
     pub startup_brokers: Option<String>,
     /// Events of history for the start-up run.
-    #[arg(long, default_value_t = 10_000_000)]
+    #[arg(long, default_value_t = 10_000_000, env = "POSSYNC_BENCH_SCALE_STARTUP_EVENTS")]
     pub startup_events: u64,
 }
 

@@ -28,25 +28,25 @@ use crate::kafka::{EmbeddedBroker, KafkaConfig, KafkaError};
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchMaterializeArgs {
     /// Events to pre-fill (split over the active and queued topics).
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 200_000, env = "POSSYNC_BENCH_MATERIALIZE_EVENTS")]
     pub events: u64,
     /// Minimum partitions per topic (raised to keep each under ~4 MiB).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "POSSYNC_BENCH_MATERIALIZE_PARTITIONS")]
     pub partitions: i32,
     /// Distinct (account, con_id) keys.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, env = "POSSYNC_BENCH_MATERIALIZE_KEYS")]
     pub keys: u64,
     /// Events per second during the latency phase.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, env = "POSSYNC_BENCH_MATERIALIZE_RATE")]
     pub rate: u64,
     /// Length of the latency phase.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_MATERIALIZE_LATENCY_PHASE")]
     pub latency_phase: Duration,
     /// Flush latency of the materializer under test.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_MATERIALIZE_FLUSH_LATENCY")]
     pub flush_latency: Duration,
     /// Where to put the tables (default: a fresh temporary directory).
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_BENCH_MATERIALIZE_TABLE_URI")]
     pub table_uri: Option<String>,
 }
 

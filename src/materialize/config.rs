@@ -225,10 +225,10 @@ pub struct MaintainArgs {
     #[arg(long, env = "POSSYNC_VACUUM_RETENTION", value_parser = humantime::parse_duration)]
     pub vacuum_retention: Option<Duration>,
     /// Skip compaction.
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_MAINTAIN_NO_COMPACT")]
     pub no_compact: bool,
     /// Skip vacuum.
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_MAINTAIN_NO_VACUUM")]
     pub no_vacuum: bool,
 }
 

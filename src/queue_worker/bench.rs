@@ -35,28 +35,28 @@ use crate::{ingest, materialize, metrics, queue_worker};
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchQueueArgs {
     /// Open positions (all queued), spread over the accounts.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "POSSYNC_BENCH_QUEUE_CONTRACTS")]
     pub contracts: usize,
     /// IB accounts.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, env = "POSSYNC_BENCH_QUEUE_ACCOUNTS")]
     pub accounts: usize,
     /// Random fills per second during the steady phase.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 20.0, env = "POSSYNC_BENCH_QUEUE_FILL_RATE")]
     pub fill_rate: f64,
     /// Length of the steady phase (after the start-up sweep is visible).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_QUEUE_DURATION")]
     pub duration: Duration,
     /// Queue worker tick.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_QUEUE_TICK")]
     pub tick: Duration,
     /// Accounts polled per tick.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, env = "POSSYNC_BENCH_QUEUE_BATCH")]
     pub batch: usize,
     /// Materializer flush latency.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, env = "POSSYNC_BENCH_QUEUE_FLUSH_LATENCY")]
     pub flush_latency: Duration,
     /// Partitions per topic of the embedded broker.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, env = "POSSYNC_BENCH_QUEUE_PARTITIONS")]
     pub partitions: i32,
 }
 

@@ -43,16 +43,16 @@ pub enum RegistryCommand {
 #[derive(Args, Debug, Clone)]
 pub struct HistoryArgs {
     /// Only this strategy.
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_HISTORY_STRATEGY")]
     pub strategy: Option<String>,
     /// Only entries of this account (`*` = only entries covering every account).
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_HISTORY_ACCOUNT")]
     pub account: Option<String>,
     /// Only this IB contract id (conId).
-    #[arg(long)]
+    #[arg(long, env = "POSSYNC_HISTORY_CON_ID")]
     pub con_id: Option<i64>,
     /// Print JSON lines instead of a table.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, default_value_t = false, env = "POSSYNC_HISTORY_JSON")]
     pub json: bool,
     #[command(flatten)]
     pub tables: crate::materialize::TableArgs,
