@@ -247,7 +247,7 @@ fn avro_err(schema: &'static str) -> impl FnOnce(apache_avro::Error) -> EventErr
     }
 }
 
-fn encode<T: Serialize>(v: &T, schema: &Schema, id: u32, name: &'static str) -> Result<Vec<u8>, EventError> {
+pub(crate) fn encode<T: Serialize>(v: &T, schema: &Schema, id: u32, name: &'static str) -> Result<Vec<u8>, EventError> {
     let value = to_value(v)
         .map_err(avro_err(name))?
         .resolve(schema)
@@ -260,7 +260,7 @@ fn encode<T: Serialize>(v: &T, schema: &Schema, id: u32, name: &'static str) -> 
     Ok(out)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
     bytes: &[u8],
     schema: &Schema,
     id: u32,

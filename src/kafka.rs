@@ -548,6 +548,8 @@ pub struct Topics {
     pub registry: String,
     /// Undecodable or invalid input, original bytes plus error headers.
     pub deadletter: String,
+    /// `ExecutionEvent`s: every fill with its commission, keyed like the positions.
+    pub executions: String,
     /// The ingest lease's topic: exactly one partition, never written. Its own topic because
     /// the lease is "partition 0 is assigned to me", and only a one-partition topic keeps that
     /// partition with a live holder when members join (with more partitions the sticky
@@ -564,6 +566,7 @@ impl Topics {
             queued: format!("{prefix}positions.queued"),
             registry: format!("{prefix}registry"),
             deadletter: format!("{prefix}deadletter"),
+            executions: format!("{prefix}executions"),
             lease: format!("{prefix}ingest-lease"),
         }
     }
@@ -583,13 +586,15 @@ impl Topics {
         [&self.active, &self.queued, &self.registry, &self.deadletter]
     }
 
-    /// The four data topics and the lease topic: what `possync topics create` makes.
-    pub fn every(&self) -> [&str; 5] {
+    /// The four data topics, the executions topic and the lease topic: what `possync topics
+    /// create` makes.
+    pub fn every(&self) -> [&str; 6] {
         [
             &self.active,
             &self.queued,
             &self.registry,
             &self.deadletter,
+            &self.executions,
             &self.lease,
         ]
     }

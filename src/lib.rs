@@ -10,6 +10,7 @@
 //! - [`schema`]: the Avro schemas of `schemas/`, embedded at build time.
 //! - [`schema_registry`]: `--schema-registry-url`, ids from a Confluent-compatible registry.
 //! - [`events`]: `PositionEvent` / `RegistryEvent`, keys, Confluent wire encoding.
+//! - [`executions`]: `ExecutionEvent` (a fill with its commission) and the commission join.
 //! - [`kafka`]: broker flags, topics, producer/consumer settings, embedded broker.
 //! - [`topics`]: `possync topics create | check` and the start-up check of every Kafka process.
 //! - [`metrics`]: counters, gauges, `/metrics` endpoint, progress line.
@@ -29,6 +30,7 @@
 
 pub mod cli;
 pub mod events;
+pub mod executions;
 pub mod ib;
 pub mod ingest;
 pub mod kafka;

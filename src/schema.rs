@@ -15,12 +15,16 @@ use apache_avro::Schema;
 pub const POSITION_EVENT_AVSC: &str = include_str!("../schemas/position_event.avsc");
 /// Text of `schemas/registry_event.avsc`.
 pub const REGISTRY_EVENT_AVSC: &str = include_str!("../schemas/registry_event.avsc");
+/// Text of `schemas/execution_event.avsc`.
+pub const EXECUTION_EVENT_AVSC: &str = include_str!("../schemas/execution_event.avsc");
 
 /// Confluent wire-format schema id of `PositionEvent` (no schema registry is required; the ids
 /// are fixed by this project and documented in the README).
 pub const POSITION_EVENT_SCHEMA_ID: u32 = 1;
 /// Confluent wire-format schema id of `RegistryEvent`.
 pub const REGISTRY_EVENT_SCHEMA_ID: u32 = 2;
+/// Confluent wire-format schema id of `ExecutionEvent`.
+pub const EXECUTION_EVENT_SCHEMA_ID: u32 = 3;
 
 /// The Confluent schema ids one process frames and accepts values with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +33,8 @@ pub struct SchemaIds {
     pub position_event: u32,
     /// Id of `RegistryEvent` (topic `registry`).
     pub registry_event: u32,
+    /// Id of `ExecutionEvent` (topic `executions`).
+    pub execution_event: u32,
 }
 
 impl SchemaIds {
@@ -36,6 +42,7 @@ impl SchemaIds {
     pub const FIXED: SchemaIds = SchemaIds {
         position_event: POSITION_EVENT_SCHEMA_ID,
         registry_event: REGISTRY_EVENT_SCHEMA_ID,
+        execution_event: EXECUTION_EVENT_SCHEMA_ID,
     };
 }
 
@@ -76,6 +83,14 @@ pub fn registry_event() -> &'static Schema {
     })
 }
 
+/// The parsed `ExecutionEvent` schema.
+pub fn execution_event() -> &'static Schema {
+    static S: OnceLock<Schema> = OnceLock::new();
+    S.get_or_init(|| {
+        Schema::parse_str(EXECUTION_EVENT_AVSC).expect("schemas/execution_event.avsc is valid Avro (checked by tests)")
+    })
+}
+
 /// Which record type a schema is a version of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Record {
@@ -83,14 +98,20 @@ pub enum Record {
     PositionEvent,
     /// `possync.RegistryEvent` (the registry topic).
     RegistryEvent,
+    /// `possync.ExecutionEvent` (the executions topic).
+    ExecutionEvent,
 }
 
 impl Record {
+    /// Every record.
+    pub const ALL: [Record; 3] = [Record::PositionEvent, Record::RegistryEvent, Record::ExecutionEvent];
+
     /// The record's name in the schemas.
     pub fn name(self) -> &'static str {
         match self {
             Record::PositionEvent => "PositionEvent",
             Record::RegistryEvent => "RegistryEvent",
+            Record::ExecutionEvent => "ExecutionEvent",
         }
     }
 
@@ -99,6 +120,7 @@ impl Record {
         match self {
             Record::PositionEvent => position_event(),
             Record::RegistryEvent => registry_event(),
+            Record::ExecutionEvent => execution_event(),
         }
     }
 
@@ -107,6 +129,7 @@ impl Record {
         match self {
             Record::PositionEvent => ids().position_event,
             Record::RegistryEvent => ids().registry_event,
+            Record::ExecutionEvent => ids().execution_event,
         }
     }
 }
@@ -138,7 +161,7 @@ pub enum WriterError {
     #[error("schema id {id} is not a valid Avro schema: {reason}")]
     Invalid { id: u32, reason: String },
     /// A schema of another record (not one of possync's events).
-    #[error("schema id {id} is a {found:?}, not a version of a possync event (PositionEvent, RegistryEvent)")]
+    #[error("schema id {id} is a {found:?}, not a version of a possync event (PositionEvent, RegistryEvent, ExecutionEvent)")]
     Foreign { id: u32, found: String },
 }
 
@@ -148,10 +171,7 @@ pub fn writer(id: u32) -> Option<Arc<Writer>> {
     if let Some(w) = LEARNED.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
         return Some(w.clone());
     }
-    if let Some(record) = [Record::PositionEvent, Record::RegistryEvent]
-        .into_iter()
-        .find(|r| r.id() == id)
-    {
+    if let Some(record) = Record::ALL.into_iter().find(|r| r.id() == id) {
         return Some(Arc::new(Writer {
             id,
             record,
@@ -176,6 +196,7 @@ pub fn knows(id: u32) -> bool {
     let own = ids();
     id == own.position_event
         || id == own.registry_event
+        || id == own.execution_event
         || LEARNED.read().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
         || (!uses_registry() && EARLIER.iter().any(|(i, _, _)| *i == id))
 }
@@ -190,7 +211,7 @@ pub fn learn(id: u32, text: &str) -> Result<Arc<Writer>, WriterError> {
         reason: e.to_string(),
     })?;
     let found = schema.name().map(|n| n.name.clone()).unwrap_or_default();
-    let record = [Record::PositionEvent, Record::RegistryEvent]
+    let record = Record::ALL
         .into_iter()
         .find(|r| r.name() == found)
         .ok_or(WriterError::Foreign { id, found })?;
@@ -212,5 +233,6 @@ mod tests {
     fn schemas_parse_and_have_expected_names() {
         assert_eq!(position_event().name().unwrap().name, "PositionEvent");
         assert_eq!(registry_event().name().unwrap().name, "RegistryEvent");
+        assert_eq!(execution_event().name().unwrap().name, "ExecutionEvent");
     }
 }

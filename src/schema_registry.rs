@@ -275,7 +275,7 @@ impl SchemaRegistry {
         Ok(reply.schema)
     }
 
-    /// Registers both schemas under the subjects of `topics`; the ids to frame values with.
+    /// Registers the three schemas under the subjects of `topics`; the ids to frame values with.
     ///
     /// # Errors
     /// [`SchemaRegistryError`], including [`SchemaRegistryError::SplitIds`] when one schema got
@@ -303,9 +303,13 @@ impl SchemaRegistry {
         let registry_event = self
             .register(&value_subject(&topics.registry), schema::REGISTRY_EVENT_AVSC)
             .await?;
+        let execution_event = self
+            .register(&value_subject(&topics.executions), schema::EXECUTION_EVENT_AVSC)
+            .await?;
         Ok(SchemaIds {
             position_event: position.map(|(_, id)| id).unwrap_or_default(),
             registry_event,
+            execution_event,
         })
     }
 

@@ -1,4 +1,6 @@
-//! The binary as a user runs it: the command-line surface, metrics, `possync run` (end to end and restarted) and the operator commands.
+//! The binary as a user runs it: the command-line surface, metrics, `possync run`'s
+//! flags and output, and the operator commands. (`run_e2e.rs` and `run_restart.rs` are binaries
+//! of their own: `possync::run::run` reads the process-wide metrics to know it caught up.)
 //!
 //! One test binary: each file under `tests/cli/` is a module (they were separate binaries;
 //! every binary links deltalake and rdkafka, about 30 s each on the CI machine).
@@ -12,9 +14,5 @@ mod metrics;
 mod ops;
 #[path = "cli/run.rs"]
 mod run;
-#[path = "cli/run_e2e.rs"]
-mod run_e2e;
-#[path = "cli/run_restart.rs"]
-mod run_restart;
 #[path = "cli/surface.rs"]
 mod surface;

@@ -1,5 +1,8 @@
 //! `possync run` twice on the same data directory: the embedded broker starts empty each time,
 //! and no stale offset may block, skip or duplicate anything.
+//!
+//! Its own test binary: it counts what the process materialized with the process-wide metrics
+//! (`possync::metrics::global()`), which another pipeline in the same process would move.
 
 use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;

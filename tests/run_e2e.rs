@@ -3,6 +3,8 @@
 //! compared: DuckDB's delta extension against the simulator's own ground truth, and Spark
 //! (PySpark + delta-spark) against DuckDB. Both tests share one pipeline run.
 
+mod materialize_support;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::materialize_support::{dead_letter_rows, produce, Env, Gen};
+use materialize_support::{dead_letter_rows, produce, Env, Gen};
 use possync::materialize::{self, MaterializeConfig};
 use possync::run::{run, RunConfig, RunReport};
 use tokio_util::sync::CancellationToken;
