@@ -37,7 +37,8 @@ pub enum Command {
     /// Everything in one process on the embedded default: IB simulator + embedded Kafka broker
     /// + ingest + queue worker + materialize into local Delta tables (`./possync-data`).
     Run(crate::run::RunArgs),
-    /// IB Gateway simulator speaking the TWS socket protocol (server version ≥ 213).
+    /// IB Gateway simulator speaking the TWS socket protocol (server version ≥ 213): positions,
+    /// PnL, executions with commission reports, and IB's limits and faults.
     Sim(crate::sim::SimArgs),
     /// Kafka topics → Delta tables, exactly once (a consumer group; run several for more).
     Materialize(crate::materialize::MaterializeArgs),

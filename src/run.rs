@@ -190,6 +190,11 @@ impl From<RunArgs> for RunConfig {
     }
 }
 
+/// Client id of the embedded run's ingest; the simulator's master API client id.
+pub const INGEST_CLIENT_ID: i32 = 101;
+/// Client id of the embedded run's queue worker.
+pub const QUEUE_WORKER_CLIENT_ID: i32 = 102;
+
 /// What a finished run leaves behind, for the user's summary and for tests.
 #[derive(Debug, Clone)]
 pub struct RunReport {
@@ -228,10 +233,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
 
     // Fills are driven from here (not by the simulator's own timer) so shutdown can stop them
     // first and the tables end equal to the simulator's truth.
+    // Ingest's client id is TWS's "master API client ID": it gets every execution, live and
+    // from reqExecutions (the simulator's fills belong to it).
     let sim_cfg = sim::SimConfig {
         listen: cfg.sim_listen,
         seed: cfg.seed,
         fill_rate: 0.0,
+        master_client_id: Some(INGEST_CLIENT_ID),
         truth_file: Some(cfg.data_dir.join("sim-truth.json")),
         ..sim::SimConfig::default()
     };
@@ -371,7 +379,7 @@ async fn pipeline(
     let ingest_cfg = ingest::IngestConfig {
         ib_host: sim.addr().ip().to_string(),
         ib_port: sim.addr().port(),
-        client_id: 101,
+        client_id: INGEST_CLIENT_ID,
         slot_budget: cfg.slot_budget,
         snapshot: Some(snapshot.clone()),
         ..ingest::IngestConfig::default()
@@ -382,7 +390,7 @@ async fn pipeline(
     let qw_cfg = queue_worker::QueueWorkerConfig {
         ib_host: sim.addr().ip().to_string(),
         ib_port: sim.addr().port(),
-        client_id: 102,
+        client_id: QUEUE_WORKER_CLIENT_ID,
         tick: cfg.queue_tick,
         batch: cfg.queue_batch,
         snapshot: Some(snapshot),

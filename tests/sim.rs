@@ -17,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+#[path = "sim/executions.rs"]
+mod executions;
+
 type TestResult = anyhow::Result<()>;
 
 /// Upper bound for anything that should happen promptly.
@@ -178,8 +181,9 @@ fn assert_contract(got: &ibapi::contracts::Contract, want: &possync::sim::SimCon
         want.con_id
     );
     ensure!(
-        got.exchange.0 == "SMART" && want.exchange == "SMART",
-        "exchange of {}",
+        got.exchange.0 == want.exchange,
+        "exchange {} of {}",
+        got.exchange.0,
         want.con_id
     );
     ensure!(got.currency.0 == "USD", "currency of {}", want.con_id);

@@ -93,7 +93,35 @@ pub struct SimArgs {
     #[arg(long, env = "POSSYNC_SIM_RESTART_REFUSE_FOR", value_parser = humantime::parse_duration, default_value = "30s")]
     pub restart_refuse_for: Duration,
 
-    /// JSON file kept current with the ground truth (positions, streams,
+    /// TWS's "master API client ID": this client id receives every execution live and from
+    /// reqExecutions. The simulator's own fills (not placed through the API) belong to it
+    /// (order id 0); without one they belong to client id 0. Unset = none.
+    #[arg(long, env = "POSSYNC_SIM_MASTER_CLIENT_ID")]
+    pub master_client_id: Option<i32>,
+
+    /// Fault: fraction (0-1) of executions whose live commission report is sent before the
+    /// execution instead of after it.
+    #[arg(long, env = "POSSYNC_SIM_COMMISSION_FIRST_RATE", default_value_t = 0.0)]
+    pub commission_first_rate: f64,
+
+    /// Fault: fraction (0-1) of fills corrected right after: the same execution re-sent with
+    /// the id suffix .01 -> .02 and a new quantity (the position follows) or price.
+    #[arg(long, env = "POSSYNC_SIM_CORRECTION_RATE", default_value_t = 0.0)]
+    pub correction_rate: f64,
+
+    /// Fault: this often, drop every connection, refuse connections for
+    /// --restart-refuse-for and fill once meanwhile, so the fill is only seen by a later
+    /// reqExecutions; unset = never.
+    #[arg(long, env = "POSSYNC_SIM_FILL_WHILE_DOWN_EVERY", value_parser = humantime::parse_duration)]
+    pub fill_while_down_every: Option<Duration>,
+
+    /// Fault: this often, one open option position expires (set to 0) or is assigned (closed,
+    /// and the stock position changes by 100 a contract), with no execution, as IB does;
+    /// unset = never.
+    #[arg(long, env = "POSSYNC_SIM_EXPIRE_ASSIGN_EVERY", value_parser = humantime::parse_duration)]
+    pub expire_assign_every: Option<Duration>,
+
+    /// JSON file kept current with the ground truth (positions, executions, streams,
     /// clients), replaced atomically; unset = none.
     #[arg(long, env = "POSSYNC_SIM_TRUTH_FILE")]
     pub truth_file: Option<PathBuf>,
@@ -143,6 +171,16 @@ pub struct SimConfig {
     pub freeze_every: Option<Duration>,
     /// Refusal window of a scheduled restart.
     pub restart_refuse_for: Duration,
+    /// Master API client id: gets every execution; the simulator's fills belong to it.
+    pub master_client_id: Option<i32>,
+    /// Fraction of live commission reports sent before their execution.
+    pub commission_first_rate: f64,
+    /// Fraction of fills corrected right after.
+    pub correction_rate: f64,
+    /// Scheduled fills while every connection is down.
+    pub fill_while_down_every: Option<Duration>,
+    /// Scheduled option expiries / assignments (no execution).
+    pub expire_assign_every: Option<Duration>,
     /// Truth file path.
     pub truth_file: Option<PathBuf>,
 }
@@ -167,6 +205,11 @@ impl Default for SimConfig {
             restart_every: None,
             freeze_every: None,
             restart_refuse_for: Duration::from_secs(30),
+            master_client_id: None,
+            commission_first_rate: 0.0,
+            correction_rate: 0.0,
+            fill_while_down_every: None,
+            expire_assign_every: None,
             truth_file: None,
         }
     }
@@ -204,6 +247,11 @@ impl From<SimArgs> for SimConfig {
             restart_every: args.restart_every,
             freeze_every: args.freeze_every,
             restart_refuse_for: args.restart_refuse_for,
+            master_client_id: args.master_client_id,
+            commission_first_rate: args.commission_first_rate,
+            correction_rate: args.correction_rate,
+            fill_while_down_every: args.fill_while_down_every,
+            expire_assign_every: args.expire_assign_every,
             truth_file: args.truth_file,
         }
     }
@@ -237,11 +285,16 @@ mod tests {
             "5m",
             "--pnl-tick",
             "500ms",
+            "--master-client-id",
+            "101",
+            "--correction-rate",
+            "0.25",
         ])?;
         let config = cli.sim.into_config();
         assert_eq!(config.underlyings, vec!["SPY".to_string(), "IWM".to_string()]);
         assert_eq!(config.drop_every, Some(Duration::from_secs(300)));
         assert_eq!(config.pnl_tick, Duration::from_millis(500));
+        assert_eq!((config.master_client_id, config.correction_rate), (Some(101), 0.25));
         Ok(())
     }
 }

@@ -31,6 +31,30 @@ pub enum SimError {
     /// A ground-truth change named a contract the world does not have.
     #[error("unknown conId {0}; use one of SimHandle::contracts()")]
     UnknownContract(i32),
+    /// A correction named an execution the day does not have.
+    #[error(
+        "unknown execution {0:?}; use an exec id of Truth::executions (today's only; new_trading_day forgets them)"
+    )]
+    UnknownExecution(String),
+    /// A correction with a quantity or price that no execution can have.
+    #[error("invalid correction of {exec_id}: {reason}")]
+    InvalidCorrection {
+        /// The execution.
+        exec_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Expiry or assignment of a contract that is not an option.
+    #[error("conId {0} is not an option; only options expire or are assigned")]
+    NotAnOption(i32),
+    /// Expiry or assignment of a position the account does not hold.
+    #[error("{account} holds no position in conId {con_id}")]
+    NoPosition {
+        /// The account.
+        account: String,
+        /// The contract.
+        con_id: i32,
+    },
     /// The truth file could not be written.
     #[error("cannot write the truth file {path}: {source}; check --truth-file / POSSYNC_SIM_TRUTH_FILE points into a writable directory")]
     TruthFile {

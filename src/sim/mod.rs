@@ -1,7 +1,7 @@
 //! IB Gateway simulator: speaks the TWS socket protocol `ibapi` 5.x requires
 //! (server version 213+, protobuf messages) so the real client can connect to
-//! it, with a seeded world of accounts, option and stock positions, fills, PnL,
-//! and IB's limits and faults.
+//! it, with a seeded world of accounts, option and stock positions, fills (each
+//! an execution with its commission report), PnL, and IB's limits and faults.
 //!
 //! Use it from the command line (`possync sim`, see [`SimArgs`] for every knob)
 //! or in-process: [`start`] returns a [`SimHandle`] with the bound address, the
@@ -17,9 +17,30 @@
 //! | `reqPositions` / cancel | every open position, `PositionEnd`, then each change (quantity 0 = closed); a repeated request re-sends the list |
 //! | `reqPositionsMulti` / cancel | the account's (or every account's) positions, `PositionMultiEnd`, then changes |
 //! | `reqPnLSingle` / cancel | a `PnLSingle` tick at once and every `pnl_tick`; one real-time stream each |
+//! | `reqExecutions` (filter: client id, account, time, symbol, sec type, exchange, side, specific dates) | the trading day's executions the client may see, each `execDetails` followed by its `commissionReport`, then `execDetailsEnd`; an unreadable filter gets error 321 |
+//! | (no request) | every new execution live: `execDetails` with request id -1 and its `commissionReport` |
 //! | `reqCurrentTime`, `reqCurrentTimeInMillis`, `reqManagedAccts`, `reqIds` | the answer |
 //! | `reqMarketDataType`, `setServerLogLevel` | accepted silently |
 //! | anything else | error 321 "Error validating request" naming the message id |
+//!
+//! # Executions
+//! Every fill ([`SimHandle::apply_fill`], [`SimHandle::fill`], [`SimHandle::random_fill`], the
+//! `fill_rate` task) is an execution: exec id `pppppppp.ssssssss.01.01` (the last part is the
+//! correction suffix), order id 0 and a perm id of its own (each fill is one order, as if
+//! entered in TWS), the order's client id, account, contract, side `BOT`/`SLD`, shares
+//! (unsigned), the contract's current price, cumulative quantity and average price (the
+//! fill's), time `yyyymmdd hh:mm:ss UTC`, exchange (`ISLAND`/`ARCA`/`NYSE` for stocks, `CBOE`
+//! for options), and a commission report (USD 0.005 a share or 0.65 a contract, at least 1;
+//! realized PnL net of commission when the fill closed something, else `f64::MAX`).
+//!
+//! The simulator's fills are not placed through the API: they belong to
+//! `master_client_id` (TWS's "master API client ID" setting) when set, else to client id 0.
+//! Live executions go to the order's client id and to the master client id; `reqExecutions`
+//! returns a client its own orders' executions, and every execution to the master. `possync
+//! run` makes its ingest's client id the master. Only the current trading day's executions
+//! are kept: [`SimHandle::new_trading_day`] forgets them (positions stay), as TWS does at its
+//! daily reset. [`Truth::executions`] lists them, every correction included, with their
+//! commission reports and the client ids each was delivered to live.
 //!
 //! # Limits and faults
 //! - more than `max_streams` concurrent PnL streams across all clients: error 101 on the request;
@@ -30,11 +51,16 @@
 //! - [`SimHandle::restart`] and `restart_every`: every connection closes and the port refuses connections for a while;
 //! - [`SimHandle::send_notice`]: 1100 / 1101 / 1102 (1101 also ends the connection's PnL streams, as data was lost);
 //! - a malformed frame (bad length prefix, bad handshake, undecodable protobuf) closes that connection only;
-//! - a session more than 65,536 position changes behind is disconnected (its client reconnects and resyncs).
+//! - a session more than 65,536 position changes (or 16,384 executions) behind is disconnected (its client reconnects and resyncs);
+//! - `commission_first_rate` and [`SimHandle::fill`] with `commission_first`: a live commission report sent before its execution (`reqExecutions` answers always send the execution first);
+//! - `correction_rate` and [`SimHandle::correct_execution`]: the same execution re-sent with its id suffix one higher (`.01` -> `.02`) and a new quantity (the position changes by the difference) or price, with its own commission report;
+//! - `fill_while_down_every` and [`SimHandle::fill_while_disconnected`]: every connection dropped, the port refusing connections for a while, a fill meanwhile; only a later `reqExecutions` returns it;
+//! - `expire_assign_every`, [`SimHandle::expire`] and [`SimHandle::assign`]: an option position expires (to 0) or is assigned (closed, the stock position changed by ±100 a contract at the strike) with no execution, as at IB; the positions streams show the changes as usual.
 
 mod catalog;
 mod config;
 mod error;
+mod executions;
 mod proto;
 mod server;
 mod session;
@@ -54,7 +80,7 @@ use tracing::info;
 
 pub use config::{SimArgs, SimConfig};
 pub use error::SimError;
-pub use truth::{ClientTruth, SimContract, Truth, TruthPosition};
+pub use truth::{ClientTruth, SimContract, Truth, TruthCommission, TruthExecution, TruthPosition};
 
 use server::RestartRequest;
 use state::{lock, Shared};
@@ -153,7 +179,8 @@ impl SimHandle {
 
     /// Fills `qty_delta` (signed) of `con_id` in `account` at the current price
     /// and pushes the new position to position subscribers (quantity 0 when it
-    /// closed). Returns the position after the fill.
+    /// closed); the fill is an execution of the day (see the module docs; the
+    /// fault rates apply). Returns the position after the fill.
     ///
     /// # Errors
     /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
@@ -180,12 +207,98 @@ impl SimHandle {
         Ok(world.position(account, con_id))
     }
 
-    /// Makes one seeded random fill now (as the fill-rate task does) and
-    /// returns the changed position.
+    /// Makes one seeded random fill (an execution) now, as the fill-rate task
+    /// does, and returns the changed position.
     pub fn random_fill(&self) -> Option<TruthPosition> {
         let mut world = lock(&self.shared.world);
         let change = world.random_fill()?;
         Some(world.position(&change.account, change.contract.con_id))
+    }
+
+    /// Fills like [`SimHandle::apply_fill`] and returns the execution it made
+    /// (`None` for a zero `qty_delta`). Its live commission report is sent
+    /// before the execution when `commission_first` (the fault), after it otherwise.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn fill(
+        &self,
+        account: &str,
+        con_id: i32,
+        qty_delta: f64,
+        commission_first: bool,
+    ) -> Result<Option<TruthExecution>, SimError> {
+        let mut world = lock(&self.shared.world);
+        Ok(world.fill_exec(account, con_id, qty_delta, Some(commission_first))?.1)
+    }
+
+    /// Corrects today's execution `exec_id` (any version of it): the same
+    /// execution re-sent live with the id suffix one higher (`.01` -> `.02`) and
+    /// the new `shares` (unsigned, same side) and/or `price`, with its own
+    /// commission report. A new quantity changes the position by the difference.
+    /// Returns the correction.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownExecution`] / [`SimError::InvalidCorrection`].
+    pub fn correct_execution(
+        &self,
+        exec_id: &str,
+        shares: Option<f64>,
+        price: Option<f64>,
+    ) -> Result<TruthExecution, SimError> {
+        lock(&self.shared.world).correct(exec_id, shares, price)
+    }
+
+    /// An execution while the clients are disconnected: every connection is
+    /// closed and the port refuses connections for `refuse_for` (as
+    /// [`SimHandle::restart`]); the fill happens while it refuses, so no client
+    /// gets it live and a later `reqExecutions` returns it. Returns once filled.
+    ///
+    /// # Errors
+    /// As [`SimHandle::restart`] and [`SimHandle::fill`].
+    pub async fn fill_while_disconnected(
+        &self,
+        account: &str,
+        con_id: i32,
+        qty_delta: f64,
+        refuse_for: Duration,
+    ) -> Result<Option<TruthExecution>, SimError> {
+        lock(&self.shared.world).check(account, con_id)?;
+        self.restart(refuse_for).await?;
+        self.fill(account, con_id, qty_delta, false)
+    }
+
+    /// Option expiry: `account`'s option `con_id` goes to 0 with no execution
+    /// (IB reports expiries as position changes only). Returns the closed position.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`] /
+    /// [`SimError::NotAnOption`] / [`SimError::NoPosition`].
+    pub fn expire(&self, account: &str, con_id: i32) -> Result<TruthPosition, SimError> {
+        let mut world = lock(&self.shared.world);
+        world.expire(account, con_id)?;
+        Ok(world.position(account, con_id))
+    }
+
+    /// Option assignment (or exercise): `account`'s option `con_id` closes and
+    /// the underlying stock position changes by `contracts × 100` (calls; the
+    /// negative for puts) at the strike, with no execution. Returns the stock
+    /// position after it.
+    ///
+    /// # Errors
+    /// As [`SimHandle::expire`].
+    pub fn assign(&self, account: &str, con_id: i32) -> Result<TruthPosition, SimError> {
+        let mut world = lock(&self.shared.world);
+        let (_, stock) = world.assign(account, con_id)?;
+        Ok(world.position(account, stock.contract.con_id))
+    }
+
+    /// Starts a new trading day: the day's executions are gone (a
+    /// `reqExecutions` returns none of them, as TWS after its daily reset) and
+    /// [`Truth::executions`] is emptied; positions are kept.
+    pub fn new_trading_day(&self) {
+        info!("new trading day: executions cleared");
+        lock(&self.shared.world).execs_mut().new_trading_day();
     }
 
     /// Moves every price one random-walk step now.

@@ -233,3 +233,129 @@ pub struct PnLSingle {
     #[prost(double, optional, tag = "6")]
     pub value: Option<f64>,
 }
+
+/// Client → server: `RequestExecutions` (message id 7).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecutionRequest {
+    /// Request id echoed on every answer and on `ExecutionDetailsEnd`.
+    #[prost(int32, optional, tag = "1")]
+    pub req_id: Option<i32>,
+    /// Which executions to return; absent means all the client may see.
+    #[prost(message, optional, tag = "2")]
+    pub execution_filter: Option<ExecutionFilter>,
+}
+
+/// IB's `ExecutionFilter`: every set field must match.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecutionFilter {
+    /// Client id the order was placed through.
+    #[prost(int32, optional, tag = "1")]
+    pub client_id: Option<i32>,
+    /// Account.
+    #[prost(string, optional, tag = "2")]
+    pub acct_code: Option<String>,
+    /// Executions at or after `yyyymmdd hh:mm:ss [TZ]` or `yyyymmdd-hh:mm:ss` (UTC).
+    #[prost(string, optional, tag = "3")]
+    pub time: Option<String>,
+    /// Contract symbol.
+    #[prost(string, optional, tag = "4")]
+    pub symbol: Option<String>,
+    /// Security type (`STK`, `OPT`).
+    #[prost(string, optional, tag = "5")]
+    pub sec_type: Option<String>,
+    /// Exchange the execution took place on.
+    #[prost(string, optional, tag = "6")]
+    pub exchange: Option<String>,
+    /// `BUY` or `SELL`.
+    #[prost(string, optional, tag = "7")]
+    pub side: Option<String>,
+    /// Days back (at most 7); the simulator keeps only the current trading day.
+    #[prost(int32, optional, tag = "8")]
+    pub last_n_days: Option<i32>,
+    /// Dates `yyyymmdd` to return executions of.
+    #[prost(int32, repeated, tag = "9")]
+    pub specific_dates: Vec<i32>,
+}
+
+/// IB's `Execution` message.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Execution {
+    /// Order id (0 for orders not placed through the API).
+    #[prost(int32, optional, tag = "1")]
+    pub order_id: Option<i32>,
+    /// Execution id; a correction differs only after the last period.
+    #[prost(string, optional, tag = "2")]
+    pub exec_id: Option<String>,
+    /// Execution time `yyyymmdd hh:mm:ss TZ`.
+    #[prost(string, optional, tag = "3")]
+    pub time: Option<String>,
+    /// Account.
+    #[prost(string, optional, tag = "4")]
+    pub acct_number: Option<String>,
+    /// Exchange of the execution.
+    #[prost(string, optional, tag = "5")]
+    pub exchange: Option<String>,
+    /// `BOT` or `SLD`.
+    #[prost(string, optional, tag = "6")]
+    pub side: Option<String>,
+    /// Quantity as a decimal string (unsigned).
+    #[prost(string, optional, tag = "7")]
+    pub shares: Option<String>,
+    /// Price per unit, commissions excluded.
+    #[prost(double, optional, tag = "8")]
+    pub price: Option<f64>,
+    /// TWS order id.
+    #[prost(int64, optional, tag = "9")]
+    pub perm_id: Option<i64>,
+    /// Client id that placed the order.
+    #[prost(int32, optional, tag = "10")]
+    pub client_id: Option<i32>,
+    /// Whether IB liquidated.
+    #[prost(bool, optional, tag = "11")]
+    pub is_liquidation: Option<bool>,
+    /// Cumulative quantity of the order as a decimal string.
+    #[prost(string, optional, tag = "12")]
+    pub cum_qty: Option<String>,
+    /// Average price of the order.
+    #[prost(double, optional, tag = "13")]
+    pub avg_price: Option<f64>,
+}
+
+/// Server → client: `ExecutionDetails` (message id 11).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExecutionDetails {
+    /// Request id of `reqExecutions`, or -1 for a live execution.
+    #[prost(int32, optional, tag = "1")]
+    pub req_id: Option<i32>,
+    /// The contract.
+    #[prost(message, optional, tag = "2")]
+    pub contract: Option<Contract>,
+    /// The execution.
+    #[prost(message, optional, tag = "3")]
+    pub execution: Option<Execution>,
+}
+
+/// Server → client: `ExecutionDetailsEnd` (message id 55).
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct ExecutionDetailsEnd {
+    /// Request id of `reqExecutions`.
+    #[prost(int32, optional, tag = "1")]
+    pub req_id: Option<i32>,
+}
+
+/// Server → client: `CommissionAndFeesReport` (message id 59).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommissionAndFeesReport {
+    /// The execution it belongs to.
+    #[prost(string, optional, tag = "1")]
+    pub exec_id: Option<String>,
+    /// Commissions and fees.
+    #[prost(double, optional, tag = "2")]
+    pub commission_and_fees: Option<f64>,
+    /// Currency of the commission.
+    #[prost(string, optional, tag = "3")]
+    pub currency: Option<String>,
+    /// Realized PnL of the execution; `f64::MAX` when it closed nothing (as TWS sends).
+    #[prost(double, optional, tag = "4")]
+    pub realized_pnl: Option<f64>,
+}

@@ -1,6 +1,7 @@
 //! The accept loop (with the restart fault: stop listening, refuse connections
 //! for a while, listen again on the same address) and the background tasks:
-//! random fills, price ticks, scheduled drops and restarts, the truth file.
+//! random fills, price ticks, scheduled drops and restarts, fills while down,
+//! option expiries and assignments, the truth file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -147,8 +148,44 @@ pub fn spawn_background(shared: &Arc<Shared>, restarts: &mpsc::Sender<RestartReq
             }
         }));
     }
+    if let Some(period) = config.fill_while_down_every.filter(|p| !p.is_zero()) {
+        tasks.spawn(fill_while_down(shared.clone(), restarts.clone(), period));
+    }
+    if let Some(period) = config.expire_assign_every.filter(|p| !p.is_zero()) {
+        tasks.spawn(every(shared.clone(), period, |shared| {
+            if let Some(change) = lock(&shared.world).random_expiry() {
+                info!(account = %change.account, con_id = change.contract.con_id, "scheduled option expiry/assignment (no execution)");
+            }
+        }));
+    }
     if let Some(path) = config.truth_file.clone() {
         tasks.spawn(keep_truth_file(shared.clone(), path));
+    }
+}
+
+/// Every `period`: a restart refusing connections for `restart_refuse_for`, and
+/// one random fill while the port is closed.
+async fn fill_while_down(shared: Arc<Shared>, restarts: mpsc::Sender<RestartRequest>, period: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let (done, finished) = oneshot::channel();
+        let request = RestartRequest {
+            refuse_for: shared.config.restart_refuse_for,
+            done: Some(done),
+        };
+        if restarts.try_send(request).is_err() {
+            warn!("scheduled fill while down skipped: another restart is pending");
+            continue;
+        }
+        if finished.await.is_ok() {
+            lock(&shared.world).random_fill();
+            info!("scheduled fill while every connection is down");
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! One client connection: the handshake, `StartApi`, then the request loop that
-//! answers positions, positions-multi, PnL-single, current-time and managed-
-//! accounts requests, forwards position changes and notices, ticks PnL streams,
-//! and enforces the pacing limit and the stream cap.
+//! answers positions, positions-multi, PnL-single, executions, current-time and
+//! managed-accounts requests, forwards position changes, executions and
+//! notices, ticks PnL streams, and enforces the pacing limit and the stream cap.
 //!
 //! Requests the simulator does not implement are answered with error 321
 //! ("Error validating request") naming the message id, on the request's id
@@ -24,9 +24,10 @@ use tokio::time::{timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::executions;
 use super::proto;
 use super::state::{lock, Shared};
-use super::truth::SimContract;
+use super::truth::{SimContract, TruthExecution};
 use super::wire::{self, incoming, outgoing, Frame, WireError};
 use super::world::PositionChange;
 
@@ -71,6 +72,9 @@ pub enum SessionError {
     /// The session fell too far behind the world's position changes.
     #[error("session fell {0} position changes behind; disconnecting so the client resyncs")]
     Lagged(u64),
+    /// The session fell too far behind the day's executions.
+    #[error("session fell {0} executions behind; disconnecting so the client asks reqExecutions")]
+    ExecutionsLagged(u64),
 }
 
 /// Serves one accepted connection until it closes, fails or `kill` fires; from `freeze` on,
@@ -122,7 +126,10 @@ async fn start(
     }
     // StartApi counts toward the client's message rate like any other message.
     lock(&shared.clients).record_message(client_id, Instant::now(), 0);
-    let events = lock(&shared.world).subscribe();
+    let (events, execs) = {
+        let world = lock(&shared.world);
+        (world.subscribe(), world.execs().subscribe())
+    };
     let notices = shared.notices.subscribe();
     let (tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
     let reader_task = tokio::spawn(async move {
@@ -144,7 +151,13 @@ async fn start(
         next_order_id: 1,
     };
     info!(client_id, "client connected");
-    let result = session.run(inbound, events, notices, kill, freeze).await;
+    let streams = Streams {
+        inbound,
+        events,
+        execs,
+        notices,
+    };
+    let result = session.run(streams, kill, freeze).await;
     reader_task.abort();
     lock(&shared.clients).release(client_id);
     info!(client_id, "client disconnected");
@@ -183,6 +196,14 @@ struct PnlSub {
     con_id: i32,
 }
 
+/// What a session listens to besides its socket writes.
+struct Streams {
+    inbound: mpsc::Receiver<Result<Frame, WireError>>,
+    events: broadcast::Receiver<PositionChange>,
+    execs: broadcast::Receiver<Arc<TruthExecution>>,
+    notices: broadcast::Receiver<i32>,
+}
+
 struct Session {
     shared: Arc<Shared>,
     client_id: i32,
@@ -197,12 +218,16 @@ struct Session {
 impl Session {
     async fn run(
         &mut self,
-        mut inbound: mpsc::Receiver<Result<Frame, WireError>>,
-        mut events: broadcast::Receiver<PositionChange>,
-        mut notices: broadcast::Receiver<i32>,
+        streams: Streams,
         kill: &CancellationToken,
         freeze: &CancellationToken,
     ) -> Result<(), SessionError> {
+        let Streams {
+            mut inbound,
+            mut events,
+            mut execs,
+            mut notices,
+        } = streams;
         self.send_hello().await?;
         let period = self.shared.config.pnl_tick.max(Duration::from_millis(10));
         let mut pnl_tick = tokio::time::interval(period);
@@ -231,6 +256,11 @@ impl Session {
                 change = events.recv() => match change {
                     Ok(change) => self.on_change(&change).await?,
                     Err(RecvError::Lagged(n)) => return Err(SessionError::Lagged(n)),
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+                execution = execs.recv() => match execution {
+                    Ok(execution) => self.on_execution(&execution).await?,
+                    Err(RecvError::Lagged(n)) => return Err(SessionError::ExecutionsLagged(n)),
                     Err(RecvError::Closed) => return Ok(()),
                 },
                 code = notices.recv() => match code {
@@ -314,6 +344,15 @@ impl Session {
                 self.send(wire::encode(incoming::CURRENT_TIME_IN_MILLIS, &now)).await
             }
             outgoing::REQUEST_POSITIONS => self.request_positions().await,
+            outgoing::REQUEST_EXECUTIONS => {
+                let request: proto::ExecutionRequest = decode(&frame)?;
+                let answer = {
+                    let world = lock(&self.shared.world);
+                    let book = world.execs();
+                    executions::answer(book.day(), self.client_id, book.master(), request)
+                };
+                self.send(answer).await
+            }
             outgoing::CANCEL_POSITIONS => {
                 self.positions_from = None;
                 Ok(())
@@ -459,6 +498,20 @@ impl Session {
         self.send(out).await
     }
 
+    /// A new execution: sent live (request id -1) when this client placed its
+    /// order or is the master client id.
+    async fn on_execution(&mut self, execution: &TruthExecution) -> Result<(), SessionError> {
+        let master = self.shared.config.master_client_id;
+        let Some(frames) = executions::live_frames(execution, self.client_id, master) else {
+            return Ok(());
+        };
+        self.send(frames).await?;
+        lock(&self.shared.world)
+            .execs_mut()
+            .mark_delivered(&execution.exec_id, self.client_id);
+        Ok(())
+    }
+
     async fn on_notice(&mut self, code: i32) -> Result<(), SessionError> {
         if code == RESTORED_DATA_LOST && !self.pnl.is_empty() {
             // Data lost: the real-time streams are gone and must be re-requested.
@@ -519,7 +572,7 @@ fn notice_text(code: i32) -> &'static str {
 }
 
 /// The protobuf contract IB sends for `c`.
-fn contract(c: &SimContract) -> proto::Contract {
+pub fn contract(c: &SimContract) -> proto::Contract {
     let option = c.is_option();
     let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
     proto::Contract {

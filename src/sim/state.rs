@@ -83,9 +83,9 @@ impl Shared {
 
     /// The current ground truth.
     pub fn truth(&self) -> Truth {
-        let (world_seq, positions) = {
+        let (world_seq, positions, executions) = {
             let world = lock(&self.world);
-            (world.seq(), world.positions(None))
+            (world.seq(), world.positions(None), world.execs().day().to_vec())
         };
         let clients = lock(&self.clients);
         Truth {
@@ -94,6 +94,7 @@ impl Shared {
             clients: clients.snapshot(Instant::now()),
             streams_total: clients.streams_total,
             max_streams_total: clients.max_streams_total,
+            executions,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Ground truth the simulator exposes: its contracts, positions, PnL, streams
-//! and clients, as Rust values ([`Truth`]) and as a JSON file kept current.
+//! Ground truth the simulator exposes: its contracts, positions, PnL, the day's
+//! executions, streams and clients, as Rust values ([`Truth`]) and as a JSON
+//! file kept current.
 
 use std::path::Path;
 
@@ -110,6 +111,87 @@ pub struct Truth {
     pub streams_total: usize,
     /// Most real-time streams ever open at once across all clients.
     pub max_streams_total: usize,
+    /// The trading day's executions in the order they happened, every version
+    /// of a corrected one included (the correction after the execution it
+    /// corrects). Emptied by [`SimHandle::new_trading_day`](super::SimHandle::new_trading_day).
+    #[serde(default)]
+    pub executions: Vec<TruthExecution>,
+}
+
+/// The commission report of one execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TruthCommission {
+    /// The execution it belongs to.
+    pub exec_id: String,
+    /// Commissions and fees, positive (a cost).
+    pub commission: f64,
+    /// Currency of the commission (`USD`).
+    pub currency: String,
+    /// Realized PnL of the execution, commission deducted; `None` when it closed
+    /// nothing (TWS sends `f64::MAX`, which `ibapi` turns into `None`).
+    pub realized_pnl: Option<f64>,
+}
+
+/// One execution (one version of it, when corrected) as TWS reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TruthExecution {
+    /// IB-style id `pppppppp.ssssssss.01.vv`; `vv` (`01`, `02`, ...) is the correction suffix.
+    pub exec_id: String,
+    /// The id of the version this one corrects, if it is a correction.
+    pub corrects: Option<String>,
+    /// Order id: 0, as for orders not placed through the API (entered in TWS).
+    pub order_id: i32,
+    /// TWS order id; shared by an execution and its corrections.
+    pub perm_id: i64,
+    /// Client id the order belongs to: the master client id, or 0 without one.
+    pub client_id: i32,
+    /// Account.
+    pub account: String,
+    /// The contract.
+    pub contract: SimContract,
+    /// `BOT` or `SLD`.
+    pub side: String,
+    /// Quantity, unsigned (shares or option contracts).
+    pub shares: f64,
+    /// Price per unit, multiplier and commission excluded.
+    pub price: f64,
+    /// Cumulative quantity of the order (each simulated fill is its own order: `shares`).
+    pub cum_qty: f64,
+    /// Average price of the order (`price`).
+    pub avg_price: f64,
+    /// Execution time as sent: `yyyymmdd hh:mm:ss UTC`.
+    pub time: String,
+    /// Milliseconds since the Unix epoch of `time` (for filters).
+    pub time_ms: i64,
+    /// Exchange the execution took place on.
+    pub exchange: String,
+    /// Its commission report.
+    pub commission: TruthCommission,
+    /// Whether the live commission report was sent before the execution (fault).
+    pub commission_first: bool,
+    /// Client ids it was delivered to live (`execDetails` with request id -1).
+    pub delivered_to: Vec<i32>,
+}
+
+impl TruthExecution {
+    /// The quantity signed as a position change: `+shares` bought, `-shares` sold.
+    pub fn signed_shares(&self) -> f64 {
+        if self.side == "SLD" {
+            -self.shares
+        } else {
+            self.shares
+        }
+    }
+
+    /// The id without its correction suffix: equal for an execution and its corrections.
+    pub fn base_id(&self) -> &str {
+        base_exec_id(&self.exec_id)
+    }
+}
+
+/// `exec_id` without the correction suffix (the part after the last period).
+pub fn base_exec_id(exec_id: &str) -> &str {
+    exec_id.rsplit_once('.').map_or(exec_id, |(base, _)| base)
 }
 
 impl Truth {
@@ -123,6 +205,28 @@ impl Truth {
     /// What is known about `client_id`, if it ever connected.
     pub fn client(&self, client_id: i32) -> Option<&ClientTruth> {
         self.clients.iter().find(|c| c.client_id == client_id)
+    }
+
+    /// The execution (version) with `exec_id`, if it happened today.
+    pub fn execution(&self, exec_id: &str) -> Option<&TruthExecution> {
+        self.executions.iter().find(|e| e.exec_id == exec_id)
+    }
+
+    /// The day's executions as they stand after corrections: the last version of
+    /// each, in the order the executions first happened.
+    pub fn effective_executions(&self) -> Vec<&TruthExecution> {
+        let mut index = std::collections::HashMap::new();
+        let mut out: Vec<&TruthExecution> = Vec::new();
+        for e in &self.executions {
+            match index.get(e.base_id()) {
+                Some(&i) => out[i] = e,
+                None => {
+                    index.insert(e.base_id(), out.len());
+                    out.push(e);
+                }
+            }
+        }
+        out
     }
 
     /// Client ids connected now.

@@ -24,6 +24,8 @@ pub const MAX_SERVER_VERSION: i32 = 226;
 pub mod outgoing {
     /// `ChangeServerLog`.
     pub const CHANGE_SERVER_LOG: i32 = 14;
+    /// `RequestExecutions`.
+    pub const REQUEST_EXECUTIONS: i32 = 7;
     /// `RequestIds`.
     pub const REQUEST_IDS: i32 = 8;
     /// `RequestManagedAccounts`.
@@ -88,6 +90,8 @@ pub mod incoming {
     pub const ERROR: i32 = 4;
     /// `NextValidId`.
     pub const NEXT_VALID_ID: i32 = 9;
+    /// `ExecutionDetails` (`execDetails`).
+    pub const EXECUTION_DATA: i32 = 11;
     /// `ManagedAccounts`.
     pub const MANAGED_ACCOUNTS: i32 = 15;
     /// `CurrentTime`.
@@ -100,6 +104,10 @@ pub mod incoming {
     pub const POSITION_MULTI: i32 = 71;
     /// `PositionMultiEnd`.
     pub const POSITION_MULTI_END: i32 = 72;
+    /// `ExecutionDetailsEnd`.
+    pub const EXECUTION_DATA_END: i32 = 55;
+    /// `CommissionAndFeesReport` (`commissionReport`).
+    pub const COMMISSION_REPORT: i32 = 59;
     /// `PnLSingle`.
     pub const PNL_SINGLE: i32 = 95;
     /// `CurrentTimeInMillis`.

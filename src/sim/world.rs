@@ -2,6 +2,8 @@
 //! that random-walk, positions that seeded random fills open, change and close,
 //! and the PnL those imply. Every position change is published, in order, as a
 //! [`PositionChange`] on a broadcast channel the sessions forward to clients.
+//! Every fill is also an execution of the day ([`ExecutionBook`]); option expiry
+//! and assignment change positions with no execution, as at IB.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,7 +15,8 @@ use tokio::sync::broadcast;
 use super::catalog::{option, option_price, round2, stock, strike_step, third_fridays_after};
 use super::config::SimConfig;
 use super::error::SimError;
-use super::truth::{SimContract, TruthPosition};
+use super::executions::{ExecutionBook, Fill};
+use super::truth::{SimContract, TruthExecution, TruthPosition};
 
 /// Largest relative price step per tick.
 const PRICE_STEP: f64 = 0.002;
@@ -82,6 +85,7 @@ pub struct World {
     price_rng: SmallRng,
     seq: u64,
     events: broadcast::Sender<PositionChange>,
+    execs: ExecutionBook,
 }
 
 impl World {
@@ -132,6 +136,7 @@ impl World {
             price_rng: SmallRng::seed_from_u64(config.seed.wrapping_add(2)),
             seq: 0,
             events,
+            execs: ExecutionBook::new(config)?,
         };
         let stock_base = rng.gen_range(100_000..200_000);
         for (i, symbol) in symbols.iter().enumerate() {
@@ -206,6 +211,16 @@ impl World {
             );
             opened += 1;
         }
+    }
+
+    /// The day's executions.
+    pub fn execs(&self) -> &ExecutionBook {
+        &self.execs
+    }
+
+    /// The day's executions, to record deliveries or start a new day.
+    pub fn execs_mut(&mut self) -> &mut ExecutionBook {
+        &mut self.execs
     }
 
     /// Receives every position change from now on.
@@ -314,6 +329,14 @@ impl World {
         }
     }
 
+    /// Whether `account` and `con_id` both exist.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn check(&self, account: &str, con_id: i32) -> Result<(), SimError> {
+        self.locate(account, con_id).map(|_| ())
+    }
+
     fn locate(&self, account: &str, con_id: i32) -> Result<usize, SimError> {
         if !self.has_account(account) {
             return Err(SimError::UnknownAccount(account.to_string()));
@@ -325,16 +348,163 @@ impl World {
     }
 
     /// A fill of `delta` (signed) at the current price: opens, grows, reduces,
-    /// closes or flips the position, and publishes the result.
+    /// closes or flips the position, publishes the result and records the
+    /// execution (none for a zero delta).
     ///
     /// # Errors
     /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
     pub fn fill(&mut self, account: &str, con_id: i32, delta: f64) -> Result<PositionChange, SimError> {
+        Ok(self.fill_exec(account, con_id, delta, None)?.0)
+    }
+
+    /// [`World::fill`], returning the execution too; `commission_first` forces
+    /// (or, `None`, rolls) the commission-before-execution fault. A correction
+    /// may follow at `correction_rate`.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`].
+    pub fn fill_exec(
+        &mut self,
+        account: &str,
+        con_id: i32,
+        delta: f64,
+        commission_first: Option<bool>,
+    ) -> Result<(PositionChange, Option<TruthExecution>), SimError> {
         let index = self.locate(account, con_id)?;
-        let unit = self.price_of(index) * self.contracts[index].multiplier;
+        let price = self.price_of(index);
+        let unit = price * self.contracts[index].multiplier;
         let holding = self.holdings.entry((account.to_string(), con_id)).or_default();
-        apply_fill(holding, delta, unit);
+        let realized = apply_fill(holding, delta, unit);
+        let change = self.publish(account, index);
+        if delta == 0.0 {
+            return Ok((change, None));
+        }
+        let execution = self.execs.record(&Fill {
+            account,
+            contract: &self.contracts[index],
+            delta,
+            price,
+            realized,
+            commission_first,
+        });
+        if let Some((shares, price)) = self.execs.roll_correction(&execution) {
+            self.correct(&execution.exec_id, Some(shares), Some(price))?;
+        }
+        Ok((change, Some(execution)))
+    }
+
+    /// Corrects today's execution `exec_id` (its latest version): re-sent with the
+    /// id suffix one higher and the new `shares` (unsigned, same side) and/or
+    /// `price`. A new quantity changes the position by the difference (at the
+    /// corrected price); a new price alone changes no position.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownExecution`], or [`SimError::InvalidCorrection`] for a
+    /// quantity or price that is not positive and finite.
+    pub fn correct(
+        &mut self,
+        exec_id: &str,
+        shares: Option<f64>,
+        price: Option<f64>,
+    ) -> Result<TruthExecution, SimError> {
+        let old = self.execs.latest(exec_id)?.clone();
+        let shares = shares.unwrap_or(old.shares);
+        let price = price.unwrap_or(old.price);
+        if !(shares.is_finite() && shares > 0.0 && price.is_finite() && price > 0.0) {
+            return Err(SimError::InvalidCorrection {
+                exec_id: old.exec_id,
+                reason: format!("shares {shares} and price {price} must be positive"),
+            });
+        }
+        let sign = old.signed_shares().signum();
+        let diff = sign * shares - old.signed_shares();
+        let mut realized = None;
+        if diff != 0.0 {
+            let index = self.locate(&old.account, old.contract.con_id)?;
+            let unit = price * self.contracts[index].multiplier;
+            let holding = self
+                .holdings
+                .entry((old.account.clone(), old.contract.con_id))
+                .or_default();
+            realized = apply_fill(holding, diff, unit);
+            self.publish(&old.account, index);
+        }
+        Ok(self.execs.correct(&old, shares, price, realized))
+    }
+
+    /// Expiry of `account`'s option `con_id`: the position goes to 0 (worthless)
+    /// with no execution, as IB reports expiries.
+    ///
+    /// # Errors
+    /// [`SimError::UnknownAccount`] / [`SimError::UnknownContract`] /
+    /// [`SimError::NotAnOption`] / [`SimError::NoPosition`].
+    pub fn expire(&mut self, account: &str, con_id: i32) -> Result<PositionChange, SimError> {
+        let (index, quantity) = self.open_option(account, con_id)?;
+        let holding = self.holdings.entry((account.to_string(), con_id)).or_default();
+        apply_fill(holding, -quantity, 0.0);
         Ok(self.publish(account, index))
+    }
+
+    /// Assignment (or exercise) of `account`'s option `con_id`: the option closes
+    /// and the underlying stock position changes by `quantity × multiplier`
+    /// (calls) or its negative (puts) at the strike, with no execution. Returns
+    /// the option's and the stock's changes.
+    ///
+    /// # Errors
+    /// As [`World::expire`].
+    pub fn assign(&mut self, account: &str, con_id: i32) -> Result<(PositionChange, PositionChange), SimError> {
+        let (index, quantity) = self.open_option(account, con_id)?;
+        let option = self.contracts[index].clone();
+        let stock = (0..self.contracts.len())
+            .find(|&i| self.contracts[i].sec_type == "STK" && self.contracts[i].symbol == option.symbol)
+            .ok_or(SimError::UnknownContract(con_id))?;
+        let stock_id = self.contracts[stock].con_id;
+        let holding = self.holdings.entry((account.to_string(), con_id)).or_default();
+        apply_fill(holding, -quantity, 0.0);
+        let option_change = self.publish(account, index);
+        let side = if option.right == "C" { 1.0 } else { -1.0 };
+        let holding = self.holdings.entry((account.to_string(), stock_id)).or_default();
+        apply_fill(holding, side * quantity * option.multiplier, option.strike);
+        Ok((option_change, self.publish(account, stock)))
+    }
+
+    /// One seeded expiry or assignment of a random open option position (none
+    /// when no option is held).
+    pub fn random_expiry(&mut self) -> Option<PositionChange> {
+        let open: Vec<(String, i32)> = self
+            .holdings
+            .iter()
+            .filter(|((_, id), h)| h.quantity != 0.0 && self.contract(*id).is_some_and(SimContract::is_option))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if open.is_empty() {
+            return None;
+        }
+        let (account, con_id) = open[self.fill_rng.gen_range(0..open.len())].clone();
+        if self.fill_rng.gen_bool(0.5) {
+            self.expire(&account, con_id).ok()
+        } else {
+            self.assign(&account, con_id).ok().map(|(option, _)| option)
+        }
+    }
+
+    /// The index and quantity of `account`'s open option position `con_id`.
+    fn open_option(&self, account: &str, con_id: i32) -> Result<(usize, f64), SimError> {
+        let index = self.locate(account, con_id)?;
+        if !self.contracts[index].is_option() {
+            return Err(SimError::NotAnOption(con_id));
+        }
+        let quantity = self
+            .holdings
+            .get(&(account.to_string(), con_id))
+            .map_or(0.0, |h| h.quantity);
+        if quantity == 0.0 {
+            return Err(SimError::NoPosition {
+                account: account.to_string(),
+                con_id,
+            });
+        }
+        Ok((index, quantity))
     }
 
     /// Sets a position outright (quantity 0 closes it) and publishes it. The
@@ -442,18 +612,22 @@ impl Default for PnlFigures {
 }
 
 /// Applies a fill of `delta` units at `unit` (price × multiplier) to `h`.
-fn apply_fill(h: &mut Holding, delta: f64, unit: f64) {
+/// Returns the PnL it realized when it closed (part of) the position.
+fn apply_fill(h: &mut Holding, delta: f64, unit: f64) -> Option<f64> {
     if delta == 0.0 {
-        return;
+        return None;
     }
     let old = h.quantity;
     let new = old + delta;
     h.day_cash += delta * unit;
+    let mut realized = None;
     if old == 0.0 || old.signum() == delta.signum() {
         h.avg_cost = (old * h.avg_cost + delta * unit) / new;
     } else {
         let closed = delta.abs().min(old.abs()) * old.signum();
-        h.realized += closed * (unit - h.avg_cost);
+        let pnl = closed * (unit - h.avg_cost);
+        h.realized += pnl;
+        realized = Some(pnl);
         if new == 0.0 {
             h.avg_cost = 0.0;
         } else if new.signum() != old.signum() {
@@ -461,6 +635,7 @@ fn apply_fill(h: &mut Holding, delta: f64, unit: f64) {
         }
     }
     h.quantity = new;
+    realized
 }
 
 /// A random non-zero quantity: 1–10 option contracts, or 1–500 shares (a
