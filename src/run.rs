@@ -233,13 +233,14 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
 
     // Fills are driven from here (not by the simulator's own timer) so shutdown can stop them
     // first and the tables end equal to the simulator's truth.
-    // Ingest's client id is TWS's "master API client ID": it gets every execution, live and
-    // from reqExecutions (the simulator's fills belong to it).
+    // No master API client id yet: ingest does not read executions (issue 21), and ibapi
+    // warns twice per fill about live executions nobody subscribed to. With
+    // `Some(INGEST_CLIENT_ID)` ingest gets every execution, live and from reqExecutions.
     let sim_cfg = sim::SimConfig {
         listen: cfg.sim_listen,
         seed: cfg.seed,
         fill_rate: 0.0,
-        master_client_id: Some(INGEST_CLIENT_ID),
+        master_client_id: None,
         truth_file: Some(cfg.data_dir.join("sim-truth.json")),
         ..sim::SimConfig::default()
     };
@@ -440,6 +441,7 @@ async fn pipeline(
     let reconciled = || m.reconciliations.load(Relaxed);
     let before = reconciled();
     let mut trading = false;
+    let mut day = chrono::Utc::now().date_naive();
     let mut ready_check = interval(Duration::from_millis(100));
     let until = cfg.duration.map(|d| Instant::now() + d);
     let mut failure: Option<RunError> = None;
@@ -461,7 +463,16 @@ async fn pipeline(
                 }
             }
             _ = fills.tick(), if trading && cfg.fill_rate > 0.0 => { sim.random_fill(); }
-            _ = progress.tick() => say!("{}", m.progress_line()),
+            _ = progress.tick() => {
+                say!("{}", m.progress_line());
+                // IB forgets the day's executions at the end of the day; so does the
+                // simulator of a long run (its truth file would grow with every fill).
+                let today = chrono::Utc::now().date_naive();
+                if today != day {
+                    day = today;
+                    sim.new_trading_day();
+                }
+            }
         }
     }
 
