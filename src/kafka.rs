@@ -717,7 +717,7 @@ impl EmbeddedBroker {
         self.call(|r| BrokerCmd::CreateTopic(topic.to_string(), partitions, r))
     }
 
-    /// Creates the four data topics with `partitions` partitions each, and the one-partition
+    /// Creates the four data topics and the executions topic with `partitions` partitions each, and the one-partition
     /// lease topic.
     pub fn create_topics(&self, topics: &Topics, partitions: i32) -> Result<(), KafkaError> {
         topics

@@ -1,7 +1,7 @@
 //! The possync topics on a real cluster: `possync topics create | check`, and the start-up
 //! check every Kafka process runs before it does anything else.
 //!
-//! The layout is fixed by the design: four data topics under one prefix, the registry topic
+//! The layout is fixed by the design: four data topics and the executions topic under one prefix, the registry topic
 //! compacted (it is the registry's source of truth, and compaction keeps the latest word per
 //! entry), the others deleted by retention; plus the ingest lease's topic, one partition and
 //! never written (see [`crate::ingest::lease`]). Replication and `min.insync.replicas` are the
@@ -84,7 +84,7 @@ pub struct Spec {
 }
 
 impl Layout {
-    /// The five topics of `kafka.topics` with their expected partitions and configs.
+    /// The six topics of `kafka.topics` with their expected partitions and configs.
     pub fn specs(&self, kafka: &KafkaConfig) -> Vec<Spec> {
         let t = &kafka.topics;
         t.every()
@@ -473,7 +473,7 @@ mod tests {
     fn layout_compacts_only_the_registry() {
         let kafka = KafkaConfig::new("b:1");
         let specs = Layout::default().specs(&kafka);
-        assert_eq!(specs.len(), 5);
+        assert_eq!(specs.len(), 6);
         for s in specs {
             let want = if s.name == kafka.topics.registry {
                 "compact"

@@ -37,7 +37,7 @@
 //! `master_client_id` (TWS's "master API client ID" setting) when set, else to client id 0.
 //! Live executions go to the order's client id and to the master client id; `reqExecutions`
 //! returns a client its own orders' executions, and every execution to the master. `possync
-//! run` makes its ingest's client id the master. Only the current trading day's executions
+//! run` sets no master until ingest reads executions (issue 21). Only the current trading day's executions
 //! are kept: [`SimHandle::new_trading_day`] forgets them (positions stay), as TWS does at its
 //! daily reset. [`Truth::executions`] lists them, every correction included, with their
 //! commission reports and the client ids each was delivered to live.
