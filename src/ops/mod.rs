@@ -80,6 +80,11 @@ impl<'a> Row<'a> {
             .unwrap_or_else(|| panic!("column {n} (schema checked at open)"))
             .as_ref()
     }
+    /// The string at row `i` of column `n`, borrowed (no allocation per row).
+    pub fn str_ref(&self, n: &str, i: usize) -> Option<&'a str> {
+        let a = self.col(n).as_string::<i32>();
+        a.is_valid(i).then(|| a.value(i))
+    }
     pub fn str(&self, n: &str, i: usize) -> Option<String> {
         let a = self.col(n).as_string::<i32>();
         a.is_valid(i).then(|| a.value(i).to_string())

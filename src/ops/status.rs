@@ -373,19 +373,19 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         ingest_overflow_total: None,
     };
     if let Some(t) = tables.get(&TableKind::PositionsCurrent) {
-        for b in t.read_all().await? {
+        for b in t.read_columns(&["route", "position"]).await? {
             let r = Row(&b);
             slots.active_open_positions += (0..b.num_rows())
-                .filter(|i| r.str("route", *i).as_deref() == Some("ACTIVE") && r.f64("position", *i) != Some(0.0))
+                .filter(|i| r.str_ref("route", *i) == Some("ACTIVE") && r.f64("position", *i) != Some(0.0))
                 .count() as u64;
         }
     }
     let mut queue = Queue::default();
     if let Some(t) = tables.get(&TableKind::PositionQueue) {
-        for b in t.read_all().await? {
+        for b in t.read_columns(&["status"]).await? {
             let r = Row(&b);
             for i in 0..b.num_rows() {
-                match r.str("status", i).as_deref() {
+                match r.str_ref("status", i) {
                     Some("pending") => queue.depth += 1,
                     Some("refreshed") => queue.refreshed += 1,
                     Some("closed") => queue.closed += 1,

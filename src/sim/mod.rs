@@ -39,7 +39,7 @@
 //! returns a client its own orders' executions, and every execution to the master. `possync
 //! run` sets no master until ingest reads executions (issue 21). Only the current trading day's executions
 //! are kept: [`SimHandle::new_trading_day`] forgets them (positions stay), as TWS does at its
-//! daily reset. [`Truth::executions`] lists them, every correction included, with their
+//! daily reset (`possync sim` and `possync run` call it at midnight UTC). [`Truth::executions`] lists them, every correction included, with their
 //! commission reports and the client ids each was delivered to live.
 //!
 //! # Limits and faults
@@ -95,9 +95,23 @@ use world::World;
 pub async fn run(config: SimConfig, shutdown: CancellationToken) -> Result<(), SimError> {
     let mut handle = start(config).await?;
     println!("possync sim listening on {}", handle.addr());
-    tokio::select! {
-        _ = shutdown.cancelled() => handle.shutdown().await,
-        result = handle.server_finished() => result,
+    // A gateway forgets the day's executions at its daily reset; so does a long-running
+    // simulator, at midnight UTC (else its truth file grows with every fill). In-process
+    // simulators ([`start`], the tests) roll only when told ([`SimHandle::new_trading_day`]).
+    let mut day = chrono::Utc::now().date_naive();
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return handle.shutdown().await,
+            result = handle.server_finished() => return result,
+            _ = check.tick() => {
+                let today = chrono::Utc::now().date_naive();
+                if today != day {
+                    day = today;
+                    handle.new_trading_day();
+                }
+            }
+        }
     }
 }
 

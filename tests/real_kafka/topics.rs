@@ -55,8 +55,8 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
     let (ok, out) = run(with(&["topics", "create"], "t1."), &layout)?;
     ensure!(ok, "topics create failed:\n{out}");
     ensure!(
-        out.matches("created t1.").count() == 5,
-        "expected five topics (four data, one lease) created:\n{out}"
+        out.matches("created t1.").count() == 6,
+        "expected six topics (four data, executions, one lease) created:\n{out}"
     );
     let (ok, out) = run(with(&["topics", "check"], "t1."), &layout)?;
     ensure!(ok && out.contains("topics ok"), "check after create:\n{out}");
@@ -77,7 +77,7 @@ async fn create_check_and_start_up_checks() -> anyhow::Result<()> {
         ],
     )?;
     ensure!(
-        !ok && out.matches("partitions is 3, expected 6").count() == 4,
+        !ok && out.matches("partitions is 3, expected 6").count() == 5,
         "partition drift:\n{out}"
     );
     let admin: AdminClient<DefaultClientContext> = possync::kafka::KafkaConfig::new(&brokers).admin().create()?;

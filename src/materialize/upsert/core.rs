@@ -780,6 +780,20 @@ pub(crate) mod tests {
         a.committed(staged);
         assert_eq!(table_state(&ta).await.len(), 99);
         assert_eq!(table_state(&ta).await, state_of(&a));
+        // A read of two columns (`possync status`) sees the live rows, deletion vectors applied.
+        let pairs = |batches: Vec<RecordBatch>| {
+            let mut v: Vec<(i64, String)> = Vec::new();
+            for b in &batches {
+                let r = crate::ops::Row(b);
+                v.extend((0..b.num_rows()).map(|i| (r.i64("con_id", i).unwrap(), r.str("status", i).unwrap())));
+            }
+            v.sort();
+            v
+        };
+        let few = ta.read_columns(&["con_id", "status"]).await.unwrap();
+        assert_eq!(few[0].num_columns(), 2, "only the columns asked for are read");
+        assert_eq!(pairs(few), pairs(ta.read_all().await.unwrap()));
+        assert_eq!(pairs(ta.read_columns(&["con_id", "status"]).await.unwrap()).len(), 99);
         // Many small commits: compaction keeps the file count bounded and the rows exact.
         for i in 0..(MAX_FILES as i64 * 2) {
             put(&mut ta, &mut a, &[(i % 50, 10 + i), (1000 + i, 1)]).await.unwrap();
