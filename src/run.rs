@@ -247,6 +247,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
     // Read the previous run's book before the new simulator overwrites the file.
     let saved = load_truth(&cfg.data_dir.join("sim-truth.json"));
     let mut sim = sim::start(sim_cfg).await?;
+    sim.roll_trading_day_at_midnight();
     let restored = saved.map(|t| restore_book(&sim, &t));
     let metrics_addr = match cfg.metrics_addr {
         Some(a) => Some(metrics::serve(a, shutdown.child_token()).await?),
@@ -441,7 +442,6 @@ async fn pipeline(
     let reconciled = || m.reconciliations.load(Relaxed);
     let before = reconciled();
     let mut trading = false;
-    let mut day = chrono::Utc::now().date_naive();
     let mut ready_check = interval(Duration::from_millis(100));
     let until = cfg.duration.map(|d| Instant::now() + d);
     let mut failure: Option<RunError> = None;
@@ -463,16 +463,7 @@ async fn pipeline(
                 }
             }
             _ = fills.tick(), if trading && cfg.fill_rate > 0.0 => { sim.random_fill(); }
-            _ = progress.tick() => {
-                say!("{}", m.progress_line());
-                // IB forgets the day's executions at the end of the day; so does the
-                // simulator of a long run (its truth file would grow with every fill).
-                let today = chrono::Utc::now().date_naive();
-                if today != day {
-                    day = today;
-                    sim.new_trading_day();
-                }
-            }
+            _ = progress.tick() => say!("{}", m.progress_line()),
         }
     }
 

@@ -70,25 +70,24 @@ pub fn use_ids(ids: SchemaIds) -> Result<(), SchemaIds> {
 /// The parsed `PositionEvent` schema.
 pub fn position_event() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
-    S.get_or_init(|| {
-        Schema::parse_str(POSITION_EVENT_AVSC).expect("schemas/position_event.avsc is valid Avro (checked by tests)")
-    })
+    parsed(&S, POSITION_EVENT_AVSC)
 }
 
 /// The parsed `RegistryEvent` schema.
 pub fn registry_event() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
-    S.get_or_init(|| {
-        Schema::parse_str(REGISTRY_EVENT_AVSC).expect("schemas/registry_event.avsc is valid Avro (checked by tests)")
-    })
+    parsed(&S, REGISTRY_EVENT_AVSC)
 }
 
 /// The parsed `ExecutionEvent` schema.
 pub fn execution_event() -> &'static Schema {
     static S: OnceLock<Schema> = OnceLock::new();
-    S.get_or_init(|| {
-        Schema::parse_str(EXECUTION_EVENT_AVSC).expect("schemas/execution_event.avsc is valid Avro (checked by tests)")
-    })
+    parsed(&S, EXECUTION_EVENT_AVSC)
+}
+
+/// `text` (one of the embedded `.avsc` files) parsed once into `cell`.
+fn parsed(cell: &'static OnceLock<Schema>, text: &str) -> &'static Schema {
+    cell.get_or_init(|| Schema::parse_str(text).expect("the embedded schemas/*.avsc are valid Avro (checked by tests)"))
 }
 
 /// Which record type a schema is a version of.
@@ -193,10 +192,7 @@ pub fn writer(id: u32) -> Option<Arc<Writer>> {
 /// Whether a value framed with `id` can be decoded without asking anyone (the hot-path check
 /// before [`crate::schema_registry::learn`]).
 pub fn knows(id: u32) -> bool {
-    let own = ids();
-    id == own.position_event
-        || id == own.registry_event
-        || id == own.execution_event
+    Record::ALL.iter().any(|r| r.id() == id)
         || LEARNED.read().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
         || (!uses_registry() && EARLIER.iter().any(|(i, _, _)| *i == id))
 }

@@ -113,22 +113,18 @@ impl Join {
     /// (marked in flight). Early commissions older than a day are dropped (their execution
     /// belongs to a day IB no longer reports).
     pub fn due(&mut self, now: Instant, wait: Duration) -> Vec<ExecutionEvent> {
-        let late: Vec<String> = self
-            .waiting
-            .iter()
-            .filter(|(_, (_, since))| now.duration_since(*since) >= wait)
-            .map(|(id, _)| id.clone())
-            .collect();
         self.early
             .retain(|_, (_, since)| now.duration_since(*since) < Duration::from_secs(86_400));
-        let mut out = Vec::with_capacity(late.len());
-        for id in late {
-            if let Some((e, _)) = self.waiting.remove(&id) {
-                self.sent.insert(id, Sent::InFlight { with_commission: false });
-                out.push(e);
-            }
+        let late: Vec<ExecutionEvent> = self
+            .waiting
+            .extract_if(|_, (_, since)| now.duration_since(*since) >= wait)
+            .map(|(_, (e, _))| e)
+            .collect();
+        for e in &late {
+            self.sent
+                .insert(e.exec_id.clone(), Sent::InFlight { with_commission: false });
         }
-        out
+        late
     }
 
     /// Kafka acknowledged the event of `exec_id`.

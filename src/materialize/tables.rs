@@ -711,27 +711,9 @@ impl Table {
         if columns.iter().any(|c| partitions.iter().any(|p| p == c)) {
             return self.read_all().await;
         }
-        let store = self.delta.object_store();
         let mut out = Vec::new();
         for f in self.files()? {
-            let bytes = store
-                .get(&f.path)
-                .await
-                .map_err(|e| self.err()(e.into()))?
-                .bytes()
-                .await
-                .map_err(|e| self.err()(e.into()))?;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| self.err()(e.into()))?;
-            let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-            let batches: Vec<RecordBatch> = builder
-                .with_projection(mask)
-                .build()
-                .map_err(|e| self.err()(e.into()))?
-                .collect::<Result<_, _>>()
-                .map_err(|source| TableError::Arrow {
-                    table: self.kind.name(),
-                    source,
-                })?;
+            let batches = self.read_parquet(&f, Some(columns)).await?;
             self.live_rows(&f, batches, &mut out).await?;
         }
         Ok(out)
@@ -773,29 +755,37 @@ impl Table {
 
     /// The physical rows of one file, in order, in batches (partition columns restored).
     async fn read_file(&self, f: &FileRef) -> Result<Vec<RecordBatch>, TableError> {
-        let store = self.delta.object_store();
         let schema = self.kind.schema();
         let mut out = Vec::new();
+        for b in self.read_parquet(f, None).await? {
+            out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
+        }
+        Ok(out)
+    }
+
+    /// The physical rows of one file as stored (no partition columns), every column or only
+    /// `columns`.
+    async fn read_parquet(&self, f: &FileRef, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>, TableError> {
         // Files read back are small (upsert tables, compaction inputs): read whole.
-        let bytes = store
+        let bytes = self
+            .delta
+            .object_store()
             .get(&f.path)
             .await
             .map_err(|e| self.err()(e.into()))?
             .bytes()
             .await
             .map_err(|e| self.err()(e.into()))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|e| self.err()(e.into()))?
-            .build()
-            .map_err(|e| self.err()(e.into()))?;
-        let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
+        let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| self.err()(e.into()))?;
+        if let Some(columns) = columns {
+            let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+            builder = builder.with_projection(mask);
+        }
+        let reader = builder.build().map_err(|e| self.err()(e.into()))?;
+        reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
             table: self.kind.name(),
             source,
-        })?;
-        for b in batches {
-            out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
-        }
-        Ok(out)
+        })
     }
 
     /// Reads the whole current table.

@@ -65,7 +65,6 @@ pub struct ExecutionBook {
     next_perm: i64,
     /// Client id the simulated orders belong to.
     owner: i32,
-    master: Option<i32>,
     day: Vec<TruthExecution>,
     /// Exec id → index in `day`.
     index: HashMap<String, usize>,
@@ -98,7 +97,6 @@ impl ExecutionBook {
             next_seq: 1,
             next_perm: 1_000_000_000 + (config.seed % 1_000_000) as i64 * 1_000,
             owner: config.master_client_id.unwrap_or(0),
-            master: config.master_client_id,
             day: Vec::new(),
             index: HashMap::new(),
             rng: SmallRng::seed_from_u64(config.seed.wrapping_add(3)),
@@ -111,11 +109,6 @@ impl ExecutionBook {
     /// Receives every new execution (corrections included) from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<TruthExecution>> {
         self.events.subscribe()
-    }
-
-    /// The master client id, if any.
-    pub fn master(&self) -> Option<i32> {
-        self.master
     }
 
     /// The day's executions, every version, in order.

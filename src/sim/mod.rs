@@ -95,23 +95,10 @@ use world::World;
 pub async fn run(config: SimConfig, shutdown: CancellationToken) -> Result<(), SimError> {
     let mut handle = start(config).await?;
     println!("possync sim listening on {}", handle.addr());
-    // A gateway forgets the day's executions at its daily reset; so does a long-running
-    // simulator, at midnight UTC (else its truth file grows with every fill). In-process
-    // simulators ([`start`], the tests) roll only when told ([`SimHandle::new_trading_day`]).
-    let mut day = chrono::Utc::now().date_naive();
-    let mut check = tokio::time::interval(std::time::Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return handle.shutdown().await,
-            result = handle.server_finished() => return result,
-            _ = check.tick() => {
-                let today = chrono::Utc::now().date_naive();
-                if today != day {
-                    day = today;
-                    handle.new_trading_day();
-                }
-            }
-        }
+    handle.roll_trading_day_at_midnight();
+    tokio::select! {
+        _ = shutdown.cancelled() => handle.shutdown().await,
+        result = handle.server_finished() => result,
     }
 }
 
@@ -311,8 +298,14 @@ impl SimHandle {
     /// `reqExecutions` returns none of them, as TWS after its daily reset) and
     /// [`Truth::executions`] is emptied; positions are kept.
     pub fn new_trading_day(&self) {
-        info!("new trading day: executions cleared");
-        lock(&self.shared.world).execs_mut().new_trading_day();
+        server::new_trading_day(&self.shared);
+    }
+
+    /// From now on, a new trading day ([`SimHandle::new_trading_day`]) at every midnight UTC,
+    /// as a gateway's daily reset; else a long-running simulator's truth file grows with every
+    /// fill. `possync sim` and `possync run` call it; in-process tests roll only when told.
+    pub fn roll_trading_day_at_midnight(&self) {
+        server::spawn_day_roll(&self.shared);
     }
 
     /// Moves every price one random-walk step now.

@@ -21,6 +21,8 @@ use super::truth::write_truth_file;
 
 /// How often the truth file is refreshed (only rewritten when it changed).
 const TRUTH_FILE_PERIOD: Duration = Duration::from_millis(250);
+/// How often [`spawn_day_roll`]'s task looks at the date.
+const DAY_ROLL_CHECK: Duration = Duration::from_secs(10);
 /// Attempts to listen again after a simulated restart, 100 ms apart.
 const REBIND_ATTEMPTS: u32 = 50;
 
@@ -187,6 +189,25 @@ async fn fill_while_down(shared: Arc<Shared>, restarts: mpsc::Sender<RestartRequ
             info!("scheduled fill while every connection is down");
         }
     }
+}
+
+/// A new trading day: the day's executions are forgotten (positions stay), as at a gateway's
+/// daily reset.
+pub fn new_trading_day(shared: &Shared) {
+    info!("new trading day: executions cleared");
+    lock(&shared.world).execs_mut().new_trading_day();
+}
+
+/// From now until shutdown, starts a new trading day whenever the UTC date changes.
+pub fn spawn_day_roll(shared: &Arc<Shared>) {
+    let mut day = chrono::Utc::now().date_naive();
+    tokio::spawn(every(shared.clone(), DAY_ROLL_CHECK, move |shared| {
+        let today = chrono::Utc::now().date_naive();
+        if today != day {
+            day = today;
+            new_trading_day(shared);
+        }
+    }));
 }
 
 /// Runs `job` every `period` (first run after one period) until shutdown.

@@ -346,11 +346,9 @@ impl Session {
             outgoing::REQUEST_POSITIONS => self.request_positions().await,
             outgoing::REQUEST_EXECUTIONS => {
                 let request: proto::ExecutionRequest = decode(&frame)?;
-                let answer = {
-                    let world = lock(&self.shared.world);
-                    let book = world.execs();
-                    executions::answer(book.day(), self.client_id, book.master(), request)
-                };
+                let master = self.shared.config.master_client_id;
+                let answer =
+                    executions::answer(lock(&self.shared.world).execs().day(), self.client_id, master, request);
                 self.send(answer).await
             }
             outgoing::CANCEL_POSITIONS => {
