@@ -23,6 +23,16 @@ pub struct Metrics {
     /// Position events Kafka did not acknowledge for good (`message.timeout.ms`); their
     /// positions are republished once Kafka is back.
     pub delivery_failures: AtomicU64,
+    /// Executions acknowledged by Kafka (topic `executions`).
+    pub published_executions: AtomicU64,
+    /// Executions published without their commission (it did not come within
+    /// `--commission-wait`).
+    pub executions_without_commission: AtomicU64,
+    /// Commission reports that came after their execution was published without one (sent to
+    /// the dead-letter topic).
+    pub late_commissions: AtomicU64,
+    /// Times ingest asked IB for the day's executions (every connect, and after a lost one).
+    pub execution_requests: AtomicU64,
     /// Positions that should be active but got no slot (budget exhausted).
     pub slot_overflow: AtomicU64,
     /// PnL streams IB refused (error 101); retried with backoff.
@@ -290,6 +300,30 @@ impl Metrics {
             "delivery_failures_total",
             "Position events Kafka did not acknowledge for good (republished later)",
             self.delivery_failures.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "executions_published_total",
+            "Executions acknowledged by Kafka (topic executions)",
+            self.published_executions.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "executions_without_commission_total",
+            "Executions published without their commission report (it did not come within --commission-wait)",
+            self.executions_without_commission.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "late_commissions_total",
+            "Commission reports that came after their execution was published without one (dead-lettered)",
+            self.late_commissions.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "execution_requests_total",
+            "Requests of the day's executions (every IB connect, and after a lost delivery)",
+            self.execution_requests.load(Relaxed),
         );
         c(
             &mut s,

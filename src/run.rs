@@ -233,14 +233,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<RunRepor
 
     // Fills are driven from here (not by the simulator's own timer) so shutdown can stop them
     // first and the tables end equal to the simulator's truth.
-    // No master API client id yet: ingest does not read executions (issue 21), and ibapi
-    // warns twice per fill about live executions nobody subscribed to. With
-    // `Some(INGEST_CLIENT_ID)` ingest gets every execution, live and from reqExecutions.
+    // Ingest is the master API client: it gets every execution live (the queue worker's
+    // client sees none), and every one of the day from reqExecutions.
     let sim_cfg = sim::SimConfig {
         listen: cfg.sim_listen,
         seed: cfg.seed,
         fill_rate: 0.0,
-        master_client_id: None,
+        master_client_id: Some(INGEST_CLIENT_ID),
         truth_file: Some(cfg.data_dir.join("sim-truth.json")),
         ..sim::SimConfig::default()
     };

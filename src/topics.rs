@@ -323,8 +323,8 @@ pub async fn check(kafka: &KafkaConfig, layout: &Layout, timeout: Duration) -> R
 /// Which process is starting: each needs its own topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Process {
-    /// Publishes both position topics, follows the registry; with `lease`, joins the lease
-    /// group on the lease topic.
+    /// Publishes both position topics and the executions topic, follows the registry; with
+    /// `lease`, joins the lease group on the lease topic.
     Ingest { lease: bool },
     /// Replays and publishes the queued topic.
     QueueWorker,
@@ -341,9 +341,17 @@ pub enum Process {
 pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -> Result<(), TopicsError> {
     let t = &kafka.topics;
     let needed: Vec<String> = match process {
-        Process::Ingest { lease: false } => vec![t.active.clone(), t.queued.clone(), t.registry.clone()],
-        Process::Ingest { lease: true } => {
-            vec![t.active.clone(), t.queued.clone(), t.registry.clone(), t.lease.clone()]
+        Process::Ingest { lease } => {
+            let mut t = vec![
+                t.active.clone(),
+                t.queued.clone(),
+                t.registry.clone(),
+                t.executions.clone(),
+            ];
+            if lease {
+                t.push(kafka.topics.lease.clone());
+            }
+            t
         }
         Process::QueueWorker => vec![t.queued.clone()],
         Process::Materialize => t.all().iter().map(|s| s.to_string()).collect(),
@@ -518,6 +526,15 @@ mod tests {
         for t in [&kafka.topics.active, &kafka.topics.registry, &kafka.topics.deadletter] {
             broker.create_topic(t, 1).unwrap();
         }
+        require(&kafka, Process::Materialize, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Ingest publishes executions too.
+        let err = require(&kafka, Process::Ingest { lease: false }, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("req.executions"), "{err}");
+        broker.create_topic(&kafka.topics.executions, 1).unwrap();
         require(&kafka, Process::Materialize, Duration::from_secs(10))
             .await
             .unwrap();

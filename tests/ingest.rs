@@ -1,4 +1,4 @@
-//! The ingest side against the IB simulator and the embedded broker: routing, faults, fencing, liveness, slots, snapshots, the queue worker and replay faults.
+//! The ingest side against the IB simulator and the embedded broker: routing, executions, faults, fencing, liveness, slots, snapshots, the queue worker and replay faults.
 //!
 //! One test binary: each file under `tests/ingest/` is a module (they were separate binaries;
 //! every binary links deltalake and rdkafka, about 30 s each on the CI machine).
@@ -8,6 +8,8 @@ mod ingest_support;
 
 #[path = "ingest/basic.rs"]
 mod basic;
+#[path = "ingest/executions.rs"]
+mod executions;
 #[path = "ingest/faults.rs"]
 mod faults;
 #[path = "ingest/fencing.rs"]

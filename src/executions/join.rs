@@ -11,8 +11,10 @@
 //!
 //! An execution is *in flight* from [`Outcome::Publish`] until the caller says [`Join::acked`]
 //! (Kafka has it) or [`Join::failed`] (it does not: a later report of the same exec id, such as
-//! the next `reqExecutions`, publishes it again). State lasts one trading day:
-//! [`Join::new_day`] forgets it, as IB forgets the day's executions.
+//! the next `reqExecutions`, publishes it again). Published ids are kept for a few days by
+//! execution time ([`Join::forget_before`]): IB forgets the day's executions at the end of its
+//! trading day, which is not midnight UTC, so a reconnect just after midnight still gets
+//! yesterday's list and must find it known.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -56,16 +58,18 @@ enum Sent {
 pub struct Join {
     waiting: HashMap<String, (ExecutionEvent, Instant)>,
     early: HashMap<String, (Commission, Instant)>,
-    sent: HashMap<String, Sent>,
+    /// Exec id → where it stands, and its execution time (µs since the epoch).
+    sent: HashMap<String, (Sent, i64)>,
 }
 
 impl Join {
-    /// A join that knows `published` (exec ids of the day already on the topic, read at start).
-    pub fn with_published<I: IntoIterator<Item = (String, bool)>>(published: I) -> Join {
+    /// A join that knows `published`: (exec id, with its commission, execution time) of the
+    /// executions already on the topic, read at start.
+    pub fn with_published<I: IntoIterator<Item = (String, bool, i64)>>(published: I) -> Join {
         Join {
             sent: published
                 .into_iter()
-                .map(|(id, with_commission)| (id, Sent::Acked { with_commission }))
+                .map(|(id, with_commission, at)| (id, (Sent::Acked { with_commission }, at)))
                 .collect(),
             ..Join::default()
         }
@@ -97,7 +101,7 @@ impl Join {
             attach(&mut e, c);
             return self.publish(e);
         }
-        match self.sent.get(&c.exec_id) {
+        match self.sent.get(&c.exec_id).map(|(s, _)| s) {
             Some(Sent::InFlight { with_commission: false } | Sent::Acked { with_commission: false }) => {
                 Outcome::LateCommission(c)
             }
@@ -121,15 +125,17 @@ impl Join {
             .map(|(_, (e, _))| e)
             .collect();
         for e in &late {
-            self.sent
-                .insert(e.exec_id.clone(), Sent::InFlight { with_commission: false });
+            self.sent.insert(
+                e.exec_id.clone(),
+                (Sent::InFlight { with_commission: false }, e.exec_time),
+            );
         }
         late
     }
 
     /// Kafka acknowledged the event of `exec_id`.
     pub fn acked(&mut self, exec_id: &str) {
-        if let Some(s) = self.sent.get_mut(exec_id) {
+        if let Some((s, _)) = self.sent.get_mut(exec_id) {
             if let Sent::InFlight { with_commission } = *s {
                 *s = Sent::Acked { with_commission };
             }
@@ -139,15 +145,15 @@ impl Join {
     /// The event of `exec_id` was not published (a failed or aborted produce): the next report
     /// of it publishes it again.
     pub fn failed(&mut self, exec_id: &str) {
-        if matches!(self.sent.get(exec_id), Some(Sent::InFlight { .. })) {
+        if matches!(self.sent.get(exec_id), Some((Sent::InFlight { .. }, _))) {
             self.sent.remove(exec_id);
         }
     }
 
-    /// A new trading day: IB no longer reports the previous day's executions.
-    pub fn new_day(&mut self) {
-        self.sent.clear();
-        self.early.clear();
+    /// Forgets published ids of executions before `cutoff` (µs since the epoch): IB no longer
+    /// reports them. Early commissions are dropped by [`Join::due`] after a day.
+    pub fn forget_before(&mut self, cutoff: i64) {
+        self.sent.retain(|_, (_, at)| *at >= cutoff);
     }
 
     /// Executions held for their commission.
@@ -162,7 +168,8 @@ impl Join {
 
     fn publish(&mut self, e: ExecutionEvent) -> Outcome {
         let with_commission = e.commission.is_some();
-        self.sent.insert(e.exec_id.clone(), Sent::InFlight { with_commission });
+        self.sent
+            .insert(e.exec_id.clone(), (Sent::InFlight { with_commission }, e.exec_time));
         Outcome::Publish(Box::new(e))
     }
 }
@@ -220,7 +227,7 @@ mod tests {
     #[test]
     fn each_exec_id_is_published_once_and_corrections_are_their_own() {
         let t = Instant::now();
-        let mut j = Join::with_published([("old.01".to_string(), true)]);
+        let mut j = Join::with_published([("old.01".to_string(), true, 0)]);
         assert_eq!(
             j.execution(exec("old.01"), t),
             Outcome::Duplicate,
@@ -286,17 +293,22 @@ mod tests {
     }
 
     #[test]
-    fn a_new_day_forgets_the_previous_days_ids() {
+    fn ids_are_forgotten_by_execution_time_only() {
         let t = Instant::now();
-        let mut j = Join::with_published([("a.01".to_string(), true)]);
-        j.commission(comm("z.01", 1.0), t);
-        j.new_day();
-        assert_eq!(j.sent(), 0);
+        let day = 86_400_000_000i64;
+        let mut j = Join::with_published([("old.01".to_string(), true, day), ("new.01".to_string(), true, 3 * day)]);
+        let mut e = exec("mid.01");
+        e.exec_time = 2 * day;
+        j.execution(e, t);
+        published(j.commission(comm("mid.01", 1.0), t));
+        j.forget_before(2 * day);
+        assert_eq!(j.sent(), 2);
         assert_eq!(
-            j.execution(exec("z.01"), t),
+            j.execution(exec("old.01"), t),
             Outcome::Waiting,
-            "yesterday's early commission is gone"
+            "older than the cutoff"
         );
-        assert_eq!(j.execution(exec("a.01"), t), Outcome::Waiting);
+        assert_eq!(j.execution(exec("mid.01"), t), Outcome::Duplicate);
+        assert_eq!(j.execution(exec("new.01"), t), Outcome::Duplicate);
     }
 }

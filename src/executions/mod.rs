@@ -6,6 +6,7 @@
 //!   and publishes each execution (or correction) once per exec id.
 
 pub mod event;
+pub mod ib;
 pub mod join;
 
 pub use event::{ExecSource, ExecutionEvent, Side};

@@ -63,6 +63,10 @@ pub struct IngestArgs {
     /// connection is dropped and made again.
     #[arg(long, env = "POSSYNC_IB_SYNC_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
     pub ib_sync_timeout: Duration,
+    /// How long an execution waits for its commission report before it is published without
+    /// one (a later commission is then only logged and counted: possync_late_commissions_total).
+    #[arg(long, env = "POSSYNC_COMMISSION_WAIT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub commission_wait: Duration,
     /// With the lease: a holder that has not had a working IB connection (one whose position
     /// list arrived) for this long gives the lease up, so a standby that may reach IB takes
     /// over; it rejoins the group as a standby. 0 = never.
@@ -147,6 +151,8 @@ pub struct IngestConfig {
     pub ib_timeout: Duration,
     /// Bound on the arrival of the whole position list.
     pub ib_sync_timeout: Duration,
+    /// How long an execution waits for its commission report.
+    pub commission_wait: Duration,
     /// Give the lease up after this long without a working IB connection (zero = never).
     pub ib_unreachable_release: Duration,
     /// Messages per second to IB.
@@ -189,6 +195,7 @@ impl Default for IngestConfig {
             ib_heartbeat: Duration::from_secs(5),
             ib_timeout: Duration::from_secs(10),
             ib_sync_timeout: Duration::from_secs(120),
+            commission_wait: Duration::from_secs(10),
             ib_unreachable_release: Duration::from_secs(60),
             ib_pacing: 40,
             shutdown_grace: Duration::from_secs(10),
@@ -241,6 +248,7 @@ impl From<&IngestArgs> for IngestConfig {
             ib_heartbeat: a.ib_heartbeat,
             ib_timeout: a.ib_timeout,
             ib_sync_timeout: a.ib_sync_timeout,
+            commission_wait: a.commission_wait,
             ib_unreachable_release: a.ib_unreachable_release,
             ib_pacing: a.ib_pacing,
             shutdown_grace: a.shutdown_grace,

@@ -76,6 +76,8 @@ pub(crate) struct Engine {
     pub(crate) reconnect_wanted: Option<String>,
     /// Frames the next position list is expected to hold (sizes the connection's buffer).
     expected_list: usize,
+    /// Executions: the join of executions and commissions, what is published.
+    pub(crate) fills: super::fills::Fills,
 }
 
 impl Engine {
@@ -103,6 +105,7 @@ impl Engine {
             resync_wanted: false,
             reconnect_wanted: None,
             expected_list: 0,
+            fills: super::fills::Fills::new(crate::executions::join::Join::default(), Duration::from_secs(10)),
         }
     }
 

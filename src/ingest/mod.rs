@@ -32,7 +32,8 @@
 //!
 //! Files: [`config`] (flags), [`lease`] (the ingest lease), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
-//! (bounded, acknowledged Kafka producer), `engine` (the state machine), `session` (IB
+//! (bounded, acknowledged Kafka producer), [`fills`] (executions and commissions), `engine`
+//! (the state machine), `session` (IB
 //! connection and event loop), [`resume`] (state after a restart: from the snapshot of
 //! [`crate::snapshot`] and the topics' tail, or the whole topics), [`bench`] (`possync bench
 //! ingest`).
@@ -42,6 +43,7 @@ pub mod bench;
 pub mod book;
 pub mod config;
 mod engine;
+pub mod fills;
 pub mod lease;
 pub mod publisher;
 pub mod reconcile;
@@ -157,8 +159,20 @@ impl Ingest {
         } else {
             Default::default()
         };
+        // Executions already on the topic (a few days of them, by Kafka's time index): a
+        // restart publishes only what is new.
+        let since = crate::events::now_micros() - fills::REMEMBER.as_micros() as i64;
+        let published = tokio::select! {
+            _ = shutdown.cancelled() => return Err(IngestError::Publish(PublishError::Cancelled)),
+            p = fills::published_since(&kafka, since, cfg.kafka_timeout) => p?,
+        };
+        tracing::info!(executions = published.len(), topic = %kafka.topics.executions, "read the executions already published");
         let slots = slots::Slots::new(cfg.slot_budget);
-        let engine = engine::Engine::new(registry, slots, publisher, book, active);
+        let mut engine = engine::Engine::new(registry, slots, publisher, book, active);
+        engine.fills = fills::Fills::new(
+            crate::executions::join::Join::with_published(published),
+            cfg.commission_wait,
+        );
         Ok(Self {
             cfg,
             engine,

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,9 @@ use super::book::PosKey;
 use crate::events::{EventError, PositionEvent, Route};
 use crate::kafka::{KafkaConfig, KafkaError, Topics};
 use crate::metrics;
+
+#[path = "publish_exec.rs"]
+mod exec;
 
 /// Errors of the publisher.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +119,19 @@ pub struct PublishStats {
     pub delivered: AtomicU64,
     /// Events Kafka did not acknowledge for good (their positions get republished).
     pub delivery_failures: AtomicU64,
+    /// Events in committed transactions (transactional publishers only): when it equals
+    /// `sent`, everything sent so far is visible to `read_committed` consumers.
+    pub committed: AtomicU64,
 }
 
-/// Failed deliveries not yet taken by the owner, the latest per position.
+/// Failed deliveries not yet taken by the owner, the latest per position; and the exec ids of
+/// executions not delivered (a handful a day: bounded by the day's fills).
 #[derive(Default)]
 struct FailedDeliveries {
     by_key: Mutex<BTreeMap<PosKey, Failure>>,
     notify: Notify,
+    executions: Mutex<Vec<String>>,
+    executions_notify: Notify,
 }
 
 impl FailedDeliveries {
@@ -142,15 +151,47 @@ impl FailedDeliveries {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut *map).into_values().collect()
     }
+
+    fn push_execution(&self, exec_id: String) {
+        self.executions.lock().unwrap_or_else(|p| p.into_inner()).push(exec_id);
+        self.executions_notify.notify_one();
+    }
+
+    fn take_executions(&self) -> Vec<String> {
+        std::mem::take(&mut *self.executions.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// An event of the open transaction (kept until it commits, to be republished if it aborts).
-struct Pending {
-    key: PosKey,
-    sequence: i64,
-    route: Route,
-    observed: Option<Instant>,
-    event: PositionEvent,
+enum Pending {
+    /// A position event: its position is republished if the transaction aborts.
+    Position {
+        key: PosKey,
+        sequence: i64,
+        route: Route,
+        observed: Option<Instant>,
+        event: Box<PositionEvent>,
+    },
+    /// An execution: reported through [`Publisher::failed_executions`] if it aborts.
+    Execution { exec_id: String },
+}
+
+impl Pending {
+    /// The route of a position event on the active route, with when its IB frame arrived.
+    fn active(&self) -> Option<Option<Instant>> {
+        match self {
+            Pending::Position {
+                route: Route::Active,
+                observed,
+                ..
+            } => Some(*observed),
+            _ => None,
+        }
+    }
+
+    fn is_position(&self) -> bool {
+        matches!(self, Pending::Position { .. })
+    }
 }
 
 /// The transaction state shared by the publisher and its committer task.
@@ -170,6 +211,8 @@ struct Txn {
     aborting: std::sync::atomic::AtomicBool,
     /// A commit or abort has been failing since the last success (warn once per episode).
     troubled: std::sync::atomic::AtomicBool,
+    /// The publisher's counts (`committed` is counted here).
+    stats: Arc<PublishStats>,
 }
 
 impl Txn {
@@ -209,6 +252,8 @@ pub struct Publisher {
     max_in_flight: usize,
     session_id: String,
     next_sequence: i64,
+    /// Executions are numbered apart, so the position topics' sequences stay gapless.
+    next_exec_sequence: i64,
     failed: Arc<FailedDeliveries>,
     stats: Arc<PublishStats>,
     shutdown: CancellationToken,
@@ -246,6 +291,7 @@ impl Publisher {
             max_in_flight,
             session_id: crate::events::new_id(),
             next_sequence: 1,
+            next_exec_sequence: 1,
             failed: Arc::default(),
             stats: Arc::default(),
             shutdown: CancellationToken::new(),
@@ -297,6 +343,7 @@ impl Publisher {
             timeout: timeout.min(TXN_CALL_TIMEOUT),
             aborting: std::sync::atomic::AtomicBool::new(false),
             troubled: std::sync::atomic::AtomicBool::new(false),
+            stats: publisher.stats.clone(),
         });
         publisher.txn = Some(txn.clone());
         tokio::spawn(committer(
@@ -409,77 +456,14 @@ impl Publisher {
             Route::Active => &self.topics.active,
             Route::Queued => &self.topics.queued,
         };
-        let mut pause = Duration::from_millis(1);
-        let mut resolves = 0u32;
-        let delivery = loop {
-            // Sends hold the gate shared: a transaction never ends between a send and its
-            // record in `open`.
-            let gate = match txn.as_deref() {
-                Some(t) => Some(tokio::select! {
-                    biased;
-                    _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-                    g = t.gate.read() => g,
-                }),
-                None => None,
-            };
-            let record = FutureRecord::to(topic).key(&key).payload(&payload);
-            match self.producer.send_result(record) {
-                Ok(d) => {
-                    if let Some(t) = txn.as_deref() {
-                        t.open.lock().unwrap_or_else(|p| p.into_inner()).push(Pending {
-                            key: PosKey::new(event.account.clone(), event.con_id),
-                            sequence,
-                            route,
-                            observed,
-                            event: event.clone(),
-                        });
-                    }
-                    drop(gate);
-                    break d;
-                }
-                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    drop(gate);
-                    tokio::select! {
-                        biased;
-                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                    pause = (pause * 2).min(Duration::from_millis(100));
-                }
-                Err((e, _)) => {
-                    drop(gate);
-                    // Refused for the transaction's state (`_STATE`: a commit or abort is due)
-                    // or because the producer is fenced (`_FATAL`); anything else is final.
-                    let txn_state = matches!(
-                        e,
-                        RdKafkaError::MessageProduction(RDKafkaErrorCode::State | RDKafkaErrorCode::Fatal)
-                    );
-                    let Some(t) = txn.as_deref().filter(|_| txn_state) else {
-                        return Err(PublishError::Send(e));
-                    };
-                    // The transaction is in an error state (a delivery failed, a commit timed
-                    // out while Kafka is away): end it (which waits for Kafka: backpressure),
-                    // then send again. A fenced producer stops here.
-                    resolves += 1;
-                    if resolves > 1 {
-                        tracing::debug!(error = %e, resolves, "send refused while the transaction recovers; retrying");
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-                        r = end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), true) => r?,
-                    }
-                    if resolves > 1 {
-                        tokio::select! {
-                            biased;
-                            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-                            _ = tokio::time::sleep(pause) => {}
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(1));
-                    }
-                }
-            }
+        let pending = || Pending::Position {
+            key: PosKey::new(event.account.clone(), event.con_id),
+            sequence,
+            route,
+            observed,
+            event: Box::new(event.clone()),
         };
+        let delivery = self.send(txn.as_deref(), topic, &key, &payload, pending).await?;
         self.next_sequence += 1;
         self.stats.sent.fetch_add(1, Relaxed);
         let failed = self.failed.clone();
@@ -523,6 +507,84 @@ impl Publisher {
             drop(permit);
         });
         Ok(sequence)
+    }
+
+    /// Sends one record (waiting out a full queue, ending a failed transaction and sending
+    /// again); inside a transaction `pending` records it in the open transaction, under the
+    /// gate, so a transaction never ends between a send and its record.
+    async fn send(
+        &self,
+        txn: Option<&Txn>,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        pending: impl Fn() -> Pending,
+    ) -> Result<DeliveryFuture, PublishError> {
+        let mut pause = Duration::from_millis(1);
+        let mut resolves = 0u32;
+        loop {
+            // Sends hold the gate shared: a transaction never ends between a send and its
+            // record in `open`.
+            let gate = match txn {
+                Some(t) => Some(tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                    g = t.gate.read() => g,
+                }),
+                None => None,
+            };
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            match self.producer.send_result(record) {
+                Ok(d) => {
+                    if let Some(t) = txn {
+                        t.open.lock().unwrap_or_else(|p| p.into_inner()).push(pending());
+                    }
+                    drop(gate);
+                    return Ok(d);
+                }
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    drop(gate);
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err((e, _)) => {
+                    drop(gate);
+                    // Refused for the transaction's state (`_STATE`: a commit or abort is due)
+                    // or because the producer is fenced (`_FATAL`); anything else is final.
+                    let txn_state = matches!(
+                        e,
+                        RdKafkaError::MessageProduction(RDKafkaErrorCode::State | RDKafkaErrorCode::Fatal)
+                    );
+                    let Some(t) = txn.filter(|_| txn_state) else {
+                        return Err(PublishError::Send(e));
+                    };
+                    // The transaction is in an error state (a delivery failed, a commit timed
+                    // out while Kafka is away): end it (which waits for Kafka: backpressure),
+                    // then send again. A fenced producer stops here.
+                    resolves += 1;
+                    if resolves > 1 {
+                        tracing::debug!(error = %e, resolves, "send refused while the transaction recovers; retrying");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                        r = end_txn(t, &self.producer, &self.failed, self.latency.as_ref(), true) => r?,
+                    }
+                    if resolves > 1 {
+                        tokio::select! {
+                            biased;
+                            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
     }
 
     /// Waits until every event sent so far is acknowledged (or failed).
@@ -673,14 +735,17 @@ async fn end_txn(
             Ok(()) => {
                 txn.trouble_over();
                 metrics::global().txn_committed.fetch_add(1, Relaxed);
-                let active = events.iter().filter(|e| e.route == Route::Active).count() as u64;
+                txn.stats.committed.fetch_add(events.len() as u64, Relaxed);
+                let active = events.iter().filter(|e| e.active().is_some()).count() as u64;
+                let positions = events.iter().filter(|e| e.is_position()).count() as u64;
                 count_published(Route::Active, active);
-                count_published(Route::Queued, events.len() as u64 - active);
+                count_published(Route::Queued, positions - active);
+                metrics::global()
+                    .published_executions
+                    .fetch_add(events.len() as u64 - positions, Relaxed);
                 if let Some(log) = latency {
-                    for e in events.iter().filter(|e| e.route == Route::Active) {
-                        if let Some(t) = e.observed {
-                            record_latency(log, t);
-                        }
+                    for t in events.iter().filter_map(Pending::active).flatten() {
+                        record_latency(log, t);
                     }
                 }
                 return begin(txn, producer, Vec::new()).map(|_| ());
@@ -752,12 +817,17 @@ fn begin(txn: &Txn, producer: &FutureProducer, events: Vec<Pending>) -> Result<V
 
 fn report_failed(failed: &FailedDeliveries, events: Vec<Pending>, error: &RdKafkaError) {
     for e in events {
-        failed.push(Failure {
-            key: e.key,
-            sequence: e.sequence,
-            error: error.clone(),
-            event: e.event,
-        });
+        match e {
+            Pending::Position {
+                key, sequence, event, ..
+            } => failed.push(Failure {
+                key,
+                sequence,
+                error: error.clone(),
+                event: *event,
+            }),
+            Pending::Execution { exec_id } => failed.push_execution(exec_id),
+        }
     }
 }
 

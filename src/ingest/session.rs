@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use ibapi::accounts::PositionUpdate;
-use ibapi::subscriptions::{NoticeStream, SubscriptionItem};
+use ibapi::orders::{ExecutionData, ExecutionFilter, Executions, OrderUpdate};
+use ibapi::subscriptions::{NoticeStream, Subscription, SubscriptionItem};
 use ibapi::{Client, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
@@ -35,6 +36,7 @@ use super::book::{Book, Held, PosKey};
 use super::engine::Engine;
 use super::{IngestConfig, IngestError};
 use crate::events::RegistryEvent;
+use crate::executions::ExecSource;
 
 /// Why a session ended.
 pub(crate) enum SessionEnd {
@@ -160,6 +162,24 @@ pub(crate) async fn run_session(
             )))
         }
     };
+    // Executions: live ones first (other clients' too when ingest's client id is TWS's master
+    // API client id), then the day's list, which brings back fills made while disconnected.
+    let mut live_fills = match client.order_update_stream().await {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(SessionEnd::Disconnected(format!(
+                "order updates request failed: {}",
+                describe(&e)
+            )))
+        }
+    };
+    let mut day_fills = match request_executions(client).await {
+        Ok(s) => Some(s),
+        Err(why) => return Ok(SessionEnd::Disconnected(why)),
+    };
+    engine.fills.request_wanted = false;
+    let mut fills_tick = tokio::time::interval(engine.fills.tick());
+    fills_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Some(book) while the position list is being received (until PositionEnd), and by when
     // it must have ended.
     let mut snapshot: Option<Book> = Some(Book::new());
@@ -187,6 +207,13 @@ pub(crate) async fn run_session(
             }
             snapshot = Some(Book::new());
             list_deadline = Instant::now() + cfg.ib_sync_timeout;
+        }
+        if engine.fills.request_wanted && day_fills.is_none() {
+            engine.fills.request_wanted = false;
+            match request_executions(client).await {
+                Ok(s) => day_fills = Some(s),
+                Err(why) => return Ok(SessionEnd::Disconnected(why)),
+            }
         }
         let retry_refused = engine.next_refused_retry();
         tokio::select! {
@@ -239,6 +266,29 @@ pub(crate) async fn run_session(
                     None => return Ok(SessionEnd::Disconnected("positions stream ended".into())),
                 }
             }
+            failed = engine.publisher.failed_executions() => engine.on_failed_executions(failed),
+            update = live_fills.next() => match update {
+                Some(Ok(SubscriptionItem::Data(OrderUpdate::ExecutionData(d)))) => engine.on_execution(&d, source_of(&d)).await?,
+                Some(Ok(SubscriptionItem::Data(OrderUpdate::CommissionReport(c)))) => engine.on_commission(&c).await?,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Ok(SessionEnd::Disconnected(format!("order updates: {}", describe(&e)))),
+                None => return Ok(SessionEnd::Disconnected("order updates ended".into())),
+            },
+            item = next_or_pending(&mut day_fills) => match item {
+                Some(Ok(SubscriptionItem::Data(Executions::ExecutionData(d)))) => engine.on_execution(&d, source_of(&d)).await?,
+                Some(Ok(SubscriptionItem::Data(Executions::CommissionReport(c)))) => engine.on_commission(&c).await?,
+                Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "executions notice"),
+                Some(Err(e)) if crate::ib::connection_gone(&e) => return Ok(SessionEnd::Disconnected(format!("executions: {}", describe(&e)))),
+                Some(Err(e)) => {
+                    // Not asked again at once (IB would likely refuse again): live executions
+                    // still come, and the next connect or lost delivery asks again.
+                    tracing::warn!(error = %e, "IB refused the day's executions request; asking again at the next connect");
+                    day_fills = None;
+                }
+                // execDetailsEnd: the day's list is in.
+                None => day_fills = None,
+            },
+            _ = fills_tick.tick() => engine.publish_due_executions().await?,
             notice = notices.next() => match notice {
                 Some(n) => on_notice(engine, &n),
                 None => return Ok(SessionEnd::Disconnected("IB client shut down".into())),
@@ -248,6 +298,37 @@ pub(crate) async fn run_session(
             }
             _ = stats.tick() => engine.log_stats(),
         }
+    }
+}
+
+/// Live (`execDetails` with request id -1) or an answer to `reqExecutions`: ibapi copies
+/// an answer to the order update stream too, so the stream it came by does not tell.
+fn source_of(d: &ExecutionData) -> ExecSource {
+    if d.request_id == -1 {
+        ExecSource::Live
+    } else {
+        ExecSource::Requested
+    }
+}
+
+/// Asks IB for the day's executions (all clients' the connection may see).
+async fn request_executions(client: &Client) -> Result<Subscription<Executions>, String> {
+    crate::metrics::global()
+        .execution_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    client
+        .executions(ExecutionFilter::default())
+        .await
+        .map_err(|e| format!("executions request failed: {}", describe(&e)))
+}
+
+/// The next item of the day's executions request, or never when there is none.
+async fn next_or_pending(
+    s: &mut Option<Subscription<Executions>>,
+) -> Option<Result<SubscriptionItem<Executions>, ibapi::Error>> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 

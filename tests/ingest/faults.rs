@@ -359,6 +359,14 @@ async fn outage_longer_than_message_timeout_neither_hangs_nor_drops() -> anyhow:
     cfg.max_in_flight = MAX_IN_FLIGHT;
     let ingest = env.start_ingest(cfg).await?;
     wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    // The first sync's transaction must be committed before Kafka goes: otherwise its commit
+    // waits for Kafka, sends are refused meanwhile, and nothing times out (the embedded
+    // broker lets the collector see events before their commit).
+    let stats = ingest.stats.publish.clone();
+    wait_for("the first sync's transaction to commit", DEADLINE, || async {
+        (stats.committed.load(Relaxed) >= stats.sent.load(Relaxed)).then_some(())
+    })
+    .await?;
 
     // Kafka goes down; IB restarts and 20 positions change meanwhile, so the reconnect's sync
     // publishes 20 SNAPSHOTs (5 × max_in_flight) into the outage; the first max_in_flight time

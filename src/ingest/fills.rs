@@ -1,0 +1,227 @@
+//! Executions in ingest: what the session loop does with IB's execution and commission reports.
+//!
+//! Every connection opens `order_update_stream` (live executions, those of other clients' orders
+//! too when ingest's client id is TWS's master API client id) and then asks for the day's
+//! executions (`reqExecutions`, no filter), so a fill made while ingest was disconnected is
+//! published at the next connect. Both feed one [`Join`] that lives as long as the lease term:
+//! it joins each commission to its execution, holds an execution up to `--commission-wait` for
+//! its commission, and publishes each exec id once. At start, [`published_since`] reads the
+//! exec ids already on the executions topic (after the transactional producer fenced every
+//! predecessor, so what it reads is final), so a restart publishes only what is new.
+//!
+//! Executions go through the ingest's transactional producer ([`Publisher::publish_execution`]);
+//! one that is not delivered comes back by exec id, is forgotten by the join, and the day's
+//! executions are requested again. They use no streaming slot.
+//!
+//! [`Publisher::publish_execution`]: super::Publisher::publish_execution
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use ibapi::orders::{CommissionReport, ExecutionData};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::engine::Engine;
+use super::IngestError;
+use crate::events::now_micros;
+use crate::executions::ib;
+use crate::executions::join::{Join, Outcome};
+use crate::executions::{ExecSource, ExecutionEvent};
+use crate::kafka::{KafkaConfig, KafkaError};
+use crate::metrics;
+use crate::registry::{RegistryError, TopicReplay};
+
+/// How long published exec ids are remembered, by execution time: IB reports the current
+/// trading day's executions, whose end is not midnight UTC; three days cover any zone and a
+/// weekend's Friday.
+pub const REMEMBER: Duration = Duration::from_secs(3 * 86_400);
+
+/// The executions side of an ingest term.
+pub(crate) struct Fills {
+    join: Join,
+    /// How long an execution waits for its commission before it is published without one.
+    wait: Duration,
+    /// Ask IB for the day's executions again (a delivery failed).
+    pub(crate) request_wanted: bool,
+    /// A time IB sent was not in UTC (warned once).
+    warned_zone: bool,
+    /// When published ids older than [`REMEMBER`] were last forgotten.
+    last_forget: Instant,
+}
+
+impl Fills {
+    /// `join` knows what is already on the topic.
+    pub(crate) fn new(join: Join, wait: Duration) -> Self {
+        Self {
+            join,
+            wait,
+            request_wanted: false,
+            warned_zone: false,
+            last_forget: Instant::now(),
+        }
+    }
+
+    /// How often the session loop calls [`Engine::publish_due_executions`].
+    pub(crate) fn tick(&self) -> Duration {
+        (self.wait / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+impl Engine {
+    /// An execution report, live or from `reqExecutions`.
+    pub(crate) async fn on_execution(&mut self, data: &ExecutionData, source: ExecSource) -> Result<(), IngestError> {
+        let (event, in_utc) = ib::execution_event(data, source);
+        if !in_utc && !self.fills.warned_zone {
+            self.fills.warned_zone = true;
+            tracing::warn!(time = %data.execution.time, exec_id = %event.exec_id, "IB sent an execution time not in UTC; exec_time holds the time of arrival instead (set TWS/IB Gateway to UTC to keep IB's)");
+        }
+        let outcome = self.fills.join.execution(event, Instant::now());
+        self.on_outcome(outcome).await
+    }
+
+    /// A commission report.
+    pub(crate) async fn on_commission(&mut self, report: &CommissionReport) -> Result<(), IngestError> {
+        let outcome = self.fills.join.commission(ib::commission(report), Instant::now());
+        self.on_outcome(outcome).await
+    }
+
+    async fn on_outcome(&mut self, outcome: Outcome) -> Result<(), IngestError> {
+        match outcome {
+            Outcome::Publish(e) => self.publish_execution(*e).await,
+            Outcome::Waiting | Outcome::Duplicate => Ok(()),
+            Outcome::LateCommission(c) => {
+                metrics::global().late_commissions.fetch_add(1, Relaxed);
+                tracing::warn!(exec_id = %c.exec_id, commission = c.commission, currency = %c.currency, realized_pnl = ?c.realized_pnl, "a commission report came after its execution was published without one (raise --commission-wait); it is not in the executions table");
+                Ok(())
+            }
+        }
+    }
+
+    async fn publish_execution(&mut self, e: ExecutionEvent) -> Result<(), IngestError> {
+        tracing::debug!(exec_id = %e.exec_id, account = %e.account, con_id = e.con_id, commission = ?e.commission, "publishing an execution");
+        self.publisher.publish_execution(e).await?;
+        Ok(())
+    }
+
+    /// Publishes the executions whose commission did not come within the wait; now and then
+    /// forgets ids older than [`REMEMBER`].
+    pub(crate) async fn publish_due_executions(&mut self) -> Result<(), IngestError> {
+        let now = Instant::now();
+        for e in self.fills.join.due(now, self.fills.wait) {
+            metrics::global().executions_without_commission.fetch_add(1, Relaxed);
+            tracing::warn!(exec_id = %e.exec_id, wait = ?self.fills.wait, "no commission report within --commission-wait; publishing the execution without one");
+            self.publish_execution(e).await?;
+        }
+        if now.duration_since(self.fills.last_forget) >= Duration::from_secs(3600) {
+            self.fills.last_forget = now;
+            let cutoff = now_micros() - REMEMBER.as_micros() as i64;
+            self.fills.join.forget_before(cutoff);
+        }
+        Ok(())
+    }
+
+    /// Executions Kafka did not take: forgotten, and requested from IB again.
+    pub(crate) fn on_failed_executions(&mut self, exec_ids: Vec<String>) {
+        tracing::warn!(
+            count = exec_ids.len(),
+            "executions were not delivered; requesting the day's executions again"
+        );
+        for id in &exec_ids {
+            self.fills.join.failed(id);
+        }
+        self.fills.request_wanted = true;
+    }
+}
+
+/// Exec ids (with whether their commission was joined, and their execution time) of the
+/// executions on `kafka.topics.executions` written since `since_micros`: the records from
+/// that time on (Kafka's time index), a few days of fills at most, never the whole history.
+///
+/// # Errors
+/// [`IngestError::Registry`] when the topic is missing (run `possync topics create`) or cannot
+/// be read within `timeout`.
+pub async fn published_since(
+    kafka: &KafkaConfig,
+    since_micros: i64,
+    timeout: Duration,
+) -> Result<Vec<(String, bool, i64)>, IngestError> {
+    let topic = kafka.topics.executions.clone();
+    let from = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || offsets_at(&kafka, &topic, since_micros / 1000, timeout))
+            .await
+            .map_err(|e| RegistryError::Invalid(format!("offsets lookup task failed: {e}")))??
+    };
+    let mut replay = TopicReplay::start_from(kafka, &topic, timeout, from).await?;
+    let deadline = tokio::time::Instant::now() + timeout.max(Duration::from_secs(30));
+    let mut out = Vec::new();
+    while !replay.caught_up() {
+        let next = tokio::time::timeout_at(deadline, replay.next_in_backlog()).await;
+        let Ok(next) = next else {
+            return Err(RegistryError::CatchUpTimeout {
+                topic: topic.clone(),
+                timeout,
+            }
+            .into());
+        };
+        let Some(m) = next? else { continue };
+        match m.payload().map(ExecutionEvent::decode) {
+            Some(Ok(e)) if e.exec_time >= since_micros => out.push((e.exec_id, e.commission.is_some(), e.exec_time)),
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                tracing::warn!(topic = %topic, partition = m.partition(), offset = m.offset(), error = %err, "undecodable record on the executions topic; skipped")
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The first offset of each partition of `topic` at or after `since_ms` (0 when the broker says
+/// nothing is that recent: see below).
+fn offsets_at(
+    kafka: &KafkaConfig,
+    topic: &str,
+    since_ms: i64,
+    timeout: Duration,
+) -> Result<HashMap<i32, i64>, RegistryError> {
+    let consumer: BaseConsumer = kafka
+        .consumer(&format!("possync-exec-offsets-{}", crate::events::new_id()))
+        .create()
+        .map_err(KafkaError::client("create consumer"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(RegistryError::NoSuchTopic(topic.to_string()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(since_ms))
+            .map_err(KafkaError::client("build offsets request"))?;
+    }
+    let found = consumer
+        .offsets_for_times(tpl, timeout)
+        .map_err(KafkaError::client(format!("look up offsets by time in {topic}")))?;
+    let mut out = HashMap::new();
+    for e in found.elements() {
+        // `End`: nothing that recent, or a broker without a time index (the embedded
+        // MockCluster answers `End` to every lookup): the partition is read from its start,
+        // once, and the fold keeps only recent executions. Real Kafka answers from its time
+        // index, so a restart reads a few days of fills, not the history.
+        let offset = match e.offset() {
+            Offset::Offset(n) => n,
+            _ => 0,
+        };
+        out.insert(e.partition(), offset);
+    }
+    Ok(out)
+}
