@@ -346,7 +346,14 @@ pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -
             vec![t.active.clone(), t.queued.clone(), t.registry.clone(), t.lease.clone()]
         }
         Process::QueueWorker => vec![t.queued.clone()],
-        Process::Materialize => t.all().iter().map(|s| s.to_string()).collect(),
+        // The data topics and the executions topic (tables of an older release upgrade with a
+        // `possync topics create`, which adds it).
+        Process::Materialize => t
+            .all()
+            .iter()
+            .chain([&t.executions.as_str()])
+            .map(|s| s.to_string())
+            .collect(),
     };
     let (k, n) = (kafka.clone(), needed.clone());
     let found = tokio::task::spawn_blocking(move || {
@@ -518,6 +525,16 @@ mod tests {
         for t in [&kafka.topics.active, &kafka.topics.registry, &kafka.topics.deadletter] {
             broker.create_topic(t, 1).unwrap();
         }
+        // Materialize also reads the executions topic (an upgrade adds it with `topics create`).
+        let err = require(&kafka, Process::Materialize, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("req.executions") && msg.contains("possync topics create"),
+            "{msg}"
+        );
+        broker.create_topic(&kafka.topics.executions, 1).unwrap();
         require(&kafka, Process::Materialize, Duration::from_secs(10))
             .await
             .unwrap();
