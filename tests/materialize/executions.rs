@@ -163,3 +163,39 @@ async fn executions_once_by_coordinates_across_restart_and_replay() -> anyhow::R
     );
     Ok(())
 }
+
+/// A deployment whose topics predate executions (no `<prefix>executions` yet): the library's
+/// materializer, which does not run `possync materialize`'s topic check, materializes the other
+/// topics exactly and creates an empty `executions` table; `wait_caught_up` does not trip over
+/// the missing topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_executions_topic_does_not_stop_the_positions() -> anyhow::Result<()> {
+    use possync::kafka::{EmbeddedBroker, KafkaConfig, Topics};
+    let broker = EmbeddedBroker::start(1)?;
+    let mut kafka = KafkaConfig::new(broker.bootstrap());
+    kafka.topics = Topics::new(&format!("nx{}.", &possync::events::new_id()[..8]));
+    for t in kafka.topics.all() {
+        broker.create_topic(t, 2)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("tables").to_string_lossy().into_owned();
+    let env = Env {
+        broker,
+        kafka,
+        dir,
+        base,
+    };
+    let producer = env.producer()?;
+    let mut gen = Gen::new(4, &env.kafka.topics, 20);
+    let mut out: Vec<_> = (0..200).map(|_| gen.position()).collect();
+    out.push(gen.registry());
+    let produced = produce(&producer, out).await?;
+    materialize_all(&env, env.config("nx")).await?;
+    check_exact(&env.base, &produced).await?;
+    ensure!(
+        execution_rows(&env.base).await?.is_empty(),
+        "rows in executions without a topic"
+    );
+    ensure!(version(&env.base).await?.is_some(), "no executions table created");
+    Ok(())
+}
