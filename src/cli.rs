@@ -63,6 +63,9 @@ pub enum Command {
     /// The book from the Delta tables: now, at a `positions_current` version, or as of a time
     /// (a fold of `position_events`).
     Book(crate::ops::book::BookArgs),
+    /// The executions (fills with commissions) from the `executions` table, newest last;
+    /// `--account`, `--con-id`, `--symbol`, `--date`.
+    Fills(crate::ops::fills::FillsArgs),
     /// Recreate `positions_current`, `position_queue` and `strategy_registry` from the audit
     /// log into fresh tables under `--to` (never touches the live ones).
     Rebuild(crate::ops::rebuild::RebuildArgs),
@@ -319,6 +322,15 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&book)?);
             } else {
                 print!("{}", crate::ops::book::render_text(&book));
+            }
+        }
+        Command::Fills(args) => {
+            args.tables.probe(Access::Read).await?;
+            let fills = crate::ops::fills::load(&(&args).into()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&fills)?);
+            } else {
+                print!("{}", crate::ops::fills::render_text(&fills));
             }
         }
         Command::Rebuild(args) => {

@@ -354,7 +354,14 @@ pub async fn require(kafka: &KafkaConfig, process: Process, timeout: Duration) -
             t
         }
         Process::QueueWorker => vec![t.queued.clone()],
-        Process::Materialize => t.all().iter().map(|s| s.to_string()).collect(),
+        // The data topics and the executions topic (tables of an older release upgrade with a
+        // `possync topics create`, which adds it).
+        Process::Materialize => t
+            .all()
+            .iter()
+            .chain([&t.executions.as_str()])
+            .map(|s| s.to_string())
+            .collect(),
     };
     let (k, n) = (kafka.clone(), needed.clone());
     let found = tokio::task::spawn_blocking(move || {
@@ -526,14 +533,18 @@ mod tests {
         for t in [&kafka.topics.active, &kafka.topics.registry, &kafka.topics.deadletter] {
             broker.create_topic(t, 1).unwrap();
         }
-        require(&kafka, Process::Materialize, Duration::from_secs(10))
-            .await
-            .unwrap();
-        // Ingest publishes executions too.
-        let err = require(&kafka, Process::Ingest { lease: false }, Duration::from_secs(10))
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("req.executions"), "{err}");
+        // Materialize reads, and ingest publishes, the executions topic too (an upgrade adds
+        // it with `topics create`).
+        for process in [Process::Materialize, Process::Ingest { lease: false }] {
+            let msg = require(&kafka, process, Duration::from_secs(10))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("req.executions") && msg.contains("possync topics create"),
+                "{msg}"
+            );
+        }
         broker.create_topic(&kafka.topics.executions, 1).unwrap();
         require(&kafka, Process::Materialize, Duration::from_secs(10))
             .await

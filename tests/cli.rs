@@ -8,6 +8,8 @@
 mod common;
 mod materialize_support;
 
+#[path = "cli/fills.rs"]
+mod fills;
 #[path = "cli/metrics.rs"]
 mod metrics;
 #[path = "cli/ops.rs"]

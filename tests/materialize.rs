@@ -1,4 +1,4 @@
-//! The materializer against the embedded broker: exactness, crashes, dead letters, groups, lost partitions, maintenance, the namespace guard, reassignment and txn retention.
+//! The materializer against the embedded broker: exactness, crashes, dead letters, executions, groups, lost partitions, maintenance, the namespace guard, reassignment and txn retention.
 //!
 //! One test binary: each file under `tests/materialize/` is a module (they were separate binaries;
 //! every binary links deltalake and rdkafka, about 30 s each on the CI machine).
@@ -11,6 +11,8 @@ mod basic;
 mod crash;
 #[path = "materialize/deadletter.rs"]
 mod deadletter;
+#[path = "materialize/executions.rs"]
+mod executions;
 #[path = "materialize/group.rs"]
 mod group;
 #[path = "materialize/lost.rs"]

@@ -608,8 +608,9 @@ async fn ib_disconnect_alert_fires_on_a_real_prometheus_and_resolves() -> anyhow
             ("possync:ingest_lease_holders:sum", 1.0),
             // The three standalone processes probe Kafka.
             ("count(possync_kafka_reachable == 1)", 3.0),
-            // Materialize owns every input partition (two each of three topics).
-            ("count(possync_materialize_commit_age_seconds)", 6.0),
+            // Materialize owns every input partition (two each of four topics: the positions,
+            // the registry, the executions).
+            ("count(possync_materialize_commit_age_seconds)", 8.0),
             // The simulator's book went through Kafka into the tables.
             ("count(sum(possync_materialized_total) > 0)", 1.0),
             // Once the quiet book is in the tables nothing is behind: transaction markers do not

@@ -26,6 +26,8 @@ pub enum Role {
     Queued,
     /// `registry`: `RegistryEvent`s.
     Registry,
+    /// `executions`: `ExecutionEvent`s.
+    Executions,
 }
 
 impl Role {
@@ -33,6 +35,7 @@ impl Role {
         match self {
             Role::Active | Role::Queued => position_events_layout(),
             Role::Registry => registry_layout(),
+            Role::Executions => super::executions::layout(),
         }
     }
 }
@@ -248,7 +251,7 @@ pub fn timestamp_in_range(micros: i64) -> bool {
     (MIN_TIMESTAMP_MICROS..=MAX_TIMESTAMP_MICROS).contains(&micros)
 }
 
-fn check_time(name: &str, v: Option<i64>) -> Result<(), String> {
+pub(crate) fn check_time(name: &str, v: Option<i64>) -> Result<(), String> {
     match v {
         Some(t) if !timestamp_in_range(t) => Err(format!("{name} = {t} µs is outside 0001-01-01..9999-12-31 UTC")),
         _ => Ok(()),
@@ -324,11 +327,12 @@ fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
             }
             check_time("time", d.long(f.registry_time))?;
         }
+        Role::Executions => super::executions::validate(m.key, d)?,
     }
     Ok(())
 }
 
-fn key_matches(key: &[u8], account: &str, con_id: i64) -> bool {
+pub(crate) fn key_matches(key: &[u8], account: &str, con_id: i64) -> bool {
     let Some(colon) = key.iter().rposition(|b| *b == b':') else {
         return false;
     };

@@ -2,7 +2,7 @@
 //!
 //! Order per flush: dead letters (table; the topic copy is queued after the commit and sent in
 //! the background, see [`super::deadletter`]), `position_events`, `positions_current`,
-//! `position_queue`, `registry_events`, `strategy_registry`. Each commit holds, for every
+//! `position_queue`, `registry_events`, `strategy_registry`, `executions`. Each commit holds, for every
 //! Kafka partition in the flush that the table has not seen up to the flush's last offset, the
 //! rows above the table's stored version and a txn action with that last offset. Dead letters go first so that
 //! any offset the position tables hold has had its dead letters written (the restart position
@@ -172,8 +172,12 @@ impl Pipeline {
     /// [`MAX_ATTEMPTS`] conflicts in a row.
     pub async fn commit(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
         self.commit_dead_letters(parts).await?;
-        let positions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role != Role::Registry).collect();
+        let positions: Vec<&FrozenPartition> = parts
+            .iter()
+            .filter(|p| matches!(p.role, Role::Active | Role::Queued))
+            .collect();
         let registry: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Registry).collect();
+        let executions: Vec<&FrozenPartition> = parts.iter().filter(|p| p.role == Role::Executions).collect();
         if !positions.is_empty() {
             let t0 = std::time::Instant::now();
             self.commit_events(&positions).await?;
@@ -196,6 +200,10 @@ impl Pipeline {
         if !registry.is_empty() {
             self.commit_registry_events(&registry).await?;
             self.commit_registry(&registry).await?;
+        }
+        if !executions.is_empty() {
+            // Same txn mechanism as `position_events`: a replay drops what the table holds.
+            self.commit_append(TableKind::Executions, &executions).await?;
         }
         Ok(())
     }

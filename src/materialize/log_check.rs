@@ -137,6 +137,8 @@ async fn held_at(
 ) -> Result<Held, MaterializeError> {
     let audit = if topic == topics.registry {
         TableKind::RegistryEvents
+    } else if topic == topics.executions {
+        TableKind::Executions
     } else {
         TableKind::PositionEvents
     };

@@ -1,11 +1,13 @@
 //! `possync materialize`: Kafka topics into Delta tables, exactly once.
 //!
-//! A consumer group reads `positions.active`, `positions.queued` and `registry`, decodes Avro
-//! straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and flushes on count,
-//! bytes or latency (1 s by default; idle topics flush too) into six tables ([`tables`]):
-//! `position_events` (append-only, partitioned by `event_date`), `registry_events`
-//! (append-only, every registry event), `positions_current`, `position_queue`,
-//! `strategy_registry` (upserts, [`upsert`]) and `dead_letters` ([`deadletter`]).
+//! A consumer group reads `positions.active`, `positions.queued`, `registry` and `executions`,
+//! decodes Avro straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and
+//! flushes on count, bytes or latency (1 s by default; idle topics flush too) into seven
+//! tables ([`tables`]): `position_events` (append-only, partitioned by `event_date`),
+//! `registry_events` (append-only, every registry event), `executions` (append-only, every
+//! fill, partitioned by the date of `exec_time`, [`executions`]), `positions_current`,
+//! `position_queue`, `strategy_registry` (upserts, [`upsert`]) and `dead_letters`
+//! ([`deadletter`]).
 //!
 //! Exactly once, the kafka-delta-ingest way: auto-commit is off; every Delta commit carries a
 //! txn action per Kafka partition it contains (version = last offset) in the same commit as
@@ -39,6 +41,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod decode;
 pub mod dv;
+pub mod executions;
 pub mod expiry_guard;
 pub mod flush;
 pub mod lag;
@@ -218,7 +221,7 @@ struct Materializer {
     pipeline: Pipeline,
     buffers: Buffers,
     cursors: HashMap<(Role, i32), Cursor>,
-    roles: [(String, Role); 3],
+    roles: [(String, Role); 4],
     progress: watch::Sender<Progress>,
     lag: LagWatch,
 }
@@ -292,13 +295,17 @@ impl Materializer {
         let consumer: StreamConsumer<Ctx> = cc
             .create_with_context(Ctx::new(starts))
             .map_err(KafkaError::client("create consumer"))?;
+        // A missing executions topic (tables of an older release, topics not yet re-created)
+        // does not stop the positions: librdkafka reports it and the group assigns the rest.
+        // `possync materialize` itself refuses to start without it (`topics::require`).
         consumer
-            .subscribe(&[&t.active, &t.queued, &t.registry])
+            .subscribe(&offsets::input_topics(&t))
             .map_err(KafkaError::client("subscribe"))?;
         let roles = [
             (t.active.clone(), Role::Active),
             (t.queued.clone(), Role::Queued),
             (t.registry.clone(), Role::Registry),
+            (t.executions.clone(), Role::Executions),
         ];
         Ok(Self {
             cfg,
@@ -503,7 +510,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn role_of(roles: &[(String, Role); 3], topic: &str) -> Option<Role> {
+fn role_of(roles: &[(String, Role); 4], topic: &str) -> Option<Role> {
     roles.iter().find(|(t, _)| t == topic).map(|(_, r)| *r)
 }
 
@@ -512,7 +519,7 @@ fn handle_rebalance(
     cursors: &mut HashMap<(Role, i32), Cursor>,
     buffers: &mut Buffers,
     lag: &mut LagWatch,
-    roles: &[(String, Role); 3],
+    roles: &[(String, Role); 4],
 ) -> Result<bool, MaterializeError> {
     let events = consumer.context().take_events();
     let changed = !events.is_empty();
@@ -548,7 +555,7 @@ fn take(
     consumer: &StreamConsumer<Ctx>,
     buffers: &mut Buffers,
     cursors: &mut HashMap<(Role, i32), Cursor>,
-    roles: &[(String, Role); 3],
+    roles: &[(String, Role); 4],
     m: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), MaterializeError> {
     let Some(role) = role_of(roles, m.topic()) else {

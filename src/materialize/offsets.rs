@@ -32,10 +32,17 @@ pub fn app_id(namespace: &str, topic: &str, partition: i32) -> String {
     format!("possync-{namespace}-{topic}-{partition}")
 }
 
+/// The topics materialize reads: the two position topics, the registry and the executions.
+pub fn input_topics(topics: &Topics) -> [&str; 4] {
+    [&topics.active, &topics.queued, &topics.registry, &topics.executions]
+}
+
 /// The tables fed by a topic (the offsets of its partitions live in each of them).
 pub fn tables_of(topics: &Topics, topic: &str) -> &'static [TableKind] {
     if topic == topics.registry {
         &[TableKind::StrategyRegistry, TableKind::RegistryEvents]
+    } else if topic == topics.executions {
+        &[TableKind::Executions]
     } else {
         &[
             TableKind::PositionEvents,
@@ -190,8 +197,8 @@ pub async fn lag(
             .consumer("possync-lag-probe")
             .create()
             .map_err(KafkaError::client("create lag probe"))?;
-        let t = &k.topics;
-        let parts = partitions_of(&c, &[&t.active, &t.queued, &t.registry], Duration::from_secs(10))?;
+        // A topic that does not exist (yet) has no partitions here.
+        let parts = partitions_of(&c, &input_topics(&k.topics), Duration::from_secs(10))?;
         parts
             .into_iter()
             .map(|(topic, p)| {
@@ -211,6 +218,7 @@ pub async fn lag(
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
         TableKind::RegistryEvents,
+        TableKind::Executions,
     ] {
         tables.insert(kind, Table::open(table_uri, kind).await?);
     }
@@ -344,6 +352,7 @@ async fn read_starts(
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
         TableKind::RegistryEvents,
+        TableKind::Executions,
         TableKind::DeadLetters,
     ];
     match tables {

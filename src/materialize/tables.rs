@@ -1,4 +1,4 @@
-//! The six Delta tables: their Arrow schemas, creation on first use, reading, and commits.
+//! The seven Delta tables: their Arrow schemas, creation on first use, reading, and commits.
 //!
 //! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates, with
 //! `Timestamp(µs, "UTC")` timestamps. The append-only tables and `strategy_registry` use
@@ -135,17 +135,21 @@ pub enum TableKind {
     DeadLetters,
     /// Append-only audit trail of every registry event (the compacted topic forgets).
     RegistryEvents,
+    /// Append-only executions (fills with commissions), partitioned by `event_date` (of
+    /// `exec_time`); see [`super::executions`].
+    Executions,
 }
 
 impl TableKind {
     /// Every table.
-    pub const ALL: [TableKind; 6] = [
+    pub const ALL: [TableKind; 7] = [
         TableKind::PositionEvents,
         TableKind::PositionsCurrent,
         TableKind::PositionQueue,
         TableKind::StrategyRegistry,
         TableKind::DeadLetters,
         TableKind::RegistryEvents,
+        TableKind::Executions,
     ];
 
     /// Directory name below the base URI.
@@ -157,6 +161,7 @@ impl TableKind {
             TableKind::StrategyRegistry => "strategy_registry",
             TableKind::DeadLetters => "dead_letters",
             TableKind::RegistryEvents => "registry_events",
+            TableKind::Executions => "executions",
         }
     }
 
@@ -164,7 +169,7 @@ impl TableKind {
     pub fn append_only(self) -> bool {
         matches!(
             self,
-            TableKind::PositionEvents | TableKind::DeadLetters | TableKind::RegistryEvents
+            TableKind::PositionEvents | TableKind::DeadLetters | TableKind::RegistryEvents | TableKind::Executions
         )
     }
 
@@ -176,7 +181,7 @@ impl TableKind {
     /// Partition columns.
     pub fn partition_columns(self) -> Vec<String> {
         match self {
-            TableKind::PositionEvents => vec![EVENT_DATE.to_string()],
+            TableKind::PositionEvents | TableKind::Executions => vec![EVENT_DATE.to_string()],
             _ => vec![],
         }
     }
@@ -191,6 +196,7 @@ impl TableKind {
             TableKind::DeadLetters => dead_letter_schema(),
             // The decoded registry rows as they are: event fields + Kafka coordinates.
             TableKind::RegistryEvents => registry_layout().schema.clone(),
+            TableKind::Executions => super::executions::layout().schema.clone(),
         }
     }
 
@@ -241,6 +247,7 @@ impl TableKind {
                 ("delta.appendOnly", "true"),
                 ("delta.deletedFileRetentionDuration", "interval 1 days"),
             ],
+            TableKind::Executions => super::executions::configuration(),
             // Superseded rows are marked deleted by deletion vectors (see `upsert::core`).
             TableKind::PositionsCurrent | TableKind::PositionQueue => vec![
                 ("delta.enableDeletionVectors", "true"),
@@ -272,7 +279,7 @@ fn writer_properties(schema: &ArrowSchema) -> WriterProperties {
 }
 
 /// String columns whose values (nearly) never repeat within a file.
-const UNIQUE_STRINGS: [&str; 2] = ["event_id", "local_symbol"];
+const UNIQUE_STRINGS: [&str; 4] = ["event_id", "local_symbol", "exec_id", "exec_stem"];
 
 /// The Delta property that bounds how long a txn action (a partition's stored offset) lives
 /// without being written again.

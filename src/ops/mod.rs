@@ -1,13 +1,14 @@
 //! Operator commands over the brokers and the Delta tables: `possync status`, `possync book`,
-//! `possync rebuild`, `possync migrate`.
+//! `possync fills`, `possync rebuild`, `possync migrate`.
 //!
 //! They sit beside `run`, over the same lower layers (`materialize`'s tables, offsets and upsert
-//! folds, `kafka`), and never write a live table's rows: `status` and `book` only read,
+//! folds, `kafka`), and never write a live table's rows: `status`, `book` and `fills` only read,
 //! `rebuild` writes fresh tables under another base URI, `migrate` changes only the layout of
 //! existing tables, one commit per step. Opening a table that does not exist is an error
 //! here (the materializer's `Table::open` would create it, which a read-only command must not).
 
 pub mod book;
+pub mod fills;
 pub mod migrate;
 pub mod rebuild;
 pub mod status;
@@ -15,7 +16,7 @@ pub mod status;
 use std::path::Path;
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
+use deltalake::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use deltalake::DeltaTableBuilder;
 
 use crate::materialize::tables::{Table, TableError};
@@ -91,6 +92,10 @@ impl<'a> Row<'a> {
     }
     pub fn i64(&self, n: &str, i: usize) -> Option<i64> {
         let a = self.col(n).as_primitive::<Int64Type>();
+        a.is_valid(i).then(|| a.value(i))
+    }
+    pub fn i32(&self, n: &str, i: usize) -> Option<i32> {
+        let a = self.col(n).as_primitive::<Int32Type>();
         a.is_valid(i).then(|| a.value(i))
     }
     pub fn f64(&self, n: &str, i: usize) -> Option<f64> {

@@ -496,7 +496,11 @@ fn watermarks(kafka: &KafkaConfig) -> Result<Vec<Watermark>, KafkaError> {
         .create()
         .map_err(KafkaError::client("create status probe"))?;
     let t = &kafka.topics;
-    let parts = partitions_of(&c, &[&t.active, &t.queued, &t.registry], Duration::from_secs(10))?;
+    let parts = partitions_of(
+        &c,
+        &crate::materialize::offsets::input_topics(t),
+        Duration::from_secs(10),
+    )?;
     parts
         .into_iter()
         .map(|(topic, partition)| {

@@ -109,7 +109,11 @@ async fn status_reports_lag_and_exits_nonzero_when_behind() -> anyhow::Result<()
     ensure!(ok && s.problems.is_empty(), "{:?}", s.problems);
     assert_eq!(s.namespace, ns);
     let highs = high_watermarks(&produced);
-    assert_eq!(s.partitions.len(), 3 * 2, "3 input topics x 2 partitions");
+    assert_eq!(
+        s.partitions.len(),
+        4 * 2,
+        "4 input topics (executions too) x 2 partitions"
+    );
     for p in &s.partitions {
         let high = highs.get(&(p.topic.clone(), p.partition)).copied().unwrap_or(0);
         assert_eq!(p.high_watermark, high, "{p:?}");

@@ -1,6 +1,6 @@
 //! Crash exactness: the real `possync materialize` binary is SIGKILLed at random moments,
-//! many times, while events stream in; afterwards `position_events` holds exactly the produced
-//! events by Kafka coordinates and every upsert table equals a replay.
+//! many times, while events stream in; afterwards `position_events` and `executions` hold
+//! exactly the produced events by Kafka coordinates and every upsert table equals a replay.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -60,11 +60,15 @@ async fn sigkill_at_random_moments_stays_exact() -> anyhow::Result<()> {
         while !stopped.is_cancelled() {
             round += 1;
             let mut out: Vec<_> = (0..60).map(|_| gen.position()).collect();
+            out.extend((0..6).map(|_| gen.execution()));
             if round % 5 == 0 {
                 out.push(gen.registry());
             }
             if round % 25 == 3 {
                 out.push(gen.poison(round / 25));
+            }
+            if round % 25 == 14 {
+                out.push(gen.execution_poison(round / 25));
             }
             produced.extend(produce(&producer, out).await?);
             tokio::time::sleep(Duration::from_millis(200)).await;

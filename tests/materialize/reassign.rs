@@ -58,7 +58,8 @@ async fn reassigned_partitions_resume_from_the_tables(strategy: Option<&str>) ->
     // B leaves; A gets B's partitions back, which B advanced past anything A knows of.
     stop_b.cancel();
     b.await?.context("member B")?;
-    let all = 3 * 4;
+    // Four input topics (positions active and queued, registry, executions), four partitions each.
+    let all = 4 * 4;
     wait_for("A to hold every partition", Duration::from_secs(60), || {
         let n = rx_a.borrow().assigned;
         async move { Ok(n == all) }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
 use possync::events::{new_id, PositionEvent, RegistryAction, RegistryEvent, Route, Source};
+use possync::executions::{ExecSource, ExecutionEvent, Side};
 use possync::kafka::{EmbeddedBroker, KafkaConfig, Topics};
 use possync::materialize::{read_table, MaterializeConfig, TableKind};
 use rand::rngs::SmallRng;
@@ -72,6 +73,7 @@ impl Env {
 pub enum Payload {
     Position(PositionEvent),
     Registry(RegistryEvent),
+    Execution(ExecutionEvent),
     /// Must end in the dead letters.
     Poison,
 }
@@ -122,6 +124,8 @@ pub struct Gen {
     seq: [i64; 2],
     clock: i64,
     keys: u64,
+    /// Executions generated so far (a correction revises one of them).
+    executions: Vec<ExecutionEvent>,
 }
 
 impl Gen {
@@ -133,6 +137,7 @@ impl Gen {
             seq: [0, 0],
             clock: 1_767_225_600_000_000, // 2026-01-01
             keys,
+            executions: Vec::new(),
         }
     }
 
@@ -228,6 +233,69 @@ impl Gen {
             key: Some(e.key().into_bytes()),
             value: Some(e.encode().expect("encodes")),
             payload: Payload::Registry(e),
+        }
+    }
+
+    /// An execution on the executions topic: a new fill (one in five without a commission),
+    /// or one in six times a correction (`.02`, `.03`, ...) of an earlier one. Exec times move
+    /// across a few days, so `event_date` has several partitions.
+    pub fn execution(&mut self) -> Outgoing {
+        self.clock += 1_000;
+        let n = self.executions.len();
+        let e = if n > 0 && self.rng.gen_bool(1.0 / 6.0) {
+            let prev = self.executions[self.rng.gen_range(0..n)].clone();
+            let last = self
+                .executions
+                .iter()
+                .filter(|e| e.exec_stem == prev.exec_stem)
+                .map(|e| e.revision)
+                .max()
+                .unwrap_or(1);
+            correction(&prev, last + 1, prev.shares + 1.0, prev.price + 0.05, self.clock)
+        } else {
+            let k = self.rng.gen_range(0..self.keys);
+            let mut e = execution(
+                &format!("DU{}", k % 3),
+                500_000 + k as i64,
+                &format!("0000e0d5.{:08x}.01", n),
+                self.clock + (k as i64 % 3) * 86_400_000_000,
+            );
+            e.side = if self.rng.gen_bool(0.5) { Side::Bot } else { Side::Sld };
+            e.shares = self.rng.gen_range(1..10) as f64;
+            e.price = self.rng.gen_range(5..500) as f64 / 100.0;
+            if self.rng.gen_bool(0.2) {
+                e.commission = None;
+                e.commission_currency = None;
+            }
+            if self.rng.gen_bool(0.3) {
+                e.realized_pnl = Some(self.rng.gen_range(-500..500) as f64 / 10.0);
+            }
+            e
+        };
+        self.executions.push(e.clone());
+        execution_out(&self.topics, e)
+    }
+
+    /// Poison on the executions topic: garbage, a position event (another schema), a key of
+    /// another contract, an `exec_time` no reader can hold.
+    pub fn execution_poison(&mut self, which: usize) -> Outgoing {
+        self.clock += 1_000;
+        let mut e = execution("DU1", 500_001, &format!("bad.{which}"), self.clock);
+        let key = e.key().into_bytes();
+        let (key, value) = match which % 4 {
+            0 => (key, b"\0\0\0\0\x03garbage".to_vec()),
+            1 => (key, self.position().value.expect("value")),
+            2 => (b"DU1:999".to_vec(), e.encode().expect("encodes")),
+            _ => {
+                e.exec_time = i64::MAX;
+                (key, e.encode().expect("encodes"))
+            }
+        };
+        Outgoing {
+            topic: self.topics.executions.clone(),
+            key: Some(key),
+            value: Some(value),
+            payload: Payload::Poison,
         }
     }
 
@@ -626,6 +694,7 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
             r.len() - have.len()
         );
     }
+    check_executions(base, produced).await?;
     let mut poison: Vec<_> = produced
         .iter()
         .filter(|p| matches!(p.payload, Payload::Poison))
@@ -670,4 +739,195 @@ pub async fn namespaced_coordinates(base: &str, kind: TableKind) -> anyhow::Resu
     }
     out.sort();
     Ok(out)
+}
+
+/// A fill as ingest publishes it: revision 1 of `stem`, with a commission.
+pub fn execution(account: &str, con_id: i64, stem: &str, exec_time: i64) -> ExecutionEvent {
+    ExecutionEvent {
+        event_id: new_id(),
+        session_id: "exec-session".into(),
+        sequence: exec_time % 1_000_000,
+        account: account.into(),
+        con_id,
+        symbol: "SPY".into(),
+        sec_type: "OPT".into(),
+        expiry: Some("20261218".into()),
+        strike: Some(600.0),
+        right: Some("C".into()),
+        multiplier: Some("100".into()),
+        currency: "USD".into(),
+        local_symbol: format!("SPY   261218C{con_id}"),
+        exec_id: format!("{stem}.01"),
+        exec_stem: stem.into(),
+        revision: 1,
+        order_id: 17,
+        perm_id: 99_000_017,
+        client_id: 7,
+        side: Side::Bot,
+        shares: 3.0,
+        price: 1.25,
+        cum_qty: 3.0,
+        avg_price: 1.25,
+        exec_exchange: "CBOE".into(),
+        exec_time,
+        commission: Some(1.95),
+        commission_currency: Some("USD".into()),
+        realized_pnl: None,
+        source: ExecSource::Live,
+        ib_time: exec_time + 100,
+        ingest_time: exec_time + 200,
+    }
+}
+
+/// Revision `revision` of `e` (IB's correction: same stem, new quantity or price).
+pub fn correction(e: &ExecutionEvent, revision: i32, shares: f64, price: f64, at: i64) -> ExecutionEvent {
+    ExecutionEvent {
+        event_id: new_id(),
+        exec_id: format!("{}.{revision:02}", e.exec_stem),
+        revision,
+        shares,
+        price,
+        cum_qty: shares,
+        avg_price: price,
+        source: ExecSource::Requested,
+        ib_time: at,
+        ingest_time: at + 100,
+        ..e.clone()
+    }
+}
+
+/// `e` as a message of the executions topic, keyed `account:conId`.
+pub fn execution_out(topics: &Topics, e: ExecutionEvent) -> Outgoing {
+    Outgoing {
+        topic: topics.executions.clone(),
+        key: Some(e.key().into_bytes()),
+        value: Some(e.encode().expect("encodes")),
+        payload: Payload::Execution(e),
+    }
+}
+
+type Coordinates = (String, i32, i64);
+
+/// Every `executions` row: its (topic, partition, offset) and the event its columns hold,
+/// sorted by coordinates, duplicates kept. Checks on the way that `event_date` is the UTC date
+/// of `exec_time` and `kafka_namespace` is set.
+pub async fn execution_rows(base: &str) -> anyhow::Result<Vec<(Coordinates, ExecutionEvent)>> {
+    let mut out = Vec::new();
+    for b in read_table(base, TableKind::Executions).await? {
+        let s = |n: &str, i: usize| strs(&b, n).value(i).to_string();
+        let opt_s = |n: &str, i: usize| {
+            let a = strs(&b, n);
+            a.is_valid(i).then(|| a.value(i).to_string())
+        };
+        let f = |n: &str| {
+            b.column_by_name(n)
+                .unwrap_or_else(|| panic!("column {n}"))
+                .as_primitive::<deltalake::arrow::datatypes::Float64Type>()
+                .clone()
+        };
+        let opt_f = |n: &str, i: usize| {
+            let a = f(n);
+            a.is_valid(i).then(|| a.value(i))
+        };
+        let int = |n: &str, i: usize| b.column_by_name(n).unwrap().as_primitive::<Int32Type>().value(i);
+        let dates = b
+            .column_by_name("event_date")
+            .context("executions has event_date")?
+            .as_primitive::<deltalake::arrow::datatypes::Date32Type>();
+        for i in 0..b.num_rows() {
+            let e = ExecutionEvent {
+                event_id: s("event_id", i),
+                session_id: s("session_id", i),
+                sequence: longs(&b, "sequence").value(i),
+                account: s("account", i),
+                con_id: longs(&b, "con_id").value(i),
+                symbol: s("symbol", i),
+                sec_type: s("sec_type", i),
+                expiry: opt_s("expiry", i),
+                strike: opt_f("strike", i),
+                right: opt_s("right", i),
+                multiplier: opt_s("multiplier", i),
+                currency: s("currency", i),
+                local_symbol: s("local_symbol", i),
+                exec_id: s("exec_id", i),
+                exec_stem: s("exec_stem", i),
+                revision: int("revision", i),
+                order_id: longs(&b, "order_id").value(i),
+                perm_id: longs(&b, "perm_id").value(i),
+                client_id: int("client_id", i),
+                side: match s("side", i).as_str() {
+                    "BOT" => Side::Bot,
+                    "SLD" => Side::Sld,
+                    other => bail!("side {other:?}"),
+                },
+                shares: f("shares").value(i),
+                price: f("price").value(i),
+                cum_qty: f("cum_qty").value(i),
+                avg_price: f("avg_price").value(i),
+                exec_exchange: s("exec_exchange", i),
+                exec_time: times(&b, "exec_time").value(i),
+                commission: opt_f("commission", i),
+                commission_currency: opt_s("commission_currency", i),
+                realized_pnl: opt_f("realized_pnl", i),
+                source: match s("source", i).as_str() {
+                    "LIVE" => ExecSource::Live,
+                    "REQUESTED" => ExecSource::Requested,
+                    other => bail!("source {other:?}"),
+                },
+                ib_time: times(&b, "ib_time").value(i),
+                ingest_time: times(&b, "ingest_time").value(i),
+            };
+            anyhow::ensure!(
+                i64::from(dates.value(i)) == e.exec_time.div_euclid(86_400_000_000),
+                "event_date {} is not the date of exec_time {}",
+                dates.value(i),
+                e.exec_time
+            );
+            anyhow::ensure!(!s("kafka_namespace", i).is_empty(), "no kafka_namespace");
+            let p = b.column_by_name("kafka_partition").unwrap().as_primitive::<Int32Type>();
+            out.push(((s("kafka_topic", i), p.value(i), longs(&b, "kafka_offset").value(i)), e));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// What `executions` must hold: every valid execution message, by coordinates.
+pub fn expected_execution_rows(produced: &[Produced]) -> Vec<(Coordinates, ExecutionEvent)> {
+    let mut v: Vec<_> = produced
+        .iter()
+        .filter_map(|p| match &p.payload {
+            Payload::Execution(e) => Some(((p.topic.clone(), p.partition, p.offset), e.clone())),
+            _ => None,
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// `executions` holds each produced execution exactly once by coordinates, equal field by field.
+pub async fn check_executions(base: &str, produced: &[Produced]) -> anyhow::Result<()> {
+    let (rows, want) = (execution_rows(base).await?, expected_execution_rows(produced));
+    if rows == want {
+        return Ok(());
+    }
+    let have: std::collections::BTreeSet<_> = rows.iter().map(|r| &r.0).collect();
+    let wanted: std::collections::BTreeSet<_> = want.iter().map(|r| &r.0).collect();
+    let differing = rows
+        .iter()
+        .filter_map(|(c, e)| {
+            want.iter()
+                .find(|w| w.0 == *c)
+                .filter(|w| w.1 != *e)
+                .map(|w| (c, e, &w.1))
+        })
+        .next();
+    bail!(
+        "executions: {} rows, want {}; {} missing, {} unexpected, {} duplicated; first differing row: {differing:?}",
+        rows.len(),
+        want.len(),
+        wanted.difference(&have).count(),
+        have.difference(&wanted).count(),
+        rows.len() - have.len()
+    )
 }

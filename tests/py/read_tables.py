@@ -24,6 +24,7 @@ TABLES = [
     "strategy_registry",
     "dead_letters",
     "registry_events",
+    "executions",
 ]
 
 
@@ -71,6 +72,28 @@ def main(base):
             info["duckdb_actions"] = sorted(
                 r[0] for r in con.execute(f"SELECT DISTINCT action FROM {scan}").fetchall()
             )
+        if name == "executions":
+            info["duckdb_distinct_coordinates"] = con.execute(
+                f"SELECT count(DISTINCT (kafka_namespace, kafka_topic, kafka_partition, kafka_offset)) FROM {scan}"
+            ).fetchone()[0]
+            info["duckdb_sides"] = sorted(r[0] for r in con.execute(f"SELECT DISTINCT side FROM {scan}").fetchall())
+            info["duckdb_null_commissions"] = con.execute(
+                f"SELECT count(*) FROM {scan} WHERE commission IS NULL"
+            ).fetchone()[0]
+            # The README's realized-cost query over every contract and date: the latest revision
+            # of each execution, signed notional (times the multiplier) plus commissions.
+            info["duckdb_realized_cost"] = con.execute(
+                f"""
+                WITH latest AS (
+                  SELECT * FROM {scan}
+                  QUALIFY row_number() OVER (PARTITION BY account, exec_stem ORDER BY revision DESC) = 1
+                )
+                SELECT sum(CASE side WHEN 'BOT' THEN 1 ELSE -1 END * shares * price
+                           * coalesce(try_cast(multiplier AS DOUBLE), 1))
+                     + coalesce(sum(commission), 0)
+                FROM latest
+                """
+            ).fetchone()[0]
         if name == "positions_current":
             info["duckdb_open_positions"] = con.execute(
                 f"SELECT count(*) FROM {scan} WHERE position <> 0"

@@ -3,7 +3,7 @@
 
 Usage: spark_read.py <table base directory> [--sample N]
 
-For each of the five tables, both readers give: the row count, the column names and types
+For each table (read_tables.TABLES), both readers give: the row count, the column names and types
 (Spark's `simpleString`, DuckDB's type name, side by side), and the first N rows ordered by
 the table's key (default 1000), every value normalized the same way on both sides
 (timestamps as epoch microseconds, binary as hex, dates as ISO text). The rows are compared
@@ -42,6 +42,7 @@ KEYS = {
     "strategy_registry": ["strategy", "account", "con_id"],
     "dead_letters": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
     "registry_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
+    "executions": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
 }
 
 
