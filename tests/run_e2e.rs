@@ -191,6 +191,47 @@ fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()> {
         "no enqueue→refresh sequence: {got}"
     );
 
+    // Every simulated fill is one row of executions, with its commission (issue 21).
+    let want: Vec<(String, String, i64, String, String, String, String)> = report
+        .truth
+        .executions
+        .iter()
+        .map(|e| {
+            (
+                e.exec_id.clone(),
+                e.account.clone(),
+                i64::from(e.contract.con_id),
+                e.side.clone(),
+                format!("{:.4}", e.shares),
+                format!("{:.4}", e.price),
+                format!("{:.4}", e.commission.commission),
+            )
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let rows: Vec<(String, String, i64, String, String, String, String)> = got["executions"]
+        .as_array()
+        .expect("executions")
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap().to_string(),
+                r[1].as_str().unwrap().to_string(),
+                r[2].as_i64().unwrap(),
+                r[3].as_str().unwrap().to_string(),
+                format!("{:.4}", r[4].as_f64().unwrap()),
+                format!("{:.4}", r[5].as_f64().unwrap()),
+                format!("{:.4}", r[6].as_f64().unwrap_or(f64::NAN)),
+            )
+        })
+        .collect();
+    assert!(want.len() > 3, "the run made fills: {}", want.len());
+    assert_eq!(
+        rows, want,
+        "executions must hold every simulated fill exactly once, with its commission"
+    );
+
     // The registry table holds what the demo seeded.
     assert_eq!(
         got["registry_active"].as_array().map(Vec::len),
@@ -278,6 +319,7 @@ fn spark_reads_every_table_like_duckdb() -> anyhow::Result<()> {
         "position_queue",
         "strategy_registry",
         "dead_letters",
+        "executions",
     ];
     let mut null_cells = 0;
     for name in tables {

@@ -12,6 +12,7 @@ Usage: check_run.py <table base directory>  ->  one JSON object on stdout:
   queue_status:    {status: rows} in position_queue
   refreshed_after_pending: keys whose POLL refresh event came after an enqueue event
   registry_active: [[strategy, account, con_id], ...] active rows of strategy_registry
+  executions:      [[exec_id, account, con_id, side, shares, price, commission], ...] rows of executions
 """
 import json
 import os
@@ -26,7 +27,7 @@ def main(base: str) -> None:
     con = duckdb.connect(config={"extension_directory": ext_dir})
     con.execute("LOAD delta;")
     t = {name: f"delta_scan('{os.path.join(base, name)}')" for name in
-         ["position_events", "positions_current", "position_queue", "strategy_registry"]}
+         ["position_events", "positions_current", "position_queue", "strategy_registry", "executions"]}
     q = lambda sql: con.execute(sql).fetchall()
     out = {
         "event_rows": q(f"SELECT count(*) FROM {t['position_events']}")[0][0],
@@ -53,6 +54,8 @@ def main(base: str) -> None:
               GROUP BY account, con_id)""")[0][0],
         "registry_active": q(f"SELECT strategy, account, con_id FROM {t['strategy_registry']} "
                              "WHERE active ORDER BY ALL"),
+        "executions": q(f"SELECT exec_id, account, con_id, side, shares, price, commission "
+                        f"FROM {t['executions']} ORDER BY exec_id"),
     }
     print(json.dumps(out, default=str))
 
