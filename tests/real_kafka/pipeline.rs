@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use possync::events::{PositionEvent, RegistryEvent};
+use possync::executions::ExecutionEvent;
 use possync::kafka::{KafkaConfig, Topics};
 use possync::sim::{SimConfig, SimHandle};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -180,6 +181,8 @@ impl Pipeline {
                 accounts: 4,
                 initial_positions: 60,
                 pnl_tick: Duration::from_millis(500),
+                // Ingest 0 is TWS's master API client: it gets every fill as an execution.
+                master_client_id: Some(11),
                 ..SimConfig::for_tests()
             }))
             .await?,
@@ -715,13 +718,39 @@ impl Pipeline {
             open_positions(&self.base).await? == truth,
             "positions_current moved away from the truth"
         );
+        // Every fill is one execution on the topic (and so, by check_exact, one row of the
+        // executions table), through kills, pauses and outages. Not with a standby: it has
+        // another client id, not TWS's master, so fills after a takeover reach no one (see
+        // docs/executions.md: give a standby the master's client id).
+        if !self.opts.standby_ingest {
+            let mut on_topic: BTreeMap<String, usize> = BTreeMap::new();
+            for p in &produced {
+                if let Payload::Execution(e) = &p.payload {
+                    *on_topic.entry(e.exec_id.clone()).or_default() += 1;
+                }
+            }
+            let fills = self.sim.truth().executions;
+            let want: BTreeMap<String, usize> = fills.iter().map(|e| (e.exec_id.clone(), 1)).collect();
+            ensure!(
+                on_topic == want,
+                "the executions topic must hold every simulated fill once: {} fills, {} on the topic ({} distinct)",
+                want.len(),
+                on_topic.values().sum::<usize>(),
+                on_topic.len()
+            );
+        }
         let events = produced
             .iter()
             .filter(|p| matches!(p.payload, Payload::Position(_)))
             .count();
+        let executions = produced
+            .iter()
+            .filter(|p| matches!(p.payload, Payload::Execution(_)))
+            .count();
         let report = Report {
             events,
-            registry: produced.len() - events,
+            registry: produced.len() - events - executions,
+            executions,
             fills: self.filled.load(Relaxed),
             materialize_starts: self.spawned,
             conflicts: conflicts(self.dir.path(), self.members.len()),
@@ -816,6 +845,8 @@ pub struct Report {
     pub registry: usize,
     /// Fills driven into the simulator.
     pub fills: u64,
+    /// Execution events on the executions topic (each in the table once).
+    pub executions: usize,
     /// `possync materialize` processes started.
     pub materialize_starts: u32,
     /// Delta commit conflicts the materializers resolved (from their logs).
@@ -875,7 +906,12 @@ pub fn read_topics(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
     let md = meta.fetch_metadata(None, Duration::from_secs(10))?;
     let t = &kafka.topics;
     let mut out = Vec::new();
-    for name in [t.active.as_str(), t.queued.as_str(), t.registry.as_str()] {
+    for name in [
+        t.active.as_str(),
+        t.queued.as_str(),
+        t.registry.as_str(),
+        t.executions.as_str(),
+    ] {
         let Some(topic) = md.topics().iter().find(|x| x.name() == name) else {
             continue;
         };
@@ -915,6 +951,10 @@ pub fn read_topics(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
             let payload = if name == t.registry {
                 RegistryEvent::decode(bytes)
                     .map(Payload::Registry)
+                    .unwrap_or(Payload::Poison)
+            } else if name == t.executions {
+                ExecutionEvent::decode(bytes)
+                    .map(Payload::Execution)
                     .unwrap_or(Payload::Poison)
             } else {
                 PositionEvent::decode(bytes)
