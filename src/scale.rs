@@ -116,6 +116,7 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
             latency_phase: args.phase,
             flush_latency: Duration::from_secs(1),
             table_uri: None,
+            executions: 10_000,
         };
         eprintln!("== bench materialize, {keys} keys ==");
         let r = crate::materialize::bench::run(m)

@@ -48,6 +48,10 @@ pub struct BenchMaterializeArgs {
     /// Where to put the tables (default: a fresh temporary directory).
     #[arg(long, env = "POSSYNC_BENCH_MATERIALIZE_TABLE_URI")]
     pub table_uri: Option<String>,
+    /// Executions produced at once after the positions' phases (a desk's day: 10k fills over
+    /// 20 accounts); 0 skips the executions phase.
+    #[arg(long, default_value_t = 10_000, env = "POSSYNC_BENCH_MATERIALIZE_EXECUTIONS")]
+    pub executions: u64,
 }
 
 /// The figures.
@@ -78,6 +82,8 @@ pub struct BenchReport {
     /// Materializer resident memory: peak (VmHWM) and at the end (VmRSS), MiB.
     pub rss_peak_mib: f64,
     pub rss_end_mib: f64,
+    /// The executions phase (`--executions`).
+    pub executions: Option<super::bench_exec::ExecPhase>,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -122,7 +128,20 @@ impl std::fmt::Display for BenchReport {
             f,
             "  materialize RSS: peak {:.0} MiB, at the end {:.0} MiB",
             self.rss_peak_mib, self.rss_end_mib
-        )
+        )?;
+        if let Some(x) = &self.executions {
+            write!(
+                f,
+                "\n  executions: {} at once ({:.1} MB) -> all in the executions table in {:.1} s: {:.0} executions/s, {:.0} per CPU-second (positions above: {:.0} events per CPU-second)",
+                x.executions,
+                x.bytes as f64 / 1e6,
+                x.wall_s,
+                x.per_s(),
+                x.per_cpu_s(),
+                self.steady_events_per_cpu_s
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -438,6 +457,22 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     report.rss_end_mib = process_mem_mib(pid, "VmRSS:").unwrap_or_default();
     let current = Table::open(&table_uri, TableKind::PositionsCurrent).await?;
     report.keys = current.read_all().await?.iter().map(|b| b.num_rows() as u64).sum();
+    if args.executions > 0 {
+        eprintln!("executions phase: {} fills at once ...", args.executions);
+        report.executions = Some(
+            super::bench_exec::run(
+                &kafka,
+                &producer,
+                kafka.topics.partitions_of(&kafka.topics.executions, partitions),
+                &table_uri,
+                &ns,
+                pid,
+                args.executions,
+                args.keys,
+            )
+            .await?,
+        );
+    }
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     drop(child);
@@ -447,7 +482,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     Ok(report)
 }
 
-async fn send(p: &FutureProducer, topic: &str, key: String, value: Vec<u8>) -> Result<(), MaterializeError> {
+pub(super) async fn send(p: &FutureProducer, topic: &str, key: String, value: Vec<u8>) -> Result<(), MaterializeError> {
     p.send(
         FutureRecord::to(topic).key(&key).payload(&value),
         Duration::from_secs(60),

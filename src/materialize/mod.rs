@@ -35,6 +35,7 @@
 //! unreachable endpoint is a one-line error naming the setting ([`storage`]).
 
 pub mod bench;
+pub mod bench_exec;
 pub mod buffer;
 pub mod config;
 pub mod consumer;
