@@ -203,6 +203,8 @@ async fn desk_of_100k_positions_at_default_flags() -> anyhow::Result<()> {
             expiries: per_account / 100 + 1,
             strikes: 20,
             pnl_tick: Duration::from_millis(500),
+            // Ingest is TWS's master API client: the desk's fills are executions too.
+            master_client_id: Some(pipeline::INGEST_CLIENT_ID),
             ..possync::sim::SimConfig::for_tests()
         }),
         ..Options::default()

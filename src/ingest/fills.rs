@@ -191,18 +191,7 @@ fn offsets_at(
         .consumer(&format!("possync-exec-offsets-{}", crate::events::new_id()))
         .create()
         .map_err(KafkaError::client("create consumer"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(RegistryError::NoSuchTopic(topic.to_string()));
-    }
+    let partitions = crate::registry::reader::partitions(&consumer, topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition_offset(topic, *p, Offset::Offset(since_ms))

@@ -22,16 +22,7 @@ impl Publisher {
     /// # Errors
     /// As [`Publisher::publish`].
     pub async fn publish_execution(&mut self, mut event: ExecutionEvent) -> Result<i64, PublishError> {
-        let txn = self.txn.clone();
-        if let Some(t) = txn.as_deref().filter(|t| t.fenced.is_cancelled()) {
-            metrics::global().producer_refused.fetch_add(1, Relaxed);
-            return Err(PublishError::Fenced(t.id.clone()));
-        }
-        let permit = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-            p = self.permits.clone().acquire_owned() => p.expect("publisher semaphore is never closed"),
-        };
+        let (txn, permit) = self.admit().await?;
         let sequence = self.next_exec_sequence;
         event.session_id.clone_from(&self.session_id);
         event.sequence = sequence;

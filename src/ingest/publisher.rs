@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::book::PosKey;
@@ -436,16 +436,7 @@ impl Publisher {
     /// shutdown is requested while waiting. The sequence number is consumed only when the event
     /// was queued.
     pub async fn publish(&mut self, mut event: PositionEvent, observed: Option<Instant>) -> Result<i64, PublishError> {
-        let txn = self.txn.clone();
-        if let Some(t) = txn.as_deref().filter(|t| t.fenced.is_cancelled()) {
-            metrics::global().producer_refused.fetch_add(1, Relaxed);
-            return Err(PublishError::Fenced(t.id.clone()));
-        }
-        let permit = tokio::select! {
-            biased;
-            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
-            p = self.permits.clone().acquire_owned() => p.expect("publisher semaphore is never closed"),
-        };
+        let (txn, permit) = self.admit().await?;
         let sequence = self.next_sequence;
         event.session_id.clone_from(&self.session_id);
         event.sequence = sequence;
@@ -507,6 +498,22 @@ impl Publisher {
             drop(permit);
         });
         Ok(sequence)
+    }
+
+    /// The start of every send: refused at once when fenced, else a wait for an in-flight
+    /// permit (ended by shutdown). Returns the transaction state and the permit.
+    async fn admit(&self) -> Result<(Option<Arc<Txn>>, OwnedSemaphorePermit), PublishError> {
+        let txn = self.txn.clone();
+        if let Some(t) = txn.as_deref().filter(|t| t.fenced.is_cancelled()) {
+            metrics::global().producer_refused.fetch_add(1, Relaxed);
+            return Err(PublishError::Fenced(t.id.clone()));
+        }
+        let permit = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Err(PublishError::Cancelled),
+            p = self.permits.clone().acquire_owned() => p.expect("publisher semaphore is never closed"),
+        };
+        Ok((txn, permit))
     }
 
     /// Sends one record (waiting out a full queue, ending a failed transaction and sending

@@ -19,6 +19,31 @@ use super::{Registry, RegistryError};
 use crate::events::RegistryEvent;
 use crate::kafka::{EofQuiet, KafkaConfig, KafkaError};
 
+/// The partition ids of `topic`.
+///
+/// # Errors
+/// [`RegistryError::NoSuchTopic`] when the broker does not know it, [`RegistryError::Kafka`]
+/// when no broker answers within `timeout`.
+pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, RegistryError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(RegistryError::NoSuchTopic(topic.to_string()));
+    }
+    Ok(partitions)
+}
+
 /// A replay of one topic: every partition from its beginning (or a given offset), with
 /// catch-up tracking.
 pub struct TopicReplay {
@@ -113,18 +138,7 @@ impl TopicReplay {
             .set("enable.partition.eof", "true")
             .create_with_context(EofQuiet)
             .map_err(KafkaError::client("create replay consumer"))?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(KafkaError::client(format!("fetch metadata of {topic}")))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(RegistryError::NoSuchTopic(topic.to_string()));
-        }
+        let partitions = partitions(&consumer, topic, timeout)?;
         let mut assignment = TopicPartitionList::new();
         let mut pending = HashMap::new();
         let mut starts = Vec::new();

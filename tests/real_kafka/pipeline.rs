@@ -24,6 +24,10 @@ use crate::common::kafka_cluster::{KafkaCluster, KafkaOpts};
 use crate::common::process::{run_ok, signal, wait_exit, Reap, BIN};
 use crate::materialize_support::{check_exact, Payload, Produced};
 
+/// The client id of ingest 0 (the standby's is 13): TWS's master API client id of the
+/// default simulated world, so it receives every fill.
+pub const INGEST_CLIENT_ID: i32 = 11;
+
 /// Options of one scenario.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -182,7 +186,7 @@ impl Pipeline {
                 initial_positions: 60,
                 pnl_tick: Duration::from_millis(500),
                 // Ingest 0 is TWS's master API client: it gets every fill as an execution.
-                master_client_id: Some(11),
+                master_client_id: Some(INGEST_CLIENT_ID),
                 ..SimConfig::for_tests()
             }))
             .await?,
@@ -320,8 +324,8 @@ impl Pipeline {
         if let Some(addr) = self.metrics_addr(i) {
             cmd.args(["--metrics-addr", addr]);
         }
-        let client_id = if i == 0 { "11" } else { "13" };
-        cmd.args(["--ib-port", &port, "--client-id", client_id]);
+        let client_id = if i == 0 { INGEST_CLIENT_ID } else { 13 }.to_string();
+        cmd.args(["--ib-port", &port, "--client-id", &client_id]);
         if !self.opts.default_flags {
             cmd.args(["--slot-budget", "10"])
                 .args(["--reconnect-initial", "200ms", "--reconnect-max", "2s"]);
@@ -722,7 +726,8 @@ impl Pipeline {
         // executions table), through kills, pauses and outages. Not with a standby: it has
         // another client id, not TWS's master, so fills after a takeover reach no one (see
         // docs/executions.md: give a standby the master's client id).
-        if !self.opts.standby_ingest {
+        // Only when ingest 0 is the simulator's master client (the default world).
+        if !self.opts.standby_ingest && self.sim.config().master_client_id == Some(INGEST_CLIENT_ID) {
             let mut on_topic: BTreeMap<String, usize> = BTreeMap::new();
             for p in &produced {
                 if let Payload::Execution(e) = &p.payload {
