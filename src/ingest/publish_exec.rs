@@ -9,8 +9,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use rdkafka::error::KafkaError as RdKafkaError;
-
 use super::{Pending, PublishError, Publisher};
 use crate::executions::ExecutionEvent;
 use crate::metrics;
@@ -37,30 +35,21 @@ impl Publisher {
         self.next_exec_sequence += 1;
         self.stats.sent.fetch_add(1, Relaxed);
         let failed = self.failed.clone();
-        let stats = self.stats.clone();
         let transactional = txn.is_some();
-        tokio::spawn(async move {
-            let result = match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(RdKafkaError::Canceled),
-            };
-            match result {
-                Ok(()) => {
-                    stats.delivered.fetch_add(1, Relaxed);
-                    if !transactional {
-                        metrics::global().published_executions.fetch_add(1, Relaxed);
-                    }
+        super::track_delivery(
+            delivery,
+            permit,
+            self.stats.clone(),
+            move || {
+                if !transactional {
+                    metrics::global().published_executions.fetch_add(1, Relaxed);
                 }
-                Err(error) => {
-                    stats.delivery_failures.fetch_add(1, Relaxed);
-                    metrics::global().delivery_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(%exec_id, sequence, %error, "Kafka did not acknowledge an execution; it will be requested from IB again");
-                    failed.push_execution(exec_id);
-                }
-            }
-            drop(permit);
-        });
+            },
+            move |error| {
+                tracing::warn!(%exec_id, sequence, %error, "Kafka did not acknowledge an execution; it will be requested from IB again");
+                failed.push_execution(exec_id);
+            },
+        );
         Ok(sequence)
     }
 

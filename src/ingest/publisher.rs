@@ -458,45 +458,35 @@ impl Publisher {
         self.next_sequence += 1;
         self.stats.sent.fetch_add(1, Relaxed);
         let failed = self.failed.clone();
-        let stats = self.stats.clone();
         // With transactions an event counts (metrics, latency) when its transaction commits.
         let transactional = txn.is_some();
         let latency = self
             .latency
             .clone()
             .filter(|_| route == Route::Active && !transactional);
-        tokio::spawn(async move {
-            let result = match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(RdKafkaError::Canceled),
-            };
-            match result {
-                Ok(()) => {
-                    stats.delivered.fetch_add(1, Relaxed);
-                    if !transactional {
-                        count_published(route, 1);
-                    }
-                    if let (Some(log), Some(t)) = (latency, observed) {
-                        record_latency(&log, t);
-                    }
+        track_delivery(
+            delivery,
+            permit,
+            self.stats.clone(),
+            move || {
+                if !transactional {
+                    count_published(route, 1);
                 }
-                Err(error) => {
-                    stats.delivery_failures.fetch_add(1, Relaxed);
-                    metrics::global().delivery_failures.fetch_add(1, Relaxed);
-                    let key = PosKey::new(event.account.clone(), event.con_id);
-                    tracing::warn!(%key, sequence, %error, "Kafka did not acknowledge an event; its position will be republished");
-                    failed.push(Failure {
-                        key,
-                        sequence,
-                        error,
-                        event,
-                    });
+                if let (Some(log), Some(t)) = (latency, observed) {
+                    record_latency(&log, t);
                 }
-            }
-            // Released whatever the outcome: nothing here waits for the owner.
-            drop(permit);
-        });
+            },
+            move |error| {
+                let key = PosKey::new(event.account.clone(), event.con_id);
+                tracing::warn!(%key, sequence, %error, "Kafka did not acknowledge an event; its position will be republished");
+                failed.push(Failure {
+                    key,
+                    sequence,
+                    error,
+                    event,
+                });
+            },
+        );
         Ok(sequence)
     }
 
@@ -656,6 +646,36 @@ impl Drop for Publisher {
             t.closed.cancel();
         }
     }
+}
+
+/// Waits for one delivery report off the caller's path: counts it, then runs `ok` or `lost`;
+/// the in-flight permit is released whatever the outcome (nothing here waits for the owner).
+fn track_delivery(
+    delivery: DeliveryFuture,
+    permit: OwnedSemaphorePermit,
+    stats: Arc<PublishStats>,
+    ok: impl FnOnce() + Send + 'static,
+    lost: impl FnOnce(RdKafkaError) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let result = match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(RdKafkaError::Canceled),
+        };
+        match result {
+            Ok(()) => {
+                stats.delivered.fetch_add(1, Relaxed);
+                ok();
+            }
+            Err(error) => {
+                stats.delivery_failures.fetch_add(1, Relaxed);
+                metrics::global().delivery_failures.fetch_add(1, Relaxed);
+                lost(error);
+            }
+        }
+        drop(permit);
+    });
 }
 
 fn count_published(route: Route, n: u64) {
