@@ -95,10 +95,6 @@ async fn whole_cluster_outage_longer_than_message_timeout() -> anyhow::Result<()
     let mut p = Pipeline::start(Options {
         message_timeout: timeout,
         ingest_args: vec!["--max-in-flight".into(), "32".into()],
-        // KNOWN DEFECT (issue 21, found 2026-12-07): after these outages only 62 of 1,623
-        // fills were on the executions topic; the positions are exact. Not yet understood
-        // (see docs/executions.md); the check is off here until it is fixed.
-        check_fills: false,
         ..Options::default()
     })
     .await?;

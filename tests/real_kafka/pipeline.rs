@@ -56,8 +56,6 @@ pub struct Options {
     pub active_every: usize,
     /// Run ingest and the queue worker at their default flags (no quicker reconnects or ticks).
     pub default_flags: bool,
-    /// Check in [`Pipeline::finish`] that every simulated fill is on the executions topic once.
-    pub check_fills: bool,
     /// Run a second ingest (`--client-id 13`, log `ingest-2`) as a lease standby; both ingests
     /// then serve `/metrics` (see [`Pipeline::lease_held`]).
     pub standby_ingest: bool,
@@ -78,7 +76,6 @@ impl Default for Options {
             sim: None,
             active_every: 4,
             default_flags: false,
-            check_fills: true,
             standby_ingest: false,
         }
     }
@@ -696,6 +693,19 @@ impl Pipeline {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        // A restarted ingest publishes the fills it missed from the day's list (`reqExecutions`)
+        // at its own pace; stop it only once they are all on the topic, or SIGINT would cut
+        // that list short (the next start would publish the rest).
+        if self.checks_fills() {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let (want, on_topic) = self.fills_on_topic(&read_topics(&self.kafka)?);
+                if want.keys().all(|id| on_topic.contains_key(id)) || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         let producers: Vec<_> = [
             ("ingest", self.ingest.take()),
             ("ingest-2", self.ingest2.take()),
@@ -726,29 +736,18 @@ impl Pipeline {
             "positions_current moved away from the truth"
         );
         // Every fill is one execution on the topic (and so, by check_exact, one row of the
-        // executions table), through kills, pauses and outages. Not with a standby: it has
-        // another client id, not TWS's master, so fills after a takeover reach no one (see
-        // docs/executions.md: give a standby the master's client id).
-        // Only when ingest 0 is the simulator's master client (the default world).
-        if self.opts.check_fills
-            && !self.opts.standby_ingest
-            && self.sim.config().master_client_id == Some(INGEST_CLIENT_ID)
-        {
-            let mut on_topic: BTreeMap<String, usize> = BTreeMap::new();
-            for p in &produced {
-                if let Payload::Execution(e) = &p.payload {
-                    *on_topic.entry(e.exec_id.clone()).or_default() += 1;
-                }
+        // executions table), through kills, pauses and outages.
+        if self.checks_fills() {
+            let (want, on_topic) = self.fills_on_topic(&produced);
+            if on_topic != want {
+                let kept = self.keep_dir();
+                bail!(
+                    "the executions topic must hold every simulated fill once: {} fills, {} on the topic ({} distinct)\nlogs kept in {kept}",
+                    want.len(),
+                    on_topic.values().sum::<usize>(),
+                    on_topic.len()
+                );
             }
-            let fills = self.sim.truth().executions;
-            let want: BTreeMap<String, usize> = fills.iter().map(|e| (e.exec_id.clone(), 1)).collect();
-            ensure!(
-                on_topic == want,
-                "the executions topic must hold every simulated fill once: {} fills, {} on the topic ({} distinct)",
-                want.len(),
-                on_topic.values().sum::<usize>(),
-                on_topic.len()
-            );
         }
         let events = produced
             .iter()
@@ -799,6 +798,26 @@ impl Pipeline {
     }
 
     /// Keeps the scenario's directory (logs, tables) past the test, for a post-mortem.
+    /// Whether this scenario checks that every fill is on the executions topic once: not with a
+    /// standby (it has another client id, not TWS's master, so fills after a takeover reach no
+    /// one: see docs/executions.md), and only when ingest 0 is the simulator's master client.
+    fn checks_fills(&self) -> bool {
+        !self.opts.standby_ingest
+            && self.sim.config().master_client_id == Some(INGEST_CLIENT_ID)
+    }
+
+    /// (every simulated fill's exec id, how often each exec id is on the executions topic).
+    fn fills_on_topic(&self, produced: &[Produced]) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+        let mut on_topic: BTreeMap<String, usize> = BTreeMap::new();
+        for p in produced {
+            if let Payload::Execution(e) = &p.payload {
+                *on_topic.entry(e.exec_id.clone()).or_default() += 1;
+            }
+        }
+        let want = self.sim.truth().executions.iter().map(|e| (e.exec_id.clone(), 1)).collect();
+        (want, on_topic)
+    }
+
     fn keep_dir(&self) -> String {
         let to = std::env::temp_dir().join(format!("possync-faults-{}", possync::events::new_id()));
         let _ = crate::common::fs::copy_dir(self.dir.path(), &to);
