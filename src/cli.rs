@@ -66,6 +66,11 @@ pub enum Command {
     /// The executions (fills with commissions) from the `executions` table, newest last;
     /// `--account`, `--con-id`, `--symbol`, `--date`.
     Fills(crate::ops::fills::FillsArgs),
+    /// Positions reconciled against fills: per (account, conId) that moved today, the day's
+    /// starting snapshot plus its fills against the position now (agrees / explained /
+    /// pending / drifted). `--watch` runs the service that snapshots the book and writes the
+    /// `reconciliation` table.
+    Reconcile(crate::reconcile::ReconcileArgs),
     /// Recreate `positions_current`, `position_queue` and `strategy_registry` from the audit
     /// log into fresh tables under `--to` (never touches the live ones).
     Rebuild(crate::ops::rebuild::RebuildArgs),
@@ -331,6 +336,22 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
                 println!("{}", serde_json::to_string_pretty(&fills)?);
             } else {
                 print!("{}", crate::ops::fills::render_text(&fills));
+            }
+        }
+        Command::Reconcile(args) => {
+            let cfg: crate::reconcile::ReconcileConfig = (&args).into();
+            if args.watch {
+                args.tables.probe(Access::Write).await?;
+                args.metrics.serve(shutdown.child_token(), Readiness::default()).await?;
+                crate::reconcile::watch(cfg, shutdown).await?;
+            } else {
+                args.tables.probe(Access::Read).await?;
+                let report = crate::reconcile::check(&cfg).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", crate::reconcile::render_text(&report, args.problems));
+                }
             }
         }
         Command::Rebuild(args) => {

@@ -24,6 +24,8 @@
 //!   of the topics after the offsets they hold (no whole-topic replay).
 //! - [`run`]: `possync run`, the whole pipeline in one process on the embedded default.
 //! - [`ops`]: operator commands over brokers and tables: `status`, `book`, `rebuild`.
+//! - [`reconcile`]: positions reconciled against fills (`possync reconcile`), position
+//!   snapshots.
 //! - [`scale`]: `possync bench scale`, the component benchmarks at desk size in one table.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
@@ -38,6 +40,7 @@ pub mod materialize;
 pub mod metrics;
 pub mod ops;
 pub mod queue_worker;
+pub mod reconcile;
 pub mod registry;
 pub mod run;
 pub mod scale;

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub late_commissions: AtomicU64,
     /// Times ingest asked IB for the day's executions (every connect, and after a lost one).
     pub execution_requests: AtomicU64,
+    /// Reconciliations of positions against fills (`possync reconcile --watch`).
+    pub reconcile_runs: AtomicU64,
+    /// Keys whose position has differed from start + fills, unexplained, for `--drift-after`.
+    pub reconciliation_drifted: AtomicI64,
+    /// Keys unexplained for less than `--drift-after` (positions lag fills).
+    pub reconciliation_pending: AtomicI64,
     /// Positions that should be active but got no slot (budget exhausted).
     pub slot_overflow: AtomicU64,
     /// PnL streams IB refused (error 101); retried with backoff.
@@ -324,6 +330,24 @@ impl Metrics {
             "execution_requests_total",
             "Requests of the day's executions (every IB connect, and after a lost delivery)",
             self.execution_requests.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "reconcile_runs_total",
+            "Reconciliations of positions against fills (possync reconcile --watch)",
+            self.reconcile_runs.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "reconciliation_drifted",
+            "Positions that differ from the day's start plus its fills, unexplained for --drift-after or longer",
+            self.reconciliation_drifted.load(Relaxed),
+        );
+        g(
+            &mut s,
+            "reconciliation_pending",
+            "Positions that differ from the day's start plus its fills, unexplained for less than --drift-after",
+            self.reconciliation_pending.load(Relaxed),
         );
         c(
             &mut s,

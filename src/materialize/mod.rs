@@ -51,6 +51,7 @@ pub mod log_check;
 pub mod maintain;
 pub mod namespace_guard;
 pub mod offsets;
+pub mod reconciled;
 pub mod storage;
 pub mod tables;
 pub mod upsert;

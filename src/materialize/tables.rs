@@ -138,10 +138,15 @@ pub enum TableKind {
     /// Append-only executions (fills with commissions), partitioned by `event_date` (of
     /// `exec_time`); see [`super::executions`].
     Executions,
+    /// Append-only copies of the open book, written by `possync reconcile` (not materialize);
+    /// see [`super::reconciled`].
+    PositionSnapshots,
+    /// The reconciliation of positions against fills, rewritten by `possync reconcile`.
+    Reconciliation,
 }
 
 impl TableKind {
-    /// Every table.
+    /// Every table materialize writes (the reconcile tables are [`TableKind::RECONCILE`]).
     pub const ALL: [TableKind; 7] = [
         TableKind::PositionEvents,
         TableKind::PositionsCurrent,
@@ -151,6 +156,9 @@ impl TableKind {
         TableKind::RegistryEvents,
         TableKind::Executions,
     ];
+
+    /// The tables `possync reconcile` writes.
+    pub const RECONCILE: [TableKind; 2] = [TableKind::PositionSnapshots, TableKind::Reconciliation];
 
     /// Directory name below the base URI.
     pub fn name(self) -> &'static str {
@@ -162,6 +170,8 @@ impl TableKind {
             TableKind::DeadLetters => "dead_letters",
             TableKind::RegistryEvents => "registry_events",
             TableKind::Executions => "executions",
+            TableKind::PositionSnapshots => "position_snapshots",
+            TableKind::Reconciliation => "reconciliation",
         }
     }
 
@@ -169,7 +179,11 @@ impl TableKind {
     pub fn append_only(self) -> bool {
         matches!(
             self,
-            TableKind::PositionEvents | TableKind::DeadLetters | TableKind::RegistryEvents | TableKind::Executions
+            TableKind::PositionEvents
+                | TableKind::DeadLetters
+                | TableKind::RegistryEvents
+                | TableKind::Executions
+                | TableKind::PositionSnapshots
         )
     }
 
@@ -182,6 +196,10 @@ impl TableKind {
     pub fn partition_columns(self) -> Vec<String> {
         match self {
             TableKind::PositionEvents | TableKind::Executions => vec![EVENT_DATE.to_string()],
+            TableKind::PositionSnapshots => vec![
+                super::reconciled::SNAPSHOT_DATE.to_string(),
+                super::reconciled::SNAPSHOT_KIND.to_string(),
+            ],
             _ => vec![],
         }
     }
@@ -197,6 +215,8 @@ impl TableKind {
             // The decoded registry rows as they are: event fields + Kafka coordinates.
             TableKind::RegistryEvents => registry_layout().schema.clone(),
             TableKind::Executions => super::executions::layout().schema.clone(),
+            TableKind::PositionSnapshots => super::reconciled::snapshot_schema(),
+            TableKind::Reconciliation => super::reconciled::reconciliation_schema(),
         }
     }
 
@@ -248,6 +268,7 @@ impl TableKind {
                 ("delta.deletedFileRetentionDuration", "interval 1 days"),
             ],
             TableKind::Executions => super::executions::configuration(),
+            TableKind::PositionSnapshots => super::reconciled::snapshot_configuration(),
             // Superseded rows are marked deleted by deletion vectors (see `upsert::core`).
             TableKind::PositionsCurrent | TableKind::PositionQueue => vec![
                 ("delta.enableDeletionVectors", "true"),
