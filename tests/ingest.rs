@@ -18,6 +18,8 @@ mod fencing;
 mod liveness;
 #[path = "ingest/queue_worker.rs"]
 mod queue_worker;
+#[path = "ingest/reconcile.rs"]
+mod reconcile;
 #[path = "ingest/replay_faults.rs"]
 mod replay_faults;
 #[path = "ingest/slots.rs"]

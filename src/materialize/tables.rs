@@ -838,6 +838,10 @@ impl Table {
                 cols.push(b.column(i).clone());
             } else {
                 let v = values.get(f.name()).cloned().flatten();
+                if matches!(f.data_type(), DataType::Utf8) {
+                    cols.push(Arc::new(deltalake::arrow::array::StringArray::from(vec![v; n])));
+                    continue;
+                }
                 let day = v
                     .as_deref()
                     .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())

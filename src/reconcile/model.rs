@@ -5,7 +5,10 @@
 //! fills made after the moment the key's starting position reflects (its `as_of`: the
 //! `ingest_time` of the `positions_current` row the snapshot copied, or the snapshot's time
 //! for a key the snapshot did not hold). A fill made before that moment is already in `start`.
-//! Of a corrected execution only the latest revision counts.
+//! Of a corrected execution only the latest revision counts. IB stamps executions to the
+//! second, so a fill in the same second as the row a snapshot copied counts as before it: a
+//! starting snapshot is best taken when nothing trades (the service takes the day's first at
+//! its first run after midnight UTC).
 //!
 //! Statuses:
 //! - `agrees`: `diff == 0`.

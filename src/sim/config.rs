@@ -183,6 +183,9 @@ pub struct SimConfig {
     pub expire_assign_every: Option<Duration>,
     /// Truth file path.
     pub truth_file: Option<PathBuf>,
+    /// The world's date: option expiries are the third Fridays after it. `None`: the real
+    /// date (a test sets an earlier one to hold options that expire by today).
+    pub today: Option<chrono::NaiveDate>,
 }
 
 impl Default for SimConfig {
@@ -211,6 +214,7 @@ impl Default for SimConfig {
             fill_while_down_every: None,
             expire_assign_every: None,
             truth_file: None,
+            today: None,
         }
     }
 }
@@ -253,6 +257,7 @@ impl From<SimArgs> for SimConfig {
             fill_while_down_every: args.fill_while_down_every,
             expire_assign_every: args.expire_assign_every,
             truth_file: args.truth_file,
+            today: None,
         }
     }
 }

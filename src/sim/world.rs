@@ -94,7 +94,7 @@ impl World {
     /// # Errors
     /// [`SimError::InvalidConfig`] for a world with no accounts or no symbols.
     pub fn new(config: &SimConfig) -> Result<Self, SimError> {
-        Self::new_on(config, chrono::Utc::now().date_naive())
+        Self::new_on(config, config.today.unwrap_or_else(|| chrono::Utc::now().date_naive()))
     }
 
     /// Builds the world as of `today` (expiries are the third Fridays after it).

@@ -1,0 +1,210 @@
+//! Positions reconciled against fills, end to end: the simulator (fills with the commission
+//! first and a correction, an option expiry, an assignment, a position changed with no
+//! execution) → ingest → the embedded broker → materialize → Delta tables → the reconciliation
+//! service and `possync reconcile`. Nothing wrong: every key that moved agrees or is
+//! explained; the change without an execution is the one drift.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use possync::events::now_micros;
+use possync::materialize::{self, MaterializeConfig};
+use possync::reconcile::model::Status;
+use possync::reconcile::{read, ReconcileConfig, Reconciler, Report};
+use possync::sim::{SimConfig, SimHandle, TruthPosition};
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest_support::{env, quiet_sim, wait_for, DEADLINE};
+
+const CLIENT: i32 = 7;
+const BIN: &str = env!("CARGO_BIN_EXE_possync");
+
+type Book = BTreeMap<(String, i64), f64>;
+
+fn truth_book(sim: &SimHandle) -> Book {
+    sim.truth()
+        .positions
+        .iter()
+        .map(|p| ((p.account.clone(), i64::from(p.contract.con_id)), p.quantity))
+        .collect()
+}
+
+/// Waits until `positions_current` holds the simulator's book and the `executions` table every
+/// simulated execution.
+async fn wait_tables(sim: &SimHandle, base: &str, what: &str) -> anyhow::Result<()> {
+    let want = truth_book(sim);
+    let fills: BTreeSet<String> = sim.truth().executions.iter().map(|e| e.exec_id.clone()).collect();
+    wait_for(what, DEADLINE, || async {
+        let book = read::book_now(base).await.ok()?;
+        let got: Book = book.rows.iter().map(|(k, h)| (k.clone(), h.position)).collect();
+        let on_table: BTreeSet<String> = possync::ops::fills::load(&possync::ops::fills::FillsConfig {
+            table_uri: base.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|f| f.rows.into_iter().map(|r| r.exec_id).collect())
+        .unwrap_or_default();
+        (got == want && on_table == fills).then_some(())
+    })
+    .await
+}
+
+fn line<'a>(r: &'a Report, p: &TruthPosition) -> Option<&'a possync::reconcile::model::Line> {
+    r.lines
+        .iter()
+        .find(|l| l.account == p.account && l.con_id == i64::from(p.contract.con_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts() -> anyhow::Result<()> {
+    // The world's date 70 days ago: its first expiries are past, as on an expiry day.
+    let today = chrono::Utc::now().date_naive();
+    let sim = SimConfig {
+        master_client_id: Some(CLIENT),
+        today: Some(today - chrono::Days::new(70)),
+        initial_positions: 60,
+        ..quiet_sim()
+    };
+    let env = env(sim, 1, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("tables").to_string_lossy().into_owned();
+    let ingest = env.start_ingest(env.ingest_config(CLIENT, 4)).await?;
+    let stop = CancellationToken::new();
+    let mat = tokio::spawn(materialize::run(
+        MaterializeConfig {
+            table_uri: base.clone(),
+            group: format!("{}reconcile-test", env.kafka.topics.prefix()),
+            flush_latency: Duration::from_millis(200),
+            state_dir: dir.path().join("state"),
+            ..MaterializeConfig::default()
+        },
+        env.kafka.clone(),
+        stop.clone(),
+    ));
+    wait_tables(&env.sim, &base, "the first book in positions_current").await?;
+
+    // The day's starting snapshot: nothing moved since.
+    let cfg = ReconcileConfig {
+        table_uri: base.clone(),
+        drift_after: Duration::ZERO,
+        ..ReconcileConfig::default()
+    };
+    let mut service = Reconciler::new(cfg.clone());
+    let first = service.run_once(now_micros()).await?;
+    ensure!(first.lines.is_empty(), "nothing moved yet: {:?}", first.lines);
+    let start = read::day_start(&base, today).await?.context("the day's starting snapshot")?;
+    ensure!(start.rows.len() == truth_book(&env.sim).len(), "the snapshot holds the open book");
+
+    // IB stamps executions to the second: a fill counts when its time is after the time of the
+    // row the snapshot copied (see `reconcile::model`), so the day's fills start over a second
+    // after the last row was written.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // What happens during the day.
+    let held = env.sim.truth().positions;
+    let options: Vec<&TruthPosition> = held.iter().filter(|p| p.contract.sec_type == "OPT").collect();
+    let today_text = today.format("%Y%m%d").to_string();
+    let expired = options
+        .iter()
+        .find(|p| p.contract.expiry <= today_text)
+        .context("an option that expires by today")?;
+    env.sim.expire(&expired.account, expired.contract.con_id)?;
+    // An assignment: the first option whose underlying stock the simulator lists, in an
+    // account whose stock position nothing else touches.
+    let mut assigned = None;
+    for o in options.iter().filter(|o| o.contract.con_id != expired.contract.con_id) {
+        if let Ok(stock) = env.sim.assign(&o.account, o.contract.con_id) {
+            assigned = Some((*o, stock));
+            break;
+        }
+    }
+    let (assigned, assigned_stock) = assigned.context("an option the simulator can assign")?;
+    let touched = |p: &TruthPosition| {
+        (p.account == assigned.account && p.contract.symbol == assigned.contract.symbol)
+            || (p.account == expired.account && p.contract.con_id == expired.contract.con_id)
+    };
+    let free: Vec<&TruthPosition> = held
+        .iter()
+        .filter(|p| !touched(p) && p.contract.con_id != assigned_stock.contract.con_id)
+        .collect();
+    ensure!(free.len() >= 3, "three positions nothing else touches");
+    let (bought, sold, drifted) = (free[0], free[1], free[2]);
+    env.sim.fill(&bought.account, bought.contract.con_id, 5.0, true)?;
+    let fill = env
+        .sim
+        .fill(&sold.account, sold.contract.con_id, -3.0, false)?
+        .context("a fill")?;
+    env.sim.correct_execution(&fill.exec_id, Some(4.0), None)?;
+    // A change with no execution: IB's book and the fills disagree.
+    env.sim
+        .set_position(&drifted.account, drifted.contract.con_id, drifted.quantity + 7.0, drifted.avg_cost)?;
+    wait_tables(&env.sim, &base, "the day's changes in the tables").await?;
+
+    let r = service.run_once(now_micros()).await?;
+    let status = |p: &TruthPosition| line(&r, p).map(|l| (l.status, l.reason.clone(), l.diff));
+    ensure!(status(bought) == Some((Status::Agrees, None, 0.0)), "bought: {:?}", line(&r, bought));
+    ensure!(
+        status(sold) == Some((Status::Agrees, None, 0.0)) && line(&r, sold).is_some_and(|l| l.filled == -4.0 && l.fills == 1),
+        "sold and corrected to 4: {:?}",
+        line(&r, sold)
+    );
+    ensure!(
+        status(expired) == Some((Status::Explained, Some("expiry".into()), expired.quantity * -1.0)),
+        "expired: {:?}",
+        line(&r, expired)
+    );
+    ensure!(
+        line(&r, assigned).is_some_and(|l| l.status == Status::Explained && l.reason.as_deref() == Some("assignment")),
+        "assigned option: {:?}",
+        line(&r, assigned)
+    );
+    ensure!(
+        line(&r, &assigned_stock).is_some_and(|l| l.status == Status::Explained && l.reason.as_deref() == Some("assignment")),
+        "the assigned option's stock: {:?}",
+        line(&r, &assigned_stock)
+    );
+    ensure!(status(drifted) == Some((Status::Drifted, None, 7.0)), "drifted: {:?}", line(&r, drifted));
+    ensure!(
+        r.count(Status::Drifted) == 1 && r.count(Status::Pending) == 0,
+        "one drift and nothing else unexplained: {:?}",
+        r.lines
+    );
+
+    // The table holds the run; `possync reconcile` prints it from the tables (a longer
+    // --drift-after: the drift is pending again, since its first sighting is kept).
+    let table = read::unexplained_since(&base, today).await?;
+    ensure!(table.len() == 1, "the reconciliation table holds the drift: {table:?}");
+    let out = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || {
+            Command::new(BIN)
+                .args(["reconcile", "--json", "--drift-after", "1h", "--table-uri", &base])
+                .env("POSSYNC_LOG", "warn")
+                .output()
+        }
+    })
+    .await??;
+    ensure!(out.status.success(), "possync reconcile: {}", String::from_utf8_lossy(&out.stderr));
+    let printed: Report = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        printed.count(Status::Pending) == 1 && printed.count(Status::Drifted) == 0,
+        "with --drift-after 1h the drift is pending: {:?}",
+        printed.counts
+    );
+    let text = Command::new(BIN)
+        .args(["reconcile", "--problems", "--table-uri", &base])
+        .env("POSSYNC_LOG", "warn")
+        .output()?;
+    let text = String::from_utf8(text.stdout)?;
+    ensure!(
+        text.lines().filter(|l| l.contains(" pending ")).count() == 1 && text.contains(&drifted.account),
+        "--problems lists the one key:\n{text}"
+    );
+
+    ingest.stop().await?;
+    stop.cancel();
+    mat.await??;
+    Ok(())
+}
