@@ -1,7 +1,8 @@
 //! `possync run`: the whole pipeline in one process on the embedded default.
 //!
 //! IB simulator + embedded Kafka-protocol broker (librdkafka's mock cluster, on loopback TCP) +
-//! ingest + queue worker + materialize, writing Delta tables under `<data-dir>/tables`. It
+//! ingest + queue worker + materialize (+ the reconciliation of positions against fills),
+//! writing Delta tables under `<data-dir>/tables`. It
 //! seeds a demo strategy registry from the simulator's book (a few more active contracts than
 //! the slot budget, so overflow shows), prints where to attach other clients, shows live
 //! progress, and stops cleanly on Ctrl-C or after `--duration`.
@@ -21,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{RegistryAction, RegistryEvent};
 use crate::kafka::{EmbeddedBroker, KafkaConfig, KafkaError};
-use crate::{ingest, materialize, metrics, queue_worker, registry, sim};
+use crate::reconcile::model::Status;
+use crate::{ingest, materialize, metrics, queue_worker, reconcile, registry, sim};
 
 /// Prints a line to stdout; a closed stdout (a pipe whose reader left) is not worth a panic.
 macro_rules! say {
@@ -356,6 +358,15 @@ async fn seed_registry(kafka: &KafkaConfig, sim: &sim::SimHandle, n: usize) -> R
     Ok(events)
 }
 
+/// The embedded run's reconciliation: every 10 s (a demo's changes show quickly).
+fn reconcile_config(table_uri: &str) -> reconcile::ReconcileConfig {
+    reconcile::ReconcileConfig {
+        table_uri: table_uri.to_string(),
+        every: Duration::from_secs(10),
+        ..reconcile::ReconcileConfig::default()
+    }
+}
+
 async fn pipeline(
     cfg: &RunConfig,
     kafka: &KafkaConfig,
@@ -427,7 +438,18 @@ async fn pipeline(
                 materialize::run(mat_cfg, k, t).await.map_err(|e| e.to_string()),
             )
         });
+        // Positions reconciled against fills, as `possync reconcile --watch` does.
+        let rec_cfg = reconcile_config(table_uri);
+        let t = consumers.clone();
+        tasks.spawn(async move {
+            (
+                "reconcile",
+                reconcile::watch(rec_cfg, t).await.map_err(|e| e.to_string()),
+            )
+        });
     }
+    // The tasks that stop with `consumers`.
+    let consuming = if cfg.materialize { 2 } else { 0 };
 
     let m = metrics::global();
     let mut progress = interval(cfg.progress_every);
@@ -472,11 +494,11 @@ async fn pipeline(
     producers.cancel();
     let mut caught_up = true;
     let grace = Instant::now() + Duration::from_secs(20);
-    while tasks.len() > usize::from(cfg.materialize) {
+    while tasks.len() > consuming {
         match timeout(grace.saturating_duration_since(Instant::now()), tasks.join_next()).await {
             Ok(Some(done)) => {
                 if let (task, Err(message)) = flatten(done) {
-                    if task != "materialize" && failure.is_none() {
+                    if !matches!(task, "materialize" | "reconcile") && failure.is_none() {
                         failure = Some(RunError::Task { task, message });
                     }
                 }
@@ -514,6 +536,21 @@ async fn pipeline(
         }
     }
     tasks.abort_all();
+    // A last reconciliation of the final tables (the service's runs are every 10 s).
+    if cfg.materialize {
+        let mut last = reconcile::Reconciler::new(reconcile_config(table_uri));
+        match last.run_once(crate::events::now_micros()).await {
+            Ok(r) => say!(
+                "  reconciliation  : {} moved today: {} agree, {} explained, {} pending, {} drifted (possync reconcile --table-uri {table_uri})",
+                r.lines.len(),
+                r.count(Status::Agrees),
+                r.count(Status::Explained),
+                r.count(Status::Pending),
+                r.count(Status::Drifted)
+            ),
+            Err(e) => tracing::warn!(error = %e, "the last reconciliation failed"),
+        }
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(caught_up),

@@ -232,6 +232,28 @@ fn run_leaves_tables_equal_to_the_simulators_truth() -> anyhow::Result<()> {
         "executions must hold every simulated fill exactly once, with its commission"
     );
 
+    // The reconciliation service ran (issue 21): the day's starting snapshot holds open
+    // positions, and the last run reconciled the keys the fills moved. Only fills changed the
+    // book, so most of them agree; none can have drifted (that takes --drift-after, 5 min).
+    let kinds = &got["snapshots"];
+    assert!(
+        kinds["day_start"].as_i64().unwrap_or(0) > 0,
+        "no day_start snapshot: {got}"
+    );
+    assert!(
+        got["day_start_open"].as_array().is_some_and(|r| !r.is_empty()),
+        "the day_start snapshot holds the open book: {got}"
+    );
+    let statuses = &got["reconciliation"];
+    assert!(
+        statuses["agrees"].as_i64().unwrap_or(0) > 0,
+        "no key agrees: {statuses}"
+    );
+    assert!(
+        statuses["drifted"].is_null(),
+        "a drift in a run with fills only: {statuses}"
+    );
+
     // The registry table holds what the demo seeded.
     assert_eq!(
         got["registry_active"].as_array().map(Vec::len),
@@ -320,6 +342,8 @@ fn spark_reads_every_table_like_duckdb() -> anyhow::Result<()> {
         "strategy_registry",
         "dead_letters",
         "executions",
+        "position_snapshots",
+        "reconciliation",
     ];
     let mut null_cells = 0;
     for name in tables {

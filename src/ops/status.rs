@@ -198,6 +198,63 @@ pub struct Queue {
     pub active: u64,
 }
 
+/// The `reconciliation` table as the service last wrote it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct Reconciliation {
+    /// When it was written (RFC 3339); `None` when it holds no line.
+    pub reconciled_at: Option<String>,
+    /// Keys unexplained for the service's `--drift-after` or longer.
+    pub drifted: u64,
+    /// Keys unexplained for less.
+    pub pending: u64,
+    /// Since when the oldest drift (RFC 3339).
+    pub oldest_drift: Option<String>,
+    /// A few drifted keys: `account:con_id local_symbol diff`.
+    pub examples: Vec<String>,
+}
+
+/// Reads the `reconciliation` table; `None` when there is none.
+async fn reconciliation(base: &str) -> Result<Option<Reconciliation>, StatusError> {
+    let Some(t) = super::open_existing(base, TableKind::Reconciliation).await? else {
+        return Ok(None);
+    };
+    let batches = t.read_all().await?;
+    let mut r = Reconciliation::default();
+    let mut at = None;
+    let mut oldest: Option<i64> = None;
+    for b in &batches {
+        let row = super::Row(b);
+        for i in 0..b.num_rows() {
+            at = at.max(row.ts("reconciled_at", i));
+            // The statuses of `reconcile::model::Status`.
+            match row.str_ref("status", i) {
+                Some("drifted") => {
+                    r.drifted += 1;
+                    let since = row.ts("drifted_since", i);
+                    oldest = match (oldest, since) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    if r.examples.len() < 5 {
+                        r.examples.push(format!(
+                            "{}:{} {} diff {}",
+                            row.str_ref("account", i).unwrap_or_default(),
+                            row.i64("con_id", i).unwrap_or_default(),
+                            row.str_ref("local_symbol", i).unwrap_or_default(),
+                            row.f64("diff", i).unwrap_or_default()
+                        ));
+                    }
+                }
+                Some("pending") => r.pending += 1,
+                _ => {}
+            }
+        }
+    }
+    r.reconciled_at = at.map(super::rfc3339_micros);
+    r.oldest_drift = oldest.map(super::rfc3339_micros);
+    Ok(Some(r))
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Status {
@@ -215,6 +272,10 @@ pub struct Status {
     pub queue: Queue,
     pub dead_letters: u64,
     pub tables: Vec<TableStatus>,
+    /// The last reconciliation of positions against fills (`None`: no `reconciliation`
+    /// table, no service has run).
+    #[serde(default)]
+    pub reconciliation: Option<Reconciliation>,
     /// Why it is unhealthy (empty = healthy).
     pub problems: Vec<String>,
     pub healthy: bool,
@@ -408,6 +469,15 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
             problems.push(format!("{dead_letters} dead letters (limit {max})"));
         }
     }
+    let reconciliation = reconciliation(&cfg.table_uri).await?;
+    if let Some(r) = reconciliation.as_ref().filter(|r| r.drifted > 0) {
+        problems.push(format!(
+            "{} positions differ from the day's start plus its fills with no explanation (the oldest since {}), e.g. {}; `possync reconcile --problems` lists them",
+            r.drifted,
+            r.oldest_drift.as_deref().unwrap_or("?"),
+            r.examples.join(", ")
+        ));
+    }
     let now = chrono::Utc::now();
     let mut table_status = Vec::new();
     for kind in TableKind::ALL {
@@ -472,6 +542,7 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         queue,
         dead_letters,
         tables: table_status,
+        reconciliation,
         healthy: problems.is_empty(),
         problems,
     })
@@ -616,6 +687,15 @@ pub fn render_text(s: &Status) -> String {
         s.queue.depth, s.queue.refreshed, s.queue.closed, s.queue.active
     );
     let _ = writeln!(o, "dead letters   : {}", s.dead_letters);
+    if let Some(r) = &s.reconciliation {
+        let _ = writeln!(
+            o,
+            "reconciliation : {} drifted, {} pending (at {})",
+            r.drifted,
+            r.pending,
+            r.reconciled_at.as_deref().unwrap_or("-")
+        );
+    }
     for t in &s.tables {
         let _ = match (t.version, &t.last_commit) {
             (Some(v), Some(at)) => writeln!(

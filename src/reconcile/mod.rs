@@ -181,7 +181,9 @@ pub async fn check(cfg: &ReconcileConfig) -> Result<Report, ReconcileError> {
     let at = now_micros();
     let day = day_of(at);
     let base = &cfg.table_uri;
-    let start = read::day_start(base, day).await?.ok_or(ReconcileError::NoSnapshot(day))?;
+    let start = read::day_start(base, day)
+        .await?
+        .ok_or(ReconcileError::NoSnapshot(day))?;
     let book = read::book_now(base).await?;
     let fills = read::fills_since(base, day).await?;
     let unexplained = read::unexplained_since(base, day).await?;
@@ -279,7 +281,12 @@ impl Reconciler {
                 .iter()
                 .filter(|l| l.status == Status::Drifted)
                 .take(5)
-                .map(|l| format!("{}:{} ({}) diff {}", l.account, l.con_id, l.contract.local_symbol, l.diff))
+                .map(|l| {
+                    format!(
+                        "{}:{} ({}) diff {}",
+                        l.account, l.con_id, l.contract.local_symbol, l.diff
+                    )
+                })
                 .collect();
             tracing::warn!(drifted, examples = ?some, drift_after = ?self.cfg.drift_after, "positions differ from the day's start plus its fills with no explanation; `possync reconcile --problems` lists them");
         } else if drifted == 0 && self.drifted > 0 {

@@ -5,10 +5,16 @@
 //! fills made after the moment the key's starting position reflects (its `as_of`: the
 //! `ingest_time` of the `positions_current` row the snapshot copied, or the snapshot's time
 //! for a key the snapshot did not hold). A fill made before that moment is already in `start`.
-//! Of a corrected execution only the latest revision counts. IB stamps executions to the
-//! second, so a fill in the same second as the row a snapshot copied counts as before it: a
-//! starting snapshot is best taken when nothing trades (the service takes the day's first at
-//! its first run after midnight UTC).
+//! Of a corrected execution only the latest revision counts.
+//!
+//! A fill's moment is IB's `exec_time`: it stays right for a fill re-requested long after it
+//! happened (after a disconnect), and a fill is always stamped before the position update it
+//! causes. Two edges remain, both only for fills of the day made before its starting snapshot
+//! or within a second of the row a snapshot copied: IB stamps to the second (a fill in the
+//! same second as, but after, a row counts as before it), and a clock of IB's running ahead of
+//! ingest's moves such fills after the rows that hold them. So the service takes the day's
+//! starting snapshot at its first run after midnight UTC, when nothing trades; a first start
+//! in the middle of a trading day may show `pending`/`drifted` keys that day.
 //!
 //! Statuses:
 //! - `agrees`: `diff == 0`.
@@ -278,8 +284,12 @@ fn explain(lines: &mut BTreeMap<Key, Line>, day: u32) {
             let l = &lines[&key];
             (l.account.clone(), l.contract.symbol.clone(), l.diff)
         };
-        let Some(options) = candidates.get(&(account, symbol)) else { continue };
-        let Some(used) = subset_summing_to(options, diff) else { continue };
+        let Some(options) = candidates.get(&(account, symbol)) else {
+            continue;
+        };
+        let Some(used) = subset_summing_to(options, diff) else {
+            continue;
+        };
         for k in used.into_iter().chain(std::iter::once(key)) {
             let l = lines.get_mut(&k).expect("a line of the book");
             l.status = Status::Explained;
@@ -314,10 +324,7 @@ fn subset_summing_to(options: &[(Key, f64)], target: f64) -> Option<Vec<Key>> {
         if zero(all - target) {
             return Some(options.iter().map(|o| o.0.clone()).collect());
         }
-        return options
-            .iter()
-            .find(|o| zero(o.1 - target))
-            .map(|o| vec![o.0.clone()]);
+        return options.iter().find(|o| zero(o.1 - target)).map(|o| vec![o.0.clone()]);
     }
     None
 }
@@ -447,7 +454,10 @@ mod tests {
         i.start.insert(key("A", 1), held(10.0, 5 * MIN, stock("X")));
         i.now.insert(key("A", 1), held(13.0, 20 * MIN, stock("X")));
         let l = run(&i);
-        assert_eq!((l[0].diff, l[0].status, l[0].drifted_since), (3.0, Status::Pending, Some(100 * MIN)));
+        assert_eq!(
+            (l[0].diff, l[0].status, l[0].drifted_since),
+            (3.0, Status::Pending, Some(100 * MIN))
+        );
         i.unexplained_since.insert(key("A", 1), 96 * MIN);
         assert_eq!(run(&i)[0].status, Status::Pending, "4 min < 5 min");
         i.unexplained_since.insert(key("A", 1), 95 * MIN);
@@ -459,15 +469,21 @@ mod tests {
     fn a_position_closed_without_a_fill_is_a_drift_unless_an_option_expired() {
         let mut i = World::default();
         i.start.insert(key("A", 1), held(10.0, 5 * MIN, stock("X")));
-        i.start.insert(key("A", 2), held(-2.0, 5 * MIN, option("X", "20261207", "C")));
-        i.start.insert(key("A", 3), held(4.0, 5 * MIN, option("X", "20261218", "P")));
+        i.start
+            .insert(key("A", 2), held(-2.0, 5 * MIN, option("X", "20261207", "C")));
+        i.start
+            .insert(key("A", 3), held(4.0, 5 * MIN, option("X", "20261218", "P")));
         // A:1 and A:3 are gone from the book, A:2 closed at 0.
-        i.now.insert(key("A", 2), held(0.0, 20 * MIN, option("X", "20261207", "C")));
+        i.now
+            .insert(key("A", 2), held(0.0, 20 * MIN, option("X", "20261207", "C")));
         let b = run(&i);
         let b = by_key(&b);
         assert_eq!(b[&key("A", 1)].status, Status::Pending);
         assert_eq!(b[&key("A", 1)].diff, -10.0);
-        assert_eq!((b[&key("A", 2)].status, b[&key("A", 2)].reason.as_deref()), (Status::Explained, Some("expiry")));
+        assert_eq!(
+            (b[&key("A", 2)].status, b[&key("A", 2)].reason.as_deref()),
+            (Status::Explained, Some("expiry"))
+        );
         assert_eq!(b[&key("A", 3)].status, Status::Pending, "expires later: not an expiry");
     }
 
@@ -476,18 +492,26 @@ mod tests {
         let mut i = World::default();
         // Short 2 calls assigned: stock -200; long 1 put exercised: stock -100.
         i.start.insert(key("A", 1), held(500.0, 5 * MIN, stock("X")));
-        i.start.insert(key("A", 2), held(-2.0, 5 * MIN, option("X", "20261218", "C")));
-        i.start.insert(key("A", 3), held(1.0, 5 * MIN, option("X", "20261218", "P")));
-        i.start.insert(key("A", 4), held(4.0, 5 * MIN, option("X", "20261218", "P")));
+        i.start
+            .insert(key("A", 2), held(-2.0, 5 * MIN, option("X", "20261218", "C")));
+        i.start
+            .insert(key("A", 3), held(1.0, 5 * MIN, option("X", "20261218", "P")));
+        i.start
+            .insert(key("A", 4), held(4.0, 5 * MIN, option("X", "20261218", "P")));
         i.start.insert(key("B", 1), held(100.0, 5 * MIN, stock("X")));
         i.now.insert(key("A", 1), held(200.0, 20 * MIN, stock("X")));
-        i.now.insert(key("A", 4), held(0.0, 20 * MIN, option("X", "20261218", "P")));
+        i.now
+            .insert(key("A", 4), held(0.0, 20 * MIN, option("X", "20261218", "P")));
         // Another account's stock moved by the same amount: not explained by A's options.
         i.now.insert(key("B", 1), held(-200.0, 20 * MIN, stock("X")));
         let b = run(&i);
         let b = by_key(&b);
         for k in [key("A", 1), key("A", 2), key("A", 3)] {
-            assert_eq!((b[&k].status, b[&k].reason.as_deref()), (Status::Explained, Some("assignment")), "{k:?}");
+            assert_eq!(
+                (b[&k].status, b[&k].reason.as_deref()),
+                (Status::Explained, Some("assignment")),
+                "{k:?}"
+            );
         }
         assert_eq!(b[&key("A", 4)].status, Status::Pending, "its -400 fits no sum");
         assert_eq!(b[&key("B", 1)].status, Status::Pending);

@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 
 use chrono::NaiveDate;
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::array::{Array, AsArray};
 
 use super::model::{Contract, Fill, Held, Key};
 use super::ReconcileError;
 use crate::materialize::decode::EVENT_DATE;
 use crate::materialize::reconciled::{DAY_START, SNAPSHOT_DATE, SNAPSHOT_KIND};
-use crate::materialize::tables::{FileRef, Table};
+use crate::materialize::tables::FileRef;
 use crate::materialize::TableKind;
 use crate::ops::{open_existing, Row};
 
@@ -71,7 +71,10 @@ pub async fn book_now(base: &str) -> Result<Book, ReconcileError> {
             if position == 0.0 {
                 continue;
             }
-            let key = (r.str("account", i).unwrap_or_default(), r.i64("con_id", i).unwrap_or_default());
+            let key = (
+                r.str("account", i).unwrap_or_default(),
+                r.i64("con_id", i).unwrap_or_default(),
+            );
             let held = Held {
                 position,
                 avg_cost: r.f64("avg_cost", i).unwrap_or_default(),
@@ -95,7 +98,7 @@ pub async fn day_start(base: &str, day: NaiveDate) -> Result<Option<Start>, Reco
     let Some(t) = open_existing(base, TableKind::PositionSnapshots).await? else {
         return Ok(None);
     };
-    let files = partition(&t, day)?;
+    let files = partition(t.files()?, day);
     if files.is_empty() {
         return Ok(None);
     }
@@ -115,7 +118,10 @@ pub async fn day_start(base: &str, day: NaiveDate) -> Result<Option<Start>, Reco
             if r.ts("snapshot_time", i) != Some(time) {
                 continue;
             }
-            let key = (r.str("account", i).unwrap_or_default(), r.i64("con_id", i).unwrap_or_default());
+            let key = (
+                r.str("account", i).unwrap_or_default(),
+                r.i64("con_id", i).unwrap_or_default(),
+            );
             rows.insert(
                 key,
                 Held {
@@ -130,15 +136,16 @@ pub async fn day_start(base: &str, day: NaiveDate) -> Result<Option<Start>, Reco
     Ok(Some(Start { day, time, rows }))
 }
 
-fn partition(t: &Table, day: NaiveDate) -> Result<Vec<FileRef>, ReconcileError> {
+/// The files of `day`'s `day_start` partition.
+fn partition(files: Vec<FileRef>, day: NaiveDate) -> Vec<FileRef> {
     let day = date_text(day);
-    Ok(t.files()?
+    files
         .into_iter()
         .filter(|f| {
             let v = |c: &str| f.partition_values.get(c).cloned().flatten();
             v(SNAPSHOT_DATE).as_deref() == Some(day.as_str()) && v(SNAPSHOT_KIND).as_deref() == Some(DAY_START)
         })
-        .collect())
+        .collect()
 }
 
 /// Every fill of `day` and later (every revision), from the `executions` table; none when
@@ -202,7 +209,10 @@ pub async fn unexplained_since(base: &str, day: NaiveDate) -> Result<HashMap<Key
             let same_day = dates.as_ref().is_some_and(|d| d.is_valid(i) && d.value(i) == day);
             if let (true, Some(since)) = (same_day, r.ts("drifted_since", i)) {
                 out.insert(
-                    (r.str("account", i).unwrap_or_default(), r.i64("con_id", i).unwrap_or_default()),
+                    (
+                        r.str("account", i).unwrap_or_default(),
+                        r.i64("con_id", i).unwrap_or_default(),
+                    ),
                     since,
                 );
             }
@@ -214,15 +224,4 @@ pub async fn unexplained_since(base: &str, day: NaiveDate) -> Result<HashMap<Key
 /// Days since the epoch (Arrow's `Date32`).
 pub fn day_number(d: NaiveDate) -> i32 {
     (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch")).num_days() as i32
-}
-
-/// The lines of the `reconciliation` table as they were last written (for `possync status`).
-///
-/// # Errors
-/// Storage errors.
-pub async fn table_rows(base: &str) -> Result<Option<Vec<RecordBatch>>, ReconcileError> {
-    match open_existing(base, TableKind::Reconciliation).await? {
-        Some(t) => Ok(Some(t.read_all().await?)),
-        None => Ok(None),
-    }
 }

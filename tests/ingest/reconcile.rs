@@ -94,8 +94,13 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
     let mut service = Reconciler::new(cfg.clone());
     let first = service.run_once(now_micros()).await?;
     ensure!(first.lines.is_empty(), "nothing moved yet: {:?}", first.lines);
-    let start = read::day_start(&base, today).await?.context("the day's starting snapshot")?;
-    ensure!(start.rows.len() == truth_book(&env.sim).len(), "the snapshot holds the open book");
+    let start = read::day_start(&base, today)
+        .await?
+        .context("the day's starting snapshot")?;
+    ensure!(
+        start.rows.len() == truth_book(&env.sim).len(),
+        "the snapshot holds the open book"
+    );
 
     // IB stamps executions to the second: a fill counts when its time is after the time of the
     // row the snapshot copied (see `reconcile::model`), so the day's fills start over a second
@@ -138,20 +143,29 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
         .context("a fill")?;
     env.sim.correct_execution(&fill.exec_id, Some(4.0), None)?;
     // A change with no execution: IB's book and the fills disagree.
-    env.sim
-        .set_position(&drifted.account, drifted.contract.con_id, drifted.quantity + 7.0, drifted.avg_cost)?;
+    env.sim.set_position(
+        &drifted.account,
+        drifted.contract.con_id,
+        drifted.quantity + 7.0,
+        drifted.avg_cost,
+    )?;
     wait_tables(&env.sim, &base, "the day's changes in the tables").await?;
 
     let r = service.run_once(now_micros()).await?;
     let status = |p: &TruthPosition| line(&r, p).map(|l| (l.status, l.reason.clone(), l.diff));
-    ensure!(status(bought) == Some((Status::Agrees, None, 0.0)), "bought: {:?}", line(&r, bought));
     ensure!(
-        status(sold) == Some((Status::Agrees, None, 0.0)) && line(&r, sold).is_some_and(|l| l.filled == -4.0 && l.fills == 1),
+        status(bought) == Some((Status::Agrees, None, 0.0)),
+        "bought: {:?}",
+        line(&r, bought)
+    );
+    ensure!(
+        status(sold) == Some((Status::Agrees, None, 0.0))
+            && line(&r, sold).is_some_and(|l| l.filled == -4.0 && l.fills == 1),
         "sold and corrected to 4: {:?}",
         line(&r, sold)
     );
     ensure!(
-        status(expired) == Some((Status::Explained, Some("expiry".into()), expired.quantity * -1.0)),
+        status(expired) == Some((Status::Explained, Some("expiry".into()), -expired.quantity)),
         "expired: {:?}",
         line(&r, expired)
     );
@@ -161,15 +175,43 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
         line(&r, assigned)
     );
     ensure!(
-        line(&r, &assigned_stock).is_some_and(|l| l.status == Status::Explained && l.reason.as_deref() == Some("assignment")),
+        line(&r, &assigned_stock)
+            .is_some_and(|l| l.status == Status::Explained && l.reason.as_deref() == Some("assignment")),
         "the assigned option's stock: {:?}",
         line(&r, &assigned_stock)
     );
-    ensure!(status(drifted) == Some((Status::Drifted, None, 7.0)), "drifted: {:?}", line(&r, drifted));
+    ensure!(
+        status(drifted) == Some((Status::Drifted, None, 7.0)),
+        "drifted: {:?}",
+        line(&r, drifted)
+    );
     ensure!(
         r.count(Status::Drifted) == 1 && r.count(Status::Pending) == 0,
         "one drift and nothing else unexplained: {:?}",
         r.lines
+    );
+
+    // `possync status` reports the drift from the table the service wrote.
+    let status = possync::ops::status::check(
+        &possync::ops::status::StatusConfig {
+            table_uri: base.clone(),
+            ..Default::default()
+        },
+        &env.kafka,
+    )
+    .await?;
+    let rec = status.reconciliation.context("status reads the reconciliation table")?;
+    ensure!(
+        rec.drifted == 1 && rec.examples.len() == 1 && rec.examples[0].contains(&drifted.account),
+        "status: {rec:?}"
+    );
+    ensure!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("possync reconcile --problems")),
+        "a drift makes status unhealthy: {:?}",
+        status.problems
     );
 
     // The table holds the run; `possync reconcile` prints it from the tables (a longer
@@ -186,7 +228,11 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
         }
     })
     .await??;
-    ensure!(out.status.success(), "possync reconcile: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "possync reconcile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Report = serde_json::from_slice(&out.stdout)?;
     ensure!(
         printed.count(Status::Pending) == 1 && printed.count(Status::Drifted) == 0,

@@ -13,6 +13,9 @@ Usage: check_run.py <table base directory>  ->  one JSON object on stdout:
   refreshed_after_pending: keys whose POLL refresh event came after an enqueue event
   registry_active: [[strategy, account, con_id], ...] active rows of strategy_registry
   executions:      [[exec_id, account, con_id, side, shares, price, commission], ...] rows of executions
+  snapshots:       {snapshot_kind: rows} of position_snapshots
+  day_start_open:  [[account, con_id, position], ...] of the day_start snapshot
+  reconciliation:  {status: rows} of reconciliation
 """
 import json
 import os
@@ -27,7 +30,8 @@ def main(base: str) -> None:
     con = duckdb.connect(config={"extension_directory": ext_dir})
     con.execute("LOAD delta;")
     t = {name: f"delta_scan('{os.path.join(base, name)}')" for name in
-         ["position_events", "positions_current", "position_queue", "strategy_registry", "executions"]}
+         ["position_events", "positions_current", "position_queue", "strategy_registry", "executions",
+          "position_snapshots", "reconciliation"]}
     q = lambda sql: con.execute(sql).fetchall()
     out = {
         "event_rows": q(f"SELECT count(*) FROM {t['position_events']}")[0][0],
@@ -56,6 +60,10 @@ def main(base: str) -> None:
                              "WHERE active ORDER BY ALL"),
         "executions": q(f"SELECT exec_id, account, con_id, side, shares, price, commission "
                         f"FROM {t['executions']} ORDER BY exec_id"),
+        "snapshots": dict(q(f"SELECT snapshot_kind, count(*) FROM {t['position_snapshots']} GROUP BY ALL")),
+        "day_start_open": q(f"SELECT account, con_id, position FROM {t['position_snapshots']} "
+                            "WHERE snapshot_kind = 'day_start' ORDER BY account, con_id"),
+        "reconciliation": dict(q(f"SELECT status, count(*) FROM {t['reconciliation']} GROUP BY ALL")),
     }
     print(json.dumps(out, default=str))
 

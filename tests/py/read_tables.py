@@ -25,6 +25,8 @@ TABLES = [
     "dead_letters",
     "registry_events",
     "executions",
+    "position_snapshots",
+    "reconciliation",
 ]
 
 
@@ -94,6 +96,14 @@ def main(base):
                 FROM latest
                 """
             ).fetchone()[0]
+        if name == "position_snapshots":
+            info["duckdb_kinds"] = {
+                k: n for k, n in con.execute(f"SELECT snapshot_kind, count(*) FROM {scan} GROUP BY ALL").fetchall()
+            }
+        if name == "reconciliation":
+            info["duckdb_status_counts"] = {
+                s: n for s, n in con.execute(f"SELECT status, count(*) FROM {scan} GROUP BY ALL").fetchall()
+            }
         if name == "positions_current":
             info["duckdb_open_positions"] = con.execute(
                 f"SELECT count(*) FROM {scan} WHERE position <> 0"

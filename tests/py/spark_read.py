@@ -43,6 +43,8 @@ KEYS = {
     "dead_letters": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
     "registry_events": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
     "executions": ["kafka_namespace", "kafka_topic", "kafka_partition", "kafka_offset"],
+    "position_snapshots": ["snapshot_time", "account", "con_id"],
+    "reconciliation": ["account", "con_id"],
 }
 
 

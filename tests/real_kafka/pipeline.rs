@@ -802,8 +802,7 @@ impl Pipeline {
     /// standby (it has another client id, not TWS's master, so fills after a takeover reach no
     /// one: see docs/executions.md), and only when ingest 0 is the simulator's master client.
     fn checks_fills(&self) -> bool {
-        !self.opts.standby_ingest
-            && self.sim.config().master_client_id == Some(INGEST_CLIENT_ID)
+        !self.opts.standby_ingest && self.sim.config().master_client_id == Some(INGEST_CLIENT_ID)
     }
 
     /// (every simulated fill's exec id, how often each exec id is on the executions topic).
@@ -814,7 +813,13 @@ impl Pipeline {
                 *on_topic.entry(e.exec_id.clone()).or_default() += 1;
             }
         }
-        let want = self.sim.truth().executions.iter().map(|e| (e.exec_id.clone(), 1)).collect();
+        let want = self
+            .sim
+            .truth()
+            .executions
+            .iter()
+            .map(|e| (e.exec_id.clone(), 1))
+            .collect();
         (want, on_topic)
     }
 
