@@ -13,6 +13,7 @@ Usage: check_run.py <table base directory>  ->  one JSON object on stdout:
   refreshed_after_pending: keys whose POLL refresh event came after an enqueue event
   registry_active: [[strategy, account, con_id], ...] active rows of strategy_registry
   executions:      [[exec_id, account, con_id, side, shares, price, commission], ...] rows of executions
+  (when the reconciliation service ran, i.e. `run` with its materializer:)
   snapshots:       {snapshot_kind: rows} of position_snapshots
   day_start_open:  [[account, con_id, position], ...] of the day_start snapshot
   reconciliation:  {status: rows} of reconciliation
@@ -60,11 +61,13 @@ def main(base: str) -> None:
                              "WHERE active ORDER BY ALL"),
         "executions": q(f"SELECT exec_id, account, con_id, side, shares, price, commission "
                         f"FROM {t['executions']} ORDER BY exec_id"),
-        "snapshots": dict(q(f"SELECT snapshot_kind, count(*) FROM {t['position_snapshots']} GROUP BY ALL")),
-        "day_start_open": q(f"SELECT account, con_id, position FROM {t['position_snapshots']} "
-                            "WHERE snapshot_kind = 'day_start' ORDER BY account, con_id"),
-        "reconciliation": dict(q(f"SELECT status, count(*) FROM {t['reconciliation']} GROUP BY ALL")),
     }
+    # Written by the reconciliation service, which runs beside an embedded materializer only.
+    if os.path.isdir(os.path.join(base, "reconciliation", "_delta_log")):
+        out["snapshots"] = dict(q(f"SELECT snapshot_kind, count(*) FROM {t['position_snapshots']} GROUP BY ALL"))
+        out["day_start_open"] = q(f"SELECT account, con_id, position FROM {t['position_snapshots']} "
+                                  "WHERE snapshot_kind = 'day_start' ORDER BY account, con_id")
+        out["reconciliation"] = dict(q(f"SELECT status, count(*) FROM {t['reconciliation']} GROUP BY ALL"))
     print(json.dumps(out, default=str))
 
 
