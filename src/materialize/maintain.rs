@@ -54,13 +54,21 @@ pub struct MaintainReport {
     pub files_vacuumed: usize,
 }
 
-/// Compacts and vacuums every table under `cfg.table_uri`.
+/// Compacts and vacuums every table under `cfg.table_uri` (`position_snapshots` and
+/// `reconciliation` too when `possync reconcile --watch` made them).
 ///
 /// # Errors
 /// Table errors; a compaction that loses a race with another compaction is skipped, not an error.
 pub async fn run(cfg: &MaintainConfig) -> Result<BTreeMap<&'static str, MaintainReport>, TableError> {
     let mut out = BTreeMap::new();
-    for kind in TableKind::ALL {
+    // The reconcile tables when the service made them (maintain never creates them).
+    let mut kinds = TableKind::ALL.to_vec();
+    for kind in TableKind::RECONCILE {
+        if super::tables::exists(&cfg.table_uri, kind.name()).await? {
+            kinds.push(kind);
+        }
+    }
+    for kind in kinds {
         let mut t = Table::open(&cfg.table_uri, kind).await?;
         let mut report = MaintainReport::default();
         if cfg.compact && kind.append_only() {

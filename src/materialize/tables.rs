@@ -948,6 +948,36 @@ fn is_conflict(e: &DeltaTableError) -> bool {
     )
 }
 
+/// Whether `base` is a local path (or `file://` URL) rather than object storage.
+fn is_local(base: &str) -> bool {
+    !base.contains("://") || base.starts_with("file://")
+}
+
+/// Whether a Delta table named `name` exists under `base` (no directory is created).
+///
+/// # Errors
+/// Storage errors for remote locations.
+pub async fn exists(base: &str, name: &str) -> Result<bool, TableError> {
+    if is_local(base) {
+        let root = base.strip_prefix("file://").unwrap_or(base);
+        return Ok(std::path::Path::new(root).join(name).join("_delta_log").is_dir());
+    }
+    let uri = format!("{}/{name}", base.trim_end_matches('/'));
+    let location = |source| TableError::Location {
+        uri: uri.clone(),
+        source,
+    };
+    let url = deltalake::ensure_table_uri(&uri).map_err(location)?;
+    let table = DeltaTableBuilder::from_url(url)
+        .map_err(location)?
+        .build()
+        .map_err(location)?;
+    table
+        .verify_deltatable_existence()
+        .await
+        .map_err(|source| TableError::Delta { table: "?", source })
+}
+
 /// Reads a whole table under `base` (for tests, the bench and tools).
 ///
 /// # Errors

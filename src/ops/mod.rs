@@ -13,19 +13,11 @@ pub mod migrate;
 pub mod rebuild;
 pub mod status;
 
-use std::path::Path;
-
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
-use deltalake::DeltaTableBuilder;
 
 use crate::materialize::tables::{Table, TableError};
 use crate::materialize::TableKind;
-
-/// Whether `base` is a local path (or `file://` URL) rather than object storage.
-fn is_local(base: &str) -> bool {
-    !base.contains("://") || base.starts_with("file://")
-}
 
 /// Opens an existing table under `base`; `Ok(None)` when there is none (nothing is created).
 ///
@@ -38,30 +30,7 @@ pub async fn open_existing(base: &str, kind: TableKind) -> Result<Option<Table>,
     Table::open(base, kind).await.map(Some)
 }
 
-/// Whether a Delta table named `name` exists under `base` (no directory is created).
-///
-/// # Errors
-/// Storage errors for remote locations.
-pub async fn exists(base: &str, name: &str) -> Result<bool, TableError> {
-    if is_local(base) {
-        let root = base.strip_prefix("file://").unwrap_or(base);
-        return Ok(Path::new(root).join(name).join("_delta_log").is_dir());
-    }
-    let uri = format!("{}/{name}", base.trim_end_matches('/'));
-    let location = |source| TableError::Location {
-        uri: uri.clone(),
-        source,
-    };
-    let url = deltalake::ensure_table_uri(&uri).map_err(location)?;
-    let table = DeltaTableBuilder::from_url(url)
-        .map_err(location)?
-        .build()
-        .map_err(location)?;
-    table
-        .verify_deltatable_existence()
-        .await
-        .map_err(|source| TableError::Delta { table: "?", source })
-}
+pub use crate::materialize::tables::exists;
 
 /// Microseconds since the epoch as RFC 3339 (UTC, microsecond precision).
 pub fn rfc3339_micros(us: i64) -> String {

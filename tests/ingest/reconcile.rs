@@ -89,6 +89,8 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
     let cfg = ReconcileConfig {
         table_uri: base.clone(),
         drift_after: Duration::ZERO,
+        // A periodic snapshot at every run (two runs: two files for `maintain` to compact).
+        snapshot_every: Duration::ZERO,
         ..ReconcileConfig::default()
     };
     let mut service = Reconciler::new(cfg.clone());
@@ -247,6 +249,27 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
     ensure!(
         text.lines().filter(|l| l.contains(" pending ")).count() == 1 && text.contains(&drifted.account),
         "--problems lists the one key:\n{text}"
+    );
+
+    // `possync maintain` compacts the periodic snapshots; the day's start stays as it was.
+    let maintained = materialize::maintain::run(&materialize::MaintainConfig {
+        table_uri: base.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let snapshots = maintained
+        .get("position_snapshots")
+        .context("maintain covers position_snapshots")?;
+    ensure!(
+        snapshots.files_compacted == 2 && snapshots.files_written == 1,
+        "{snapshots:?}"
+    );
+    let again = read::day_start(&base, today)
+        .await?
+        .context("the day's start after maintain")?;
+    ensure!(
+        again.time == start.time && again.rows == start.rows,
+        "maintain changed the day's start"
     );
 
     ingest.stop().await?;
