@@ -89,8 +89,9 @@ pub enum Command {
 pub enum BenchCommand {
     /// Materializer: events/s, events per CPU-second, MB/s, produce → visible latency.
     Materialize(crate::materialize::bench::BenchMaterializeArgs),
-    /// Ingest: events/s from the simulator to Kafka acknowledgement, and the active route's
-    /// latency (IB frame → broker ack, p50/p99).
+    /// Ingest: events/s from the simulator to Kafka acknowledgement, the active route's
+    /// latency (IB frame → broker ack, p50/p99), and executions/s with their CPU (live, and
+    /// from the day's list after a disconnect).
     Ingest(crate::ingest::bench::BenchIngestArgs),
     /// Queue staleness at desk size: N queued contracts over A accounts, enqueue → POLL
     /// visible in Delta, and the worker's IB message rate and pacing errors.

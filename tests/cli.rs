@@ -8,6 +8,8 @@
 mod common;
 mod materialize_support;
 
+#[path = "cli/bench.rs"]
+mod bench;
 #[path = "cli/fills.rs"]
 mod fills;
 #[path = "cli/metrics.rs"]

@@ -7,6 +7,15 @@
 //! acknowledged events per second and per CPU-second. Phase 2 changes the active contracts at
 //! `--latency-rate` per second for `--latency-for` and reports the active route's latency from
 //! the IB frame (the moment `ibapi` hands the update to ingest) to the broker's acknowledgement.
+//! Phase 3 drops the IB connection and times the resync of the book. Then (unless
+//! `--executions 0`) the executions phases of [`super::bench_exec`]: a desk's day of fills live,
+//! and as many made while ingest is disconnected, which the day's list brings at the next
+//! connect.
+//!
+//! Ingest is the simulator's master API client, so it gets every fill as an execution. Phases
+//! 1 and 2 therefore change positions without a fill (`set_position`, as an expiry or a
+//! transfer would): they measure position events alone, and the executions phases what a fill
+//! (an execution and a position change) costs beside them.
 
 use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -37,6 +46,10 @@ pub struct BenchIngestArgs {
     /// Contracts activated in the registry (they hold PnL streams; phase 2 changes them).
     #[arg(long, env = "POSSYNC_BENCH_ACTIVE", default_value_t = 10)]
     pub active: usize,
+    /// Fills (each an execution with its commission report, and a position change) in each
+    /// executions phase: live, then made while ingest is disconnected. 0 skips both.
+    #[arg(long, env = "POSSYNC_BENCH_EXECUTIONS", default_value_t = 10_000)]
+    pub executions: u64,
     /// Changes per second of active positions in the latency phase.
     #[arg(long, env = "POSSYNC_BENCH_LATENCY_RATE", default_value_t = 200)]
     pub latency_rate: u32,
@@ -101,6 +114,8 @@ pub struct BenchIngestReport {
     pub p90_us: u32,
     pub p99_us: u32,
     pub max_us: u32,
+    /// The executions phases (`fills` 0 when skipped).
+    pub exec: super::bench_exec::ExecFigures,
 }
 
 impl fmt::Display for BenchIngestReport {
@@ -150,16 +165,44 @@ impl fmt::Display for BenchIngestReport {
             f64::from(self.p90_us) / 1e3,
             f64::from(self.p99_us) / 1e3,
             f64::from(self.max_us) / 1e3
+        )?;
+        let e = &self.exec;
+        if e.fills == 0 {
+            return write!(f, "\n  executions: skipped (--executions 0)");
+        }
+        write!(
+            f,
+            "\n  executions live: {} fills over {} accounts -> {} executions (with commission) and {} position events committed in {:.2} s = {:.0} executions/s, {:.0} position events/s; {:.2} CPU-s = {:.1} ms CPU per 1k executions with their position changes (whole process), vs {:.1} ms per 1k position changes alone (throughput phase)",
+            e.fills,
+            self.accounts,
+            e.executions,
+            e.position_events,
+            e.secs,
+            e.per_s(),
+            e.events_per_s(),
+            e.cpu_secs,
+            e.cpu_per_1k() * 1e3,
+            self.cpu_secs * 1e6 / (self.events.max(1) as f64),
+        )?;
+        write!(
+            f,
+            "\n  executions caught up: {} fills made while the gateway refused connections ({:.2} s to make), all {} on the topic {:.2} s after it accepted again ({:.2} s after ingest asked for the day's executions; the book resynced meanwhile), {} reconnect(s)",
+            e.fills,
+            e.fill_secs,
+            e.missed,
+            e.catchup_secs,
+            e.catchup_from_request_secs,
+            e.catchup_reconnects
         )
     }
 }
 
-fn published() -> u64 {
+pub(super) fn published() -> u64 {
     let m = metrics::global();
     m.published_active.load(Relaxed) + m.published_queued.load(Relaxed)
 }
 
-fn cpu_seconds() -> f64 {
+pub(super) fn cpu_seconds() -> f64 {
     // utime + stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 Hz on Linux).
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
@@ -171,19 +214,66 @@ fn cpu_seconds() -> f64 {
 }
 
 async fn wait_published(target: u64, stall: Duration) -> Result<(), BenchError> {
-    let mut last = (published(), Instant::now());
-    while published() < target {
+    wait_count(published, 0, target, stall, "events acknowledged").await
+}
+
+/// Waits until `count()` has grown by `n` from `from`; [`BenchError::Stalled`] when it does not
+/// move for `stall`.
+pub(super) async fn wait_count(
+    count: impl Fn() -> u64,
+    from: u64,
+    n: u64,
+    stall: Duration,
+    what: &str,
+) -> Result<(), BenchError> {
+    let mut last = (count(), Instant::now());
+    while count() < from + n {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let now = published();
+        let now = count();
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() > stall {
             return Err(BenchError::Stalled(format!(
-                "{now} of {target} events acknowledged, no progress for {stall:?}"
+                "{} of {n} {what}, no progress for {stall:?}",
+                now.saturating_sub(from)
             )));
         }
     }
     Ok(())
+}
+
+/// Ingest's IB client id, the simulator's master API client id.
+const CLIENT_ID: i32 = 90;
+
+/// The open positions phases 1 and 2 change, each between its quantity at start and one more
+/// away from zero (`set_position`: no fill, so no execution; never closed).
+struct Toggles {
+    /// (account, conId, quantity at start, average cost).
+    positions: Vec<(String, i32, f64, f64)>,
+    /// Whether each is one away from its quantity at start now.
+    moved: Vec<bool>,
+}
+
+impl Toggles {
+    fn new(truth: &crate::sim::Truth) -> Self {
+        let positions: Vec<_> = truth
+            .positions
+            .iter()
+            .map(|p| (p.account.clone(), p.contract.con_id, p.quantity, p.avg_cost))
+            .collect();
+        let moved = vec![false; positions.len()];
+        Self { positions, moved }
+    }
+
+    /// Changes position `i` (one event).
+    fn change(&mut self, sim: &crate::sim::SimHandle, i: usize) -> Result<(), SimError> {
+        let (account, con_id, quantity, avg_cost) = &self.positions[i];
+        let moved = !self.moved[i];
+        self.moved[i] = moved;
+        let to = if moved { quantity + quantity.signum() } else { *quantity };
+        sim.set_position(account, *con_id, to, *avg_cost)?;
+        Ok(())
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -210,6 +300,8 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
         fill_rate: 0.0,
         max_streams: 1000,
         pacing_limit: 50,
+        // Ingest gets every fill live and in the day's list.
+        master_client_id: Some(CLIENT_ID),
         ..SimConfig::for_tests()
     })
     .await?;
@@ -221,19 +313,16 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     })?;
     broker.create_topics(&kafka.topics, args.partitions.max(1))?;
     let truth = sim.truth();
-    let active: Vec<(String, i32, f64)> = truth
-        .positions
-        .iter()
-        .take(args.active)
-        .map(|p| (p.account.clone(), p.contract.con_id, p.quantity.signum()))
-        .collect();
-    for (account, con_id, _) in &active {
-        crate::registry::activate(&kafka, "bench", Some(account), i64::from(*con_id), 1, "bench").await?;
+    let mut toggles = Toggles::new(&truth);
+    let active = args.active.min(truth.positions.len());
+    for p in truth.positions.iter().take(active) {
+        let (account, con_id) = (&p.account, p.contract.con_id);
+        crate::registry::activate(&kafka, "bench", Some(account), i64::from(con_id), 1, "bench").await?;
     }
     let cfg = IngestConfig {
         ib_host: sim.addr().ip().to_string(),
         ib_port: sim.addr().port(),
-        client_id: 90,
+        client_id: CLIENT_ID,
         slot_budget: args.active.max(1),
         record_latency: true,
         ..IngestConfig::default()
@@ -269,22 +358,14 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     let start_cpu = cpu_seconds();
     // Round-robin over the open positions, moving each away from zero and back (never
     // closing it), so every change is one event and the simulator's cost stays constant.
-    let targets: Vec<(String, i32, f64)> = truth
-        .positions
-        .iter()
-        .map(|p| (p.account.clone(), p.contract.con_id, p.quantity.signum()))
-        .collect();
     let t1 = Instant::now();
     let mut made = 0u64;
-    while made < args.fills && !targets.is_empty() {
+    while made < args.fills && !toggles.positions.is_empty() {
         if start_events + made > published() + args.window {
             tokio::time::sleep(Duration::from_micros(200)).await;
             continue;
         }
-        let i = (made as usize) % targets.len();
-        let round = (made as usize) / targets.len();
-        let (account, con_id, sign) = &targets[i];
-        sim.apply_fill(account, *con_id, if round.is_multiple_of(2) { *sign } else { -*sign })?;
+        toggles.change(&sim, (made as usize) % toggles.positions.len())?;
         made += 1;
         if made.is_multiple_of(256) {
             tokio::task::yield_now().await;
@@ -306,11 +387,9 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.latency_rate.max(1))));
     let end = Instant::now() + args.latency_for;
     let mut i = 0usize;
-    while Instant::now() < end && !active.is_empty() {
+    while Instant::now() < end && active > 0 {
         tick.tick().await;
-        let (account, con_id, sign) = &active[i % active.len()];
-        let round = i / active.len();
-        sim.apply_fill(account, *con_id, if round.is_multiple_of(2) { *sign } else { -*sign })?;
+        toggles.change(&sim, i % active)?;
         i += 1;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -344,6 +423,14 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
     }
     report.resync_secs = t3.elapsed().as_secs_f64();
     report.resync_reconnects = stats.reconnects.load(Relaxed) - c0;
+
+    // Phases 4 and 5: executions, live and caught up from the day's list.
+    let targets: Vec<(String, i32, f64)> = toggles
+        .positions
+        .iter()
+        .map(|(account, con_id, quantity, _)| (account.clone(), *con_id, quantity.signum()))
+        .collect();
+    report.exec = super::bench_exec::run(&sim, &targets, args.executions, args.window, &stats.reconnects).await?;
     report.rss_peak_mib = crate::materialize::bench::process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default();
     shutdown.cancel();
     match task.await {

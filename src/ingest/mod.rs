@@ -40,6 +40,7 @@
 
 pub mod backoff;
 pub mod bench;
+pub mod bench_exec;
 pub mod book;
 pub mod config;
 mod engine;
