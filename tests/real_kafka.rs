@@ -36,7 +36,7 @@ const RECOVER: Duration = Duration::from_secs(120);
 async fn leader_sigkill_mid_stream_twice() -> anyhow::Result<()> {
     let _one = SERIAL.lock().await;
     let mut p = Pipeline::start(Options::default()).await?;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
     for round in 1..=2 {
         let topic = p.kafka.topics.active.clone();
@@ -70,7 +70,7 @@ async fn leader_sigkill_mid_stream_twice() -> anyhow::Result<()> {
 async fn rolling_restart_of_every_node() -> anyhow::Result<()> {
     let _one = SERIAL.lock().await;
     let mut p = Pipeline::start(Options::default()).await?;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
     for node in 1..=3 {
         let t0 = Instant::now();
@@ -98,7 +98,7 @@ async fn whole_cluster_outage_longer_than_message_timeout() -> anyhow::Result<()
         ..Options::default()
     })
     .await?;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
 
     // Outage 1: fills go on for twice the message timeout with no broker at all.
@@ -149,7 +149,7 @@ async fn random_member_kills(assignor: Option<&str>) -> anyhow::Result<()> {
         ..Options::default()
     })
     .await?;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     for _ in 0..20 {
@@ -227,7 +227,7 @@ async fn desk_of_100k_positions_at_default_flags() -> anyhow::Result<()> {
 
     // Queue cycles with fills (20 per second over every account).
     let fills_from = possync::events::now_micros();
-    p.start_fills();
+    p.start_fills().await?;
     tokio::time::sleep(Duration::from_secs(40)).await;
     let end = possync::events::now_micros();
     let report = p.finish().await?;
@@ -289,7 +289,7 @@ async fn paused_processes_never_change_the_tables() -> anyhow::Result<()> {
     let member_pause = pipeline::MEMBER_SESSION + Duration::from_secs(8);
     // The queue worker is in no group; its pause is as long as ingest's.
     let worker_pause = ingest_pause;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
     let mut holder = p.lease_holder(RECOVER).await?;
     let mut takeovers = Vec::new();
@@ -409,7 +409,7 @@ async fn queue_worker_clock_two_seconds_off() -> anyhow::Result<()> {
         ..Options::default()
     })
     .await?;
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start-up, worker clock +2 s", Instant::now(), RECOVER)
         .await?;
     tokio::time::sleep(PHASE).await;

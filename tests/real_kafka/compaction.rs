@@ -135,7 +135,7 @@ async fn compacted_registry_replays_to_the_same_registry() -> anyhow::Result<()>
     for m in 0..p.members.len() {
         p.start_member(m)?;
     }
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("start after compaction", Instant::now(), crate::RECOVER)
         .await?;
     let report = p.finish().await?;

@@ -96,6 +96,9 @@ pub struct Pipeline {
     pub queue: Option<Reap>,
     pub members: Vec<Option<Reap>>,
     fills: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// The reconciliation of positions against fills, started from the book before the first
+    /// fill (see [`Pipeline::start_fills`]).
+    reconciler: Option<possync::reconcile::Reconciler>,
     /// Where ingest serves `/metrics`, when the scenario asked for it.
     pub ingest_metrics: Option<String>,
     /// Where the second ingest serves `/metrics`.
@@ -226,6 +229,7 @@ impl Pipeline {
             ingest2: None,
             queue: None,
             fills: None,
+            reconciler: None,
             ingest_metrics: None,
             ingest2_metrics: None,
             filled: Arc::new(AtomicU64::new(0)),
@@ -563,7 +567,26 @@ impl Pipeline {
     }
 
     /// Starts random fills at the configured rate until [`Pipeline::stop_fills`].
-    pub fn start_fills(&mut self) {
+    ///
+    /// The first time, when the scenario checks fills: once `positions_current` equals the
+    /// truth, the reconciliation takes the day's starting snapshot of the book, so that
+    /// [`Pipeline::finish`] can check that every position moved by its fills and nothing else.
+    pub async fn start_fills(&mut self) -> anyhow::Result<()> {
+        if self.reconciler.is_none() && self.checks_fills() {
+            self.wait_tables_equal_truth("before the fills", Duration::from_secs(300))
+                .await?;
+            let mut r = possync::reconcile::Reconciler::new(possync::reconcile::ReconcileConfig {
+                table_uri: self.base.clone(),
+                drift_after: Duration::ZERO,
+                ..Default::default()
+            });
+            let first = r.run_once(possync::events::now_micros()).await?;
+            ensure!(first.lines.is_empty(), "nothing moved yet: {:?}", first.lines);
+            self.reconciler = Some(r);
+            // IB stamps fills to the second: the first fill comes over a second after every
+            // row the snapshot copied (see `reconcile::model`).
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
         let stop = CancellationToken::new();
         let (s, sim, filled) = (stop.clone(), self.sim.clone(), self.filled.clone());
         let every = Duration::from_secs_f64(1.0 / self.opts.fill_rate.max(0.1));
@@ -581,6 +604,7 @@ impl Pipeline {
             }
         });
         self.fills = Some((stop, task));
+        Ok(())
     }
 
     /// Stops the fills; the simulator's book is final from here on.
@@ -749,6 +773,25 @@ impl Pipeline {
                 );
             }
         }
+        // Every position moved by its fills and nothing else: no key unexplained.
+        let mut reconciled = 0;
+        if let Some(r) = self.reconciler.as_mut() {
+            let report = r.run_once(possync::events::now_micros()).await?;
+            let unexplained: Vec<_> = report
+                .lines
+                .iter()
+                .filter(|l| l.status != possync::reconcile::model::Status::Agrees)
+                .take(5)
+                .collect();
+            if !unexplained.is_empty() {
+                let kept = self.keep_dir();
+                bail!(
+                    "the reconciliation must find every moved position agreeing with its fills: {:?}, e.g. {unexplained:?}\nlogs and tables kept in {kept}",
+                    report.counts
+                );
+            }
+            reconciled = report.lines.len();
+        }
         let events = produced
             .iter()
             .filter(|p| matches!(p.payload, Payload::Position(_)))
@@ -761,6 +804,7 @@ impl Pipeline {
             events,
             registry: produced.len() - events - executions,
             executions,
+            reconciled,
             fills: self.filled.load(Relaxed),
             materialize_starts: self.spawned,
             conflicts: conflicts(self.dir.path(), self.members.len()),
@@ -882,6 +926,8 @@ pub struct Report {
     pub fills: u64,
     /// Execution events on the executions topic (each in the table once).
     pub executions: usize,
+    /// Positions the fills moved, each agreeing with them in the final reconciliation.
+    pub reconciled: usize,
     /// `possync materialize` processes started.
     pub materialize_starts: u32,
     /// Delta commit conflicts the materializers resolved (from their logs).

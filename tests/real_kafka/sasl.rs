@@ -57,7 +57,7 @@ async fn scram_listener_through_passthrough_never_shows_the_password() -> anyhow
     for m in 0..p.members.len() {
         p.start_member(m)?;
     }
-    p.start_fills();
+    p.start_fills().await?;
     p.wait_recovered("SASL pipeline", Instant::now(), crate::RECOVER)
         .await?;
     let body = scrape(&metrics_addr(&p)?)?;
