@@ -162,9 +162,9 @@ pub(super) async fn run(
     )
     .await?;
     let requested = Instant::now();
-    // The day's list is two frames a fill (execution, commission report); ingest does not size
-    // its IB buffer for it, and frames beyond it are lost (ingest logs an "executions notice").
-    let what = "missed executions committed (a day's list of more frames, 2 a fill, than ingest's IB buffer loses some: look for an \"executions notice\" in the log)";
+    // The day's list is two frames a fill (execution, commission report); a list longer than
+    // ingest's IB buffer makes it reconnect with a larger one and ask again.
+    let what = "missed executions committed";
     wait_count(executions, e1, n, stall, what).await?;
     figures.catchup_secs = open.elapsed().as_secs_f64();
     figures.catchup_from_request_secs = requested.elapsed().as_secs_f64();

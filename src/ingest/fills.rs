@@ -49,18 +49,46 @@ pub(crate) struct Fills {
     warned_zone: bool,
     /// When published ids older than [`REMEMBER`] were last forgotten.
     last_forget: Instant,
+    /// Frames the day's executions list is expected to hold (an execution and its commission
+    /// report per fill): what the topic held at start, or what the last list or an
+    /// overflowing one showed. The IB buffer of each connection is sized to fit it too.
+    expected_frames: usize,
+    /// Frames of the day's list received so far on this connection.
+    pub(crate) list_frames: usize,
 }
 
 impl Fills {
     /// `join` knows what is already on the topic.
     pub(crate) fn new(join: Join, wait: Duration) -> Self {
+        // What the topic held at start (a few days of fills: more than today's list).
+        let expected_frames = 2 * join.sent();
         Self {
             join,
             wait,
             request_wanted: false,
             warned_zone: false,
             last_forget: Instant::now(),
+            expected_frames,
+            list_frames: 0,
         }
+    }
+
+    /// Frames the next day's executions list is expected to hold.
+    pub(crate) fn expected_frames(&self) -> usize {
+        self.expected_frames
+    }
+
+    /// The day's list ended: the next one is at least as long.
+    pub(crate) fn list_ended(&mut self) {
+        self.expected_frames = self.expected_frames.max(self.list_frames);
+        self.list_frames = 0;
+    }
+
+    /// The day's list overflowed the buffer after `dropped` frames were lost: the next
+    /// connection's buffer holds twice what was seen.
+    pub(crate) fn list_overflowed(&mut self, dropped: usize) {
+        self.expected_frames = self.expected_frames.max((self.list_frames + dropped) * 2);
+        self.list_frames = 0;
     }
 
     /// How often the session loop calls [`Engine::publish_due_executions`].

@@ -11,7 +11,8 @@
 //! is sized from the list ingest expects ([`buffer_for`]: the last list, or the resumed book),
 //! so a desk's 100k positions fit at default flags; a list that still overflows (first start
 //! with no state, a book that grew) ends the session with the size it saw, and the next one,
-//! made at once, fits it.
+//! made at once, fits it. The day's executions list (two frames a fill) is sized and handled
+//! the same way ([`super::fills::Fills::expected_frames`]).
 //!
 //! **Liveness.** A socket can stay open while nothing comes through it (a hung TWS, a dead NAT
 //! entry). A heartbeat (`reqCurrentTime` every `--ib-heartbeat`) unanswered within
@@ -173,6 +174,7 @@ pub(crate) async fn run_session(
             )))
         }
     };
+    engine.fills.list_frames = 0;
     let mut day_fills = match request_executions(client).await {
         Ok(s) => Some(s),
         Err(why) => return Ok(SessionEnd::Disconnected(why)),
@@ -210,6 +212,7 @@ pub(crate) async fn run_session(
         }
         if engine.fills.request_wanted && day_fills.is_none() {
             engine.fills.request_wanted = false;
+            engine.fills.list_frames = 0;
             match request_executions(client).await {
                 Ok(s) => day_fills = Some(s),
                 Err(why) => return Ok(SessionEnd::Disconnected(why)),
@@ -270,13 +273,34 @@ pub(crate) async fn run_session(
             update = live_fills.next() => match update {
                 Some(Ok(SubscriptionItem::Data(OrderUpdate::ExecutionData(d)))) => engine.on_execution(&d, source_of(&d)).await?,
                 Some(Ok(SubscriptionItem::Data(OrderUpdate::CommissionReport(c)))) => engine.on_commission(&c).await?,
+                Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
+                    // Live executions were dropped (ingest fell behind): the day's list after
+                    // a reconnect brings them.
+                    engine.fills.list_overflowed(crate::ib::dropped_frames(&n.message));
+                    tracing::warn!(message = %n.message, "live executions overflowed the IB buffer; reconnecting to request the day's executions again");
+                    return Ok(SessionEnd::Overflow { during_list: false });
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Ok(SessionEnd::Disconnected(format!("order updates: {}", describe(&e)))),
                 None => return Ok(SessionEnd::Disconnected("order updates ended".into())),
             },
             item = next_or_pending(&mut day_fills) => match item {
-                Some(Ok(SubscriptionItem::Data(Executions::ExecutionData(d)))) => engine.on_execution(&d, source_of(&d)).await?,
-                Some(Ok(SubscriptionItem::Data(Executions::CommissionReport(c)))) => engine.on_commission(&c).await?,
+                Some(Ok(SubscriptionItem::Data(Executions::ExecutionData(d)))) => {
+                    engine.fills.list_frames += 1;
+                    engine.on_execution(&d, source_of(&d)).await?
+                }
+                Some(Ok(SubscriptionItem::Data(Executions::CommissionReport(c)))) => {
+                    engine.fills.list_frames += 1;
+                    engine.on_commission(&c).await?
+                }
+                Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
+                    // Executions of the day's list were dropped: only a new request with a
+                    // buffer that fits brings them, so reconnect at once with a larger one.
+                    engine.fills.list_overflowed(crate::ib::dropped_frames(&n.message));
+                    let next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.expected_list().max(engine.fills.expected_frames()));
+                    tracing::warn!(message = %n.message, next_buffer, "the day's executions overflowed the IB buffer; reconnecting at once with a larger buffer to request them again");
+                    return Ok(SessionEnd::Overflow { during_list: true });
+                }
                 Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "executions notice"),
                 Some(Err(e)) if crate::ib::connection_gone(&e) => return Ok(SessionEnd::Disconnected(format!("executions: {}", describe(&e)))),
                 Some(Err(e)) => {
@@ -286,7 +310,10 @@ pub(crate) async fn run_session(
                     day_fills = None;
                 }
                 // execDetailsEnd: the day's list is in.
-                None => day_fills = None,
+                None => {
+                    engine.fills.list_ended();
+                    day_fills = None;
+                }
             },
             _ = fills_tick.tick() => engine.publish_due_executions().await?,
             notice = notices.next() => match notice {
