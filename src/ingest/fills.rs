@@ -54,7 +54,7 @@ pub(crate) struct Fills {
     /// overflowing one showed. The IB buffer of each connection is sized to fit it too.
     expected_frames: usize,
     /// Frames of the day's list received so far on this connection.
-    pub(crate) list_frames: usize,
+    list_frames: usize,
 }
 
 impl Fills {
@@ -76,6 +76,16 @@ impl Fills {
     /// Frames the next day's executions list is expected to hold.
     pub(crate) fn expected_frames(&self) -> usize {
         self.expected_frames
+    }
+
+    /// The day's executions were requested: a new list begins.
+    pub(crate) fn list_started(&mut self) {
+        self.list_frames = 0;
+    }
+
+    /// A frame of the day's list arrived.
+    pub(crate) fn list_frame(&mut self) {
+        self.list_frames += 1;
     }
 
     /// The day's list ended: the next one is at least as long.

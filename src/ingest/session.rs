@@ -174,7 +174,7 @@ pub(crate) async fn run_session(
             )))
         }
     };
-    engine.fills.list_frames = 0;
+    engine.fills.list_started();
     let mut day_fills = match request_executions(client).await {
         Ok(s) => Some(s),
         Err(why) => return Ok(SessionEnd::Disconnected(why)),
@@ -212,7 +212,7 @@ pub(crate) async fn run_session(
         }
         if engine.fills.request_wanted && day_fills.is_none() {
             engine.fills.request_wanted = false;
-            engine.fills.list_frames = 0;
+            engine.fills.list_started();
             match request_executions(client).await {
                 Ok(s) => day_fills = Some(s),
                 Err(why) => return Ok(SessionEnd::Disconnected(why)),
@@ -286,11 +286,11 @@ pub(crate) async fn run_session(
             },
             item = next_or_pending(&mut day_fills) => match item {
                 Some(Ok(SubscriptionItem::Data(Executions::ExecutionData(d)))) => {
-                    engine.fills.list_frames += 1;
+                    engine.fills.list_frame();
                     engine.on_execution(&d, source_of(&d)).await?
                 }
                 Some(Ok(SubscriptionItem::Data(Executions::CommissionReport(c)))) => {
-                    engine.fills.list_frames += 1;
+                    engine.fills.list_frame();
                     engine.on_commission(&c).await?
                 }
                 Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {

@@ -922,6 +922,13 @@ pub struct FileRef {
     pub add: Add,
 }
 
+impl FileRef {
+    /// The file's value of the partition column `column`; `None` when it has none.
+    pub fn partition_value(&self, column: &str) -> Option<&str> {
+        self.partition_values.get(column)?.as_deref()
+    }
+}
+
 /// A checkpoint or log cleanup failed after a good commit: log it and count it; the table
 /// retries after its next commit.
 fn checkpoint_failed(kind: TableKind, version: i64, e: &TableError) {

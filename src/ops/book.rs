@@ -187,11 +187,7 @@ pub async fn load(cfg: &BookConfig) -> Result<Book, BookError> {
                 .into_iter()
                 .filter(|f| {
                     // ISO dates compare as strings; keep files without the partition value.
-                    f.partition_values
-                        .get("event_date")
-                        .cloned()
-                        .flatten()
-                        .is_none_or(|d| d <= day)
+                    f.partition_value("event_date").is_none_or(|d| d <= day.as_str())
                 })
                 .collect();
             let mut state = CurrentState::default();

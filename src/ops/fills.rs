@@ -127,12 +127,7 @@ pub async fn load(cfg: &FillsConfig) -> Result<Fills, FillsError> {
         .into_iter()
         .filter(|f| match &day {
             // Keep files without the partition value (none are written without it).
-            Some(day) => f
-                .partition_values
-                .get(EVENT_DATE)
-                .cloned()
-                .flatten()
-                .is_none_or(|d| d == *day),
+            Some(day) => f.partition_value(EVENT_DATE).is_none_or(|d| d == day),
             None => true,
         })
         .collect();

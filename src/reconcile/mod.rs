@@ -153,8 +153,31 @@ fn day_of(us: i64) -> NaiveDate {
         .unwrap_or_default()
 }
 
-fn day_number(d: NaiveDate) -> u32 {
+/// `d` as the number `YYYYMMDD` (how IB writes expiries).
+fn yyyymmdd(d: NaiveDate) -> u32 {
     d.year() as u32 * 10_000 + d.month() * 100 + d.day()
+}
+
+/// Reconciles `book` against `start` and `fills` on `day` at `at` (µs).
+fn lines(
+    day: NaiveDate,
+    start: &Start,
+    fills: &[model::Fill],
+    book: &read::Book,
+    unexplained_since: &HashMap<Key, i64>,
+    at: i64,
+    drift_after: Duration,
+) -> Vec<Line> {
+    model::reconcile(&Inputs {
+        start: &start.rows,
+        start_time: start.time,
+        fills,
+        now: &book.rows,
+        unexplained_since,
+        day: yyyymmdd(day),
+        at,
+        drift_after: drift_after.as_micros() as i64,
+    })
 }
 
 fn report(day: NaiveDate, start: &Start, book_version: i64, at: i64, lines: Vec<Line>) -> Report {
@@ -187,16 +210,7 @@ pub async fn check(cfg: &ReconcileConfig) -> Result<Report, ReconcileError> {
     let book = read::book_now(base).await?;
     let fills = read::fills_since(base, day).await?;
     let unexplained = read::unexplained_since(base, day).await?;
-    let lines = model::reconcile(&Inputs {
-        start: &start.rows,
-        start_time: start.time,
-        fills: &fills,
-        now: &book.rows,
-        unexplained_since: &unexplained,
-        day: day_number(day),
-        at,
-        drift_after: cfg.drift_after.as_micros() as i64,
-    });
+    let lines = lines(day, &start, &fills, &book, &unexplained, at, cfg.drift_after);
     Ok(report(day, &start, book.version, at, lines))
 }
 
@@ -254,16 +268,7 @@ impl Reconciler {
         }
         let start = self.start.as_ref().expect("set above");
         let fills = read::fills_since(&base, day).await?;
-        let lines = model::reconcile(&Inputs {
-            start: &start.rows,
-            start_time: start.time,
-            fills: &fills,
-            now: &book.rows,
-            unexplained_since: &self.unexplained,
-            day: day_number(day),
-            at,
-            drift_after: self.cfg.drift_after.as_micros() as i64,
-        });
+        let lines = lines(day, start, &fills, &book, &self.unexplained, at, self.cfg.drift_after);
         write::reconciliation(&base, day, at, &lines).await?;
         self.unexplained = lines
             .iter()

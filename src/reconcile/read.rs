@@ -142,8 +142,8 @@ fn partition(files: Vec<FileRef>, day: NaiveDate) -> Vec<FileRef> {
     files
         .into_iter()
         .filter(|f| {
-            let v = |c: &str| f.partition_values.get(c).cloned().flatten();
-            v(SNAPSHOT_DATE).as_deref() == Some(day.as_str()) && v(SNAPSHOT_KIND).as_deref() == Some(DAY_START)
+            f.partition_value(SNAPSHOT_DATE) == Some(day.as_str())
+                && f.partition_value(SNAPSHOT_KIND) == Some(DAY_START)
         })
         .collect()
 }
@@ -161,13 +161,7 @@ pub async fn fills_since(base: &str, day: NaiveDate) -> Result<Vec<Fill>, Reconc
     let files: Vec<_> = t
         .files()?
         .into_iter()
-        .filter(|f| {
-            f.partition_values
-                .get(EVENT_DATE)
-                .cloned()
-                .flatten()
-                .is_none_or(|d| d >= day)
-        })
+        .filter(|f| f.partition_value(EVENT_DATE).is_none_or(|d| d >= day.as_str()))
         .collect();
     let mut out = Vec::new();
     for b in t.read(&files).await? {
