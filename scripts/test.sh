@@ -84,6 +84,8 @@ step "cargo test (release profile)"
 # Integration tests start brokers, simulators and subprocesses; two at a time fits 2 cores.
 # The default features include `s3`: the S3 tests run against moto's server mode
 # (tests/common/s3.rs). Same feature set as scripts/run.sh, so one build serves both.
-cargo test --release --locked -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
+# A test that fails by returning an error prints that error, not a backtrace of where it was
+# made (which buried the message in CI's shortened output); panics keep RUST_BACKTRACE's.
+RUST_LIB_BACKTRACE="${RUST_LIB_BACKTRACE:-0}" cargo test --release --locked -- --test-threads "${POSSYNC_TEST_THREADS:-2}"
 
 step "done in ${SECONDS}s"

@@ -103,6 +103,9 @@ pub enum BenchCommand {
     /// over 20 accounts, and (with `--startup-brokers`) start-up with 10M events of history;
     /// prints one table of figures.
     Scale(crate::scale::BenchScaleArgs),
+    /// Reconciliation at desk size: one run's wall time and CPU over 100k positions and a
+    /// day of 10k fills (the first run, which takes the day's starting snapshot, and later ones).
+    Reconcile(crate::reconcile::bench::BenchReconcileArgs),
 }
 
 /// The `--schema-registry-url` flags and the Kafka flags of a subcommand that produces or consumes
@@ -393,6 +396,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             which: BenchCommand::Materialize(args),
         } => {
             println!("{}", crate::materialize::bench::run(args).await?);
+        }
+        Command::Bench {
+            which: BenchCommand::Reconcile(args),
+        } => {
+            println!("{}", crate::reconcile::bench::run(args).await?);
         }
     }
     Ok(())

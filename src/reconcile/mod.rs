@@ -23,6 +23,7 @@
 //! moved (the day's changes, not the book). A snapshot appends the whole open book (about
 //! 2 MB of parquet at 100k positions).
 
+pub mod bench;
 pub mod model;
 pub mod read;
 pub mod write;
@@ -56,6 +57,9 @@ pub enum ReconcileError {
     /// No starting snapshot today.
     #[error("no position snapshot of {0} yet: the reconciliation starts from the day's first snapshot, which `possync reconcile --watch` (or `possync run`) takes at its first run of the day")]
     NoSnapshot(NaiveDate),
+    /// `possync bench reconcile` could not build its desk.
+    #[error("building the benchmark's desk failed: {0}")]
+    Bench(String),
 }
 
 /// Flags of `possync reconcile`.

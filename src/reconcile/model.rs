@@ -19,9 +19,11 @@
 //! Statuses:
 //! - `agrees`: `diff == 0`.
 //! - `explained`: a position change IB makes without an execution. An option that closed
-//!   (`now == 0`) with an expiry of the day or earlier: `expiry`. An option that closed and the
-//!   same account's stock of its underlying moved by what an assignment or exercise of it gives
-//!   (calls `+contracts × multiplier`, puts the negative): `assignment`, on both.
+//!   (`now == 0`) with an expiry of the day or earlier: `expiry`. Options whose differences
+//!   sum to what moved the same account's stock of their underlying, as an assignment or
+//!   exercise gives (calls `-diff × multiplier`, puts the negative): `assignment`, on all of
+//!   them. Assignment needs no close: IB assigns part of a short position early, and what is
+//!   left may trade again.
 //! - `pending`: unexplained, for less than the drift threshold (positions lag fills: a queued
 //!   contract is refreshed by the next poll, an execution waits for its commission).
 //! - `drifted`: unexplained for the drift threshold or longer.
@@ -254,13 +256,16 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Vec<Line> {
 
 /// Marks expiries and assignments `explained`.
 fn explain(lines: &mut BTreeMap<Key, Line>, day: u32) {
-    // Options that closed with a difference: expiries, or candidates for an assignment.
-    let mut candidates: HashMap<(String, String), Vec<(Key, f64)>> = HashMap::new();
+    // Options with a difference: expiries when they closed on or after their expiry day, and
+    // candidates for an assignment either way (an early or partial assignment leaves the rest
+    // of the position, and the option may trade again after it).
+    let mut candidates: HashMap<(String, String), Vec<Candidate>> = HashMap::new();
     for (key, l) in lines.iter_mut() {
-        if l.diff == 0.0 || !l.contract.is_option() || !zero(l.now) {
+        if l.diff == 0.0 || !l.contract.is_option() {
             continue;
         }
-        if l.contract.expiry_day().is_some_and(|e| e <= day) {
+        let expired = zero(l.now) && l.contract.expiry_day().is_some_and(|e| e <= day);
+        if expired {
             l.status = Status::Explained;
             l.reason = Some("expiry".into());
         }
@@ -271,7 +276,11 @@ fn explain(lines: &mut BTreeMap<Key, Line>, day: u32) {
             candidates
                 .entry((l.account.clone(), l.contract.symbol.clone()))
                 .or_default()
-                .push((key.clone(), stock));
+                .push(Candidate {
+                    key: key.clone(),
+                    stock,
+                    expired,
+                });
         }
     }
     let stocks: Vec<Key> = lines
@@ -298,35 +307,49 @@ fn explain(lines: &mut BTreeMap<Key, Line>, day: u32) {
     }
 }
 
-/// The keys of a subset of `options` whose stock effects sum to `target` (up to 16 options are
-/// searched exhaustively; beyond, only all of them or one alone).
-fn subset_summing_to(options: &[(Key, f64)], target: f64) -> Option<Vec<Key>> {
+/// An option line that an assignment may explain: the stock an assignment of its difference
+/// moves, and whether an expiry already explains it (an option exercised at expiry is both).
+struct Candidate {
+    key: Key,
+    stock: f64,
+    expired: bool,
+}
+
+/// The keys of a subset of `options` whose stock effects sum to `target`: of those that do, the
+/// one that explains the most options no expiry explains (up to 16 options are searched
+/// exhaustively; beyond, only all of them, all not expired, or one alone).
+fn subset_summing_to(options: &[Candidate], target: f64) -> Option<Vec<Key>> {
     let n = options.len();
-    let masks: Box<dyn Iterator<Item = u32>> = if n <= 16 {
-        Box::new(1..(1u32 << n))
-    } else {
-        Box::new(std::iter::empty())
+    let keys = |take: &dyn Fn(usize) -> bool| -> Vec<Key> {
+        (0..n).filter(|&i| take(i)).map(|i| options[i].key.clone()).collect()
     };
-    let pick = |mask: u32| -> Vec<Key> {
-        (0..n)
-            .filter(|i| mask & (1 << i) != 0)
-            .map(|i| options[i].0.clone())
-            .collect()
+    let sums_to = |take: &dyn Fn(usize) -> bool| -> bool {
+        zero((0..n).filter(|&i| take(i)).map(|i| options[i].stock).sum::<f64>() - target)
     };
-    for mask in masks {
-        let sum: f64 = (0..n).filter(|i| mask & (1 << i) != 0).map(|i| options[i].1).sum();
-        if zero(sum - target) {
-            return Some(pick(mask));
+    if n <= 16 {
+        let mut best: Option<(usize, u32)> = None;
+        for mask in 1..(1u32 << n) {
+            let take = |i: usize| mask & (1 << i) != 0;
+            if !sums_to(&take) {
+                continue;
+            }
+            let unexpired = (0..n).filter(|&i| take(i) && !options[i].expired).count();
+            if best.is_none_or(|(score, _)| unexpired > score) {
+                best = Some((unexpired, mask));
+            }
         }
+        return best.map(|(_, mask)| keys(&|i| mask & (1 << i) != 0));
     }
-    if n > 16 {
-        let all: f64 = options.iter().map(|o| o.1).sum();
-        if zero(all - target) {
-            return Some(options.iter().map(|o| o.0.clone()).collect());
-        }
-        return options.iter().find(|o| zero(o.1 - target)).map(|o| vec![o.0.clone()]);
+    if sums_to(&|_| true) {
+        return Some(keys(&|_| true));
     }
-    None
+    if sums_to(&|i| !options[i].expired) {
+        return Some(keys(&|i| !options[i].expired));
+    }
+    options
+        .iter()
+        .find(|o| zero(o.stock - target))
+        .map(|o| vec![o.key.clone()])
 }
 
 #[cfg(test)]
@@ -515,6 +538,59 @@ mod tests {
         }
         assert_eq!(b[&key("A", 4)].status, Status::Pending, "its -400 fits no sum");
         assert_eq!(b[&key("B", 1)].status, Status::Pending);
+    }
+
+    #[test]
+    fn an_option_assigned_in_part_or_traded_again_is_still_an_assignment() {
+        let mut i = World::default();
+        // A: short 3 calls, one assigned early (stock -100), 2 left open.
+        i.start.insert(key("A", 1), held(300.0, 5 * MIN, stock("X")));
+        i.start
+            .insert(key("A", 2), held(-3.0, 5 * MIN, option("X", "20261218", "C")));
+        i.now.insert(key("A", 1), held(200.0, 20 * MIN, stock("X")));
+        i.now
+            .insert(key("A", 2), held(-2.0, 20 * MIN, option("X", "20261218", "C")));
+        // B: long 2 calls exercised (stock +200), then 1 bought again with a fill.
+        i.start
+            .insert(key("B", 2), held(2.0, 5 * MIN, option("X", "20261218", "C")));
+        i.now.insert(key("B", 1), held(200.0, 20 * MIN, stock("X")));
+        i.now
+            .insert(key("B", 2), held(1.0, 20 * MIN, option("X", "20261218", "C")));
+        i.fills.push(fill("B", 2, "e1", 1, 15 * MIN, 1.0));
+        let b = run(&i);
+        let b = by_key(&b);
+        for k in [key("A", 1), key("A", 2), key("B", 1), key("B", 2)] {
+            assert_eq!(
+                (b[&k].status, b[&k].reason.as_deref()),
+                (Status::Explained, Some("assignment")),
+                "{k:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_assignment_is_matched_to_the_option_no_expiry_explains() {
+        let mut i = World::default();
+        // Long 1 call expired worthless (closed, expiry today) and long 1 call of a later expiry
+        // exercised early (stock +100): both could sum to the stock's +100; the exercised one
+        // must be the one that explains it.
+        i.start
+            .insert(key("A", 2), held(1.0, 5 * MIN, option("X", "20261207", "C")));
+        i.start
+            .insert(key("A", 3), held(1.0, 5 * MIN, option("X", "20261218", "C")));
+        i.now
+            .insert(key("A", 2), held(0.0, 20 * MIN, option("X", "20261207", "C")));
+        i.now.insert(key("A", 1), held(100.0, 20 * MIN, stock("X")));
+        let b = run(&i);
+        let b = by_key(&b);
+        assert_eq!(b[&key("A", 2)].reason.as_deref(), Some("expiry"));
+        for k in [key("A", 1), key("A", 3)] {
+            assert_eq!(
+                (b[&k].status, b[&k].reason.as_deref()),
+                (Status::Explained, Some("assignment")),
+                "{k:?}"
+            );
+        }
     }
 
     #[test]

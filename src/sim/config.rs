@@ -115,11 +115,18 @@ pub struct SimArgs {
     #[arg(long, env = "POSSYNC_SIM_FILL_WHILE_DOWN_EVERY", value_parser = humantime::parse_duration)]
     pub fill_while_down_every: Option<Duration>,
 
-    /// Fault: this often, one open option position expires (set to 0) or is assigned (closed,
-    /// and the stock position changes by 100 a contract), with no execution, as IB does;
-    /// unset = never.
+    /// Fault: this often, one open option position is assigned (closed, and the stock position
+    /// changes by 100 a contract) or, when its expiry day has come, expires (set to 0), with no
+    /// execution, as IB does; unset = never. With the default --world-date no option has
+    /// expired yet: set an earlier one to have expiries.
     #[arg(long, env = "POSSYNC_SIM_EXPIRE_ASSIGN_EVERY", value_parser = humantime::parse_duration)]
     pub expire_assign_every: Option<Duration>,
+
+    /// The date the world is built on (YYYY-MM-DD): its option expiries are the monthly third
+    /// Fridays after it. An earlier date than today gives a book holding options whose expiry
+    /// day has come (they no longer trade, and may expire); unset = today (UTC).
+    #[arg(long, env = "POSSYNC_SIM_WORLD_DATE")]
+    pub world_date: Option<chrono::NaiveDate>,
 
     /// JSON file kept current with the ground truth (positions, executions, streams,
     /// clients), replaced atomically; unset = none.
@@ -257,7 +264,7 @@ impl From<SimArgs> for SimConfig {
             fill_while_down_every: args.fill_while_down_every,
             expire_assign_every: args.expire_assign_every,
             truth_file: args.truth_file,
-            today: None,
+            today: args.world_date,
         }
     }
 }

@@ -55,7 +55,7 @@
 //! - `commission_first_rate` and [`SimHandle::fill`] with `commission_first`: a live commission report sent before its execution (`reqExecutions` answers always send the execution first);
 //! - `correction_rate` and [`SimHandle::correct_execution`]: the same execution re-sent with its id suffix one higher (`.01` -> `.02`) and a new quantity (the position changes by the difference) or price, with its own commission report;
 //! - `fill_while_down_every` and [`SimHandle::fill_while_disconnected`]: every connection dropped, the port refusing connections for a while, a fill meanwhile; only a later `reqExecutions` returns it;
-//! - `expire_assign_every`, [`SimHandle::expire`] and [`SimHandle::assign`]: an option position expires (to 0) or is assigned (closed, the stock position changed by ±100 a contract at the strike) with no execution, as at IB; the positions streams show the changes as usual.
+//! - `expire_assign_every`, [`SimHandle::random_expiry`], [`SimHandle::expire`] and [`SimHandle::assign`]: an option position expires (to 0) or is assigned (closed, the stock position changed by ±100 a contract at the strike) with no execution, as at IB; the positions streams show the changes as usual. The random ones expire only options whose expiry day has come (`SimConfig::today`, `--world-date`, builds the world on an earlier day to hold some), and random fills never trade such options.
 
 mod catalog;
 mod config;
@@ -213,6 +213,15 @@ impl SimHandle {
     pub fn random_fill(&self) -> Option<TruthPosition> {
         let mut world = lock(&self.shared.world);
         let change = world.random_fill()?;
+        Some(world.position(&change.account, change.contract.con_id))
+    }
+
+    /// One seeded random expiry (of an option whose expiry day has come) or assignment, with
+    /// no execution, as the `expire_assign_every` task does; returns the option's position
+    /// after it (`None` when no option is held).
+    pub fn random_expiry(&self) -> Option<TruthPosition> {
+        let mut world = lock(&self.shared.world);
+        let change = world.random_expiry()?;
         Some(world.position(&change.account, change.contract.con_id))
     }
 

@@ -42,6 +42,12 @@ impl SimContract {
         self.sec_type == "OPT"
     }
 
+    /// Whether this is an option whose expiry day (`YYYYMMDD`) is `today` or earlier: it no
+    /// longer trades in the simulator, and IB may expire it.
+    pub fn expired_by(&self, today: &str) -> bool {
+        self.is_option() && self.expiry.as_str() <= today
+    }
+
     /// The multiplier as `ibapi` renders it in `Contract::multiplier`.
     pub fn multiplier_text(&self) -> String {
         if self.is_option() {

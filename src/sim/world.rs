@@ -468,20 +468,24 @@ impl World {
         Ok((option_change, self.publish(account, stock)))
     }
 
-    /// One seeded expiry or assignment of a random open option position (none
-    /// when no option is held).
+    /// One seeded expiry or assignment of a random open option position (none when no option
+    /// is held), as IB makes them: only an option whose expiry day has come (the clock's UTC
+    /// date) may expire; any may be assigned (early exercise of an American option).
     pub fn random_expiry(&mut self) -> Option<PositionChange> {
-        let open: Vec<(String, i32)> = self
+        let today = clock_today();
+        let open: Vec<(String, i32, bool)> = self
             .holdings
             .iter()
-            .filter(|((_, id), h)| h.quantity != 0.0 && self.contract(*id).is_some_and(SimContract::is_option))
-            .map(|(k, _)| k.clone())
+            .filter_map(|((account, id), h)| {
+                let c = self.contract(*id).filter(|c| h.quantity != 0.0 && c.is_option())?;
+                Some((account.clone(), *id, c.expired_by(&today)))
+            })
             .collect();
         if open.is_empty() {
             return None;
         }
-        let (account, con_id) = open[self.fill_rng.gen_range(0..open.len())].clone();
-        if self.fill_rng.gen_bool(0.5) {
+        let (account, con_id, expired) = open[self.fill_rng.gen_range(0..open.len())].clone();
+        if expired && self.fill_rng.gen_bool(0.5) {
             self.expire(&account, con_id).ok()
         } else {
             self.assign(&account, con_id).ok().map(|(option, _)| option)
@@ -552,10 +556,13 @@ impl World {
     /// One seeded random fill: opens a new position (30%), closes one (20%) or
     /// changes one (50%).
     pub fn random_fill(&mut self) -> Option<PositionChange> {
+        // Options trade until the day before their expiry: on the day IB expires or assigns
+        // them (`random_expiry`), with no execution.
+        let today = clock_today();
         let open: Vec<(String, i32)> = self
             .holdings
             .iter()
-            .filter(|(_, h)| h.quantity != 0.0)
+            .filter(|((_, id), h)| h.quantity != 0.0 && !self.contract(*id).is_some_and(|c| c.expired_by(&today)))
             .map(|(k, _)| k.clone())
             .collect();
         let roll: f64 = self.fill_rng.gen();
@@ -564,10 +571,11 @@ impl World {
                 let account = self.accounts[self.fill_rng.gen_range(0..self.accounts.len())].clone();
                 let index = self.fill_rng.gen_range(0..self.contracts.len());
                 let con_id = self.contracts[index].con_id;
-                if self
-                    .holdings
-                    .get(&(account.clone(), con_id))
-                    .is_some_and(|h| h.quantity != 0.0)
+                if self.contracts[index].expired_by(&today)
+                    || self
+                        .holdings
+                        .get(&(account.clone(), con_id))
+                        .is_some_and(|h| h.quantity != 0.0)
                 {
                     continue;
                 }
@@ -657,6 +665,12 @@ fn random_quantity(rng: &mut SmallRng, is_option: bool) -> f64 {
 
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
+}
+
+/// The clock's UTC date as `YYYYMMDD`, the form of an option's expiry: what "today" is for
+/// expiries, whatever date the world was built on (`SimConfig::today`).
+fn clock_today() -> String {
+    chrono::Utc::now().date_naive().format("%Y%m%d").to_string()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! `possync bench ingest` at a small size: every phase runs and the executions phases count
-//! every fill, live and from the day's list after a disconnect. The figures themselves are not
+//! `possync bench ingest` and `bench reconcile` at a small size: every phase runs, the
+//! executions phases count every fill, live and from the day's list after a disconnect, and
+//! the reconciliation runs over the whole book and every fill. The figures themselves are not
 //! checked (timing is the benchmark's business, not a test's).
 
 use std::process::Command;
@@ -35,6 +36,32 @@ fn bench_ingest_counts_every_execution() -> anyhow::Result<()> {
         "executions live: 400 fills over 3 accounts -> 400 executions (with commission) and ",
         "executions caught up: 400 fills made while the gateway refused connections",
         "all 400 on the topic",
+    ] {
+        ensure!(out.contains(line), "no {line:?} in the report:\n{out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bench_reconcile_runs_over_the_book_and_every_fill() -> anyhow::Result<()> {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "bench",
+        "reconcile",
+        "--keys",
+        "2000",
+        "--executions",
+        "300",
+        "--runs",
+        "3",
+    ])
+    .env("POSSYNC_LOG", "warn");
+    let out = run_ok(&mut cmd)?;
+    // 300 synthetic fills over 20 accounts: 300 distinct keys, none of them in the book.
+    for line in [
+        "open positions, 300 lines (keys moved today)",
+        "the day's starting snapshot",
+        "a run (book",
     ] {
         ensure!(out.contains(line), "no {line:?} in the report:\n{out}");
     }

@@ -293,10 +293,15 @@ impl KafkaCluster {
 }
 
 impl Drop for KafkaCluster {
+    /// Stops every node; after a panic, prints the tail of each node's log too. (A test that
+    /// fails by returning an error prints nothing here, so that its error comes first in the
+    /// output: `Pipeline` keeps the logs, the nodes' too, in the directory the error names.)
     fn drop(&mut self) {
         self.kill_everything();
-        for id in self.ids() {
-            eprintln!("--- kafka node {id}: tail of server.log ---\n{}", self.node_log(id, 15));
+        if std::thread::panicking() {
+            for id in self.ids() {
+                eprintln!("--- kafka node {id}: tail of server.log ---\n{}", self.node_log(id, 15));
+            }
         }
     }
 }

@@ -277,3 +277,128 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
     mat.await??;
     Ok(())
 }
+
+/// A random trading day with every IB fault of the simulator on at once, driven by count (not
+/// by time): commission reports before their executions, corrections, fills while the gateway
+/// is down (a restart refusing connections), expiries of options whose day has come and early
+/// assignments, all among ordinary fills. The `executions` table ends with every execution once,
+/// each with its commission, and the reconciliation with every moved position agreeing or
+/// explained: nothing pending, nothing drifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_day_with_every_ib_fault_reconciles_with_no_drift() -> anyhow::Result<()> {
+    let today = chrono::Utc::now().date_naive();
+    let sim = SimConfig {
+        master_client_id: Some(CLIENT),
+        today: Some(today - chrono::Days::new(70)),
+        initial_positions: 60,
+        commission_first_rate: 0.3,
+        correction_rate: 0.1,
+        ..quiet_sim()
+    };
+    let env = env(sim, 1, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let base = dir.path().join("tables").to_string_lossy().into_owned();
+    let ingest = env.start_ingest(env.ingest_config(CLIENT, 4)).await?;
+    let stop = CancellationToken::new();
+    let mat = tokio::spawn(materialize::run(
+        MaterializeConfig {
+            table_uri: base.clone(),
+            group: format!("{}faults-day", env.kafka.topics.prefix()),
+            flush_latency: Duration::from_millis(200),
+            state_dir: dir.path().join("state"),
+            ..MaterializeConfig::default()
+        },
+        env.kafka.clone(),
+        stop.clone(),
+    ));
+    wait_tables(&env.sim, &base, "the first book in positions_current").await?;
+    let mut service = Reconciler::new(ReconcileConfig {
+        table_uri: base.clone(),
+        drift_after: Duration::ZERO,
+        ..ReconcileConfig::default()
+    });
+    let first = service.run_once(now_micros()).await?;
+    ensure!(first.lines.is_empty(), "nothing moved yet: {:?}", first.lines);
+    // Fills start over a second after the rows the day's start copied (see the test above).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let (mut expiries, mut while_down) = (0, 0);
+    for i in 1..=240u32 {
+        env.sim.random_fill();
+        if i.is_multiple_of(20) && env.sim.random_expiry().is_some() {
+            expiries += 1;
+        }
+        if i.is_multiple_of(60) {
+            // A stock (stocks never expire) filled while ingest cannot connect.
+            let stock = env
+                .sim
+                .truth()
+                .positions
+                .into_iter()
+                .find(|p| p.contract.sec_type == "STK")
+                .context("a stock position")?;
+            env.sim
+                .fill_while_disconnected(&stock.account, stock.contract.con_id, 10.0, Duration::from_millis(300))
+                .await?;
+            while_down += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let truth = env.sim.truth();
+    let corrections = truth.executions.iter().filter(|e| e.corrects.is_some()).count();
+    let first_commissions = truth.executions.iter().filter(|e| e.commission_first).count();
+    ensure!(
+        expiries > 0 && while_down == 4 && corrections > 0 && first_commissions > 0,
+        "every fault happened: {expiries} expiries/assignments, {while_down} fills while down, {corrections} corrections, {first_commissions} commissions first"
+    );
+    wait_tables(&env.sim, &base, "the day in the tables").await?;
+
+    // Every execution once, with its commission.
+    let fills = possync::ops::fills::load(&possync::ops::fills::FillsConfig {
+        table_uri: base.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let on_table: BTreeMap<String, Option<f64>> =
+        fills.rows.iter().map(|r| (r.exec_id.clone(), r.commission)).collect();
+    ensure!(on_table.len() == fills.rows.len(), "an execution twice in the table");
+    for e in &truth.executions {
+        ensure!(
+            on_table.get(&e.exec_id) == Some(&Some(e.commission.commission)),
+            "{}: commission {} in the simulator, {:?} in the table",
+            e.exec_id,
+            e.commission.commission,
+            on_table.get(&e.exec_id)
+        );
+    }
+    ensure!(
+        on_table.len() == truth.executions.len(),
+        "an execution the simulator never made"
+    );
+
+    let r = service.run_once(now_micros()).await?;
+    ensure!(
+        r.count(Status::Drifted) == 0 && r.count(Status::Pending) == 0,
+        "nothing unexplained: {:?}, e.g. {:?}",
+        r.counts,
+        r.lines
+            .iter()
+            .filter(|l| matches!(l.status, Status::Drifted | Status::Pending))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        r.count(Status::Explained) > 0 && r.count(Status::Agrees) > 0,
+        "expiries or assignments explained, fills agreeing: {:?}",
+        r.counts
+    );
+    eprintln!(
+        "[faults day] {} executions ({corrections} corrections, {first_commissions} commissions first), {expiries} expiries/assignments, {while_down} fills while down: {:?}",
+        truth.executions.len(),
+        r.counts
+    );
+    ingest.stop().await?;
+    stop.cancel();
+    mat.await??;
+    Ok(())
+}

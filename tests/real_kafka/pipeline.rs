@@ -59,6 +59,11 @@ pub struct Options {
     /// Run a second ingest (`--client-id 13`, log `ingest-2`) as a lease standby; both ingests
     /// then serve `/metrics` (see [`Pipeline::lease_held`]).
     pub standby_ingest: bool,
+    /// Every IB fault of the simulator on, among the random fills (see [`Pipeline::start_fills`]):
+    /// commission reports before their executions, corrections, a fill while the gateway is down
+    /// every 100 fills, an expiry (of an option whose day has come: the world is built 70 days
+    /// ago) or assignment every 20 fills. The reconciliation must then explain what no fill did.
+    pub ib_faults: bool,
 }
 
 impl Default for Options {
@@ -77,6 +82,7 @@ impl Default for Options {
             active_every: 4,
             default_flags: false,
             standby_ingest: false,
+            ib_faults: false,
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct Pipeline {
     pub ingest2_metrics: Option<String>,
     /// Fills applied so far.
     pub filled: Arc<AtomicU64>,
+    /// Expiries and assignments made (with [`Options::ib_faults`]).
+    pub expiries: Arc<AtomicU64>,
     spawned: u32,
 }
 
@@ -190,7 +198,16 @@ impl Pipeline {
                 pnl_tick: Duration::from_millis(500),
                 // Ingest 0 is TWS's master API client: it gets every fill as an execution.
                 master_client_id: Some(INGEST_CLIENT_ID),
-                ..SimConfig::for_tests()
+                ..if opts.ib_faults {
+                    SimConfig {
+                        today: Some(chrono::Utc::now().date_naive() - chrono::Days::new(70)),
+                        commission_first_rate: 0.3,
+                        correction_rate: 0.1,
+                        ..SimConfig::for_tests()
+                    }
+                } else {
+                    SimConfig::for_tests()
+                }
             }))
             .await?,
         );
@@ -233,6 +250,7 @@ impl Pipeline {
             ingest_metrics: None,
             ingest2_metrics: None,
             filled: Arc::new(AtomicU64::new(0)),
+            expiries: Arc::new(AtomicU64::new(0)),
             spawned: 0,
         };
         if p.opts.standby_ingest {
@@ -589,15 +607,34 @@ impl Pipeline {
         }
         let stop = CancellationToken::new();
         let (s, sim, filled) = (stop.clone(), self.sim.clone(), self.filled.clone());
+        let (faults, expiries) = (self.opts.ib_faults, self.expiries.clone());
         let every = Duration::from_secs_f64(1.0 / self.opts.fill_rate.max(0.1));
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut n = 0u64;
             loop {
                 tokio::select! {
                     _ = s.cancelled() => break,
                     _ = tick.tick() => {
                         if sim.random_fill().is_some() {
                             filled.fetch_add(1, Relaxed);
+                        }
+                        n += 1;
+                        if faults && n.is_multiple_of(20) && sim.random_expiry().is_some() {
+                            expiries.fetch_add(1, Relaxed);
+                        }
+                        if faults && n.is_multiple_of(100) {
+                            // A stock (stocks never expire) filled while the gateway refuses.
+                            let stock = sim.truth().positions.into_iter().find(|p| p.contract.sec_type == "STK");
+                            if let Some(p) = stock {
+                                let down = sim.fill_while_disconnected(&p.account, p.contract.con_id, 10.0, Duration::from_millis(500));
+                                tokio::select! {
+                                    _ = s.cancelled() => break,
+                                    r = down => if matches!(r, Ok(Some(_))) {
+                                        filled.fetch_add(1, Relaxed);
+                                    },
+                                }
+                            }
                         }
                     }
                 }
@@ -724,7 +761,15 @@ impl Pipeline {
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
                 let (want, on_topic) = self.fills_on_topic(&read_topics(&self.kafka)?);
-                if want.keys().all(|id| on_topic.contains_key(id)) || Instant::now() > deadline {
+                if want.keys().all(|id| on_topic.contains_key(id)) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "[faults] after 120 s, {} of {} fills on the executions topic",
+                        on_topic.len(),
+                        want.len()
+                    );
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -773,20 +818,21 @@ impl Pipeline {
                 );
             }
         }
-        // Every position moved by its fills and nothing else: no key unexplained.
-        let mut reconciled = 0;
+        // Every position moved by its fills, or by an expiry or assignment the simulator made
+        // (with `ib_faults`), and nothing else: no key unexplained.
+        let (mut reconciled, mut explained) = (0, 0);
         if let Some(r) = self.reconciler.as_mut() {
+            use possync::reconcile::model::Status;
             let report = r.run_once(possync::events::now_micros()).await?;
-            let unexplained: Vec<_> = report
-                .lines
-                .iter()
-                .filter(|l| l.status != possync::reconcile::model::Status::Agrees)
-                .take(5)
-                .collect();
-            if !unexplained.is_empty() {
+            let expected = |s: Status| s == Status::Agrees || (self.opts.ib_faults && s == Status::Explained);
+            let unexplained: Vec<_> = report.lines.iter().filter(|l| !expected(l.status)).take(5).collect();
+            explained = report.count(Status::Explained);
+            let expiries = self.expiries.load(Relaxed);
+            if !unexplained.is_empty() || (expiries > 0) != (explained > 0) {
                 let kept = self.keep_dir();
                 bail!(
-                    "the reconciliation must find every moved position agreeing with its fills: {:?}, e.g. {unexplained:?}\nlogs and tables kept in {kept}",
+                    "the reconciliation must find every moved position agreeing with its fills{}: {:?} ({expiries} expiries/assignments made), e.g. {unexplained:?}\nlogs and tables kept in {kept}",
+                    if self.opts.ib_faults { " or explained" } else { "" },
                     report.counts
                 );
             }
@@ -805,6 +851,7 @@ impl Pipeline {
             registry: produced.len() - events - executions,
             executions,
             reconciled,
+            explained,
             fills: self.filled.load(Relaxed),
             materialize_starts: self.spawned,
             conflicts: conflicts(self.dir.path(), self.members.len()),
@@ -870,6 +917,10 @@ impl Pipeline {
     fn keep_dir(&self) -> String {
         let to = std::env::temp_dir().join(format!("possync-faults-{}", possync::events::new_id()));
         let _ = crate::common::fs::copy_dir(self.dir.path(), &to);
+        for id in self.cluster.ids() {
+            let logs = self.cluster.dir().join(format!("node-{id}/logs"));
+            let _ = crate::common::fs::copy_dir(&logs, &to.join(format!("kafka-node-{id}")));
+        }
         to.display().to_string()
     }
 
@@ -926,8 +977,10 @@ pub struct Report {
     pub fills: u64,
     /// Execution events on the executions topic (each in the table once).
     pub executions: usize,
-    /// Positions the fills moved, each agreeing with them in the final reconciliation.
+    /// Positions that moved, each agreeing with its fills in the final reconciliation...
     pub reconciled: usize,
+    /// ... or explained by an expiry or assignment (with [`Options::ib_faults`]).
+    pub explained: usize,
     /// `possync materialize` processes started.
     pub materialize_starts: u32,
     /// Delta commit conflicts the materializers resolved (from their logs).
@@ -982,7 +1035,25 @@ pub fn kafka_flags(kafka: &KafkaConfig) -> Vec<String> {
 /// abort markers (control records, never delivered) and aborted messages (skipped by this
 /// `read_committed` reader), so no delivered message need carry the offset before it. One
 /// consumer per topic, since `KafkaError::PartitionEOF` names the partition only.
+///
+/// A read that fails (a metadata or watermark request that times out, a partition whose leader
+/// moves: a cluster just restarted elects and re-elects leaders for a while) is tried again
+/// from the start, for up to a minute.
 pub fn read_topics(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match read_topics_once(kafka) {
+            Ok(all) => return Ok(all),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("[faults] reading the topics failed, trying again: {e:#}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.context("reading the topics failed for a minute")),
+        }
+    }
+}
+
+fn read_topics_once(kafka: &KafkaConfig) -> anyhow::Result<Vec<Produced>> {
     let meta: BaseConsumer = kafka.admin().create()?;
     let md = meta.fetch_metadata(None, Duration::from_secs(10))?;
     let t = &kafka.topics;
