@@ -55,6 +55,9 @@ pub(crate) struct Fills {
     expected_frames: usize,
     /// Frames of the day's list received so far on this connection.
     list_frames: usize,
+    /// Live frames (and frames a live overflow dropped) since the last list ended: the next
+    /// list holds them too.
+    live_frames: usize,
 }
 
 impl Fills {
@@ -70,12 +73,19 @@ impl Fills {
             last_forget: Instant::now(),
             expected_frames,
             list_frames: 0,
+            live_frames: 0,
         }
     }
 
-    /// Frames the next day's executions list is expected to hold.
+    /// Frames the next day's executions list is expected to hold: the last list's and every
+    /// live frame since.
     pub(crate) fn expected_frames(&self) -> usize {
-        self.expected_frames
+        self.expected_frames + self.live_frames
+    }
+
+    /// A live frame (an execution or a commission report) arrived.
+    pub(crate) fn live_frame(&mut self) {
+        self.live_frames += 1;
     }
 
     /// The day's executions were requested: a new list begins.
@@ -92,6 +102,7 @@ impl Fills {
     pub(crate) fn list_ended(&mut self) {
         self.expected_frames = self.expected_frames.max(self.list_frames);
         self.list_frames = 0;
+        self.live_frames = 0;
     }
 
     /// The day's list overflowed the buffer after `dropped` frames were lost: the next
@@ -99,6 +110,12 @@ impl Fills {
     pub(crate) fn list_overflowed(&mut self, dropped: usize) {
         self.expected_frames = self.expected_frames.max((self.list_frames + dropped) * 2);
         self.list_frames = 0;
+    }
+
+    /// Live executions overflowed the buffer after `dropped` frames were lost: the next list
+    /// holds those too.
+    pub(crate) fn live_overflowed(&mut self, dropped: usize) {
+        self.live_frames += dropped;
     }
 
     /// How often the session loop calls [`Engine::publish_due_executions`].
@@ -251,4 +268,41 @@ fn offsets_at(
         out.insert(e.partition(), offset);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The next day's list holds the last list, every live frame since and every frame a live
+    /// overflow dropped: the buffer of the connection after an overflow fits it at once.
+    #[test]
+    fn the_next_list_is_expected_to_hold_the_last_one_and_every_live_frame_since() {
+        let mut f = Fills::new(Join::default(), Duration::from_secs(10));
+        assert_eq!(f.expected_frames(), 0);
+        f.list_started();
+        (0..100).for_each(|_| f.list_frame());
+        f.list_ended();
+        assert_eq!(f.expected_frames(), 100);
+        (0..40).for_each(|_| f.live_frame());
+        assert_eq!(f.expected_frames(), 140);
+        f.live_overflowed(500);
+        assert_eq!(
+            f.expected_frames(),
+            640,
+            "what the overflow dropped is in the next list"
+        );
+        f.list_started();
+        (0..640).for_each(|_| f.list_frame());
+        f.list_ended();
+        assert_eq!(
+            f.expected_frames(),
+            640,
+            "the live frames are in the list now: not counted twice"
+        );
+        f.list_started();
+        (0..10).for_each(|_| f.list_frame());
+        f.list_overflowed(1_000);
+        assert_eq!(f.expected_frames(), 2_020, "twice what the overflowing list showed");
+    }
 }

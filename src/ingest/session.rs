@@ -271,12 +271,18 @@ pub(crate) async fn run_session(
             }
             failed = engine.publisher.failed_executions() => engine.on_failed_executions(failed),
             update = live_fills.next() => match update {
-                Some(Ok(SubscriptionItem::Data(OrderUpdate::ExecutionData(d)))) => engine.on_execution(&d, source_of(&d)).await?,
-                Some(Ok(SubscriptionItem::Data(OrderUpdate::CommissionReport(c)))) => engine.on_commission(&c).await?,
+                Some(Ok(SubscriptionItem::Data(OrderUpdate::ExecutionData(d)))) => {
+                    engine.fills.live_frame();
+                    engine.on_execution(&d, source_of(&d)).await?
+                }
+                Some(Ok(SubscriptionItem::Data(OrderUpdate::CommissionReport(c)))) => {
+                    engine.fills.live_frame();
+                    engine.on_commission(&c).await?
+                }
                 Some(Ok(SubscriptionItem::Notice(n))) if n.code == ibapi::SUBSCRIPTION_LAG_CODE => {
                     // Live executions were dropped (ingest fell behind): the day's list after
-                    // a reconnect brings them.
-                    engine.fills.list_overflowed(crate::ib::dropped_frames(&n.message));
+                    // a reconnect brings them; its buffer fits every frame seen live and lost.
+                    engine.fills.live_overflowed(crate::ib::dropped_frames(&n.message));
                     tracing::warn!(message = %n.message, "live executions overflowed the IB buffer; reconnecting to request the day's executions again");
                     return Ok(SessionEnd::Overflow { during_list: false });
                 }
