@@ -3,7 +3,7 @@
 //! A consumer group reads `positions.active`, `positions.queued`, `registry` and `executions`,
 //! decodes Avro straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and
 //! flushes on count, bytes or latency (1 s by default; idle topics flush too) into seven
-//! tables ([`tables`]): `position_events` (append-only, partitioned by `event_date`),
+//! tables ([`catalog`] says what each is, [`tables`] opens, commits and reads them): `position_events` (append-only, partitioned by `event_date`),
 //! `registry_events` (append-only, every registry event), `executions` (append-only, every
 //! fill, partitioned by the date of `exec_time`, [`executions`]), `positions_current`,
 //! `position_queue`, `strategy_registry` (upserts, [`upsert`]) and `dead_letters`
@@ -37,6 +37,7 @@
 pub mod bench;
 pub mod bench_exec;
 pub mod buffer;
+pub mod catalog;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;

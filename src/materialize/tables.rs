@@ -1,4 +1,7 @@
-//! The seven Delta tables: their Arrow schemas, creation on first use, reading, and commits.
+//! The Delta layer under materialize: opening the tables, creation on first use, schema and
+//! protocol checks, commits with their txn offsets, and reading back ([`read`]). What each
+//! table is (name, schema, partitions, protocol, properties) is the catalogue's
+//! ([`super::catalog`]).
 //!
 //! Schemas derive from `schemas/*.avsc` (see [`super::decode`]) plus Kafka coordinates, with
 //! `Timestamp(µs, "UTC")` timestamps. The append-only tables and `strategy_registry` use
@@ -10,17 +13,13 @@
 //! written, and try again (see [`super::offsets`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
 
-use deltalake::arrow::array::{ArrayRef, Date32Array, RecordBatch};
-use deltalake::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef};
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::datatypes::{DataType, Schema as ArrowSchema};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
-use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::operations::create::CreateBuilder;
-use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use deltalake::parquet::schema::types::ColumnPath;
@@ -28,9 +27,14 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
-use super::decode::{kafka_fields, timestamp_type, Layout, RecordPlan, EVENT_DATE};
+pub use super::catalog::{
+    position_events_layout, positions_current_layout, registry_layout, TableKind, DEFAULT_TXN_RETENTION,
+    TXN_RETENTION_PROPERTY,
+};
 use super::offsets::TxnMap;
-use crate::schema;
+
+mod read;
+pub use read::FileRef;
 
 /// Errors of table access.
 #[derive(Debug, thiserror::Error)]
@@ -120,166 +124,6 @@ pub enum TableError {
     },
 }
 
-/// The tables materialize writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TableKind {
-    /// Append-only audit log of every position event, partitioned by `event_date`.
-    PositionEvents,
-    /// Latest state per (account, con_id).
-    PositionsCurrent,
-    /// Queue state per (account, con_id).
-    PositionQueue,
-    /// Current registry per (strategy, account, con_id).
-    StrategyRegistry,
-    /// Append-only undecodable / invalid messages.
-    DeadLetters,
-    /// Append-only audit trail of every registry event (the compacted topic forgets).
-    RegistryEvents,
-    /// Append-only executions (fills with commissions), partitioned by `event_date` (of
-    /// `exec_time`); see [`super::executions`].
-    Executions,
-    /// Append-only copies of the open book, written by `possync reconcile` (not materialize);
-    /// see [`super::reconciled`].
-    PositionSnapshots,
-    /// The reconciliation of positions against fills, rewritten by `possync reconcile`.
-    Reconciliation,
-}
-
-impl TableKind {
-    /// Every table materialize writes (the reconcile tables are [`TableKind::RECONCILE`]).
-    pub const ALL: [TableKind; 7] = [
-        TableKind::PositionEvents,
-        TableKind::PositionsCurrent,
-        TableKind::PositionQueue,
-        TableKind::StrategyRegistry,
-        TableKind::DeadLetters,
-        TableKind::RegistryEvents,
-        TableKind::Executions,
-    ];
-
-    /// The tables `possync reconcile` writes.
-    pub const RECONCILE: [TableKind; 2] = [TableKind::PositionSnapshots, TableKind::Reconciliation];
-
-    /// Directory name below the base URI.
-    pub fn name(self) -> &'static str {
-        match self {
-            TableKind::PositionEvents => "position_events",
-            TableKind::PositionsCurrent => "positions_current",
-            TableKind::PositionQueue => "position_queue",
-            TableKind::StrategyRegistry => "strategy_registry",
-            TableKind::DeadLetters => "dead_letters",
-            TableKind::RegistryEvents => "registry_events",
-            TableKind::Executions => "executions",
-            TableKind::PositionSnapshots => "position_snapshots",
-            TableKind::Reconciliation => "reconciliation",
-        }
-    }
-
-    /// Append-only tables (compacted by `maintain`; others are rewritten on every commit).
-    pub fn append_only(self) -> bool {
-        matches!(
-            self,
-            TableKind::PositionEvents
-                | TableKind::DeadLetters
-                | TableKind::RegistryEvents
-                | TableKind::Executions
-                | TableKind::PositionSnapshots
-        )
-    }
-
-    /// Tables whose superseded rows are marked by deletion vectors (the upsert tables).
-    pub fn deletion_vectors(self) -> bool {
-        matches!(self, TableKind::PositionsCurrent | TableKind::PositionQueue)
-    }
-
-    /// Partition columns.
-    pub fn partition_columns(self) -> Vec<String> {
-        match self {
-            TableKind::PositionEvents | TableKind::Executions => vec![EVENT_DATE.to_string()],
-            TableKind::PositionSnapshots => vec![
-                super::reconciled::SNAPSHOT_DATE.to_string(),
-                super::reconciled::SNAPSHOT_KIND.to_string(),
-            ],
-            _ => vec![],
-        }
-    }
-
-    /// The Arrow schema of the table.
-    pub fn schema(self) -> SchemaRef {
-        match self {
-            TableKind::PositionEvents => position_events_layout().schema.clone(),
-            TableKind::PositionsCurrent => positions_current_layout().schema.clone(),
-            TableKind::PositionQueue => super::upsert::queue::schema(),
-            TableKind::StrategyRegistry => registry_schema(),
-            TableKind::DeadLetters => dead_letter_schema(),
-            // The decoded registry rows as they are: event fields + Kafka coordinates.
-            TableKind::RegistryEvents => registry_layout().schema.clone(),
-            TableKind::Executions => super::executions::layout().schema.clone(),
-            TableKind::PositionSnapshots => super::reconciled::snapshot_schema(),
-            TableKind::Reconciliation => super::reconciled::reconciliation_schema(),
-        }
-    }
-
-    fn configuration(self) -> Vec<(&'static str, &'static str)> {
-        let mut c = self.own_configuration();
-        // Txn actions of app ids not written for this long are dropped (from checkpoints, and
-        // ignored on reading): dead namespaces fade out. A live partition is re-stamped long
-        // before (see `flush::Pipeline::restamp` and docs/materialize.md).
-        c.push((TXN_RETENTION_PROPERTY, DEFAULT_TXN_RETENTION));
-        c.push((super::layout::LAYOUT_PROPERTY, super::layout::CURRENT_TEXT));
-        c
-    }
-
-    /// The protocol of tables with deletion vectors: reader 3 / writer 7 with that feature
-    /// alone (delta-rs would otherwise carry writer-2 `invariants` into the feature list, which
-    /// it cannot write without DataFusion). `None`: delta-rs' default (reader 1 / writer 2).
-    fn protocol(self) -> Option<deltalake::kernel::Protocol> {
-        if !self.deletion_vectors() {
-            return None;
-        }
-        let p = serde_json::json!({
-            "minReaderVersion": 3,
-            "minWriterVersion": 7,
-            "readerFeatures": ["deletionVectors"],
-            "writerFeatures": ["deletionVectors"],
-        });
-        Some(serde_json::from_value(p).expect("a valid protocol action"))
-    }
-
-    fn own_configuration(self) -> Vec<(&'static str, &'static str)> {
-        match self {
-            TableKind::PositionEvents => {
-                vec![
-                    ("delta.appendOnly", "true"),
-                    ("delta.deletedFileRetentionDuration", "interval 1 days"),
-                ]
-            }
-            // No statistics on the raw key / value bytes (binary columns get none anyway).
-            TableKind::DeadLetters => vec![
-                ("delta.appendOnly", "true"),
-                ("delta.deletedFileRetentionDuration", "interval 1 days"),
-                (
-                    "delta.dataSkippingStatsColumns",
-                    "kafka_namespace,kafka_topic,kafka_partition,kafka_offset,kafka_timestamp,error,dead_lettered_at",
-                ),
-            ],
-            TableKind::RegistryEvents => vec![
-                ("delta.appendOnly", "true"),
-                ("delta.deletedFileRetentionDuration", "interval 1 days"),
-            ],
-            TableKind::Executions => super::executions::configuration(),
-            TableKind::PositionSnapshots => super::reconciled::snapshot_configuration(),
-            // Superseded rows are marked deleted by deletion vectors (see `upsert::core`).
-            TableKind::PositionsCurrent | TableKind::PositionQueue => vec![
-                ("delta.enableDeletionVectors", "true"),
-                ("delta.deletedFileRetentionDuration", "interval 1 hours"),
-            ],
-            // Rewritten on every commit: keep tombstones (and checkpoints) small.
-            _ => vec![("delta.deletedFileRetentionDuration", "interval 1 hours")],
-        }
-    }
-}
-
 /// Parquet settings of every file possync writes: snappy, column-chunk statistics (what Delta's
 /// file statistics are made of; no page index), and dictionary encoding only for the string
 /// columns that repeat (account, symbol, route, ...). Unique values (event ids, offsets,
@@ -301,64 +145,6 @@ fn writer_properties(schema: &ArrowSchema) -> WriterProperties {
 
 /// String columns whose values (nearly) never repeat within a file.
 const UNIQUE_STRINGS: [&str; 4] = ["event_id", "local_symbol", "exec_id", "exec_stem"];
-
-/// The Delta property that bounds how long a txn action (a partition's stored offset) lives
-/// without being written again.
-pub const TXN_RETENTION_PROPERTY: &str = "delta.setTransactionRetentionDuration";
-/// What every table is created with (see docs/materialize.md, "Txn retention").
-pub const DEFAULT_TXN_RETENTION: &str = "interval 30 days";
-
-/// Decoding layout of `PositionEvent` rows for `position_events` (with `event_date`).
-pub fn position_events_layout() -> &'static Arc<Layout> {
-    static L: OnceLock<Arc<Layout>> = OnceLock::new();
-    L.get_or_init(|| Arc::new(Layout::new(position_plan(), Some("ingest_time"))))
-}
-
-/// Layout of `positions_current` rows (a `position_events` row without `event_date`).
-pub fn positions_current_layout() -> &'static Arc<Layout> {
-    static L: OnceLock<Arc<Layout>> = OnceLock::new();
-    L.get_or_init(|| Arc::new(Layout::new(position_plan(), None)))
-}
-
-/// Decoding layout of `RegistryEvent` rows: the schema of `registry_events`, and folded into
-/// `strategy_registry`.
-pub fn registry_layout() -> &'static Arc<Layout> {
-    static L: OnceLock<Arc<Layout>> = OnceLock::new();
-    L.get_or_init(|| {
-        let plan = RecordPlan::from_schema(schema::registry_event(), schema::ids().registry_event)
-            .expect("schemas/registry_event.avsc is a flat record");
-        Arc::new(Layout::new(plan, None))
-    })
-}
-
-fn position_plan() -> RecordPlan {
-    RecordPlan::from_schema(schema::position_event(), schema::ids().position_event)
-        .expect("schemas/position_event.avsc is a flat record")
-}
-
-fn registry_schema() -> SchemaRef {
-    Arc::new(ArrowSchema::new(vec![
-        Field::new("strategy", DataType::Utf8, false),
-        Field::new("account", DataType::Utf8, true),
-        Field::new("con_id", DataType::Int64, false),
-        Field::new("active", DataType::Boolean, false),
-        Field::new("priority", DataType::Int32, false),
-        Field::new("updated_at", timestamp_type(), false),
-        Field::new("actor", DataType::Utf8, false),
-        Field::new("event_id", DataType::Utf8, false),
-    ]))
-}
-
-fn dead_letter_schema() -> SchemaRef {
-    let mut fields: Vec<Field> = kafka_fields().into();
-    fields.extend([
-        Field::new("kafka_key", DataType::Binary, true),
-        Field::new("value", DataType::Binary, true),
-        Field::new("error", DataType::Utf8, false),
-        Field::new("dead_lettered_at", timestamp_type(), false),
-    ]);
-    Arc::new(ArrowSchema::new(fields))
-}
 
 /// URI of one table below the base (a local directory is created if missing).
 ///
@@ -668,192 +454,6 @@ impl Table {
         }
         Ok(version)
     }
-
-    /// The files of the current snapshot: (path, size, partition values).
-    ///
-    /// # Errors
-    /// When no snapshot is loaded.
-    pub fn files(&self) -> Result<Vec<FileRef>, TableError> {
-        let snap = self.delta.snapshot().map_err(self.err())?;
-        Ok(snap
-            .log_data()
-            .iter()
-            .map(|f| FileRef {
-                remove: f.remove_action(true),
-                path: f.object_store_path(),
-                size: f.size(),
-                partition_values: f.partition_values_map(),
-                // The Add (with its deletion vector) is what the upsert core keeps per file.
-                #[allow(deprecated)]
-                add: f.add_action(),
-            })
-            .collect())
-    }
-
-    /// The [`FileRef`] of an add action of this table.
-    pub fn file_ref(&self, add: &Add) -> FileRef {
-        FileRef {
-            remove: remove_of(add, true),
-            path: deltalake::Path::parse(&add.path).unwrap_or_else(|_| deltalake::Path::from(add.path.as_str())),
-            size: add.size,
-            partition_values: add.partition_values.clone(),
-            add: add.clone(),
-        }
-    }
-
-    /// Every physical row of one file (deleted rows included), as one batch of the table's
-    /// schema.
-    ///
-    /// # Errors
-    /// Storage and parquet errors.
-    pub async fn read_physical(&self, f: &FileRef) -> Result<RecordBatch, TableError> {
-        let batches = self.read_file(f).await?;
-        let schema = self.kind.schema();
-        deltalake::arrow::compute::concat_batches(&schema, &batches).map_err(|source| TableError::Arrow {
-            table: self.kind.name(),
-            source,
-        })
-    }
-
-    /// Reads files back as batches of the table's schema (partition columns restored).
-    ///
-    /// # Errors
-    /// Storage and parquet errors.
-    pub async fn read(&self, files: &[FileRef]) -> Result<Vec<RecordBatch>, TableError> {
-        let mut out = Vec::new();
-        for f in files {
-            let batches = self.read_file(f).await?;
-            self.live_rows(f, batches, &mut out).await?;
-        }
-        Ok(out)
-    }
-
-    /// The live rows of the whole table, `columns` only (in the file's column order): what a
-    /// reader of a few columns needs (`possync status` at every probe), a fraction of the work
-    /// of [`Table::read_all`]. A partition column among them means whole rows are read.
-    ///
-    /// # Errors
-    /// Storage and parquet errors.
-    pub async fn read_columns(&self, columns: &[&str]) -> Result<Vec<RecordBatch>, TableError> {
-        let partitions = self.kind.partition_columns();
-        if columns.iter().any(|c| partitions.iter().any(|p| p == c)) {
-            return self.read_all().await;
-        }
-        let mut out = Vec::new();
-        for f in self.files()? {
-            let batches = self.read_parquet(&f, Some(columns)).await?;
-            self.live_rows(&f, batches, &mut out).await?;
-        }
-        Ok(out)
-    }
-
-    /// Appends to `out` the rows of `batches` (the physical rows of `f`, in order) that its
-    /// deletion vector does not mark: the rows that are part of the table.
-    async fn live_rows(
-        &self,
-        f: &FileRef,
-        batches: Vec<RecordBatch>,
-        out: &mut Vec<RecordBatch>,
-    ) -> Result<(), TableError> {
-        let Some(d) = &f.add.deletion_vector else {
-            out.extend(batches);
-            return Ok(());
-        };
-        let deleted = super::dv::read(self.delta.object_store().as_ref(), d)
-            .await
-            .map_err(|e| self.err()(DeltaTableError::Generic(e.to_string())))?;
-        let mut first = 0u64;
-        for b in batches {
-            let n = b.num_rows() as u64;
-            let keep: Vec<u32> = (0..n)
-                .filter(|r| !deleted.contains(first + r))
-                .map(|r| r as u32)
-                .collect();
-            first += n;
-            let kept =
-                deltalake::arrow::compute::take_record_batch(&b, &deltalake::arrow::array::UInt32Array::from(keep))
-                    .map_err(|source| TableError::Arrow {
-                        table: self.kind.name(),
-                        source,
-                    })?;
-            out.push(kept);
-        }
-        Ok(())
-    }
-
-    /// The physical rows of one file, in order, in batches (partition columns restored).
-    async fn read_file(&self, f: &FileRef) -> Result<Vec<RecordBatch>, TableError> {
-        let schema = self.kind.schema();
-        let mut out = Vec::new();
-        for b in self.read_parquet(f, None).await? {
-            out.push(self.restore_partitions(&schema, b, &f.partition_values)?);
-        }
-        Ok(out)
-    }
-
-    /// The physical rows of one file as stored (no partition columns), every column or only
-    /// `columns`.
-    async fn read_parquet(&self, f: &FileRef, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>, TableError> {
-        // Files read back are small (upsert tables, compaction inputs): read whole.
-        let bytes = self
-            .delta
-            .object_store()
-            .get(&f.path)
-            .await
-            .map_err(|e| self.err()(e.into()))?
-            .bytes()
-            .await
-            .map_err(|e| self.err()(e.into()))?;
-        let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| self.err()(e.into()))?;
-        if let Some(columns) = columns {
-            let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-            builder = builder.with_projection(mask);
-        }
-        let reader = builder.build().map_err(|e| self.err()(e.into()))?;
-        reader.collect::<Result<_, _>>().map_err(|source| TableError::Arrow {
-            table: self.kind.name(),
-            source,
-        })
-    }
-
-    /// Reads the whole current table.
-    ///
-    /// # Errors
-    /// Storage and parquet errors.
-    pub async fn read_all(&self) -> Result<Vec<RecordBatch>, TableError> {
-        let files = self.files()?;
-        self.read(&files).await
-    }
-
-    fn restore_partitions(
-        &self,
-        schema: &SchemaRef,
-        b: RecordBatch,
-        values: &HashMap<String, Option<String>>,
-    ) -> Result<RecordBatch, TableError> {
-        let n = b.num_rows();
-        let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-        for f in schema.fields() {
-            if let Ok(i) = b.schema().index_of(f.name()) {
-                cols.push(b.column(i).clone());
-            } else {
-                let v = values.get(f.name()).cloned().flatten();
-                if matches!(f.data_type(), DataType::Utf8) {
-                    cols.push(Arc::new(deltalake::arrow::array::StringArray::from(vec![v; n])));
-                    continue;
-                }
-                let day = v
-                    .as_deref()
-                    .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-                    .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32);
-                cols.push(Arc::new(Date32Array::from(vec![day; n])));
-            }
-        }
-        RecordBatch::try_new(schema.clone(), cols).map_err(|source| TableError::Arrow {
-            table: self.kind.name(),
-            source,
-        })
-    }
 }
 
 /// Commits version 0 of a table with exactly `protocol`. delta-rs' `CreateBuilder` adds the
@@ -904,28 +504,6 @@ pub fn remove_of(add: &Add, data_change: bool) -> deltalake::kernel::Remove {
         tags: None,
         base_row_id: None,
         default_row_commit_version: None,
-    }
-}
-
-/// A data file of a snapshot.
-#[derive(Debug, Clone)]
-pub struct FileRef {
-    /// The remove action that drops it (dataChange = true; flip it for compaction).
-    pub remove: deltalake::kernel::Remove,
-    /// Object store path.
-    pub path: deltalake::Path,
-    /// Size in bytes.
-    pub size: i64,
-    /// Partition values.
-    pub partition_values: HashMap<String, Option<String>>,
-    /// Its add action as of the snapshot (with its deletion vector, if any).
-    pub add: Add,
-}
-
-impl FileRef {
-    /// The file's value of the partition column `column`; `None` when it has none.
-    pub fn partition_value(&self, column: &str) -> Option<&str> {
-        self.partition_values.get(column)?.as_deref()
     }
 }
 
