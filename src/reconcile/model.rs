@@ -283,23 +283,26 @@ fn explain(lines: &mut BTreeMap<Key, Line>, day: u32) {
                 });
         }
     }
-    let stocks: Vec<Key> = lines
+    // Per (account, underlying) with candidates: the stock's difference (0 when it has no line:
+    // assignments that net out leave the stock where it was) is what the assignments sum to.
+    let stocks: HashMap<(String, String), Key> = lines
         .iter()
-        .filter(|(_, l)| l.diff != 0.0 && l.contract.sec_type == "STK")
-        .map(|(k, _)| k.clone())
+        .filter(|(_, l)| l.contract.sec_type == "STK")
+        .map(|(k, l)| ((l.account.clone(), l.contract.symbol.clone()), k.clone()))
         .collect();
-    for key in stocks {
-        let (account, symbol, diff) = {
-            let l = &lines[&key];
-            (l.account.clone(), l.contract.symbol.clone(), l.diff)
-        };
-        let Some(options) = candidates.get(&(account, symbol)) else {
+    for (group, options) in &candidates {
+        let stock = stocks.get(group).filter(|k| lines[*k].diff != 0.0);
+        let target = stock.map_or(0.0, |k| lines[k].diff);
+        if stock.is_none() && options.iter().all(|o| o.expired) {
+            continue; // nothing moved that an expiry does not already explain
+        }
+        let Some(used) = subset_summing_to(options, target) else {
             continue;
         };
-        let Some(used) = subset_summing_to(options, diff) else {
+        if stock.is_none() && used.iter().all(|k| options.iter().any(|o| &o.key == k && o.expired)) {
             continue;
-        };
-        for k in used.into_iter().chain(std::iter::once(key)) {
+        }
+        for k in used.into_iter().chain(stock.cloned()) {
             let l = lines.get_mut(&k).expect("a line of the book");
             l.status = Status::Explained;
             l.reason = Some("assignment".into());
@@ -591,6 +594,39 @@ mod tests {
                 "{k:?}"
             );
         }
+    }
+
+    /// Seen on real Kafka with every IB fault on: two options expired-and-assigned and two
+    /// exercised early in one account, whose stock effects (+300, -600, -1,100, +1,400) net to
+    /// nothing: the stock agrees with its fills, and the assignments still explain the options.
+    #[test]
+    fn assignments_that_net_out_leave_the_stock_alone_and_still_explain_the_options() {
+        let mut i = World::default();
+        i.start
+            .insert(key("A", 2), held(-3.0, 5 * MIN, option("X", "20261120", "P")));
+        i.start
+            .insert(key("A", 3), held(-6.0, 5 * MIN, option("X", "20261120", "C")));
+        for (k, right, filled) in [(4, "P", 11.0), (5, "C", 14.0)] {
+            i.fills.push(fill("A", k, &format!("e{k}"), 1, 15 * MIN, filled));
+            i.now
+                .insert(key("A", k), held(0.0, 20 * MIN, option("X", "20261218", right)));
+        }
+        // The stock: bought with a fill, nothing else.
+        i.fills.push(fill("A", 1, "e1", 1, 15 * MIN, 338.5));
+        i.now.insert(key("A", 1), held(338.5, 20 * MIN, stock("X")));
+        let b = run(&i);
+        let b = by_key(&b);
+        assert_eq!(b[&key("A", 1)].status, Status::Agrees);
+        for k in [key("A", 2), key("A", 3), key("A", 4), key("A", 5)] {
+            assert_eq!(b[&k].status, Status::Explained, "{k:?}: {:?}", b[&k]);
+        }
+        assert_eq!(b[&key("A", 4)].reason.as_deref(), Some("assignment"));
+        // Alone, a closed option whose stock did not move is no assignment.
+        let mut j = World::default();
+        j.fills.push(fill("A", 4, "e4", 1, 15 * MIN, 11.0));
+        j.now
+            .insert(key("A", 4), held(0.0, 20 * MIN, option("X", "20261218", "P")));
+        assert_eq!(run(&j)[0].status, Status::Pending);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use possync::reconcile::{read, ReconcileConfig, Reconciler, Report};
 use possync::sim::{SimConfig, SimHandle, TruthPosition};
 use tokio_util::sync::CancellationToken;
 
-use crate::ingest_support::{env, quiet_sim, wait_for, DEADLINE};
+use crate::ingest_support::{env, quiet_sim, wait_for, Env, Running, DEADLINE};
 
 const CLIENT: i32 = 7;
 const BIN: &str = env!("CARGO_BIN_EXE_possync");
@@ -57,6 +57,54 @@ fn line<'a>(r: &'a Report, p: &TruthPosition) -> Option<&'a possync::reconcile::
         .find(|l| l.account == p.account && l.con_id == i64::from(p.contract.con_id))
 }
 
+/// The simulator, ingest (the master client), the embedded broker and a materializer writing
+/// the tables under `base`, started and caught up with the first book.
+struct Desk {
+    env: Env,
+    _dir: tempfile::TempDir,
+    base: String,
+    ingest: Running,
+    stop: CancellationToken,
+    mat: tokio::task::JoinHandle<Result<(), materialize::MaterializeError>>,
+}
+
+impl Desk {
+    async fn start(sim: SimConfig) -> anyhow::Result<Self> {
+        let env = env(sim, 1, 1).await?;
+        let dir = tempfile::tempdir()?;
+        let base = dir.path().join("tables").to_string_lossy().into_owned();
+        let ingest = env.start_ingest(env.ingest_config(CLIENT, 4)).await?;
+        let stop = CancellationToken::new();
+        let mat = tokio::spawn(materialize::run(
+            MaterializeConfig {
+                table_uri: base.clone(),
+                group: format!("{}reconcile-test", env.kafka.topics.prefix()),
+                flush_latency: Duration::from_millis(200),
+                state_dir: dir.path().join("state"),
+                ..MaterializeConfig::default()
+            },
+            env.kafka.clone(),
+            stop.clone(),
+        ));
+        wait_tables(&env.sim, &base, "the first book in positions_current").await?;
+        Ok(Self {
+            env,
+            _dir: dir,
+            base,
+            ingest,
+            stop,
+            mat,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.ingest.stop().await?;
+        self.stop.cancel();
+        self.mat.await??;
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts() -> anyhow::Result<()> {
     // The world's date 70 days ago: its first expiries are past, as on an expiry day.
@@ -67,23 +115,8 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
         initial_positions: 60,
         ..quiet_sim()
     };
-    let env = env(sim, 1, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let base = dir.path().join("tables").to_string_lossy().into_owned();
-    let ingest = env.start_ingest(env.ingest_config(CLIENT, 4)).await?;
-    let stop = CancellationToken::new();
-    let mat = tokio::spawn(materialize::run(
-        MaterializeConfig {
-            table_uri: base.clone(),
-            group: format!("{}reconcile-test", env.kafka.topics.prefix()),
-            flush_latency: Duration::from_millis(200),
-            state_dir: dir.path().join("state"),
-            ..MaterializeConfig::default()
-        },
-        env.kafka.clone(),
-        stop.clone(),
-    ));
-    wait_tables(&env.sim, &base, "the first book in positions_current").await?;
+    let desk = Desk::start(sim).await?;
+    let (env, base) = (&desk.env, desk.base.clone());
 
     // The day's starting snapshot: nothing moved since.
     let cfg = ReconcileConfig {
@@ -272,10 +305,7 @@ async fn fills_expiries_and_assignments_agree_and_a_change_without_a_fill_drifts
         "maintain changed the day's start"
     );
 
-    ingest.stop().await?;
-    stop.cancel();
-    mat.await??;
-    Ok(())
+    desk.stop().await
 }
 
 /// A random trading day with every IB fault of the simulator on at once, driven by count (not
@@ -295,23 +325,8 @@ async fn a_random_day_with_every_ib_fault_reconciles_with_no_drift() -> anyhow::
         correction_rate: 0.1,
         ..quiet_sim()
     };
-    let env = env(sim, 1, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let base = dir.path().join("tables").to_string_lossy().into_owned();
-    let ingest = env.start_ingest(env.ingest_config(CLIENT, 4)).await?;
-    let stop = CancellationToken::new();
-    let mat = tokio::spawn(materialize::run(
-        MaterializeConfig {
-            table_uri: base.clone(),
-            group: format!("{}faults-day", env.kafka.topics.prefix()),
-            flush_latency: Duration::from_millis(200),
-            state_dir: dir.path().join("state"),
-            ..MaterializeConfig::default()
-        },
-        env.kafka.clone(),
-        stop.clone(),
-    ));
-    wait_tables(&env.sim, &base, "the first book in positions_current").await?;
+    let desk = Desk::start(sim).await?;
+    let (env, base) = (&desk.env, desk.base.clone());
     let mut service = Reconciler::new(ReconcileConfig {
         table_uri: base.clone(),
         drift_after: Duration::ZERO,
@@ -397,8 +412,5 @@ async fn a_random_day_with_every_ib_fault_reconciles_with_no_drift() -> anyhow::
         truth.executions.len(),
         r.counts
     );
-    ingest.stop().await?;
-    stop.cancel();
-    mat.await??;
-    Ok(())
+    desk.stop().await
 }
