@@ -115,6 +115,12 @@ impl Engine {
         self.expected_list.max(self.book.len())
     }
 
+    /// Frames each connection's IB buffer must hold: the longer of the next position list and
+    /// the next day's executions list.
+    pub(crate) fn buffer_frames(&self) -> usize {
+        self.expected_list().max(self.fills.expected_frames())
+    }
+
     /// Sets [`Engine::expected_list`].
     pub(crate) fn expect_list(&mut self, frames: usize) {
         self.expected_list = frames;

@@ -253,7 +253,7 @@ impl Ingest {
         let result = loop {
             // Each subscription's ring holds the longer of the position list and the day's
             // executions list.
-            let expected = self.engine.expected_list().max(self.engine.fills.expected_frames());
+            let expected = self.engine.buffer_frames();
             let buffer = crate::ib::buffer_for(self.cfg.ib_buffer, expected);
             let give_up_at = release_after.map(|d| last_working + d);
             let (client, notices) =

@@ -261,7 +261,7 @@ pub(crate) async fn run_session(
                             let seen = list.len() + crate::ib::dropped_frames(&n.message);
                             engine.expect_list(engine.expected_list().max(seen * 2));
                         }
-                        tracing::warn!(message = %n.message, during_list = snapshot.is_some(), next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.expected_list()), "position updates overflowed the IB buffer; reconnecting at once with a larger buffer to reconcile");
+                        tracing::warn!(message = %n.message, during_list = snapshot.is_some(), next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.buffer_frames()), "position updates overflowed the IB buffer; reconnecting at once with a larger buffer to reconcile");
                         return Ok(SessionEnd::Overflow { during_list: snapshot.is_some() });
                     }
                     Some(Ok(SubscriptionItem::Notice(n))) => tracing::info!(code = n.code, message = %n.message, "positions notice"),
@@ -303,7 +303,7 @@ pub(crate) async fn run_session(
                     // Executions of the day's list were dropped: only a new request with a
                     // buffer that fits brings them, so reconnect at once with a larger one.
                     engine.fills.list_overflowed(crate::ib::dropped_frames(&n.message));
-                    let next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.expected_list().max(engine.fills.expected_frames()));
+                    let next_buffer = crate::ib::buffer_for(cfg.ib_buffer, engine.buffer_frames());
                     tracing::warn!(message = %n.message, next_buffer, "the day's executions overflowed the IB buffer; reconnecting at once with a larger buffer to request them again");
                     return Ok(SessionEnd::Overflow { during_list: true });
                 }
