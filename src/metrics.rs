@@ -69,6 +69,9 @@ pub struct Metrics {
     pub delta_commits: AtomicU64,
     /// Delta commits that met a concurrent writer's commit (resolved by reload and retry).
     pub commit_conflicts: AtomicU64,
+    /// Appends that landed after concurrent commits of other writers, through delta-rs'
+    /// conflict checker (no reload, no re-plan).
+    pub commit_rebases: AtomicU64,
     /// Checkpoints (or log cleanups) that failed after a good commit; each is retried.
     pub checkpoint_failures: AtomicU64,
     /// Closed rows deleted from the upsert tables past `--closed-retention`.
@@ -426,6 +429,12 @@ impl Metrics {
             "commit_conflicts_total",
             "Delta commits that met another writer's commit (reloaded and retried)",
             self.commit_conflicts.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "commit_rebases_total",
+            "Appends that landed after other writers' commits through delta-rs' conflict checker (no reload)",
+            self.commit_rebases.load(Relaxed),
         );
         c(
             &mut s,

@@ -117,6 +117,7 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
             flush_latency: Duration::from_secs(1),
             table_uri: None,
             executions: 10_000,
+            members: 1,
         };
         eprintln!("== bench materialize, {keys} keys ==");
         let r = crate::materialize::bench::run(m)

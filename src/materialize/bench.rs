@@ -3,8 +3,8 @@
 //! 1. Starts an embedded broker in this process and pre-fills `positions.active` and
 //!    `positions.queued` with N synthetic events (partitions sized under the mock cluster's
 //!    ~5 MiB per partition).
-//! 2. Spawns `possync materialize` as a child process (so its CPU time is its own, read from
-//!    `/proc/<pid>/stat`) and polls the Delta txn versions until it has caught up. Reported:
+//! 2. Spawns `--members` `possync materialize` processes in one consumer group (so their CPU
+//!    time is their own, read from `/proc/<pid>/stat` and summed) and polls the Delta txn versions until it has caught up. Reported:
 //!    events/s, events per CPU-second and MB/s from its partition assignment to caught up
 //!    (every event is processed in that window), plus totals including process start-up and
 //!    the consumer group join (about 3 s of waiting on the embedded broker).
@@ -52,6 +52,10 @@ pub struct BenchMaterializeArgs {
     /// 20 accounts); 0 skips the executions phase.
     #[arg(long, default_value_t = 10_000, env = "POSSYNC_BENCH_MATERIALIZE_EXECUTIONS")]
     pub executions: u64,
+    /// Materializers in the consumer group (each a process of its own). CPU and memory are
+    /// the group's sums; conflicts are counted per Delta commit of the group.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16), env = "POSSYNC_BENCH_MATERIALIZE_MEMBERS")]
+    pub members: u32,
 }
 
 /// The figures.
@@ -84,6 +88,22 @@ pub struct BenchReport {
     pub rss_end_mib: f64,
     /// The executions phase (`--executions`).
     pub executions: Option<super::bench_exec::ExecPhase>,
+    /// Materializers in the group (`--members`).
+    pub members: u32,
+    /// Delta commits of the group and the conflicts among them (a conflict is a commit
+    /// attempt re-planned after another writer's commit), in the catch-up and after it.
+    pub catchup_commits: u64,
+    pub catchup_conflicts: u64,
+    pub steady_commits: u64,
+    pub steady_conflicts: u64,
+    /// Files under the tables that their logs do not name, after the members stopped.
+    pub orphans: usize,
+}
+
+impl BenchReport {
+    fn per_commit(conflicts: u64, commits: u64) -> f64 {
+        conflicts as f64 / commits.max(1) as f64
+    }
 }
 
 impl std::fmt::Display for BenchReport {
@@ -124,9 +144,21 @@ impl std::fmt::Display for BenchReport {
             self.cpu_per_flush_s * 1000.0,
             self.phase_events_per_cpu_s
         )?;
+        writeln!(
+            f,
+            "  group of {} member(s): conflicts per commit {:.3} in the catch-up ({} of {} commits), {:.3} after it ({} of {}); {} orphan file(s) left",
+            self.members,
+            Self::per_commit(self.catchup_conflicts, self.catchup_commits),
+            self.catchup_conflicts,
+            self.catchup_commits,
+            Self::per_commit(self.steady_conflicts, self.steady_commits),
+            self.steady_conflicts,
+            self.steady_commits,
+            self.orphans
+        )?;
         write!(
             f,
-            "  materialize RSS: peak {:.0} MiB, at the end {:.0} MiB",
+            "  materialize RSS (sum over members): peak {:.0} MiB, at the end {:.0} MiB",
             self.rss_peak_mib, self.rss_end_mib
         )?;
         if let Some(x) = &self.executions {
@@ -219,6 +251,27 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / clock_ticks())
 }
 
+/// CPU seconds (user + system) used so far by the processes `pids`, summed.
+pub fn group_cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
+}
+
+fn group_mem_mib(pids: &[u32], field: &str) -> f64 {
+    pids.iter().filter_map(|p| process_mem_mib(*p, field)).sum()
+}
+
+/// Sum over the tables under `uri` of their versions (0 for a table not there yet): the
+/// commits made so far after each table's creation.
+async fn commits_so_far(uri: &str) -> Result<u64, MaterializeError> {
+    let mut n = 0;
+    for kind in TableKind::ALL {
+        if super::tables::exists(uri, kind.name()).await? {
+            n += Table::open(uri, kind).await?.version().max(0) as u64;
+        }
+    }
+    Ok(n)
+}
+
 struct Child2(Child);
 
 impl Drop for Child2 {
@@ -280,44 +333,62 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     }
 
     let exe = std::env::current_exe().map_err(|e| MaterializeError::Task(format!("own executable: {e}")))?;
+    let commits0 = commits_so_far(&table_uri).await?;
     let started = Instant::now();
-    let child = Command::new(exe)
-        .args([
-            "materialize",
-            "--brokers",
-            broker.bootstrap(),
-            "--table-uri",
-            &table_uri,
-            "--group",
-            "bench",
-        ])
-        .arg("--flush-latency")
-        .arg(humantime::format_duration(args.flush_latency).to_string())
-        .env(
-            "POSSYNC_LOG",
-            std::env::var("POSSYNC_BENCH_LOG").unwrap_or_else(|_| "warn,possync::materialize::consumer=info".into()),
-        )
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| MaterializeError::Task(format!("spawn materialize: {e}")))?;
-    let mut child = Child2(child);
-    let pid = child.0.id();
-    // The child logs its partition assignment: the start of the measured phase (the consumer
-    // group join before it is the broker's, not the materializer's, time).
+    // Conflicts are counted from the members' logs (the flush module logs each at info).
+    let log = format!(
+        "{},possync::materialize::flush=info",
+        std::env::var("POSSYNC_BENCH_LOG").unwrap_or_else(|_| "warn,possync::materialize::consumer=info".into())
+    );
+    let mut children = Vec::new();
+    for _ in 0..args.members {
+        let child = Command::new(&exe)
+            .args([
+                "materialize",
+                "--brokers",
+                broker.bootstrap(),
+                "--table-uri",
+                &table_uri,
+                "--group",
+                "bench",
+            ])
+            .arg("--flush-latency")
+            .arg(humantime::format_duration(args.flush_latency).to_string())
+            .env("POSSYNC_LOG", &log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| MaterializeError::Task(format!("spawn materialize: {e}")))?;
+        children.push(Child2(child));
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
+    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // A member logs its partition assignment: the first one starts the measured phase (the
+    // consumer group join before it is the broker's, not the materializer's, time).
     let (assigned_tx, assigned_rx) = std::sync::mpsc::channel::<(Instant, f64)>();
-    let stderr = child.0.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("partitions assigned") {
-                let _ = assigned_tx.send((Instant::now(), process_cpu_seconds(pid).unwrap_or_default()));
-            } else if !line.contains("CONFWARN") {
-                eprintln!("materialize: {line}");
+    for (i, child) in children.iter_mut().enumerate() {
+        let stderr = child.0.stderr.take().expect("piped stderr");
+        let (assigned_tx, pids, conflicts) = (assigned_tx.clone(), pids.clone(), conflicts.clone());
+        let who = if args.members > 1 {
+            format!("materialize {i}")
+        } else {
+            "materialize".into()
+        };
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("partitions assigned") {
+                    let _ = assigned_tx.send((Instant::now(), group_cpu_seconds(&pids)));
+                } else if line.contains("commit conflict") {
+                    conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else if !line.contains("CONFWARN") {
+                    eprintln!("{who}: {line}");
+                }
             }
-        }
-    });
+        });
+    }
+    let conflicts_now = || conflicts.load(std::sync::atomic::Ordering::Relaxed);
     let ns = super::offsets::namespace(&kafka, None).await?;
     let parts: Vec<(String, i32)> = [&kafka.topics.active, &kafka.topics.queued]
         .iter()
@@ -346,7 +417,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
                 .map_or(0, |v| v as u64 + 1);
         }
         if committed >= args.events {
-            break (Instant::now(), process_cpu_seconds(pid).unwrap_or_default());
+            break (Instant::now(), group_cpu_seconds(&pids));
         }
         if Instant::now() > deadline {
             return Err(MaterializeError::Timeout(format!(
@@ -367,6 +438,9 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         steady_mb_per_s: bytes as f64 / 1e6 / steady_s,
         total_s: (done_at - started).as_secs_f64(),
         total_cpu_s: done_cpu,
+        members: args.members,
+        catchup_commits: commits_so_far(&table_uri).await? - commits0,
+        catchup_conflicts: conflicts_now(),
         ..Default::default()
     };
 
@@ -374,7 +448,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     events_table.refresh().await?;
     let first_version = events_table.version() + 1;
     let first_queue_version = queue_table.version() + 1;
-    let phase_cpu0 = process_cpu_seconds(pid).unwrap_or_default();
+    let phase_cpu0 = group_cpu_seconds(&pids);
     let n = args.rate * args.latency_phase.as_secs().max(1);
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut sent: Vec<(String, i32, i64, i64)> = Vec::with_capacity(n as usize);
@@ -421,7 +495,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let phase_cpu = process_cpu_seconds(pid).unwrap_or_default() - phase_cpu0;
+    let phase_cpu = group_cpu_seconds(&pids) - phase_cpu0;
     events_table.refresh().await?;
     let latencies = |visible: &[(i64, HashMap<String, i64>)]| {
         let mut lat: Vec<f64> = sent
@@ -453,8 +527,10 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     report.flushes = queue_commits.iter().filter(|(_, txns)| !txns.is_empty()).count();
     report.cpu_per_flush_s = phase_cpu / report.flushes.max(1) as f64;
     report.phase_events_per_cpu_s = n as f64 / phase_cpu.max(1e-9);
-    report.rss_peak_mib = process_mem_mib(pid, "VmHWM:").unwrap_or_default();
-    report.rss_end_mib = process_mem_mib(pid, "VmRSS:").unwrap_or_default();
+    report.steady_commits = commits_so_far(&table_uri).await? - commits0 - report.catchup_commits;
+    report.steady_conflicts = conflicts_now() - report.catchup_conflicts;
+    report.rss_peak_mib = group_mem_mib(&pids, "VmHWM:");
+    report.rss_end_mib = group_mem_mib(&pids, "VmRSS:");
     let current = Table::open(&table_uri, TableKind::PositionsCurrent).await?;
     report.keys = current.read_all().await?.iter().map(|b| b.num_rows() as u64).sum();
     if args.executions > 0 {
@@ -466,16 +542,23 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
                 kafka.topics.partitions_of(&kafka.topics.executions, partitions),
                 &table_uri,
                 &ns,
-                pid,
+                &pids,
                 args.executions,
                 args.keys,
             )
             .await?,
         );
     }
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    drop(child);
+    // Graceful stop (each member commits what it buffered), then the files nobody names.
+    for mut c in children {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(c.0.id() as i32, libc::SIGTERM) };
+        let _ = c.0.wait();
+    }
+    for kind in TableKind::ALL {
+        let t = Table::open(&table_uri, kind).await?;
+        report.orphans += super::maintain::orphans(&t).await?.len();
+    }
     if args.table_uri.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

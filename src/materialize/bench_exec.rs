@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 
-use super::bench::process_cpu_seconds;
 use super::offsets::app_id;
 use super::tables::{Table, TableKind};
 use super::MaterializeError;
@@ -87,7 +86,7 @@ pub fn synthetic_execution(i: u64, k: u64, session: &str) -> ExecutionEvent {
 }
 
 /// Produces `n` executions over `keys` contracts at once and waits until the table at
-/// `table_uri` holds them all (the materializer `pid` is running).
+/// `table_uri` holds them all (the materializers `pids` are running).
 ///
 /// # Errors
 /// A produce error, a table error, or [`MaterializeError::Timeout`] after 10 minutes.
@@ -98,13 +97,13 @@ pub async fn run(
     partitions: i32,
     table_uri: &str,
     namespace: &str,
-    pid: u32,
+    pids: &[u32],
     n: u64,
     keys: u64,
 ) -> Result<ExecPhase, MaterializeError> {
     let topic = &kafka.topics.executions;
     let session = new_id();
-    let cpu0 = process_cpu_seconds(pid).unwrap_or_default();
+    let cpu0 = super::bench::group_cpu_seconds(pids);
     let started = Instant::now();
     let mut bytes = 0u64;
     let mut pending = Vec::new();
@@ -146,7 +145,7 @@ pub async fn run(
     Ok(ExecPhase {
         executions: n,
         wall_s: started.elapsed().as_secs_f64(),
-        cpu_s: process_cpu_seconds(pid).unwrap_or_default() - cpu0,
+        cpu_s: super::bench::group_cpu_seconds(pids) - cpu0,
         bytes,
     })
 }

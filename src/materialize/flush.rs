@@ -8,8 +8,12 @@
 //! any offset the position tables hold has had its dead letters written (the restart position
 //! ignores `dead_letters`; replayed poison is then dropped by its own txn version).
 //!
-//! A commit conflict (another member, or `possync maintain`) reloads the table, merges its
-//! rows (upsert tables), re-filters by the new txn versions and tries again.
+//! Before staging a plan on a table's snapshot (the upsert tables, the registry), the pipeline
+//! catches the table up with what other members committed (one read of the next log entry
+//! when nothing was). Appends need no catch-up: delta-rs lands them after concurrent appends
+//! (see [`super::tables`]). A commit conflict (another member, or `possync maintain`) reloads
+//! the table, merges its rows (upsert tables), re-filters by the new txn versions and tries
+//! again; the files written for the lost attempt are deleted, so no orphan stays behind.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,7 +28,7 @@ use super::buffer::{FrozenPartition, Role};
 use super::deadletter::{self, DeadLetter};
 use super::expiry_guard::ExpiryGuard;
 use super::offsets::{app_id, tables_of};
-use super::tables::{append_operation, rewrite_operation, Table, TableError, TableKind};
+use super::tables::{append_operation, path_of, rewrite_operation, Table, TableError, TableKind};
 use super::upsert::core::{Key, Staged, Upsert};
 use super::upsert::{self, Current, Queue, RegistryState};
 use super::MaterializeError;
@@ -263,7 +267,44 @@ impl Pipeline {
         Ok(written)
     }
 
+    /// Loads what other writers committed since our snapshot, if anything (one read of the next
+    /// log entry when nothing did), so that a plan staged next is stale only for the time it
+    /// takes to stage it. Not a conflict: nothing was attempted.
+    async fn catch_up(&mut self, kind: TableKind) -> Result<(), MaterializeError> {
+        if self.table(kind).catch_up().await? && !kind.append_only() {
+            self.absorb(kind).await?;
+        }
+        Ok(())
+    }
+
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
+        self.conflicted(kind, attempt)?;
+        self.table(kind).refresh().await?;
+        if !kind.append_only() {
+            self.absorb(kind).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `parts` still hold exactly `batches` and `txns` that the table lacks: no other
+    /// writer wrote one of these partitions since they were computed.
+    async fn same_unseen(
+        &mut self,
+        kind: TableKind,
+        parts: &[&FrozenPartition],
+        batches: &[RecordBatch],
+        txns: &[(String, i64)],
+    ) -> Result<bool, MaterializeError> {
+        let (now, now_txns) = self.unseen_all(kind, parts).await?;
+        Ok(now_txns == txns
+            && now
+                .iter()
+                .map(|b| b.num_rows())
+                .eq(batches.iter().map(|b| b.num_rows())))
+    }
+
+    /// Counts a conflict: a plan made again because another writer's commit won.
+    fn conflicted(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
         if attempt + 1 >= MAX_ATTEMPTS {
             return Err(MaterializeError::Contention {
                 table: kind.name(),
@@ -274,11 +315,22 @@ impl Pipeline {
         crate::metrics::global().commit_conflicts.fetch_add(1, Relaxed);
         self.conflicts += 1;
         tracing::info!(table = kind.name(), attempt, "commit conflict; reloading");
-        self.table(kind).refresh().await?;
-        if !kind.append_only() {
-            self.absorb(kind).await?;
-        }
         Ok(())
+    }
+
+    /// Reloads an upsert table after its commit lost a race, to see whether the plan still
+    /// applies ([`super::upsert::core::Upsert::still_applies`]). Every reload follows a commit
+    /// of another writer, so [`MAX_ATTEMPTS`] of them in one flush is contention.
+    async fn reload(&mut self, kind: TableKind, reloads: &mut usize) -> Result<(), MaterializeError> {
+        *reloads += 1;
+        if *reloads >= MAX_ATTEMPTS {
+            return Err(MaterializeError::Contention {
+                table: kind.name(),
+                attempts: MAX_ATTEMPTS,
+            });
+        }
+        self.table(kind).refresh().await?;
+        self.absorb(kind).await
     }
 
     async fn commit_dead_letters(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {
@@ -301,6 +353,7 @@ impl Pipeline {
             let batch =
                 deadletter::batch(&letters, &self.namespace, crate::events::now_micros()).map_err(arrow(kind))?;
             let adds = self.table(kind).write_files(&[batch]).await?;
+            let paths: Vec<deltalake::Path> = adds.iter().map(path_of).collect();
             let actions = adds.into_iter().map(Action::Add).collect();
             let every = self.checkpoint_every;
             match self
@@ -316,7 +369,10 @@ impl Pipeline {
                     self.dlq.offer(letters.iter().copied());
                     return Ok(());
                 }
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(TableError::Conflict(_)) => {
+                    self.table(kind).discard(paths).await;
+                    self.retry(kind, attempt).await?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -364,12 +420,19 @@ impl Pipeline {
                     shape.push(usize::MAX);
                 }
             }
+            if txns.is_empty() || written.as_ref().is_some_and(|(s, _)| *s != shape) {
+                // Another writer holds some of these rows now: the files written for the old
+                // filtering are nobody's.
+                if let Some((_, old)) = written.take() {
+                    self.table(kind).discard(old.iter().map(path_of).collect()).await;
+                }
+            }
             if txns.is_empty() {
                 return Ok((0, 0));
             }
             let adds = match &written {
-                Some((s, adds)) if *s == shape => adds.clone(),
-                _ => {
+                Some((_, adds)) => adds.clone(),
+                None => {
                     let adds = self.table(kind).write_files(&batches).await?;
                     written = Some((shape, adds.clone()));
                     adds
@@ -383,7 +446,13 @@ impl Pipeline {
                 .await
             {
                 Ok(_) => return Ok((active, other)),
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(TableError::Conflict(_)) => {
+                    if let Err(e) = self.retry(kind, attempt).await {
+                        let paths = written.iter().flat_map(|(_, a)| a.iter().map(path_of)).collect();
+                        self.table(kind).discard(paths).await;
+                        return Err(e);
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -408,7 +477,9 @@ impl Pipeline {
 
     async fn commit_current(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::PositionsCurrent;
+        let mut rebases = 0;
         for attempt in 0.. {
+            self.catch_up(kind).await?;
             let (batches, txns) = self.unseen_all(kind, parts).await?;
             if txns.is_empty() {
                 return Ok(());
@@ -416,17 +487,32 @@ impl Pipeline {
             let (rows, changed) =
                 upsert::current::changes(&mut self.current, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
             let t = self.tables.get_mut(&kind).expect("every table is open");
-            let staged = self.current.rows.stage(t, rows, changed, vec![]).await?;
-            match commit_staged(t, &mut self.current.rows, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => {
-                    // Optional too: a failed rewrite keeps the old spill file in use.
-                    if let Err(e) = self.current.collect_garbage() {
-                        tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+            let mut staged = self.current.rows.stage(t, rows, changed, vec![]).await?;
+            loop {
+                let t = self.tables.get_mut(&kind).expect("every table is open");
+                match commit_staged(t, &mut self.current.rows, staged, &txns, self.checkpoint_every).await {
+                    Ok(()) => {
+                        // Optional too: a failed rewrite keeps the old spill file in use.
+                        if let Err(e) = self.current.collect_garbage() {
+                            tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
+                    Err((TableError::Conflict(_), back)) => {
+                        self.reload(kind, &mut rebases).await?;
+                        if self.same_unseen(kind, parts, &batches, &txns).await?
+                            && self.current.rows.still_applies(&back)
+                        {
+                            rebased(kind);
+                            staged = back;
+                            continue;
+                        }
+                        self.table(kind).discard(back.written()).await;
+                        self.conflicted(kind, attempt)?;
+                        break;
+                    }
+                    Err((e, _)) => return Err(e.into()),
                 }
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
-                Err(e) => return Err(e.into()),
             }
         }
         unreachable!("the attempt loop returns")
@@ -434,7 +520,9 @@ impl Pipeline {
 
     async fn commit_queue(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::PositionQueue;
+        let mut rebases = 0;
         for attempt in 0.. {
+            self.catch_up(kind).await?;
             let (batches, txns) = self.unseen_all(kind, parts).await?;
             if txns.is_empty() {
                 return Ok(());
@@ -442,17 +530,31 @@ impl Pipeline {
             let (rows, changed) =
                 upsert::queue_table::changes(&mut self.queue, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
             let t = self.tables.get_mut(&kind).expect("every table is open");
-            let staged = self.queue.rows.stage(t, rows, changed, vec![]).await?;
-            match commit_staged(t, &mut self.queue.rows, staged, &txns, self.checkpoint_every).await {
-                Ok(()) => {
-                    // Optional too: a failed rewrite keeps the old spill file in use.
-                    if let Err(e) = self.queue.collect_garbage() {
-                        tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+            let mut staged = self.queue.rows.stage(t, rows, changed, vec![]).await?;
+            loop {
+                let t = self.tables.get_mut(&kind).expect("every table is open");
+                match commit_staged(t, &mut self.queue.rows, staged, &txns, self.checkpoint_every).await {
+                    Ok(()) => {
+                        // Optional too: a failed rewrite keeps the old spill file in use.
+                        if let Err(e) = self.queue.collect_garbage() {
+                            tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
+                    Err((TableError::Conflict(_), back)) => {
+                        self.reload(kind, &mut rebases).await?;
+                        if self.same_unseen(kind, parts, &batches, &txns).await? && self.queue.rows.still_applies(&back)
+                        {
+                            rebased(kind);
+                            staged = back;
+                            continue;
+                        }
+                        self.table(kind).discard(back.written()).await;
+                        self.conflicted(kind, attempt)?;
+                        break;
+                    }
+                    Err((e, _)) => return Err(e.into()),
                 }
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
-                Err(e) => return Err(e.into()),
             }
         }
         unreachable!("the attempt loop returns")
@@ -473,6 +575,7 @@ impl Pipeline {
         let cutoff = crate::events::now_micros() - retention.as_micros() as i64;
         for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
             for attempt in 0.. {
+                self.catch_up(kind).await?;
                 let keys = match kind {
                     TableKind::PositionsCurrent => self.current.expired(cutoff),
                     _ => self.queue.expired(cutoff),
@@ -516,6 +619,7 @@ impl Pipeline {
     async fn commit_registry(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::StrategyRegistry;
         for attempt in 0.. {
+            self.catch_up(kind).await?;
             let (batches, txns) = self.unseen_all(kind, parts).await?;
             if txns.is_empty() {
                 return Ok(());
@@ -523,11 +627,14 @@ impl Pipeline {
             // The registry is small (one row per strategy entry): rewritten whole.
             let next = upsert::fold_registry(&self.registry, &batches).map_err(arrow(kind))?;
             let mut actions = Vec::new();
+            let mut paths = Vec::new();
             if let Some(n) = &next {
                 let batch = upsert::registry_batch(n).map_err(arrow(kind))?;
                 let t = self.table(kind);
                 actions.extend(t.files()?.into_iter().map(|f| Action::Remove(f.remove)));
-                actions.extend(t.write_files(&[batch]).await?.into_iter().map(Action::Add));
+                let adds = t.write_files(&[batch]).await?;
+                paths.extend(adds.iter().map(path_of));
+                actions.extend(adds.into_iter().map(Action::Add));
             }
             let every = self.checkpoint_every;
             match self
@@ -541,7 +648,10 @@ impl Pipeline {
                     }
                     return Ok(());
                 }
-                Err(TableError::Conflict(_)) => self.retry(kind, attempt).await?,
+                Err(TableError::Conflict(_)) => {
+                    self.table(kind).discard(paths).await;
+                    self.retry(kind, attempt).await?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -558,9 +668,11 @@ async fn commit_staged<V: Clone>(
     staged: Staged<V>,
     txns: &[(String, i64)],
     every: u64,
-) -> Result<(), TableError> {
+) -> Result<(), (TableError, Staged<V>)> {
     let op = DeltaOperation::Update { predicate: None };
-    t.commit(staged.actions.clone(), txns, op, every).await?;
+    if let Err(e) = t.commit(staged.actions.clone(), txns, op, every).await {
+        return Err((e, staged));
+    }
     state.committed(staged);
     // The flush is done. Compaction is optional work: a failure is a warning, the next
     // commit tries again (issue 20 #8: it stopped the process after a good commit).
@@ -589,7 +701,10 @@ async fn commit_staged<V: Clone>(
                     "compacted"
                 );
             }
-            Err(TableError::Conflict(_)) => tracing::debug!(table = t.kind.name(), "compaction lost a race; skipped"),
+            Err(TableError::Conflict(_)) => {
+                t.discard(c.written()).await;
+                tracing::debug!(table = t.kind.name(), "compaction lost a race; skipped")
+            }
             Err(e) => {
                 tracing::warn!(table = t.kind.name(), error = %e, "compaction commit failed; skipped (the commit stands)")
             }
@@ -598,13 +713,24 @@ async fn commit_staged<V: Clone>(
     Ok(())
 }
 
+/// Counts a plan committed again after a reload (see [`Upsert::still_applies`]).
+fn rebased(kind: TableKind) {
+    tracing::debug!(table = kind.name(), "commit rebased on other writers' commits");
+    crate::metrics::global().commit_rebases.fetch_add(1, Relaxed);
+}
+
 /// Deletes the live rows of `keys` (deletion vectors only; no txn: retention is not an offset).
 async fn delete_keys<V: Clone>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
     let staged = state.stage(t, None, vec![], keys).await?;
     let op = DeltaOperation::Delete {
         predicate: Some("position = 0 AND closed longer than --closed-retention".into()),
     };
-    t.commit(staged.actions.clone(), &[], op, every_none()).await?;
+    if let Err(e) = t.commit(staged.actions.clone(), &[], op, every_none()).await {
+        if matches!(e, TableError::Conflict(_)) {
+            t.discard(staged.written()).await;
+        }
+        return Err(e);
+    }
     state.committed(staged);
     Ok(())
 }
@@ -639,7 +765,10 @@ mod tests {
         let mut t = Table::open(base, TableKind::PositionQueue).await.unwrap();
         let mut u = Upsert::<QueueRow>::default();
         let s = staged(&t, &u, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await.unwrap();
-        commit_staged(&mut t, &mut u, s, &[], 100).await.unwrap();
+        commit_staged(&mut t, &mut u, s, &[], 100)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
         // The first data file is gone (a lifecycle rule, a bad disk): compaction, which wants to
         // rewrite it once most of its rows are replaced, cannot read it.
         let files = t.files().unwrap();
@@ -650,6 +779,7 @@ mod tests {
         let s = staged(&t, &u, &[(1, 2), (2, 2), (3, 2)]).await.unwrap();
         commit_staged(&mut t, &mut u, s, &[], 100)
             .await
+            .map_err(|(e, _)| e)
             .expect("the commit stands; only the compaction is skipped");
         assert_eq!(t.version(), before + 1, "committed, not compacted");
     }

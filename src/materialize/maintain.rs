@@ -159,6 +159,59 @@ async fn vacuum(t: &Table, retention: Option<Duration>) -> Result<usize, TableEr
     Ok(n)
 }
 
+/// Files under the table root (outside `_delta_log`) that no add or remove action of the
+/// table's log names, with their deletion vectors: what a writer left behind and only vacuum
+/// would delete. A run without crashes must leave none (the bench counts them, the group
+/// tests check them). Reads every commit still in the log: for tests and benchmarks, not for a
+/// table with a long history.
+///
+/// # Errors
+/// Storage errors.
+pub async fn orphans(t: &Table) -> Result<Vec<String>, TableError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        add: Option<deltalake::kernel::Add>,
+        remove: Option<deltalake::kernel::Remove>,
+    }
+    let table = t.kind.name();
+    let err = move |source| TableError::Delta { table, source };
+    let mut named = HashSet::new();
+    let mut name = |path: &str, dv: Option<&deltalake::kernel::DeletionVectorDescriptor>| {
+        named.insert(Path::parse(path).unwrap_or_else(|_| Path::from(path)).to_string());
+        if let Some(p) = dv.and_then(super::dv::file_path) {
+            named.insert(p.to_string());
+        }
+    };
+    let log = t.delta.log_store();
+    for v in 0..=t.version() {
+        let Some(bytes) = log.read_commit_entry(v as u64).await.map_err(err)? else {
+            continue;
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(l) = serde_json::from_slice::<Line>(line) else {
+                continue;
+            };
+            if let Some(a) = &l.add {
+                name(&a.path, a.deletion_vector.as_ref());
+            }
+            if let Some(r) = &l.remove {
+                name(&r.path, r.deletion_vector.as_ref());
+            }
+        }
+    }
+    let store = t.delta.object_store();
+    let mut listing = store.list(None);
+    let mut out = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let path = meta.map_err(|e| err(e.into()))?.location.to_string();
+        if !path.starts_with("_delta_log/") && !named.contains(&path) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn is_deletion_vector(path: &str) -> bool {
     path.rsplit('/')
         .next()
@@ -217,14 +270,27 @@ async fn vectors_removed_since(t: &Table, cutoff_ms: i64) -> Result<HashSet<Stri
     Ok(keep)
 }
 
-/// Runs [`run`] every `period` (first pass one period from now) until `shutdown` is cancelled.
+/// Runs [`run`] every `period` (first pass one period from now) while `turn` is true, until
+/// `shutdown` is cancelled; `done` is called after each good pass.
+///
+/// Of a consumer group, one member holds the turn: the one Kafka's group assignment gave
+/// partition 0 of the active topic. No protocol of our own elects it, and when that member
+/// dies or leaves, the rebalance hands the partition, and so the turn, to another one (its
+/// next tick runs the pass). Two members can only overlap for the length of a rebalance,
+/// and overlapping passes are safe (see the module doc), only wasted.
 ///
 /// The materializer spawns this beside its consume loop: maintenance commits race with flush
 /// commits exactly as an external `possync maintain` does (flushes reload and retry, compaction
 /// goes through the conflict checker). A failed pass is logged and the next one retries; it
 /// never stops materialization. A pass cut short by `shutdown` leaves at most unreferenced
 /// files, which a later vacuum removes.
-pub async fn every(cfg: MaintainConfig, period: Duration, shutdown: CancellationToken) {
+pub async fn every(
+    cfg: MaintainConfig,
+    period: Duration,
+    shutdown: CancellationToken,
+    turn: tokio::sync::watch::Receiver<bool>,
+    done: impl Fn() + Send + 'static,
+) {
     let mut tick = interval_at(Instant::now() + period, period);
     // A pass longer than the period delays the next one rather than starting a burst.
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -234,17 +300,24 @@ pub async fn every(cfg: MaintainConfig, period: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if !*turn.borrow() {
+            tracing::debug!("scheduled maintenance skipped: another member of the group holds the turn");
+            continue;
+        }
         let started = std::time::Instant::now();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             result = run(&cfg) => match result {
-                Ok(report) => tracing::info!(
-                    took_ms = started.elapsed().as_millis() as u64,
-                    compacted = report.values().map(|r| r.files_compacted).sum::<usize>(),
-                    vacuumed = report.values().map(|r| r.files_vacuumed).sum::<usize>(),
-                    "scheduled maintenance done"
-                ),
+                Ok(report) => {
+                    done();
+                    tracing::info!(
+                        took_ms = started.elapsed().as_millis() as u64,
+                        compacted = report.values().map(|r| r.files_compacted).sum::<usize>(),
+                        vacuumed = report.values().map(|r| r.files_vacuumed).sum::<usize>(),
+                        "scheduled maintenance done"
+                    )
+                }
                 Err(e) => tracing::warn!(
                     error = %e,
                     next_in_s = period.as_secs(),

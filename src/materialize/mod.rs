@@ -178,6 +178,11 @@ pub struct Progress {
     pub flushes: u64,
     /// Partitions assigned to this member now (after the last rebalance it applied).
     pub assigned: usize,
+    /// This member runs the group's scheduled maintenance: it holds partition 0 of the active
+    /// topic (see [`maintain::every`]).
+    pub maintainer: bool,
+    /// Scheduled maintenance passes this member has run.
+    pub maintained: u64,
 }
 
 /// [`run`], reporting [`Progress`] on `progress` (for `possync run` and tests: "has it seen
@@ -200,11 +205,17 @@ pub async fn run_with_progress(
         };
         (mcfg, period)
     });
-    let mut m = Materializer::open(cfg, kafka, ns, progress).await?;
+    let (turn, turn_rx) = watch::channel(false);
+    let passes = progress.clone();
+    let mut m = Materializer::open(cfg, kafka, ns, progress, turn).await?;
     // Maintenance lives exactly as long as this materializer: a child token stops it on
-    // shutdown and also when the consume loop fails.
+    // shutdown and also when the consume loop fails. Of a group, only the member whose turn it
+    // is (Kafka's assignment decides) runs it.
     let stop = shutdown.child_token();
-    let maintainer = maintenance.map(|(mcfg, period)| tokio::spawn(maintain::every(mcfg, period, stop.clone())));
+    let maintainer = maintenance.map(|(mcfg, period)| {
+        let done = move || passes.send_modify(|p| p.maintained += 1);
+        tokio::spawn(maintain::every(mcfg, period, stop.clone(), turn_rx, done))
+    });
     let result = m.run(&shutdown).await;
     stop.cancel();
     if let Some(task) = maintainer {
@@ -226,6 +237,8 @@ struct Materializer {
     cursors: HashMap<(Role, i32), Cursor>,
     roles: [(String, Role); 4],
     progress: watch::Sender<Progress>,
+    /// Whether this member holds the maintenance turn (see [`maintain::every`]).
+    turn: watch::Sender<bool>,
     lag: LagWatch,
 }
 
@@ -235,6 +248,7 @@ impl Materializer {
         kafka: KafkaConfig,
         ns: String,
         progress: watch::Sender<Progress>,
+        turn: watch::Sender<bool>,
     ) -> Result<Self, MaterializeError> {
         let t = kafka.topics.clone();
         // The dead-letter topic copy is best effort (the table is the record): give up on a
@@ -318,6 +332,7 @@ impl Materializer {
             cursors: HashMap::new(),
             roles,
             progress,
+            turn,
             lag: LagWatch::default(),
         })
     }
@@ -343,8 +358,7 @@ impl Materializer {
                 msg = self.consumer.recv() => {
                     // Fields, not `self`: the message borrows the consumer.
                     if handle_rebalance(&self.consumer, &mut self.cursors, &mut self.buffers, &mut self.lag, &self.roles)? {
-                        let assigned = self.cursors.len();
-                        self.progress.send_modify(|p| p.assigned = assigned);
+                        self.assignment_changed();
                     }
                     match msg {
                         Ok(m) => {
@@ -416,10 +430,23 @@ impl Materializer {
             &mut self.lag,
             &self.roles,
         )? {
-            let assigned = self.cursors.len();
-            self.progress.send_modify(|p| p.assigned = assigned);
+            self.assignment_changed();
         }
         Ok(())
+    }
+
+    /// Publishes a new assignment: its size, and whether this member now holds the
+    /// maintenance turn (partition 0 of the active topic, which the group assigns to exactly
+    /// one member, and to another one when that member dies or leaves).
+    fn assignment_changed(&self) {
+        let assigned = self.cursors.len();
+        let maintainer = self.cursors.contains_key(&(Role::Active, 0));
+        self.progress.send_modify(|p| {
+            p.assigned = assigned;
+            p.maintainer = maintainer;
+        });
+        self.turn
+            .send_if_modified(|t| std::mem::replace(t, maintainer) != maintainer);
     }
 
     /// Re-stamps the txn actions of the owned partitions not written for a restamp period (see

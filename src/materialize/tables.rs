@@ -7,10 +7,17 @@
 //! `Timestamp(µs, "UTC")` timestamps. The append-only tables and `strategy_registry` use
 //! protocol reader 1 / writer 2; `positions_current` and `position_queue` enable deletion
 //! vectors (reader 3 / writer 7, see [`super::upsert::core`]). DuckDB's `delta_scan`, Python
-//! `deltalake` and Spark read all of them. Commits never retry blindly: the
-//! materializer commits against the snapshot it read (`max_retries = 0`), and a concurrent
-//! commit comes back as [`TableError::Conflict`] so the caller can reload, drop what is already
-//! written, and try again (see [`super::offsets`]).
+//! `deltalake` and Spark read all of them.
+//!
+//! Commits never retry blindly. A commit that only appends files (and txn actions) goes through
+//! delta-rs' conflict checker ([`APPEND_RETRIES`]): it lands after concurrent appends of other
+//! members, and fails when one of them wrote a txn action for one of its own app ids (a
+//! partition that moved), so two members never both append a partition's rows. Every other
+//! commit is made against the snapshot it read (`max_retries = 0`). Either way a real conflict
+//! comes back as [`TableError::Conflict`] so the caller can reload, drop what is already
+//! written, and try again (see [`super::offsets`]). Writers that stage a plan on the snapshot
+//! (the upsert tables) first [`Table::catch_up`]: one read of the next log entry, so a plan is
+//! stale only for the time it takes to stage it.
 
 use std::collections::HashMap;
 
@@ -34,6 +41,18 @@ pub use super::catalog::{
 use super::offsets::TxnMap;
 
 mod read;
+
+/// Retries delta-rs may make for a commit that only appends (see the module doc): each one
+/// follows a concurrent commit its conflict checker let through.
+pub const APPEND_RETRIES: usize = 20;
+
+static REBASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Appends of this process that landed after concurrent commits of other writers (delta-rs
+/// checked them; no re-plan was needed).
+pub fn rebased() -> u64 {
+    REBASED.load(std::sync::atomic::Ordering::Relaxed)
+}
 pub use read::FileRef;
 
 /// Errors of table access.
@@ -314,6 +333,39 @@ impl Table {
     /// # Errors
     /// Storage errors.
     pub async fn refresh(&mut self) -> Result<bool, TableError> {
+        self.refresh_inner().await
+    }
+
+    /// Whether a commit exists after our snapshot: one read of the next version's log entry
+    /// (a listing of the log would cost what the table's history costs).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn behind(&self) -> Result<bool, TableError> {
+        let next = u64::try_from(self.version() + 1).unwrap_or(0);
+        let entry = self
+            .delta
+            .log_store()
+            .read_commit_entry(next)
+            .await
+            .map_err(self.err())?;
+        Ok(entry.is_some())
+    }
+
+    /// [`Self::refresh`] when [`Self::behind`]: what a writer does before it stages a plan on
+    /// the snapshot, so that the plan is stale only for the time staging takes.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn catch_up(&mut self) -> Result<bool, TableError> {
+        if self.behind().await? {
+            self.refresh_inner().await
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn refresh_inner(&mut self) -> Result<bool, TableError> {
         let before = self.version();
         self.delta.update_incremental(None).await.map_err(self.err())?;
         let after = self.version();
@@ -397,6 +449,19 @@ impl Table {
         w.flush().await.map_err(self.err())
     }
 
+    /// Deletes files this process wrote for a commit that did not happen (`paths` relative to
+    /// the table root), so that a lost race leaves no orphan behind. Best effort: a file that
+    /// stays is an orphan vacuum deletes after the table's retention.
+    pub async fn discard(&self, paths: Vec<deltalake::Path>) {
+        use deltalake::logstore::object_store::ObjectStoreExt as _;
+        let store = self.delta.object_store();
+        for p in paths {
+            if let Err(e) = store.delete(&p).await {
+                tracing::warn!(table = self.kind.name(), path = %p, error = %e, "could not delete a file of a commit that lost its race; vacuum deletes it after the retention");
+            }
+        }
+    }
+
     /// Commits `actions` plus one txn action per `(app_id, version)` against our snapshot.
     ///
     /// # Errors
@@ -413,12 +478,21 @@ impl Table {
             .iter()
             .map(|(id, v)| Transaction::new_with_last_update(id, *v, Some(now)))
             .collect();
+        let blind = matches!(
+            operation,
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                predicate: None,
+                ..
+            }
+        ) && actions.iter().all(|a| matches!(a, Action::Add(_)));
         let props = CommitProperties::default()
-            .with_max_retries(0)
+            .with_max_retries(if blind { APPEND_RETRIES } else { 0 })
             .with_create_checkpoint(false)
             .with_cleanup_expired_logs(Some(false))
             .with_application_transactions(txn_actions);
         let snapshot = self.delta.snapshot().map_err(self.err())?;
+        let base = self.version();
         let result = CommitBuilder::from(props)
             .with_actions(actions)
             .build(Some(snapshot), self.delta.log_store(), operation)
@@ -429,7 +503,16 @@ impl Table {
             Err(e) => return Err(self.err()(e)),
         };
         let version = finalized.version() as i64;
+        let rebased = version > base + 1;
+        // After a rebase the snapshot includes the commits it landed after.
         self.delta.state = Some(finalized.snapshot());
+        if rebased {
+            REBASED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::global()
+                .commit_rebases
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.txn.advance(&self.delta, version - 1).await.map_err(self.err())?;
+        }
         self.txn.committed(version, txns);
         let stamped = std::time::Instant::now();
         for (id, _) in txns {
@@ -489,6 +572,11 @@ async fn create_with(
         .build(None, delta.log_store(), operation)
         .await?;
     Ok(())
+}
+
+/// The object-store path of `add`'s data file, relative to the table root.
+pub fn path_of(add: &Add) -> deltalake::Path {
+    deltalake::Path::parse(&add.path).unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()))
 }
 
 /// The remove action that drops the file of `add` (with its deletion vector, if any).

@@ -112,6 +112,7 @@ async fn on_a_built_desk(args: &BenchReconcileArgs, uri: &str, runs: u32) -> Res
         flush_latency: Duration::from_secs(1),
         table_uri: Some(uri.to_string()),
         executions: args.executions,
+        members: 1,
     })
     .await
     .map_err(|e| ReconcileError::Bench(e.to_string()))?;

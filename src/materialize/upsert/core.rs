@@ -33,7 +33,7 @@ use roaring::RoaringTreemap;
 
 use super::{col, Sym};
 use crate::materialize::dv;
-use crate::materialize::tables::{remove_of, Table, TableError};
+use crate::materialize::tables::{path_of, remove_of, Table, TableError};
 
 /// Key of an upsert row: (account, con_id).
 pub type Key = (Sym, i64);
@@ -183,6 +183,10 @@ pub struct Staged<V> {
     deleted: Vec<Key>,
     touched: Vec<(u32, RoaringTreemap, Option<Add>)>,
     compacted: Vec<u32>,
+    /// What the plan was made on: each key's location (`None`: not in the table) and each
+    /// touched file's deletion vector. [`Upsert::still_applies`] compares them after a reload.
+    prior: Vec<(Key, Option<Loc>)>,
+    seen: Vec<(u32, Option<deltalake::kernel::DeletionVectorDescriptor>)>,
 }
 
 impl<V> Staged<V> {
@@ -194,6 +198,21 @@ impl<V> Staged<V> {
     /// Whether the commit changes data at all.
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
+    }
+
+    /// The files staging wrote (the new data file, the deletion-vector file): what
+    /// [`Table::discard`] deletes when the commit loses its race.
+    pub fn written(&self) -> Vec<deltalake::Path> {
+        let mut out: Vec<deltalake::Path> = self.new_file.iter().map(|(a, _)| path_of(a)).collect();
+        for (_, _, re_add) in &self.touched {
+            let dv = re_add.as_ref().and_then(|a| a.deletion_vector.as_ref());
+            if let Some(p) = dv.and_then(dv::file_path) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -312,12 +331,19 @@ impl<V: Clone> Upsert<V> {
 
     /// Forgets the keys whose live row is one of `rows` of file `id` (`None`: any row of it);
     /// returns how many. One pass over the entries: only after another member's commit.
-    fn forget_rows(&mut self, id: u32, rows: Option<&RoaringTreemap>) -> usize {
+    fn forget_rows(&mut self, files: &HashMap<u32, Option<RoaringTreemap>>) -> usize {
+        if files.is_empty() {
+            return 0;
+        }
         let gone: Vec<Key> = self
             .index
             .entries
             .iter()
-            .filter(|e| e.loc.file == id && rows.is_none_or(|r| r.contains(u64::from(e.loc.row))))
+            .filter(|e| {
+                files
+                    .get(&e.loc.file)
+                    .is_some_and(|rows| rows.as_ref().is_none_or(|r| r.contains(u64::from(e.loc.row))))
+            })
             .map(|e| e.key)
             .collect();
         for k in &gone {
@@ -345,6 +371,7 @@ impl<V: Clone> Upsert<V> {
         let store = t.delta.object_store();
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
+        let mut forget: HashMap<u32, Option<RoaringTreemap>> = HashMap::new();
         for f in t.files()? {
             let Some(&id) = self.ids.get(&f.add.path) else {
                 fresh.push(f);
@@ -361,7 +388,7 @@ impl<V: Clone> Upsert<V> {
             };
             let newly = &now - &known.deleted;
             if !newly.is_empty() {
-                out.gone += self.forget_rows(id, Some(&newly));
+                forget.insert(id, Some(newly));
             }
             let lf = self.files.get_mut(&id).expect("known file");
             lf.deleted = now;
@@ -371,8 +398,10 @@ impl<V: Clone> Upsert<V> {
         for id in dropped {
             let lf = self.files.remove(&id).expect("known file");
             self.ids.remove(&lf.add.path);
-            out.gone += self.forget_rows(id, None);
+            forget.insert(id, None);
         }
+        // One walk over the keys for all files, however many other writers touched.
+        out.gone += self.forget_rows(&forget);
         for f in fresh {
             let batch = t.read_physical(&f).await?;
             let deleted = match &f.add.deletion_vector {
@@ -434,8 +463,11 @@ impl<V: Clone> Upsert<V> {
             .flat_map(|(_, c)| c.iter().map(|(k, _)| k))
             .chain(deleted.iter());
         let mut bitmaps: HashMap<u32, RoaringTreemap> = HashMap::new();
+        let mut prior = Vec::new();
         for k in superseded {
-            if let Some(Entry { loc, .. }) = self.index.get(k) {
+            let entry = self.index.get(k);
+            prior.push((*k, entry.map(|e| e.loc)));
+            if let Some(Entry { loc, .. }) = entry {
                 bitmaps
                     .entry(loc.file)
                     .or_insert_with(|| self.files[&loc.file].deleted.clone())
@@ -458,6 +490,10 @@ impl<V: Clone> Upsert<V> {
         .map_err(dv_err(t))?;
         let mut vectors: HashMap<u32, _> = partial.into_iter().zip(vectors).collect();
         let mut touched = Vec::new();
+        let seen = ids
+            .iter()
+            .map(|id| (*id, self.files[id].add.deletion_vector.clone()))
+            .collect();
         for id in ids {
             let old = &self.files[&id].add;
             actions.push(Action::Remove(remove_of(old, true)));
@@ -480,7 +516,23 @@ impl<V: Clone> Upsert<V> {
             deleted,
             touched,
             compacted: vec![],
+            prior,
+            seen,
         })
+    }
+
+    /// Whether `s`, planned before this state took in other writers' commits, still applies
+    /// to the state now: no key of the plan was written or deleted by them, and every file it
+    /// touches has the deletion vector the plan saw (so its removes name the current file
+    /// versions and its vectors extend the current ones). Then committing the same actions
+    /// against the new snapshot is what planning again would commit: a rebase, not a conflict.
+    /// A compaction plan never applies again (it is skipped instead).
+    pub fn still_applies(&self, s: &Staged<V>) -> bool {
+        s.compacted.is_empty()
+            && s.prior.iter().all(|(k, loc)| self.index.get(k).map(|e| e.loc) == *loc)
+            && s.seen
+                .iter()
+                .all(|(id, dv)| self.files.get(id).is_some_and(|lf| lf.add.deletion_vector == *dv))
     }
 
     /// Remembers a committed plan.
@@ -644,6 +696,8 @@ impl<V: Clone> Upsert<V> {
             deleted: vec![],
             touched: vec![],
             compacted: victims,
+            prior: vec![],
+            seen: vec![],
         }))
     }
 }
@@ -728,6 +782,75 @@ pub(crate) mod tests {
             err.to_string().contains("conId 0") && err.to_string().contains("possync rebuild"),
             "{err}"
         );
+    }
+
+    /// Issue 23: a plan made before another writer's commit still applies when that commit
+    /// touched none of its keys or files (the same actions commit against the new snapshot: a
+    /// rebase, no re-plan), and never when it wrote one of the plan's keys or files.
+    #[tokio::test]
+    async fn a_plan_survives_a_disjoint_commit_and_not_an_overlapping_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let mut ta = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let mut tb = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let (mut a, mut b) = (Upsert::<QueueRow>::default(), Upsert::<QueueRow>::default());
+        // Keys 0..10 in one file, 10..20 in another.
+        put(&mut ta, &mut a, &(0..10).map(|k| (k, 1)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        put(&mut ta, &mut a, &(10..20).map(|k| (k, 1)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let op = || DeltaOperation::Update { predicate: None };
+        async fn sync(t: &mut Table, u: &mut Upsert<QueueRow>) {
+            t.refresh().await.unwrap();
+            u.sync(t).await.unwrap();
+        }
+        sync(&mut tb, &mut b).await;
+
+        // Disjoint: A plans keys 0..3 (first file), B commits keys 10..13 (second file).
+        let plan = staged(&ta, &a, &[(0, 2), (1, 2), (2, 2)]).await.unwrap();
+        put(&mut tb, &mut b, &[(10, 2), (11, 2), (12, 2)]).await.unwrap();
+        let lost = ta.commit(plan.actions.clone(), &[], op(), 0).await;
+        assert!(matches!(lost, Err(TableError::Conflict(_))), "B's commit came first");
+        sync(&mut ta, &mut a).await;
+        assert!(a.still_applies(&plan), "B touched none of the plan's keys or files");
+        ta.commit(plan.actions.clone(), &[], op(), 0).await.unwrap();
+        a.committed(plan);
+        let want: QueueState = (0..20)
+            .map(|k| {
+                (
+                    ("A".to_string(), k),
+                    row(if k < 3 || (10..13).contains(&k) { 2 } else { 1 }),
+                )
+            })
+            .collect();
+        assert_eq!(table_state(&ta).await, want, "one live row per key, both writes in");
+        assert_eq!(state_of(&a), want);
+
+        // B writes a key of the plan (and so its file): the plan is stale.
+        sync(&mut tb, &mut b).await;
+        let plan = staged(&ta, &a, &[(5, 3)]).await.unwrap();
+        put(&mut tb, &mut b, &[(5, 4)]).await.unwrap();
+        sync(&mut ta, &mut a).await;
+        assert!(!a.still_applies(&plan), "B wrote key 5");
+        ta.discard(plan.written()).await;
+
+        // B writes another key of a file the plan touches: its deletion vector moved on.
+        let plan = staged(&ta, &a, &[(6, 3)]).await.unwrap();
+        put(&mut tb, &mut b, &[(7, 4)]).await.unwrap();
+        sync(&mut ta, &mut a).await;
+        assert!(!a.still_applies(&plan), "B replaced the vector of key 6's file");
+        ta.discard(plan.written()).await;
+
+        // Both insert the same new key: neither's file is touched, the key is.
+        let plan = staged(&ta, &a, &[(50, 3)]).await.unwrap();
+        put(&mut tb, &mut b, &[(50, 4)]).await.unwrap();
+        sync(&mut ta, &mut a).await;
+        assert!(!a.still_applies(&plan), "B inserted key 50 first");
+        ta.discard(plan.written()).await;
+        let orphans = crate::materialize::maintain::orphans(&ta).await.unwrap();
+        assert!(orphans.is_empty(), "discarded plans leave nothing: {orphans:?}");
     }
 
     /// Two writers on one table: commits cost what they change (one new file plus deletion
