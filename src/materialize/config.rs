@@ -67,8 +67,10 @@ pub struct MaterializeArgs {
     /// Run table maintenance (compaction, vacuum with each table's retention, checkpoint: what
     /// `possync maintain` does with its defaults) this often inside the materializer, first one
     /// interval after start. Every flush adds a small file, so without it `position_events`
-    /// grows by a file per flush forever and so does every snapshot that lists them. `0s` = off
-    /// (e.g. when an external `possync maintain` is scheduled instead).
+    /// grows by a file per flush forever and so does every snapshot that lists them. Of a
+    /// consumer group, only the member holding partition 0 of the active topic runs it (another
+    /// takes over when it leaves). `0s` = off (e.g. when an external `possync maintain` is
+    /// scheduled instead).
     #[arg(long, env = "POSSYNC_MAINTAIN_EVERY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub maintain_every: Duration,
     /// Closed positions (position 0) whose last event is older than this leave

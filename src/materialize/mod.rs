@@ -447,6 +447,7 @@ impl Materializer {
         });
         self.turn
             .send_if_modified(|t| std::mem::replace(t, maintainer) != maintainer);
+        metrics::global().maintenance_turn.store(i64::from(maintainer), Relaxed);
     }
 
     /// Re-stamps the txn actions of the owned partitions not written for a restamp period (see
