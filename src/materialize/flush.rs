@@ -29,8 +29,8 @@ use super::deadletter::{self, DeadLetter};
 use super::expiry_guard::ExpiryGuard;
 use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, path_of, rewrite_operation, Table, TableError, TableKind};
-use super::upsert::core::{Key, Staged, Upsert};
-use super::upsert::{self, Current, Queue, RegistryState};
+use super::upsert::core::{Changes, Key, Staged, Upsert};
+use super::upsert::{self, Current, Hot, Queue, RegistryState, SpillValue, Spilled};
 use super::MaterializeError;
 use crate::kafka::Topics;
 
@@ -477,74 +477,61 @@ impl Pipeline {
 
     async fn commit_current(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::PositionsCurrent;
-        let mut rebases = 0;
-        for attempt in 0.. {
-            self.catch_up(kind).await?;
-            let (batches, txns) = self.unseen_all(kind, parts).await?;
-            if txns.is_empty() {
-                return Ok(());
-            }
-            let (rows, changed) =
-                upsert::current::changes(&mut self.current, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
-            let t = self.tables.get_mut(&kind).expect("every table is open");
-            let mut staged = self.current.rows.stage(t, rows, changed, vec![]).await?;
-            loop {
-                let t = self.tables.get_mut(&kind).expect("every table is open");
-                match commit_staged(t, &mut self.current.rows, staged, &txns, self.checkpoint_every).await {
-                    Ok(()) => {
-                        // Optional too: a failed rewrite keeps the old spill file in use.
-                        if let Err(e) = self.current.collect_garbage() {
-                            tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
-                        }
-                        return Ok(());
-                    }
-                    Err((TableError::Conflict(_), back)) => {
-                        self.reload(kind, &mut rebases).await?;
-                        if self.same_unseen(kind, parts, &batches, &txns).await?
-                            && self.current.rows.still_applies(&back)
-                        {
-                            rebased(kind);
-                            staged = back;
-                            continue;
-                        }
-                        self.table(kind).discard(back.written()).await;
-                        self.conflicted(kind, attempt)?;
-                        break;
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
-        }
-        unreachable!("the attempt loop returns")
+        self.commit_upsert(
+            kind,
+            parts,
+            |p| (p.tables.get_mut(&kind).expect("every table is open"), &mut p.current),
+            upsert::current::changes,
+        )
+        .await
     }
 
     async fn commit_queue(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
         let kind = TableKind::PositionQueue;
-        let mut rebases = 0;
+        self.commit_upsert(
+            kind,
+            parts,
+            |p| (p.tables.get_mut(&kind).expect("every table is open"), &mut p.queue),
+            upsert::queue_table::changes,
+        )
+        .await
+    }
+
+    /// Commits the rows of `parts` an upsert table lacks: caught up, planned (`changes` makes
+    /// the new rows and values), committed; after a lost race the same plan is committed again
+    /// when it still applies (a rebase), else it is discarded and planned again (a conflict).
+    async fn commit_upsert<T: SpillValue>(
+        &mut self,
+        kind: TableKind,
+        parts: &[&FrozenPartition],
+        table_and_state: impl Fn(&mut Self) -> (&mut Table, &mut Spilled<T>),
+        changes: fn(&mut Spilled<T>, &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError>,
+    ) -> Result<(), MaterializeError> {
+        let every = self.checkpoint_every;
+        let mut reloads = 0;
         for attempt in 0.. {
             self.catch_up(kind).await?;
             let (batches, txns) = self.unseen_all(kind, parts).await?;
             if txns.is_empty() {
                 return Ok(());
             }
-            let (rows, changed) =
-                upsert::queue_table::changes(&mut self.queue, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
-            let t = self.tables.get_mut(&kind).expect("every table is open");
-            let mut staged = self.queue.rows.stage(t, rows, changed, vec![]).await?;
+            let (t, state) = table_and_state(self);
+            let (rows, changed) = changes(state, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let mut staged = state.rows.stage(t, rows, changed, vec![]).await?;
             loop {
-                let t = self.tables.get_mut(&kind).expect("every table is open");
-                match commit_staged(t, &mut self.queue.rows, staged, &txns, self.checkpoint_every).await {
+                let (t, state) = table_and_state(self);
+                match commit_staged(t, &mut state.rows, staged, &txns, every).await {
                     Ok(()) => {
                         // Optional too: a failed rewrite keeps the old spill file in use.
-                        if let Err(e) = self.queue.collect_garbage() {
+                        if let Err(e) = state.collect_garbage() {
                             tracing::warn!(error = %e, "spill file garbage collection failed; the old file stays in use (is the --state-dir disk full?)");
                         }
                         return Ok(());
                     }
                     Err((TableError::Conflict(_), back)) => {
-                        self.reload(kind, &mut rebases).await?;
-                        if self.same_unseen(kind, parts, &batches, &txns).await? && self.queue.rows.still_applies(&back)
-                        {
+                        self.reload(kind, &mut reloads).await?;
+                        let applies = table_and_state(self).1.rows.still_applies(&back);
+                        if applies && self.same_unseen(kind, parts, &batches, &txns).await? {
                             rebased(kind);
                             staged = back;
                             continue;

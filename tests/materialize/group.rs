@@ -95,22 +95,27 @@ fn frozen(
     Ok(b.freeze()?)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::Result<()> {
-    let env = Env::start(3)?;
-    let t = env.kafka.topics.clone();
-    // Messages with coordinates, 3 partitions per topic, partitioned by con_id like a key hash.
-    let mut gen = Gen::new(23, &t, 60);
+/// `n` messages (positions, every 40th a registry event and a poison message) with the
+/// coordinates they would get, `partitions` per topic, partitioned by key like a key hash; and
+/// each partition's next offset.
+#[allow(clippy::type_complexity)]
+fn messages(
+    t: &possync::kafka::Topics,
+    seed: u64,
+    n: usize,
+    partitions: u32,
+) -> (Vec<(Produced, Outgoing)>, BTreeMap<(String, i32), i64>) {
+    let mut gen = Gen::new(seed, t, 60);
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     let mut msgs = Vec::new();
-    for i in 0..900 {
+    for i in 0..n {
         let o = match i % 40 {
             0 => gen.registry(),
             17 => gen.poison(i / 40),
             _ => gen.position(),
         };
         let key = o.key.clone().unwrap_or_default();
-        let partition = (key.iter().map(|b| *b as u32).sum::<u32>() % 3) as i32;
+        let partition = (key.iter().map(|b| *b as u32).sum::<u32>() % partitions) as i32;
         let slot = next.entry((o.topic.clone(), partition)).or_default();
         let offset = *slot;
         *slot += 1;
@@ -122,6 +127,14 @@ async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::R
         };
         msgs.push((p, o));
     }
+    (msgs, next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::Result<()> {
+    let env = Env::start(3)?;
+    let t = env.kafka.topics.clone();
+    let (msgs, next) = messages(&t, 23, 900, 3);
     let end = |p: &Produced| next[&(p.topic.clone(), p.partition)];
 
     // Both writers load every table at the same version before either commits.
@@ -169,28 +182,7 @@ async fn no_orphans(base: &str) -> anyhow::Result<()> {
 async fn writers_on_disjoint_partitions_meet_no_conflict() -> anyhow::Result<()> {
     let env = Env::start(2)?;
     let t = env.kafka.topics.clone();
-    let mut gen = Gen::new(29, &t, 60);
-    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    let mut msgs = Vec::new();
-    for i in 0..600 {
-        let o = match i % 40 {
-            0 => gen.registry(),
-            17 => gen.poison(i / 40),
-            _ => gen.position(),
-        };
-        let key = o.key.clone().unwrap_or_default();
-        let partition = (key.iter().map(|b| *b as u32).sum::<u32>() % 2) as i32;
-        let slot = next.entry((o.topic.clone(), partition)).or_default();
-        let offset = *slot;
-        *slot += 1;
-        let p = Produced {
-            topic: o.topic.clone(),
-            partition,
-            offset,
-            payload: o.payload.clone(),
-        };
-        msgs.push((p, o));
-    }
+    let (msgs, _) = messages(&t, 29, 600, 2);
     let ns = TWO_WRITERS.to_string();
     let (base, state_dir) = (&env.base, std::env::temp_dir());
     let open = || Pipeline::open(base, ns.clone(), t.clone(), 10, env.producer_config(), &state_dir);
