@@ -41,6 +41,7 @@ pub use super::catalog::{
 use super::offsets::TxnMap;
 
 mod read;
+pub use read::FileRef;
 
 /// Retries delta-rs may make for a commit that only appends (see the module doc): each one
 /// follows a concurrent commit its conflict checker let through.
@@ -53,7 +54,6 @@ static REBASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 pub fn rebased() -> u64 {
     REBASED.load(std::sync::atomic::Ordering::Relaxed)
 }
-pub use read::FileRef;
 
 /// Errors of table access.
 #[derive(Debug, thiserror::Error)]
