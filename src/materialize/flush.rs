@@ -34,6 +34,10 @@ use super::upsert::{self, Current, Hot, Queue, RegistryState, SpillValue, Spille
 use super::MaterializeError;
 use crate::kafka::Topics;
 
+/// How an upsert table turns a flush's rows into its new rows and values (`current::changes`,
+/// `queue_table::changes`).
+type ChangesOf<T> = fn(&mut Spilled<T>, &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError>;
+
 /// Attempts per table and flush before giving up (each attempt follows a concurrent commit).
 const MAX_ATTEMPTS: usize = 100;
 
@@ -505,7 +509,7 @@ impl Pipeline {
         kind: TableKind,
         parts: &[&FrozenPartition],
         table_and_state: impl Fn(&mut Self) -> (&mut Table, &mut Spilled<T>),
-        changes: fn(&mut Spilled<T>, &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError>,
+        changes: ChangesOf<T>,
     ) -> Result<(), MaterializeError> {
         let every = self.checkpoint_every;
         let mut reloads = 0;

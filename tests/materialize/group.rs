@@ -245,12 +245,20 @@ async fn one_member_maintains_and_another_takes_over() -> anyhow::Result<()> {
     )
     .await?;
     let (holder, other) = if pa.borrow().maintainer { (&pa, &pb) } else { (&pb, &pa) };
-    let (held, others) = (holder.borrow().maintained, other.borrow().maintained);
-    wait_for("two passes by the turn holder", Duration::from_secs(60), || {
-        let n = holder.borrow().maintained;
-        async move { Ok(n >= held + 2) }
-    })
-    .await?;
+    let passes_of_holder = |at_least: u64| {
+        wait_for("passes by the turn holder", Duration::from_secs(60), move || {
+            let n = holder.borrow().maintained;
+            async move { Ok(n >= at_least) }
+        })
+    };
+    // Two passes first: a pass the other member began before the assignment settled (when it
+    // may have held partition 0 alone) has ended by then. From here on it must run none.
+    // (A `watch::Ref` must not live across an await: it blocks the member's progress updates.)
+    let n = holder.borrow().maintained;
+    passes_of_holder(n + 2).await?;
+    let others = other.borrow().maintained;
+    let n = holder.borrow().maintained;
+    passes_of_holder(n + 2).await?;
     anyhow::ensure!(
         other.borrow().maintained == others && !other.borrow().maintainer,
         "the member without the turn maintained too: {:?}",
