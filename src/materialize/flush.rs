@@ -283,6 +283,11 @@ impl Pipeline {
 
     async fn retry(&mut self, kind: TableKind, attempt: usize) -> Result<(), MaterializeError> {
         self.conflicted(kind, attempt)?;
+        self.reload_state(kind).await
+    }
+
+    /// Reloads the table and, for an upsert table, its rows.
+    async fn reload_state(&mut self, kind: TableKind) -> Result<(), MaterializeError> {
         self.table(kind).refresh().await?;
         if !kind.append_only() {
             self.absorb(kind).await?;
@@ -333,8 +338,7 @@ impl Pipeline {
                 attempts: MAX_ATTEMPTS,
             });
         }
-        self.table(kind).refresh().await?;
-        self.absorb(kind).await
+        self.reload_state(kind).await
     }
 
     async fn commit_dead_letters(&mut self, parts: &[FrozenPartition]) -> Result<(), MaterializeError> {

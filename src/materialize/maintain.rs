@@ -270,8 +270,8 @@ async fn vectors_removed_since(t: &Table, cutoff_ms: i64) -> Result<HashSet<Stri
     Ok(keep)
 }
 
-/// Runs [`run`] every `period` (first pass one period from now) while `turn` is true, until
-/// `shutdown` is cancelled; `done` is called after each good pass.
+/// Runs [`run`] every `period` (first pass one period from now) when `my_turn()` says so,
+/// until `shutdown` is cancelled; `done` is called after each good pass.
 ///
 /// Of a consumer group, one member holds the turn: the one Kafka's group assignment gave
 /// partition 0 of the active topic. No protocol of our own elects it, and when that member
@@ -288,7 +288,7 @@ pub async fn every(
     cfg: MaintainConfig,
     period: Duration,
     shutdown: CancellationToken,
-    turn: tokio::sync::watch::Receiver<bool>,
+    my_turn: impl Fn() -> bool + Send + 'static,
     done: impl Fn() + Send + 'static,
 ) {
     let mut tick = interval_at(Instant::now() + period, period);
@@ -300,7 +300,7 @@ pub async fn every(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if !*turn.borrow() {
+        if !my_turn() {
             tracing::debug!("scheduled maintenance skipped: another member of the group holds the turn");
             continue;
         }

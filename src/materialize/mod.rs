@@ -205,16 +205,17 @@ pub async fn run_with_progress(
         };
         (mcfg, period)
     });
-    let (turn, turn_rx) = watch::channel(false);
     let passes = progress.clone();
-    let mut m = Materializer::open(cfg, kafka, ns, progress, turn).await?;
+    let assignment = progress.subscribe();
+    let mut m = Materializer::open(cfg, kafka, ns, progress).await?;
     // Maintenance lives exactly as long as this materializer: a child token stops it on
     // shutdown and also when the consume loop fails. Of a group, only the member whose turn it
     // is (Kafka's assignment decides) runs it.
     let stop = shutdown.child_token();
     let maintainer = maintenance.map(|(mcfg, period)| {
+        let my_turn = move || assignment.borrow().maintainer;
         let done = move || passes.send_modify(|p| p.maintained += 1);
-        tokio::spawn(maintain::every(mcfg, period, stop.clone(), turn_rx, done))
+        tokio::spawn(maintain::every(mcfg, period, stop.clone(), my_turn, done))
     });
     let result = m.run(&shutdown).await;
     stop.cancel();
@@ -237,8 +238,6 @@ struct Materializer {
     cursors: HashMap<(Role, i32), Cursor>,
     roles: [(String, Role); 4],
     progress: watch::Sender<Progress>,
-    /// Whether this member holds the maintenance turn (see [`maintain::every`]).
-    turn: watch::Sender<bool>,
     lag: LagWatch,
 }
 
@@ -248,7 +247,6 @@ impl Materializer {
         kafka: KafkaConfig,
         ns: String,
         progress: watch::Sender<Progress>,
-        turn: watch::Sender<bool>,
     ) -> Result<Self, MaterializeError> {
         let t = kafka.topics.clone();
         // The dead-letter topic copy is best effort (the table is the record): give up on a
@@ -332,7 +330,6 @@ impl Materializer {
             cursors: HashMap::new(),
             roles,
             progress,
-            turn,
             lag: LagWatch::default(),
         })
     }
@@ -445,8 +442,6 @@ impl Materializer {
             p.assigned = assigned;
             p.maintainer = maintainer;
         });
-        self.turn
-            .send_if_modified(|t| std::mem::replace(t, maintainer) != maintainer);
         metrics::global().maintenance_turn.store(i64::from(maintainer), Relaxed);
     }
 

@@ -333,7 +333,15 @@ impl Table {
     /// # Errors
     /// Storage errors.
     pub async fn refresh(&mut self) -> Result<bool, TableError> {
-        self.refresh_inner().await
+        let before = self.version();
+        self.delta.update_incremental(None).await.map_err(self.err())?;
+        let after = self.version();
+        if after == before {
+            return Ok(false);
+        }
+        self.txn.advance(&self.delta, after).await.map_err(self.err())?;
+        self.export_version();
+        Ok(true)
     }
 
     /// Whether a commit exists after our snapshot: one read of the next version's log entry
@@ -359,22 +367,10 @@ impl Table {
     /// Storage errors.
     pub async fn catch_up(&mut self) -> Result<bool, TableError> {
         if self.behind().await? {
-            self.refresh_inner().await
+            self.refresh().await
         } else {
             Ok(false)
         }
-    }
-
-    async fn refresh_inner(&mut self) -> Result<bool, TableError> {
-        let before = self.version();
-        self.delta.update_incremental(None).await.map_err(self.err())?;
-        let after = self.version();
-        if after == before {
-            return Ok(false);
-        }
-        self.txn.advance(&self.delta, after).await.map_err(self.err())?;
-        self.export_version();
-        Ok(true)
     }
 
     /// The value of table property `key` as of the loaded snapshot (`None`: not set).

@@ -19,7 +19,8 @@
 //! snapshot by reading only what changed: new files, and new vectors of known files.
 //!
 //! Invariant (kept because every commit is made against the latest snapshot, `max_retries =
-//! 0`, and re-planned after a conflict): a key has at most one live row in the table.
+//! 0`, and after a conflict either re-planned or, when [`Upsert::still_applies`], committed
+//! unchanged): a key has at most one live row in the table.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -329,8 +330,9 @@ impl<V: Clone> Upsert<V> {
         self.index.entries.iter().map(|e| (&e.key, &e.value))
     }
 
-    /// Forgets the keys whose live row is one of `rows` of file `id` (`None`: any row of it);
-    /// returns how many. One pass over the entries: only after another member's commit.
+    /// Forgets the keys whose live row is in `files` (file id → its rows; `None`: any row of
+    /// the file); returns how many. One pass over the entries: only after another member's
+    /// commit.
     fn forget_rows(&mut self, files: &HashMap<u32, Option<RoaringTreemap>>) -> usize {
         if files.is_empty() {
             return 0;
