@@ -98,7 +98,7 @@ pub enum BenchCommand {
     Queue(crate::queue_worker::bench::BenchQueueArgs),
     /// Start-up of ingest and the queue worker with weeks of history on a real Kafka cluster:
     /// from the Delta snapshot (`--table-uri`) vs a full replay of the topics.
-    Startup(crate::snapshot::bench::BenchStartupArgs),
+    Startup(crate::scale::startup::BenchStartupArgs),
     /// Desk size in one go: the materializer at 10k/100k/1M keys, the queue at 10k contracts
     /// over 20 accounts, and (with `--startup-brokers`) start-up with 10M events of history;
     /// prints one table of figures.
@@ -385,7 +385,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         Command::Bench {
             which: BenchCommand::Startup(args),
         } => {
-            println!("{}", crate::snapshot::bench::run(args).await?);
+            println!("{}", crate::scale::startup::run(args).await?);
         }
         Command::Bench {
             which: BenchCommand::Scale(args),

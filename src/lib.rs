@@ -9,6 +9,8 @@
 //! - [`cli`]: flags and subcommands (`possync --help`), signal handling.
 //! - [`schema`]: the Avro schemas of `schemas/`, embedded at build time.
 //! - [`schema_registry`]: `--schema-registry-url`, ids from a Confluent-compatible registry.
+//! - [`book`]: the position book (position keys, contracts, held positions) and how an IB
+//!   position becomes a `PositionEvent`.
 //! - [`events`]: `PositionEvent` / `RegistryEvent`, keys, Confluent wire encoding.
 //! - [`executions`]: `ExecutionEvent` (a fill with its commission) and the commission join.
 //! - [`kafka`]: broker flags, topics, producer/consumer settings, embedded broker.
@@ -30,6 +32,7 @@
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
 
+pub mod book;
 pub mod cli;
 pub mod events;
 pub mod executions;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ibapi::accounts::Position;
 use ibapi::Client;
 
-use super::book::{self, Book, Held, PosKey};
+use crate::book::{self, Book, Held, PosKey};
 use super::publisher::{Failure, Publisher};
 use super::reconcile::{reconcile, Change};
 use super::router::{self, Candidate, Plan};
@@ -549,7 +549,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::book::{ContractInfo, Pnl};
+    use crate::book::{ContractInfo, Pnl};
     use crate::kafka::KafkaConfig;
 
     fn engine(book: Book, active: BTreeSet<PosKey>) -> Engine {

@@ -30,7 +30,7 @@
 //! wire) is in [`lease`]'s doc. `--no-lease` runs without it. An [`Ingest`] built directly is
 //! one unfenced run (benchmarks, tests of ingest alone).
 //!
-//! Files: [`config`] (flags), [`lease`] (the ingest lease), [`backoff`] (reconnect delays), [`book`] (position state → events), [`router`] (pure slot
+//! Files: [`config`] (flags), [`lease`] (the ingest lease), [`backoff`] (reconnect delays), [`router`] (pure slot
 //! allocation), [`reconcile`] (pure diff), [`slots`] (PnL stream lifecycle), [`publisher`]
 //! (bounded, acknowledged Kafka producer), [`fills`] (executions and commissions), `engine`
 //! (the state machine), `session` (IB
@@ -41,7 +41,6 @@
 pub mod backoff;
 pub mod bench;
 pub mod bench_exec;
-pub mod book;
 pub mod config;
 mod engine;
 pub mod fills;

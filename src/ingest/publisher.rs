@@ -42,7 +42,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::book::PosKey;
+use crate::book::PosKey;
 use crate::events::{EventError, PositionEvent, Route};
 use crate::kafka::{KafkaConfig, KafkaError, Topics};
 use crate::metrics;

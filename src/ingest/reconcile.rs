@@ -9,7 +9,7 @@
 //! - open (or dirty) in `before` and absent from `after` → a RECONCILE event with quantity 0;
 //! - unchanged → nothing.
 
-use super::book::{Book, Held, PosKey};
+use crate::book::{Book, Held, PosKey};
 
 /// One event reconciliation calls for.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +55,7 @@ fn key_of(c: &Change) -> &PosKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::book::ContractInfo;
+    use crate::book::ContractInfo;
 
     fn held(position: f64, avg: f64) -> Held {
         Held {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rdkafka::Message;
 
-use super::book::{Book, ContractInfo, Held, PosKey};
+use crate::book::{Book, ContractInfo, Held, PosKey};
 use super::IngestError;
 use crate::events::{PositionEvent, Route};
 use crate::kafka::KafkaConfig;

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::book::PosKey;
+use crate::book::PosKey;
 use crate::events::Route;
 
 /// A covered, open position competing for a slot.

@@ -33,7 +33,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::book::{Book, Held, PosKey};
+use crate::book::{Book, Held, PosKey};
 use super::engine::Engine;
 use super::{IngestConfig, IngestError};
 use crate::events::RegistryEvent;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::book::{Pnl, PosKey};
+use crate::book::{Pnl, PosKey};
 use crate::metrics;
 
 /// What a stream task reports.

@@ -34,7 +34,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{PositionEvent, Route, Source};
-use crate::ingest::book::{ContractInfo, PosKey};
+use crate::book::{ContractInfo, PosKey};
 use crate::ingest::{PublishError, Publisher};
 use crate::kafka::{KafkaArgs, KafkaConfig};
 use crate::metrics;
@@ -519,15 +519,15 @@ mod tests {
     use crate::events::now_micros;
 
     fn queued_item(q: &mut QueueState, ingest_time: i64) -> (PosKey, Item) {
-        let held = crate::ingest::book::Held {
-            contract: crate::ingest::book::ContractInfo::default(),
+        let held = crate::book::Held {
+            contract: crate::book::ContractInfo::default(),
             position: -6.0,
             avg_cost: 1.0,
             pnl: None,
             dirty: false,
         };
         let key = PosKey::new("DU1", 7);
-        q.apply(crate::ingest::book::event(
+        q.apply(crate::book::event(
             &key,
             &held,
             Route::Queued,

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::events::{PositionEvent, Route, Source};
-use crate::ingest::book::PosKey;
+use crate::book::PosKey;
 
 /// Where an item stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

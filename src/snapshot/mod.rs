@@ -16,10 +16,9 @@
 //!   the state is what the table holds;
 //! - no table yet (before the materializer's first start) means the old full replay.
 //!
-//! Files: [`rows`] (table rows back to events and queue items), [`bench`] (`possync bench
-//! startup`).
+//! Files: [`rows`] (table rows back to events and queue items). `possync bench startup`
+//! measures it ([`crate::scale::startup`]).
 
-pub mod bench;
 pub mod rows;
 
 use std::collections::HashMap;

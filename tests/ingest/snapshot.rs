@@ -322,7 +322,7 @@ async fn a_position_whose_history_left_retention_still_gets_its_reconcile_close(
         resumed.book.len() == truth.positions.len(),
         "the table holds the whole book"
     );
-    let y_key = possync::ingest::book::PosKey::new(y.account.clone(), i64::from(y.contract.con_id));
+    let y_key = possync::book::PosKey::new(y.account.clone(), i64::from(y.contract.con_id));
     ensure!(resumed.book.contains_key(&y_key), "Y's close was never materialized");
     // Exactly Y's lost close among the events is reported. (Ingest publishes in transactions,
     // issue 19: a transaction's commit marker takes an offset too, so a reported range may also

@@ -13,6 +13,10 @@
 //!
 //! The queue run goes first (its RSS is this process's peak). Each run prints its own report as
 //! it finishes; the summary table comes last.
+//!
+//! Files: [`startup`] (`possync bench startup`: start-up from the snapshot against full replay).
+
+pub mod startup;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -20,7 +24,7 @@ use std::time::Duration;
 use crate::kafka::KafkaArgs;
 use crate::materialize::bench::{process_mem_mib, BenchMaterializeArgs};
 use crate::queue_worker::bench::BenchQueueArgs;
-use crate::snapshot::bench::BenchStartupArgs;
+use startup::BenchStartupArgs;
 
 /// Flags of `possync bench scale`.
 #[derive(clap::Args, Debug, Clone)]
@@ -156,7 +160,7 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
                 keep: false,
             };
             eprintln!("== bench startup, {} events of history ==", args.startup_events);
-            let r = crate::snapshot::bench::run(s)
+            let r = crate::scale::startup::run(s)
                 .await
                 .map_err(|e| failed("startup")(e.to_string()))?;
             println!("{r}");

@@ -24,7 +24,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-use super::SnapshotConfig;
+use crate::snapshot::SnapshotConfig;
 use crate::events::{new_id, now_micros, PositionEvent, Route, Source};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError, Topics};
