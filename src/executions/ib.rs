@@ -5,8 +5,8 @@ use ibapi::orders::{CommissionReport, ExecutionData, ExecutionSide};
 
 use super::event::{realized_pnl, split_exec_id, ExecSource, ExecutionEvent, Side};
 use super::join::Commission;
-use crate::events::now_micros;
 use crate::book::ContractInfo;
+use crate::events::now_micros;
 
 /// The event of one `execDetails` report (no commission yet: the join adds it). `exec_time` is
 /// IB's execution time when it is given in UTC (`yyyymmdd hh:mm:ss`, optionally followed by

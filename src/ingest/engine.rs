@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use ibapi::accounts::Position;
 use ibapi::Client;
 
-use crate::book::{self, Book, Held, PosKey};
 use super::publisher::{Failure, Publisher};
 use super::reconcile::{reconcile, Change};
 use super::router::{self, Candidate, Plan};
 use super::slots::{SlotEvent, Slots};
 use super::IngestError;
+use crate::book::{self, Book, Held, PosKey};
 use crate::events::{now_micros, RegistryEvent, Route, Source};
 use crate::metrics;
 use crate::registry::{Coverage, Registry};

@@ -40,7 +40,6 @@
 
 pub mod backoff;
 pub mod bench;
-pub mod bench_exec;
 pub mod config;
 mod engine;
 pub mod fills;

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use rdkafka::Message;
 
-use crate::book::{Book, ContractInfo, Held, PosKey};
 use super::IngestError;
+use crate::book::{Book, ContractInfo, Held, PosKey};
 use crate::events::{PositionEvent, Route};
 use crate::kafka::KafkaConfig;
 use crate::materialize::TableKind;

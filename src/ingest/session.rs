@@ -33,9 +33,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use crate::book::{Book, Held, PosKey};
 use super::engine::Engine;
 use super::{IngestConfig, IngestError};
+use crate::book::{Book, Held, PosKey};
 use crate::events::RegistryEvent;
 use crate::executions::ExecSource;
 

@@ -35,7 +35,6 @@
 //! unreachable endpoint is a one-line error naming the setting ([`storage`]).
 
 pub mod bench;
-pub mod bench_exec;
 pub mod buffer;
 pub mod catalog;
 pub mod config;

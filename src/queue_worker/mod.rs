@@ -33,8 +33,8 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{PositionEvent, Route, Source};
 use crate::book::{ContractInfo, PosKey};
+use crate::events::{PositionEvent, Route, Source};
 use crate::ingest::{PublishError, Publisher};
 use crate::kafka::{KafkaArgs, KafkaConfig};
 use crate::metrics;

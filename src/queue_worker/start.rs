@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::state::{Item, QueueState, Status};
 use super::QueueWorkerError;
-use crate::events::{PositionEvent, Route, Source};
 use crate::book::{self, ContractInfo, Held};
+use crate::events::{PositionEvent, Route, Source};
 use crate::kafka::KafkaConfig;
 use crate::materialize::TableKind;
 use crate::registry::{RegistryError, TopicReplay};

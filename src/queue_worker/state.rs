@@ -23,8 +23,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::events::{PositionEvent, Route, Source};
 use crate::book::PosKey;
+use crate::events::{PositionEvent, Route, Source};
 
 /// Where an item stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

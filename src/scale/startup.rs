@@ -24,11 +24,11 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::snapshot::SnapshotConfig;
 use crate::events::{new_id, now_micros, PositionEvent, Route, Source};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError, Topics};
 use crate::queue_worker;
+use crate::snapshot::SnapshotConfig;
 
 /// Flags of `possync bench startup`.
 #[derive(clap::Args, Debug, Clone)]

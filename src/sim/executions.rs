@@ -23,8 +23,8 @@ use tokio::sync::broadcast;
 use super::catalog::round2;
 use super::config::SimConfig;
 use super::error::SimError;
+use super::frames::{contract, error_frame, VALIDATION};
 use super::proto;
-use super::session::{contract, error_frame, VALIDATION};
 use super::truth::{base_exec_id, SimContract, TruthCommission, TruthExecution};
 use super::wire::{self, incoming};
 

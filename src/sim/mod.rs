@@ -61,6 +61,7 @@ mod catalog;
 mod config;
 mod error;
 mod executions;
+mod frames;
 mod proto;
 mod server;
 mod session;

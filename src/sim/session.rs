@@ -25,9 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::executions;
+use super::frames::{
+    error_frame, notice_text, position_frame, position_multi_frame, CLIENT_ID_IN_USE, MAX_TICKERS, PACING,
+    RESTORED_DATA_LOST, VALIDATION,
+};
 use super::proto;
 use super::state::{lock, Shared};
-use super::truth::{SimContract, TruthExecution};
+use super::truth::TruthExecution;
 use super::wire::{self, incoming, outgoing, Frame, WireError};
 use super::world::PositionChange;
 
@@ -35,16 +39,6 @@ use super::world::PositionChange;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames buffered between the socket reader and the session loop.
 const INBOUND_CAPACITY: usize = 1024;
-/// IB's code for "client id already in use".
-pub const CLIENT_ID_IN_USE: i32 = 326;
-/// IB's code for "max number of tickers reached".
-pub const MAX_TICKERS: i32 = 101;
-/// IB's code for "max rate of messages per second exceeded".
-pub const PACING: i32 = 100;
-/// IB's code for "error validating request".
-pub const VALIDATION: i32 = 321;
-/// IB's code for "connectivity restored, data lost".
-pub const RESTORED_DATA_LOST: i32 = 1101;
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -540,74 +534,4 @@ fn request_id(frame: &Frame) -> i32 {
         .ok()
         .and_then(|e| e.id)
         .unwrap_or(-1)
-}
-
-/// An `Error` frame for request `id` (-1 for none).
-pub fn error_frame(id: i32, code: i32, text: &str) -> Vec<u8> {
-    let message = proto::ErrorMessage {
-        id: Some(id),
-        error_time: Some(chrono::Utc::now().timestamp_millis()),
-        error_code: Some(code),
-        error_msg: Some(text.to_string()),
-        advanced_order_reject_json: None,
-    };
-    wire::encode(incoming::ERROR, &message)
-}
-
-/// IB's wording for the notices the simulator sends.
-fn notice_text(code: i32) -> &'static str {
-    match code {
-        1100 => "Connectivity between IB and Trader Workstation has been lost.",
-        1101 => "Connectivity between IB and Trader Workstation has been restored - data lost.",
-        1102 => "Connectivity between IB and Trader Workstation has been restored - data maintained.",
-        1300 => {
-            "TWS socket port has been reset and this connection is being dropped. Please reconnect on the new port."
-        }
-        2104 => "Market data farm connection is OK:usfarm",
-        2103 => "Market data farm connection is broken:usfarm",
-        _ => "possync sim notice",
-    }
-}
-
-/// The protobuf contract IB sends for `c`.
-pub fn contract(c: &SimContract) -> proto::Contract {
-    let option = c.is_option();
-    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    proto::Contract {
-        con_id: Some(c.con_id),
-        symbol: Some(c.symbol.clone()),
-        sec_type: Some(c.sec_type.clone()),
-        last_trade_date_or_contract_month: text(&c.expiry),
-        strike: option.then_some(c.strike),
-        right: text(&c.right),
-        multiplier: option.then_some(c.multiplier),
-        exchange: Some(c.exchange.clone()),
-        primary_exch: text(&c.primary_exchange),
-        currency: Some(c.currency.clone()),
-        local_symbol: Some(c.local_symbol.clone()),
-        trading_class: Some(c.trading_class.clone()),
-        last_trade_date: text(&c.expiry),
-    }
-}
-
-fn position_frame(account: &str, c: &SimContract, quantity: f64, avg_cost: f64) -> Vec<u8> {
-    let message = proto::Position {
-        account: Some(account.to_string()),
-        contract: Some(contract(c)),
-        position: Some(wire::decimal(quantity)),
-        avg_cost: Some(avg_cost),
-    };
-    wire::encode(incoming::POSITION, &message)
-}
-
-fn position_multi_frame(req_id: i32, account: &str, c: &SimContract, quantity: f64, avg_cost: f64) -> Vec<u8> {
-    let message = proto::PositionMulti {
-        req_id: Some(req_id),
-        account: Some(account.to_string()),
-        contract: Some(contract(c)),
-        position: Some(wire::decimal(quantity)),
-        avg_cost: Some(avg_cost),
-        model_code: None,
-    };
-    wire::encode(incoming::POSITION_MULTI, &message)
 }

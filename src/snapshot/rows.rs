@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use deltalake::arrow::array::RecordBatch;
 
-use crate::events::{PositionEvent, Route, Source};
 use crate::book::PosKey;
+use crate::events::{PositionEvent, Route, Source};
 use crate::ops::Row;
 
 /// A row whose route or source this build does not know (another build wrote the table).

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 
-use super::offsets::app_id;
-use super::tables::{Table, TableKind};
-use super::MaterializeError;
 use crate::events::{new_id, now_micros};
 use crate::executions::{ExecSource, ExecutionEvent, Side};
 use crate::kafka::KafkaConfig;
+use crate::materialize::offsets::app_id;
+use crate::materialize::tables::{Table, TableKind};
+use crate::materialize::MaterializeError;
 
 /// Accounts the synthetic fills are spread over (a desk's).
 const ACCOUNTS: u64 = 20;
@@ -103,7 +103,7 @@ pub async fn run(
 ) -> Result<ExecPhase, MaterializeError> {
     let topic = &kafka.topics.executions;
     let session = new_id();
-    let cpu0 = super::bench::group_cpu_seconds(pids);
+    let cpu0 = super::group_cpu_seconds(pids);
     let started = Instant::now();
     let mut bytes = 0u64;
     let mut pending = Vec::new();
@@ -111,7 +111,7 @@ pub async fn run(
         let e = synthetic_execution(i, i % keys.max(1), &session);
         let v = e.encode().map_err(|e| MaterializeError::Task(e.to_string()))?;
         bytes += v.len() as u64;
-        pending.push(super::bench::send(producer, topic, e.key(), v));
+        pending.push(super::send(producer, topic, e.key(), v));
         if pending.len() >= 20_000 {
             for r in futures::future::join_all(pending.drain(..)).await {
                 r?;
@@ -145,7 +145,7 @@ pub async fn run(
     Ok(ExecPhase {
         executions: n,
         wall_s: started.elapsed().as_secs_f64(),
-        cpu_s: super::bench::group_cpu_seconds(pids) - cpu0,
+        cpu_s: super::group_cpu_seconds(pids) - cpu0,
         bytes,
     })
 }

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use super::bench::{cpu_seconds, published, wait_count, BenchError};
+use super::{cpu_seconds, published, wait_count, BenchError};
 use crate::metrics;
 use crate::sim::{SimError, SimHandle};
 

@@ -8,7 +8,7 @@
 //! `--latency-rate` per second for `--latency-for` and reports the active route's latency from
 //! the IB frame (the moment `ibapi` hands the update to ingest) to the broker's acknowledgement.
 //! Phase 3 drops the IB connection and times the resync of the book. Then (unless
-//! `--executions 0`) the executions phases of [`super::bench_exec`]: a desk's day of fills live,
+//! `--executions 0`) the executions phases of [`exec`]: a desk's day of fills live,
 //! and as many made while ingest is disconnected, which the day's list brings at the next
 //! connect.
 //!
@@ -16,6 +16,8 @@
 //! 1 and 2 therefore change positions without a fill (`set_position`, as an expiry or a
 //! transfer would): they measure position events alone, and the executions phases what a fill
 //! (an execution and a position change) costs beside them.
+
+pub mod exec;
 
 use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -115,7 +117,7 @@ pub struct BenchIngestReport {
     pub p99_us: u32,
     pub max_us: u32,
     /// The executions phases (`fills` 0 when skipped).
-    pub exec: super::bench_exec::ExecFigures,
+    pub exec: exec::ExecFigures,
 }
 
 impl fmt::Display for BenchIngestReport {
@@ -430,7 +432,7 @@ pub async fn run(args: BenchIngestArgs) -> Result<BenchIngestReport, BenchError>
         .iter()
         .map(|(account, con_id, quantity, _)| (account.clone(), *con_id, quantity.signum()))
         .collect();
-    report.exec = super::bench_exec::run(&sim, &targets, args.executions, args.window, &stats.reconnects).await?;
+    report.exec = exec::run(&sim, &targets, args.executions, args.window, &stats.reconnects).await?;
     report.rss_peak_mib = crate::materialize::bench::process_mem_mib(std::process::id(), "VmHWM:").unwrap_or_default();
     shutdown.cancel();
     match task.await {

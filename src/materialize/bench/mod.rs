@@ -12,6 +12,8 @@
 //!    an event is visible at the timestamp of the first `position_events` commit whose txn
 //!    version for its partition reaches its offset.
 
+pub mod exec;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,7 +89,7 @@ pub struct BenchReport {
     pub rss_peak_mib: f64,
     pub rss_end_mib: f64,
     /// The executions phase (`--executions`).
-    pub executions: Option<super::bench_exec::ExecPhase>,
+    pub executions: Option<exec::ExecPhase>,
     /// Materializers in the group (`--members`).
     pub members: u32,
     /// Delta commits of the group and the conflicts among them (a conflict is a commit
@@ -536,7 +538,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     if args.executions > 0 {
         eprintln!("executions phase: {} fills at once ...", args.executions);
         report.executions = Some(
-            super::bench_exec::run(
+            exec::run(
                 &kafka,
                 &producer,
                 kafka.topics.partitions_of(&kafka.topics.executions, partitions),
