@@ -4,7 +4,7 @@
 //! each knob. This module only maps parsed flags to plain config structs and calls the
 //! library; the work happens in the subcommand's own module.
 
-use crate::materialize::storage::Access;
+use crate::delta::storage::Access;
 use crate::metrics::Readiness;
 use crate::topics::{require, Process};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -360,8 +360,8 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::Rebuild(args) => {
             for (uri, access) in [(&args.from, Access::Read), (&args.to, Access::Write)] {
-                let timeout = crate::materialize::storage::DEFAULT_STORAGE_TIMEOUT;
-                crate::materialize::storage::probe(uri, timeout, access).await?;
+                let timeout = crate::delta::storage::DEFAULT_STORAGE_TIMEOUT;
+                crate::delta::storage::probe(uri, timeout, access).await?;
             }
             let report = crate::ops::rebuild::run(&(&args).into()).await?;
             println!("rebuilt under {}:\n{report}", args.to);

@@ -29,11 +29,14 @@
 //! - [`reconcile`]: positions reconciled against fills (`possync reconcile`), position
 //!   snapshots.
 //! - [`scale`]: `possync bench scale`, the component benchmarks at desk size in one table.
+//! - [`delta`]: the Delta layer (tables, commits with txn offsets, deletion vectors,
+//!   maintenance, object-store probing), knowing nothing of positions or Kafka.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
 
 pub mod book;
 pub mod cli;
+pub mod delta;
 pub mod events;
 pub mod executions;
 pub mod ib;

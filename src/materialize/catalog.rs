@@ -226,3 +226,46 @@ fn dead_letter_schema() -> SchemaRef {
     ]);
     Arc::new(ArrowSchema::new(fields))
 }
+
+impl crate::delta::Spec for TableKind {
+    fn name(self) -> &'static str {
+        TableKind::name(self)
+    }
+    fn schema(self) -> SchemaRef {
+        TableKind::schema(self)
+    }
+    fn partition_columns(self) -> Vec<String> {
+        TableKind::partition_columns(self)
+    }
+    fn configuration(self) -> Vec<(&'static str, &'static str)> {
+        TableKind::configuration(self)
+    }
+    fn protocol(self) -> Option<deltalake::kernel::Protocol> {
+        TableKind::protocol(self)
+    }
+    fn deletion_vectors(self) -> bool {
+        TableKind::deletion_vectors(self)
+    }
+    /// Unique values (event ids, contract symbols, exec ids) gain nothing from a dictionary
+    /// but the hashing: in a catch-up flush at 100k keys that interning took about 6% of the
+    /// materializer's CPU.
+    fn unique_strings(self) -> &'static [&'static str] {
+        &["event_id", "local_symbol", "exec_id", "exec_stem"]
+    }
+    fn check_open(t: &crate::delta::Table<Self>, uri: &str) -> Result<(), crate::delta::TableError> {
+        super::layout::check_open(t, uri)
+    }
+    /// Raises the `possync_table_version` gauge of this table (if it has one): at open, after a
+    /// refresh and after each commit, so a restarted materializer reports the table's version
+    /// before its first commit.
+    fn loaded(self, version: i64) {
+        let m = crate::metrics::global();
+        let gauge = match self {
+            TableKind::PositionEvents => &m.table_version_events,
+            TableKind::PositionsCurrent => &m.table_version_current,
+            TableKind::PositionQueue => &m.table_version_queue,
+            _ => return,
+        };
+        gauge.fetch_max(version, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -125,12 +125,15 @@ pub struct TableArgs {
 }
 
 impl TableArgs {
-    /// Checks the location once, within `--storage-timeout` (see [`super::storage::probe`]).
+    /// Checks the location once, within `--storage-timeout` (see [`crate::delta::storage::probe`]).
     ///
     /// # Errors
-    /// A [`super::storage::StorageError`] naming the setting to change.
-    pub async fn probe(&self, access: super::storage::Access) -> Result<(), super::storage::StorageError> {
-        super::storage::probe(&self.table_uri, self.storage_timeout, access).await
+    /// A [`crate::delta::storage::StorageError`] naming the setting to change.
+    pub async fn probe(
+        &self,
+        access: crate::delta::storage::Access,
+    ) -> Result<(), crate::delta::storage::StorageError> {
+        crate::delta::storage::probe(&self.table_uri, self.storage_timeout, access).await
     }
 }
 

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 
-use super::tables::{Table, TableError, TableKind};
+use crate::delta::{Spec, Table, TableError};
 
 /// The table property holding a table's layout version.
 pub const LAYOUT_PROPERTY: &str = "possync.layoutVersion";
@@ -72,7 +72,7 @@ pub const STEPS: &[Step] = &[Step {
 ///
 /// # Errors
 /// When no snapshot is loaded, or the property is not a number ([`TableError::BadLayout`]).
-pub fn recorded(t: &Table) -> Result<u32, TableError> {
+pub fn recorded<K: Spec>(t: &Table<K>) -> Result<u32, TableError> {
     match t.property(LAYOUT_PROPERTY)? {
         None => Ok(UNRECORDED),
         Some(v) => v.trim().parse().map_err(|_| TableError::BadLayout {
@@ -87,11 +87,11 @@ pub fn recorded(t: &Table) -> Result<u32, TableError> {
 /// # Errors
 /// [`TableError::NewerLayout`] when the table's layout is newer than [`CURRENT`]; what
 /// [`recorded`] returns.
-pub fn pending(t: &Table, uri: &str) -> Result<Vec<Step>, TableError> {
+pub fn pending<K: Spec>(t: &Table<K>, uri: &str) -> Result<Vec<Step>, TableError> {
     pending_in(t, uri, STEPS)
 }
 
-fn pending_in(t: &Table, uri: &str, steps: &[Step]) -> Result<Vec<Step>, TableError> {
+fn pending_in<K: Spec>(t: &Table<K>, uri: &str, steps: &[Step]) -> Result<Vec<Step>, TableError> {
     let found = recorded(t)?;
     if found > CURRENT {
         return Err(TableError::NewerLayout {
@@ -109,11 +109,11 @@ fn pending_in(t: &Table, uri: &str, steps: &[Step]) -> Result<Vec<Step>, TableEr
 ///
 /// # Errors
 /// [`TableError::NewerLayout`], [`TableError::NeedsMigration`].
-pub fn check_open(t: &Table, uri: &str) -> Result<(), TableError> {
+pub fn check_open<K: Spec>(t: &Table<K>, uri: &str) -> Result<(), TableError> {
     check_open_in(t, uri, STEPS)
 }
 
-fn check_open_in(t: &Table, uri: &str, steps: &[Step]) -> Result<(), TableError> {
+fn check_open_in<K: Spec>(t: &Table<K>, uri: &str, steps: &[Step]) -> Result<(), TableError> {
     if let Some(step) = pending_in(t, uri, steps)?.into_iter().find(|s| s.how == How::Rewrite) {
         return Err(TableError::NeedsMigration {
             table: t.kind.name(),
@@ -131,7 +131,7 @@ fn check_open_in(t: &Table, uri: &str, steps: &[Step]) -> Result<(), TableError>
 ///
 /// # Errors
 /// [`TableError::Contention`] after [`ATTEMPTS`] lost races; storage errors.
-pub async fn apply(t: &mut Table, step: Step) -> Result<bool, TableError> {
+pub async fn apply<K: Spec>(t: &mut Table<K>, step: Step) -> Result<bool, TableError> {
     for _ in 0..ATTEMPTS {
         if recorded(t)? >= step.to {
             return Ok(false);
@@ -150,7 +150,7 @@ pub async fn apply(t: &mut Table, step: Step) -> Result<bool, TableError> {
     })
 }
 
-async fn commit_step(t: &mut Table, step: Step) -> Result<(), TableError> {
+async fn commit_step<K: Spec>(t: &mut Table<K>, step: Step) -> Result<(), TableError> {
     // Every step so far is a property change; a rewrite step adds its remove and add actions
     // (and a changed schema) to this same commit.
     t.set_property(LAYOUT_PROPERTY, &step.to.to_string()).await?;
@@ -169,8 +169,13 @@ async fn commit_step(t: &mut Table, step: Step) -> Result<(), TableError> {
 ///
 /// # Errors
 /// What [`apply`] returns.
-pub async fn upgrade_in_place(tables: &mut HashMap<TableKind, Table>, uri: &str) -> Result<(), TableError> {
-    for kind in TableKind::ALL {
+pub async fn upgrade_in_place<K: Spec + Ord + std::hash::Hash>(
+    tables: &mut HashMap<K, Table<K>>,
+    uri: &str,
+) -> Result<(), TableError> {
+    let mut kinds: Vec<K> = tables.keys().copied().collect();
+    kinds.sort();
+    for kind in kinds {
         let Some(t) = tables.get_mut(&kind) else {
             continue;
         };
@@ -185,6 +190,7 @@ pub async fn upgrade_in_place(tables: &mut HashMap<TableKind, Table>, uri: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::materialize::tables::{Table, TableKind};
     use deltalake::kernel::{Action, MetadataExt};
     use deltalake::protocol::DeltaOperation;
 

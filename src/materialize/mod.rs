@@ -41,7 +41,6 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod decode;
-pub mod dv;
 pub mod executions;
 pub mod expiry_guard;
 pub mod flush;
@@ -52,7 +51,6 @@ pub mod maintain;
 pub mod namespace_guard;
 pub mod offsets;
 pub mod reconciled;
-pub mod storage;
 pub mod tables;
 pub mod upsert;
 

@@ -168,7 +168,7 @@ async fn two_writers_on_one_table_version_conflict_and_stay_exact() -> anyhow::R
 async fn no_orphans(base: &str) -> anyhow::Result<()> {
     for kind in TableKind::ALL {
         let t = materialize::tables::Table::open(base, kind).await?;
-        let orphans = materialize::maintain::orphans(&t).await?;
+        let orphans = possync::delta::maintain::orphans(&t).await?;
         anyhow::ensure!(orphans.is_empty(), "{}: orphan files {orphans:?}", kind.name());
     }
     Ok(())

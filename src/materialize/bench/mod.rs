@@ -559,7 +559,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     }
     for kind in TableKind::ALL {
         let t = Table::open(&table_uri, kind).await?;
-        report.orphans += super::maintain::orphans(&t).await?.len();
+        report.orphans += crate::delta::maintain::orphans(&t).await?.len();
     }
     if args.table_uri.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);

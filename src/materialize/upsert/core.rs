@@ -33,7 +33,7 @@ use deltalake::kernel::{Action, Add};
 use roaring::RoaringTreemap;
 
 use super::{col, Sym};
-use crate::materialize::dv;
+use crate::delta::dv;
 use crate::materialize::tables::{path_of, remove_of, Table, TableError};
 
 /// Key of an upsert row: (account, con_id).

@@ -49,7 +49,10 @@ impl<T: SpillValue> Spilled<T> {
     pub fn new(table: &'static str, dir: &Path) -> Result<Self, TableError> {
         Ok(Self {
             rows: Upsert::default(),
-            spill: Spill::create(dir).map_err(|source| TableError::Spill { table, source })?,
+            spill: Spill::create(dir).map_err(|source| TableError::Spill {
+                table,
+                source: source.into(),
+            })?,
             table,
             _value: PhantomData,
         })
@@ -57,7 +60,10 @@ impl<T: SpillValue> Spilled<T> {
 
     fn err(&self) -> impl Fn(SpillError) -> TableError {
         let table = self.table;
-        move |source| TableError::Spill { table, source }
+        move |source| TableError::Spill {
+            table,
+            source: source.into(),
+        }
     }
 
     /// Number of keys.
@@ -80,7 +86,10 @@ impl<T: SpillValue> Spilled<T> {
         self.rows
             .sync_with(t, |b| {
                 let values = T::of_rows(b).map_err(|source| TableError::Arrow { table, source })?;
-                hot(spill, &values).map_err(|source| TableError::Spill { table, source })
+                hot(spill, &values).map_err(|source| TableError::Spill {
+                    table,
+                    source: source.into(),
+                })
             })
             .await
     }

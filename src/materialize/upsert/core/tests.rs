@@ -143,7 +143,7 @@ async fn a_plan_survives_a_disjoint_commit_and_not_an_overlapping_one() {
     sync(&mut ta, &mut a).await;
     assert!(!a.still_applies(&plan), "B inserted key 50 first");
     ta.discard(plan.written()).await;
-    let orphans = crate::materialize::maintain::orphans(&ta).await.unwrap();
+    let orphans = crate::delta::maintain::orphans(&ta).await.unwrap();
     assert!(orphans.is_empty(), "discarded plans leave nothing: {orphans:?}");
 }
 

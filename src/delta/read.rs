@@ -11,8 +11,8 @@ use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::ProjectionMask;
 
-use super::{remove_of, Table, TableError};
-use crate::materialize::dv;
+use super::dv;
+use super::{remove_of, Spec, Table, TableError};
 use deltalake::DeltaTableError;
 
 /// A data file of a snapshot.
@@ -37,7 +37,7 @@ impl FileRef {
     }
 }
 
-impl Table {
+impl<K: Spec> Table<K> {
     /// The files of the current snapshot: (path, size, partition values).
     ///
     /// # Errors
