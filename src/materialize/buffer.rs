@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::error::ArrowError;
 
+use super::checks::{check_time, key_matches};
 use super::deadletter::DeadLetter;
 use super::decode::{ArrowRows, DecodeError, Decoded, Layout, Scratch};
 use super::tables::{position_events_layout, registry_layout};
@@ -240,24 +241,6 @@ struct Fields {
     registry_time: usize,
 }
 
-/// Earliest timestamp a table accepts: 0001-01-01T00:00:00Z in µs (Spark's and Parquet
-/// readers' range; `event_date` must also be a valid date).
-pub const MIN_TIMESTAMP_MICROS: i64 = -62_135_596_800_000_000;
-/// Latest timestamp a table accepts: 9999-12-31T23:59:59.999999Z in µs.
-pub const MAX_TIMESTAMP_MICROS: i64 = 253_402_300_799_999_999;
-
-/// Whether a µs timestamp lies in the range every reader of the tables handles.
-pub fn timestamp_in_range(micros: i64) -> bool {
-    (MIN_TIMESTAMP_MICROS..=MAX_TIMESTAMP_MICROS).contains(&micros)
-}
-
-pub(crate) fn check_time(name: &str, v: Option<i64>) -> Result<(), String> {
-    match v {
-        Some(t) if !timestamp_in_range(t) => Err(format!("{name} = {t} µs is outside 0001-01-01..9999-12-31 UTC")),
-        _ => Ok(()),
-    }
-}
-
 fn fields() -> &'static Fields {
     static F: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
     F.get_or_init(|| {
@@ -332,21 +315,11 @@ fn validate(m: &Incoming<'_>, d: &Decoded<'_>) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn key_matches(key: &[u8], account: &str, con_id: i64) -> bool {
-    let Some(colon) = key.iter().rposition(|b| *b == b':') else {
-        return false;
-    };
-    &key[..colon] == account.as_bytes()
-        && std::str::from_utf8(&key[colon + 1..])
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            == Some(con_id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::events::Route;
+    use crate::materialize::checks::{MAX_TIMESTAMP_MICROS, MIN_TIMESTAMP_MICROS};
 
     fn msg<'a>(role: Role, offset: i64, key: &'a [u8], value: &'a [u8]) -> Incoming<'a> {
         Incoming {

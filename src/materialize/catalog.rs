@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use deltalake::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef};
+use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema as ArrowSchema, SchemaRef};
 
-use super::decode::{kafka_fields, timestamp_type, Layout, RecordPlan, EVENT_DATE};
+use super::decode::{kafka_fields, list_element, timestamp_type, Layout, RecordPlan, EVENT_DATE};
 use crate::schema;
 
 /// The tables materialize writes.
@@ -98,7 +98,7 @@ impl TableKind {
         match self {
             TableKind::PositionEvents => position_events_layout().schema.clone(),
             TableKind::PositionsCurrent => positions_current_layout().schema.clone(),
-            TableKind::PositionQueue => super::upsert::queue::schema(),
+            TableKind::PositionQueue => queue_schema(),
             TableKind::StrategyRegistry => registry_schema(),
             TableKind::DeadLetters => dead_letter_schema(),
             // The decoded registry rows as they are: event fields + Kafka coordinates.
@@ -225,6 +225,43 @@ fn dead_letter_schema() -> SchemaRef {
         Field::new("dead_lettered_at", timestamp_type(), false),
     ]);
     Arc::new(ArrowSchema::new(fields))
+}
+
+/// The fields of one entry of `position_queue.partition_counts`.
+pub fn queue_count_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("partition", DataType::Int32, false),
+        Field::new("queued_events", DataType::Int64, false),
+        Field::new("refresh_count", DataType::Int64, false),
+    ])
+}
+
+fn queue_counts_type() -> DataType {
+    DataType::List(list_element(DataType::Struct(queue_count_fields())))
+}
+
+/// The Arrow schema of `position_queue`.
+pub fn queue_schema() -> SchemaRef {
+    let ts = timestamp_type;
+    Arc::new(ArrowSchema::new(vec![
+        Field::new("account", DataType::Utf8, false),
+        Field::new("con_id", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("enqueued_at", ts(), true),
+        Field::new("last_refreshed_at", ts(), true),
+        Field::new("refresh_count", DataType::Int64, false),
+        Field::new("queued_events", DataType::Int64, false),
+        Field::new("partition_counts", queue_counts_type(), false),
+        Field::new("last_event_id", DataType::Utf8, true),
+        Field::new("last_source", DataType::Utf8, true),
+        Field::new("last_event_at", ts(), true),
+        Field::new("last_session_id", DataType::Utf8, true),
+        Field::new("last_sequence", DataType::Int64, true),
+        Field::new("position", DataType::Float64, true),
+        Field::new("avg_cost", DataType::Float64, true),
+        Field::new("last_active_at", ts(), true),
+        Field::new("updated_at", ts(), false),
+    ]))
 }
 
 impl crate::delta::Spec for TableKind {

@@ -97,10 +97,10 @@ pub fn validate(key: Option<&[u8]>, d: &Decoded<'_>) -> Result<(), String> {
         }
     }
     for (n, i) in f.times {
-        super::buffer::check_time(n, d.long(i))?;
+        super::checks::check_time(n, d.long(i))?;
     }
     if let Some(key) = key {
-        if !super::buffer::key_matches(key, account, con_id) {
+        if !super::checks::key_matches(key, account, con_id) {
             return Err(format!(
                 "key {:?} is not {account}:{con_id}",
                 String::from_utf8_lossy(key)

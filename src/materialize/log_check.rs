@@ -104,7 +104,7 @@ fn verdict(topics: &Topics, topic: &str, last: i64, at: &LogAt, held: &Held) -> 
         (Some(Some((offset, ts_ms))), Held::Row(row_us)) if *offset == last => {
             let log_us = ts_ms
                 .and_then(|ms| ms.checked_mul(1000))
-                .filter(|us| super::buffer::timestamp_in_range(*us));
+                .filter(|us| super::checks::timestamp_in_range(*us));
             (log_us != *row_us).then(|| {
                 format!(
                     "the message at offset {last} has another timestamp ({}) than the one the tables hold ({})",

@@ -37,6 +37,7 @@
 pub mod bench;
 pub mod buffer;
 pub mod catalog;
+pub mod checks;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
@@ -619,7 +620,7 @@ fn take(
         .timestamp()
         .to_millis()
         .and_then(|ms| ms.checked_mul(1000))
-        .filter(|us| buffer::timestamp_in_range(*us));
+        .filter(|us| checks::timestamp_in_range(*us));
     let incoming = Incoming {
         role,
         topic: m.topic(),

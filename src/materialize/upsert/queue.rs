@@ -29,15 +29,13 @@ use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
     StructBuilder, TimestampMicrosecondBuilder,
 };
-use deltalake::arrow::datatypes::{
-    DataType, Field, Fields, Float64Type, Int32Type, Int64Type, Schema as ArrowSchema, SchemaRef,
-    TimestampMicrosecondType,
-};
+use deltalake::arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use deltalake::arrow::error::ArrowError;
 
 use super::core::RowValue;
 use super::{col, newer, Cols, EventOrder, Sym};
-use crate::materialize::decode::{list_element, timestamp_type, UTC};
+use crate::materialize::catalog::{queue_count_fields, queue_schema};
+use crate::materialize::decode::{list_element, UTC};
 
 /// One partition's counts: (partition, (queued events, POLL events)).
 type Count = (i32, (i64, i64));
@@ -356,42 +354,6 @@ pub fn join_queue(state: &mut QueueState, other: QueueState) -> bool {
     changed
 }
 
-fn count_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("partition", DataType::Int32, false),
-        Field::new("queued_events", DataType::Int64, false),
-        Field::new("refresh_count", DataType::Int64, false),
-    ])
-}
-
-fn counts_type() -> DataType {
-    DataType::List(list_element(DataType::Struct(count_fields())))
-}
-
-/// The Arrow schema of `position_queue`.
-pub fn schema() -> SchemaRef {
-    let ts = timestamp_type;
-    Arc::new(ArrowSchema::new(vec![
-        Field::new("account", DataType::Utf8, false),
-        Field::new("con_id", DataType::Int64, false),
-        Field::new("status", DataType::Utf8, false),
-        Field::new("enqueued_at", ts(), true),
-        Field::new("last_refreshed_at", ts(), true),
-        Field::new("refresh_count", DataType::Int64, false),
-        Field::new("queued_events", DataType::Int64, false),
-        Field::new("partition_counts", counts_type(), false),
-        Field::new("last_event_id", DataType::Utf8, true),
-        Field::new("last_source", DataType::Utf8, true),
-        Field::new("last_event_at", ts(), true),
-        Field::new("last_session_id", DataType::Utf8, true),
-        Field::new("last_sequence", DataType::Int64, true),
-        Field::new("position", DataType::Float64, true),
-        Field::new("avg_cost", DataType::Float64, true),
-        Field::new("last_active_at", ts(), true),
-        Field::new("updated_at", ts(), false),
-    ]))
-}
-
 /// The queue state as a batch of the `position_queue` schema.
 ///
 /// # Errors
@@ -408,8 +370,8 @@ pub(super) fn rows_batch<'a>(
     let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC);
     let (mut account, mut con_id, mut status) = (StringBuilder::new(), Int64Builder::new(), StringBuilder::new());
     let (mut enq, mut refreshed, mut count, mut events) = (ts(), ts(), Int64Builder::new(), Int64Builder::new());
-    let item = list_element(DataType::Struct(count_fields()));
-    let mut per_partition = ListBuilder::new(StructBuilder::from_fields(count_fields(), n)).with_field(item);
+    let item = list_element(DataType::Struct(queue_count_fields()));
+    let mut per_partition = ListBuilder::new(StructBuilder::from_fields(queue_count_fields(), n)).with_field(item);
     let (mut ev_id, mut src, mut ev_at, mut sess, mut seq) = (
         StringBuilder::new(),
         StringBuilder::new(),
@@ -470,12 +432,12 @@ pub(super) fn rows_batch<'a>(
         Arc::new(active.finish()),
         Arc::new(updated.finish()),
     ];
-    RecordBatch::try_new(schema(), cols)
+    RecordBatch::try_new(queue_schema(), cols)
 }
 
 fn append_field<T: deltalake::arrow::array::ArrayBuilder>(s: &mut StructBuilder, i: usize) -> &mut T {
     s.field_builder::<T>(i)
-        .expect("the struct's field builders follow count_fields()")
+        .expect("the struct's field builders follow queue_count_fields()")
 }
 
 /// Reads `position_queue` rows back into state.
