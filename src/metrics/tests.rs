@@ -1,3 +1,9 @@
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::http::respond;
 use super::*;
 
 /// A request that arrives in two segments is answered as a whole. Before, the server
