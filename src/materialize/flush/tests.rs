@@ -1,5 +1,7 @@
+use super::upserts::commit_staged;
 use super::*;
 use crate::materialize::upsert::core::tests::staged;
+use crate::materialize::upsert::core::Upsert;
 use crate::materialize::upsert::queue::QueueRow;
 
 /// Issue 20 #8: compaction after a good commit is optional work; a file it cannot read is
