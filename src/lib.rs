@@ -33,6 +33,17 @@
 //!   maintenance, object-store probing), knowing nothing of positions or Kafka.
 //! - [`materialize`]: Kafka topics → Delta tables (events, current positions, queue, registry,
 //!   registry history, dead letters), exactly once; table maintenance and the materialize benchmark.
+//!
+//! Layers, bottom up; a module imports only from its own layer's leaves and those below (no
+//! import circle anywhere in `src/`, checked by `tests/cli/structure.rs`):
+//! 1. [`metrics`], [`schema`], [`events`], [`book`], [`kafka`], [`schema_registry`], [`sim`], [`ib`];
+//! 2. [`delta`];
+//! 3. [`executions`];
+//! 4. [`materialize`] (inside it: the catalogue, the upsert engine, then consume and flush);
+//! 5. [`ops`], [`registry`];
+//! 6. [`snapshot`];
+//! 7. [`ingest`], then [`queue_worker`];
+//! 8. [`reconcile`], [`topics`], [`run`], [`scale`], [`cli`].
 
 pub mod book;
 pub mod cli;

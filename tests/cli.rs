@@ -18,5 +18,7 @@ mod metrics;
 mod ops;
 #[path = "cli/run.rs"]
 mod run;
+#[path = "cli/structure.rs"]
+mod structure;
 #[path = "cli/surface.rs"]
 mod surface;

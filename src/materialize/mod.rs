@@ -3,7 +3,8 @@
 //! A consumer group reads `positions.active`, `positions.queued`, `registry` and `executions`,
 //! decodes Avro straight into Arrow ([`decode`]), buffers per partition ([`buffer`]) and
 //! flushes on count, bytes or latency (1 s by default; idle topics flush too) into seven
-//! tables ([`catalog`] says what each is, [`tables`] opens, commits and reads them): `position_events` (append-only, partitioned by `event_date`),
+//! tables ([`catalog`] says what each is, [`tables`] names them on the Delta layer,
+//! [`crate::delta`], which opens, commits and reads them): `position_events` (append-only, partitioned by `event_date`),
 //! `registry_events` (append-only, every registry event), `executions` (append-only, every
 //! fill, partitioned by the date of `exec_time`, [`executions`]), `positions_current`,
 //! `position_queue`, `strategy_registry` (upserts, [`upsert`]) and `dead_letters`
@@ -32,7 +33,17 @@
 //!
 //! Storage: a local directory or `s3://` (the `s3` build feature); an S3 location is probed once
 //! at start-up within `--storage-timeout`, so a missing bucket, refused credentials or an
-//! unreachable endpoint is a one-line error naming the setting ([`storage`]).
+//! unreachable endpoint is a one-line error naming the setting ([`crate::delta::storage`]).
+//!
+//! Layers, each importing only from those below it:
+//! 1. [`crate::delta`]: Delta tables, commits with txn offsets, deletion vectors, maintenance of
+//!    one table, object-store probing.
+//! 2. The catalogue: [`decode`] (Avro → Arrow layouts), [`checks`], [`reconciled`] and
+//!    [`executions`] (row layouts), [`catalog`] (the tables and their schemas), [`layout`]
+//!    (layout versions), [`tables`] (`Table` of a `TableKind`), [`namespace_guard`].
+//! 3. The copy-on-write upsert engine: [`upsert`].
+//! 4. Materialize: [`buffer`], [`deadletter`], [`log_check`], [`offsets`], [`consumer`],
+//!    [`expiry_guard`], [`flush`], [`lag`], [`maintain`], [`bench`], and this module's loop.
 
 pub mod bench;
 pub mod buffer;

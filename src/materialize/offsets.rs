@@ -12,7 +12,7 @@
 //! `delta.setTransactionRetentionDuration`; owned idle partitions are re-stamped before that
 //! (`flush::Pipeline::restamp`).
 //!
-//! A table's [`TxnMap`] is exact as of the table's loaded version: entries come from the log
+//! A table's [`TxnMap`](crate::delta::txn::TxnMap) is exact as of the table's loaded version: entries come from the log
 //! (kernel replay, on first use of an app id), then from our own commits and from parsing the
 //! commits of others when the table is reloaded. A partition's restart position is the minimum
 //! over the tables fed by its topic of (version + 1); each table then drops what it already holds.
