@@ -29,8 +29,8 @@ use super::deadletter::{self, DeadLetter};
 use super::expiry_guard::ExpiryGuard;
 use super::offsets::{app_id, tables_of};
 use super::tables::{append_operation, path_of, rewrite_operation, Table, TableError, TableKind};
-use super::upsert::core::{Changes, Key, Staged, Upsert};
-use super::upsert::{self, Current, Hot, Queue, RegistryState, SpillValue, Spilled};
+use super::upsert::core::{Changes, Classed, Key, Staged, Upsert};
+use super::upsert::{self, summary, Current, Hot, Queue, RegistryState, SpillValue, Spilled};
 use super::MaterializeError;
 use crate::kafka::Topics;
 
@@ -654,10 +654,10 @@ impl Pipeline {
     }
 }
 
-/// Commits a staged upsert plan with its txn actions; on success the state remembers it and,
-/// when due, a compaction follows (its own `OPTIMIZE` commit; a lost race skips it: the next
-/// flush re-plans).
-async fn commit_staged<V: Clone>(
+/// Commits a staged upsert plan with its txn actions and the table's summary after it; on
+/// success the state remembers it and, when due, a compaction follows (its own `OPTIMIZE`
+/// commit, with the same summary; a lost race skips it: the next flush re-plans).
+async fn commit_staged<V: Clone + Classed>(
     t: &mut Table,
     state: &mut Upsert<V>,
     staged: Staged<V>,
@@ -665,7 +665,8 @@ async fn commit_staged<V: Clone>(
     every: u64,
 ) -> Result<(), (TableError, Staged<V>)> {
     let op = DeltaOperation::Update { predicate: None };
-    if let Err(e) = t.commit(staged.actions.clone(), txns, op, every).await {
+    let info = summary::info(t.kind, &state.counts_after(&staged));
+    if let Err(e) = t.commit_with(staged.actions.clone(), txns, op, every, info).await {
         return Err((e, staged));
     }
     state.committed(staged);
@@ -685,7 +686,8 @@ async fn commit_staged<V: Clone>(
             predicate: None,
             target_size: 0,
         };
-        match t.commit(c.actions.clone(), &[], op, every).await {
+        let info = summary::info(t.kind, &state.counts_after(&c));
+        match t.commit_with(c.actions.clone(), &[], op, every, info).await {
             Ok(_) => {
                 state.committed(c);
                 tracing::debug!(
@@ -715,12 +717,17 @@ fn rebased(kind: TableKind) {
 }
 
 /// Deletes the live rows of `keys` (deletion vectors only; no txn: retention is not an offset).
-async fn delete_keys<V: Clone>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
+async fn delete_keys<V: Clone + Classed>(
+    t: &mut Table,
+    state: &mut Upsert<V>,
+    keys: Vec<Key>,
+) -> Result<(), TableError> {
     let staged = state.stage(t, None, vec![], keys).await?;
     let op = DeltaOperation::Delete {
         predicate: Some("position = 0 AND closed longer than --closed-retention".into()),
     };
-    if let Err(e) = t.commit(staged.actions.clone(), &[], op, every_none()).await {
+    let info = summary::info(t.kind, &state.counts_after(&staged));
+    if let Err(e) = t.commit_with(staged.actions.clone(), &[], op, every_none(), info).await {
         if matches!(e, TableError::Conflict(_)) {
             t.discard(staged.written()).await;
         }
