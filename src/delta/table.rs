@@ -447,6 +447,23 @@ impl<K: Spec> Table<K> {
         operation: DeltaOperation,
         checkpoint_every: u64,
     ) -> Result<i64, TableError> {
+        self.commit_with(actions, txns, operation, checkpoint_every, vec![])
+            .await
+    }
+
+    /// [`Self::commit`] with `info` added to the commit's `commitInfo` (for example an upsert
+    /// table's summary of its rows after the commit).
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub async fn commit_with(
+        &mut self,
+        actions: Vec<Action>,
+        txns: &[(String, i64)],
+        operation: DeltaOperation,
+        checkpoint_every: u64,
+        info: Vec<(String, serde_json::Value)>,
+    ) -> Result<i64, TableError> {
         let now = chrono::Utc::now().timestamp_millis();
         let txn_actions: Vec<Transaction> = txns
             .iter()
@@ -464,7 +481,8 @@ impl<K: Spec> Table<K> {
             .with_max_retries(if blind { APPEND_RETRIES } else { 0 })
             .with_create_checkpoint(false)
             .with_cleanup_expired_logs(Some(false))
-            .with_application_transactions(txn_actions);
+            .with_application_transactions(txn_actions)
+            .with_metadata(info);
         let snapshot = self.delta.snapshot().map_err(self.err())?;
         let base = self.version();
         let result = CommitBuilder::from(props)

@@ -325,7 +325,14 @@ async fn write(
     let adds = t.write_files(std::slice::from_ref(batch)).await?;
     if !adds.is_empty() || !txns.is_empty() {
         let actions = adds.into_iter().map(Action::Add).collect();
-        t.commit(actions, txns, rewrite_operation(), 0).await?;
+        // The summary `possync status` reads (the upsert tables').
+        let mut counts = upsert::summary::Counts::default();
+        upsert::summary::count(kind, batch, &mut counts).map_err(|source| TableError::Arrow {
+            table: kind.name(),
+            source,
+        })?;
+        let info = upsert::summary::info(kind, &counts);
+        t.commit_with(actions, txns, rewrite_operation(), 0, info).await?;
     }
     if let Some(ns) = namespace {
         namespace_guard::record(&mut t, ns).await?;

@@ -16,6 +16,14 @@
 //! refresh). *Dead letters* is the row count of `dead_letters` (from the Delta file
 //! statistics). *Last commit* is the commit timestamp of each table's newest version.
 //!
+//! Cost: the slot and queue counts come from the summary the materializer writes into the
+//! `commitInfo` of each of its commits on the upsert tables ([`summary`]): one read of the
+//! newest log entry of each, whatever the number of keys; commits that change no rows
+//! (vacuum, `txn` re-stamps, a layout migration) are walked back over, up to
+//! [`SUMMARY_WALK`] entries. A table whose newest data commit carries no summary (written by an
+//! older possync, or by `possync rebuild`) is scanned, as `--exact` always does. The last commit
+//! times are read from the newest log entries, never from a listing of the log.
+//!
 //! Unhealthy (exit 1) when: a partition's lag exceeds `--max-lag-seconds`; the total lag
 //! exceeds `--max-lag-events`; offsets the tables still need are gone from the broker (loss); the tables hold offsets
 //! past the end of the log (the topic was recreated or truncated);
@@ -27,15 +35,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
-use super::{open_existing, rfc3339_micros, Row};
+use super::{open_existing, rfc3339_micros};
 use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError};
 use crate::materialize::offsets::{app_id, partitions_of, tables_of};
 use crate::materialize::tables::{Table, TableError};
+use crate::materialize::upsert::summary::{self, Counts};
 use crate::materialize::{TableArgs, TableKind};
+
+/// Log entries walked back from the newest to find an upsert table's summary before scanning it.
+pub const SUMMARY_WALK: usize = 32;
 
 /// Errors of `possync status` (a status that cannot be determined).
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +98,10 @@ pub struct StatusArgs {
     /// Print the report as JSON (one object) instead of text.
     #[arg(long, env = "POSSYNC_STATUS_JSON")]
     pub json: bool,
+    /// Count the slots in use and the queue by scanning `positions_current` and
+    /// `position_queue` (O(keys)) instead of reading the summary of their newest commit.
+    #[arg(long, env = "POSSYNC_STATUS_EXACT")]
+    pub exact: bool,
 }
 
 /// Plain settings of `possync status` (tests build them without clap).
@@ -108,6 +123,8 @@ pub struct StatusConfig {
     pub max_queue_depth: Option<u64>,
     /// See [`StatusArgs::max_dead_letters`].
     pub max_dead_letters: Option<u64>,
+    /// See [`StatusArgs::exact`].
+    pub exact: bool,
 }
 
 impl Default for StatusConfig {
@@ -121,6 +138,7 @@ impl Default for StatusConfig {
             max_commit_age: None,
             max_queue_depth: None,
             max_dead_letters: None,
+            exact: false,
         }
     }
 }
@@ -136,6 +154,7 @@ impl From<&StatusArgs> for StatusConfig {
             max_commit_age: a.max_commit_age,
             max_queue_depth: a.max_queue_depth,
             max_dead_letters: a.max_dead_letters,
+            exact: a.exact,
         }
     }
 }
@@ -276,6 +295,10 @@ pub struct Status {
     /// table, no service has run).
     #[serde(default)]
     pub reconciliation: Option<Reconciliation>,
+    /// Where the slot and queue counts come from, per table: `summary@vN` (the summary a
+    /// commit carries, N its version) or `scan@vN`.
+    #[serde(default)]
+    pub counted_from: BTreeMap<String, String>,
     /// Why it is unhealthy (empty = healthy).
     pub problems: Vec<String>,
     pub healthy: bool,
@@ -426,34 +449,50 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         }
     }
 
-    // From the tables.
+    // From the tables: the newest log entry of each (its commit time; for the upsert tables,
+    // their summary).
+    let mut newest: BTreeMap<TableKind, LogEntry> = BTreeMap::new();
+    for (kind, t) in &tables {
+        if let Some(e) = log_entry(t, t.version()).await? {
+            newest.insert(*kind, e);
+        }
+    }
+    let mut counted_from = BTreeMap::new();
+    let counts = |kind: TableKind| {
+        let t = tables.get(&kind);
+        let newest = newest.get(&kind).cloned();
+        let exact = cfg.exact;
+        async move {
+            let Some(t) = t else {
+                return Ok::<_, StatusError>(None);
+            };
+            if !exact {
+                if let Some((v, c)) = summary_of(t, newest).await? {
+                    return Ok(Some((c, format!("summary@v{v}"))));
+                }
+            }
+            Ok(Some((scan(t).await?, format!("scan@v{}", t.version()))))
+        }
+    };
     let mut slots = Slots {
         active_open_positions: 0,
         ingest_in_use: None,
         ingest_budget: None,
         ingest_overflow_total: None,
     };
-    if let Some(t) = tables.get(&TableKind::PositionsCurrent) {
-        for b in t.read_columns(&["route", "position"]).await? {
-            let r = Row(&b);
-            slots.active_open_positions += (0..b.num_rows())
-                .filter(|i| r.str_ref("route", *i) == Some("ACTIVE") && r.f64("position", *i) != Some(0.0))
-                .count() as u64;
-        }
+    if let Some((c, from)) = counts(TableKind::PositionsCurrent).await? {
+        slots.active_open_positions = c[usize::from(summary::CURRENT_ACTIVE_OPEN)];
+        counted_from.insert(TableKind::PositionsCurrent.name().to_string(), from);
     }
     let mut queue = Queue::default();
-    if let Some(t) = tables.get(&TableKind::PositionQueue) {
-        for b in t.read_columns(&["status"]).await? {
-            let r = Row(&b);
-            for i in 0..b.num_rows() {
-                match r.str_ref("status", i) {
-                    Some("pending") => queue.depth += 1,
-                    Some("refreshed") => queue.refreshed += 1,
-                    Some("closed") => queue.closed += 1,
-                    _ => queue.active += 1,
-                }
-            }
-        }
+    if let Some((c, from)) = counts(TableKind::PositionQueue).await? {
+        queue = Queue {
+            depth: c[usize::from(summary::QUEUE_PENDING)],
+            refreshed: c[usize::from(summary::QUEUE_REFRESHED)],
+            closed: c[usize::from(summary::QUEUE_CLOSED)],
+            active: c[usize::from(summary::QUEUE_ACTIVE)],
+        };
+        counted_from.insert(TableKind::PositionQueue.name().to_string(), from);
     }
     if let Some(max) = cfg.max_queue_depth {
         if queue.depth > max {
@@ -489,16 +528,7 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         };
         if let Some(t) = tables.get(&kind) {
             s.version = Some(t.version());
-            let infos: Vec<_> = t
-                .delta
-                .history(Some(1))
-                .try_collect()
-                .await
-                .map_err(|source| TableError::Delta {
-                    table: kind.name(),
-                    source,
-                })?;
-            if let Some(ms) = infos.first().and_then(|c| c.timestamp) {
+            if let Some(ms) = newest.get(&kind).and_then(|e| e.timestamp) {
                 s.last_commit = Some(rfc3339_micros(ms * 1000));
                 let age = (now.timestamp_millis() - ms).max(0) as f64 / 1000.0;
                 s.commit_age_seconds = Some(age);
@@ -543,9 +573,103 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
         dead_letters,
         tables: table_status,
         reconciliation,
+        counted_from,
         healthy: problems.is_empty(),
         problems,
     })
+}
+
+/// What `status` reads from one log entry (one `GET` of `_delta_log/<version>.json`).
+#[derive(Debug, Clone, Default)]
+struct LogEntry {
+    /// Its `commitInfo` (`Null` when it has none).
+    commit_info: serde_json::Value,
+    /// The commit time (ms).
+    timestamp: Option<i64>,
+    /// Whether it adds or removes data (an add or remove with `dataChange` true).
+    data_change: bool,
+}
+
+/// The log entry of `version` of `t` (`None`: no such entry, e.g. cleaned up).
+async fn log_entry(t: &Table, version: i64) -> Result<Option<LogEntry>, TableError> {
+    let Ok(v) = u64::try_from(version) else {
+        return Ok(None);
+    };
+    let bytes = t
+        .delta
+        .log_store()
+        .read_commit_entry(v)
+        .await
+        .map_err(|source| TableError::Delta {
+            table: t.kind.name(),
+            source,
+        })?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let mut e = LogEntry::default();
+    for line in bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+    {
+        let action: serde_json::Value = serde_json::from_slice(line).map_err(|err| TableError::Delta {
+            table: t.kind.name(),
+            source: deltalake::DeltaTableError::Generic(format!("log entry {version}: {err}")),
+        })?;
+        if let Some(ci) = action.get("commitInfo") {
+            e.timestamp = ci.get("timestamp").and_then(serde_json::Value::as_i64);
+            e.commit_info = ci.clone();
+        }
+        for kind in ["add", "remove"] {
+            if let Some(a) = action.get(kind) {
+                // A missing dataChange counts as a change (the safe reading).
+                e.data_change |= a.get("dataChange").and_then(serde_json::Value::as_bool) != Some(false);
+            }
+        }
+    }
+    Ok(Some(e))
+}
+
+/// The summary of `t`'s rows as of its loaded version, from the newest log entry that carries
+/// one, walking back over entries that change no rows (at most [`SUMMARY_WALK`] entries);
+/// `newest` is the entry of the loaded version when already read. `None`: no such entry
+/// (a data commit without a summary comes first, or the walk ends): the caller scans.
+async fn summary_of(t: &Table, newest: Option<LogEntry>) -> Result<Option<(i64, Counts)>, TableError> {
+    let mut v = t.version();
+    let mut entry = newest;
+    for _ in 0..SUMMARY_WALK {
+        let e = match entry.take() {
+            Some(e) => e,
+            None => match log_entry(t, v).await? {
+                Some(e) => e,
+                None => return Ok(None),
+            },
+        };
+        if let Some(c) = summary::of_info(t.kind, &e.commit_info) {
+            return Ok(Some((v, c)));
+        }
+        if e.data_change || v == 0 {
+            return Ok(None);
+        }
+        v -= 1;
+    }
+    Ok(None)
+}
+
+/// The rows of an upsert table counted by class: the whole table read (`--exact`).
+async fn scan(t: &Table) -> Result<Counts, StatusError> {
+    let columns: &[&str] = match t.kind {
+        TableKind::PositionsCurrent => &["route", "position"],
+        _ => &["status"],
+    };
+    let mut c = Counts::default();
+    for b in t.read_columns(columns).await? {
+        summary::count(t.kind, &b, &mut c).map_err(|source| TableError::Arrow {
+            table: t.kind.name(),
+            source,
+        })?;
+    }
+    Ok(c)
 }
 
 /// Rows of a table from the Delta file statistics (reads the files only when a file has none).
@@ -716,4 +840,83 @@ pub fn render_text(s: &Status) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::materialize::tables::append_operation;
+    use crate::materialize::upsert::{queue_batch, QueueInput, QueueRow, QueueState};
+    use deltalake::kernel::Action;
+    use deltalake::protocol::DeltaOperation;
+
+    fn rows(n: i64) -> QueueState {
+        (0..n)
+            .map(|k| {
+                let mut r = QueueRow::default();
+                r.apply(&QueueInput {
+                    active_route: false,
+                    partition: 0,
+                    source: if k % 2 == 0 { "POLL" } else { "STREAM" },
+                    order: (k, "s", k, "e"),
+                    position: (k % 3) as f64,
+                    avg_cost: 1.0,
+                });
+                (("A".to_string(), k), r)
+            })
+            .collect()
+    }
+
+    async fn add(t: &mut Table, m: &QueueState, info: bool) -> Counts {
+        let batch = queue_batch(m).unwrap();
+        let mut c = Counts::default();
+        summary::count(t.kind, &batch, &mut c).unwrap();
+        let actions = t
+            .write_files(&[batch])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Action::Add)
+            .collect();
+        let info = if info { summary::info(t.kind, &c) } else { vec![] };
+        let op = DeltaOperation::Update { predicate: None };
+        t.commit_with(actions, &[], op, 0, info).await.unwrap();
+        c
+    }
+
+    /// The summary is found on the newest entry, behind entries that change no rows, and not
+    /// behind a data commit without one (then `status` scans).
+    #[tokio::test]
+    async fn the_summary_is_walked_back_to_over_commits_without_data_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let mut t = Table::open(base, TableKind::PositionQueue).await.unwrap();
+        let c = add(&mut t, &rows(12), true).await;
+        assert_eq!(c, [4, 4, 4, 0], "pending, refreshed, closed, active");
+        assert_eq!(scan(&t).await.unwrap(), c);
+        let v = t.version();
+        assert_eq!(summary_of(&t, None).await.unwrap(), Some((v, c)));
+        // Txn re-stamps (no data): walked over.
+        for i in 0..3 {
+            let txns = [("app".to_string(), i)];
+            t.commit(vec![], &txns, append_operation(t.kind), 0).await.unwrap();
+        }
+        assert_eq!(summary_of(&t, None).await.unwrap(), Some((v, c)));
+        let newest = log_entry(&t, t.version()).await.unwrap();
+        assert!(newest.as_ref().is_some_and(|e| !e.data_change && e.timestamp.is_some()));
+        assert_eq!(summary_of(&t, newest).await.unwrap(), Some((v, c)));
+        // More than SUMMARY_WALK of them: the caller scans.
+        for i in 0..SUMMARY_WALK as i64 {
+            let txns = [("app".to_string(), 10 + i)];
+            t.commit(vec![], &txns, append_operation(t.kind), 0).await.unwrap();
+        }
+        assert_eq!(summary_of(&t, None).await.unwrap(), None);
+        // A data commit with none: the caller scans, even with summaries further back.
+        let mut t = Table::open(&format!("{base}/b"), TableKind::PositionQueue)
+            .await
+            .unwrap();
+        add(&mut t, &rows(5), true).await;
+        add(&mut t, &rows(3), false).await;
+        assert_eq!(summary_of(&t, None).await.unwrap(), None);
+    }
 }

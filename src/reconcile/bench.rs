@@ -113,6 +113,8 @@ async fn on_a_built_desk(args: &BenchReconcileArgs, uri: &str, runs: u32) -> Res
         table_uri: Some(uri.to_string()),
         executions: args.executions,
         members: 1,
+        status_runs: 0,
+        status_bin: vec![],
     })
     .await
     .map_err(|e| ReconcileError::Bench(e.to_string()))?;

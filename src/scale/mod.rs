@@ -122,6 +122,8 @@ pub async fn run(args: BenchScaleArgs) -> Result<String, ScaleError> {
             table_uri: None,
             executions: 10_000,
             members: 1,
+            status_runs: 0,
+            status_bin: vec![],
         };
         eprintln!("== bench materialize, {keys} keys ==");
         let r = crate::materialize::bench::run(m)

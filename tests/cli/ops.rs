@@ -144,6 +144,22 @@ async fn status_reports_lag_and_exits_nonzero_when_behind() -> anyhow::Result<()
     for t in &s.tables {
         ensure!(t.version.is_some() && t.commit_age_seconds.is_some(), "{t:?}");
     }
+    // The counts came from the summaries of the newest commits, and equal a scan of the
+    // tables (`--exact`).
+    let version = |s: &Status, table: &str| s.tables.iter().find(|t| t.table == table).and_then(|t| t.version);
+    for table in ["positions_current", "position_queue"] {
+        let v = version(&s, table).context("version")?;
+        assert_eq!(s.counted_from.get(table), Some(&format!("summary@v{v}")), "{table}");
+    }
+    let (_, exact) = status(&env, &["--exact"]).await?;
+    for table in ["positions_current", "position_queue"] {
+        let v = version(&exact, table).context("version")?;
+        assert_eq!(exact.counted_from.get(table), Some(&format!("scan@v{v}")), "{table}");
+    }
+    assert_eq!(
+        (&exact.slots.active_open_positions, &exact.queue),
+        (&s.slots.active_open_positions, &s.queue)
+    );
 
     // The materializer stops; 50 more events arrive: lag in events is exact, in seconds > 0.
     shutdown.cancel();

@@ -58,6 +58,14 @@ pub struct BenchMaterializeArgs {
     /// the group's sums; conflicts are counted per Delta commit of the group.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16), env = "POSSYNC_BENCH_MATERIALIZE_MEMBERS")]
     pub members: u32,
+    /// Runs of `possync status` (and of `possync status --exact`) over the final tables, each
+    /// timed with its peak RSS; 0 skips them.
+    #[arg(long, default_value_t = 0, env = "POSSYNC_BENCH_MATERIALIZE_STATUS_RUNS")]
+    pub status_runs: u32,
+    /// The possync binaries whose `status` is timed (comma-separated; default: this one), e.g.
+    /// an older build to compare with (`--exact` runs are skipped for a build without it).
+    #[arg(long, value_delimiter = ',', env = "POSSYNC_BENCH_MATERIALIZE_STATUS_BIN")]
+    pub status_bin: Vec<std::path::PathBuf>,
 }
 
 /// The figures.
@@ -100,6 +108,26 @@ pub struct BenchReport {
     pub steady_conflicts: u64,
     /// Files under the tables that their logs do not name, after the members stopped.
     pub orphans: usize,
+    /// `possync status` over the final tables (`--status-runs`): the default path, then
+    /// `--exact`.
+    pub status: Vec<StatusFigure>,
+}
+
+/// Timings of one way of running `possync status` over the final tables.
+#[derive(Debug, Clone, Default)]
+pub struct StatusFigure {
+    /// The command line after the broker and table flags.
+    pub flags: String,
+    pub runs: u32,
+    /// Wall time per run: median and max (s).
+    pub wall_p50_s: f64,
+    pub wall_max_s: f64,
+    /// CPU (user + system) per run, median (s).
+    pub cpu_p50_s: f64,
+    /// Peak RSS over the runs (MiB).
+    pub rss_max_mib: f64,
+    /// What it reported: slots in use, queue depth, and where the counts came from.
+    pub answer: String,
 }
 
 impl BenchReport {
@@ -163,6 +191,13 @@ impl std::fmt::Display for BenchReport {
             "  materialize RSS (sum over members): peak {:.0} MiB, at the end {:.0} MiB",
             self.rss_peak_mib, self.rss_end_mib
         )?;
+        for s in &self.status {
+            write!(
+                f,
+                "\n  possync status{} over {} keys ({} runs): wall p50 {:.3} s, max {:.3} s; CPU p50 {:.3} s; peak RSS {:.0} MiB; {}",
+                s.flags, self.keys, s.runs, s.wall_p50_s, s.wall_max_s, s.cpu_p50_s, s.rss_max_mib, s.answer
+            )?;
+        }
         if let Some(x) = &self.executions {
             write!(
                 f,
@@ -561,10 +596,100 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         let t = Table::open(&table_uri, kind).await?;
         report.orphans += crate::delta::maintain::orphans(&t).await?.len();
     }
+    if args.status_runs > 0 {
+        let bins = if args.status_bin.is_empty() {
+            vec![exe]
+        } else {
+            args.status_bin.clone()
+        };
+        for (bin, flags) in bins.iter().flat_map(|b| [(b, &[][..]), (b, &["--exact"][..])]) {
+            let base = [
+                "status",
+                "--json",
+                "--brokers",
+                broker.bootstrap(),
+                "--table-uri",
+                table_uri.as_str(),
+            ];
+            let argv: Vec<&str> = base.iter().chain(flags).copied().collect();
+            if let Some(fig) = time_status(bin, &argv, args.status_runs)? {
+                eprintln!("{} status {}: {fig:?}", bin.display(), flags.join(" "));
+                let flags: String = flags.iter().map(|f| format!(" {f}")).collect();
+                let flags = match bins.len() {
+                    1 => flags,
+                    _ => format!("{flags} ({})", bin.display()),
+                };
+                report.status.push(StatusFigure { flags, ..fig });
+            }
+        }
+    }
     if args.table_uri.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(report)
+}
+
+/// Runs `bin argv` `runs` times (one after the other) under GNU time (`/usr/bin/time`): wall
+/// time, CPU and peak RSS. (Not `wait4(2)` from here: a child's `ru_maxrss` starts at this
+/// process's, which it was spawned from.) `None` when the binary refuses the flags (an older
+/// build).
+fn time_status(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option<StatusFigure>, MaterializeError> {
+    let (mut walls, mut cpus, mut rss) = (Vec::new(), Vec::new(), 0f64);
+    let mut answer = String::new();
+    let task = |m: String| MaterializeError::Task(m);
+    let times = std::env::temp_dir().join(format!("possync-bench-status-{}", new_id()));
+    for _ in 0..runs {
+        let started = Instant::now();
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "%U %S %M", "-o"])
+            .arg(&times)
+            .arg(bin)
+            .args(argv)
+            .env("POSSYNC_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| task(format!("spawn /usr/bin/time {}: {e}", bin.display())))?;
+        let wall = started.elapsed().as_secs_f64();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        if stderr.contains("unexpected argument") {
+            return Ok(None);
+        }
+        let t = std::fs::read_to_string(&times).map_err(|e| task(format!("GNU time's output: {e}")))?;
+        let f: Vec<f64> = t
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let [user, sys, kib] = f[..] else {
+            return Err(task(format!("GNU time printed {t:?}")));
+        };
+        walls.push(wall);
+        cpus.push(user + sys);
+        rss = rss.max(kib / 1024.0);
+        let v: serde_json::Value = serde_json::from_str(&stdout)
+            .map_err(|e| task(format!("possync status printed {stdout:?} ({e}); stderr {stderr}")))?;
+        answer = format!(
+            "slots in use {}, queue {}, counted from {}",
+            v["slots"]["active_open_positions"], v["queue"], v["counted_from"]
+        );
+    }
+    let _ = std::fs::remove_file(&times);
+    walls.sort_by(f64::total_cmp);
+    cpus.sort_by(f64::total_cmp);
+    Ok(Some(StatusFigure {
+        flags: String::new(),
+        runs,
+        wall_p50_s: quantile(&walls, 0.5),
+        wall_max_s: quantile(&walls, 1.0),
+        cpu_p50_s: quantile(&cpus, 0.5),
+        rss_max_mib: rss,
+        answer,
+    }))
 }
 
 pub(super) async fn send(p: &FutureProducer, topic: &str, key: String, value: Vec<u8>) -> Result<(), MaterializeError> {

@@ -12,8 +12,8 @@ use deltalake::protocol::DeltaOperation;
 use super::{arrow, every_none, Pipeline};
 use crate::materialize::buffer::FrozenPartition;
 use crate::materialize::tables::{path_of, rewrite_operation, Table, TableError, TableKind};
-use crate::materialize::upsert::core::{Changes, Key, Staged, Upsert};
-use crate::materialize::upsert::{self, Hot, SpillValue, Spilled};
+use crate::materialize::upsert::core::{Changes, Classed, Key, Staged, Upsert};
+use crate::materialize::upsert::{self, summary, Hot, SpillValue, Spilled};
 use crate::materialize::MaterializeError;
 
 /// How an upsert table turns a flush's rows into its new rows and values (`current::changes`,
@@ -192,10 +192,10 @@ impl Pipeline {
     }
 }
 
-/// Commits a staged upsert plan with its txn actions; on success the state remembers it and,
-/// when due, a compaction follows (its own `OPTIMIZE` commit; a lost race skips it: the next
-/// flush re-plans).
-pub(super) async fn commit_staged<V: Clone>(
+/// Commits a staged upsert plan with its txn actions and the table's summary after it; on
+/// success the state remembers it and, when due, a compaction follows (its own `OPTIMIZE`
+/// commit, with the same summary; a lost race skips it: the next flush re-plans).
+pub(super) async fn commit_staged<V: Clone + Classed>(
     t: &mut Table,
     state: &mut Upsert<V>,
     staged: Staged<V>,
@@ -203,7 +203,8 @@ pub(super) async fn commit_staged<V: Clone>(
     every: u64,
 ) -> Result<(), (TableError, Staged<V>)> {
     let op = DeltaOperation::Update { predicate: None };
-    if let Err(e) = t.commit(staged.actions.clone(), txns, op, every).await {
+    let info = summary::info(t.kind, &state.counts_after(&staged));
+    if let Err(e) = t.commit_with(staged.actions.clone(), txns, op, every, info).await {
         return Err((e, staged));
     }
     state.committed(staged);
@@ -223,7 +224,8 @@ pub(super) async fn commit_staged<V: Clone>(
             predicate: None,
             target_size: 0,
         };
-        match t.commit(c.actions.clone(), &[], op, every).await {
+        let info = summary::info(t.kind, &state.counts_after(&c));
+        match t.commit_with(c.actions.clone(), &[], op, every, info).await {
             Ok(_) => {
                 state.committed(c);
                 tracing::debug!(
@@ -253,12 +255,17 @@ fn rebased(kind: TableKind) {
 }
 
 /// Deletes the live rows of `keys` (deletion vectors only; no txn: retention is not an offset).
-async fn delete_keys<V: Clone>(t: &mut Table, state: &mut Upsert<V>, keys: Vec<Key>) -> Result<(), TableError> {
+async fn delete_keys<V: Clone + Classed>(
+    t: &mut Table,
+    state: &mut Upsert<V>,
+    keys: Vec<Key>,
+) -> Result<(), TableError> {
     let staged = state.stage(t, None, vec![], keys).await?;
     let op = DeltaOperation::Delete {
         predicate: Some("position = 0 AND closed longer than --closed-retention".into()),
     };
-    if let Err(e) = t.commit(staged.actions.clone(), &[], op, every_none()).await {
+    let info = summary::info(t.kind, &state.counts_after(&staged));
+    if let Err(e) = t.commit_with(staged.actions.clone(), &[], op, every_none(), info).await {
         if matches!(e, TableError::Conflict(_)) {
             t.discard(staged.written()).await;
         }

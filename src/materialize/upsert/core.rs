@@ -32,6 +32,7 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::kernel::{Action, Add};
 use roaring::RoaringTreemap;
 
+use super::summary::Counts;
 use super::{col, Sym};
 use crate::delta::dv;
 use crate::materialize::tables::{path_of, remove_of, Table, TableError};
@@ -78,13 +79,23 @@ struct Entry<V> {
     value: V,
 }
 
-/// Per key (location, value): dense entries plus a hash table of their indexes.
+/// The class of a value: which of the table's summary counts its row is in (0..4, see
+/// [`super::summary`]).
+pub trait Classed {
+    /// The class (only the low two bits count).
+    fn class(&self) -> u8;
+}
+
+/// Per key (location, value): dense entries plus a hash table of their indexes, and the live
+/// keys per class.
 struct Index<V> {
     entries: Vec<Entry<V>>,
     slots: hashbrown::HashTable<u32>,
     /// foldhash, not SipHash: the keys come from our own topics, and at 1M new keys a
     /// catch-up spent about 7% of its CPU re-hashing the slots as they grew.
     hasher: foldhash::fast::RandomState,
+    /// Entries per class, kept by every insert and remove.
+    counts: Counts,
 }
 
 impl<V> Default for Index<V> {
@@ -93,11 +104,16 @@ impl<V> Default for Index<V> {
             entries: Vec::new(),
             slots: hashbrown::HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
+            counts: Counts::default(),
         }
     }
 }
 
-impl<V> Index<V> {
+fn class_of<V: Classed>(v: &V) -> usize {
+    usize::from(v.class() & 3)
+}
+
+impl<V: Classed> Index<V> {
     fn len(&self) -> usize {
         self.entries.len()
     }
@@ -124,10 +140,13 @@ impl<V> Index<V> {
         match slot {
             hashbrown::hash_table::Entry::Occupied(o) => {
                 let e = &mut entries[*o.get() as usize];
+                self.counts[class_of(&e.value)] -= 1;
+                self.counts[class_of(&value)] += 1;
                 e.loc = loc;
                 e.value = value;
             }
             hashbrown::hash_table::Entry::Vacant(v) => {
+                self.counts[class_of(&value)] += 1;
                 v.insert(u32::try_from(entries.len()).expect("fewer than 2^32 keys"));
                 entries.push(Entry { key, loc, value });
             }
@@ -142,6 +161,7 @@ impl<V> Index<V> {
         };
         let (i, _) = slot.remove();
         let i = i as usize;
+        self.counts[class_of(&self.entries[i].value)] -= 1;
         let last = self.entries.len() - 1;
         if i != last {
             // The last entry moves into the hole: repoint its slot.
@@ -293,7 +313,7 @@ fn dv_err(t: &Table) -> impl Fn(dv::DvError) -> TableError {
     }
 }
 
-impl<V: RowValue> Upsert<V> {
+impl<V: RowValue + Classed> Upsert<V> {
     /// Brings the state up to the table's loaded snapshot, reading only new files and new
     /// deletion vectors (values by [`RowValue::of_rows`]).
     ///
@@ -304,7 +324,33 @@ impl<V: RowValue> Upsert<V> {
     }
 }
 
-impl<V: Clone> Upsert<V> {
+impl<V: Clone + Classed> Upsert<V> {
+    /// Live keys per class (see [`super::summary`]).
+    pub fn counts(&self) -> Counts {
+        self.index.counts
+    }
+
+    /// Live keys per class once `s` is committed: what the table's summary is after that
+    /// commit, when this state is the snapshot it is committed against.
+    pub fn counts_after(&self, s: &Staged<V>) -> Counts {
+        let mut counts = self.index.counts;
+        let mut gone: HashSet<Key> = HashSet::new();
+        for k in &s.deleted {
+            if let Some(e) = self.index.get(k) {
+                if gone.insert(*k) {
+                    counts[class_of(&e.value)] -= 1;
+                }
+            }
+        }
+        for (k, v) in s.new_file.iter().flat_map(|(_, c)| c) {
+            if let Some(e) = self.index.get(k).filter(|_| !gone.contains(k)) {
+                counts[class_of(&e.value)] -= 1;
+            }
+            counts[class_of(v)] += 1;
+        }
+        counts
+    }
+
     /// Number of live keys.
     pub fn len(&self) -> usize {
         self.index.len()
@@ -354,7 +400,8 @@ impl<V: Clone> Upsert<V> {
         gone.len()
     }
 
-    /// Every value, mutable (their keys and locations stay).
+    /// Every value, mutable (their keys and locations stay; a change must keep the value's
+    /// class, which the counts hold).
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.index.entries.iter_mut().map(|e| &mut e.value)
     }

@@ -38,6 +38,10 @@ impl SpillValue for CurrentMeta {
     fn closed_since(&self) -> Option<i64> {
         self.closed.then_some(self.order.ingest_time)
     }
+
+    fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+        super::summary::classes(crate::materialize::tables::TableKind::PositionsCurrent, batch)
+    }
 }
 
 // The record: 1 when closed (else 0), then the order ([`EventOrder::encode`]).
@@ -107,7 +111,7 @@ pub fn changes(state: &mut Current, rows: &[RecordBatch]) -> Result<Option<Chang
         .map_err(arrow_err)?;
     let batch = RecordBatch::try_new(schema, columns).map_err(arrow_err)?;
     let metas = CurrentMeta::of_rows(&batch).map_err(arrow_err)?;
-    let hot = state.append(&metas)?;
+    let hot = state.append(&metas, &batch)?;
     Ok(Some((batch, changed.into_iter().zip(hot).collect())))
 }
 

@@ -19,6 +19,7 @@ pub mod queue;
 pub mod queue_table;
 pub mod spill;
 pub mod spilled;
+pub mod summary;
 pub mod sym;
 
 pub use current::{Current, CurrentMeta};

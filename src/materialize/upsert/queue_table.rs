@@ -22,6 +22,17 @@ impl SpillValue for QueueRow {
     fn closed_since(&self) -> Option<i64> {
         (self.status() == "closed").then(|| self.updated_at())
     }
+
+    fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+        super::summary::classes(crate::materialize::tables::TableKind::PositionQueue, batch)
+    }
+}
+
+/// Tests keep whole rows in the core: their class is their status's.
+impl super::core::Classed for QueueRow {
+    fn class(&self) -> u8 {
+        super::summary::queue_class(Some(self.status()))
+    }
 }
 
 fn arrow_err(source: ArrowError) -> TableError {
@@ -68,7 +79,7 @@ pub fn changes(state: &mut Queue, events: &[RecordBatch]) -> Result<Option<Chang
     )
     .map_err(arrow_err)?;
     let rows: Vec<QueueRow> = changed.iter().map(|&i| std::mem::take(&mut new[i])).collect();
-    let hot = state.append(&rows)?;
+    let hot = state.append(&rows, &batch)?;
     Ok(Some((batch, changed.iter().map(|&i| keys[i]).zip(hot).collect())))
 }
 

@@ -3,7 +3,8 @@
 //!
 //! In memory, per key, the copy-on-write core keeps the key, the live row's location and a
 //! [`Hot`] value: where the key's value is in the spill file (8 bytes) and, for a closed row,
-//! since when (8 bytes, for the retention delete, which so never reads the file). A flush reads
+//! since when (for the retention delete, which so never reads the file), with the row's class
+//! of the table's summary ([`super::summary`]) in the two low bits of the same 8 bytes. A flush reads
 //! the values of the keys it changes ([`Spilled::get`], coalesced reads), decides, and appends
 //! the new values ([`Spilled::append`]); a flush that changes k keys reads and writes O(k)
 //! records. The tables differ only in their value and in how events change it.
@@ -11,7 +12,10 @@
 use std::marker::PhantomData;
 use std::path::Path;
 
-use super::core::{Key, RowValue, Synced, Upsert};
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::error::ArrowError;
+
+use super::core::{Classed, Key, RowValue, Synced, Upsert};
 use super::spill::{Codec, Spill, SpillError, SpillRef};
 use crate::materialize::tables::{Table, TableError};
 
@@ -21,6 +25,13 @@ pub trait SpillValue: RowValue + Codec {
     /// Since when (µs) the row is closed and may leave the table after the retention; `None`
     /// when it is open.
     fn closed_since(&self) -> Option<i64>;
+
+    /// The summary class of every row of `batch` (the table's schema, see
+    /// [`super::summary::classes`]).
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError>;
 }
 
 /// What stays in memory per key.
@@ -28,8 +39,34 @@ pub trait SpillValue: RowValue + Codec {
 pub struct Hot {
     /// The value, in the spill file.
     pub value: SpillRef,
-    /// See [`SpillValue::closed_since`]; `i64::MAX` when open.
-    closed_since: i64,
+    /// [`SpillValue::closed_since`] (`OPEN` when open) shifted left by two bits, and the row's
+    /// summary class in those two bits.
+    tag: i64,
+}
+
+/// `closed_since` of an open row: later than any cutoff.
+const OPEN: i64 = i64::MAX >> 2;
+
+impl Hot {
+    fn new(value: SpillRef, closed_since: Option<i64>, class: u8) -> Hot {
+        // µs since the epoch fit in 61 bits for ±36,000 years.
+        let t = closed_since.map_or(OPEN, |t| t.clamp(-OPEN, OPEN - 1));
+        Hot {
+            value,
+            tag: (t << 2) | i64::from(class & 3),
+        }
+    }
+
+    /// See [`SpillValue::closed_since`]; a time after any cutoff when open.
+    pub fn closed_since(&self) -> i64 {
+        self.tag >> 2
+    }
+}
+
+impl Classed for Hot {
+    fn class(&self) -> u8 {
+        (self.tag & 3) as u8
+    }
 }
 
 /// The live rows of an upsert table, values in a spill file.
@@ -85,8 +122,10 @@ impl<T: SpillValue> Spilled<T> {
         let spill = &mut self.spill;
         self.rows
             .sync_with(t, |b| {
-                let values = T::of_rows(b).map_err(|source| TableError::Arrow { table, source })?;
-                hot(spill, &values).map_err(|source| TableError::Spill {
+                let arrow = |source| TableError::Arrow { table, source };
+                let values = T::of_rows(b).map_err(arrow)?;
+                let classes = T::classes(b).map_err(arrow)?;
+                hot(spill, &values, &classes).map_err(|source| TableError::Spill {
                     table,
                     source: source.into(),
                 })
@@ -127,20 +166,22 @@ impl<T: SpillValue> Spilled<T> {
             .collect())
     }
 
-    /// Writes `values` to the spill file; their [`Hot`] values, in order (for
-    /// [`Upsert::stage`]).
+    /// Writes `values`, the values of the rows of `rows` (same order), to the spill file; their
+    /// [`Hot`] values, in order (for [`Upsert::stage`]).
     ///
     /// # Errors
-    /// Spill write errors.
-    pub fn append(&mut self, values: &[T]) -> Result<Vec<Hot>, TableError> {
-        hot(&mut self.spill, values).map_err(self.err())
+    /// Spill write errors; Arrow errors (schema mismatch: a bug).
+    pub fn append(&mut self, values: &[T], rows: &RecordBatch) -> Result<Vec<Hot>, TableError> {
+        let table = self.table;
+        let classes = T::classes(rows).map_err(|source| TableError::Arrow { table, source })?;
+        hot(&mut self.spill, values, &classes).map_err(self.err())
     }
 
     /// Keys closed since before `cutoff` (µs): the retention delete. Reads no value.
     pub fn expired(&self, cutoff: i64) -> Vec<Key> {
         self.rows
             .iter()
-            .filter(|(_, h)| h.closed_since < cutoff)
+            .filter(|(_, h)| h.closed_since() < cutoff)
             .map(|(k, _)| *k)
             .collect()
     }
@@ -173,15 +214,14 @@ impl<T: SpillValue> Spilled<T> {
     }
 }
 
-fn hot<T: SpillValue>(spill: &mut Spill, values: &[T]) -> Result<Vec<Hot>, SpillError> {
+fn hot<T: SpillValue>(spill: &mut Spill, values: &[T], classes: &[u8]) -> Result<Vec<Hot>, SpillError> {
+    assert_eq!(values.len(), classes.len(), "one class per value");
     let refs = spill.append(values)?;
     Ok(refs
         .into_iter()
         .zip(values)
-        .map(|(value, v)| Hot {
-            value,
-            closed_since: v.closed_since().unwrap_or(i64::MAX),
-        })
+        .zip(classes)
+        .map(|((value, v), c)| Hot::new(value, v.closed_since(), *c))
         .collect())
 }
 
@@ -209,7 +249,7 @@ mod tests {
     async fn put(t: &mut Table, q: &mut Spilled<QueueRow>, m: &QueueState) {
         let batch = queue_batch(m).unwrap();
         let rows: Vec<QueueRow> = m.values().cloned().collect();
-        let hot = q.append(&rows).unwrap();
+        let hot = q.append(&rows, &batch).unwrap();
         let changed = m.keys().map(|(a, c)| (Sym::new(a), *c)).zip(hot).collect();
         let staged = q.rows.stage(t, Some(batch), changed, vec![]).await.unwrap();
         let op = DeltaOperation::Update { predicate: None };

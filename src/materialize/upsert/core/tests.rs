@@ -37,12 +37,23 @@ async fn put(t: &mut Table, u: &mut Upsert<QueueRow>, rows: &[(i64, i64)]) -> Re
         0,
     )
     .await?;
+    let after = u.counts_after(&staged);
     u.committed(staged);
+    assert_eq!(u.counts(), after, "counts_after is what committing does");
     Ok(())
 }
 
 async fn table_state(t: &Table) -> QueueState {
     queue_from_batches(&t.read_all().await.unwrap()).unwrap()
+}
+
+/// The table's rows by summary class, read whole (what `status --exact` counts).
+async fn table_counts(t: &Table) -> crate::materialize::upsert::summary::Counts {
+    let mut c = Default::default();
+    for b in t.read_all().await.unwrap() {
+        crate::materialize::upsert::summary::count(t.kind, &b, &mut c).unwrap();
+    }
+    c
 }
 
 fn state_of(u: &Upsert<QueueRow>) -> QueueState {
@@ -181,6 +192,12 @@ async fn two_writers_keep_one_live_row_per_key() {
     assert_eq!((s.gone, s.added), (1, 2));
     assert_eq!(state_of(&a), state_of(&b));
     assert_eq!(table_state(&ta).await, state_of(&a));
+    assert_eq!(
+        a.counts(),
+        table_counts(&ta).await,
+        "counts follow another writer's commit"
+    );
+    assert_eq!(b.counts(), a.counts());
     // Deletes are deletion vectors too.
     let staged = a
         .stage(&ta, None, vec![], vec![(Sym::new("A"), 7), (Sym::new("A"), 200)])
@@ -194,7 +211,9 @@ async fn two_writers_keep_one_live_row_per_key() {
     )
     .await
     .unwrap();
+    let after = a.counts_after(&staged);
     a.committed(staged);
+    assert_eq!((a.counts(), a.counts()), (after, table_counts(&ta).await));
     assert_eq!(table_state(&ta).await.len(), 99);
     assert_eq!(table_state(&ta).await, state_of(&a));
     // A read of two columns (`possync status`) sees the live rows, deletion vectors applied.
@@ -213,11 +232,14 @@ async fn two_writers_keep_one_live_row_per_key() {
     assert_eq!(pairs(ta.read_columns(&["con_id", "status"]).await.unwrap()).len(), 99);
     // Many small commits: compaction keeps the file count bounded and the rows exact.
     for i in 0..(MAX_FILES as i64 * 2) {
-        put(&mut ta, &mut a, &[(i % 50, 10 + i), (1000 + i, 1)]).await.unwrap();
+        // Values 0 (closed) now and then: the rows change class.
+        let v = if i % 3 == 0 { 0 } else { 10 + i };
+        put(&mut ta, &mut a, &[(i % 50, v), (1000 + i, 1)]).await.unwrap();
         if let Some(c) = a.compaction(&ta).await.unwrap() {
             ta.commit(c.actions.clone(), &[], DeltaOperation::Update { predicate: None }, 0)
                 .await
                 .unwrap();
+            assert_eq!(a.counts_after(&c), a.counts(), "compaction changes no count");
             a.committed(c);
         }
         assert!(a.files() <= MAX_FILES + 1, "{} files", a.files());
@@ -227,4 +249,7 @@ async fn two_writers_keep_one_live_row_per_key() {
     ta.refresh().await.unwrap();
     c.sync(&ta).await.unwrap();
     assert_eq!(state_of(&c), state_of(&a), "a fresh reader sees the same rows");
+    let counts = table_counts(&ta).await;
+    assert!(counts[0] > 0 && counts[2] > 0, "pending and closed rows: {counts:?}");
+    assert_eq!((a.counts(), c.counts()), (counts, counts));
 }
