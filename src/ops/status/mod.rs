@@ -38,11 +38,18 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
+mod log;
+mod render;
+
+pub use render::render_text;
+
+use log::{log_entry, row_count, scan, summary_of, LogEntry};
+
 use super::{open_existing, rfc3339_micros};
 use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError};
 use crate::materialize::offsets::{app_id, partitions_of, tables_of};
 use crate::materialize::tables::{Table, TableError};
-use crate::materialize::upsert::summary::{self, Counts};
+use crate::materialize::upsert::summary;
 use crate::materialize::{TableArgs, TableKind};
 
 /// Log entries walked back from the newest to find an upsert table's summary before scanning it.
@@ -579,112 +586,6 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
     })
 }
 
-/// What `status` reads from one log entry (one `GET` of `_delta_log/<version>.json`).
-#[derive(Debug, Clone, Default)]
-struct LogEntry {
-    /// Its `commitInfo` (`Null` when it has none).
-    commit_info: serde_json::Value,
-    /// The commit time (ms).
-    timestamp: Option<i64>,
-    /// Whether it adds or removes data (an add or remove with `dataChange` true).
-    data_change: bool,
-}
-
-/// The log entry of `version` of `t` (`None`: no such entry, e.g. cleaned up).
-async fn log_entry(t: &Table, version: i64) -> Result<Option<LogEntry>, TableError> {
-    let Ok(v) = u64::try_from(version) else {
-        return Ok(None);
-    };
-    let bytes = t
-        .delta
-        .log_store()
-        .read_commit_entry(v)
-        .await
-        .map_err(|source| TableError::Delta {
-            table: t.kind.name(),
-            source,
-        })?;
-    let Some(bytes) = bytes else {
-        return Ok(None);
-    };
-    let mut e = LogEntry::default();
-    for line in bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-    {
-        let action: serde_json::Value = serde_json::from_slice(line).map_err(|err| TableError::Delta {
-            table: t.kind.name(),
-            source: deltalake::DeltaTableError::Generic(format!("log entry {version}: {err}")),
-        })?;
-        if let Some(ci) = action.get("commitInfo") {
-            e.timestamp = ci.get("timestamp").and_then(serde_json::Value::as_i64);
-            e.commit_info = ci.clone();
-        }
-        for kind in ["add", "remove"] {
-            if let Some(a) = action.get(kind) {
-                // A missing dataChange counts as a change (the safe reading).
-                e.data_change |= a.get("dataChange").and_then(serde_json::Value::as_bool) != Some(false);
-            }
-        }
-    }
-    Ok(Some(e))
-}
-
-/// The summary of `t`'s rows as of its loaded version, from the newest log entry that carries
-/// one, walking back over entries that change no rows (at most [`SUMMARY_WALK`] entries);
-/// `newest` is the entry of the loaded version when already read. `None`: no such entry
-/// (a data commit without a summary comes first, or the walk ends): the caller scans.
-async fn summary_of(t: &Table, newest: Option<LogEntry>) -> Result<Option<(i64, Counts)>, TableError> {
-    let mut v = t.version();
-    let mut entry = newest;
-    for _ in 0..SUMMARY_WALK {
-        let e = match entry.take() {
-            Some(e) => e,
-            None => match log_entry(t, v).await? {
-                Some(e) => e,
-                None => return Ok(None),
-            },
-        };
-        if let Some(c) = summary::of_info(t.kind, &e.commit_info) {
-            return Ok(Some((v, c)));
-        }
-        if e.data_change || v == 0 {
-            return Ok(None);
-        }
-        v -= 1;
-    }
-    Ok(None)
-}
-
-/// The rows of an upsert table counted by class: the whole table read (`--exact`).
-async fn scan(t: &Table) -> Result<Counts, StatusError> {
-    let columns: &[&str] = match t.kind {
-        TableKind::PositionsCurrent => &["route", "position"],
-        _ => &["status"],
-    };
-    let mut c = Counts::default();
-    for b in t.read_columns(columns).await? {
-        summary::count(t.kind, &b, &mut c).map_err(|source| TableError::Arrow {
-            table: t.kind.name(),
-            source,
-        })?;
-    }
-    Ok(c)
-}
-
-/// Rows of a table from the Delta file statistics (reads the files only when a file has none).
-async fn row_count(t: &Table) -> Result<u64, TableError> {
-    let snap = t.delta.snapshot().map_err(|source| TableError::Delta {
-        table: t.kind.name(),
-        source,
-    })?;
-    let counts: Option<Vec<usize>> = snap.log_data().iter().map(|f| f.num_records()).collect();
-    match counts {
-        Some(c) => Ok(c.into_iter().sum::<usize>() as u64),
-        None => Ok(t.read_all().await?.iter().map(|b| b.num_rows() as u64).sum()),
-    }
-}
-
 fn watermarks(kafka: &KafkaConfig) -> Result<Vec<Watermark>, KafkaError> {
     let c: BaseConsumer = kafka
         .consumer("possync-status-probe")
@@ -750,173 +651,5 @@ async fn scrape(url: &url::Url) -> Result<BTreeMap<String, i64>, String> {
         .collect())
 }
 
-fn secs(s: Option<f64>) -> String {
-    s.map_or_else(|| "?".into(), |s| format!("{s:.1}s"))
-}
-
-/// The report as text for a terminal.
-pub fn render_text(s: &Status) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "possync status at {} (tables {}, offsets namespace {})",
-        s.checked_at, s.table_uri, s.namespace
-    );
-    let w = s.partitions.iter().map(|p| p.topic.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(
-        o,
-        "{:<w$}  {:>4}  {:>10}  {:>11}  {:>10}  {:>9}",
-        "topic", "part", "high", "txn version", "lag events", "lag"
-    );
-    for p in &s.partitions {
-        let v = p.txn_version.map_or_else(|| "-".into(), |v| v.to_string());
-        let _ = writeln!(
-            o,
-            "{:<w$}  {:>4}  {:>10}  {:>11}  {:>10}  {:>9}{}",
-            p.topic,
-            p.partition,
-            p.high_watermark,
-            v,
-            p.lag_events,
-            secs(p.lag_seconds),
-            if p.lost_events > 0 {
-                format!("  LOST {}", p.lost_events)
-            } else {
-                String::new()
-            }
-        );
-    }
-    let _ = writeln!(
-        o,
-        "lag            : {} events, oldest {}",
-        s.lag_events,
-        secs(s.lag_seconds)
-    );
-    let ingest = match (s.slots.ingest_in_use, s.slots.ingest_budget) {
-        (Some(u), Some(b)) => format!(
-            "; ingest reports {u}/{b} (overflow total {})",
-            s.slots.ingest_overflow_total.unwrap_or(0)
-        ),
-        _ => String::new(),
-    };
-    let _ = writeln!(
-        o,
-        "slots in use   : {} open positions on the active route{ingest}",
-        s.slots.active_open_positions
-    );
-    let _ = writeln!(
-        o,
-        "queue depth    : {} pending ({} refreshed, {} closed, {} active)",
-        s.queue.depth, s.queue.refreshed, s.queue.closed, s.queue.active
-    );
-    let _ = writeln!(o, "dead letters   : {}", s.dead_letters);
-    if let Some(r) = &s.reconciliation {
-        let _ = writeln!(
-            o,
-            "reconciliation : {} drifted, {} pending (at {})",
-            r.drifted,
-            r.pending,
-            r.reconciled_at.as_deref().unwrap_or("-")
-        );
-    }
-    for t in &s.tables {
-        let _ = match (t.version, &t.last_commit) {
-            (Some(v), Some(at)) => writeln!(
-                o,
-                "last commit    : {:<18} v{v:<6} {at} ({} ago)",
-                t.table,
-                secs(t.commit_age_seconds)
-            ),
-            _ => writeln!(o, "last commit    : {:<18} missing", t.table),
-        };
-    }
-    if s.healthy {
-        let _ = writeln!(o, "health         : OK");
-    } else {
-        let _ = writeln!(o, "health         : UNHEALTHY");
-        for p in &s.problems {
-            let _ = writeln!(o, "  - {p}");
-        }
-    }
-    o
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::materialize::tables::append_operation;
-    use crate::materialize::upsert::{queue_batch, QueueInput, QueueRow, QueueState};
-    use deltalake::kernel::Action;
-    use deltalake::protocol::DeltaOperation;
-
-    fn rows(n: i64) -> QueueState {
-        (0..n)
-            .map(|k| {
-                let mut r = QueueRow::default();
-                r.apply(&QueueInput {
-                    active_route: false,
-                    partition: 0,
-                    source: if k % 2 == 0 { "POLL" } else { "STREAM" },
-                    order: (k, "s", k, "e"),
-                    position: (k % 3) as f64,
-                    avg_cost: 1.0,
-                });
-                (("A".to_string(), k), r)
-            })
-            .collect()
-    }
-
-    async fn add(t: &mut Table, m: &QueueState, info: bool) -> Counts {
-        let batch = queue_batch(m).unwrap();
-        let mut c = Counts::default();
-        summary::count(t.kind, &batch, &mut c).unwrap();
-        let actions = t
-            .write_files(&[batch])
-            .await
-            .unwrap()
-            .into_iter()
-            .map(Action::Add)
-            .collect();
-        let info = if info { summary::info(t.kind, &c) } else { vec![] };
-        let op = DeltaOperation::Update { predicate: None };
-        t.commit_with(actions, &[], op, 0, info).await.unwrap();
-        c
-    }
-
-    /// The summary is found on the newest entry, behind entries that change no rows, and not
-    /// behind a data commit without one (then `status` scans).
-    #[tokio::test]
-    async fn the_summary_is_walked_back_to_over_commits_without_data_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().to_str().unwrap();
-        let mut t = Table::open(base, TableKind::PositionQueue).await.unwrap();
-        let c = add(&mut t, &rows(12), true).await;
-        assert_eq!(c, [4, 4, 4, 0], "pending, refreshed, closed, active");
-        assert_eq!(scan(&t).await.unwrap(), c);
-        let v = t.version();
-        assert_eq!(summary_of(&t, None).await.unwrap(), Some((v, c)));
-        // Txn re-stamps (no data): walked over.
-        for i in 0..3 {
-            let txns = [("app".to_string(), i)];
-            t.commit(vec![], &txns, append_operation(t.kind), 0).await.unwrap();
-        }
-        assert_eq!(summary_of(&t, None).await.unwrap(), Some((v, c)));
-        let newest = log_entry(&t, t.version()).await.unwrap();
-        assert!(newest.as_ref().is_some_and(|e| !e.data_change && e.timestamp.is_some()));
-        assert_eq!(summary_of(&t, newest).await.unwrap(), Some((v, c)));
-        // More than SUMMARY_WALK of them: the caller scans.
-        for i in 0..SUMMARY_WALK as i64 {
-            let txns = [("app".to_string(), 10 + i)];
-            t.commit(vec![], &txns, append_operation(t.kind), 0).await.unwrap();
-        }
-        assert_eq!(summary_of(&t, None).await.unwrap(), None);
-        // A data commit with none: the caller scans, even with summaries further back.
-        let mut t = Table::open(&format!("{base}/b"), TableKind::PositionQueue)
-            .await
-            .unwrap();
-        add(&mut t, &rows(5), true).await;
-        add(&mut t, &rows(3), false).await;
-        assert_eq!(summary_of(&t, None).await.unwrap(), None);
-    }
-}
+mod tests;
