@@ -23,7 +23,6 @@
 //! unchanged): a key has at most one live row in the table.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 
 use deltalake::arrow::array::{AsArray, RecordBatch, UInt32Array};
 use deltalake::arrow::compute::take_record_batch;
@@ -36,6 +35,11 @@ use super::summary::Counts;
 use super::{col, Sym};
 use crate::delta::dv;
 use crate::materialize::tables::{path_of, remove_of, Table, TableError};
+
+mod index;
+
+pub use index::Classed;
+use index::{class_of, Entry, Index};
 
 /// Key of an upsert row: (account, con_id).
 pub type Key = (Sym, i64);
@@ -70,111 +74,6 @@ struct LiveFile {
 impl LiveFile {
     fn live(&self) -> u64 {
         u64::from(self.rows) - self.deleted.len()
-    }
-}
-
-struct Entry<V> {
-    key: Key,
-    loc: Loc,
-    value: V,
-}
-
-/// The class of a value: which of the table's summary counts its row is in (0..4, see
-/// [`super::summary`]).
-pub trait Classed {
-    /// The class (only the low two bits count).
-    fn class(&self) -> u8;
-}
-
-/// Per key (location, value): dense entries plus a hash table of their indexes, and the live
-/// keys per class.
-struct Index<V> {
-    entries: Vec<Entry<V>>,
-    slots: hashbrown::HashTable<u32>,
-    /// foldhash, not SipHash: the keys come from our own topics, and at 1M new keys a
-    /// catch-up spent about 7% of its CPU re-hashing the slots as they grew.
-    hasher: foldhash::fast::RandomState,
-    /// Entries per class, kept by every insert and remove.
-    counts: Counts,
-}
-
-impl<V> Default for Index<V> {
-    fn default() -> Self {
-        Self {
-            entries: Vec::new(),
-            slots: hashbrown::HashTable::new(),
-            hasher: foldhash::fast::RandomState::default(),
-            counts: Counts::default(),
-        }
-    }
-}
-
-fn class_of<V: Classed>(v: &V) -> usize {
-    usize::from(v.class() & 3)
-}
-
-impl<V: Classed> Index<V> {
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn find(&self, key: &Key) -> Option<usize> {
-        let h = self.hasher.hash_one(key);
-        self.slots
-            .find(h, |&i| self.entries[i as usize].key == *key)
-            .map(|&i| i as usize)
-    }
-
-    fn get(&self, key: &Key) -> Option<&Entry<V>> {
-        self.find(key).map(|i| &self.entries[i])
-    }
-
-    fn insert(&mut self, key: Key, loc: Loc, value: V) {
-        let h = self.hasher.hash_one(key);
-        let (entries, hasher) = (&mut self.entries, &self.hasher);
-        let slot = self.slots.entry(
-            h,
-            |&i| entries[i as usize].key == key,
-            |&j| hasher.hash_one(entries[j as usize].key),
-        );
-        match slot {
-            hashbrown::hash_table::Entry::Occupied(o) => {
-                let e = &mut entries[*o.get() as usize];
-                self.counts[class_of(&e.value)] -= 1;
-                self.counts[class_of(&value)] += 1;
-                e.loc = loc;
-                e.value = value;
-            }
-            hashbrown::hash_table::Entry::Vacant(v) => {
-                self.counts[class_of(&value)] += 1;
-                v.insert(u32::try_from(entries.len()).expect("fewer than 2^32 keys"));
-                entries.push(Entry { key, loc, value });
-            }
-        }
-    }
-
-    fn remove(&mut self, key: &Key) -> bool {
-        let h = self.hasher.hash_one(key);
-        let entries = &self.entries;
-        let Ok(slot) = self.slots.find_entry(h, |&i| entries[i as usize].key == *key) else {
-            return false;
-        };
-        let (i, _) = slot.remove();
-        let i = i as usize;
-        self.counts[class_of(&self.entries[i].value)] -= 1;
-        let last = self.entries.len() - 1;
-        if i != last {
-            // The last entry moves into the hole: repoint its slot.
-            let moved = self.entries[last].key;
-            let h = self.hasher.hash_one(moved);
-            let slot = self
-                .slots
-                .find_mut(h, |&j| j as usize == last)
-                .expect("every entry has a slot");
-            *slot = i as u32;
-        }
-        self.entries.swap_remove(i);
-        true
     }
 }
 
