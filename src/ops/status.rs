@@ -21,7 +21,7 @@
 //! newest log entry of each, whatever the number of keys; commits that change no rows
 //! (vacuum, `txn` re-stamps, a layout migration) are walked back over, up to
 //! [`SUMMARY_WALK`] entries. A table whose newest data commit carries no summary (written by an
-//! older possync, or by `possync rebuild`) is scanned, as `--exact` always does. The last commit
+//! older possync, or another writer) is scanned, as `--exact` always does. The last commit
 //! times are read from the newest log entries, never from a listing of the log.
 //!
 //! Unhealthy (exit 1) when: a partition's lag exceeds `--max-lag-seconds`; the total lag
@@ -461,17 +461,11 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
     let counts = |kind: TableKind| {
         let t = tables.get(&kind);
         let newest = newest.get(&kind).cloned();
-        let exact = cfg.exact;
         async move {
-            let Some(t) = t else {
-                return Ok::<_, StatusError>(None);
-            };
-            if !exact {
-                if let Some((v, c)) = summary_of(t, newest).await? {
-                    return Ok(Some((c, format!("summary@v{v}"))));
-                }
+            match t {
+                Some(t) => counted(t, cfg.exact, newest).await.map(Some),
+                None => Ok::<_, StatusError>(None),
             }
-            Ok(Some((scan(t).await?, format!("scan@v{}", t.version()))))
         }
     };
     let mut slots = Slots {
@@ -654,6 +648,26 @@ async fn summary_of(t: &Table, newest: Option<LogEntry>) -> Result<Option<(i64, 
         v -= 1;
     }
     Ok(None)
+}
+
+/// The live rows of an upsert table (`positions_current`, `position_queue`) per summary class
+/// as of its loaded version, and where they came from (`summary@vN`: the summary of version N;
+/// `scan@vN`): from the newest summary when one applies and `exact` is off, else by a scan.
+///
+/// # Errors
+/// Storage errors.
+pub async fn upsert_counts(t: &Table, exact: bool) -> Result<(Counts, String), StatusError> {
+    counted(t, exact, None).await
+}
+
+/// [`upsert_counts`], with the newest log entry when already read.
+async fn counted(t: &Table, exact: bool, newest: Option<LogEntry>) -> Result<(Counts, String), StatusError> {
+    if !exact {
+        if let Some((v, c)) = summary_of(t, newest).await? {
+            return Ok((c, format!("summary@v{v}")));
+        }
+    }
+    Ok((scan(t).await?, format!("scan@v{}", t.version())))
 }
 
 /// The rows of an upsert table counted by class: the whole table read (`--exact`).
