@@ -106,6 +106,9 @@ pub enum BenchCommand {
     /// Reconciliation at desk size: one run's wall time and CPU over 100k positions and a
     /// day of 10k fills (the first run, which takes the day's starting snapshot, and later ones).
     Reconcile(crate::reconcile::bench::BenchReconcileArgs),
+    /// `possync rebuild` and `book --as-of` over one audit log written as 1 file and as many
+    /// (a year of daily files): wall time, CPU and peak RSS of each, and their ratios.
+    Rebuild(crate::ops::bench::BenchRebuildArgs),
 }
 
 /// The `--schema-registry-url` flags and the Kafka flags of a subcommand that produces or consumes
@@ -401,6 +404,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             which: BenchCommand::Reconcile(args),
         } => {
             println!("{}", crate::reconcile::bench::run(args).await?);
+        }
+        Command::Bench {
+            which: BenchCommand::Rebuild(args),
+        } => {
+            println!("{}", crate::ops::bench::run(args).await?);
         }
     }
     Ok(())

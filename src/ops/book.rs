@@ -5,7 +5,7 @@
 //!   the table held then, i.e. what had been *materialized* by that commit;
 //! - `--as-of TIME` (RFC 3339): a fold of the audit log `position_events` over the events with
 //!   `ingest_time <= TIME`, newest per (account, con_id) by the upsert's own order
-//!   (`ingest_time, session_id, sequence, event_id`, [`CurrentState::merge`]). This is the
+//!   (`ingest_time, session_id, sequence, event_id`, [`CurrentFold`]). This is the
 //!   book as ingest saw IB at TIME, including events that were materialized later; Delta time
 //!   travel by timestamp would instead give what the table held at TIME, missing whatever was
 //!   still in Kafka or in the materializer's buffer (up to the flush latency, or more if it
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{open_existing, rfc3339_micros, Row};
 use crate::materialize::tables::TableError;
-use crate::materialize::upsert::CurrentState;
+use crate::materialize::upsert::CurrentFold;
 use crate::materialize::{TableArgs, TableKind};
 
 /// Errors of `possync book`.
@@ -190,14 +190,14 @@ pub async fn load(cfg: &BookConfig) -> Result<Book, BookError> {
                     f.partition_value("event_date").is_none_or(|d| d <= day.as_str())
                 })
                 .collect();
-            let mut state = CurrentState::default();
+            // One fold in place: no copy of the book per file.
+            let mut fold = CurrentFold::default();
             for f in files {
                 let rows = t.read(std::slice::from_ref(&f)).await?;
                 let kept: Vec<RecordBatch> = rows.iter().map(|b| up_to(b, us)).collect::<Result<_, _>>()?;
-                if let Some(next) = state.merge(&kept)? {
-                    state = next;
-                }
+                fold.add(&kept)?;
             }
+            let state = fold.finish()?;
             (
                 format!("position_events with ingest_time <= {}", rfc3339_micros(us)),
                 None,

@@ -7,6 +7,7 @@
 //! existing tables, one commit per step. Opening a table that does not exist is an error
 //! here (the materializer's `Table::open` would create it, which a read-only command must not).
 
+pub mod bench;
 pub mod book;
 pub mod fills;
 pub mod migrate;

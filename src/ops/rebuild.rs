@@ -1,7 +1,7 @@
 //! `possync rebuild`: recreates the upsert tables from the audit log into fresh tables.
 //!
 //! `positions_current` and `position_queue` are folded from `position_events` with the
-//! materializer's own merge rules ([`CurrentState::merge`], [`upsert::fold_queue`]), file by
+//! materializer's own merge rules ([`CurrentFold`], [`upsert::fold_queue_into`]), file by
 //! file from one snapshot of the log, so the result is what the live tables hold once they have
 //! materialized the same offsets. This is what event sourcing pays for once Kafka's retention
 //! has dropped the topics' history.
@@ -32,7 +32,7 @@ use crate::kafka::Topics;
 use crate::materialize::namespace_guard;
 use crate::materialize::offsets::app_id;
 use crate::materialize::tables::{rewrite_operation, Table, TableError};
-use crate::materialize::upsert::{self, CurrentState, QueueState};
+use crate::materialize::upsert::{self, CurrentFold, QueueState};
 use crate::materialize::TableKind;
 
 /// Registry partitions probed for stored offsets (the log does not list its app ids).
@@ -173,8 +173,9 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
         .await?
         .ok_or_else(|| RebuildError::NoAuditLog(cfg.from.clone()))?;
 
-    // Fold the log, one file at a time, from one snapshot.
-    let mut current = CurrentState::default();
+    // Fold the log, one file at a time, from one snapshot, in place (no copy of the state per
+    // file: a year of daily files costs what one file of the same events costs).
+    let mut current = CurrentFold::default();
     let mut queue = QueueState::new();
     let mut seen: BTreeSet<(String, i32)> = BTreeSet::new();
     let mut folded = 0u64;
@@ -184,13 +185,10 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
             folded += b.num_rows() as u64;
             collect_partitions(b, &mut seen);
         }
-        if let Some(next) = current.merge(&rows)? {
-            current = next;
-        }
-        if let Some(next) = upsert::fold_queue(&queue, &rows)? {
-            queue = next;
-        }
+        current.add(&rows)?;
+        upsert::fold_queue_into(&mut queue, &rows)?;
     }
+    let current = current.finish()?;
 
     // The registry: folded from its audit log, registry_events, when there is one.
     let mut registry_table = open_existing(&cfg.from, TableKind::StrategyRegistry).await?;

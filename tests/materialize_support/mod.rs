@@ -677,6 +677,7 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
             wq.len()
         );
     }
+    check_summaries(base).await?;
     anyhow::ensure!(
         actual_registry(base).await? == expected_registry(produced),
         "strategy_registry differs from the replay"
@@ -705,6 +706,22 @@ pub async fn check_exact(base: &str, produced: &[Produced]) -> anyhow::Result<()
         dead_letter_rows(base).await? == poison,
         "dead_letters differ from the poison produced"
     );
+    Ok(())
+}
+
+/// The counts `possync status` takes from the upsert tables' newest commit summaries equal a
+/// scan of the tables (`status --exact`).
+pub async fn check_summaries(base: &str) -> anyhow::Result<()> {
+    for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+        let t = possync::materialize::tables::Table::open(base, kind).await?;
+        let (cheap, from) = possync::ops::status::upsert_counts(&t, false).await?;
+        let (scan, _) = possync::ops::status::upsert_counts(&t, true).await?;
+        anyhow::ensure!(
+            cheap == scan,
+            "{}: the summary ({from}) counts {cheap:?}, a scan {scan:?}",
+            kind.name()
+        );
+    }
     Ok(())
 }
 

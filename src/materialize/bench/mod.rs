@@ -629,16 +629,32 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     Ok(report)
 }
 
+/// A command timed by [`time_command`].
+#[derive(Debug, Clone, Default)]
+pub struct Timed {
+    /// Wall time per run: median and max (s).
+    pub wall_p50_s: f64,
+    pub wall_max_s: f64,
+    /// CPU (user + system) per run, median (s).
+    pub cpu_p50_s: f64,
+    /// Peak RSS over the runs (MiB).
+    pub rss_max_mib: f64,
+    /// What the last run printed.
+    pub stdout: String,
+}
+
 /// Runs `bin argv` `runs` times (one after the other) under GNU time (`/usr/bin/time`): wall
-/// time, CPU and peak RSS. (Not `wait4(2)` from here: a child's `ru_maxrss` starts at this
-/// process's, which it was spawned from.) `None` when the binary refuses the flags (an older
-/// build).
-fn time_status(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option<StatusFigure>, MaterializeError> {
+/// time, CPU and peak RSS. (Not `wait4(2)` from here: a child's `ru_maxrss` starts at the
+/// RSS of the process it was spawned from.) `None` when the binary refuses the flags (an older
+/// build); an error when a run fails.
+///
+/// # Errors
+/// The command cannot be run or fails.
+pub fn time_command(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option<Timed>, String> {
     let (mut walls, mut cpus, mut rss) = (Vec::new(), Vec::new(), 0f64);
-    let mut answer = String::new();
-    let task = |m: String| MaterializeError::Task(m);
-    let times = std::env::temp_dir().join(format!("possync-bench-status-{}", new_id()));
-    for _ in 0..runs {
+    let mut stdout = String::new();
+    let times = std::env::temp_dir().join(format!("possync-bench-time-{}", new_id()));
+    for _ in 0..runs.max(1) {
         let started = Instant::now();
         let out = Command::new("/usr/bin/time")
             .args(["-f", "%U %S %M", "-o"])
@@ -648,16 +664,14 @@ fn time_status(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option
             .env("POSSYNC_LOG", "warn")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| task(format!("spawn /usr/bin/time {}: {e}", bin.display())))?;
+            .map_err(|e| format!("spawn /usr/bin/time {}: {e}", bin.display()))?;
         let wall = started.elapsed().as_secs_f64();
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
         if stderr.contains("unexpected argument") {
             return Ok(None);
         }
-        let t = std::fs::read_to_string(&times).map_err(|e| task(format!("GNU time's output: {e}")))?;
+        let t = std::fs::read_to_string(&times).map_err(|e| format!("GNU time's output: {e}"))?;
+        let _ = std::fs::remove_file(&times);
         let f: Vec<f64> = t
             .lines()
             .last()
@@ -666,29 +680,46 @@ fn time_status(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option
             .filter_map(|x| x.parse().ok())
             .collect();
         let [user, sys, kib] = f[..] else {
-            return Err(task(format!("GNU time printed {t:?}")));
+            return Err(format!("GNU time printed {t:?}"));
         };
         walls.push(wall);
         cpus.push(user + sys);
         rss = rss.max(kib / 1024.0);
-        let v: serde_json::Value = serde_json::from_str(&stdout)
-            .map_err(|e| task(format!("possync status printed {stdout:?} ({e}); stderr {stderr}")))?;
-        answer = format!(
-            "slots in use {}, queue {}, counted from {}",
-            v["slots"]["active_open_positions"], v["queue"], v["counted_from"]
-        );
+        stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        // `status` exits 1 when unhealthy and still prints its report.
+        if !out.status.success() && stdout.is_empty() {
+            return Err(format!("{} {} failed: {stderr}", bin.display(), argv.join(" ")));
+        }
     }
-    let _ = std::fs::remove_file(&times);
     walls.sort_by(f64::total_cmp);
     cpus.sort_by(f64::total_cmp);
-    Ok(Some(StatusFigure {
-        flags: String::new(),
-        runs,
+    Ok(Some(Timed {
         wall_p50_s: quantile(&walls, 0.5),
         wall_max_s: quantile(&walls, 1.0),
         cpu_p50_s: quantile(&cpus, 0.5),
         rss_max_mib: rss,
-        answer,
+        stdout,
+    }))
+}
+
+/// `possync status` timed by [`time_command`], with what it answered.
+fn time_status(bin: &std::path::Path, argv: &[&str], runs: u32) -> Result<Option<StatusFigure>, MaterializeError> {
+    let Some(t) = time_command(bin, argv, runs).map_err(MaterializeError::Task)? else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&t.stdout)
+        .map_err(|e| MaterializeError::Task(format!("possync status printed {:?} ({e})", t.stdout)))?;
+    Ok(Some(StatusFigure {
+        flags: String::new(),
+        runs,
+        wall_p50_s: t.wall_p50_s,
+        wall_max_s: t.wall_max_s,
+        cpu_p50_s: t.cpu_p50_s,
+        rss_max_mib: t.rss_max_mib,
+        answer: format!(
+            "slots in use {}, queue {}, counted from {}",
+            v["slots"]["active_open_positions"], v["queue"], v["counted_from"]
+        ),
     }))
 }
 

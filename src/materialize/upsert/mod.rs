@@ -24,7 +24,8 @@ pub mod sym;
 
 pub use current::{Current, CurrentMeta};
 pub use queue::{
-    fold_queue, join_queue, queue_batch, queue_from_batches, OptTime, QueueInput, QueueRow, QueueState, QueuedPart,
+    fold_queue, fold_queue_into, join_queue, queue_batch, queue_from_batches, OptTime, QueueInput, QueueRow,
+    QueueState, QueuedPart,
 };
 pub use queue_table::Queue;
 pub use spilled::{Hot, SpillValue, Spilled};
@@ -243,52 +244,161 @@ impl CurrentState {
     }
 
     /// The state merged with event rows (`position_events` or `positions_current` layout);
-    /// `None` when no row is newer than what the state holds.
+    /// `None` when no row is newer than what the state holds. Copies the state: to fold many
+    /// batches (a log file by file) use one [`CurrentFold`].
     ///
     /// # Errors
     /// Arrow errors (schema mismatch: a bug).
     pub fn merge(&self, rows: &[RecordBatch]) -> Result<Option<CurrentState>, ArrowError> {
-        let schema = Self::schema();
+        let mut fold = CurrentFold::from(self.clone());
+        if !fold.add(rows)? {
+            return Ok(None);
+        }
+        fold.finish().map(Some)
+    }
+}
+
+/// `positions_current` folded in place from any number of event batches (a log file by file,
+/// as `possync rebuild` and `book --as-of` read it), with [`CurrentState::merge`]'s rules.
+///
+/// Per key, the newest row so far is a reference into the batches added (a batch with no
+/// newer row is not kept); when more rows are kept than twice the keys (plus a floor), the
+/// live ones are taken into one batch and the rest dropped. So memory stays within about twice
+/// the folded state's (plus one file), and time is O(rows read) plus O(keys) per such
+/// compaction, each after at least `keys` more rows: not O(keys) per batch, which copying the
+/// state per file cost (O(files x keys)). One batch added is taken once, as a merge does.
+#[derive(Debug, Clone, Default)]
+pub struct CurrentFold {
+    /// The kept batches (`positions_current` schema).
+    sources: Vec<RecordBatch>,
+    /// Key -> (order of its newest event, its row in `sources`, [`encode_src`]).
+    index: BTreeMap<(String, i64), (EventOrder, usize)>,
+    /// Rows in `sources`.
+    kept: usize,
+}
+
+/// Rows a fold keeps at least before it compacts (small logs never compact).
+const FOLD_FLOOR: usize = 1 << 16;
+
+impl From<CurrentState> for CurrentFold {
+    fn from(s: CurrentState) -> Self {
+        let kept = s.batch.num_rows();
+        Self {
+            index: s
+                .index
+                .into_iter()
+                .map(|(k, (o, row))| (k, (o, encode_src(0, row))))
+                .collect(),
+            sources: vec![s.batch],
+            kept,
+        }
+    }
+}
+
+impl CurrentFold {
+    /// Number of keys so far.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// No key so far.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Folds event rows (`position_events` or `positions_current` layout) in; returns whether
+    /// a row was newer than what the fold held for its key.
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    pub fn add(&mut self, rows: &[RecordBatch]) -> Result<bool, ArrowError> {
         let inputs = as_current(rows)?;
-        let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
-        let best = newest_per_key(&cols);
-        let mut index = self.index.clone();
+        let first = self.sources.len();
         let mut changed = false;
-        for ((acct, con), (bi, i)) in best {
-            let c = &cols[bi];
-            match index.get_mut(&(acct.to_string(), con)) {
-                Some(cur) if !newer(c.order(i), &cur.0) => {}
-                Some(cur) => {
-                    *cur = (c.owned_order(i), encode_src(bi + 1, i));
-                    changed = true;
+        {
+            let cols: Vec<Cols<'_>> = inputs.iter().map(Cols::of).collect::<Result<_, _>>()?;
+            for ((acct, con), (bi, i)) in newest_per_key(&cols) {
+                let c = &cols[bi];
+                let at = encode_src(first + bi, i);
+                match self.index.get_mut(&(acct.to_string(), con)) {
+                    Some(cur) if !newer(c.order(i), &cur.0) => continue,
+                    Some(cur) => *cur = (c.owned_order(i), at),
+                    None => {
+                        self.index.insert((acct.to_string(), con), (c.owned_order(i), at));
+                    }
                 }
-                None => {
-                    index.insert((acct.to_string(), con), (c.owned_order(i), encode_src(bi + 1, i)));
-                    changed = true;
-                }
+                changed = true;
             }
         }
         if !changed {
-            return Ok(None);
+            return Ok(false);
         }
-        // Source 0 = the current state batch, 1.. = inputs.
-        let mut sources: Vec<&RecordBatch> = vec![&self.batch];
-        sources.extend(inputs.iter());
-        let picks: Vec<(usize, usize)> = index.values().map(|(_, s)| decode_src(*s)).collect();
-        let columns = (0..schema.fields().len())
-            .map(|c| {
-                let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
-                interleave(&arrays, &picks)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let batch = RecordBatch::try_new(schema, columns)?;
-        let index = index
-            .into_iter()
-            .enumerate()
-            .map(|(row, (k, (o, _)))| (k, (o, row)))
-            .collect();
-        Ok(Some(CurrentState { batch, index }))
+        self.kept += inputs.iter().map(RecordBatch::num_rows).sum::<usize>();
+        self.sources.extend(inputs);
+        if self.kept > 2 * self.index.len() + FOLD_FLOOR {
+            self.compact()?;
+        }
+        Ok(true)
     }
+
+    /// The live rows taken into one batch, in key order; the others dropped.
+    fn compact(&mut self) -> Result<(), ArrowError> {
+        if self.index.is_empty() {
+            self.sources.clear();
+            self.kept = 0;
+            return Ok(());
+        }
+        let picks: Vec<(usize, usize)> = self.index.values().map(|(_, s)| decode_src(*s)).collect();
+        let batch = take_rows(&self.sources.iter().collect::<Vec<_>>(), &picks)?;
+        for (row, (_, s)) in self.index.values_mut().enumerate() {
+            *s = encode_src(0, row);
+        }
+        self.kept = batch.num_rows();
+        self.sources = vec![batch];
+        Ok(())
+    }
+
+    /// The folded state.
+    ///
+    /// # Errors
+    /// Arrow errors (a bug).
+    pub fn finish(mut self) -> Result<CurrentState, ArrowError> {
+        if self.index.is_empty() {
+            return Ok(CurrentState::default());
+        }
+        let in_place = self.sources.len() == 1
+            && self.kept == self.index.len()
+            && self
+                .index
+                .values()
+                .enumerate()
+                .all(|(row, (_, s))| *s == encode_src(0, row));
+        if !in_place {
+            self.compact()?;
+        }
+        let batch = self
+            .sources
+            .pop()
+            .unwrap_or_else(|| RecordBatch::new_empty(CurrentState::schema()));
+        let index = self
+            .index
+            .into_iter()
+            .map(|(k, (o, s))| (k, (o, decode_src(s).1)))
+            .collect();
+        Ok(CurrentState { batch, index })
+    }
+}
+
+/// The rows `picks` ((batch, row)) of `sources`, as one batch of their schema.
+fn take_rows(sources: &[&RecordBatch], picks: &[(usize, usize)]) -> Result<RecordBatch, ArrowError> {
+    let schema = CurrentState::schema();
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
+            interleave(&arrays, picks)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema, columns)
 }
 
 // Row references pack (source batch, row) into one usize for the index.
@@ -462,6 +572,55 @@ mod tests {
         }
         // Ordered as the strings are.
         assert_eq!(orders[0].cmp(&orders[1]), sessions[0].cmp(&sessions[1]), "{sessions:?}");
+    }
+
+    /// `rebuild` and `book --as-of` fold a log file by file in place ([`CurrentFold`],
+    /// [`fold_queue_into`]): the result is exactly the merge of all the rows at once, events
+    /// out of order across files, over enough files that the fold compacts what it keeps.
+    #[test]
+    fn a_fold_file_by_file_is_the_merge_of_all_rows_at_once() {
+        let (keys, files, per_file) = (300u64, 400u64, 300u64);
+        let session = crate::events::new_id();
+        // Ingest times rising with jitter over ~700 events (a multiplicative hash): a file
+        // holds events older than some of the previous files'.
+        let time = |i: u64| 1_764_111_111_000_000 + 1_000 * i as i64 - ((i * 2_654_435_761) % 700_001) as i64;
+        let logs: Vec<Vec<RecordBatch>> = (0..files)
+            .map(|f| crate::ops::bench::log_rows(keys, f * per_file, (f + 1) * per_file, &session, time).unwrap())
+            .collect();
+        let all: Vec<RecordBatch> = logs.iter().flatten().cloned().collect();
+        let want = CurrentState::default().merge(&all).unwrap().unwrap();
+        assert_eq!(want.len(), keys as usize);
+        let mut fold = CurrentFold::default();
+        let mut compactions = 0;
+        for rows in &logs {
+            let before = fold.sources.len();
+            fold.add(rows).unwrap();
+            compactions += usize::from(fold.sources.len() < before);
+        }
+        assert!(
+            compactions > 0,
+            "the fold compacted what it kept ({} rows kept, {} sources)",
+            fold.kept,
+            fold.sources.len()
+        );
+        assert!(fold.kept <= 2 * keys as usize + FOLD_FLOOR + (per_file as usize));
+        let got = fold.finish().unwrap();
+        assert_eq!(got.batch(), want.batch());
+        assert_eq!(got.index, want.index);
+        // Merging one file at a time (what rebuild did) agrees too.
+        let mut one_by_one = CurrentState::default();
+        for rows in &logs {
+            if let Some(next) = one_by_one.merge(rows).unwrap() {
+                one_by_one = next;
+            }
+        }
+        assert_eq!(one_by_one.batch(), want.batch());
+        // The queue: folded in place file by file = folded all at once.
+        let mut queue = QueueState::new();
+        for rows in &logs {
+            fold_queue_into(&mut queue, rows).unwrap();
+        }
+        assert_eq!(queue, fold_queue(&QueueState::new(), &all).unwrap().unwrap());
     }
 
     #[test]

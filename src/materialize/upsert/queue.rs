@@ -332,14 +332,25 @@ pub(super) fn each_event(
 /// Arrow errors (schema mismatch: a bug).
 pub fn fold_queue(state: &QueueState, rows: &[RecordBatch]) -> Result<Option<QueueState>, ArrowError> {
     let mut next = state.clone();
+    let changed = fold_queue_into(&mut next, rows)?;
+    Ok(changed.then_some(next))
+}
+
+/// Folds position event rows (`position_events` layout) into `state` in place (no copy of
+/// the state: a log folded file by file costs its rows, not files x keys); returns whether a
+/// row changed.
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn fold_queue_into(state: &mut QueueState, rows: &[RecordBatch]) -> Result<bool, ArrowError> {
     let mut changed = false;
     each_event(rows, |(acct, con), e| {
-        let row = next.entry((acct.to_string(), con)).or_default();
+        let row = state.entry((acct.to_string(), con)).or_default();
         let before = row.clone();
         row.apply(e);
         changed |= *row != before;
     })?;
-    Ok(changed.then_some(next))
+    Ok(changed)
 }
 
 /// Joins rows read from the table into `state`; returns whether anything changed.

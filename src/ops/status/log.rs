@@ -82,6 +82,26 @@ pub(super) async fn summary_of(t: &Table, newest: Option<LogEntry>) -> Result<Op
     Ok(None)
 }
 
+/// The live rows of an upsert table (`positions_current`, `position_queue`) per summary class
+/// as of its loaded version, and where they came from (`summary@vN`: the summary of version N;
+/// `scan@vN`): from the newest summary when one applies and `exact` is off, else by a scan.
+///
+/// # Errors
+/// Storage errors.
+pub async fn upsert_counts(t: &Table, exact: bool) -> Result<(Counts, String), StatusError> {
+    counted(t, exact, None).await
+}
+
+/// [`upsert_counts`], with the newest log entry when already read.
+pub(super) async fn counted(t: &Table, exact: bool, newest: Option<LogEntry>) -> Result<(Counts, String), StatusError> {
+    if !exact {
+        if let Some((v, c)) = summary_of(t, newest).await? {
+            return Ok((c, format!("summary@v{v}")));
+        }
+    }
+    Ok((scan(t).await?, format!("scan@v{}", t.version())))
+}
+
 /// The rows of an upsert table counted by class: the whole table read (`--exact`).
 pub(super) async fn scan(t: &Table) -> Result<Counts, StatusError> {
     let columns: &[&str] = match t.kind {

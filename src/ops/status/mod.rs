@@ -21,7 +21,7 @@
 //! newest log entry of each, whatever the number of keys; commits that change no rows
 //! (vacuum, `txn` re-stamps, a layout migration) are walked back over, up to
 //! [`SUMMARY_WALK`] entries. A table whose newest data commit carries no summary (written by an
-//! older possync, or by `possync rebuild`) is scanned, as `--exact` always does. The last commit
+//! older possync, or another writer) is scanned, as `--exact` always does. The last commit
 //! times are read from the newest log entries, never from a listing of the log.
 //!
 //! Unhealthy (exit 1) when: a partition's lag exceeds `--max-lag-seconds`; the total lag
@@ -43,7 +43,8 @@ mod render;
 
 pub use render::render_text;
 
-use log::{log_entry, row_count, scan, summary_of, LogEntry};
+pub use log::upsert_counts;
+use log::{counted, log_entry, row_count, LogEntry};
 
 use super::{open_existing, rfc3339_micros};
 use crate::kafka::{KafkaArgs, KafkaConfig, KafkaError};
@@ -468,17 +469,11 @@ pub async fn check(cfg: &StatusConfig, kafka: &KafkaConfig) -> Result<Status, St
     let counts = |kind: TableKind| {
         let t = tables.get(&kind);
         let newest = newest.get(&kind).cloned();
-        let exact = cfg.exact;
         async move {
-            let Some(t) = t else {
-                return Ok::<_, StatusError>(None);
-            };
-            if !exact {
-                if let Some((v, c)) = summary_of(t, newest).await? {
-                    return Ok(Some((c, format!("summary@v{v}"))));
-                }
+            match t {
+                Some(t) => counted(t, cfg.exact, newest).await.map(Some),
+                None => Ok::<_, StatusError>(None),
             }
-            Ok(Some((scan(t).await?, format!("scan@v{}", t.version()))))
         }
     };
     let mut slots = Slots {
