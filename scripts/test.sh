@@ -32,6 +32,8 @@ command -v python3 >/dev/null || need+=(python3 python3-pip)
 # promtool checks and unit-tests ops/prometheus; tests/prometheus.rs runs a real Prometheus. With no
 # init system here the package starts no daemon (the test picks a free port all the same).
 command -v promtool >/dev/null || need+=(prometheus)
+# GNU time measures the children of `bench materialize --status-runs` and `bench rebuild`.
+[ -x /usr/bin/time ] || need+=(time)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
