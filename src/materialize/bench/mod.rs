@@ -412,14 +412,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     let mut queue_table = Table::open(&table_uri, TableKind::PositionQueue).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let (done_at, done_cpu) = loop {
-        queue_table.refresh().await?;
-        let mut committed = 0u64;
-        for (t, p) in &parts {
-            committed += queue_table
-                .txn_version(&app_id(&ns, t, *p))
-                .await?
-                .map_or(0, |v| v as u64 + 1);
-        }
+        let committed = committed_events(&mut queue_table, &parts, &ns).await?;
         if committed >= args.events {
             break (Instant::now(), group_cpu_seconds(&pids));
         }
@@ -486,14 +479,7 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
     let total = args.events + n;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        queue_table.refresh().await?;
-        let mut committed = 0u64;
-        for (t, p) in &parts {
-            committed += queue_table
-                .txn_version(&app_id(&ns, t, *p))
-                .await?
-                .map_or(0, |v| v as u64 + 1);
-        }
+        let committed = committed_events(&mut queue_table, &parts, &ns).await?;
         if committed >= total || Instant::now() > deadline {
             break;
         }
@@ -594,6 +580,17 @@ pub async fn run(args: BenchMaterializeArgs) -> Result<BenchReport, MaterializeE
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(report)
+}
+
+/// Events of `parts` that `t` holds as of a fresh snapshot: per partition its stored txn
+/// version + 1 (offsets start at 0 and every offset is an event).
+async fn committed_events(t: &mut Table, parts: &[(String, i32)], ns: &str) -> Result<u64, MaterializeError> {
+    t.refresh().await?;
+    let mut committed = 0u64;
+    for (topic, p) in parts {
+        committed += t.txn_version(&app_id(ns, topic, *p)).await?.map_or(0, |v| v as u64 + 1);
+    }
+    Ok(committed)
 }
 
 /// `possync status` timed by [`time_command`], with what it answered.
