@@ -87,6 +87,9 @@ pub struct Metrics {
     /// Times this process's transactional producer was fenced: another process with the same
     /// transactional id (a successor) started, so this one stopped publishing.
     pub producer_fenced: AtomicU64,
+    /// Times this process's transactional producer failed for good with a fatal error that is
+    /// not a fence (no successor): its owner starts again with a new producer.
+    pub producer_failed: AtomicU64,
     /// Events a fenced producer tried to publish (its aborted transaction and later sends):
     /// refused by the broker, they count nowhere.
     pub producer_refused: AtomicU64,
@@ -480,6 +483,12 @@ impl Metrics {
             "producer_fenced_total",
             "Times this process's transactional producer was fenced by a successor with the same transactional id (it stopped publishing)",
             self.producer_fenced.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "producer_failed_total",
+            "Times this process's transactional producer failed for good with a fatal error that is not a fence (no successor); a new producer took over",
+            self.producer_failed.load(Relaxed),
         );
         c(
             &mut s,

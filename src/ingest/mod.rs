@@ -212,6 +212,10 @@ impl Ingest {
         let id = IngestConfig::transactional_id(&self.engine.publisher.topics().clone());
         match self.run_term(None, None).await? {
             TermEnd::Fenced => Err(IngestError::Publish(PublishError::Fenced(id))),
+            TermEnd::ProducerFailed => Err(IngestError::Publish(PublishError::ProducerFailed {
+                id,
+                reason: "librdkafka's fatal error, logged above".into(),
+            })),
             TermEnd::Stopped | TermEnd::IbUnreachable => Ok(()),
         }
     }
@@ -237,8 +241,9 @@ impl Ingest {
         let mut last_working = std::time::Instant::now();
         // Events purged because the lease was lost.
         let mut purged = 0;
-        // A fenced publisher (a successor runs) ends the term like a lost lease.
-        let fenced = self.engine.publisher.fenced();
+        // A publisher stopped for good (fenced: a successor runs; or failed) ends the term like
+        // a lost lease.
+        let fenced = self.engine.publisher.stopped();
         let stop_on_fence = tokio::spawn({
             let (fenced, term) = (fenced.clone(), self.shutdown.clone());
             async move {
@@ -301,7 +306,7 @@ impl Ingest {
                 // Nothing wrong with the gateway: the buffer of this connection was too small.
                 Ok(session::SessionEnd::Overflow { .. }) => ("IB buffer overflow".to_string(), true),
                 Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(TermEnd::Stopped),
-                Err(IngestError::Publish(e)) if e.is_fenced() => break Ok(TermEnd::Fenced),
+                Err(IngestError::Publish(e)) if e.is_producer_lost() => break Ok(TermEnd::Fenced),
                 Err(e) => break Err(e),
             };
             backoff.session_ended(connected.elapsed(), useful);
@@ -325,9 +330,13 @@ impl Ingest {
         };
         stop_on_fence.abort();
         let result = if fenced.is_cancelled() {
+            let end = match self.engine.publisher.stop_error() {
+                Some(PublishError::ProducerFailed { .. }) => TermEnd::ProducerFailed,
+                _ => TermEnd::Fenced,
+            };
             match result {
-                Ok(_) => Ok(TermEnd::Fenced),
-                Err(IngestError::Publish(e)) if e.is_fenced() || e.is_cancelled() => Ok(TermEnd::Fenced),
+                Ok(_) => Ok(end),
+                Err(IngestError::Publish(e)) if e.is_producer_lost() || e.is_cancelled() => Ok(end),
                 other => other,
             }
         } else {
@@ -354,6 +363,9 @@ enum TermEnd {
     /// The broker fenced the producer: another ingest started with the same transactional id
     /// (a successor that took the lease while this one was paused).
     Fenced,
+    /// librdkafka raised a fatal error that is not a fence (no successor): the next term
+    /// starts with a new producer.
+    ProducerFailed,
 }
 
 /// How long a stopping ingest waits for its lease consumer to leave the group.
@@ -392,6 +404,16 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
                 // rebalance after a leave waits up to the session timeout for members to rejoin,
                 // and a member that joins within it competes for the partition as a newcomer
                 // (seen on the embedded broker: the blind holder got it back every time).
+                let rejoin = rejoin_delay(&kafka, &group);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(rejoin) => {}
+                }
+            }
+            Ok(TermEnd::ProducerFailed) => {
+                // No successor: give the lease up all the same (a standby may take it), and
+                // start the next term, with a new producer, as a standby would.
+                tracing::warn!(%group, "the Kafka producer failed for good; gave the lease up and joining again (the next term starts with a new producer)");
                 let rejoin = rejoin_delay(&kafka, &group);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),

@@ -7,7 +7,7 @@
 //! has dropped the topics' history.
 //!
 //! `strategy_registry` is folded from the registry's audit log, `registry_events`, with the
-//! materializer's own rule ([`upsert::fold_registry`]), so it equals the live table at the same
+//! materializer's own rule ([`upsert::fold_registry_into`]), so it equals the live table at the same
 //! offsets. Entries of the live table that the audit log cannot explain (written by an older
 //! possync, before `registry_events` existed) are counted in the report, not copied. Tables
 //! without `registry_events` get the live registry copied as it is, and the report says so.
@@ -204,9 +204,7 @@ pub async fn run(cfg: &RebuildConfig) -> Result<RebuildReport, RebuildError> {
                     n += b.num_rows() as u64;
                     collect_partitions(b, &mut registry_seen);
                 }
-                if let Some(next) = upsert::fold_registry(&state, &rows)? {
-                    state = next;
-                }
+                upsert::fold_registry_into(&mut state, &rows)?;
             }
             let mut source = format!("folded from {n} registry_events@v{}", log.version());
             // Entries of the live table the audit log cannot explain: written before

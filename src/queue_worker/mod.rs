@@ -157,6 +157,10 @@ pub struct QueueWorkerConfig {
     pub snapshot: Option<crate::snapshot::SnapshotConfig>,
     /// Receives a report of every batch taken (dropped when the receiver is full).
     pub batch_observer: Option<mpsc::Sender<BatchReport>>,
+    /// A fault-test knob: each value sent makes the worker's producer meet a fatal error, the
+    /// code of a fence (`Some(true)`) or another one (`Some(false)`); see
+    /// [`Publisher::inject_fatal`].
+    pub inject_fatal: Option<tokio::sync::watch::Receiver<Option<bool>>>,
 }
 
 impl Default for QueueWorkerConfig {
@@ -178,6 +182,7 @@ impl Default for QueueWorkerConfig {
             clock_skew_micros: 0,
             snapshot: None,
             batch_observer: None,
+            inject_fatal: None,
         }
     }
 }
@@ -201,6 +206,7 @@ impl From<&QueueWorkerArgs> for QueueWorkerConfig {
             clock_skew_micros: a.clock_skew.unwrap_or(0),
             snapshot: a.snapshot.config(),
             batch_observer: None,
+            inject_fatal: None,
         }
     }
 }
@@ -215,13 +221,26 @@ pub fn transactional_id(topics: &crate::kafka::Topics) -> String {
     format!("{}queue-worker", topics.prefix())
 }
 
-/// Runs the queue worker until `shutdown`.
+/// The first wait before the worker starts again with a new producer; it doubles up to
+/// [`RESTART_MAX`] while restarts follow each other, and is back to this after a term that
+/// ran [`RESTART_HEALTHY`].
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+const RESTART_HEALTHY: Duration = Duration::from_secs(60);
+
+/// Runs the queue worker until `shutdown`: one *term* (a producer, the queue loaded, polls)
+/// after another. A term ends for good on shutdown, when a successor fenced its producer (a
+/// second worker of these topics started), or on an error retrying cannot fix. When
+/// librdkafka raised a fatal error that is not a fence (`INVALID_TXN_STATE` after an outage,
+/// for one: no successor runs), the worker starts a new term in-process: a new producer, which
+/// fences the failed one and has the broker abort its open transaction, and the queue loaded
+/// again from what is committed, so POLL events of the lost transaction are polled again.
 ///
 /// # Errors
 /// [`QueueWorkerError::Replay`] when the queue topic cannot be read at start,
-/// [`QueueWorkerError::Publish`] when the producer fails for good.
+/// [`QueueWorkerError::Publish`] when the producer is fenced or fails for good otherwise.
 pub async fn run(
-    cfg: QueueWorkerConfig,
+    mut cfg: QueueWorkerConfig,
     kafka: KafkaConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueWorkerError> {
@@ -233,16 +252,54 @@ pub async fn run(
         );
         crate::events::set_clock_skew(cfg.clock_skew_micros);
     }
+    let mut inject = cfg.inject_fatal.take();
+    let mut delay = RESTART_FIRST;
+    // Restarting after a failed producer: Kafka may still be coming back, so the next term's
+    // start retries what an outage causes, until a term ran `RESTART_HEALTHY`.
+    let mut restarting = false;
+    loop {
+        let began = Instant::now();
+        let result = term(&cfg, &kafka, &mut inject, &shutdown).await;
+        if began.elapsed() >= RESTART_HEALTHY {
+            (delay, restarting) = (RESTART_FIRST, false);
+        }
+        let retry = match &result {
+            Err(QueueWorkerError::Publish(PublishError::ProducerFailed { .. })) => true,
+            Err(QueueWorkerError::Publish(PublishError::Txn { .. }) | QueueWorkerError::Replay(_)) => restarting,
+            _ => false,
+        };
+        let e = match result {
+            Err(e) if retry => e,
+            other => return other,
+        };
+        restarting = true;
+        tracing::warn!(error = %e, retry_in = ?delay, "the queue worker starts again with a new Kafka producer (no successor took over): the queue is loaded again from what is committed");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(RESTART_MAX);
+    }
+}
+
+/// One term of the worker: its own producer (fencing every earlier one), the queue loaded,
+/// then polls until shutdown or the producer stops for good.
+async fn term(
+    cfg: &QueueWorkerConfig,
+    kafka: &KafkaConfig,
+    inject: &mut Option<tokio::sync::watch::Receiver<Option<bool>>>,
+    shutdown: &CancellationToken,
+) -> Result<(), QueueWorkerError> {
     // First fence every earlier worker (and have the broker abort its open transaction), so
     // the replay below reads its final committed state.
     let txn_id = transactional_id(&kafka.topics);
     let mut publisher = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        p = Publisher::transactional(&kafka, &txn_id, cfg.txn_interval, cfg.kafka_timeout, 10_000, false) => p?,
+        p = Publisher::transactional(kafka, &txn_id, cfg.txn_interval, cfg.kafka_timeout, 10_000, false) => p?,
     }
     .with_shutdown(shutdown.clone());
-    let fenced = publisher.fenced();
-    let Some(started) = start::load(&kafka, cfg.kafka_timeout, cfg.snapshot.as_ref(), &shutdown).await? else {
+    let stopped = publisher.stopped();
+    let Some(started) = start::load(kafka, cfg.kafka_timeout, cfg.snapshot.as_ref(), shutdown).await? else {
         return Ok(());
     };
     let (rows, version) = started.table.unwrap_or_default();
@@ -277,7 +334,8 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            _ = fenced.cancelled() => break Err(PublishError::Fenced(txn_id.clone()).into()),
+            _ = stopped.cancelled() => break Err(publisher.stop_error().unwrap_or(PublishError::Fenced(txn_id.clone())).into()),
+            fault = injected(inject) => publisher.inject_fatal(fault, "injected by a fault test"),
             failed = publisher.failed() => failed.iter().for_each(|f| queue.release(&f.key)),
             done = async { batch.as_mut().expect("guarded").await }, if batch.is_some() => {
                 batch = None;
@@ -413,11 +471,29 @@ pub async fn run(
     if let Some(b) = beat.take() {
         b.abort();
     }
-    let flushed = publisher.flush(Duration::from_secs(30)).await;
+    let flushed = if stopped.is_cancelled() {
+        // Nothing of a stopped producer commits: drop what it still holds.
+        publisher.abandon();
+        Ok(())
+    } else {
+        publisher.flush(Duration::from_secs(30)).await
+    };
     drop_client(&mut client).await;
     result?;
     flushed?;
     Ok(())
+}
+
+/// The next fault a test injects ([`QueueWorkerConfig::inject_fatal`]); pending without one.
+async fn injected(inject: &mut Option<tokio::sync::watch::Receiver<Option<bool>>>) -> bool {
+    if let Some(rx) = inject {
+        while rx.changed().await.is_ok() {
+            if let Some(fence) = *rx.borrow_and_update() {
+                return fence;
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// Drops the worker's IB connection (a silent gateway may not take the close: bounded wait).

@@ -323,3 +323,107 @@ async fn a_poll_is_whole_or_fails_never_partial() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A fatal producer error that is not a fence (`INVALID_TXN_STATE`, met once on real Kafka when
+/// an abort after a whole-cluster outage found the transaction already ended) used to be taken
+/// for a fence: the worker logged "fenced" and exited 1 with no successor running. Now the
+/// worker starts again in-process with a new producer and reloads the queue, and only a fence
+/// stops it. The fatal errors are librdkafka's own (`rd_kafka_test_fatal_error`) on the real
+/// producer; the worker meets them on its next send, as it would the broker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_producer_is_replaced_and_only_a_fence_stops_the_worker() -> anyhow::Result<()> {
+    let env = env(quiet_sim(), 1, 2).await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(81, 10)).await?;
+    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    let queued: BTreeSet<(String, i64)> = latest.keys().cloned().collect();
+    ensure!(
+        queued.len() >= 6,
+        "the test world needs queued positions, got {}",
+        queued.len()
+    );
+
+    let (fault, faults) = tokio::sync::watch::channel(None);
+    let cfg = QueueWorkerConfig {
+        ib_host: env.sim.addr().ip().to_string(),
+        ib_port: env.sim.addr().port(),
+        client_id: 82,
+        tick: TICK,
+        batch: BATCH,
+        inject_fatal: Some(faults),
+        ..QueueWorkerConfig::default()
+    };
+    let stop = env.shutdown.child_token();
+    let mut worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
+    wait_for("every queued position to be refreshed", DEADLINE, || async {
+        let p = polls(&collector);
+        queued.iter().all(|k| p.contains_key(k)).then_some(())
+    })
+    .await?;
+    let first: BTreeSet<String> = polls(&collector)
+        .values()
+        .flatten()
+        .map(|e| e.session_id.clone())
+        .collect();
+    ensure!(first.len() == 1, "one worker session so far: {first:?}");
+
+    // A fatal error that is not a fence, then a change to poll: the next send meets it.
+    let failed_before = possync::metrics::global()
+        .producer_failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    fault.send(Some(false))?;
+    let truth = env.sim.truth();
+    let changed: Vec<_> = truth
+        .positions
+        .iter()
+        .take(3)
+        .map(|p| env.sim.apply_fill(&p.account, p.contract.con_id, 1.0))
+        .collect::<Result<_, _>>()?;
+    let refreshed = wait_for(
+        "the changed positions refreshed by a new producer",
+        DEADLINE,
+        || async {
+            let p = polls(&collector);
+            changed
+                .iter()
+                .map(|c| {
+                    p.get(&(c.account.clone(), i64::from(c.contract.con_id)))
+                        .and_then(|v| v.last())
+                        .filter(|e| matches_truth(e, c) && !first.contains(&e.session_id))
+                        .cloned()
+                })
+                .collect::<Option<Vec<_>>>()
+        },
+    )
+    .await?;
+    ensure!(
+        !worker.is_finished(),
+        "the worker stopped after a fatal error that is not a fence"
+    );
+    let failed = possync::metrics::global()
+        .producer_failed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - failed_before;
+    ensure!(failed >= 1, "possync_producer_failed_total did not count the failure");
+    eprintln!(
+        "after the failure, {} changed positions were refreshed by session {}",
+        refreshed.len(),
+        refreshed[0].session_id
+    );
+
+    // A fence stops the worker with an error that says so.
+    fault.send(Some(true))?;
+    for p in truth.positions.iter().skip(3).take(3) {
+        env.sim.apply_fill(&p.account, p.contract.con_id, 1.0)?;
+    }
+    let ended = tokio::time::timeout(DEADLINE, &mut worker)
+        .await
+        .context("the fenced worker did not stop")??;
+    match ended {
+        Err(possync::queue_worker::QueueWorkerError::Publish(e)) if e.is_fenced() => {}
+        other => anyhow::bail!("a fenced worker must stop with the fence, got {other:?}"),
+    }
+    stop.cancel();
+    ingest.stop().await?;
+    Ok(())
+}

@@ -20,8 +20,12 @@
 //! committer task commits every `txn_interval` (100 ms by default) while events are pending;
 //! an aborted transaction (a delivery failed) reports each of its positions through
 //! [`Publisher::failed`] for republishing, and a fenced publisher cancels
-//! [`Publisher::fenced`], refuses every later event with [`PublishError::Fenced`], and
-//! counts what it was refused (`possync_producer_refused_total`).
+//! [`Publisher::stopped`], refuses every later event with [`PublishError::Fenced`], and
+//! counts what it was refused (`possync_producer_refused_total`). librdkafka raises other fatal
+//! errors too, with no successor behind them (`INVALID_TXN_STATE` when an abort meets a
+//! transaction the coordinator already ended after an outage, an authorization failure): the
+//! publisher stops the same way but says [`PublishError::ProducerFailed`]
+//! (`possync_producer_failed_total`), and its owner starts again with a new producer.
 //!
 //! Invariants that keep a Kafka outage from hanging the caller:
 //! - a permit is released as soon as librdkafka reports the delivery, success or failure:
@@ -73,6 +77,15 @@ pub enum PublishError {
     /// Another process with the same transactional id started: this one must stop publishing.
     #[error("fenced: another process with transactional id {0:?} took over (a successor after a pause or a lost lease, or a second process of the same role on these topics); this one stops publishing")]
     Fenced(String),
+    /// librdkafka raised a fatal error that is not a fence: this producer can publish nothing
+    /// more, but no successor took over. A new producer (of the same transactional id) is needed.
+    #[error("the Kafka producer of {id:?} failed for good ({reason}) with no successor behind it; a new producer must take over")]
+    ProducerFailed {
+        /// The transactional id.
+        id: String,
+        /// librdkafka's fatal error.
+        reason: String,
+    },
     /// A Kafka transaction could not be started or ended.
     #[error("Kafka transaction of {id:?}: {source}; is Kafka reachable, and does the cluster allow transactions (transaction.state.log.* settings, ACLs on the transactional id)?")]
     Txn {
@@ -93,6 +106,12 @@ impl PublishError {
     /// Whether this is [`PublishError::Fenced`] (a successor took over).
     pub fn is_fenced(&self) -> bool {
         matches!(self, PublishError::Fenced(_))
+    }
+
+    /// Whether the publisher can publish nothing more ([`PublishError::Fenced`] or
+    /// [`PublishError::ProducerFailed`]): its owner needs a new one, or must stand down.
+    pub fn is_producer_lost(&self) -> bool {
+        matches!(self, PublishError::Fenced(_) | PublishError::ProducerFailed { .. })
     }
 }
 
@@ -235,12 +254,12 @@ impl Publisher {
         max_in_flight: usize,
         record_latency: bool,
     ) -> Result<Self, PublishError> {
-        let mut publisher = Self::new_with(
-            kafka,
-            kafka.transactional_producer(transactional_id),
-            max_in_flight,
-            record_latency,
-        )?;
+        let config = kafka.transactional_producer(transactional_id);
+        let expires = config
+            .get("transaction.timeout.ms")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(60), Duration::from_millis);
+        let mut publisher = Self::new_with(kafka, config, max_in_flight, record_latency)?;
         let producer = publisher.producer.clone();
         let id = transactional_id.to_string();
         let started = Instant::now();
@@ -259,9 +278,12 @@ impl Publisher {
             id,
             gate: tokio::sync::RwLock::new(()),
             open: Mutex::new(Vec::new()),
-            fenced: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+            stop: std::sync::OnceLock::new(),
             closed: CancellationToken::new(),
             timeout: timeout.min(TXN_CALL_TIMEOUT),
+            expires,
+            began: Mutex::new(Instant::now()),
             aborting: std::sync::atomic::AtomicBool::new(false),
             troubled: std::sync::atomic::AtomicBool::new(false),
             stats: publisher.stats.clone(),
@@ -277,16 +299,40 @@ impl Publisher {
         Ok(publisher)
     }
 
-    /// Cancelled once the broker fenced this (transactional) publisher: a successor runs.
-    pub fn fenced(&self) -> CancellationToken {
+    /// Cancelled once this (transactional) publisher stopped for good: the broker fenced it
+    /// (a successor runs) or librdkafka raised another fatal error ([`Publisher::stop_error`]
+    /// says which).
+    pub fn stopped(&self) -> CancellationToken {
         self.txn
             .as_ref()
-            .map_or_else(CancellationToken::new, |t| t.fenced.clone())
+            .map_or_else(CancellationToken::new, |t| t.stopped.clone())
     }
 
-    /// Whether the broker fenced this publisher.
-    pub fn is_fenced(&self) -> bool {
-        self.txn.as_ref().is_some_and(|t| t.fenced.is_cancelled())
+    /// Why the publisher stopped for good ([`PublishError::Fenced`] or
+    /// [`PublishError::ProducerFailed`]), once it did.
+    pub fn stop_error(&self) -> Option<PublishError> {
+        self.txn
+            .as_deref()
+            .filter(|t| t.stopped.is_cancelled())
+            .map(Txn::refusal)
+    }
+
+    /// A fault-test knob: raises a fatal error in librdkafka, as the broker would (`fence`:
+    /// the code of a fence, `_FENCED`; else `INVALID_TXN_STATE`). The next send or commit
+    /// meets it and the publisher stops as it would for the real error.
+    pub fn inject_fatal(&self, fence: bool, reason: &str) {
+        use rdkafka::bindings::rd_kafka_resp_err_t as Code;
+        let code = if fence {
+            Code::RD_KAFKA_RESP_ERR__FENCED
+        } else {
+            Code::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE
+        };
+        let reason = std::ffi::CString::new(reason.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: the client pointer is valid for the producer's life, which `self` holds;
+        // librdkafka copies `reason`.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(self.producer.client().native_ptr(), code, reason.as_ptr());
+        }
     }
 
     /// Makes every wait of [`Publisher::publish`] end with [`PublishError::Cancelled`] once
@@ -415,9 +461,9 @@ impl Publisher {
     /// permit (ended by shutdown). Returns the transaction state and the permit.
     async fn admit(&self) -> Result<(Option<Arc<Txn>>, OwnedSemaphorePermit), PublishError> {
         let txn = self.txn.clone();
-        if let Some(t) = txn.as_deref().filter(|t| t.fenced.is_cancelled()) {
+        if let Some(t) = txn.as_deref().filter(|t| t.stopped.is_cancelled()) {
             metrics::global().producer_refused.fetch_add(1, Relaxed);
-            return Err(PublishError::Fenced(t.id.clone()));
+            return Err(t.refusal());
         }
         let permit = tokio::select! {
             biased;
@@ -455,7 +501,11 @@ impl Publisher {
             match self.producer.send_result(record) {
                 Ok(d) => {
                     if let Some(t) = txn {
-                        t.open.lock().unwrap_or_else(|p| p.into_inner()).push(pending());
+                        let mut open = t.open.lock().unwrap_or_else(|p| p.into_inner());
+                        if open.is_empty() {
+                            *t.began.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                        }
+                        open.push(pending());
                     }
                     drop(gate);
                     return Ok(d);
@@ -482,7 +532,8 @@ impl Publisher {
                     };
                     // The transaction is in an error state (a delivery failed, a commit timed
                     // out while Kafka is away): end it (which waits for Kafka: backpressure),
-                    // then send again. A fenced producer stops here.
+                    // then send again. A fenced or failed producer stops here (`end_txn`
+                    // looks for a fatal error first).
                     resolves += 1;
                     if resolves > 1 {
                         tracing::debug!(error = %e, resolves, "send refused while the transaction recovers; retrying");

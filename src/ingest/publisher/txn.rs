@@ -1,12 +1,12 @@
 //! The publisher's Kafka transaction: the events of the open transaction, the committer task
 //! that ends it every `--txn-interval`, and what happens when ending fails (retry, abort and
-//! republish, or fenced by a newer ingest).
+//! republish, fenced by a newer ingest, or failed for good with no successor).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
@@ -54,12 +54,19 @@ pub(super) struct Txn {
     pub(super) gate: tokio::sync::RwLock<()>,
     /// Events sent in the open transaction.
     pub(super) open: Mutex<Vec<Pending>>,
-    /// Cancelled once the broker fenced this producer.
-    pub(super) fenced: CancellationToken,
+    /// Cancelled once the producer stopped for good ([`Txn::stop`] says why).
+    pub(super) stopped: CancellationToken,
+    /// Why it stopped: set once, before `stopped` is cancelled.
+    pub(super) stop: std::sync::OnceLock<Stop>,
     /// Cancelled when the publisher is dropped or abandoned: the committer stops.
     pub(super) closed: CancellationToken,
     /// How long one commit or abort may take.
     pub(super) timeout: Duration,
+    /// The producer's `transaction.timeout.ms`: a transaction open longer may have been
+    /// aborted by its coordinator, which bumps the epoch.
+    pub(super) expires: Duration,
+    /// When the open transaction got its first event (the coordinator's clock starts there).
+    pub(super) began: Mutex<Instant>,
     /// An abort is under way (it timed out while Kafka was away): resume it, do not commit.
     pub(super) aborting: std::sync::atomic::AtomicBool,
     /// A commit or abort has been failing since the last success (warn once per episode).
@@ -68,7 +75,28 @@ pub(super) struct Txn {
     pub(super) stats: Arc<PublishStats>,
 }
 
+/// Why a transactional producer stopped for good.
+#[derive(Debug, Clone)]
+pub(super) enum Stop {
+    /// A successor with the same transactional id took over (or the coordinator bumped the
+    /// epoch, which librdkafka reports the same way).
+    Fenced,
+    /// Another fatal error of librdkafka: no successor; a new producer may take over.
+    Failed(String),
+}
+
 impl Txn {
+    /// The error for anything asked of a stopped producer.
+    pub(super) fn refusal(&self) -> PublishError {
+        match self.stop.get() {
+            Some(Stop::Failed(reason)) => PublishError::ProducerFailed {
+                id: self.id.clone(),
+                reason: reason.clone(),
+            },
+            _ => PublishError::Fenced(self.id.clone()),
+        }
+    }
+
     pub(super) fn take_open(&self) -> Vec<Pending> {
         std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -97,7 +125,7 @@ impl Txn {
 }
 
 /// Commits the open transaction every `interval` while it holds events, until the publisher
-/// is dropped or abandoned, or the broker fences it.
+/// is dropped or abandoned, or it stops for good (fenced, or failed).
 pub(super) async fn committer(
     txn: Arc<Txn>,
     producer: FutureProducer,
@@ -109,7 +137,7 @@ pub(super) async fn committer(
         tokio::select! {
             biased;
             _ = txn.closed.cancelled() => return,
-            _ = txn.fenced.cancelled() => return,
+            _ = txn.stopped.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         let ended = tokio::select! {
@@ -119,25 +147,33 @@ pub(super) async fn committer(
         };
         match ended {
             Ok(()) => {}
-            Err(PublishError::Fenced(_)) => return,
+            Err(e) if e.is_producer_lost() => return,
             Err(e) => tracing::warn!(error = %e, "could not end a Kafka transaction; retrying"),
         }
     }
 }
 
 /// The fatal error of `producer`, if librdkafka raised one (fenced, or unusable).
-fn fatal(producer: &FutureProducer) -> Option<String> {
-    producer
-        .client()
-        .fatal_error()
-        .map(|(code, why)| format!("{code:?}: {why}"))
+fn fatal(producer: &FutureProducer) -> Option<(RDKafkaErrorCode, String)> {
+    producer.client().fatal_error()
+}
+
+/// Whether a fatal error's code is a fence: librdkafka reports `PRODUCER_FENCED` and
+/// `INVALID_PRODUCER_EPOCH` as `_FENCED` (a successor's `init_transactions` bumped the epoch,
+/// or the coordinator did when it aborted a transaction past `transaction.timeout.ms`).
+fn is_fence(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    )
 }
 
 /// Ends the open transaction: commits it (when it holds events, or `force`); on an abortable
 /// error aborts it and reports each of its events through `failed` (their positions get
 /// republished); then begins the next one. While Kafka is away a commit or an abort does not
 /// complete: the events stay for the next attempt (an abort under way is resumed, never
-/// followed by a commit). Fencing cancels `txn.fenced` and returns [`PublishError::Fenced`].
+/// followed by a commit). A fatal error (found first, or raised by the commit, abort or
+/// begin) stops the producer for good: [`stop`].
 pub(super) async fn end_txn(
     txn: &Txn,
     producer: &FutureProducer,
@@ -145,11 +181,16 @@ pub(super) async fn end_txn(
     latency: Option<&LatencyLog>,
     force: bool,
 ) -> Result<(), PublishError> {
-    if txn.fenced.is_cancelled() {
-        return Err(PublishError::Fenced(txn.id.clone()));
+    if txn.stopped.is_cancelled() {
+        return Err(txn.refusal());
     }
     let _exclusive = txn.gate.write().await;
     let events = txn.take_open();
+    // A fatal error raised since (a send refused with `_FATAL`, a background request): a
+    // commit would not tell, and a send would be refused again and again.
+    if fatal(producer).is_some() {
+        return Err(stop(txn, producer, events.len(), &RdKafkaError::Canceled));
+    }
     let aborting = txn.aborting.load(Relaxed);
     if events.is_empty() && !force && !aborting {
         return Ok(());
@@ -189,7 +230,7 @@ pub(super) async fn end_txn(
             _ => (false, false),
         };
         if is_fatal || fatal(producer).is_some() {
-            return Err(fence(txn, producer, events.len(), &e));
+            return Err(stop(txn, producer, events.len(), &e));
         }
         if retriable {
             txn.trouble(
@@ -219,7 +260,7 @@ pub(super) async fn end_txn(
             );
             begin(txn, producer, events).map(|events| report_failed(failed, events, &error))
         }
-        Err(e) if fatal(producer).is_some() => Err(fence(txn, producer, events.len(), &e)),
+        Err(e) if fatal(producer).is_some() => Err(stop(txn, producer, events.len(), &e)),
         Err(e) => {
             // Kafka away: the abort is resumed on the next attempt.
             txn.trouble(
@@ -237,7 +278,7 @@ pub(super) async fn end_txn(
 fn begin(txn: &Txn, producer: &FutureProducer, events: Vec<Pending>) -> Result<Vec<Pending>, PublishError> {
     match producer.begin_transaction() {
         Ok(()) => Ok(events),
-        Err(e) if fatal(producer).is_some() => Err(fence(txn, producer, events.len(), &e)),
+        Err(e) if fatal(producer).is_some() => Err(stop(txn, producer, events.len(), &e)),
         Err(source) => Err(PublishError::Txn {
             id: txn.id.clone(),
             source,
@@ -261,15 +302,36 @@ fn report_failed(failed: &FailedDeliveries, events: Vec<Pending>, error: &RdKafk
     }
 }
 
-/// Marks the publisher fenced (once) and says so.
-fn fence(txn: &Txn, producer: &FutureProducer, refused: usize, error: &RdKafkaError) -> PublishError {
-    if !txn.fenced.is_cancelled() {
+/// Stops the publisher for good (once) and says why: fenced when librdkafka's fatal error is a
+/// fence, else failed (no successor behind it: the owner may start a new producer).
+fn stop(txn: &Txn, producer: &FutureProducer, refused: usize, error: &RdKafkaError) -> PublishError {
+    if !txn.stopped.is_cancelled() {
         let m = metrics::global();
-        m.producer_fenced.fetch_add(1, Relaxed);
         m.producer_refused.fetch_add(refused as u64, Relaxed);
-        let why = fatal(producer).unwrap_or_else(|| error.to_string());
-        tracing::warn!(transactional_id = %txn.id, refused, reason = %why, "fenced: a newer producer of this transactional id took over; stopped publishing (the refused events count nowhere)");
-        txn.fenced.cancel();
+        let (mut fenced, mut why) = match fatal(producer) {
+            Some((code, why)) => (is_fence(code), format!("{code:?}: {why}")),
+            None => (error.rdkafka_error_code().is_some_and(is_fence), error.to_string()),
+        };
+        // A fence of a transaction open past `transaction.timeout.ms` (a Kafka outage that
+        // long) is most likely the coordinator's abort, not a successor: say failed, so the
+        // owner starts a new producer. Were it a successor after all (this process was paused
+        // that long), the new producer fences it in turn, and one of the two stays.
+        let open_for = txn.began.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        if fenced && open_for >= txn.expires {
+            fenced = false;
+            why = format!("{why} (the transaction was open {open_for:.0?}, past transaction.timeout.ms: the coordinator aborted it)");
+        }
+        let stop = if fenced {
+            m.producer_fenced.fetch_add(1, Relaxed);
+            tracing::warn!(transactional_id = %txn.id, refused, reason = %why, "fenced: a newer producer of this transactional id took over; stopped publishing (the refused events count nowhere)");
+            Stop::Fenced
+        } else {
+            m.producer_failed.fetch_add(1, Relaxed);
+            tracing::warn!(transactional_id = %txn.id, refused, reason = %why, "the Kafka producer failed for good (a fatal error that is not a fence); stopped publishing (the refused events count nowhere)");
+            Stop::Failed(why)
+        };
+        let _ = txn.stop.set(stop);
+        txn.stopped.cancel();
     }
-    PublishError::Fenced(txn.id.clone())
+    txn.refusal()
 }

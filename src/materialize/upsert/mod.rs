@@ -442,12 +442,22 @@ pub fn upsert_registry(state: &mut RegistryState, key: RegistryKey, row: Registr
     }
 }
 
-/// Folds registry event rows (registry layout) into a copy of the state (`None` = unchanged).
+/// Folds registry event rows (registry layout) into a copy of the state (`None` = unchanged):
+/// the live materializer keeps its state until the commit lands.
 ///
 /// # Errors
 /// Arrow errors (schema mismatch: a bug).
 pub fn fold_registry(state: &RegistryState, rows: &[RecordBatch]) -> Result<Option<RegistryState>, ArrowError> {
     let mut next = state.clone();
+    Ok(fold_registry_into(&mut next, rows)?.then_some(next))
+}
+
+/// [`fold_registry`] in place (`rebuild` folds file after file: no copy per file); whether
+/// anything changed.
+///
+/// # Errors
+/// Arrow errors (schema mismatch: a bug).
+pub fn fold_registry_into(next: &mut RegistryState, rows: &[RecordBatch]) -> Result<bool, ArrowError> {
     let mut changed = false;
     for b in rows.iter().filter(|b| b.num_rows() > 0) {
         let s = |n| col(b, n).map(|c| c.as_string::<i32>());
@@ -469,10 +479,10 @@ pub fn fold_registry(state: &RegistryState, rows: &[RecordBatch]) -> Result<Opti
                 actor: actor.value(i).to_string(),
                 event_id: event_id.value(i).to_string(),
             };
-            changed |= upsert_registry(&mut next, key, row);
+            changed |= upsert_registry(next, key, row);
         }
     }
-    Ok(changed.then_some(next))
+    Ok(changed)
 }
 
 /// The registry state as a batch of the `strategy_registry` schema.
