@@ -111,6 +111,8 @@ pub struct Metrics {
     /// 1 while this materializer holds its group's maintenance turn (partition 0 of the
     /// active topic), else 0.
     pub maintenance_turn: AtomicI64,
+    /// Scheduled maintenance passes this materializer ran (with the turn).
+    pub maintenance_passes: AtomicU64,
     /// Latest version of `position_events`.
     pub table_version_events: AtomicI64,
     /// Latest version of `positions_current`.
@@ -351,6 +353,12 @@ impl Metrics {
             "maintenance_turn",
             "1 while this materializer runs its group's scheduled maintenance (it holds partition 0 of the active topic)",
             self.maintenance_turn.load(Relaxed),
+        );
+        c(
+            &mut s,
+            "maintenance_passes_total",
+            "Scheduled maintenance passes (checkpoint, compaction, vacuum of every table) this materializer ran while it held the turn",
+            self.maintenance_passes.load(Relaxed),
         );
         g(
             &mut s,

@@ -212,6 +212,58 @@ async fn random_member_kills_cooperative_sticky() -> anyhow::Result<()> {
     random_member_kills(Some("cooperative-sticky")).await
 }
 
+/// 4b. Issue 23: the scheduled maintenance (checkpoint, compaction, vacuum of every table) runs
+///     on one member of the group at a time, the holder of partition 0 of the active topic as
+///     Kafka's assignment decides, and moves to another member when that one is SIGKILLed
+///     (after the group's session timeout), with fills flowing and a pass every 2 s. The
+///     members without the turn run no pass; the tables stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_moves_when_its_member_is_killed() -> anyhow::Result<()> {
+    let _one = SERIAL.lock().await;
+    let mut p = Pipeline::start(Options {
+        maintain_every: Some(Duration::from_secs(2)),
+        ..Options::default()
+    })
+    .await?;
+    p.start_fills().await?;
+    p.wait_recovered("start-up", Instant::now(), RECOVER).await?;
+    let none = vec![None; p.members.len()];
+    let (holder, settled) = p.wait_maintainer(&none, 1, RECOVER).await?;
+    // Two more passes of the holder: the others run none meanwhile.
+    let (again, after) = p.wait_maintainer(&settled, 2, RECOVER).await?;
+    ensure!(
+        again == holder,
+        "the turn moved from member {holder} to {again} with no member gone"
+    );
+    for m in (0..p.members.len()).filter(|m| *m != holder) {
+        let passes = |f: &[Option<(i64, u64)>]| f[m].map(|(_, n)| n);
+        ensure!(
+            passes(&settled) == passes(&after),
+            "member {m} ran maintenance without the turn: {settled:?} then {after:?}"
+        );
+    }
+    let t0 = Instant::now();
+    p.kill_member(holder)?;
+    let (next, moved) = p.wait_maintainer(&after, 2, RECOVER).await?;
+    let took = t0.elapsed();
+    ensure!(next != holder, "member {holder} was killed");
+    p.wait_recovered(&format!("maintainer materialize-{holder} killed"), t0, RECOVER)
+        .await?;
+    p.start_member(holder)?;
+    p.wait_recovered(&format!("materialize-{holder} back"), Instant::now(), RECOVER)
+        .await?;
+    let (last, _) = p.wait_maintainer(&moved, 1, RECOVER).await?;
+    eprintln!(
+        "[faults] maintenance turn: materialize-{holder} ({} passes), killed; materialize-{next} held the turn and had run 2 passes {:.1} s later (session timeout {:.0} s); after the restart the turn is with materialize-{last}",
+        after[holder].map_or(0, |(_, n)| n),
+        took.as_secs_f64(),
+        pipeline::MEMBER_SESSION.as_secs_f64()
+    );
+    let report = p.finish().await?;
+    eprintln!("[faults] maintenance takeover: {report:?}");
+    Ok(())
+}
+
 /// 5. A desk at default flags (issue 18): 100,000 positions over 20 accounts, one Kafka node,
 ///    ingest and the queue worker with no flag but their addresses. The first sync publishes
 ///    the whole book (before issue 18 it overflowed ibapi's buffer and often never finished);

@@ -223,7 +223,10 @@ pub async fn run_with_progress(
     let stop = shutdown.child_token();
     let maintainer = maintenance.map(|(mcfg, period)| {
         let my_turn = move || assignment.borrow().maintainer;
-        let done = move || passes.send_modify(|p| p.maintained += 1);
+        let done = move || {
+            metrics::global().maintenance_passes.fetch_add(1, Relaxed);
+            passes.send_modify(|p| p.maintained += 1);
+        };
         tokio::spawn(maintain::every(mcfg, period, stop.clone(), my_turn, done))
     });
     let result = m.run(&shutdown).await;

@@ -64,6 +64,9 @@ pub struct Options {
     /// every 100 fills, an expiry (of an option whose day has come: the world is built 70 days
     /// ago) or assignment every 20 fills. The reconciliation must then explain what no fill did.
     pub ib_faults: bool,
+    /// The members' `--maintain-every` (default: the flag's, 1 h); when set, every member also
+    /// serves `/metrics` (see [`Pipeline::maintenance`]).
+    pub maintain_every: Option<Duration>,
 }
 
 impl Default for Options {
@@ -83,6 +86,7 @@ impl Default for Options {
             default_flags: false,
             standby_ingest: false,
             ib_faults: false,
+            maintain_every: None,
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct Pipeline {
     reconciler: Option<possync::reconcile::Reconciler>,
     /// Where ingest serves `/metrics`, when the scenario asked for it.
     pub ingest_metrics: Option<String>,
+    /// Where each member serves `/metrics`, with [`Options::maintain_every`].
+    pub member_metrics: Vec<String>,
     /// Where the second ingest serves `/metrics`.
     pub ingest2_metrics: Option<String>,
     /// Fills applied so far.
@@ -249,6 +255,7 @@ impl Pipeline {
             reconciler: None,
             ingest_metrics: None,
             ingest2_metrics: None,
+            member_metrics: Vec::new(),
             filled: Arc::new(AtomicU64::new(0)),
             expiries: Arc::new(AtomicU64::new(0)),
             spawned: 0,
@@ -256,6 +263,11 @@ impl Pipeline {
         if p.opts.standby_ingest {
             p.ingest_metrics = Some(free_addr()?);
             p.ingest2_metrics = Some(free_addr()?);
+        }
+        if p.opts.maintain_every.is_some() {
+            p.member_metrics = (0..p.members.len())
+                .map(|_| free_addr())
+                .collect::<anyhow::Result<_>>()?;
         }
         if p.opts.processes {
             p.start_ingest()?;
@@ -374,6 +386,63 @@ impl Pipeline {
         } else {
             &mut self.ingest2
         }
+    }
+
+    /// Member `m`'s `possync_maintenance_turn` (1: it runs the group's maintenance) and
+    /// `possync_maintenance_passes_total`; `None` while its `/metrics` does not answer (not
+    /// started, killed) or without [`Options::maintain_every`].
+    pub async fn maintenance(&self, m: usize) -> Option<(i64, u64)> {
+        let body = http_get(self.member_metrics.get(m)?, "/metrics").await?;
+        let turn = metric(&body, "possync_maintenance_turn")? as i64;
+        let passes = metric(&body, "possync_maintenance_passes_total")? as u64;
+        Some((turn, passes))
+    }
+
+    /// Waits until exactly one running member holds the maintenance turn, every other running
+    /// member answers with 0, and the holder has run `passes` passes since `since` (per member,
+    /// from an earlier [`Pipeline::maintenance_all`]); returns the holder and every member's figures.
+    pub async fn wait_maintainer(
+        &self,
+        since: &[Option<(i64, u64)>],
+        passes: u64,
+        within: Duration,
+    ) -> anyhow::Result<(usize, Vec<Option<(i64, u64)>>)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let all = self.maintenance_all().await;
+            let running: Vec<usize> = (0..self.members.len()).filter(|m| self.members[*m].is_some()).collect();
+            let answered = running.iter().all(|m| all[*m].is_some());
+            let holders: Vec<usize> = running
+                .iter()
+                .copied()
+                .filter(|m| all[*m].is_some_and(|(t, _)| t == 1))
+                .collect();
+            if answered && holders.len() == 1 {
+                let h = holders[0];
+                let before = since.get(h).copied().flatten().map_or(0, |(_, n)| n);
+                if all[h].is_some_and(|(_, n)| n >= before + passes) {
+                    return Ok((h, all));
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no single maintenance turn holder with {passes} new passes within {within:?}: {all:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// [`Pipeline::maintenance`] of every member (`None` for those not answering).
+    pub async fn maintenance_all(&self) -> Vec<Option<(i64, u64)>> {
+        let mut out = Vec::new();
+        for m in 0..self.members.len() {
+            out.push(if self.members[m].is_some() {
+                self.maintenance(m).await
+            } else {
+                None
+            });
+        }
+        out
     }
 
     /// `possync_ingest_lease_held` of ingest `i` (1: it holds the lease, 0: it stands by);
@@ -556,6 +625,10 @@ impl Pipeline {
             ]);
         for k in &self.opts.materialize_k {
             c.args(["-K", k]);
+        }
+        if let Some(every) = self.opts.maintain_every {
+            c.args(["--maintain-every", &format!("{}ms", every.as_millis())])
+                .args(["--metrics-addr", &self.member_metrics[m]]);
         }
         self.members[m] = Some(Reap(c.spawn().context("spawn materialize")?));
         Ok(())
