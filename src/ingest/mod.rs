@@ -400,39 +400,29 @@ pub async fn run(cfg: IngestConfig, kafka: KafkaConfig, shutdown: CancellationTo
         match result {
             Ok(TermEnd::IbUnreachable) => {
                 tracing::warn!(%group, after = ?cfg.ib_unreachable_release, "cannot reach IB: gave the ingest lease up so that a standby that may reach it takes over; joining again as a standby");
-                // Rejoin only once the group has handed the partition to a waiting standby: the
-                // rebalance after a leave waits up to the session timeout for members to rejoin,
-                // and a member that joins within it competes for the partition as a newcomer
-                // (seen on the embedded broker: the blind holder got it back every time).
-                let rejoin = rejoin_delay(&kafka, &group);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(rejoin) => {}
-                }
             }
+            // No successor: give the lease up all the same (a standby may take it), and start
+            // the next term, with a new producer, as a standby would.
             Ok(TermEnd::ProducerFailed) => {
-                // No successor: give the lease up all the same (a standby may take it), and
-                // start the next term, with a new producer, as a standby would.
                 tracing::warn!(%group, "the Kafka producer failed for good; gave the lease up and joining again (the next term starts with a new producer)");
-                let rejoin = rejoin_delay(&kafka, &group);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(rejoin) => {}
-                }
             }
+            // A successor runs (this one was paused past its session, or another ingest without
+            // the lease started).
             Ok(TermEnd::Fenced) => {
-                // A successor runs (this one was paused past its session, or another ingest
-                // without the lease started): leave the group, and join again as a standby only
-                // once the successor holds the lease, never competing for it as a newcomer.
                 tracing::warn!(%group, "fenced by a newer ingest of these topics; gave the lease up and joining again as a standby");
-                let rejoin = rejoin_delay(&kafka, &group);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(rejoin) => {}
-                }
             }
             Ok(TermEnd::Stopped) => return Ok(()),
             Err(e) => return Err(e),
+        }
+        // Rejoin only once the group has handed the partition to a waiting standby (or the
+        // successor holds it), never competing for it as a newcomer: the rebalance after a leave
+        // waits up to the session timeout for members to rejoin, and a member that joins within
+        // it competes for the partition as a newcomer (seen on the embedded broker: the blind
+        // holder got it back every time).
+        let rejoin = rejoin_delay(&kafka, &group);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(rejoin) => {}
         }
     }
 }

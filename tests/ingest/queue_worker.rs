@@ -33,20 +33,36 @@ fn polls(c: &Collector) -> BTreeMap<(String, i64), Vec<possync::events::Position
 
 type Worker = tokio::task::JoinHandle<Result<(), possync::queue_worker::QueueWorkerError>>;
 
-/// Starts a queue worker (tick [`TICK`], [`BATCH`] accounts per sweep) that reports its sweeps.
+/// The worker's settings here: tick [`TICK`], [`BATCH`] accounts per sweep.
+fn worker_config(env: &Env, client_id: i32) -> QueueWorkerConfig {
+    QueueWorkerConfig {
+        ib_host: env.sim.addr().ip().to_string(),
+        ib_port: env.sim.addr().port(),
+        client_id,
+        tick: TICK,
+        batch: BATCH,
+        ..QueueWorkerConfig::default()
+    }
+}
+
+/// Waits until every key of `keys` has a POLL event.
+async fn wait_refreshed(collector: &Collector, what: &str, keys: &BTreeSet<(String, i64)>) -> anyhow::Result<()> {
+    wait_for(what, DEADLINE, || async {
+        let p = polls(collector);
+        keys.iter().all(|k| p.contains_key(k)).then_some(())
+    })
+    .await
+}
+
+/// Starts a queue worker ([`worker_config`]) that reports its sweeps.
 fn start_worker(
     env: &Env,
     client_id: i32,
 ) -> (Worker, tokio_util::sync::CancellationToken, mpsc::Receiver<BatchReport>) {
     let (tx, rx) = mpsc::channel::<BatchReport>(1024);
     let cfg = QueueWorkerConfig {
-        ib_host: env.sim.addr().ip().to_string(),
-        ib_port: env.sim.addr().port(),
-        client_id,
-        tick: TICK,
-        batch: BATCH,
         batch_observer: Some(tx),
-        ..QueueWorkerConfig::default()
+        ..worker_config(env, client_id)
     };
     let stop = env.shutdown.child_token();
     let worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
@@ -82,11 +98,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     let (worker, stop, mut rx) = start_worker(&env, WORKER);
 
     // Every queued position gets exactly one POLL refresh matching the truth.
-    wait_for("every queued position to be refreshed", DEADLINE, || async {
-        let p = polls(&collector);
-        queued.iter().all(|k| p.contains_key(k)).then_some(())
-    })
-    .await?;
+    wait_refreshed(&collector, "every queued position to be refreshed", &queued).await?;
     let mut batches = Vec::new();
     while let Ok(b) = rx.try_recv() {
         batches.push(b);
@@ -248,11 +260,7 @@ async fn items_on_the_active_route_are_not_polled() -> anyhow::Result<()> {
         .collect();
 
     let (worker, stop, mut rx) = start_worker(&env, 72);
-    wait_for("every other queued item refreshed", DEADLINE, || async {
-        let p = polls(&collector);
-        others.iter().all(|k| p.contains_key(k)).then_some(())
-    })
-    .await?;
+    wait_refreshed(&collector, "every other queued item refreshed", &others).await?;
     tokio::time::sleep(TICK * 3).await; // a few more sweeps
     let mut taken_items = BTreeSet::new();
     while let Ok(b) = rx.try_recv() {
@@ -345,21 +353,12 @@ async fn a_failed_producer_is_replaced_and_only_a_fence_stops_the_worker() -> an
 
     let (fault, faults) = tokio::sync::watch::channel(None);
     let cfg = QueueWorkerConfig {
-        ib_host: env.sim.addr().ip().to_string(),
-        ib_port: env.sim.addr().port(),
-        client_id: 82,
-        tick: TICK,
-        batch: BATCH,
         inject_fatal: Some(faults),
-        ..QueueWorkerConfig::default()
+        ..worker_config(&env, 82)
     };
     let stop = env.shutdown.child_token();
     let mut worker = tokio::spawn(possync::queue_worker::run(cfg, env.kafka.clone(), stop.clone()));
-    wait_for("every queued position to be refreshed", DEADLINE, || async {
-        let p = polls(&collector);
-        queued.iter().all(|k| p.contains_key(k)).then_some(())
-    })
-    .await?;
+    wait_refreshed(&collector, "every queued position to be refreshed", &queued).await?;
     let first: BTreeSet<String> = polls(&collector)
         .values()
         .flatten()
