@@ -54,6 +54,43 @@ async fn wait_refreshed(collector: &Collector, what: &str, keys: &BTreeSet<(Stri
     .await
 }
 
+/// A world with ingest in sync and at least `at_least` queued positions: the environment, a
+/// collector of every event, the running ingest (client id `client_id`) and the queued keys.
+async fn queued_world(
+    sim: possync::sim::SimConfig,
+    client_id: i32,
+    at_least: usize,
+) -> anyhow::Result<(Env, Collector, Running, BTreeSet<(String, i64)>)> {
+    let env = env(sim, 1, 2).await?;
+    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
+    let ingest = env.start_ingest(env.ingest_config(client_id, 10)).await?;
+    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
+    let queued: BTreeSet<(String, i64)> = latest.keys().cloned().collect();
+    ensure!(
+        queued.len() >= at_least,
+        "the test world should queue at least {at_least} positions, got {}",
+        queued.len()
+    );
+    Ok((env, collector, ingest, queued))
+}
+
+/// Fills one contract of each of `n` positions of `truth` from the `skip`-th on; their
+/// positions after the fill.
+fn fill_some(
+    env: &Env,
+    truth: &possync::sim::Truth,
+    skip: usize,
+    n: usize,
+) -> anyhow::Result<Vec<possync::sim::TruthPosition>> {
+    Ok(truth
+        .positions
+        .iter()
+        .skip(skip)
+        .take(n)
+        .map(|p| env.sim.apply_fill(&p.account, p.contract.con_id, 1.0))
+        .collect::<Result<_, _>>()?)
+}
+
 /// Starts a queue worker ([`worker_config`]) that reports its sweeps.
 fn start_worker(
     env: &Env,
@@ -84,16 +121,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
         initial_positions: 3 * ACCOUNTS,
         ..quiet_sim()
     };
-    let env = env(sim, 1, 2).await?;
-    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
-    let ingest = env.start_ingest(env.ingest_config(61, 10)).await?;
-    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    let queued: BTreeSet<(String, i64)> = latest.keys().cloned().collect();
-    ensure!(
-        queued.len() >= 20,
-        "the world should queue many positions, got {}",
-        queued.len()
-    );
+    let (env, collector, ingest, queued) = queued_world(sim, 61, 20).await?;
 
     let (worker, stop, mut rx) = start_worker(&env, WORKER);
 
@@ -187,12 +215,7 @@ async fn queue_drains_at_the_configured_rate() -> anyhow::Result<()> {
     );
 
     // Changed positions are enqueued again and refreshed once more; the rest stay refreshed.
-    let changed: Vec<_> = truth
-        .positions
-        .iter()
-        .take(3)
-        .map(|p| env.sim.apply_fill(&p.account, p.contract.con_id, 1.0))
-        .collect::<Result<_, _>>()?;
+    let changed = fill_some(&env, &truth, 0, 3)?;
     wait_for("the changed positions to be refreshed again", DEADLINE, || async {
         let p = polls(&collector);
         changed
@@ -340,16 +363,7 @@ async fn a_poll_is_whole_or_fails_never_partial() -> anyhow::Result<()> {
 /// producer; the worker meets them on its next send, as it would the broker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_producer_is_replaced_and_only_a_fence_stops_the_worker() -> anyhow::Result<()> {
-    let env = env(quiet_sim(), 1, 2).await?;
-    let collector = Collector::start(&env.kafka, &env.shutdown).await?;
-    let ingest = env.start_ingest(env.ingest_config(81, 10)).await?;
-    let latest = wait_in_sync(&env.sim, &collector, &ingest.session).await?;
-    let queued: BTreeSet<(String, i64)> = latest.keys().cloned().collect();
-    ensure!(
-        queued.len() >= 6,
-        "the test world needs queued positions, got {}",
-        queued.len()
-    );
+    let (env, collector, ingest, queued) = queued_world(quiet_sim(), 81, 6).await?;
 
     let (fault, faults) = tokio::sync::watch::channel(None);
     let cfg = QueueWorkerConfig {
@@ -372,12 +386,7 @@ async fn a_failed_producer_is_replaced_and_only_a_fence_stops_the_worker() -> an
         .load(std::sync::atomic::Ordering::Relaxed);
     fault.send(Some(false))?;
     let truth = env.sim.truth();
-    let changed: Vec<_> = truth
-        .positions
-        .iter()
-        .take(3)
-        .map(|p| env.sim.apply_fill(&p.account, p.contract.con_id, 1.0))
-        .collect::<Result<_, _>>()?;
+    let changed = fill_some(&env, &truth, 0, 3)?;
     let refreshed = wait_for(
         "the changed positions refreshed by a new producer",
         DEADLINE,
@@ -412,9 +421,7 @@ async fn a_failed_producer_is_replaced_and_only_a_fence_stops_the_worker() -> an
 
     // A fence stops the worker with an error that says so.
     fault.send(Some(true))?;
-    for p in truth.positions.iter().skip(3).take(3) {
-        env.sim.apply_fill(&p.account, p.contract.con_id, 1.0)?;
-    }
+    fill_some(&env, &truth, 3, 3)?;
     let ended = tokio::time::timeout(DEADLINE, &mut worker)
         .await
         .context("the fenced worker did not stop")??;
