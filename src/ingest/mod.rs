@@ -243,13 +243,13 @@ impl Ingest {
         let mut purged = 0;
         // A publisher stopped for good (fenced: a successor runs; or failed) ends the term like
         // a lost lease.
-        let fenced = self.engine.publisher.stopped();
-        let stop_on_fence = tokio::spawn({
-            let (fenced, term) = (fenced.clone(), self.shutdown.clone());
+        let stopped = self.engine.publisher.stopped();
+        let end_on_stop = tokio::spawn({
+            let (stopped, term) = (stopped.clone(), self.shutdown.clone());
             async move {
                 tokio::select! {
                     _ = term.cancelled() => {}
-                    _ = fenced.cancelled() => term.cancel(),
+                    _ = stopped.cancelled() => term.cancel(),
                 }
             }
         });
@@ -281,7 +281,7 @@ impl Ingest {
                 &self.shutdown,
             )
             .await;
-            if lost.is_some_and(CancellationToken::is_cancelled) || fenced.is_cancelled() {
+            if lost.is_some_and(CancellationToken::is_cancelled) || stopped.is_cancelled() {
                 // The lease is gone: purge before anything else (the IB disconnect below may
                 // take a while), so no event of this term leaves after it (issue 20 #9).
                 purged += self.engine.publisher.abandon();
@@ -306,7 +306,7 @@ impl Ingest {
                 // Nothing wrong with the gateway: the buffer of this connection was too small.
                 Ok(session::SessionEnd::Overflow { .. }) => ("IB buffer overflow".to_string(), true),
                 Err(IngestError::Publish(e)) if e.is_cancelled() => break Ok(TermEnd::Stopped),
-                Err(IngestError::Publish(e)) if e.is_producer_lost() => break Ok(TermEnd::Fenced),
+                // A fence or failure (the publisher stopped: mapped to its term end below).
                 Err(e) => break Err(e),
             };
             backoff.session_ended(connected.elapsed(), useful);
@@ -328,8 +328,8 @@ impl Ingest {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        stop_on_fence.abort();
-        let result = if fenced.is_cancelled() {
+        end_on_stop.abort();
+        let result = if stopped.is_cancelled() {
             let end = match self.engine.publisher.stop_error() {
                 Some(PublishError::ProducerFailed { .. }) => TermEnd::ProducerFailed,
                 _ => TermEnd::Fenced,
@@ -342,9 +342,9 @@ impl Ingest {
         } else {
             result
         };
-        if lost.is_some_and(CancellationToken::is_cancelled) || fenced.is_cancelled() {
+        if lost.is_some_and(CancellationToken::is_cancelled) || stopped.is_cancelled() {
             purged += self.engine.publisher.abandon();
-            tracing::warn!(purged, "ingest lease lost or producer fenced: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
+            tracing::warn!(purged, "ingest lease lost or producer fenced or failed: stopped publishing; unacknowledged events purged (the next holder reconciles with IB)");
         } else if let Err(e) = self.engine.publisher.flush(self.cfg.shutdown_grace).await {
             tracing::warn!(error = %e, grace = ?self.cfg.shutdown_grace, "stopping with events Kafka has not acknowledged; the next start reconciles with IB and republishes their positions");
         }

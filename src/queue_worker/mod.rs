@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::book::{ContractInfo, PosKey};
 use crate::events::{PositionEvent, Route, Source};
+use crate::ingest::backoff::Backoff;
 use crate::ingest::{PublishError, Publisher};
 use crate::kafka::KafkaConfig;
 use crate::metrics;
@@ -85,9 +86,9 @@ pub fn transactional_id(topics: &crate::kafka::Topics) -> String {
     format!("{}queue-worker", topics.prefix())
 }
 
-/// The first wait before the worker starts again with a new producer; it doubles up to
-/// [`RESTART_MAX`] while restarts follow each other, and is back to this after a term that
-/// ran [`RESTART_HEALTHY`].
+/// The waits before the worker starts again with a new producer: ingest's reconnect policy
+/// ([`Backoff`]), from this ceiling doubling to [`RESTART_MAX`] while restarts follow each
+/// other, back to it after a term that ran [`RESTART_HEALTHY`].
 const RESTART_FIRST: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 const RESTART_HEALTHY: Duration = Duration::from_secs(60);
@@ -117,15 +118,16 @@ pub async fn run(
         crate::events::set_clock_skew(cfg.clock_skew_micros);
     }
     let mut inject = cfg.inject_fatal.take();
-    let mut delay = RESTART_FIRST;
+    let mut backoff = Backoff::new(RESTART_FIRST, RESTART_MAX, RESTART_HEALTHY, None);
     // Restarting after a failed producer: Kafka may still be coming back, so the next term's
     // start retries what an outage causes, until a term ran `RESTART_HEALTHY`.
     let mut restarting = false;
     loop {
         let began = Instant::now();
         let result = term(&cfg, &kafka, &mut inject, &shutdown).await;
+        backoff.session_ended(began.elapsed(), false);
         if began.elapsed() >= RESTART_HEALTHY {
-            (delay, restarting) = (RESTART_FIRST, false);
+            restarting = false;
         }
         let retry = match &result {
             Err(QueueWorkerError::Publish(PublishError::ProducerFailed { .. })) => true,
@@ -137,12 +139,12 @@ pub async fn run(
             other => return other,
         };
         restarting = true;
+        let delay = backoff.next_delay();
         tracing::warn!(error = %e, retry_in = ?delay, "the queue worker starts again with a new Kafka producer (no successor took over): the queue is loaded again from what is committed");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(RESTART_MAX);
     }
 }
 
