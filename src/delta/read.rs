@@ -84,6 +84,28 @@ impl<K: Spec> Table<K> {
         })
     }
 
+    /// Every physical row of one file (deleted rows included), `columns` only (no partition
+    /// column among them), as one batch of those columns in the file's order.
+    ///
+    /// # Errors
+    /// Storage and parquet errors.
+    pub async fn read_physical_columns(&self, f: &FileRef, columns: &[&str]) -> Result<RecordBatch, TableError> {
+        let batches = self.read_parquet(f, Some(columns)).await?;
+        let arrow = |source| TableError::Arrow {
+            table: self.kind.name(),
+            source,
+        };
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => {
+                let all = self.kind.schema();
+                let at = columns.iter().filter_map(|c| all.index_of(c).ok()).collect::<Vec<_>>();
+                Arc::new(all.project(&at).map_err(arrow)?)
+            }
+        };
+        deltalake::arrow::compute::concat_batches(&schema, &batches).map_err(arrow)
+    }
+
     /// Reads files back as batches of the table's schema (partition columns restored).
     ///
     /// # Errors

@@ -142,3 +142,131 @@ async fn retention_waits_until_no_older_event_can_arrive() {
         "expired once nothing older can arrive"
     );
 }
+
+/// A member that starts on tables another member wrote reads their rows' keys, classes and
+/// closed times only (see `Spilled::sync`); a flush reads the values of the keys it changes
+/// from the table first, so an older event still loses to the row's newer one and a newer one
+/// wins, in both upsert tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_are_read_when_a_flush_first_needs_them() {
+    use crate::events::{new_id, PositionEvent, Route};
+    use crate::materialize::buffer::{Buffers, Incoming};
+    use crate::materialize::decode::tests_support::sample;
+    use crate::materialize::upsert::Sym;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = crate::kafka::EmbeddedBroker::start(1).unwrap();
+    let mut kafka = crate::kafka::KafkaConfig::new(broker.bootstrap());
+    kafka.topics = Topics::new("lazy.");
+    broker.create_topics(&kafka.topics, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("tables").to_string_lossy().into_owned();
+    let open = |state: &'static str| {
+        let (base, topics, producer, state) = (
+            base.clone(),
+            kafka.topics.clone(),
+            kafka.producer(),
+            dir.path().join(state),
+        );
+        async move {
+            Pipeline::open(&base, "ns".into(), topics, 10, producer, &state)
+                .await
+                .unwrap()
+        }
+    };
+    let now = crate::events::now_micros();
+    let event = |i: i64, ingest_time: i64, position: f64| PositionEvent {
+        event_id: new_id(),
+        ingest_time,
+        ib_time: ingest_time,
+        position,
+        route: Route::Queued,
+        ..sample(i)
+    };
+    let producer: FutureProducer = kafka.producer().create().unwrap();
+    let topic = kafka.topics.queued.clone();
+    let send = async |events: &[PositionEvent]| {
+        let mut b = Buffers::new("ns");
+        for e in events {
+            let (key, value) = (e.key(), e.encode().unwrap());
+            let rec = FutureRecord::to(&topic).key(&key).payload(&value);
+            let d = producer.send(rec, std::time::Duration::from_secs(10)).await.unwrap();
+            let m = Incoming {
+                role: Role::Queued,
+                topic: &topic,
+                partition: 0,
+                offset: d.offset,
+                timestamp: Some(e.ingest_time / 1000),
+                key: Some(key.as_bytes()),
+                value: Some(&value),
+            };
+            assert_eq!(b.push(&m), None);
+        }
+        b.freeze().unwrap()
+    };
+    let positions = |base: String| async move {
+        let mut out = Vec::new();
+        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+            for b in super::super::read_table(&base, kind).await.unwrap() {
+                let con = b.column_by_name("con_id").unwrap().as_primitive::<Int64Type>();
+                let pos = b.column_by_name("position").unwrap();
+                let pos = pos.as_primitive::<deltalake::arrow::datatypes::Float64Type>();
+                out.extend((0..b.num_rows()).map(|i| (kind.name(), con.value(i), pos.value(i))));
+            }
+        }
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    };
+
+    let mut first = open("state-1").await;
+    let written = send(&[
+        event(1, now - 10_000_000, 3.0),
+        event(2, now - 10_000_000, 4.0),
+        event(3, now - 10_000_000, 0.0),
+    ])
+    .await;
+    first.commit(&written).await.unwrap();
+
+    let mut second = open("state-2").await;
+    let (k1, k2) = ((Sym::new("DU1"), 1001), (Sym::new("DU1"), 1002));
+    for k in [&k1, &k2] {
+        assert!(
+            !second.current.rows.get(k).unwrap().is_loaded(),
+            "read at start: keys only"
+        );
+        assert!(!second.queue.rows.get(k).unwrap().is_loaded());
+    }
+    assert_eq!(
+        second.current.rows.counts(),
+        first.current.rows.counts(),
+        "classes without values"
+    );
+    assert_eq!(second.queue.rows.counts(), first.queue.rows.counts());
+    let k3 = (Sym::new("DU1"), 1003);
+    assert_eq!(second.current.expired(now), vec![k3], "closed times without values");
+    assert_eq!(second.current.expired(now), first.current.expired(now));
+    assert_eq!(second.queue.expired(now), first.queue.expired(now));
+    assert!(
+        second.current.get(&[k1]).is_err(),
+        "a value not read yet is never taken for none"
+    );
+    // Key 1: an event older than its row; key 2: a newer one.
+    let later = send(&[event(1, now - 20_000_000, 9.0), event(2, now, 7.0)]).await;
+    second.commit(&later).await.unwrap();
+    assert_eq!(
+        positions(base.clone()).await,
+        vec![
+            ("position_queue", 1001, 3.0),
+            ("position_queue", 1002, 7.0),
+            ("position_queue", 1003, 0.0),
+            ("positions_current", 1001, 3.0),
+            ("positions_current", 1002, 7.0),
+            ("positions_current", 1003, 0.0),
+        ],
+        "the older event lost to the row it did not read at start, the newer one won"
+    );
+    for k in [&k1, &k2] {
+        assert!(second.current.rows.get(k).unwrap().is_loaded(), "read once needed");
+        assert!(second.queue.rows.get(k).unwrap().is_loaded());
+    }
+}

@@ -12,7 +12,7 @@ use deltalake::protocol::DeltaOperation;
 use super::{arrow, every_none, Pipeline};
 use crate::materialize::buffer::FrozenPartition;
 use crate::materialize::tables::{path_of, rewrite_operation, Table, TableError, TableKind};
-use crate::materialize::upsert::core::{Changes, Classed, Key, Staged, Upsert};
+use crate::materialize::upsert::core::{keys_of, Changes, Classed, Key, Staged, Upsert};
 use crate::materialize::upsert::{self, summary, Hot, SpillValue, Spilled};
 use crate::materialize::MaterializeError;
 
@@ -62,6 +62,15 @@ impl Pipeline {
                 return Ok(());
             }
             let (t, state) = table_and_state(self);
+            // The values of keys whose rows this member has not read yet (another member's
+            // partitions that moved here, the rows a start found in the table).
+            let keys: Vec<Key> = batches
+                .iter()
+                .map(keys_of)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(arrow(kind))?
+                .concat();
+            state.load(t, &keys).await?;
             let (rows, changed) = changes(state, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
             let mut staged = state.rows.stage(t, rows, changed, vec![]).await?;
             loop {

@@ -167,7 +167,8 @@ fn loosen(stats: &Option<String>) -> Option<String> {
     }
 }
 
-fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
+/// The key of every row of `batch` (any batch with `account` and `con_id`), in order.
+pub(crate) fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
     let account = col(batch, "account")?.as_string::<i32>();
     let con = col(batch, "con_id")?.as_primitive::<Int64Type>();
     let mut last: Option<(&str, Sym)> = None;
@@ -219,7 +220,7 @@ impl<V: RowValue + Classed> Upsert<V> {
     /// # Errors
     /// Storage, parquet and deletion-vector errors.
     pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
-        self.sync_with(t, |b| V::of_rows(b).map_err(arrow(t))).await
+        self.sync_with(t, None, |b| V::of_rows(b).map_err(arrow(t))).await
     }
 }
 
@@ -305,14 +306,44 @@ impl<V: Clone + Classed> Upsert<V> {
         self.index.entries.iter_mut().map(|e| &mut e.value)
     }
 
+    /// Where the live row of `key` is.
+    pub fn loc(&self, key: &Key) -> Option<Loc> {
+        self.index.get(key).map(|e| e.loc)
+    }
+
+    /// The add action of live file `id`.
+    pub fn file(&self, id: u32) -> Option<&Add> {
+        self.files.get(&id).map(|f| &f.add)
+    }
+
+    /// Calls `f` with each row of file `id` that is its key's live row (`keys`: the key of
+    /// each physical row of the file) and the key's value, mutable. A change must keep the
+    /// value's class, which the counts hold.
+    pub fn update_rows_of(&mut self, id: u32, keys: &[Key], mut f: impl FnMut(usize, &mut V)) {
+        for (row, k) in keys.iter().enumerate() {
+            let Some(i) = self.index.find(k) else { continue };
+            let e = &mut self.index.entries[i];
+            if e.loc
+                == (Loc {
+                    file: id,
+                    row: row as u32,
+                })
+            {
+                f(row, &mut e.value);
+            }
+        }
+    }
+
     /// Brings the state up to the table's loaded snapshot, reading only new files and new
-    /// deletion vectors; `of_rows` makes the values of a file's rows.
+    /// deletion vectors; `of_rows` makes the values of a file's rows, read whole or, with
+    /// `columns`, only those columns besides the key (`account`, `con_id`).
     ///
     /// # Errors
     /// Storage, parquet and deletion-vector errors; those of `of_rows`.
     pub async fn sync_with(
         &mut self,
         t: &Table,
+        columns: Option<&[&str]>,
         mut of_rows: impl FnMut(&RecordBatch) -> Result<Vec<V>, TableError>,
     ) -> Result<Synced, TableError> {
         let mut out = Synced::default();
@@ -350,8 +381,12 @@ impl<V: Clone + Classed> Upsert<V> {
         }
         // One walk over the keys for all files, however many other writers touched.
         out.gone += self.forget_rows(&forget);
+        let columns: Option<Vec<&str>> = columns.map(|c| ["account", "con_id"].iter().chain(c).copied().collect());
         for f in fresh {
-            let batch = t.read_physical(&f).await?;
+            let batch = match &columns {
+                Some(c) => t.read_physical_columns(&f, c).await?,
+                None => t.read_physical(&f).await?,
+            };
             let deleted = match &f.add.deletion_vector {
                 Some(d) => dv::read(store.as_ref(), d).await.map_err(dv_err(t))?,
                 None => RoaringTreemap::new(),

@@ -3,7 +3,7 @@
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::interleave;
-use deltalake::arrow::datatypes::Float64Type;
+use deltalake::arrow::datatypes::{Float64Type, TimestampMicrosecondType};
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key, RowValue};
@@ -41,6 +41,17 @@ impl SpillValue for CurrentMeta {
 
     fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
         super::summary::classes(crate::materialize::tables::TableKind::PositionsCurrent, batch)
+    }
+
+    const LIGHT: &'static [&'static str] = &["route", "position", "ingest_time"];
+
+    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError> {
+        let position = col(batch, "position")?.as_primitive::<Float64Type>();
+        let time = col(batch, "ingest_time")?.as_primitive::<TimestampMicrosecondType>();
+        let classes = Self::classes(batch)?;
+        Ok((0..batch.num_rows())
+            .map(|i| ((position.value(i) == 0.0).then(|| time.value(i)), classes[i]))
+            .collect())
     }
 }
 

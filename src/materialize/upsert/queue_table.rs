@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::array::{AsArray, RecordBatch};
+use deltalake::arrow::datatypes::TimestampMicrosecondType;
 use deltalake::arrow::error::ArrowError;
 
 use super::core::{Changes, Key};
@@ -25,6 +26,17 @@ impl SpillValue for QueueRow {
 
     fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
         super::summary::classes(crate::materialize::tables::TableKind::PositionQueue, batch)
+    }
+
+    const LIGHT: &'static [&'static str] = &["status", "updated_at"];
+
+    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError> {
+        let status = super::col(batch, "status")?.as_string::<i32>();
+        let updated = super::col(batch, "updated_at")?.as_primitive::<TimestampMicrosecondType>();
+        let classes = Self::classes(batch)?;
+        Ok((0..batch.num_rows())
+            .map(|i| ((status.value(i) == "closed").then(|| updated.value(i)), classes[i]))
+            .collect())
     }
 }
 

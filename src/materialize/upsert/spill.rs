@@ -62,6 +62,9 @@ impl SpillRef {
     pub fn is_empty(self) -> bool {
         self.len() == 0
     }
+
+    /// No record: a value not read yet (see [`super::Hot::unloaded`]).
+    pub const NONE: SpillRef = SpillRef(0);
 }
 
 /// Spill file failures.
@@ -80,6 +83,9 @@ pub enum SpillError {
     /// A record or the file outgrew what a [`SpillRef`] addresses.
     #[error("spill record or file too large ({0} bytes)")]
     TooLarge(usize),
+    /// A value was asked for before it was read from the table: a bug.
+    #[error("the value of account {account} conId {con_id} was used before it was read from the table (a bug); restart the materializer")]
+    NotLoaded { account: String, con_id: i64 },
 }
 
 /// A value stored in a spill file.

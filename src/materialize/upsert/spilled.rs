@@ -32,6 +32,17 @@ pub trait SpillValue: RowValue + Codec {
     /// # Errors
     /// Arrow errors (schema mismatch: a bug).
     fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError>;
+
+    /// The columns (besides `account` and `con_id`) [`SpillValue::light`] reads: what a row
+    /// must show without its value being read.
+    const LIGHT: &'static [&'static str];
+
+    /// [`SpillValue::closed_since`] and the summary class of every row of `batch`, which holds
+    /// the [`SpillValue::LIGHT`] columns (at least): the same as the row's value would give.
+    ///
+    /// # Errors
+    /// Arrow errors (schema mismatch: a bug).
+    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError>;
 }
 
 /// What stays in memory per key.
@@ -55,6 +66,18 @@ impl Hot {
             value,
             tag: (t << 2) | i64::from(class & 3),
         }
+    }
+
+    /// A value not read yet: the row is in the table (where the core's location says), its
+    /// class and closed time are known, its value is read when a flush first needs it
+    /// ([`Spilled::load`]).
+    pub fn unloaded(closed_since: Option<i64>, class: u8) -> Hot {
+        Hot::new(SpillRef::NONE, closed_since, class)
+    }
+
+    /// Whether the value is in the spill file (see [`Hot::unloaded`]).
+    pub fn is_loaded(&self) -> bool {
+        !self.value.is_empty()
     }
 
     /// See [`SpillValue::closed_since`]; a time after any cutoff when open.
@@ -113,35 +136,84 @@ impl<T: SpillValue> Spilled<T> {
         self.rows.is_empty()
     }
 
-    /// Brings the state up to the table's loaded snapshot (see [`Upsert::sync_with`]).
+    /// Brings the state up to the table's loaded snapshot (see [`Upsert::sync_with`]). Files
+    /// it did not know are read in their key and [`SpillValue::LIGHT`] columns only: their
+    /// values stay in the table until a flush needs them ([`Spilled::load`]). Most of them are
+    /// other members' rows, of keys this member never writes, so a group of N members reads
+    /// the others' rows at a fraction of what decoding them whole cost.
     ///
     /// # Errors
     /// Storage, parquet, deletion-vector and spill errors.
     pub async fn sync(&mut self, t: &Table) -> Result<Synced, TableError> {
         let table = self.table;
-        let spill = &mut self.spill;
         self.rows
-            .sync_with(t, |b| {
-                let arrow = |source| TableError::Arrow { table, source };
-                let values = T::of_rows(b).map_err(arrow)?;
-                let classes = T::classes(b).map_err(arrow)?;
-                hot(spill, &values, &classes).map_err(|source| TableError::Spill {
-                    table,
-                    source: source.into(),
-                })
+            .sync_with(t, Some(T::LIGHT), |b| {
+                let light = T::light(b).map_err(|source| TableError::Arrow { table, source })?;
+                Ok(light
+                    .into_iter()
+                    .map(|(closed, class)| Hot::unloaded(closed, class))
+                    .collect())
             })
             .await
     }
 
-    /// The values of `keys` (`None` for a key not in the table), in that order.
+    /// Reads from the table the values of `keys` not read yet (see [`Hot::unloaded`]): each
+    /// file that holds one is read once, and every value of it not read yet is kept (they
+    /// are likely the next ones asked for: a partition that moved here, a restart), so a file
+    /// is read whole at most once over its life. Keys not in the table are skipped.
     ///
     /// # Errors
-    /// Spill read errors.
+    /// Storage, parquet and spill errors.
+    pub async fn load(&mut self, t: &Table, keys: &[Key]) -> Result<(), TableError> {
+        let mut files: Vec<u32> = keys
+            .iter()
+            .filter(|k| self.rows.get(k).is_some_and(|h| !h.is_loaded()))
+            .filter_map(|k| self.rows.loc(k).map(|l| l.file))
+            .collect();
+        files.sort_unstable();
+        files.dedup();
+        let table = self.table;
+        let arrow = |source| TableError::Arrow { table, source };
+        for id in files {
+            let Some(add) = self.rows.file(id) else { continue };
+            let batch = t.read_physical(&t.file_ref(add)).await?;
+            let keys = super::core::keys_of(&batch).map_err(arrow)?;
+            let values = T::of_rows(&batch).map_err(arrow)?;
+            let mut rows = Vec::new();
+            self.rows.update_rows_of(id, &keys, |row, h| {
+                if !h.is_loaded() {
+                    rows.push(row);
+                }
+            });
+            let picked: Vec<T> = rows.iter().map(|&r| values[r].clone()).collect();
+            let refs = self.spill.append(&picked).map_err(self.err())?;
+            let mut next = rows.iter().zip(refs).peekable();
+            self.rows.update_rows_of(id, &keys, |row, h| {
+                if next.peek().is_some_and(|(r, _)| **r == row) {
+                    let (_, value) = next.next().expect("peeked");
+                    h.value = value;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The values of `keys` (`None` for a key not in the table), in that order. Each value
+    /// must have been read ([`Spilled::load`]).
+    ///
+    /// # Errors
+    /// Spill read errors; a value not read yet (a bug).
     pub fn get(&self, keys: &[Key]) -> Result<Vec<Option<T>>, TableError> {
         let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
         let (mut at, mut refs) = (Vec::new(), Vec::new());
         for (i, k) in keys.iter().enumerate() {
             if let Some(h) = self.rows.get(k) {
+                if !h.is_loaded() {
+                    return Err(self.err()(SpillError::NotLoaded {
+                        account: k.0.as_str().to_string(),
+                        con_id: k.1,
+                    }));
+                }
                 at.push(i);
                 refs.push(h.value);
             }
@@ -152,12 +224,14 @@ impl<T: SpillValue> Spilled<T> {
         Ok(out)
     }
 
-    /// Every key and value (unordered; reads the whole spill file).
+    /// Every key and value (unordered; reads the values not read yet from `t`, then the
+    /// whole spill file).
     ///
     /// # Errors
-    /// Spill read errors.
-    pub fn all(&self) -> Result<Vec<(Key, T)>, TableError> {
+    /// Storage, parquet and spill errors.
+    pub async fn all(&mut self, t: &Table) -> Result<Vec<(Key, T)>, TableError> {
         let keys: Vec<Key> = self.rows.iter().map(|(k, _)| *k).collect();
+        self.load(t, &keys).await?;
         let values = self.get(&keys)?;
         Ok(keys
             .into_iter()
@@ -199,7 +273,10 @@ impl<T: SpillValue> Spilled<T> {
         let (before, started) = (self.spill.size(), std::time::Instant::now());
         let rewritten = self
             .spill
-            .collect(live, self.rows.values_mut().map(|h| &mut h.value))
+            .collect(
+                live,
+                self.rows.values_mut().filter(|h| h.is_loaded()).map(|h| &mut h.value),
+            )
             .map_err(self.err())?;
         if rewritten {
             tracing::debug!(
@@ -289,11 +366,20 @@ mod tests {
         let table = queue_from_batches(&t.read_all().await.unwrap()).unwrap();
         let table: Vec<((String, i64), QueueRow)> = table.into_iter().collect();
         assert_eq!(table.len(), 3000);
-        assert_eq!(sorted(q.all().unwrap()), table, "the state is the table");
+        assert_eq!(sorted(q.all(&t).await.unwrap()), table, "the state is the table");
         let mut fresh = Spilled::<QueueRow>::new("position_queue", state.path()).unwrap();
         fresh.sync(&t).await.unwrap();
+        // Read without values: the same classes and closed times as the writer's values give.
+        assert!(fresh.rows.iter().all(|(_, h)| !h.is_loaded()));
+        assert_eq!(fresh.rows.counts(), q.rows.counts());
+        let closed = |s: &Spilled<QueueRow>| {
+            let mut k: Vec<i64> = s.expired(1_000).into_iter().map(|k| k.1).collect();
+            k.sort_unstable();
+            k
+        };
+        assert_eq!(closed(&fresh), closed(&q));
         assert_eq!(
-            sorted(fresh.all().unwrap()),
+            sorted(fresh.all(&t).await.unwrap()),
             table,
             "a fresh reader builds the same state"
         );
