@@ -37,7 +37,12 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
 
 /// CPU seconds (user + system) used so far by the processes `pids`, summed.
 pub fn group_cpu_seconds(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
+    member_cpu_seconds(pids).iter().sum()
+}
+
+/// CPU seconds (user + system) of each process of `pids` (0 for one that is gone).
+pub fn member_cpu_seconds(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|p| process_cpu_seconds(*p).unwrap_or(0.0)).collect()
 }
 
 pub(super) fn group_mem_mib(pids: &[u32], field: &str) -> f64 {
