@@ -32,6 +32,55 @@ async fn a_failed_compaction_after_a_good_commit_is_a_warning() {
     assert_eq!(t.version(), before + 1, "committed, not compacted");
 }
 
+/// An embedded broker with the topics of `prefix`, and fresh tables for pipelines to open.
+struct Fixture {
+    _broker: crate::kafka::EmbeddedBroker,
+    kafka: crate::kafka::KafkaConfig,
+    dir: tempfile::TempDir,
+    base: String,
+}
+
+impl Fixture {
+    fn new(prefix: &str) -> Fixture {
+        let broker = crate::kafka::EmbeddedBroker::start(1).unwrap();
+        let mut kafka = crate::kafka::KafkaConfig::new(broker.bootstrap());
+        kafka.topics = Topics::new(prefix);
+        broker.create_topics(&kafka.topics, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("tables").to_string_lossy().into_owned();
+        Fixture {
+            _broker: broker,
+            kafka,
+            dir,
+            base,
+        }
+    }
+
+    /// A pipeline on the tables, its spill files in `state`.
+    async fn open(&self, state: &str) -> Pipeline {
+        let topics = self.kafka.topics.clone();
+        let state = self.dir.path().join(state);
+        Pipeline::open(&self.base, "ns".into(), topics, 10, self.kafka.producer(), &state)
+            .await
+            .unwrap()
+    }
+
+    /// (table, conId, position) of every row of both upsert tables, sorted.
+    async fn positions(&self) -> Vec<(&'static str, i64, f64)> {
+        let mut out = Vec::new();
+        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
+            for b in super::super::read_table(&self.base, kind).await.unwrap() {
+                let con = b.column_by_name("con_id").unwrap().as_primitive::<Int64Type>();
+                let pos = b.column_by_name("position").unwrap();
+                let pos = pos.as_primitive::<deltalake::arrow::datatypes::Float64Type>();
+                out.extend((0..b.num_rows()).map(|i| (kind.name(), con.value(i), pos.value(i))));
+            }
+        }
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    }
+}
+
 /// Issue 20 #3: a closed row past retention stays while an older event of its key may
 /// still arrive (here the active topic, not yet materialized past the cutoff), so that
 /// event cannot open the position again; once every partition is past, the row goes.
@@ -42,25 +91,12 @@ async fn retention_waits_until_no_older_event_can_arrive() {
     use crate::materialize::decode::tests_support::sample;
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let broker = crate::kafka::EmbeddedBroker::start(1).unwrap();
-    let mut kafka = crate::kafka::KafkaConfig::new(broker.bootstrap());
-    kafka.topics = Topics::new("expiry.");
-    broker.create_topics(&kafka.topics, 1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tables").to_string_lossy().into_owned();
-    let mut p = Pipeline::open(
-        &base,
-        "ns".into(),
-        kafka.topics.clone(),
-        10,
-        kafka.producer(),
-        &dir.path().join("state"),
-    )
-    .await
-    .unwrap();
+    let fx = Fixture::new("expiry.");
+    let kafka = &fx.kafka;
+    let mut p = fx.open("state").await;
     p.set_closed_retention(
         Some(std::time::Duration::from_secs(7 * 86_400)),
-        ExpiryGuard::new(&kafka),
+        ExpiryGuard::new(kafka),
     );
 
     let day = 86_400_000_000i64;
@@ -108,39 +144,24 @@ async fn retention_waits_until_no_older_event_can_arrive() {
         }
         b.freeze().unwrap()
     };
-    let rows_of_key = |base: String| async move {
-        let mut positions = Vec::new();
-        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
-            for b in super::super::read_table(&base, kind).await.unwrap() {
-                let con = b.column_by_name("con_id").unwrap().as_primitive::<Int64Type>();
-                let pos = b.column_by_name("position").unwrap();
-                let pos = pos.as_primitive::<deltalake::arrow::datatypes::Float64Type>();
-                for i in 0..b.num_rows() {
-                    if con.value(i) == sample(1).con_id {
-                        positions.push((kind.name(), pos.value(i)));
-                    }
-                }
-            }
-        }
-        positions
+    let rows_of_key = || async {
+        let con = sample(1).con_id;
+        let rows = fx.positions().await.into_iter().filter(|r| r.1 == con);
+        rows.map(|(table, _, position)| (table, position)).collect::<Vec<_>>()
     };
 
     // The queued topic is materialized, close included; the active one lags behind.
     p.commit(&frozen(&kafka.topics.queued, Role::Queued)).await.unwrap();
     assert_eq!(
-        rows_of_key(base.clone()).await,
-        vec![("positions_current", 0.0), ("position_queue", 0.0)],
+        rows_of_key().await,
+        vec![("position_queue", 0.0), ("positions_current", 0.0)],
         "the closed row stays while the active topic holds older events"
     );
     // The lagging topic arrives: its older event loses to the close, and every partition
     // is now past the cutoff, so the closed row goes.
     p.last_expiry = None;
     p.commit(&frozen(&kafka.topics.active, Role::Active)).await.unwrap();
-    assert_eq!(
-        rows_of_key(base.clone()).await,
-        vec![],
-        "expired once nothing older can arrive"
-    );
+    assert_eq!(rows_of_key().await, vec![], "expired once nothing older can arrive");
 }
 
 /// A member that starts on tables another member wrote reads their rows' keys, classes and
@@ -155,25 +176,8 @@ async fn values_are_read_when_a_flush_first_needs_them() {
     use crate::materialize::upsert::Sym;
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let broker = crate::kafka::EmbeddedBroker::start(1).unwrap();
-    let mut kafka = crate::kafka::KafkaConfig::new(broker.bootstrap());
-    kafka.topics = Topics::new("lazy.");
-    broker.create_topics(&kafka.topics, 1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("tables").to_string_lossy().into_owned();
-    let open = |state: &'static str| {
-        let (base, topics, producer, state) = (
-            base.clone(),
-            kafka.topics.clone(),
-            kafka.producer(),
-            dir.path().join(state),
-        );
-        async move {
-            Pipeline::open(&base, "ns".into(), topics, 10, producer, &state)
-                .await
-                .unwrap()
-        }
-    };
+    let fx = Fixture::new("lazy.");
+    let kafka = &fx.kafka;
     let now = crate::events::now_micros();
     let event = |i: i64, ingest_time: i64, position: f64| PositionEvent {
         event_id: new_id(),
@@ -204,21 +208,7 @@ async fn values_are_read_when_a_flush_first_needs_them() {
         }
         b.freeze().unwrap()
     };
-    let positions = |base: String| async move {
-        let mut out = Vec::new();
-        for kind in [TableKind::PositionsCurrent, TableKind::PositionQueue] {
-            for b in super::super::read_table(&base, kind).await.unwrap() {
-                let con = b.column_by_name("con_id").unwrap().as_primitive::<Int64Type>();
-                let pos = b.column_by_name("position").unwrap();
-                let pos = pos.as_primitive::<deltalake::arrow::datatypes::Float64Type>();
-                out.extend((0..b.num_rows()).map(|i| (kind.name(), con.value(i), pos.value(i))));
-            }
-        }
-        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        out
-    };
-
-    let mut first = open("state-1").await;
+    let mut first = fx.open("state-1").await;
     let written = send(&[
         event(1, now - 10_000_000, 3.0),
         event(2, now - 10_000_000, 4.0),
@@ -227,7 +217,7 @@ async fn values_are_read_when_a_flush_first_needs_them() {
     .await;
     first.commit(&written).await.unwrap();
 
-    let mut second = open("state-2").await;
+    let mut second = fx.open("state-2").await;
     let (k1, k2) = ((Sym::new("DU1"), 1001), (Sym::new("DU1"), 1002));
     for k in [&k1, &k2] {
         assert!(
@@ -254,7 +244,7 @@ async fn values_are_read_when_a_flush_first_needs_them() {
     let later = send(&[event(1, now - 20_000_000, 9.0), event(2, now, 7.0)]).await;
     second.commit(&later).await.unwrap();
     assert_eq!(
-        positions(base.clone()).await,
+        fx.positions().await,
         vec![
             ("position_queue", 1001, 3.0),
             ("position_queue", 1002, 7.0),
