@@ -12,13 +12,9 @@ use deltalake::protocol::DeltaOperation;
 use super::{arrow, every_none, Pipeline};
 use crate::materialize::buffer::FrozenPartition;
 use crate::materialize::tables::{path_of, rewrite_operation, Table, TableError, TableKind};
-use crate::materialize::upsert::core::{keys_of, Changes, Classed, Key, Staged, Upsert};
+use crate::materialize::upsert::core::{Changes, Classed, Key, Staged, Upsert};
 use crate::materialize::upsert::{self, summary, Hot, SpillValue, Spilled};
 use crate::materialize::MaterializeError;
-
-/// How an upsert table turns a flush's rows into its new rows and values (`current::changes`,
-/// `queue_table::changes`).
-type ChangesOf<T> = fn(&mut Spilled<T>, &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError>;
 
 impl Pipeline {
     pub(super) async fn commit_current(&mut self, parts: &[&FrozenPartition]) -> Result<(), MaterializeError> {
@@ -51,7 +47,9 @@ impl Pipeline {
         kind: TableKind,
         parts: &[&FrozenPartition],
         table_and_state: impl Fn(&mut Self) -> (&mut Table, &mut Spilled<T>),
-        changes: ChangesOf<T>,
+        // How the table turns a flush's rows into its new rows and values
+        // (`current::changes`, `queue_table::changes`).
+        changes: impl AsyncFn(&mut Spilled<T>, &Table, &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError>,
     ) -> Result<(), MaterializeError> {
         let every = self.checkpoint_every;
         let mut reloads = 0;
@@ -62,16 +60,9 @@ impl Pipeline {
                 return Ok(());
             }
             let (t, state) = table_and_state(self);
-            // The values of keys whose rows this member has not read yet (another member's
-            // partitions that moved here, the rows a start found in the table).
-            let keys: Vec<Key> = batches
-                .iter()
-                .map(keys_of)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(arrow(kind))?
-                .concat();
-            state.load(t, &keys).await?;
-            let (rows, changed) = changes(state, &batches)?.map_or((None, vec![]), |(b, c)| (Some(b), c));
+            let (rows, changed) = changes(state, t, &batches)
+                .await?
+                .map_or((None, vec![]), |(b, c)| (Some(b), c));
             let mut staged = state.rows.stage(t, rows, changed, vec![]).await?;
             loop {
                 let (t, state) = table_and_state(self);

@@ -168,7 +168,7 @@ fn loosen(stats: &Option<String>) -> Option<String> {
 }
 
 /// The key of every row of `batch` (any batch with `account` and `con_id`), in order.
-pub(crate) fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
+pub(super) fn keys_of(batch: &RecordBatch) -> Result<Vec<Key>, ArrowError> {
     let account = col(batch, "account")?.as_string::<i32>();
     let con = col(batch, "con_id")?.as_primitive::<Int64Type>();
     let mut last: Option<(&str, Sym)> = None;
@@ -306,9 +306,9 @@ impl<V: Clone + Classed> Upsert<V> {
         self.index.entries.iter_mut().map(|e| &mut e.value)
     }
 
-    /// Where the live row of `key` is.
-    pub fn loc(&self, key: &Key) -> Option<Loc> {
-        self.index.get(key).map(|e| e.loc)
+    /// Where the live row of `key` is, and its value.
+    pub fn live(&self, key: &Key) -> Option<(Loc, &V)> {
+        self.index.get(key).map(|e| (e.loc, &e.value))
     }
 
     /// The add action of live file `id`.

@@ -10,7 +10,7 @@ use super::core::{Changes, Key, RowValue};
 use super::spill::{Codec, Reader};
 use super::spilled::{Hot, SpillValue, Spilled};
 use super::{as_current, col, newer, newest_per_key, Cols, EventOrder, Sym};
-use crate::materialize::tables::{positions_current_layout, TableError};
+use crate::materialize::tables::{positions_current_layout, Table, TableError};
 
 /// What the materializer keeps per `positions_current` key.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,12 +45,11 @@ impl SpillValue for CurrentMeta {
 
     const LIGHT: &'static [&'static str] = &["route", "position", "ingest_time"];
 
-    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError> {
+    fn closed_times(batch: &RecordBatch) -> Result<Vec<Option<i64>>, ArrowError> {
         let position = col(batch, "position")?.as_primitive::<Float64Type>();
         let time = col(batch, "ingest_time")?.as_primitive::<TimestampMicrosecondType>();
-        let classes = Self::classes(batch)?;
         Ok((0..batch.num_rows())
-            .map(|i| ((position.value(i) == 0.0).then(|| time.value(i)), classes[i]))
+            .map(|i| (position.value(i) == 0.0).then(|| time.value(i)))
             .collect())
     }
 }
@@ -83,11 +82,11 @@ fn arrow_err(source: ArrowError) -> TableError {
 /// The changes `rows` (`position_events` or `positions_current` layout) make: the newest row of
 /// each key that is newer than what `state` holds, as one batch of the `positions_current`
 /// schema, and each such key's new [`Hot`] value (same order; already in the spill file).
-/// `None` when nothing is newer.
+/// `None` when nothing is newer. Values `state` has not read yet are read from `t`.
 ///
 /// # Errors
-/// Arrow errors (schema mismatch: a bug) and spill errors.
-pub fn changes(state: &mut Current, rows: &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError> {
+/// Arrow errors (schema mismatch: a bug), storage and spill errors.
+pub async fn changes(state: &mut Current, t: &Table, rows: &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError> {
     let schema = positions_current_layout().schema.clone();
     let inputs = as_current(rows).map_err(arrow_err)?;
     let cols: Vec<Cols<'_>> = inputs
@@ -100,7 +99,7 @@ pub fn changes(state: &mut Current, rows: &[RecordBatch]) -> Result<Option<Chang
         .map(|((acct, con), at)| ((Sym::new(acct), con), at))
         .collect();
     let keys: Vec<Key> = best.iter().map(|(k, _)| *k).collect();
-    let old = state.get(&keys)?;
+    let old = state.values(t, &keys).await?;
     let mut picks: Vec<(usize, usize)> = Vec::new();
     let mut changed = Vec::new();
     for ((key, (bi, i)), old) in best.into_iter().zip(old) {

@@ -14,7 +14,7 @@ use super::queue::{each_event, rows_batch, OptTime, PartitionCounts, QueueRow, Q
 use super::spill::{Codec, Reader};
 use super::spilled::{Hot, SpillValue, Spilled};
 use super::{EventOrder, Sym};
-use crate::materialize::tables::TableError;
+use crate::materialize::tables::{Table, TableError};
 
 /// The live `position_queue` of a materializer.
 pub type Queue = Spilled<QueueRow>;
@@ -30,12 +30,11 @@ impl SpillValue for QueueRow {
 
     const LIGHT: &'static [&'static str] = &["status", "updated_at"];
 
-    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError> {
+    fn closed_times(batch: &RecordBatch) -> Result<Vec<Option<i64>>, ArrowError> {
         let status = super::col(batch, "status")?.as_string::<i32>();
         let updated = super::col(batch, "updated_at")?.as_primitive::<TimestampMicrosecondType>();
-        let classes = Self::classes(batch)?;
         Ok((0..batch.num_rows())
-            .map(|i| ((status.value(i) == "closed").then(|| updated.value(i)), classes[i]))
+            .map(|i| (status.value(i) == "closed").then(|| updated.value(i)))
             .collect())
     }
 }
@@ -57,11 +56,12 @@ fn arrow_err(source: ArrowError) -> TableError {
 /// The changes position event rows (`position_events` layout) make: the new row of every key
 /// whose row they change, as one batch of the `position_queue` schema (keys in the order they
 /// first appear), and each such key's new [`Hot`] value (same order; the rows are already in
-/// the spill file). `None` when no row changes.
+/// the spill file). `None` when no row changes. Values `state` has not read yet are read from
+/// `t`.
 ///
 /// # Errors
-/// Arrow errors (schema mismatch: a bug) and spill errors.
-pub fn changes(state: &mut Queue, events: &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError> {
+/// Arrow errors (schema mismatch: a bug), storage and spill errors.
+pub async fn changes(state: &mut Queue, t: &Table, events: &[RecordBatch]) -> Result<Option<Changes<Hot>>, TableError> {
     let mut slot: HashMap<Key, u32, foldhash::fast::RandomState> = HashMap::default();
     let (mut keys, mut of_event) = (Vec::<Key>::new(), Vec::<u32>::new());
     each_event(events, |(acct, con), _| {
@@ -73,7 +73,7 @@ pub fn changes(state: &mut Queue, events: &[RecordBatch]) -> Result<Option<Chang
         of_event.push(i);
     })
     .map_err(arrow_err)?;
-    let old = state.get(&keys)?;
+    let old = state.values(t, &keys).await?;
     let mut new: Vec<QueueRow> = old.iter().map(|o| o.clone().unwrap_or_default()).collect();
     let mut n = 0;
     each_event(events, |_, e| {

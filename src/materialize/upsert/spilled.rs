@@ -33,16 +33,16 @@ pub trait SpillValue: RowValue + Codec {
     /// Arrow errors (schema mismatch: a bug).
     fn classes(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError>;
 
-    /// The columns (besides `account` and `con_id`) [`SpillValue::light`] reads: what a row
-    /// must show without its value being read.
+    /// The columns (besides `account` and `con_id`) [`SpillValue::classes`] and
+    /// [`SpillValue::closed_times`] read: what a row must show without its value being read.
     const LIGHT: &'static [&'static str];
 
-    /// [`SpillValue::closed_since`] and the summary class of every row of `batch`, which holds
-    /// the [`SpillValue::LIGHT`] columns (at least): the same as the row's value would give.
+    /// [`SpillValue::closed_since`] of every row of `batch`, which holds the
+    /// [`SpillValue::LIGHT`] columns (at least): what the row's value would give.
     ///
     /// # Errors
     /// Arrow errors (schema mismatch: a bug).
-    fn light(batch: &RecordBatch) -> Result<Vec<(Option<i64>, u8)>, ArrowError>;
+    fn closed_times(batch: &RecordBatch) -> Result<Vec<Option<i64>>, ArrowError>;
 }
 
 /// What stays in memory per key.
@@ -148,10 +148,13 @@ impl<T: SpillValue> Spilled<T> {
         let table = self.table;
         self.rows
             .sync_with(t, Some(T::LIGHT), |b| {
-                let light = T::light(b).map_err(|source| TableError::Arrow { table, source })?;
-                Ok(light
+                let arrow = |source| TableError::Arrow { table, source };
+                let closed = T::closed_times(b).map_err(arrow)?;
+                let classes = T::classes(b).map_err(arrow)?;
+                Ok(closed
                     .into_iter()
-                    .map(|(closed, class)| Hot::unloaded(closed, class))
+                    .zip(classes)
+                    .map(|(c, class)| Hot::unloaded(c, class))
                     .collect())
             })
             .await
@@ -167,8 +170,9 @@ impl<T: SpillValue> Spilled<T> {
     pub async fn load(&mut self, t: &Table, keys: &[Key]) -> Result<(), TableError> {
         let mut files: Vec<u32> = keys
             .iter()
-            .filter(|k| self.rows.get(k).is_some_and(|h| !h.is_loaded()))
-            .filter_map(|k| self.rows.loc(k).map(|l| l.file))
+            .filter_map(|k| self.rows.live(k))
+            .filter(|(_, h)| !h.is_loaded())
+            .map(|(loc, _)| loc.file)
             .collect();
         files.sort_unstable();
         files.dedup();
@@ -196,6 +200,16 @@ impl<T: SpillValue> Spilled<T> {
             });
         }
         Ok(())
+    }
+
+    /// The values of `keys` (`None` for a key not in the table), in that order, reading from
+    /// `t` those not read yet ([`Spilled::load`]).
+    ///
+    /// # Errors
+    /// Storage, parquet and spill errors.
+    pub async fn values(&mut self, t: &Table, keys: &[Key]) -> Result<Vec<Option<T>>, TableError> {
+        self.load(t, keys).await?;
+        self.get(keys)
     }
 
     /// The values of `keys` (`None` for a key not in the table), in that order. Each value
@@ -231,8 +245,7 @@ impl<T: SpillValue> Spilled<T> {
     /// Storage, parquet and spill errors.
     pub async fn all(&mut self, t: &Table) -> Result<Vec<(Key, T)>, TableError> {
         let keys: Vec<Key> = self.rows.iter().map(|(k, _)| *k).collect();
-        self.load(t, &keys).await?;
-        let values = self.get(&keys)?;
+        let values = self.values(t, &keys).await?;
         Ok(keys
             .into_iter()
             .zip(values)
